@@ -1,0 +1,210 @@
+"""The wire contract between the ota-bridge service and device agents.
+
+Every topic name, message key and status value lives here, and nowhere else.
+Standard library only: the agent runs on small boards and imports this module.
+See docs/protocol.md for the prose version of this contract.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+DEFAULT_PREFIX = "ota/v1"
+
+# A device id is one MQTT topic level and a file name on the device:
+# no '/', '+', '#', NUL or whitespace, and not '.' or '..'.
+DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+_DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
+
+# The pending list on the queue topic shows at most this many jobs; "Total" counts them all.
+QUEUE_LIST_LIMIT = 100
+# Default caps for captured output, per stream, in bytes.
+OUTPUT_CAP_BYTES = 64 * 1024
+# Default command timeout when neither the workflow nor the job sets one.
+DEFAULT_TIMEOUT_SECONDS = 3600
+
+
+class JobStatus(str, enum.Enum):
+    """The state of one child job (one command on one device)."""
+
+    QUEUED = "QUEUED"  # waiting in the device's queue
+    IN_PROGRESS = "IN_PROGRESS"  # the device has started the command
+    SUCCEEDED = "SUCCEEDED"  # the command exited 0
+    FAILED = "FAILED"  # the command exited non-zero, or could not be started
+    TIMED_OUT = "TIMED_OUT"  # the command ran past its timeout and was killed
+    CANCELED = "CANCELED"  # an operator canceled the job; a running command was killed
+    INTERRUPTED = "INTERRUPTED"  # the agent restarted while the command ran; it is not run again
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELED, JobStatus.INTERRUPTED}
+)
+PENDING_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.IN_PROGRESS})
+
+# The allowed transitions of a child job; the service and the tests both read this table.
+# A final state has no way out: a duplicate or late update never moves a job backwards.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.IN_PROGRESS} | FINAL_STATUSES),
+    JobStatus.IN_PROGRESS: FINAL_STATUSES,
+    **{status: frozenset() for status in FINAL_STATUSES},
+}
+
+# The states a device may report about its own job (CANCELED is reported when the
+# head moved past a running job and the agent killed it).
+DEVICE_REPORTABLE = frozenset({JobStatus.IN_PROGRESS} | FINAL_STATUSES)
+
+
+def can_transition(current: JobStatus, new: JobStatus) -> bool:
+    return new in TRANSITIONS[current]
+
+
+class Presence(str, enum.Enum):
+    """The retained presence value of a device."""
+
+    ONLINE = "online"  # published by the agent when it connects
+    OFFLINE = "offline"  # the agent's last will, and published on a clean shutdown
+
+
+# --- topics ---------------------------------------------------------------------------------
+
+
+class Topics:
+    """Topic names under one prefix. Per device: .../devices/{DeviceId}/{leaf}."""
+
+    JOB = "job"  # service -> device, retained QoS 1: the job the device must run next
+    QUEUE = "queue"  # service -> device, retained QoS 1: the whole pending list, in order
+    STATUS = "status"  # device -> service, QoS 1: job updates (IN_PROGRESS, then final)
+    PRESENCE = "presence"  # device -> everyone, retained QoS 1: online/offline (last will)
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        prefix = prefix.strip("/")
+        if not prefix or any(c in prefix for c in "+#\0"):
+            raise ValueError(f"invalid topic prefix {prefix!r}")
+        self.prefix = prefix
+
+    def device(self, device_id: str, leaf: str) -> str:
+        return f"{self.prefix}/devices/{device_id}/{leaf}"
+
+    def job(self, device_id: str) -> str:
+        return self.device(device_id, self.JOB)
+
+    def queue(self, device_id: str) -> str:
+        return self.device(device_id, self.QUEUE)
+
+    def status(self, device_id: str) -> str:
+        return self.device(device_id, self.STATUS)
+
+    def presence(self, device_id: str) -> str:
+        return self.device(device_id, self.PRESENCE)
+
+    def all_devices(self, leaf: str) -> str:
+        """A subscription filter for one leaf of every device."""
+        return self.device("+", leaf)
+
+    def parse(self, topic: str) -> tuple[str, str] | None:
+        """Split a device topic into (device_id, leaf); None if it is not one."""
+        head = f"{self.prefix}/devices/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head):].split("/")
+        if len(parts) != 2 or not is_valid_device_id(parts[0]):
+            return None
+        return parts[0], parts[1]
+
+
+def is_valid_device_id(value: str) -> bool:
+    return bool(_DEVICE_ID_RE.fullmatch(value)) and value not in {".", ".."}
+
+
+# --- message keys ---------------------------------------------------------------------------
+
+
+class Key:
+    """JSON keys of MQTT messages (PascalCase, like the REST API)."""
+
+    JOB_ID = "JobId"
+    PARENT_JOB_ID = "ParentJobId"
+    JOB_NAME = "JobName"
+    DEVICE_ID = "DeviceId"
+    COMMAND = "Command"
+    TIMEOUT_SECONDS = "TimeoutSeconds"
+    SUCCESS_ON_RESTART = "SuccessOnRestart"
+    SEQ = "Seq"
+    SUBMITTED_TIME = "SubmittedTime"
+    STATUS = "Status"
+    EXIT_CODE = "ExitCode"
+    STDOUT = "Stdout"
+    STDERR = "Stderr"
+    STDOUT_TRUNCATED = "StdoutTruncated"
+    STDERR_TRUNCATED = "StderrTruncated"
+    START_TIME = "StartTime"
+    END_TIME = "EndTime"
+    REASON = "Reason"
+    JOBS = "Jobs"
+    TOTAL = "Total"
+    UPDATED_TIME = "UpdatedTime"
+    PRESENCE = "Presence"
+    TIME = "Time"
+    AGENT_VERSION = "AgentVersion"
+
+
+# --- time -----------------------------------------------------------------------------------
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def format_time(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with millisecond precision and a 'Z' suffix."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """Parse an ISO 8601 time into an aware UTC datetime; None if absent or malformed."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Compact JSON, UTF-8. Every message on every topic is one JSON object."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class MessageError(ValueError):
+    """A message that is not what the protocol says it must be."""
+
+
+def decode(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    """Decode one JSON object, refusing anything over max_bytes or not an object."""
+    if len(payload) > max_bytes:
+        raise MessageError(f"message of {len(payload)} bytes is over the limit of {max_bytes}")
+    try:
+        message = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MessageError(f"message is not UTF-8 JSON: {e}") from e
+    if not isinstance(message, dict):
+        raise MessageError("message is not a JSON object")
+    return message

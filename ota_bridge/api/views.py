@@ -1,0 +1,154 @@
+"""The REST handlers. Each reads its input, asks the store, tells the dispatcher, answers JSON."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .. import store
+from ..dispatch import Dispatcher
+from ..errors import InvalidRequest, JobNotFound
+from . import serialize
+from .body import read_model
+from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
+
+STORE = web.AppKey("store", store.Store)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+
+routes = web.RouteTableDef()
+
+
+def _store(request: web.Request) -> store.Store:
+    return request.app[STORE]
+
+
+# --- workflows ------------------------------------------------------------------------------
+
+
+@routes.post("/v1/workflow")
+async def create_workflow(request: web.Request) -> web.Response:
+    body = await read_model(request, WorkflowIn)
+    w = await _store(request).call(store.create_workflow, body.Name, body.Command, body.TimeoutSeconds,
+                                   body.SuccessOnRestart)
+    return web.json_response({"WorkflowId": w.workflow_id}, status=200)
+
+
+@routes.get("/v1/workflow")
+async def list_workflows(request: web.Request) -> web.Response:
+    return web.json_response([serialize.workflow(w) for w in await _store(request).call(store.list_workflows)])
+
+
+@routes.get("/v1/workflow/{id}")
+async def get_workflow(request: web.Request) -> web.Response:
+    w = await _store(request).call(store.get_workflow, request.match_info["id"])
+    return web.json_response(serialize.workflow(w))
+
+
+@routes.delete("/v1/workflow/{id}")
+async def delete_workflow(request: web.Request) -> web.Response:
+    workflow_id = request.match_info["id"]
+    await _store(request).call(store.delete_workflow, workflow_id)
+    return web.json_response({"WorkflowId": workflow_id, "Deleted": True})
+
+
+# --- jobs -----------------------------------------------------------------------------------
+
+
+@routes.post("/v1/job")
+async def submit_job(request: web.Request) -> web.Response:
+    body = await read_model(request, JobIn)
+    field, value = body.target
+    job, devices = await _store(request).call(store.submit_job, body.Name, body.WorkflowId, field, value,
+                                              body.TimeoutSeconds)
+    request.app[DISPATCHER].mark(devices)
+    return web.json_response({"JobId": job.job_id})
+
+
+@routes.get("/v1/job")
+async def list_jobs(request: web.Request) -> web.Response:
+    limit = _int_param(request, "Limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    offset = _int_param(request, "Offset", 0, 0, 2**31)
+    summaries, total = await _store(request).call(store.list_jobs, limit, offset)
+    headers = {"X-Total-Count": str(total)}
+    return web.json_response([serialize.job(s) for s in summaries], headers=headers)
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name, request.query.get(name.lower()))
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise InvalidRequest(f"query parameter {name} must be a whole number from {low} to {high}, got {raw!r}")
+    return int(raw)
+
+
+@routes.get("/v1/job/{id}")
+async def get_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["id"]
+    try:
+        summary = await _store(request).call(store.get_job, job_id)
+    except JobNotFound:
+        return web.json_response(serialize.child(await _store(request).call(store.get_child, job_id)))
+    return web.json_response(serialize.job(summary))
+
+
+@routes.get("/v1/job/{id}/childjobs")
+async def child_jobs(request: web.Request) -> web.Response:
+    children = await _store(request).call(store.child_jobs, request.match_info["id"])
+    return web.json_response([serialize.child(c) for c in children])
+
+
+@routes.delete("/v1/job/{id}")
+async def delete_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["id"]
+    devices = await _store(request).call(store.delete_job, job_id)
+    request.app[DISPATCHER].mark(devices)
+    return web.json_response({"JobId": job_id, "Deleted": True})
+
+
+@routes.post("/v1/job/{id}/cancel")
+async def cancel_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["id"]
+    devices = await _store(request).call(store.cancel_job, job_id)
+    request.app[DISPATCHER].mark(devices)
+    return web.json_response(serialize.job(await _store(request).call(store.get_job, job_id)))
+
+
+# --- devices --------------------------------------------------------------------------------
+
+
+@routes.post("/v1/device")
+async def register_device(request: web.Request) -> web.Response:
+    body = await read_model(request, DeviceIn)
+    view, password = await _store(request).call(store.register_device, body.DeviceId, body.DeviceGroup, body.Tags)
+    credentials = {"MqttUsername": body.DeviceId, "MqttPassword": password}
+    return web.json_response({**serialize.device(view), **credentials}, status=201)
+
+
+@routes.get("/v1/device")
+async def list_devices(request: web.Request) -> web.Response:
+    query = request.query
+    views = await _store(request).call(store.list_devices, query.get("DeviceGroup"), query.get("TagId"))
+    return web.json_response([serialize.device(v) for v in views])
+
+
+@routes.get("/v1/device/{id}")
+async def get_device(request: web.Request) -> web.Response:
+    return web.json_response(serialize.device(await _store(request).call(store.get_device, request.match_info["id"])))
+
+
+@routes.patch("/v1/device/{id}")
+async def update_device(request: web.Request) -> web.Response:
+    body = await read_model(request, DevicePatch)
+    unset = object()
+    group = body.DeviceGroup if "DeviceGroup" in body.model_fields_set else unset
+    view = await _store(request).call(store.update_device, request.match_info["id"], group, body.Tags, unset)
+    return web.json_response(serialize.device(view))
+
+
+@routes.delete("/v1/device/{id}")
+async def delete_device(request: web.Request) -> web.Response:
+    device_id = request.match_info["id"]
+    await _store(request).call(store.delete_device, device_id)
+    request.app[DISPATCHER].forget(device_id)
+    return web.json_response({"DeviceId": device_id, "Deleted": True})

@@ -1,0 +1,144 @@
+"""The service's side of the wire contract: build queue messages, validate device messages.
+
+Everything a device sends is checked here, at the boundary; deeper code gets frozen Updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from agent.protocol import (
+    DEVICE_REPORTABLE,
+    OUTPUT_CAP_BYTES,
+    JobStatus,
+    Key,
+    MessageError,
+    Presence,
+    decode,
+    encode,
+    format_time,
+    parse_time,
+)
+
+from .models import naive_utc
+from .store import DeviceQueue, QueueEntry, Update
+
+MAX_DEVICE_MESSAGE_BYTES = 4 * OUTPUT_CAP_BYTES + 64 * 1024  # two capped streams, escaped, and the rest
+MAX_REASON_CHARS = 2000
+
+
+def head_message(device_id: str, entry: QueueEntry | None) -> bytes:
+    """The retained job message: the one job the device must run next; empty clears it."""
+    if entry is None:
+        return b""
+    return encode({
+        Key.JOB_ID: entry.job_id,
+        Key.PARENT_JOB_ID: entry.parent_id,
+        Key.JOB_NAME: entry.name,
+        Key.DEVICE_ID: device_id,
+        Key.COMMAND: entry.command,
+        Key.TIMEOUT_SECONDS: entry.timeout_seconds,
+        Key.SUCCESS_ON_RESTART: entry.success_on_restart,
+        Key.SEQ: entry.seq,
+        Key.SUBMITTED_TIME: format_time(entry.submitted),
+    })
+
+
+def queue_message(queue: DeviceQueue) -> bytes:
+    """The retained pending list, head first; empty when nothing is pending."""
+    if not queue.entries:
+        return b""
+    return encode({
+        Key.DEVICE_ID: queue.device_id,
+        Key.TOTAL: queue.total,
+        Key.JOBS: [{
+            Key.JOB_ID: e.job_id,
+            Key.JOB_NAME: e.name,
+            Key.COMMAND: e.command,
+            Key.STATUS: e.status,
+            Key.SEQ: e.seq,
+        } for e in queue.entries],
+    })
+
+
+@dataclass(frozen=True)
+class PresenceReport:
+    device_id: str
+    online: bool
+
+
+def parse_presence(device_id: str, payload: bytes) -> PresenceReport:
+    message = decode(payload, MAX_DEVICE_MESSAGE_BYTES)
+    value = message.get(Key.PRESENCE)
+    if value not in {p.value for p in Presence}:
+        raise MessageError(f"{Key.PRESENCE} must be 'online' or 'offline', got {value!r}")
+    return PresenceReport(device_id, value == Presence.ONLINE.value)
+
+
+def parse_update(device_id: str, payload: bytes) -> Update:
+    """Validate a device's job update; raises MessageError naming the bad field."""
+    message = decode(payload, MAX_DEVICE_MESSAGE_BYTES)
+    status = _status(message.get(Key.STATUS))
+    stdout, stdout_cut = _output(message, Key.STDOUT)
+    stderr, stderr_cut = _output(message, Key.STDERR)
+    return Update(
+        device_id=device_id,
+        job_id=_text(message, Key.JOB_ID, 64, required=True),
+        status=status,
+        exit_code=_exit_code(message.get(Key.EXIT_CODE)),
+        stdout=stdout,
+        stderr=stderr,
+        stdout_truncated=stdout_cut or message.get(Key.STDOUT_TRUNCATED) is True,
+        stderr_truncated=stderr_cut or message.get(Key.STDERR_TRUNCATED) is True,
+        start_time=_time(message, Key.START_TIME),
+        end_time=_time(message, Key.END_TIME),
+        reason=_text(message, Key.REASON, MAX_REASON_CHARS) or None,
+    )
+
+
+def _status(value: Any) -> JobStatus:
+    try:
+        status = JobStatus(value)
+    except ValueError:
+        raise MessageError(f"{Key.STATUS} {value!r} is not a job status") from None
+    if status not in DEVICE_REPORTABLE:
+        raise MessageError(f"a device cannot report {Key.STATUS} {status.value}")
+    return status
+
+
+def _text(message: dict[str, Any], key: str, limit: int, *, required: bool = False) -> str:
+    value = message.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or not value.strip() and required:
+        raise MessageError(f"{key} must be a non-empty string")
+    return value[:limit]
+
+
+def _output(message: dict[str, Any], key: str) -> tuple[str, bool]:
+    """A captured stream, capped again here (the tail is kept, like the agent does)."""
+    value = message.get(key) or ""
+    if not isinstance(value, str):
+        raise MessageError(f"{key} must be a string")
+    if len(value.encode("utf-8")) <= OUTPUT_CAP_BYTES:
+        return value, False
+    tail = value.encode("utf-8")[-OUTPUT_CAP_BYTES:].decode("utf-8", errors="ignore")
+    return tail, True
+
+
+def _exit_code(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**31) <= value < 2**31:
+        raise MessageError(f"{Key.EXIT_CODE} must be an integer or null")
+    return value
+
+
+def _time(message: dict[str, Any], key: str) -> datetime | None:
+    value = message.get(key)
+    parsed = parse_time(value)
+    if value is not None and parsed is None:
+        raise MessageError(f"{key} {value!r} is not an ISO 8601 time")
+    return naive_utc(parsed)

@@ -1,0 +1,158 @@
+"""The per-device queues over MQTT: publish each device's head and pending list, take its updates.
+
+The database is the truth. Code that changes a device's queue calls `dispatcher.mark(device_ids)`;
+one publisher task reads those queues back and publishes them, so what the broker retains is
+always the database's latest state, and a device's next job is published only once its current
+one is final (the head is the first job not yet final). Device updates are applied in batches,
+one transaction each, and acknowledged to the broker only after they are stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Iterable
+
+from agent.protocol import MessageError, Topics
+
+from . import store
+from .device_messages import head_message, parse_presence, parse_update, queue_message
+from .models import now
+from .mqtt_link import BrokerLink, Incoming
+
+log = logging.getLogger(__name__)
+
+BATCH = 500  # devices per queue read; updates per transaction
+INBOX_LIMIT = 20_000
+
+
+class Dispatcher:
+    def __init__(self, db: store.Store, topics: Topics) -> None:
+        self.store = db
+        self.topics = topics
+        self.link: BrokerLink | None = None
+        self._dirty: dict[str, None] = {}  # an ordered set of device ids to publish
+        self._wake = asyncio.Event()
+        self._published: dict[str, int] = {}  # topic -> hash of the payload last published
+        self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=INBOX_LIMIT)
+        self.idle = asyncio.Event()  # set whenever nothing is waiting to be published
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return [self.topics.all_devices(Topics.STATUS), self.topics.all_devices(Topics.PRESENCE)]
+
+    def attach(self, link: BrokerLink) -> None:
+        self.link = link
+
+    # --- publishing ---------------------------------------------------------------------
+
+    def mark(self, device_ids: Iterable[str]) -> None:
+        """These devices' queues changed: publish them again (soon, coalesced)."""
+        for device_id in device_ids:
+            self._dirty[device_id] = None
+        if self._dirty:
+            self.idle.clear()
+            self._wake.set()
+
+    def on_connected(self) -> None:
+        """After every (re)connect, republish every device from the database."""
+        self._published.clear()
+        asyncio.get_running_loop().create_task(self._resync())
+
+    async def _resync(self) -> None:
+        device_ids = await self.store.call(store.all_device_ids)
+        log.info("republishing the queues of %d devices", len(device_ids))
+        self.mark(device_ids)
+
+    def forget(self, device_id: str) -> None:
+        """A deleted device: clear its retained job and queue messages."""
+        self._dirty.pop(device_id, None)
+        for topic in (self.topics.job(device_id), self.topics.queue(device_id)):
+            self._publish(topic, b"")
+            self._published.pop(topic, None)
+
+    async def run_publisher(self) -> None:
+        while True:
+            if not self._dirty:
+                self.idle.set()
+                await self._wake.wait()
+            self._wake.clear()
+            batch = list(self._dirty)[:BATCH]
+            for device_id in batch:
+                del self._dirty[device_id]
+            try:
+                queues = await self.store.call(store.device_queues, batch)
+            except Exception:
+                log.exception("reading device queues failed; retrying")
+                self.mark(batch)
+                await asyncio.sleep(1)
+                continue
+            for queue in queues:
+                self._publish_changed(self.topics.job(queue.device_id), head_message(queue.device_id, queue.head))
+                self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
+
+    def _publish_changed(self, topic: str, payload: bytes) -> None:
+        digest = hash(payload)
+        if self._published.get(topic) == digest:
+            return
+        self._published[topic] = digest
+        self._publish(topic, payload)
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        if self.link is not None:
+            self.link.publish(topic, payload, retain=True)
+
+    # --- device messages ----------------------------------------------------------------
+
+    def deliver(self, message: Incoming) -> None:
+        """Called on the event loop for every message from the broker."""
+        try:
+            self._inbox.put_nowait(message)
+        except asyncio.QueueFull:
+            # Not acknowledged: the broker delivers it again after the next reconnect.
+            log.error("inbox full (%d messages); dropped a message on %s", INBOX_LIMIT, message.topic)
+
+    async def run_inbox(self) -> None:
+        while True:
+            batch = [await self._inbox.get()]
+            while len(batch) < BATCH and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            await self._handle(batch)
+
+    async def _handle(self, batch: list[Incoming]) -> None:
+        updates, presence = self._parse(batch)
+        while True:
+            try:
+                outcomes = await self.store.call(store.record_device_messages, updates, presence)
+                break
+            except Exception:
+                log.exception("storing %d device messages failed; retrying", len(batch))
+                await asyncio.sleep(1)
+        for update, why in outcomes.dropped:
+            log.warning("dropped %s for job %s from device %s: %s",
+                        update.status.value, update.job_id, update.device_id, why)
+        for update in outcomes.applied:
+            log.info("device %s: job %s is %s", update.device_id, update.job_id, update.status.value)
+        self.mark(outcomes.devices)
+        if self.link is not None:
+            for message in batch:
+                self.link.ack(message)
+
+    def _parse(self, batch: list[Incoming]) -> tuple[list[store.Update], list[tuple[str, bool, object]]]:
+        updates: list[store.Update] = []
+        presence: list[tuple[str, bool, object]] = []
+        for message in batch:
+            parsed = self.topics.parse(message.topic)
+            if parsed is None:
+                continue
+            device_id, leaf = parsed
+            try:
+                if leaf == Topics.STATUS:
+                    updates.append(parse_update(device_id, message.payload))
+                    presence.append((device_id, True, now()))
+                elif leaf == Topics.PRESENCE and message.payload:
+                    report = parse_presence(device_id, message.payload)
+                    presence.append((device_id, report.online, None if message.retained else now()))
+            except MessageError as e:
+                log.warning("ignored a bad message from device %s on %s: %s", device_id, leaf, e)
+        return updates, presence

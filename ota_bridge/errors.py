@@ -1,0 +1,78 @@
+"""The service's exceptions: one root, subclasses that carry what went wrong.
+
+The HTTP layer maps each to a status code in one place (ota_bridge/api/errors.py).
+"""
+
+from __future__ import annotations
+
+
+class OtaBridgeError(Exception):
+    """Root of every error ota-bridge raises on purpose."""
+
+    status = 500
+    title = "Internal error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(OtaBridgeError):
+    status = 404
+    title = "Not found"
+
+    def __init__(self, kind: str, ident: str) -> None:
+        super().__init__(f"{kind} {ident!r} does not exist")
+        self.kind = kind
+        self.ident = ident
+
+
+class WorkflowNotFound(NotFound):
+    def __init__(self, workflow_id: str) -> None:
+        super().__init__("workflow", workflow_id)
+
+
+class JobNotFound(NotFound):
+    def __init__(self, job_id: str) -> None:
+        super().__init__("job", job_id)
+
+
+class DeviceNotFound(NotFound):
+    def __init__(self, device_id: str) -> None:
+        super().__init__("device", device_id)
+
+
+class InvalidRequest(OtaBridgeError):
+    """The request is well-formed JSON but asks for something that cannot be done."""
+
+    status = 400
+    title = "Invalid request"
+
+
+class EmptyTarget(InvalidRequest):
+    def __init__(self, field: str, value: str) -> None:
+        super().__init__(f"{field} {value!r} matches no registered device")
+        self.field = field
+        self.value = value
+
+
+class Conflict(OtaBridgeError):
+    status = 409
+    title = "Conflict"
+
+
+class DeviceExists(Conflict):
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id!r} is already registered")
+        self.device_id = device_id
+
+
+class Unauthorized(OtaBridgeError):
+    status = 401
+    title = "Unauthorized"
+
+
+class ConfigError(OtaBridgeError):
+    """A bad setting; the message names the flag and the environment variable."""
+
+    title = "Configuration error"

@@ -1,0 +1,138 @@
+"""The tables, and opening the database behind a URL (SQLite by default, PostgreSQL at scale).
+
+Times are stored as naive UTC datetimes. Child jobs carry their own copy of the command, so a
+workflow can be deleted without touching the records of jobs that used it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import peewee as pw
+
+from agent.protocol import JobStatus
+
+db = pw.DatabaseProxy()
+
+
+def now() -> datetime:
+    """The current time as stored: naive UTC."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def naive_utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is None:
+        return value
+    return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class ApiToken(BaseModel):
+    name = pw.CharField(max_length=100)
+    token_hash = pw.CharField(max_length=64, unique=True)
+    created = pw.DateTimeField(default=now)
+
+
+class Workflow(BaseModel):
+    workflow_id = pw.CharField(max_length=36, primary_key=True)
+    name = pw.CharField(max_length=200)
+    command = pw.TextField()
+    timeout_seconds = pw.IntegerField(null=True)
+    success_on_restart = pw.BooleanField(default=False)
+    created = pw.DateTimeField(default=now)
+
+
+class Device(BaseModel):
+    device_id = pw.CharField(max_length=128, primary_key=True)
+    group = pw.CharField(max_length=200, null=True, index=True, column_name="device_group")
+    password_hash = pw.CharField(max_length=200)
+    enabled = pw.BooleanField(default=True)
+    online = pw.BooleanField(default=False)
+    last_seen = pw.DateTimeField(null=True)
+    created = pw.DateTimeField(default=now)
+
+
+class DeviceTag(BaseModel):
+    device = pw.ForeignKeyField(Device, backref="tag_rows", on_delete="CASCADE", column_name="device_id")
+    tag = pw.CharField(max_length=200, index=True)
+
+    class Meta:
+        primary_key = pw.CompositeKey("device", "tag")
+
+
+class Job(BaseModel):
+    """What an operator submitted: one workflow on one target. Its children do the work."""
+
+    job_id = pw.CharField(max_length=36, primary_key=True)
+    name = pw.CharField(max_length=200)
+    workflow_id = pw.CharField(max_length=36, index=True)  # no foreign key: workflows may go
+    command = pw.TextField()
+    timeout_seconds = pw.IntegerField()
+    success_on_restart = pw.BooleanField(default=False)
+    target_field = pw.CharField(max_length=16)  # "DeviceId", "DeviceGroup" or "TagId"
+    target_value = pw.CharField(max_length=200)
+    created = pw.DateTimeField(default=now, index=True)
+
+
+class ChildJob(BaseModel):
+    """One job on one device. seq orders every device's queue: lower runs first."""
+
+    seq = pw.AutoField()
+    job_id = pw.CharField(max_length=36, unique=True)
+    parent = pw.ForeignKeyField(Job, backref="children", on_delete="CASCADE", column_name="parent_id")
+    device_id = pw.CharField(max_length=128)  # no foreign key: history outlives the device
+    status = pw.CharField(max_length=16, default=JobStatus.QUEUED.value)
+    start_time = pw.DateTimeField(null=True)
+    end_time = pw.DateTimeField(null=True)
+    exit_code = pw.IntegerField(null=True)
+    stdout = pw.TextField(default="")
+    stderr = pw.TextField(default="")
+    stdout_truncated = pw.BooleanField(default=False)
+    stderr_truncated = pw.BooleanField(default=False)
+    reason = pw.TextField(null=True)
+    updated = pw.DateTimeField(default=now)
+
+    class Meta:
+        indexes = (
+            (("device_id", "status", "seq"), False),  # a device's pending queue, in order
+            (("parent", "status"), False),  # a parent's counts per state
+        )
+
+
+TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob)
+
+
+def open_database(url: str) -> pw.Database:
+    """Open (and create the tables of) the database at url; binds the models to it."""
+    database = _connect(url)
+    db.initialize(database)
+    database.connect(reuse_if_open=True)
+    database.create_tables(TABLES, safe=True)
+    return database
+
+
+def _connect(url: str) -> pw.Database:
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return pw.SqliteDatabase(str(path), pragmas={
+            "journal_mode": "wal",
+            "busy_timeout": 10000,
+            "foreign_keys": 1,
+            "synchronous": "normal",
+        })
+    parts = urlsplit(url)
+    return pw.PostgresqlDatabase(
+        parts.path.lstrip("/"),
+        host=parts.hostname,
+        port=parts.port or 5432,
+        user=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )

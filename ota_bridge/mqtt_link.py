@@ -1,0 +1,97 @@
+"""The service's one connection to the MQTT broker (embedded or external), over paho-mqtt.
+
+paho runs its network loop on its own thread; its callbacks only hand events to the asyncio
+loop with call_soon_threadsafe. Incoming QoS 1 messages are acknowledged by hand, after the
+dispatcher has stored what they say, so a message the service had not stored when it died is
+delivered again by the broker (on brokers that keep the service's session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+log = logging.getLogger(__name__)
+
+SERVICE_CLIENT_ID = "ota-bridge-service"
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    retained: bool
+    mid: int
+    qos: int
+
+
+class BrokerLink:
+    """Connects, reconnects with backoff, publishes, and passes messages and connects to the loop."""
+
+    def __init__(self, host: str, port: int, username: str | None, password: str | None,
+                 subscriptions: list[str], on_message: Callable[[Incoming], None],
+                 on_connect: Callable[[], None]) -> None:
+        self.host, self.port = host, port
+        self._subscriptions = subscriptions
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.connected = asyncio.Event()
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=SERVICE_CLIENT_ID, clean_session=False,
+                             protocol=mqtt.MQTTv311, manual_ack=True)
+        if username:
+            client.username_pw_set(username, password)
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        client.max_inflight_messages_set(1000)
+        client.on_connect = self._paho_connect
+        client.on_disconnect = self._paho_disconnect
+        client.on_message = self._paho_message
+        self._client = client
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._client.connect_async(self.host, self.port, keepalive=30)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        """Queue a QoS 1 publish; paho sends it now, or after the next reconnect."""
+        self._client.publish(topic, payload, qos=1, retain=retain)
+
+    def ack(self, message: Incoming) -> None:
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
+    # paho's thread from here on: hand over to the event loop, nothing else.
+
+    def _paho_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.error("broker %s:%s refused the service's connection: %s", self.host, self.port, reason)
+            return
+        client.subscribe([(topic, 1) for topic in self._subscriptions])
+        self._call(self._connected)
+
+    def _paho_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self._call(self.connected.clear)
+        if reason.is_failure:
+            log.warning("lost the broker %s:%s (%s); reconnecting", self.host, self.port, reason)
+
+    def _paho_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._call(self._on_message, Incoming(msg.topic, msg.payload, bool(msg.retain), msg.mid, msg.qos))
+
+    def _connected(self) -> None:
+        log.info("connected to the broker at %s:%s", self.host, self.port)
+        self.connected.set()
+        self._on_connect()
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)

@@ -1,0 +1,148 @@
+"""The service's lifecycle: open the store, run the broker (embedded or not), connect, serve HTTP.
+
+Everything starts in `serve()` and stops in reverse order when it returns; nothing starts at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hmac
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from agent.protocol import Topics
+
+from . import credentials, store
+from .api import make_app
+from .broker import OPERATOR_USERNAME, SERVICE_USERNAME, start_broker
+from .dispatch import Dispatcher
+from .errors import ConfigError
+from .mqtt_link import BrokerLink
+from .settings import HostPort, Settings
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+def ensure_admin_token(db: store.Store, data_dir: Path) -> str | None:
+    """On a first start (no token at all), make the admin token; returns it, or None."""
+    if db.call_sync(store.has_tokens):
+        return None
+    token = db.call_sync(store.create_token, "admin")
+    path = data_dir / ADMIN_TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token
+
+
+def open_store(settings: Settings) -> store.Store:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return store.Store(settings.database_url)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM."""
+    db = open_store(settings)
+    try:
+        token = ensure_admin_token(db, settings.data_dir)
+        if token:
+            print(f"Created the admin API token (also in {settings.data_dir / ADMIN_TOKEN_FILE}):\n{token}",
+                  flush=True)
+        async with _running(settings, db):
+            await _wait_for_signal()
+    finally:
+        db.close()
+
+
+@contextlib.asynccontextmanager
+async def _running(settings: Settings, db: store.Store) -> AsyncIterator[None]:
+    dispatcher = Dispatcher(db, Topics(settings.prefix))
+    async with contextlib.AsyncExitStack() as stack:
+        link = await _broker_link(settings, db, dispatcher, stack)
+        dispatcher.attach(link)
+        for job in (dispatcher.run_publisher(), dispatcher.run_inbox()):
+            stack.push_async_callback(_cancel, asyncio.create_task(job))
+        link.start()
+        stack.callback(link.stop)
+        await stack.enter_async_context(_http(make_app(db, dispatcher), settings.http))
+        yield
+
+
+async def _broker_link(settings: Settings, db: store.Store, dispatcher: Dispatcher,
+                       stack: contextlib.AsyncExitStack) -> BrokerLink:
+    """The service's link to the broker, starting the embedded broker first unless --mqtt-url is set."""
+    url = settings.mqtt_url
+    if url is not None:
+        return _link(url.host, url.port, url.username, url.password, dispatcher)
+    listen, secret = settings.mqtt_listen, credentials.new_secret()
+    try:
+        broker = await start_broker(listen, _authenticator(db, secret))
+    except OSError as e:
+        raise _port_error(e, listen, "--mqtt-listen", "OTA_BRIDGE_MQTT_LISTEN") from e
+    stack.push_async_callback(broker.shutdown)
+    host = "127.0.0.1" if listen.host in {"0.0.0.0", "::", ""} else listen.host
+    return _link(host, listen.port, SERVICE_USERNAME, secret, dispatcher)
+
+
+def _link(host: str, port: int, username: str | None, password: str | None, dispatcher: Dispatcher) -> BrokerLink:
+    return BrokerLink(host, port, username, password, dispatcher.subscriptions,
+                      on_message=dispatcher.deliver, on_connect=dispatcher.on_connected)
+
+
+def _authenticator(db: store.Store, service_secret: str):  # noqa: ANN202 - see broker.Authenticator
+    async def authenticate(username: str, password: str, client_id: str) -> bool:
+        if username == SERVICE_USERNAME:
+            return hmac.compare_digest(password.encode(), service_secret.encode())
+        if username == OPERATOR_USERNAME:
+            return await db.call(store.check_token, password)
+        return client_id == username and await db.call(store.check_device_password, username, password)
+
+    return authenticate
+
+
+@contextlib.asynccontextmanager
+async def _http(app: web.Application, listen: HostPort) -> AsyncIterator[None]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, listen.host, listen.port).start()
+        except OSError as e:
+            raise _port_error(e, listen, "--http", "OTA_BRIDGE_HTTP") from e
+        log.info("REST API listening on http://%s", listen)
+        yield
+    finally:
+        await runner.cleanup()
+
+
+def _port_error(e: Exception, listen: HostPort, flag: str, env: str) -> ConfigError:
+    text = str(e)
+    if getattr(e, "errno", None) == errno.EADDRINUSE or "address already in use" in text.lower():
+        return ConfigError(f"port {listen.port} on {listen.host} is already in use; choose another with {flag} "
+                           f"or {env}")
+    return ConfigError(f"cannot listen on {listen} ({flag} / {env}): {text}")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")

@@ -1,0 +1,46 @@
+"""Shared fixtures: factories that start real processes and always stop them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.support.processes import Agent, Process, Service
+
+
+class Launcher:
+    """Starts services and agents for one test; everything it started is stopped at the end."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[Process] = []
+
+    def service(self, **kwargs: object) -> Service:
+        service = Service(self.workdir, **kwargs)  # type: ignore[arg-type]
+        self.started.append(service)
+        service.start()
+        return service
+
+    def agent(self, service: Service, device_id: str, password: str, *extra: str, start: bool = True) -> Agent:
+        agent = Agent(self.workdir, device_id, password, service.broker_url, *extra)
+        self.started.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    def close(self) -> None:
+        for process in reversed(self.started):
+            process.stop()
+        for process in self.started:  # shown by pytest only when the test failed
+            print(f"----- {process.name} log -----\n{process.log()[-20000:]}")
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launcher]:
+    launcher = Launcher(tmp_path)
+    try:
+        yield launcher
+    finally:
+        launcher.close()
