@@ -1,0 +1,65 @@
+"""Validation of what devices send, and the shape of what the service publishes."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import pytest
+
+from agent.protocol import OUTPUT_CAP_BYTES, JobStatus, MessageError, encode
+from ota_bridge.device_messages import head_message, parse_presence, parse_update, queue_message
+from ota_bridge.store import DeviceQueue, QueueEntry
+
+ENTRY = QueueEntry("c1", "p1", "job", "date", 60, False, 7, "QUEUED", datetime(2026, 1, 1))
+
+
+def test_head_message_carries_what_the_agent_needs() -> None:
+    head = json.loads(head_message("dev1", ENTRY))
+    assert head == {"JobId": "c1", "ParentJobId": "p1", "JobName": "job", "DeviceId": "dev1", "Command": "date",
+                    "TimeoutSeconds": 60, "SuccessOnRestart": False, "Seq": 7,
+                    "SubmittedTime": "2026-01-01T00:00:00.000Z"}
+    assert head_message("dev1", None) == b""
+
+
+def test_queue_message_lists_pending_jobs_in_order() -> None:
+    second = QueueEntry("c2", "p2", "job2", "ls", 60, False, 9, "QUEUED", datetime(2026, 1, 1))
+    queue = json.loads(queue_message(DeviceQueue("dev1", (ENTRY, second), 2)))
+    assert [j["JobId"] for j in queue["Jobs"]] == ["c1", "c2"] and queue["Total"] == 2
+    assert queue_message(DeviceQueue("dev1", (), 0)) == b""
+
+
+def test_final_update_is_parsed_with_naive_utc_times() -> None:
+    update = parse_update("dev1", encode({
+        "JobId": "c1", "Status": "FAILED", "ExitCode": 3, "Stdout": "o", "Stderr": "e",
+        "StartTime": "2026-01-01T01:00:00+01:00", "EndTime": "2026-01-01T00:00:01Z"}))
+    assert update.status is JobStatus.FAILED and update.exit_code == 3
+    assert update.start_time == datetime(2026, 1, 1) and update.start_time.tzinfo is None
+
+
+@pytest.mark.parametrize("message, field", [
+    ({"Status": "SUCCEEDED"}, "JobId"),
+    ({"JobId": "c1", "Status": "DONE"}, "Status"),
+    ({"JobId": "c1", "Status": "QUEUED"}, "Status"),
+    ({"JobId": "c1", "Status": "FAILED", "ExitCode": "1"}, "ExitCode"),
+    ({"JobId": "c1", "Status": "FAILED", "ExitCode": True}, "ExitCode"),
+    ({"JobId": "c1", "Status": "FAILED", "Stdout": 5}, "Stdout"),
+    ({"JobId": "c1", "Status": "FAILED", "EndTime": "noon"}, "EndTime"),
+])
+def test_bad_updates_name_the_field(message: dict, field: str) -> None:
+    with pytest.raises(MessageError, match=field):
+        parse_update("dev1", encode(message))
+
+
+def test_oversized_output_is_capped_again_keeping_the_tail() -> None:
+    big = "a" * OUTPUT_CAP_BYTES + "THE END"
+    update = parse_update("dev1", encode({"JobId": "c1", "Status": "SUCCEEDED", "Stdout": big}))
+    assert update.stdout.endswith("THE END") and len(update.stdout.encode()) <= OUTPUT_CAP_BYTES
+    assert update.stdout_truncated and not update.stderr_truncated
+
+
+def test_presence() -> None:
+    assert parse_presence("d", b'{"Presence": "online"}').online is True
+    assert parse_presence("d", b'{"Presence": "offline"}').online is False
+    with pytest.raises(MessageError):
+        parse_presence("d", b'{"Presence": "maybe"}')

@@ -1,0 +1,119 @@
+"""The store on a real SQLite file: parent status, idempotent updates, queue order, one bulk write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from agent.protocol import JobStatus
+from ota_bridge import credentials, store
+from ota_bridge.errors import EmptyTarget, WorkflowNotFound
+from ota_bridge.store import Update, derive_status
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[store.Store]:
+    s = store.Store(f"sqlite:///{tmp_path / 'test.db'}")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("counts, expected", [
+    ({"QUEUED": 2}, JobStatus.QUEUED),
+    ({"QUEUED": 1, "IN_PROGRESS": 1}, JobStatus.IN_PROGRESS),
+    ({"QUEUED": 1, "SUCCEEDED": 1}, JobStatus.IN_PROGRESS),
+    ({"SUCCEEDED": 3}, JobStatus.SUCCEEDED),
+    ({"SUCCEEDED": 2, "FAILED": 1}, JobStatus.FAILED),
+    ({"SUCCEEDED": 2, "TIMED_OUT": 1}, JobStatus.FAILED),
+    ({"SUCCEEDED": 2, "CANCELED": 1}, JobStatus.CANCELED),
+    ({"CANCELED": 2}, JobStatus.CANCELED),
+    ({}, JobStatus.CANCELED),
+])
+def test_parent_status_derives_from_children(counts: dict[str, int], expected: JobStatus) -> None:
+    assert derive_status(counts) is expected
+
+
+def group_job(db: store.Store, n: int, command: str = "true") -> tuple[str, list[str]]:
+    for i in range(n):
+        db.call_sync(store.register_device, f"d{i}", "g", ["t"])
+    wf = db.call_sync(store.create_workflow, "wf", command, None, False)
+    job, devices = db.call_sync(store.submit_job, "job", wf.workflow_id, "DeviceGroup", "g", None)
+    return job.job_id, devices
+
+
+def test_group_job_with_many_devices_is_one_transaction(db: store.Store) -> None:
+    job_id, devices = group_job(db, 1200)
+    assert len(devices) == 1200
+    assert len(db.call_sync(store.child_jobs, job_id)) == 1200
+
+
+def test_failed_submission_writes_nothing(db: store.Store) -> None:
+    with pytest.raises(WorkflowNotFound):
+        db.call_sync(store.submit_job, "job", "missing", "DeviceId", "d0", None)
+    with pytest.raises(EmptyTarget):
+        wf = db.call_sync(store.create_workflow, "wf", "true", None, False)
+        db.call_sync(store.submit_job, "job", wf.workflow_id, "DeviceGroup", "none", None)
+    assert db.call_sync(store.list_jobs, 10, 0) == ([], 0)
+
+
+def test_device_queue_is_in_submission_order_and_head_is_first_pending(db: store.Store) -> None:
+    db.call_sync(store.register_device, "d0", None, [])
+    wf = db.call_sync(store.create_workflow, "wf", "true", None, False)
+    jobs = [db.call_sync(store.submit_job, f"j{i}", wf.workflow_id, "DeviceId", "d0", None)[0] for i in range(4)]
+    queue = db.call_sync(store.device_queues, ["d0"])[0]
+    assert [e.parent_id for e in queue.entries] == [j.job_id for j in jobs] and queue.total == 4
+    children = [db.call_sync(store.child_jobs, j.job_id)[0] for j in jobs]
+    db.call_sync(store.record_device_messages, [Update("d0", children[0].job_id, JobStatus.SUCCEEDED)], [])
+    assert db.call_sync(store.device_queues, ["d0"])[0].head.job_id == children[1].job_id
+
+
+def test_updates_are_idempotent_and_never_go_backwards(db: store.Store) -> None:
+    job_id, _ = group_job(db, 1)
+    child = db.call_sync(store.child_jobs, job_id)[0].job_id
+    done = Update("d0", child, JobStatus.SUCCEEDED, exit_code=0, stdout="first")
+    outcome = db.call_sync(store.record_device_messages, [Update("d0", child, JobStatus.IN_PROGRESS), done], [])
+    assert len(outcome.applied) == 2 and outcome.devices == ["d0"]
+    again = db.call_sync(store.record_device_messages, [
+        Update("d0", child, JobStatus.IN_PROGRESS),
+        Update("d0", child, JobStatus.FAILED, exit_code=1, stdout="second"),
+    ], [])
+    assert not again.applied and all("already SUCCEEDED" in why for _, why in again.dropped)
+    row = db.call_sync(store.child_jobs, job_id)[0]
+    assert row.status == "SUCCEEDED" and row.stdout == "first"
+
+
+def test_update_for_another_device_or_not_the_head_is_dropped(db: store.Store) -> None:
+    db.call_sync(store.register_device, "d0", None, [])
+    db.call_sync(store.register_device, "d1", None, [])
+    wf = db.call_sync(store.create_workflow, "wf", "true", None, False)
+    first = db.call_sync(store.submit_job, "a", wf.workflow_id, "DeviceId", "d0", None)[0]
+    second = db.call_sync(store.submit_job, "b", wf.workflow_id, "DeviceId", "d0", None)[0]
+    c1 = db.call_sync(store.child_jobs, first.job_id)[0].job_id
+    c2 = db.call_sync(store.child_jobs, second.job_id)[0].job_id
+    outcome = db.call_sync(store.record_device_messages, [
+        Update("d1", c1, JobStatus.SUCCEEDED), Update("d0", c2, JobStatus.SUCCEEDED),
+        Update("d0", "no-such-job", JobStatus.SUCCEEDED)], [])
+    reasons = [why for _, why in outcome.dropped]
+    assert not outcome.applied
+    assert reasons == ["the job belongs to device 'd0'", "the job is not the device's current job", "no such job"]
+
+
+def test_device_passwords_are_hashed_in_mosquitto_format(db: store.Store) -> None:
+    _, password = db.call_sync(store.register_device, "d0", None, [])
+    stored = db.call_sync(lambda: store.Device.get_by_id("d0").password_hash)
+    assert stored.startswith("$7$") and password not in stored
+    assert credentials.verify_password(password, stored)
+    assert db.call_sync(store.check_device_password, "d0", password)
+    assert not db.call_sync(store.check_device_password, "d0", password + "x")
+    assert not db.call_sync(store.check_device_password, "ghost", password)
+
+
+def test_deleting_a_device_cancels_its_pending_jobs(db: store.Store) -> None:
+    job_id, _ = group_job(db, 2)
+    db.call_sync(store.delete_device, "d0")
+    by_device = {c.device_id: c.status for c in db.call_sync(store.child_jobs, job_id)}
+    assert by_device == {"d0": "CANCELED", "d1": "QUEUED"}
