@@ -52,9 +52,13 @@ def broker_config(listen: HostPort, authenticator: Authenticator) -> dict[str, A
 async def start_broker(listen: HostPort, authenticator: Authenticator) -> Broker:
     """Start an amqtt broker on listen; the caller shuts it down. Raises OSError when it cannot bind."""
     broker = Broker(broker_config(listen, authenticator), loop=asyncio.get_running_loop())
+    amqtt_log = logging.getLogger("amqtt.broker")
+    level, amqtt_log.level = amqtt_log.level, logging.CRITICAL  # our caller reports a failure in one line
     try:
         await broker.start()
     except BrokerError as e:
         raise OSError(getattr(e.__cause__, "errno", None), str(e.__cause__ or e)) from e
+    finally:
+        amqtt_log.setLevel(level)
     log.info("embedded MQTT broker listening on %s", listen)
     return broker

@@ -54,11 +54,11 @@ async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM."""
     db = open_store(settings)
     try:
-        token = ensure_admin_token(db, settings.data_dir)
-        if token:
-            print(f"Created the admin API token (also in {settings.data_dir / ADMIN_TOKEN_FILE}):\n{token}",
-                  flush=True)
         async with _running(settings, db):
+            token = ensure_admin_token(db, settings.data_dir)
+            if token:
+                print(f"Created the admin API token (also in {settings.data_dir / ADMIN_TOKEN_FILE}):\n{token}",
+                      flush=True)
             await _wait_for_signal()
     finally:
         db.close()
@@ -125,11 +125,14 @@ async def _http(app: web.Application, listen: HostPort) -> AsyncIterator[None]:
         await runner.cleanup()
 
 
+_BROKER_HINT = ", or use the broker already there with --mqtt-url mqtt://USER:PASS@HOST:PORT"
+
+
 def _port_error(e: Exception, listen: HostPort, flag: str, env: str) -> ConfigError:
     text = str(e)
     if getattr(e, "errno", None) == errno.EADDRINUSE or "address already in use" in text.lower():
         return ConfigError(f"port {listen.port} on {listen.host} is already in use; choose another with {flag} "
-                           f"or {env}")
+                           f"or {env}{_BROKER_HINT if flag == '--mqtt-listen' else ''}")
     return ConfigError(f"cannot listen on {listen} ({flag} / {env}): {text}")
 
 

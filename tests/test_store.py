@@ -11,15 +11,18 @@ from agent.protocol import JobStatus
 from ota_bridge import credentials, store
 from ota_bridge.errors import EmptyTarget, WorkflowNotFound
 from ota_bridge.store import Update, derive_status
+from tests.support.databases import database_url
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[store.Store]:
-    s = store.Store(f"sqlite:///{tmp_path / 'test.db'}")
-    try:
-        yield s
-    finally:
-        s.close()
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[store.Store]:
+    """The same store code on a SQLite file and on a fresh PostgreSQL database."""
+    with database_url(request.param, tmp_path) as url:
+        s = store.Store(url)
+        try:
+            yield s
+        finally:
+            s.close()
 
 
 @pytest.mark.parametrize("counts, expected", [
