@@ -49,9 +49,9 @@ def group_job(db: store.Store, n: int, command: str = "true") -> tuple[str, list
 
 
 def test_group_job_with_many_devices_is_one_transaction(db: store.Store) -> None:
-    job_id, devices = group_job(db, 1200)
-    assert len(devices) == 1200
-    assert len(db.call_sync(store.child_jobs, job_id)) == 1200
+    job_id, devices = group_job(db, 600)
+    assert len(devices) == 600
+    assert len(db.call_sync(store.child_jobs, job_id)) == 600
 
 
 def test_failed_submission_writes_nothing(db: store.Store) -> None:

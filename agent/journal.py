@@ -1,0 +1,225 @@
+"""The agent's crash-safe memory of which jobs it has started and how they ended.
+
+One JSON file, `journal.json`, in the agent's state directory:
+
+    {"Version": 1, "Entries": [{"JobId": ..., "Seq": ..., "StartTime": ..., "Result": {...} | null}]}
+
+An entry is written ("started", Result null) before its command runs, and completed with the
+full final status message after. A job with an entry is never run again. Every write replaces
+the whole file atomically (temp file, fsync, rename, fsync of the directory), so after a crash
+the file holds either the old or the new journal, never half of one.
+
+The journal keeps the last MAX_ENTRIES entries; of those, only the newest FULL_OUTPUT_ENTRIES
+keep their Stdout/Stderr (older ones keep everything else, with the *Truncated flags set when
+output was dropped), so the file stays small even for chatty commands.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .protocol import Key
+
+log = logging.getLogger(__name__)
+
+JOURNAL_FILE = "journal.json"
+FORMAT_VERSION = 1
+MAX_ENTRIES = 200
+FULL_OUTPUT_ENTRIES = 10
+
+# Keys of the journal file that are not message keys.
+_VERSION = "Version"
+_ENTRIES = "Entries"
+_RESULT = "Result"
+
+
+class JournalError(Exception):
+    """The journal could not be written; the agent must not run a job it cannot record."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        super().__init__(f"could not write the journal {path}: {cause}")
+        self.path = path
+
+
+class _Unreadable(Exception):
+    """The journal file exists but is not a journal."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One job the agent has started; `result` is its final status message once it ended."""
+
+    job_id: str
+    seq: int | None
+    start_time: str
+    result: dict[str, Any] | None = None
+
+    @property
+    def start_datetime(self) -> datetime:
+        return protocol.parse_time(self.start_time) or protocol.utc_now()
+
+    def to_json(self) -> dict[str, Any]:
+        return {Key.JOB_ID: self.job_id, Key.SEQ: self.seq, Key.START_TIME: self.start_time, _RESULT: self.result}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Entry:
+        if not isinstance(raw, dict):
+            raise _Unreadable("an entry is not an object")
+        job_id, seq, start, result = (raw.get(k) for k in (Key.JOB_ID, Key.SEQ, Key.START_TIME, _RESULT))
+        if not isinstance(job_id, str) or not isinstance(start, str):
+            raise _Unreadable(f"entry {job_id!r} lacks {Key.JOB_ID} or {Key.START_TIME}")
+        if not (seq is None or isinstance(seq, int)) or not (result is None or isinstance(result, dict)):
+            raise _Unreadable(f"entry {job_id!r} has a bad {Key.SEQ} or {_RESULT}")
+        return cls(job_id, seq, start, result)
+
+    def without_output(self) -> Entry:
+        """The same entry with its result's Stdout/Stderr dropped (flagged as truncated)."""
+        if self.result is None:
+            return self
+        result = dict(self.result)
+        for text, flag in ((Key.STDOUT, Key.STDOUT_TRUNCATED), (Key.STDERR, Key.STDERR_TRUNCATED)):
+            if result.get(text):
+                result[text], result[flag] = "", True
+        return replace(self, result=result)
+
+
+class Journal:
+    """The entries of one device's journal, in insertion order, backed by one file."""
+
+    def __init__(self, state_dir: Path, max_entries: int = MAX_ENTRIES) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / JOURNAL_FILE
+        self.max_entries = max_entries
+        self._entries: dict[str, Entry] = {}
+
+    @classmethod
+    def open(cls, state_dir: Path, max_entries: int = MAX_ENTRIES) -> Journal:
+        """Create the state directory (mode 0700) if needed and load the journal in it."""
+        journal = cls(state_dir, max_entries)
+        journal.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        journal._remove_temp_files()
+        journal._entries = journal._load()
+        return journal
+
+    def get(self, job_id: str) -> Entry | None:
+        return self._entries.get(job_id)
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record_started(self, job_id: str, seq: int | None, start_time: datetime) -> Entry:
+        """Record (durably) that the job is about to run. Raises JournalError."""
+        entry = Entry(job_id, seq, protocol.format_time(start_time) or "")
+        self._entries.pop(job_id, None)
+        self._entries[job_id] = entry
+        self._prune()
+        self._save()
+        return entry
+
+    def record_result(self, job_id: str, message: dict[str, Any]) -> Entry:
+        """Record (durably) the job's final status message. Raises JournalError."""
+        old = self._entries.get(job_id)
+        start = old.start_time if old else str(message.get(Key.START_TIME) or "")
+        entry = Entry(job_id, old.seq if old else None, start, dict(message))
+        self._entries[job_id] = entry
+        self._prune()
+        self._save()
+        return entry
+
+    # --- the file ---------------------------------------------------------------------------
+
+    def _prune(self) -> None:
+        ids = list(self._entries)
+        for job_id in ids[: max(0, len(ids) - self.max_entries)]:
+            del self._entries[job_id]
+        for job_id in list(self._entries)[: max(0, len(self._entries) - FULL_OUTPUT_ENTRIES)]:
+            self._entries[job_id] = self._entries[job_id].without_output()
+
+    def _save(self) -> None:
+        document = {_VERSION: FORMAT_VERSION, _ENTRIES: [e.to_json() for e in self._entries.values()]}
+        data = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        try:
+            write_atomic(self.path, data)
+        except OSError as e:
+            raise JournalError(self.path, e) from e
+
+    def _load(self) -> dict[str, Entry]:
+        try:
+            entries = _parse(_read_no_follow(self.path))
+        except FileNotFoundError:
+            return {}
+        except (OSError, _Unreadable) as e:
+            self._move_aside(e)
+            return {}
+        return {entry.job_id: entry for entry in entries[-self.max_entries:]}
+
+    def _move_aside(self, why: Exception) -> None:
+        stamp = protocol.utc_now().strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = self.path.with_name(f"{JOURNAL_FILE}.corrupt-{stamp}")
+        os.replace(self.path, aside)
+        log.error("journal %s is unreadable (%s); moved it to %s and started an empty journal", self.path, why, aside)
+
+    def _remove_temp_files(self) -> None:
+        """Remove temp files left by a crash in the middle of a write."""
+        for leftover in self.state_dir.glob(f"{JOURNAL_FILE}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
+def _read_no_follow(path: Path) -> bytes:
+    """Read a file, refusing to follow a symlink out of the state directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _Unreadable("it is a symbolic link") from e
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _parse(data: bytes) -> list[Entry]:
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _Unreadable(f"not UTF-8 JSON: {e}") from e
+    if not isinstance(document, dict) or document.get(_VERSION) != FORMAT_VERSION:
+        raise _Unreadable(f"not a version {FORMAT_VERSION} journal")
+    raw_entries = document.get(_ENTRIES)
+    if not isinstance(raw_entries, list):
+        raise _Unreadable(f"{_ENTRIES} is not a list")
+    return [Entry.from_json(raw) for raw in raw_entries]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old or the new file, whole."""
+    fd, temp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

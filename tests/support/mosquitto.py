@@ -1,0 +1,148 @@
+"""A real Mosquitto broker on an ephemeral port, for tests.
+
+    with start_mosquitto(tmp_path) as broker:
+        process, port = broker          # unpacks for simple tests
+        ...
+        broker.restart()                # stop and start again on the same port
+
+The config is the repo's mosquitto.conf with its listener moved to the chosen port, plus
+`user root` (as root, Mosquitto would otherwise drop to the `mosquitto` user) and any extra
+lines. Mosquitto's output goes to a log file next to the config; a broker that does not come
+up raises with that log in the message.
+
+Without the mosquitto binary the test is skipped, except under CI=true, where it fails: CI
+must run every Mosquitto test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MOSQUITTO_CONF = REPO_ROOT / "mosquitto.conf"
+LISTENER_LINE = "listener 1883 127.0.0.1"
+START_SECONDS = 10.0
+STOP_SECONDS = 5.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mosquitto_binary() -> str:
+    """The mosquitto executable; skips the test if missing (fails it under CI=true)."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+    found = shutil.which("mosquitto", path=search)
+    if found:
+        return found
+    message = "the mosquitto binary is not installed (Debian package: mosquitto)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; under CI=true Mosquitto tests must run")
+    pytest.skip(message)
+
+
+def broker_config(port: int, extra_lines: Iterable[str] = ()) -> str:
+    """The repo's mosquitto.conf, listening on `port`, running as root, plus extra lines."""
+    text = MOSQUITTO_CONF.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if LISTENER_LINE not in lines:
+        raise RuntimeError(f"{MOSQUITTO_CONF} has no line {LISTENER_LINE!r} to replace")
+    lines = [f"listener {port} 127.0.0.1" if line == LISTENER_LINE else line for line in lines]
+    return "\n".join([*lines, "user root", *extra_lines, ""])
+
+
+class Mosquitto:
+    """One broker: a config file, a port that stays the same across restarts, a process."""
+
+    def __init__(self, workdir: Path, port: int, extra_lines: Iterable[str] = ()) -> None:
+        self.port = port
+        self.binary = mosquitto_binary()
+        self.config_path = Path(workdir) / f"mosquitto-{port}.conf"
+        self.log_path = Path(workdir) / f"mosquitto-{port}.log"
+        self.config_path.write_text(broker_config(port, extra_lines), encoding="utf-8")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __iter__(self) -> Iterator[object]:
+        """Unpack as (process, port). After restart() the process is a new one: use .process."""
+        return iter((self.process, self.port))
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "-c", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT
+            )
+        self._wait_listening()
+
+    def stop(self) -> None:
+        """Terminate the broker (kill it if it lingers). Safe to call twice."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (retained messages are lost: persistence is off)."""
+        self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not listen on port {self.port} within {START_SECONDS} s:\n{self.log_text()}")
+
+
+@contextmanager
+def start_mosquitto(tmp_path: Path, extra_lines: Iterable[str] = ()) -> Iterator[Mosquitto]:
+    """Start a broker on a free port; it is stopped on exit, whatever happened."""
+    broker = Mosquitto(tmp_path, free_port(), extra_lines)
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+BROKERS = ["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
+
+
+@contextmanager
+def broker_url(kind: str, tmp_path: Path) -> Iterator[str | None]:
+    """For tests parametrized over BROKERS: None means the service's embedded broker."""
+    if kind == "embedded":
+        yield None
+    else:
+        with start_mosquitto(tmp_path) as broker:
+            yield broker.url

@@ -1,0 +1,518 @@
+"""The agent daemon: settings, heads, and the real agent process against a real Mosquitto.
+
+The Mosquitto tests run `python -m agent` as a subprocess and play the service's part with a
+plain paho client: publish retained heads, read status and presence. Commands append to files
+so a test can count how many times each one ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import daemon
+from agent.daemon import Head, SettingsError, load_settings, parse_head
+from agent.protocol import DEFAULT_PREFIX, JobStatus, Key, MessageError, Presence, Topics, encode
+from tests.support.mosquitto import start_mosquitto
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "dev-1"
+WAIT = 20.0  # seconds any one expected message or process exit may take
+
+
+# --- settings (no broker) -------------------------------------------------------------------
+
+
+def test_flags_win_over_environment_variables(tmp_path):
+    env = {"OTA_AGENT_BROKER": "mqtt://env-host:1", "OTA_AGENT_DEVICE_ID": "env-dev", "OTA_AGENT_OUTPUT_CAP": "5"}
+    settings = load_settings(["--broker", "flag-host:2", "--state-dir", str(tmp_path)], env)
+    assert (settings.broker_host, settings.broker_port) == ("flag-host", 2)
+    assert (settings.device_id, settings.output_cap) == ("env-dev", 5)
+
+
+def test_environment_alone_configures_the_agent(tmp_path):
+    env = {"OTA_AGENT_BROKER": "mqtt://broker.lan:1884", "OTA_AGENT_DEVICE_ID": "pi-7",
+           "OTA_AGENT_STATE_DIR": str(tmp_path), "OTA_AGENT_PREFIX": "/fleet/",
+           "OTA_AGENT_DEFAULT_TIMEOUT": "90", "OTA_AGENT_LOG_LEVEL": "debug", "OTA_AGENT_PASSWORD": "s3cret"}
+    settings = load_settings([], env)
+    assert (settings.broker_host, settings.broker_port, settings.device_id) == ("broker.lan", 1884, "pi-7")
+    assert (settings.prefix, settings.default_timeout, settings.log_level) == ("fleet", 90, "DEBUG")
+    assert (settings.username, settings.password) == ("pi-7", "s3cret")  # username defaults to the device id
+    assert settings.journal_dir == tmp_path / "pi-7"
+    assert "s3cret" not in repr(settings)
+
+
+def test_defaults_fill_the_optional_settings():
+    settings = load_settings(["--broker", "localhost", "--device-id", "d"], {})
+    assert (settings.broker_port, settings.prefix, settings.output_cap) == (1883, DEFAULT_PREFIX, 64 * 1024)
+    assert settings.state_dir.name == "ota-agent"
+
+
+def test_a_value_may_start_with_a_dash():
+    settings = load_settings(["--broker", "h:1", "--device-id", "d", "--password", "-Xy_z"], {})
+    assert settings.password == "-Xy_z"
+
+
+def test_kill_grace_is_a_number_of_seconds():
+    assert load_settings(["--broker", "h:1", "--device-id", "d", "--kill-grace", "0.5"], {}).kill_grace == 0.5
+    assert load_settings(["--broker", "h:1", "--device-id", "d"], {}).kill_grace == daemon.DEFAULT_KILL_GRACE
+
+
+def test_commands_get_the_device_id_but_not_the_agent_settings():
+    env = daemon.command_environment({"PATH": "/bin", "OTA_AGENT_PASSWORD": "s3cret"}, "pi-7")
+    assert env == {"PATH": "/bin", "OTA_DEVICE_ID": "pi-7"}
+
+
+def test_password_file_is_read_without_its_newline(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2\n")
+    settings = load_settings(["--broker", "h:1", "--device-id", "d", "--password-file", str(secret)], {})
+    assert settings.password == "hunter2"
+
+
+@pytest.mark.parametrize("argv, env, names", [
+    ([], {"OTA_AGENT_DEVICE_ID": "d"}, ("--broker", "OTA_AGENT_BROKER", "required")),
+    (["--broker", "h:1"], {}, ("--device-id", "OTA_AGENT_DEVICE_ID", "required")),
+    (["--broker", "mqtts://h:8883", "--device-id", "d"], {}, ("--broker", "not supported yet")),
+    (["--broker", "http://h", "--device-id", "d"], {}, ("--broker", "expected mqtt://HOST:PORT")),
+    (["--broker", "h:70000", "--device-id", "d"], {}, ("--broker", "port")),
+    (["--broker", "h:1", "--device-id", "a/b"], {}, ("--device-id", "does not match")),
+    (["--broker", "h:1", "--device-id", "d"], {"OTA_AGENT_OUTPUT_CAP": "lots"},
+     ("--output-cap", "OTA_AGENT_OUTPUT_CAP")),
+    (["--broker", "h:1", "--device-id", "d", "--default-timeout", "0"], {}, ("--default-timeout", "above 0")),
+    (["--broker", "h:1", "--device-id", "d", "--log-level", "loud"], {}, ("--log-level", "OTA_AGENT_LOG_LEVEL")),
+    (["--broker", "h:1", "--device-id", "d", "--kill-grace", "nan"], {}, ("--kill-grace", "above 0")),
+    (["--broker", "h:1", "--device-id", "d", "--prefix", "a/+"], {}, ("--prefix", "invalid topic prefix")),
+    (["--broker", "h:1", "--device-id", "d", "--password", "x", "--password-file", "/x"], {}, ("--password-file",)),
+    (["--broker", "h:1", "--device-id", "d", "--password-file", "/nonexistent/pw"], {}, ("--password-file",
+                                                                                      "cannot be read")),
+])
+def test_a_missing_or_bad_setting_exits_2_naming_the_flag_and_variable(monkeypatch, capsys, argv, env, names):
+    for key in [k for k in os.environ if k.startswith(daemon.ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert daemon.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ota-agent: error: ")
+    for name in names:
+        assert name in error
+
+
+def test_a_settings_error_names_flag_and_variable():
+    with pytest.raises(SettingsError, match=r"--state-dir \(or OTA_AGENT_STATE_DIR\)"):
+        raise SettingsError("state_dir", "is bad")
+
+
+def test_version_flag_prints_the_version():
+    done = subprocess.run([sys.executable, "-m", "agent", "--version"], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=agent_env(), timeout=WAIT)
+    assert done.returncode == 0 and done.stdout.startswith("ota-agent ")
+
+
+# --- heads (no broker) ----------------------------------------------------------------------
+
+
+def head_payload(**fields):
+    return encode({Key.JOB_ID: "j1", Key.COMMAND: "true", Key.DEVICE_ID: DEVICE, **fields})
+
+
+def test_a_head_is_parsed_with_the_default_timeout_when_it_has_none():
+    head = parse_head(head_payload(**{Key.SEQ: 4, Key.SUCCESS_ON_RESTART: True}), DEVICE, 60)
+    assert head == Head(job_id="j1", command="true", timeout_seconds=60, success_on_restart=True, seq=4)
+    assert parse_head(head_payload(**{Key.TIMEOUT_SECONDS: 5}), DEVICE, 60).timeout_seconds == 5
+
+
+def test_an_empty_payload_means_the_queue_is_empty():
+    assert parse_head(b"", DEVICE, 60) is None
+
+
+@pytest.mark.parametrize("payload", [
+    b"not json",
+    b"[1, 2]",
+    encode({Key.COMMAND: "true"}),
+    encode({Key.JOB_ID: "j1"}),
+    head_payload(**{Key.DEVICE_ID: "someone-else"}),
+    head_payload(**{Key.TIMEOUT_SECONDS: -1}),
+    head_payload(**{Key.COMMAND: "x" * (256 * 1024)}),
+])
+def test_a_bad_head_is_refused(payload):
+    with pytest.raises(MessageError):
+        parse_head(payload, DEVICE, 60)
+
+
+# --- the real agent against a real Mosquitto -----------------------------------------------
+
+
+def agent_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(daemon.ENV_PREFIX)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+class AgentProcess:
+    """One `python -m agent` process; its stderr goes to a log file."""
+
+    def __init__(self, port: int, state_dir: Path, log_path: Path) -> None:
+        self.log_path = log_path
+        argv = [sys.executable, "-m", "agent", "--broker", f"mqtt://127.0.0.1:{port}", "--device-id", DEVICE,
+                "--state-dir", str(state_dir), "--log-level", "DEBUG"]
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(argv, cwd=state_dir.parent, env=agent_env(),
+                                            stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=WAIT)
+
+    def wait_for_log(self, text: str) -> None:
+        deadline = time.monotonic() + WAIT
+        while text not in self.log():
+            assert time.monotonic() < deadline, f"agent never logged {text!r}:\n{self.log()}"
+            time.sleep(0.05)
+
+
+class Service:
+    """Plays the ota-bridge service: publishes heads, reads statuses and presence."""
+
+    def __init__(self, port: int) -> None:
+        self.topics = Topics(DEFAULT_PREFIX)
+        self.statuses: queue.Queue[dict] = queue.Queue()
+        self.presence: queue.Queue[dict] = queue.Queue()
+        self.subscribed: queue.Queue[object] = queue.Queue()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-service-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv311)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *args: self.subscribed.put(args)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe([(self.topics.status(DEVICE), 1), (self.topics.presence(DEVICE), 1)])
+        self.subscribed.get(timeout=WAIT)
+
+    def _on_message(self, client, userdata, message):
+        leaf = self.topics.parse(message.topic)[1]
+        target = self.statuses if leaf == Topics.STATUS else self.presence
+        target.put(json.loads(message.payload) if message.payload else {})
+
+    def publish_head(self, job_id: str, command: str, **fields) -> None:
+        head = {Key.JOB_ID: job_id, Key.PARENT_JOB_ID: "parent", Key.JOB_NAME: "test", Key.DEVICE_ID: DEVICE,
+                Key.COMMAND: command, Key.TIMEOUT_SECONDS: 60, Key.SUCCESS_ON_RESTART: False, Key.SEQ: 1,
+                Key.SUBMITTED_TIME: "2024-05-01T12:00:00.000Z", **fields}
+        self.publish_raw(encode(head))
+
+    def publish_raw(self, payload: bytes) -> None:
+        self.client.publish(self.topics.job(DEVICE), payload, qos=1, retain=True).wait_for_publish(WAIT)
+
+    def clear_head(self) -> None:
+        self.publish_raw(b"")
+
+    def next_status(self) -> dict:
+        try:
+            return self.statuses.get(timeout=WAIT)
+        except queue.Empty:
+            raise AssertionError(f"no status message within {WAIT} s") from None
+
+    def expect_status(self, job_id: str, status: JobStatus) -> dict:
+        message = self.next_status()
+        assert (message[Key.JOB_ID], message[Key.STATUS]) == (job_id, status.value), message
+        return message
+
+    def expect_presence(self, presence: Presence) -> dict:
+        deadline = time.monotonic() + WAIT
+        while True:  # an older retained value may come first
+            message = self.presence.get(timeout=max(0.01, deadline - time.monotonic()))
+            if message.get(Key.PRESENCE) == presence.value:
+                return message
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with start_mosquitto(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+def groups_file(tmp_path):
+    """Commands write their process group id here; every group left is killed at the end."""
+    path = tmp_path / "groups"
+    yield path
+    if path.exists():
+        for pgid in {int(line) for line in path.read_text().split()}:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def start_agent(tmp_path, broker):
+    """A factory of agent processes sharing one state dir; all are killed at the end."""
+    started: list[AgentProcess] = []
+    state = tmp_path / "state"
+
+    def start() -> AgentProcess:
+        agent = AgentProcess(broker.port, state, tmp_path / f"agent-{len(started)}.log")
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.process.poll() is None:
+            agent.process.kill()
+            agent.process.wait(timeout=WAIT)
+
+
+@pytest.fixture
+def service(broker):
+    client = Service(broker.port)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def ran(tmp_path):
+    """A file each test command appends its name to: one line per run."""
+    return tmp_path / "ran"
+
+
+def job(ran: Path, groups: Path, name: str, then: str = "") -> str:
+    return f"echo $$ >> {groups}; echo {name} >> {ran}; {then}"
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids in the process group that are alive (zombies waiting for init do not count)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_bytes().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] not in (b"Z", b"X") and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def runs(ran: Path) -> list[str]:
+    return ran.read_text().split() if ran.exists() else []
+
+
+def wait_until_running(ran: Path, name: str) -> None:
+    """IN_PROGRESS is sent before the command starts; wait until it has really started."""
+    deadline = time.monotonic() + WAIT
+    while name not in runs(ran):
+        assert time.monotonic() < deadline, f"command {name} never started"
+        time.sleep(0.02)
+
+
+def ready_agent(start_agent, service) -> AgentProcess:
+    """Start an agent and wait until it is online and subscribed to its head."""
+    agent = start_agent()
+    service.expect_presence(Presence.ONLINE)
+    agent.wait_for_log("subscribed to")
+    return agent
+
+
+@pytest.mark.mosquitto
+def test_a_head_is_run_and_reported_in_progress_then_succeeded(start_agent, service, ran, groups_file):
+    ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", 'echo "hello $OTA_DEVICE_ID $OTA_JOB_ID"; echo oops >&2'))
+
+    started = service.expect_status("j1", JobStatus.IN_PROGRESS)
+    assert set(started) == {Key.JOB_ID, Key.STATUS, Key.START_TIME}
+    final = service.expect_status("j1", JobStatus.SUCCEEDED)
+    assert (final[Key.EXIT_CODE], final[Key.STDOUT], final[Key.STDERR]) == (0, f"hello {DEVICE} j1\n", "oops\n")
+    assert (final[Key.STDOUT_TRUNCATED], final[Key.STDERR_TRUNCATED], final[Key.REASON]) == (False, False, None)
+    assert final[Key.START_TIME] == started[Key.START_TIME] and final[Key.END_TIME].endswith("Z")
+    assert runs(ran) == ["j1"]
+
+
+@pytest.mark.mosquitto
+def test_a_failing_command_is_reported_failed_with_its_exit_code(start_agent, service, ran, groups_file):
+    ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "exit 3"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    assert service.expect_status("j1", JobStatus.FAILED)[Key.EXIT_CODE] == 3
+
+
+@pytest.mark.mosquitto
+def test_the_same_head_again_and_a_restart_resend_the_stored_result_without_rerunning(
+        start_agent, service, ran, groups_file):
+    agent = ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "echo once"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    final = service.expect_status("j1", JobStatus.SUCCEEDED)
+
+    service.publish_head("j1", job(ran, groups_file, "j1", "echo once"))  # the service republished its head
+    assert service.next_status() == final
+
+    assert agent.stop() == 0
+    ready_agent(start_agent, service)  # the retained head is delivered again on connect
+    assert service.next_status() == final
+    assert runs(ran) == ["j1"]
+
+
+@pytest.mark.mosquitto
+def test_a_new_head_while_a_job_runs_cancels_it_and_runs_the_next(start_agent, service, ran, groups_file):
+    ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "sleep 300"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    wait_until_running(ran, "j1")
+    service.publish_head("j1", job(ran, groups_file, "j1", "sleep 300"))  # a duplicate changes nothing
+    service.publish_head("j2", job(ran, groups_file, "j2"))
+
+    canceled = service.expect_status("j1", JobStatus.CANCELED)
+    assert canceled[Key.EXIT_CODE] is None and "j2" in canceled[Key.REASON]
+    service.expect_status("j2", JobStatus.IN_PROGRESS)
+    service.expect_status("j2", JobStatus.SUCCEEDED)
+    assert runs(ran) == ["j1", "j2"]
+
+
+@pytest.mark.mosquitto
+def test_clearing_the_head_while_a_job_runs_cancels_it(start_agent, service, ran, groups_file):
+    ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "sleep 300"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    wait_until_running(ran, "j1")
+    service.clear_head()
+
+    canceled = service.expect_status("j1", JobStatus.CANCELED)
+    assert "cleared" in canceled[Key.REASON]
+    assert live_group_members(int(groups_file.read_text())) == []
+
+
+@pytest.mark.mosquitto
+@pytest.mark.parametrize("success_on_restart, status", [(False, JobStatus.INTERRUPTED), (True, JobStatus.SUCCEEDED)])
+def test_an_agent_killed_while_a_job_runs_reports_it_after_restart_and_never_reruns_it(
+        start_agent, service, ran, groups_file, success_on_restart, status):
+    agent = ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "sleep 300"), **{Key.SUCCESS_ON_RESTART: success_on_restart})
+    started = service.expect_status("j1", JobStatus.IN_PROGRESS)
+    wait_until_running(ran, "j1")
+    agent.stop(signal.SIGKILL)
+
+    ready_agent(start_agent, service)
+    final = service.expect_status("j1", status)
+    assert final[Key.EXIT_CODE] is None
+    assert final[Key.REASON].startswith("the agent restarted while the command ran")
+    assert final[Key.START_TIME] == started[Key.START_TIME]
+    assert runs(ran) == ["j1"]
+
+
+@pytest.mark.mosquitto
+def test_sigterm_kills_the_job_says_offline_exits_0_and_the_job_is_interrupted_after_restart(
+        start_agent, service, ran, groups_file):
+    agent = ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "sleep 300"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    wait_until_running(ran, "j1")
+
+    assert agent.stop(signal.SIGTERM) == 0
+    service.expect_presence(Presence.OFFLINE)
+    assert live_group_members(int(groups_file.read_text())) == []
+    assert service.statuses.empty()  # no CANCELED: the journal entry stays "started"
+
+    ready_agent(start_agent, service)
+    service.expect_status("j1", JobStatus.INTERRUPTED)
+    assert runs(ran) == ["j1"]
+
+
+@pytest.mark.mosquitto
+def test_presence_is_online_on_connect_and_the_last_will_says_offline(start_agent, service):
+    agent = start_agent()
+    online = service.expect_presence(Presence.ONLINE)
+    assert set(online) == {Key.PRESENCE, Key.TIME, Key.AGENT_VERSION} and online[Key.TIME].endswith("Z")
+
+    agent.stop(signal.SIGKILL)  # no clean disconnect: the broker sends the will
+    offline = service.expect_presence(Presence.OFFLINE)
+    assert offline[Key.AGENT_VERSION] == online[Key.AGENT_VERSION]
+
+
+@pytest.mark.mosquitto
+def test_heads_queued_while_the_agent_was_away_are_not_run_only_the_current_one(
+        start_agent, service, ran, groups_file):
+    agent = ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    service.expect_status("j1", JobStatus.SUCCEEDED)  # the agent's session now has its subscription
+    agent.stop(signal.SIGKILL)
+    service.expect_presence(Presence.OFFLINE)
+
+    service.publish_head("j2", job(ran, groups_file, "j2"))  # queued for the offline session...
+    service.publish_head("j3", job(ran, groups_file, "j3"))  # ...and superseded before it came back
+    ready_agent(start_agent, service)
+
+    service.expect_status("j3", JobStatus.IN_PROGRESS)
+    service.expect_status("j3", JobStatus.SUCCEEDED)
+    assert runs(ran) == ["j1", "j3"]
+
+
+@pytest.mark.mosquitto
+def test_bad_messages_are_ignored_and_the_agent_keeps_running(start_agent, service, ran, groups_file):
+    agent = ready_agent(start_agent, service)
+    service.publish_raw(b"not json")
+    service.publish_raw(encode({Key.JOB_ID: "no-command"}))
+    service.publish_head("other", job(ran, groups_file, "other"), **{Key.DEVICE_ID: "someone-else"})
+    service.publish_head("huge", job(ran, groups_file, "huge", "#" + "x" * (300 * 1024)))
+    service.publish_head("good", job(ran, groups_file, "good"))
+
+    service.expect_status("good", JobStatus.IN_PROGRESS)
+    service.expect_status("good", JobStatus.SUCCEEDED)
+    assert runs(ran) == ["good"]
+    assert agent.process.poll() is None
+    assert agent.log().count("ignored a bad message") == 4
+
+
+@pytest.mark.mosquitto
+def test_the_first_connection_is_retried_until_the_broker_comes_up(broker, start_agent):
+    broker.stop()
+    agent = start_agent()
+    agent.wait_for_log("could not connect")
+    broker.start()
+    service = Service(broker.port)
+    try:
+        service.expect_presence(Presence.ONLINE)
+    finally:
+        service.close()
+    assert agent.process.poll() is None
+
+
+@pytest.mark.mosquitto
+def test_after_a_broker_restart_the_agent_reconnects_and_resends_instead_of_rerunning(
+        broker, start_agent, ran, groups_file):
+    service = Service(broker.port)
+    try:
+        ready_agent(start_agent, service)
+        service.publish_head("j1", job(ran, groups_file, "j1"))
+        service.expect_status("j1", JobStatus.IN_PROGRESS)
+        final = service.expect_status("j1", JobStatus.SUCCEEDED)
+    finally:
+        service.close()
+
+    broker.restart()  # retained heads are gone (no persistence): the service republishes them
+    service = Service(broker.port)
+    try:
+        service.expect_presence(Presence.ONLINE)
+        service.publish_head("j1", job(ran, groups_file, "j1"))
+        assert service.next_status() == final
+    finally:
+        service.close()
+    assert runs(ran) == ["j1"]

@@ -1,0 +1,147 @@
+"""The agent's journal: durable, atomic, bounded, and safe with a broken file."""
+
+import json
+import logging
+import os
+import stat
+from datetime import datetime, timezone
+
+import pytest
+
+from agent import journal as journal_module
+from agent.journal import FULL_OUTPUT_ENTRIES, JOURNAL_FILE, Journal, JournalError
+from agent.protocol import Key
+
+START = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def result_message(job_id, status="SUCCEEDED", stdout="out\n"):
+    return {
+        Key.JOB_ID: job_id, Key.STATUS: status, Key.EXIT_CODE: 0, Key.STDOUT: stdout, Key.STDERR: "",
+        Key.STDOUT_TRUNCATED: False, Key.STDERR_TRUNCATED: False,
+        Key.START_TIME: "2024-05-01T12:00:00.000Z", Key.END_TIME: "2024-05-01T12:00:01.000Z", Key.REASON: None,
+    }
+
+
+def test_state_dir_is_created_with_mode_0700(tmp_path):
+    state = tmp_path / "state" / "dev-1"
+    Journal.open(state)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_started_then_result_survive_a_reload(tmp_path):
+    journal = Journal.open(tmp_path)
+    journal.record_started("job-1", 7, START)
+
+    started = Journal.open(tmp_path).get("job-1")
+    assert (started.job_id, started.seq, started.start_time, started.result) == (
+        "job-1", 7, "2024-05-01T12:00:00.000Z", None)
+
+    journal.record_result("job-1", result_message("job-1"))
+    finished = Journal.open(tmp_path).get("job-1")
+    assert finished.result == result_message("job-1")
+    assert finished.seq == 7
+    assert finished.start_datetime == START
+
+
+def test_an_unknown_job_is_not_in_the_journal(tmp_path):
+    journal = Journal.open(tmp_path)
+    journal.record_started("job-1", 1, START)
+    assert journal.get("job-2") is None
+
+
+def test_every_write_goes_through_a_synced_temp_file_in_the_same_dir(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                  real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (calls.append(("replace", str(src), str(dst))),
+                                                         real_replace(src, dst)))
+    Journal.open(tmp_path).record_started("job-1", 1, START)
+
+    fsync_file, replace, fsync_dir = calls
+    assert fsync_file[0] == "fsync" and os.path.dirname(fsync_file[1]) == str(tmp_path)
+    assert fsync_file[1].endswith(".tmp")
+    assert replace == ("replace", fsync_file[1], str(tmp_path / JOURNAL_FILE))
+    assert fsync_dir == ("fsync", str(tmp_path))
+
+
+def test_a_failed_write_keeps_the_old_journal_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    journal = Journal.open(tmp_path)
+    journal.record_started("job-1", 1, START)
+    before = (tmp_path / JOURNAL_FILE).read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(JournalError, match="No space left on device"):
+        journal.record_result("job-1", result_message("job-1"))
+    assert (tmp_path / JOURNAL_FILE).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [JOURNAL_FILE]
+
+
+def test_temp_files_left_by_a_crash_are_removed_on_open(tmp_path):
+    Journal.open(tmp_path).record_started("job-1", 1, START)
+    (tmp_path / f"{JOURNAL_FILE}.abc123.tmp").write_text("half a journal")
+    journal = Journal.open(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [JOURNAL_FILE]
+    assert journal.get("job-1") is not None
+
+
+def test_pruning_keeps_only_the_last_entries_by_insertion(tmp_path):
+    journal = Journal.open(tmp_path, max_entries=200)
+    for n in range(205):
+        journal.record_started(f"job-{n}", n, START)
+    journal.record_result("job-10", result_message("job-10"))  # an update does not move an entry
+
+    reloaded = Journal.open(tmp_path)
+    ids = [entry.job_id for entry in reloaded.entries()]
+    assert len(ids) == 200
+    assert ids[0] == "job-5" and ids[-1] == "job-204"
+    assert reloaded.get("job-4") is None
+
+
+def test_old_entries_lose_their_output_but_keep_their_status(tmp_path):
+    journal = Journal.open(tmp_path)
+    for n in range(FULL_OUTPUT_ENTRIES + 1):
+        journal.record_started(f"job-{n}", n, START)
+        journal.record_result(f"job-{n}", result_message(f"job-{n}", stdout=f"output {n}"))
+
+    reloaded = Journal.open(tmp_path)
+    oldest, newest = reloaded.get("job-0").result, reloaded.get(f"job-{FULL_OUTPUT_ENTRIES}").result
+    assert (oldest[Key.STATUS], oldest[Key.STDOUT], oldest[Key.STDOUT_TRUNCATED]) == ("SUCCEEDED", "", True)
+    assert oldest[Key.STDERR_TRUNCATED] is False  # it had no stderr to drop
+    assert newest[Key.STDOUT] == f"output {FULL_OUTPUT_ENTRIES}"
+    assert reloaded.get("job-1").result[Key.STDOUT] == "output 1"
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[]", b'{"Version": 1, "Entries": [{"Seq": 1}]}',
+                                     b'{"Version": 99, "Entries": []}'])
+def test_a_corrupt_journal_is_moved_aside_and_the_agent_starts_empty(tmp_path, caplog, content):
+    (tmp_path / JOURNAL_FILE).write_bytes(content)
+    with caplog.at_level(logging.ERROR, logger=journal_module.__name__):
+        journal = Journal.open(tmp_path)
+
+    assert len(journal) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(f"{JOURNAL_FILE}.corrupt-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == content
+    assert not (tmp_path / JOURNAL_FILE).exists()
+    assert "unreadable" in caplog.text and aside[0].name in caplog.text
+    journal.record_started("job-1", 1, START)
+    assert Journal.open(tmp_path).get("job-1") is not None
+
+
+def test_a_symlinked_journal_is_not_followed_out_of_the_state_dir(tmp_path):
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"Version": 1, "Entries": []}))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / JOURNAL_FILE).symlink_to(outside)
+
+    journal = Journal.open(state)
+    journal.record_started("job-1", 1, START)
+
+    assert json.loads(outside.read_text()) == {"Version": 1, "Entries": []}
+    assert not (state / JOURNAL_FILE).is_symlink()
+    assert any(p.name.startswith(f"{JOURNAL_FILE}.corrupt-") for p in state.iterdir())

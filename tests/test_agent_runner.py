@@ -1,0 +1,168 @@
+"""The runner: exit codes, captured output tails, and killing whole process groups."""
+
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.protocol import JobStatus, Key
+from agent.runner import RunLimits, Runner, RunResult, in_progress_message
+
+FAST = dict(kill_grace=1.0, pipe_grace=0.5)
+
+
+def run(command, timeout=30.0, **limits):
+    return Runner("job-1", command, RunLimits(timeout_seconds=timeout, **{**FAST, **limits})).run()
+
+
+def is_running(pid: int) -> bool:
+    """True while the process exists and is not a zombie waiting for init to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+
+
+def wait_for_file(path: Path, deadline_seconds: float = 10.0) -> str:
+    deadline = time.monotonic() + deadline_seconds
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().endswith("\n"):
+            return path.read_text()
+        time.sleep(0.02)
+    raise AssertionError(f"{path} was not written within {deadline_seconds} s")
+
+
+@pytest.fixture
+def pidfile(tmp_path):
+    """A file the command writes a background child's pid to; that child is killed at the end."""
+    path = tmp_path / "pid"
+    yield path
+    if path.exists():
+        for line in path.read_text().split():
+            try:
+                os.kill(int(line), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_exit_zero_succeeds_with_stdout_and_stderr():
+    result = run("echo hello; echo oops >&2")
+    assert (result.status, result.exit_code, result.reason) == (JobStatus.SUCCEEDED, 0, None)
+    assert (result.stdout, result.stderr) == ("hello\n", "oops\n")
+    assert (result.stdout_truncated, result.stderr_truncated) == (False, False)
+
+
+def test_the_command_runs_with_the_given_environment():
+    runner = Runner("job-1", 'echo "$OTA_JOB_ID ${HOME:-unset}"', RunLimits(timeout_seconds=30),
+                    env={"PATH": os.defpath, "OTA_JOB_ID": "job-1"})
+    assert runner.run().stdout == "job-1 unset\n"
+
+
+def test_nonzero_exit_fails_with_its_exit_code():
+    result = run("echo partial; exit 3")
+    assert (result.status, result.exit_code, result.stdout) == (JobStatus.FAILED, 3, "partial\n")
+
+
+def test_a_command_killed_by_a_signal_fails_with_the_negative_signal_number():
+    result = run("kill -KILL $$")
+    assert (result.status, result.exit_code) == (JobStatus.FAILED, -signal.SIGKILL)
+    assert "SIGKILL" in result.reason
+
+
+def test_a_command_that_cannot_be_started_fails_with_a_reason():
+    result = run("echo a\0b")
+    assert (result.status, result.exit_code) == (JobStatus.FAILED, None)
+    assert result.reason.startswith("the command could not be started")
+
+
+def test_output_keeps_the_last_cap_bytes_and_flags_the_cut():
+    result = run("head -c 100000 /dev/zero | tr '\\0' a; echo END; echo small >&2", output_cap=1000)
+    assert result.stdout_truncated is True
+    assert len(result.stdout) == 1000 and result.stdout.endswith("aaaEND\n")
+    assert (result.stderr, result.stderr_truncated) == ("small\n", False)
+
+
+def test_output_at_exactly_the_cap_is_not_truncated():
+    result = run("printf 1234567890", output_cap=10)
+    assert (result.stdout, result.stdout_truncated) == ("1234567890", False)
+
+
+def test_a_cut_through_a_multibyte_character_does_not_start_with_garbage():
+    result = run("for i in 1 2 3 4 5 6 7 8 9 10; do printf '\\303\\251'; done", output_cap=5)
+    assert (result.stdout, result.stdout_truncated) == ("éé", True)
+
+
+def test_invalid_utf8_is_replaced_not_fatal():
+    result = run("printf 'a\\377b'")
+    assert (result.status, result.stdout) == (JobStatus.SUCCEEDED, "a\ufffdb")
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path, pidfile):
+    result = run(f"sleep 300 & echo $! > {pidfile}; wait", timeout=0.5)
+    assert (result.status, result.exit_code) == (JobStatus.TIMED_OUT, None)
+    assert "timeout of 0.5 s" in result.reason
+    assert not is_running(int(pidfile.read_text()))
+
+
+def test_timeout_escalates_to_sigkill_when_the_group_ignores_sigterm(tmp_path, pidfile):
+    result = run(f"trap '' TERM; sleep 300 & echo $! > {pidfile}; wait", timeout=0.5, kill_grace=0.5)
+    assert result.status is JobStatus.TIMED_OUT
+    assert not is_running(int(pidfile.read_text()))
+
+
+def test_cancel_from_another_thread_kills_the_group_and_reports_canceled(tmp_path, pidfile):
+    runner = Runner("job-1", f"echo started; sleep 300 & echo $! > {pidfile}; wait",
+                    RunLimits(timeout_seconds=60, **FAST))
+    results: list[RunResult] = []
+    worker = threading.Thread(target=lambda: results.append(runner.run()))
+    worker.start()
+    try:
+        pid = int(wait_for_file(pidfile))
+        runner.cancel("the head moved on")
+    finally:
+        worker.join(timeout=30)
+    (result,) = results
+    assert (result.status, result.exit_code, result.reason) == (JobStatus.CANCELED, None, "the head moved on")
+    assert result.stdout == "started\n"
+    assert not is_running(pid)
+
+
+def test_a_background_child_holding_the_pipes_does_not_hang_the_runner(tmp_path, pidfile):
+    result = run(f"sleep 300 & echo $! > {pidfile}; echo done")
+    assert (result.status, result.exit_code, result.stdout) == (JobStatus.SUCCEEDED, 0, "done\n")
+    assert not is_running(int(pidfile.read_text()))
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid(1)")
+def test_a_child_that_left_the_group_holding_the_pipes_does_not_hang_the_runner(tmp_path, pidfile):
+    result = run(f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 300' & echo done")
+    assert (result.status, result.stdout) == (JobStatus.SUCCEEDED, "done\n")
+    assert is_running(int(wait_for_file(pidfile)))  # out of reach of the group kill; the fixture kills it
+
+
+def test_final_status_message_has_every_key():
+    message = run("echo hi").status_message()
+    assert set(message) == {Key.JOB_ID, Key.STATUS, Key.EXIT_CODE, Key.STDOUT, Key.STDERR, Key.STDOUT_TRUNCATED,
+                            Key.STDERR_TRUNCATED, Key.START_TIME, Key.END_TIME, Key.REASON}
+    assert (message[Key.JOB_ID], message[Key.STATUS], message[Key.STDOUT]) == ("job-1", "SUCCEEDED", "hi\n")
+    assert message[Key.START_TIME].endswith("Z") and message[Key.END_TIME] >= message[Key.START_TIME]
+
+
+def test_in_progress_message_carries_the_runner_start_time():
+    runner = Runner("job-9", "true", RunLimits(timeout_seconds=1))
+    message = in_progress_message(runner.job_id, runner.start_time)
+    assert message == {Key.JOB_ID: "job-9", Key.STATUS: "IN_PROGRESS",
+                       Key.START_TIME: runner.run().status_message()[Key.START_TIME]}
+
+
+@pytest.mark.parametrize("success_on_restart, status", [(False, JobStatus.INTERRUPTED), (True, JobStatus.SUCCEEDED)])
+def test_interrupted_result_depends_on_success_on_restart(success_on_restart, status):
+    runner = Runner("job-1", "true", RunLimits(timeout_seconds=1))
+    result = RunResult.interrupted("job-1", runner.start_time, success_on_restart)
+    assert (result.status, result.exit_code) == (status, None)
+    assert result.reason.startswith("the agent restarted while the command ran")
