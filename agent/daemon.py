@@ -38,7 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from . import protocol
 from .journal import Journal, JournalError
 from .protocol import JobStatus, Key, MessageError, Presence, Topics
-from .runner import RunLimits, RunResult, Runner, in_progress_message
+from .runner import RunLimits, Runner, RunResult, in_progress_message
 
 log = logging.getLogger("ota-agent")
 

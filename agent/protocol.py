@@ -22,6 +22,17 @@ _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 
 # The pending list on the queue topic shows at most this many jobs; "Total" counts them all.
 QUEUE_LIST_LIMIT = 100
+# ... and the first characters of each command (the head always carries the whole command).
+QUEUE_COMMAND_PREVIEW = 200
+# The longest command a job may carry, in characters; a head stays far below the agent's limit.
+MAX_COMMAND_CHARS = 16 * 1024
+# The largest status message the service accepts: two capped streams, JSON-escaped, and the rest.
+MAX_STATUS_MESSAGE_BYTES = 1024 * 1024
+
+# MQTT identities that are not devices, so no device may take these ids.
+SERVICE_CLIENT_ID = "ota-bridge-service"  # the service's client id (its session holds every subscription)
+OPERATOR_USERNAME = "api"  # operators watching topics log in with this name and an API token
+RESERVED_DEVICE_IDS = frozenset({SERVICE_CLIENT_ID, OPERATOR_USERNAME})
 # Default caps for captured output, per stream, in bytes.
 OUTPUT_CAP_BYTES = 64 * 1024
 # Default command timeout when neither the workflow nor the job sets one.
@@ -121,7 +132,7 @@ class Topics:
 
 
 def is_valid_device_id(value: str) -> bool:
-    return bool(_DEVICE_ID_RE.fullmatch(value)) and value not in {".", ".."}
+    return bool(_DEVICE_ID_RE.fullmatch(value)) and value not in RESERVED_DEVICE_IDS
 
 
 # --- message keys ---------------------------------------------------------------------------
@@ -150,7 +161,7 @@ class Key:
     REASON = "Reason"
     JOBS = "Jobs"
     TOTAL = "Total"
-    UPDATED_TIME = "UpdatedTime"
+    COMMAND_TRUNCATED = "CommandTruncated"
     PRESENCE = "Presence"
     TIME = "Time"
     AGENT_VERSION = "AgentVersion"
@@ -207,4 +218,8 @@ def decode(payload: bytes, max_bytes: int) -> dict[str, Any]:
         raise MessageError(f"message is not UTF-8 JSON: {e}") from e
     if not isinstance(message, dict):
         raise MessageError("message is not a JSON object")
+    try:  # JSON may escape lone surrogates ("\ud800"), which no UTF-8 text can hold
+        json.dumps(message, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MessageError(f"message holds text that is not valid Unicode: {e.reason}") from e
     return message

@@ -28,6 +28,7 @@ from . import protocol
 from .protocol import JobStatus, Key
 
 # How long to wait between checks of the command, the clock and the cancel flag.
+_SIGKILL_SETTLE_SECONDS = 2.0
 _POLL_SECONDS = 0.05
 _READ_CHUNK = 64 * 1024
 
@@ -227,6 +228,9 @@ class Runner:
             time.sleep(_POLL_SECONDS)
         _signal_group(process.pid, signal.SIGKILL)
         process.wait()
+        deadline = time.monotonic() + _SIGKILL_SETTLE_SECONDS  # a SIGKILL lands asynchronously
+        while _group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(_POLL_SECONDS / 10)
 
     def _drain(self, process: subprocess.Popen[bytes], readers: list[TailReader]) -> None:
         """Read the output to its end; background children holding the pipes get killed."""

@@ -19,9 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from fleet import GROUP, median_seconds, register_fleet, timed  # first: puts the repo on sys.path
-
 import paho.mqtt.client as mqtt
+from fleet import GROUP, median_seconds, register_fleet, timed  # first: puts the repo on sys.path
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import JobStatus, Key, Topics, encode, format_time, utc_now
@@ -111,7 +110,7 @@ def submit_all(api: Api, workflow_id: str, jobs: int) -> tuple[list[str], list[f
     """Submit the group jobs back to back; returns their ids and each POST's seconds."""
     ids, seconds = [], []
     for i in range(jobs):
-        took, job_id = timed(lambda: api.submit(workflow_id, f"bench-{i}", DeviceGroup=GROUP))
+        took, job_id = timed(lambda i=i: api.submit(workflow_id, f"bench-{i}", DeviceGroup=GROUP))
         ids.append(job_id)
         seconds.append(took)
     return ids, seconds

@@ -21,7 +21,6 @@ from .settings import HostPort
 log = logging.getLogger(__name__)
 
 SERVICE_USERNAME = "$ota-bridge"  # '$' cannot start a device id, so no device can take this name
-OPERATOR_USERNAME = "api"  # password: an API token
 
 # (username, password, client_id) -> allowed?
 Authenticator = Callable[[str, str, str], Awaitable[bool]]

@@ -5,13 +5,16 @@ Everything a device sends is checked here, at the boundary; deeper code gets fro
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from agent.protocol import (
     DEVICE_REPORTABLE,
+    MAX_STATUS_MESSAGE_BYTES,
     OUTPUT_CAP_BYTES,
+    QUEUE_COMMAND_PREVIEW,
     JobStatus,
     Key,
     MessageError,
@@ -25,8 +28,8 @@ from agent.protocol import (
 from .models import naive_utc
 from .store import DeviceQueue, QueueEntry, Update
 
-MAX_DEVICE_MESSAGE_BYTES = 4 * OUTPUT_CAP_BYTES + 64 * 1024  # two capped streams, escaped, and the rest
 MAX_REASON_CHARS = 2000
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
 def head_message(device_id: str, entry: QueueEntry | None) -> bytes:
@@ -56,7 +59,8 @@ def queue_message(queue: DeviceQueue) -> bytes:
         Key.JOBS: [{
             Key.JOB_ID: e.job_id,
             Key.JOB_NAME: e.name,
-            Key.COMMAND: e.command,
+            Key.COMMAND: e.command[:QUEUE_COMMAND_PREVIEW],
+            **({Key.COMMAND_TRUNCATED: True} if len(e.command) > QUEUE_COMMAND_PREVIEW else {}),
             Key.STATUS: e.status,
             Key.SEQ: e.seq,
         } for e in queue.entries],
@@ -70,7 +74,7 @@ class PresenceReport:
 
 
 def parse_presence(device_id: str, payload: bytes) -> PresenceReport:
-    message = decode(payload, MAX_DEVICE_MESSAGE_BYTES)
+    message = decode(payload, MAX_STATUS_MESSAGE_BYTES)
     value = message.get(Key.PRESENCE)
     if value not in {p.value for p in Presence}:
         raise MessageError(f"{Key.PRESENCE} must be 'online' or 'offline', got {value!r}")
@@ -79,13 +83,16 @@ def parse_presence(device_id: str, payload: bytes) -> PresenceReport:
 
 def parse_update(device_id: str, payload: bytes) -> Update:
     """Validate a device's job update; raises MessageError naming the bad field."""
-    message = decode(payload, MAX_DEVICE_MESSAGE_BYTES)
+    message = decode(payload, MAX_STATUS_MESSAGE_BYTES)
     status = _status(message.get(Key.STATUS))
     stdout, stdout_cut = _output(message, Key.STDOUT)
     stderr, stderr_cut = _output(message, Key.STDERR)
+    job_id = message.get(Key.JOB_ID)
+    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
+        raise MessageError(f"{Key.JOB_ID} must be a job id (letters, digits and '-'), got {str(job_id)[:80]!r}")
     return Update(
         device_id=device_id,
-        job_id=_text(message, Key.JOB_ID, 64, required=True),
+        job_id=job_id,
         status=status,
         exit_code=_exit_code(message.get(Key.EXIT_CODE)),
         stdout=stdout,
@@ -94,7 +101,7 @@ def parse_update(device_id: str, payload: bytes) -> Update:
         stderr_truncated=stderr_cut or message.get(Key.STDERR_TRUNCATED) is True,
         start_time=_time(message, Key.START_TIME),
         end_time=_time(message, Key.END_TIME),
-        reason=_text(message, Key.REASON, MAX_REASON_CHARS) or None,
+        reason=_text(message, Key.REASON, MAX_REASON_CHARS).replace("\x00", "\ufffd") or None,
     )
 
 
@@ -108,12 +115,12 @@ def _status(value: Any) -> JobStatus:
     return status
 
 
-def _text(message: dict[str, Any], key: str, limit: int, *, required: bool = False) -> str:
+def _text(message: dict[str, Any], key: str, limit: int) -> str:
     value = message.get(key)
-    if value is None and not required:
+    if value is None:
         return ""
-    if not isinstance(value, str) or not value.strip() and required:
-        raise MessageError(f"{key} must be a non-empty string")
+    if not isinstance(value, str):
+        raise MessageError(f"{key} must be a string or null")
     return value[:limit]
 
 
@@ -122,6 +129,7 @@ def _output(message: dict[str, Any], key: str) -> tuple[str, bool]:
     value = message.get(key) or ""
     if not isinstance(value, str):
         raise MessageError(f"{key} must be a string")
+    value = value.replace("\x00", "\ufffd")  # no database stores NUL in text (PostgreSQL refuses it)
     if len(value.encode("utf-8")) <= OUTPUT_CAP_BYTES:
         return value, False
     tail = value.encode("utf-8")[-OUTPUT_CAP_BYTES:].decode("utf-8", errors="ignore")

@@ -11,25 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Iterable
+import os
+from datetime import datetime
+from typing import Iterable, Optional
 
 from agent.protocol import MessageError, Topics
 
 from . import store
 from .device_messages import head_message, parse_presence, parse_update, queue_message
+from .errors import StoreUnavailable
 from .models import now
 from .mqtt_link import BrokerLink, Incoming
 
 log = logging.getLogger(__name__)
 
 BATCH = 500  # devices per queue read; updates per transaction
+Presence = tuple[str, bool, Optional[datetime]]  # (device id, online, seen at; None keeps LastSeen)
 INBOX_LIMIT = 20_000
 
 
 class Dispatcher:
-    def __init__(self, db: store.Store, topics: Topics) -> None:
+    def __init__(self, db: store.Store, topics: Topics, timeout_grace: float = 60,
+                 failpoints: frozenset[str] = frozenset()) -> None:
         self.store = db
         self.topics = topics
+        self.timeout_grace = timeout_grace
+        self.failpoints = failpoints
         self.link: BrokerLink | None = None
         self._dirty: dict[str, None] = {}  # an ordered set of device ids to publish
         self._wake = asyncio.Event()
@@ -102,6 +109,22 @@ class Dispatcher:
         if self.link is not None:
             self.link.publish(topic, payload, retain=True)
 
+    # --- server-side timeouts -----------------------------------------------------------
+
+    async def run_timeouts(self) -> None:
+        """Every few seconds, end jobs whose device went silent past timeout plus grace."""
+        interval = max(0.5, min(5.0, self.timeout_grace / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                devices = await self.store.call(store.expire_silent_jobs, self.timeout_grace)
+            except Exception:
+                log.exception("checking for silent jobs failed")
+                continue
+            for device_id in devices:
+                log.warning("device %s: its running job timed out with no result; its queue moves on", device_id)
+            self.mark(devices)
+
     # --- device messages ----------------------------------------------------------------
 
     def deliver(self, message: Incoming) -> None:
@@ -117,30 +140,58 @@ class Dispatcher:
             batch = [await self._inbox.get()]
             while len(batch) < BATCH and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
-            await self._handle(batch)
+            try:
+                await self._handle(batch)
+            except Exception:
+                log.exception("handling %d device messages failed; they are dropped", len(batch))
+            if self.link is not None:
+                for message in batch:
+                    self.link.ack(message)
 
     async def _handle(self, batch: list[Incoming]) -> None:
         updates, presence = self._parse(batch)
-        while True:
-            try:
-                outcomes = await self.store.call(store.record_device_messages, updates, presence)
-                break
-            except Exception:
-                log.exception("storing %d device messages failed; retrying", len(batch))
-                await asyncio.sleep(1)
+        outcomes = await self._store(updates, presence)
         for update, why in outcomes.dropped:
             log.warning("dropped %s for job %s from device %s: %s",
                         update.status.value, update.job_id, update.device_id, why)
         for update in outcomes.applied:
             log.info("device %s: job %s is %s", update.device_id, update.job_id, update.status.value)
+        for update in outcomes.late:
+            log.info("device %s: job %s reported %s late; result kept, state unchanged",
+                     update.device_id, update.job_id, update.status.value)
+        if "exit-after-store" in self.failpoints and any(u.status.is_final for u in outcomes.applied):
+            log.error("failpoint exit-after-store: exiting before publishing the next heads")
+            os._exit(137)
         self.mark(outcomes.devices)
-        if self.link is not None:
-            for message in batch:
-                self.link.ack(message)
 
-    def _parse(self, batch: list[Incoming]) -> tuple[list[store.Update], list[tuple[str, bool, object]]]:
+    async def _store(self, updates: list[store.Update], presence: list[Presence]) -> store.UpdateOutcomes:
+        """Store a batch. A database outage is waited out; a message the database refuses is dropped alone."""
+        delay = 0.5
+        while True:
+            try:
+                return await self.store.call(store.record_device_messages, updates, presence)
+            except StoreUnavailable as e:
+                log.error("%s; retrying in %.1f s", e.detail, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+            except Exception:
+                if len(updates) + len(presence) > 1:
+                    return await self._store_one_by_one(updates, presence)
+                log.exception("the database refused a device message; it is dropped")
+                return store.UpdateOutcomes(dropped=[(u, "the database refused it") for u in updates])
+
+    async def _store_one_by_one(self, updates: list[store.Update], presence: list[Presence]) -> store.UpdateOutcomes:
+        outcomes = store.UpdateOutcomes()
+        for one in [([u], []) for u in updates] + [([], [p]) for p in presence]:
+            result = await self._store(*one)
+            outcomes.applied += result.applied
+            outcomes.late += result.late
+            outcomes.dropped += result.dropped
+        return outcomes
+
+    def _parse(self, batch: list[Incoming]) -> tuple[list[store.Update], list[Presence]]:
         updates: list[store.Update] = []
-        presence: list[tuple[str, bool, object]] = []
+        presence: list[Presence] = []
         for message in batch:
             parsed = self.topics.parse(message.topic)
             if parsed is None:

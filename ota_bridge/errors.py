@@ -72,6 +72,13 @@ class Unauthorized(OtaBridgeError):
     title = "Unauthorized"
 
 
+class StoreUnavailable(OtaBridgeError):
+    """The database cannot be reached or is busy; trying again later may work."""
+
+    status = 503
+    title = "Database unavailable"
+
+
 class ConfigError(OtaBridgeError):
     """A bad setting; the message names the flag and the environment variable."""
 

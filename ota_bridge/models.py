@@ -97,12 +97,16 @@ class ChildJob(BaseModel):
     stdout_truncated = pw.BooleanField(default=False)
     stderr_truncated = pw.BooleanField(default=False)
     reason = pw.TextField(null=True)
-    updated = pw.DateTimeField(default=now)
+    # True when the service, not the device, made the job final (a timeout, a cancel): the
+    # device's own final report, if it comes, is then stored once beside it.
+    finalized_by_service = pw.BooleanField(default=False)
+    updated = pw.DateTimeField(default=now)  # the service's clock: when the row last changed
 
     class Meta:
         indexes = (
             (("device_id", "status", "seq"), False),  # a device's pending queue, in order
             (("parent", "status"), False),  # a parent's counts per state
+            (("status", "updated"), False),  # jobs IN_PROGRESS for too long
         )
 
 

@@ -16,10 +16,9 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.protocol import SERVICE_CLIENT_ID
+
 log = logging.getLogger(__name__)
-
-SERVICE_CLIENT_ID = "ota-bridge-service"
-
 
 @dataclass(frozen=True)
 class Incoming:

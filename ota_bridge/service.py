@@ -17,11 +17,11 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from agent.protocol import Topics
+from agent.protocol import OPERATOR_USERNAME, Topics
 
 from . import credentials, store
 from .api import make_app
-from .broker import OPERATOR_USERNAME, SERVICE_USERNAME, start_broker
+from .broker import SERVICE_USERNAME, start_broker
 from .dispatch import Dispatcher
 from .errors import ConfigError
 from .mqtt_link import BrokerLink
@@ -66,11 +66,11 @@ async def serve(settings: Settings) -> None:
 
 @contextlib.asynccontextmanager
 async def _running(settings: Settings, db: store.Store) -> AsyncIterator[None]:
-    dispatcher = Dispatcher(db, Topics(settings.prefix))
+    dispatcher = Dispatcher(db, Topics(settings.prefix), settings.timeout_grace, settings.failpoints)
     async with contextlib.AsyncExitStack() as stack:
         link = await _broker_link(settings, db, dispatcher, stack)
         dispatcher.attach(link)
-        for job in (dispatcher.run_publisher(), dispatcher.run_inbox()):
+        for job in (dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts()):
             stack.push_async_callback(_cancel, asyncio.create_task(job))
         link.start()
         stack.callback(link.stop)

@@ -51,6 +51,8 @@ class Settings:
     data_dir: Path
     prefix: str
     log_level: str
+    timeout_grace: float
+    failpoints: frozenset[str]
 
     @property
     def database_url(self) -> str:
@@ -93,6 +95,23 @@ def parse_prefix(value: str) -> str:
     return Topics(value).prefix
 
 
+def parse_seconds(value: str) -> float:
+    seconds = float(value)
+    if not 0 < seconds <= 86400:
+        raise ValueError("expected seconds, more than 0 and at most 86400")
+    return seconds
+
+
+FAILPOINTS = frozenset({"exit-after-store"})
+
+
+def parse_failpoints(value: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in value.split(",") if n.strip())
+    if names - FAILPOINTS:
+        raise ValueError(f"unknown failpoint {sorted(names - FAILPOINTS)[0]!r}; known: {', '.join(sorted(FAILPOINTS))}")
+    return names
+
+
 def parse_log_level(value: str) -> str:
     level = value.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -125,6 +144,10 @@ OPTIONS = (
     Option("data_dir", "./ota-bridge-data", Path, "directory for the database, admin token and keys"),
     Option("prefix", DEFAULT_PREFIX, parse_prefix, "MQTT topic prefix"),
     Option("log_level", "INFO", parse_log_level, "DEBUG, INFO, WARNING or ERROR"),
+    Option("timeout_grace", "60", parse_seconds,
+           "seconds past a job's timeout before the service itself marks a silent device's job TIMED_OUT"),
+    Option("failpoints", "", parse_failpoints,
+           "for fault-injection tests only: exit-after-store kills the service right after it stores a result"),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 

@@ -28,7 +28,15 @@ from agent.protocol import (
 )
 
 from . import credentials
-from .errors import DeviceExists, DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound, WorkflowNotFound
+from .errors import (
+    DeviceExists,
+    DeviceNotFound,
+    EmptyTarget,
+    InvalidRequest,
+    JobNotFound,
+    StoreUnavailable,
+    WorkflowNotFound,
+)
 from .models import ApiToken, ChildJob, Device, DeviceTag, Job, Workflow, db, now, open_database
 
 T = TypeVar("T")
@@ -46,9 +54,15 @@ class Store:
         self.database: pw.Database = self._executor.submit(open_database, url).result()
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run fn(*args, **kwargs) on the store's thread."""
+        """Run fn(*args, **kwargs) on the store's thread.
+
+        Raises StoreUnavailable when the database cannot be reached or stays locked.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+        except (pw.OperationalError, pw.InterfaceError) as e:
+            raise StoreUnavailable(f"the database is unavailable: {e}") from e
 
     def call_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn on the store's thread from code that is not on the event loop (the CLI)."""
@@ -124,7 +138,7 @@ def register_device(device_id: str, group: str | None, tags: Iterable[str]) -> t
     with _write_transaction():
         if Device.select().where(Device.device_id == device_id).exists():
             raise DeviceExists(device_id)
-        device = Device.create(device_id=device_id, group=group, password_hash=credentials.hash_password(password))
+        Device.create(device_id=device_id, group=group, password_hash=credentials.hash_password(password))
         _set_tags(device_id, tags)
     return get_device(device_id), password
 
@@ -182,9 +196,8 @@ def delete_device(device_id: str) -> None:
     with _write_transaction():
         if not Device.delete().where(Device.device_id == device_id).execute():
             raise DeviceNotFound(device_id)
-        (ChildJob.update(status=JobStatus.CANCELED.value, end_time=now(), updated=now(),
-                         reason="the device was deleted")
-         .where(ChildJob.device_id == device_id, ChildJob.status.in_(PENDING)).execute())
+        _finalize(JobStatus.CANCELED, "the device was deleted",
+                  ChildJob.device_id == device_id, ChildJob.status.in_(PENDING))
 
 
 def check_device_password(device_id: str, password: str) -> bool:
@@ -218,7 +231,8 @@ def submit_job(name: str | None, workflow_id: str, target_field: str, target_val
         workflow = get_workflow(workflow_id)
         device_ids = _target_devices(target_field, target_value)
         job = Job.create(
-            job_id=str(uuid.uuid4()), name=name or workflow.name, workflow_id=workflow.workflow_id, command=workflow.command,
+            job_id=str(uuid.uuid4()), name=name or workflow.name, workflow_id=workflow.workflow_id,
+            command=workflow.command,
             timeout_seconds=timeout_seconds or workflow.timeout_seconds or DEFAULT_TIMEOUT_SECONDS,
             success_on_restart=workflow.success_on_restart, target_field=target_field, target_value=target_value,
         )
@@ -351,10 +365,33 @@ def cancel_job(job_id: str) -> list[str]:
         if not Job.select().where(Job.job_id == job_id).exists():
             raise JobNotFound(job_id)
         devices = _pending_devices(job_id)
-        (ChildJob.update(status=JobStatus.CANCELED.value, end_time=now(), updated=now(),
-                         reason="canceled by an operator")
-         .where(ChildJob.parent == job_id, ChildJob.status.in_(PENDING)).execute())
+        _finalize(JobStatus.CANCELED, "canceled by an operator", ChildJob.parent == job_id,
+                  ChildJob.status.in_(PENDING))
     return devices
+
+
+def _finalize(status: JobStatus, reason: str, *where: Any) -> int:
+    """The service makes jobs final itself; a device's later report is kept beside (see _apply_late)."""
+    return (ChildJob.update(status=status.value, end_time=now(), updated=now(), reason=reason,
+                            finalized_by_service=True).where(*where).execute())
+
+
+def expire_silent_jobs(grace_seconds: float) -> list[str]:
+    """Jobs IN_PROGRESS past their timeout plus grace, with no word from the device, become TIMED_OUT.
+
+    The clock is the service's: how long ago the IN_PROGRESS report was stored. Returns the
+    devices whose queues move on.
+    """
+    with _write_transaction():
+        running = (ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.updated, Job.timeout_seconds)
+                   .join(Job).where(ChildJob.status == JobStatus.IN_PROGRESS.value).tuples())
+        current = now()
+        expired = [(seq, device) for seq, device, since, timeout in running
+                   if (current - since).total_seconds() > timeout + grace_seconds]
+        reason = f"the device sent no result within the job's timeout plus {grace_seconds:g} s"
+        for chunk in _chunks([seq for seq, _ in expired]):
+            _finalize(JobStatus.TIMED_OUT, reason, ChildJob.seq.in_(chunk))
+    return sorted({device for _, device in expired})
 
 
 def _pending_devices(job_id: str) -> list[str]:
@@ -427,6 +464,7 @@ class Update:
 @dataclass
 class UpdateOutcomes:
     applied: list[Update] = field(default_factory=list)
+    late: list[Update] = field(default_factory=list)  # results kept beside a state the service set
     dropped: list[tuple[Update, str]] = field(default_factory=list)  # (update, why)
 
     @property
@@ -442,6 +480,8 @@ def record_device_messages(updates: list[Update], presence: list[tuple[str, bool
             why = _apply_one(update)
             if why is None:
                 outcomes.applied.append(update)
+            elif why == LATE:
+                outcomes.late.append(update)
             else:
                 outcomes.dropped.append((update, why))
         _set_presence(presence)
@@ -456,6 +496,9 @@ def _apply_one(update: Update) -> str | None:
     if child.device_id != update.device_id:
         return f"the job belongs to device {child.device_id!r}"
     current = JobStatus(child.status)
+    if current.is_final and child.finalized_by_service and update.status.is_final:
+        _apply_late(child, update)
+        return LATE
     if current.is_final:
         return f"the job is already {current.value}"
     head = _device_queue_head_seq(update.device_id)
@@ -465,6 +508,20 @@ def _apply_one(update: Update) -> str | None:
         return f"{current.value} cannot become {update.status.value}"
     _write_update(child, update)
     return None
+
+
+LATE = "late"
+
+
+def _apply_late(child: ChildJob, update: Update) -> None:
+    """Keep the device's own result of a job the service already made final; the state stays."""
+    ChildJob.update({
+        ChildJob.exit_code: update.exit_code, ChildJob.stdout: update.stdout, ChildJob.stderr: update.stderr,
+        ChildJob.stdout_truncated: update.stdout_truncated, ChildJob.stderr_truncated: update.stderr_truncated,
+        ChildJob.start_time: update.start_time or child.start_time, ChildJob.finalized_by_service: False,
+        ChildJob.reason: f"{child.reason}; the device reported {update.status.value} later",
+        ChildJob.updated: now(),
+    }).where(ChildJob.seq == child.seq).execute()
 
 
 def _device_queue_head_seq(device_id: str) -> int | None:

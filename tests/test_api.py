@@ -74,6 +74,9 @@ def test_malformed_json_names_position_and_character(api: Api) -> None:
     ({"Name": "x", "Command": "   "}, "Command"),
     ({"Name": "x", "Command": "date", "TimeoutSeconds": "10"}, "TimeoutSeconds"),
     ([1, 2], "JSON object"),
+    ({"Name": "x", "Command": "echo a\x00b"}, "Command"),
+    ({"Name": "x", "Command": "x" * (16 * 1024 + 1)}, "Command"),
+    ({"Name": "bell\x07", "Command": "date"}, "Name"),
 ])
 def test_bad_workflow_bodies_are_400_naming_the_field(api: Api, body: object, expected: str) -> None:
     before = len(api.ok("GET", "/v1/workflow"))
@@ -103,6 +106,11 @@ def test_device_register_returns_credentials_once(api: Api) -> None:
     assert api.request("POST", "/v1/device", {"DeviceId": dev}).status == 409
 
 
+def test_multi_line_commands_are_fine(api: Api) -> None:
+    wf = api.workflow("set -e\ncd /tmp\n\techo ok\r\n")
+    assert api.ok("GET", f"/v1/workflow/{wf}")["Command"] == "set -e\ncd /tmp\n\techo ok\r\n"
+
+
 def test_device_patch_changes_group_and_tags_and_delete(api: Api) -> None:
     dev = unique("dev")
     api.device(dev, group="old", tags=["x"])
@@ -115,7 +123,7 @@ def test_device_patch_changes_group_and_tags_and_delete(api: Api) -> None:
     assert api.request("GET", f"/v1/device/{dev}").status == 404
 
 
-@pytest.mark.parametrize("device_id", ["a/b", "a+b", "#", "", "x" * 200, "..", "sp ace"])
+@pytest.mark.parametrize("device_id", ["a/b", "a+b", "#", "", "x" * 200, "..", "sp ace", "api", "ota-bridge-service"])
 def test_device_ids_that_cannot_be_topics_are_refused(api: Api, device_id: str) -> None:
     resp = api.request("POST", "/v1/device", {"DeviceId": device_id})
     assert resp.status == 400 and "DeviceId" in resp.body["Detail"]

@@ -63,3 +63,32 @@ def test_presence() -> None:
     assert parse_presence("d", b'{"Presence": "offline"}').online is False
     with pytest.raises(MessageError):
         parse_presence("d", b'{"Presence": "maybe"}')
+
+
+def test_lone_surrogates_are_refused_at_the_boundary() -> None:
+    with pytest.raises(MessageError, match="not valid Unicode"):
+        parse_update("dev1", b'{"JobId": "c1", "Status": "FAILED", "Stdout": "\\ud800"}')
+
+
+def test_nul_in_output_is_replaced_so_every_database_can_store_it() -> None:
+    update = parse_update("dev1", encode({"JobId": "c1", "Status": "FAILED", "Stdout": "a\x00b", "Reason": "\x00"}))
+    assert update.stdout == "a\ufffdb" and update.reason == "\ufffd"
+
+
+@pytest.mark.parametrize("job_id", ["", "a b", "x" * 65, "\ud7ff", "../etc"])
+def test_job_ids_of_the_wrong_shape_are_refused(job_id: str) -> None:
+    with pytest.raises(MessageError, match="JobId"):
+        parse_update("dev1", json.dumps({"JobId": job_id, "Status": "FAILED"}).encode())
+
+
+def test_queue_message_shows_a_preview_of_long_commands() -> None:
+    long = QueueEntry("c1", "p1", "job", "x" * 5000, 60, False, 7, "QUEUED", datetime(2026, 1, 1))
+    job = json.loads(queue_message(DeviceQueue("dev1", (long,), 1)))["Jobs"][0]
+    assert len(job["Command"]) == 200 and job["CommandTruncated"] is True
+    assert "CommandTruncated" not in json.loads(queue_message(DeviceQueue("dev1", (ENTRY,), 1)))["Jobs"][0]
+
+
+def test_worst_case_output_fits_the_status_message_limit() -> None:
+    worst = "\x01" * OUTPUT_CAP_BYTES  # each control byte becomes \u0001: six bytes
+    payload = encode({"JobId": "c1", "Status": "SUCCEEDED", "Stdout": worst, "Stderr": worst})
+    assert parse_update("dev1", payload).stdout == worst

@@ -14,6 +14,7 @@ from tests.conftest import Launcher
 from tests.support.mosquitto import BROKERS, broker_url
 from tests.support.processes import REPO, free_port, wait_until
 
+
 @pytest.mark.parametrize("broker", BROKERS)
 def test_offline_device_runs_its_jobs_in_submission_order(broker: str, launch: Launcher, tmp_path: Path) -> None:
     out = tmp_path / "order.txt"
@@ -28,7 +29,7 @@ def test_offline_device_runs_its_jobs_in_submission_order(broker: str, launch: L
     assert out.read_text().split() == ["0", "1", "2", "3", "4"]
     assert all(j["Status"] == "SUCCEEDED" for j in finished)
     starts_and_ends = [(j["StartTime"], j["EndTime"]) for j in finished]
-    for (_, end), (start, _) in zip(starts_and_ends, starts_and_ends[1:]):
+    for (_, end), (start, _) in zip(starts_and_ends, starts_and_ends[1:], strict=False):
         assert end <= start, "a job started before the previous one ended"
 
 

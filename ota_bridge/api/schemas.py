@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from agent.protocol import DEVICE_ID_PATTERN
+from agent.protocol import DEVICE_ID_PATTERN, MAX_COMMAND_CHARS, RESERVED_DEVICE_IDS
 
 from ..store import TARGET_FIELDS
 
@@ -16,8 +16,25 @@ NameText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
                                         pattern=r"^[^\x00-\x1f\x7f]*$")]
 Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200,
                                          pattern=r"^[^\x00-\x1f\x7f/+#]*$")]
-CommandText = Annotated[str, StringConstraints(min_length=1, max_length=65536, pattern=r"\S")]
-DeviceIdField = Annotated[str, StringConstraints(pattern=f"^{DEVICE_ID_PATTERN}$")]
+# A command may span lines; other control characters (NUL above all) have no place in one.
+def _has_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("the command is blank")
+    return value
+
+
+CommandText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_COMMAND_CHARS,
+                                               pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+$"),
+                        AfterValidator(_has_text)]
+
+
+def _not_reserved(value: str) -> str:
+    if value in RESERVED_DEVICE_IDS:
+        raise ValueError(f"{value!r} is reserved for the service's own MQTT identities")
+    return value
+
+
+DeviceIdField = Annotated[str, StringConstraints(pattern=f"^{DEVICE_ID_PATTERN}$"), AfterValidator(_not_reserved)]
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Timeout = Annotated[int, Field(ge=1, le=MAX_TIMEOUT_SECONDS, strict=True)]
 

@@ -4,6 +4,7 @@
         process, port = broker          # unpacks for simple tests
         ...
         broker.restart()                # stop and start again on the same port
+        broker.kill(); broker.start()   # a crash (SIGKILL), then the same port again
 
 The config is the repo's mosquitto.conf with its listener moved to the chosen port, plus
 `user root` (as root, Mosquitto would otherwise drop to the `mosquitto` user) and any extra
@@ -101,9 +102,22 @@ class Mosquitto:
             process.kill()
             process.wait()
 
-    def restart(self) -> None:
-        """Stop and start again on the same port (retained messages are lost: persistence is off)."""
-        self.stop()
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would: no will messages sent, no clean goodbyes. Safe to call twice."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def restart(self, *, crash: bool = False) -> None:
+        """Stop (or, with crash=True, SIGKILL) and start again on the same port.
+
+        Retained messages are lost either way: persistence is off.
+        """
+        if crash:
+            self.kill()
+        else:
+            self.stop()
         self.start()
 
     def log_text(self) -> str:
