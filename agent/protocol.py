@@ -49,6 +49,7 @@ class JobStatus(str, enum.Enum):
     TIMED_OUT = "TIMED_OUT"  # the command ran past its timeout and was killed
     CANCELED = "CANCELED"  # an operator canceled the job; a running command was killed
     INTERRUPTED = "INTERRUPTED"  # the agent restarted while the command ran; it is not run again
+    REJECTED = "REJECTED"  # the agent refused the job (bad signature, another device's, outside its policy)
 
     @property
     def is_final(self) -> bool:
@@ -56,7 +57,8 @@ class JobStatus(str, enum.Enum):
 
 
 FINAL_STATUSES = frozenset(
-    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELED, JobStatus.INTERRUPTED}
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELED, JobStatus.INTERRUPTED,
+     JobStatus.REJECTED}
 )
 PENDING_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.IN_PROGRESS})
 
@@ -165,6 +167,38 @@ class Key:
     PRESENCE = "Presence"
     TIME = "Time"
     AGENT_VERSION = "AgentVersion"
+    SIGNATURE = "Signature"
+
+
+# --- signed jobs ----------------------------------------------------------------------------
+
+# The service signs every head with Ed25519; the agent verifies before it runs anything.
+SIGNATURE_ALGORITHM = "Ed25519"
+SIGNATURE_DOMAIN = "ota-bridge job v1"
+
+
+def signing_bytes(head: dict[str, Any]) -> bytes:
+    """The bytes the service signs for a head: every field that decides what runs, and where.
+
+    One field a line, UTF-8, in this order; the command comes last because it may hold newlines
+    (no other field can). Raises KeyError or TypeError for a head that lacks a field.
+    """
+    fields = (
+        SIGNATURE_DOMAIN,
+        _line(head[Key.DEVICE_ID]),
+        _line(head[Key.JOB_ID]),
+        str(int(head[Key.SEQ])),
+        str(int(head[Key.TIMEOUT_SECONDS])),
+        "1" if head[Key.SUCCESS_ON_RESTART] is True else "0",
+        str(head[Key.COMMAND]),
+    )
+    return "\n".join(fields).encode("utf-8")
+
+
+def _line(value: Any) -> str:
+    if not isinstance(value, str) or "\n" in value:
+        raise TypeError("a signed field must be a string without newlines")
+    return value
 
 
 # --- time -----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from agent.protocol import (
     DEVICE_REPORTABLE,
@@ -23,6 +23,7 @@ from agent.protocol import (
     encode,
     format_time,
     parse_time,
+    signing_bytes,
 )
 
 from .models import naive_utc
@@ -32,11 +33,11 @@ MAX_REASON_CHARS = 2000
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
-def head_message(device_id: str, entry: QueueEntry | None) -> bytes:
-    """The retained job message: the one job the device must run next; empty clears it."""
+def head_message(device_id: str, entry: QueueEntry | None, sign: Callable[[bytes], str] | None = None) -> bytes:
+    """The retained job message: the one job the device must run next, signed; empty clears it."""
     if entry is None:
         return b""
-    return encode({
+    head = {
         Key.JOB_ID: entry.job_id,
         Key.PARENT_JOB_ID: entry.parent_id,
         Key.JOB_NAME: entry.name,
@@ -46,7 +47,10 @@ def head_message(device_id: str, entry: QueueEntry | None) -> bytes:
         Key.SUCCESS_ON_RESTART: entry.success_on_restart,
         Key.SEQ: entry.seq,
         Key.SUBMITTED_TIME: format_time(entry.submitted),
-    })
+    }
+    if sign is not None:
+        head[Key.SIGNATURE] = sign(signing_bytes(head))
+    return encode(head)
 
 
 def queue_message(queue: DeviceQueue) -> bytes:

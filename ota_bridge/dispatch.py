@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 from datetime import datetime
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from agent.protocol import MessageError, Topics
 
@@ -31,10 +31,11 @@ INBOX_LIMIT = 20_000
 
 
 class Dispatcher:
-    def __init__(self, db: store.Store, topics: Topics, timeout_grace: float = 60,
-                 failpoints: frozenset[str] = frozenset()) -> None:
+    def __init__(self, db: store.Store, topics: Topics, sign: Callable[[bytes], str] | None = None,
+                 timeout_grace: float = 60, failpoints: frozenset[str] = frozenset()) -> None:
         self.store = db
         self.topics = topics
+        self.sign = sign
         self.timeout_grace = timeout_grace
         self.failpoints = failpoints
         self.link: BrokerLink | None = None
@@ -95,7 +96,8 @@ class Dispatcher:
                 await asyncio.sleep(1)
                 continue
             for queue in queues:
-                self._publish_changed(self.topics.job(queue.device_id), head_message(queue.device_id, queue.head))
+                head = head_message(queue.device_id, queue.head, self.sign)
+                self._publish_changed(self.topics.job(queue.device_id), head)
                 self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
 
     def _publish_changed(self, topic: str, payload: bytes) -> None:

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from agent.protocol import OPERATOR_USERNAME, Topics
 
-from . import credentials, store
+from . import credentials, signing, store
 from .api import make_app
 from .broker import SERVICE_USERNAME, start_broker
 from .dispatch import Dispatcher
@@ -66,7 +66,8 @@ async def serve(settings: Settings) -> None:
 
 @contextlib.asynccontextmanager
 async def _running(settings: Settings, db: store.Store) -> AsyncIterator[None]:
-    dispatcher = Dispatcher(db, Topics(settings.prefix), settings.timeout_grace, settings.failpoints)
+    signer = signing.load_or_create(settings.data_dir)
+    dispatcher = Dispatcher(db, Topics(settings.prefix), signer.sign, settings.timeout_grace, settings.failpoints)
     async with contextlib.AsyncExitStack() as stack:
         link = await _broker_link(settings, db, dispatcher, stack)
         dispatcher.attach(link)
@@ -74,7 +75,7 @@ async def _running(settings: Settings, db: store.Store) -> AsyncIterator[None]:
             stack.push_async_callback(_cancel, asyncio.create_task(job))
         link.start()
         stack.callback(link.stop)
-        await stack.enter_async_context(_http(make_app(db, dispatcher), settings.http))
+        await stack.enter_async_context(_http(make_app(db, dispatcher, signer), settings.http))
         yield
 
 

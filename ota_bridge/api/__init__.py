@@ -9,9 +9,10 @@ from aiohttp import web
 from .. import store
 from ..dispatch import Dispatcher
 from ..errors import Unauthorized
+from ..signing import JobSigner
 from .body import MAX_BODY_BYTES
 from .errors import Handler, error_middleware
-from .views import DISPATCHER, STORE, routes
+from .views import DISPATCHER, SIGNER, STORE, routes
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,11 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"Status": "ok", "BrokerConnected": broker})
 
 
-def make_app(db: store.Store, dispatcher: Dispatcher) -> web.Application:
+def make_app(db: store.Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES)
     app[STORE] = db
     app[DISPATCHER] = dispatcher
+    app[SIGNER] = signer
     app.router.add_get("/v1/health", health)
     app.add_routes(routes)
     return app

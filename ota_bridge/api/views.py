@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from agent.protocol import SIGNATURE_ALGORITHM
+
 from .. import store
 from ..dispatch import Dispatcher
 from ..errors import InvalidRequest, JobNotFound
+from ..signing import JobSigner
 from . import serialize
 from .body import read_model
 from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
 
 STORE = web.AppKey("store", store.Store)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+SIGNER = web.AppKey("signer", JobSigner)
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 
 routes = web.RouteTableDef()
@@ -115,6 +119,12 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 # --- devices --------------------------------------------------------------------------------
+
+
+@routes.get("/v1/signing-key")
+async def signing_key(request: web.Request) -> web.Response:
+    """The public key agents verify jobs with (give it to ota-agent --server-key)."""
+    return web.json_response({"Algorithm": SIGNATURE_ALGORITHM, "PublicKey": request.app[SIGNER].public_key_b64})
 
 
 @routes.post("/v1/device")
