@@ -3,6 +3,11 @@
 Every client authenticates: devices with the credentials from their registration (checked against
 the database), the service with a secret made at start-up, operators watching topics with
 username "api" and an API token as the password. Anonymous clients are refused.
+
+Every subscribe, publish and delivery is checked against TopicPolicy: a device sees and writes
+only its own topics. amqtt 0.12 sends a connecting client the retained messages of every
+subscription in the broker, not its own, and without the delivery check; IsolatingBroker closes
+that hole.
 """
 
 from __future__ import annotations
@@ -13,44 +18,111 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from amqtt.broker import Broker
+from amqtt.contexts import Action
 from amqtt.errors import BrokerError
-from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
+from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics
 
 from .settings import HostPort
 
 log = logging.getLogger(__name__)
 
-SERVICE_USERNAME = "$ota-bridge"  # '$' cannot start a device id, so no device can take this name
+SERVICE_USERNAME = SERVICE_CLIENT_ID  # reserved: no device can take this id
 
 # (username, password, client_id) -> allowed?
 Authenticator = Callable[[str, str, str], Awaitable[bool]]
 
 
+@dataclass(frozen=True)
+class TopicPolicy:
+    """Who may subscribe to, publish on and receive which topic."""
+
+    topics: Topics
+
+    def allows(self, username: str, topic: str, action: str) -> bool:
+        if username == SERVICE_USERNAME:
+            return True
+        if username == OPERATOR_USERNAME:  # operators watch; they never write
+            return action != Action.PUBLISH
+        if action == Action.PUBLISH:
+            return topic in (self.topics.status(username), self.topics.presence(username))
+        return topic.startswith(self.topics.device(username, ""))  # its own subtree: ids hold no wildcards
+
+    def allows_will(self, username: str, will_topic: str | None) -> bool:
+        """A device's last will may only speak for its own presence."""
+        return will_topic is None or self.allows(username, will_topic, Action.PUBLISH)
+
+
 class DatabaseAuthPlugin(BaseAuthPlugin):
-    """Lets a client in only when the service's authenticator says yes."""
+    """Lets a client in only when the service's authenticator says yes, and its will is its own."""
 
     @dataclass
     class Config:
         authenticator: Any = None
+        policy: Any = None
 
     async def authenticate(self, *, session: Any) -> bool:
         username, password = session.username or "", session.password or ""
-        allowed = bool(username) and await self.config.authenticator(username, password, session.client_id or "")
+        will = session.will_topic if session.will_flag else None
+        allowed = (bool(username) and self.config.policy.allows_will(username, will)
+                   and await self.config.authenticator(username, password, session.client_id or ""))
         if not allowed:
             log.warning("MQTT login refused for user %r (client id %r)", username, session.client_id)
         return allowed
 
 
-def broker_config(listen: HostPort, authenticator: Authenticator) -> dict[str, Any]:
+class TopicPolicyPlugin(BaseTopicPlugin):
+    @dataclass
+    class Config:
+        policy: Any = None
+
+    async def topic_filtering(self, *, session: Any = None, topic: str | None = None,
+                              action: Action | None = None) -> bool:
+        allowed = session is not None and topic is not None and self.config.policy.allows(
+            session.username or "", topic, action)
+        if not allowed and action != Action.RECEIVE:
+            log.warning("MQTT %s on %r refused for user %r", action, topic, session and session.username)
+        return allowed
+
+
+class IsolatingBroker(Broker):
+    """amqtt's broker, delivering retained messages only for the client's own subscriptions, checked."""
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
+        topic_filter, qos = subscription
+        holders = self._subscriptions.get(topic_filter, [])
+        if not any(s.client_id == session.client_id for s, _ in holders):
+            return
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        for topic, retained in list(self._retained_messages.items()):
+            if self._matches(topic, topic_filter) and await self._topic_filtering(session, topic, Action.RECEIVE):
+                await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
+
+    async def disconnect_client(self, client_id: str) -> bool:
+        """Drop a client's connection (a disabled device); returns whether it was connected."""
+        session, handler = self._sessions.get(client_id, (None, None))
+        if session is None or handler is None or session.transitions.state != "connected":
+            return False
+        await handler.stop()
+        return True
+
+
+def broker_config(listen: HostPort, authenticator: Authenticator, policy: TopicPolicy) -> dict[str, Any]:
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{listen.host}:{listen.port}", "max_connections": -1}},
-        "plugins": {f"{__name__}.DatabaseAuthPlugin": {"authenticator": authenticator}},
+        "plugins": {
+            f"{__name__}.DatabaseAuthPlugin": {"authenticator": authenticator, "policy": policy},
+            f"{__name__}.TopicPolicyPlugin": {"policy": policy},
+        },
     }
 
 
-async def start_broker(listen: HostPort, authenticator: Authenticator) -> Broker:
+async def start_broker(listen: HostPort, authenticator: Authenticator, policy: TopicPolicy) -> IsolatingBroker:
     """Start an amqtt broker on listen; the caller shuts it down. Raises OSError when it cannot bind."""
-    broker = Broker(broker_config(listen, authenticator), loop=asyncio.get_running_loop())
+    broker = IsolatingBroker(broker_config(listen, authenticator, policy), loop=asyncio.get_running_loop())
     amqtt_log = logging.getLogger("amqtt.broker")
     level, amqtt_log.level = amqtt_log.level, logging.CRITICAL  # our caller reports a failure in one line
     try:

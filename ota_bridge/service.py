@@ -21,7 +21,7 @@ from agent.protocol import OPERATOR_USERNAME, Topics
 
 from . import credentials, signing, store
 from .api import make_app
-from .broker import SERVICE_USERNAME, start_broker
+from .broker import SERVICE_USERNAME, TopicPolicy, start_broker
 from .dispatch import Dispatcher
 from .errors import ConfigError
 from .mqtt_link import BrokerLink
@@ -87,7 +87,7 @@ async def _broker_link(settings: Settings, db: store.Store, dispatcher: Dispatch
         return _link(url.host, url.port, url.username, url.password, dispatcher)
     listen, secret = settings.mqtt_listen, credentials.new_secret()
     try:
-        broker = await start_broker(listen, _authenticator(db, secret))
+        broker = await start_broker(listen, _authenticator(db, secret), TopicPolicy(Topics(settings.prefix)))
     except OSError as e:
         raise _port_error(e, listen, "--mqtt-listen", "OTA_BRIDGE_MQTT_LISTEN") from e
     stack.push_async_callback(broker.shutdown)
