@@ -46,8 +46,8 @@ class JobStatus(str, enum.Enum):
     IN_PROGRESS = "IN_PROGRESS"  # the device has started the command
     SUCCEEDED = "SUCCEEDED"  # the command exited 0
     FAILED = "FAILED"  # the command exited non-zero, or could not be started
-    TIMED_OUT = "TIMED_OUT"  # the command ran past its timeout and was killed
-    CANCELED = "CANCELED"  # an operator canceled the job; a running command was killed
+    TIMED_OUT = "TIMED_OUT"  # ran past its timeout: killed by the agent, or the device went silent (service)
+    CANCELED = "CANCELED"  # canceled by an operator or the device's deletion; a running command was killed
     INTERRUPTED = "INTERRUPTED"  # the agent restarted while the command ran; it is not run again
     REJECTED = "REJECTED"  # the agent refused the job (bad signature, another device's, outside its policy)
 
@@ -250,6 +250,8 @@ def decode(payload: bytes, max_bytes: int) -> dict[str, Any]:
         message = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise MessageError(f"message is not UTF-8 JSON: {e}") from e
+    except RecursionError as e:
+        raise MessageError("message is nested too deeply") from e
     if not isinstance(message, dict):
         raise MessageError("message is not a JSON object")
     try:  # JSON may escape lone surrogates ("\ud800"), which no UTF-8 text can hold

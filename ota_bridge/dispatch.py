@@ -68,6 +68,7 @@ class Dispatcher:
         asyncio.get_running_loop().create_task(self._resync())
 
     async def _resync(self) -> None:
+        await self.store.call(store.restart_silence_clocks)
         device_ids = await self.store.call(store.all_device_ids)
         log.info("republishing the queues of %d devices", len(device_ids))
         self.mark(device_ids)

@@ -394,6 +394,17 @@ def expire_silent_jobs(grace_seconds: float) -> list[str]:
     return sorted({device for _, device in expired})
 
 
+def restart_silence_clocks() -> int:
+    """Give every running job's device a fresh chance to report, from now.
+
+    Called when the service (re)connects to the broker: while the service or the broker was
+    down, no device could report, so that time must not count towards a server-side timeout.
+    """
+    with _write_transaction():
+        return (ChildJob.update(updated=now())
+                .where(ChildJob.status == JobStatus.IN_PROGRESS.value).execute())
+
+
 def _pending_devices(job_id: str) -> list[str]:
     query = ChildJob.select(ChildJob.device_id).where(ChildJob.parent == job_id, ChildJob.status.in_(PENDING))
     return sorted(d for (d,) in query.tuples())
@@ -519,7 +530,8 @@ def _apply_late(child: ChildJob, update: Update) -> None:
         ChildJob.exit_code: update.exit_code, ChildJob.stdout: update.stdout, ChildJob.stderr: update.stderr,
         ChildJob.stdout_truncated: update.stdout_truncated, ChildJob.stderr_truncated: update.stderr_truncated,
         ChildJob.start_time: update.start_time or child.start_time, ChildJob.finalized_by_service: False,
-        ChildJob.reason: f"{child.reason}; the device reported {update.status.value} later",
+        ChildJob.reason: f"{child.reason}; the device reported {update.status.value} later"
+                         + (f": {update.reason}" if update.reason else ""),
         ChildJob.updated: now(),
     }).where(ChildJob.seq == child.seq).execute()
 

@@ -74,3 +74,8 @@ def test_decode_refuses_oversized_non_object_and_non_json() -> None:
                                        ("#", False), ("..", False), ("", False), ("-x", False), ("x" * 129, False)])
 def test_device_id_rule(value: str, ok: bool) -> None:
     assert protocol.is_valid_device_id(value) is ok
+
+
+def test_decode_refuses_deep_nesting_with_a_message_error() -> None:
+    with pytest.raises(MessageError, match="nested too deeply"):
+        protocol.decode(b"[" * 100_000, 1_000_000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -120,3 +121,45 @@ def test_deleting_a_device_cancels_its_pending_jobs(db: store.Store) -> None:
     db.call_sync(store.delete_device, "d0")
     by_device = {c.device_id: c.status for c in db.call_sync(store.child_jobs, job_id)}
     assert by_device == {"d0": "CANCELED", "d1": "QUEUED"}
+
+
+def _running_job(db: store.Store) -> tuple[str, str]:
+    job_id, _ = group_job(db, 1)
+    child = db.call_sync(store.child_jobs, job_id)[0].job_id
+    db.call_sync(store.record_device_messages, [Update("d0", child, JobStatus.IN_PROGRESS)], [])
+    return job_id, child
+
+
+def _age(db: store.Store, child: str, seconds: float) -> None:
+    past = store.now() - timedelta(seconds=seconds)
+    db.call_sync(lambda: store.ChildJob.update(updated=past).where(store.ChildJob.job_id == child).execute())
+
+
+def test_silent_running_jobs_time_out_after_timeout_plus_grace(db: store.Store) -> None:
+    job_id, child = _running_job(db)  # the default timeout: one hour
+    assert db.call_sync(store.expire_silent_jobs, 60) == []
+    _age(db, child, 3600 + 61)
+    assert db.call_sync(store.expire_silent_jobs, 60) == ["d0"]
+    row = db.call_sync(store.child_jobs, job_id)[0]
+    assert row.status == "TIMED_OUT" and row.finalized_by_service and "no result" in row.reason
+
+
+def test_reconnecting_restarts_the_silence_clock(db: store.Store) -> None:
+    _, child = _running_job(db)
+    _age(db, child, 3600 + 61)
+    assert db.call_sync(store.restart_silence_clocks) == 1
+    assert db.call_sync(store.expire_silent_jobs, 60) == []
+
+
+def test_a_late_result_is_kept_beside_the_state_once(db: store.Store) -> None:
+    job_id, child = _running_job(db)
+    _age(db, child, 3600 + 61)
+    db.call_sync(store.expire_silent_jobs, 60)
+    late = Update("d0", child, JobStatus.FAILED, exit_code=2, stdout="out", reason="disk full")
+    outcome = db.call_sync(store.record_device_messages, [late], [])
+    assert outcome.late == [late] and not outcome.applied
+    row = db.call_sync(store.child_jobs, job_id)[0]
+    assert (row.status, row.exit_code, row.stdout) == ("TIMED_OUT", 2, "out")
+    assert row.reason.endswith("; the device reported FAILED later: disk full")
+    again = db.call_sync(store.record_device_messages, [late], [])
+    assert not again.late and "already TIMED_OUT" in again.dropped[0][1]
