@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from aiohttp import web
 
@@ -12,23 +13,46 @@ from ..errors import Unauthorized
 from ..signing import JobSigner
 from .body import MAX_BODY_BYTES
 from .errors import Handler, error_middleware
+from .openapi import OPENAPI_PATH, serve_openapi
+from .params import request_shape_middleware
 from .views import DISPATCHER, SIGNER, STORE, routes
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/v1/health"})
+PUBLIC_PATHS = frozenset({"/v1/health", OPENAPI_PATH})
+MAX_TOKEN_CHARS = 1024  # tokens made here have 43; a longer one is refused before it is hashed
+TOKEN_CHARS = re.compile(r"[!-~]+")  # printable ASCII, no spaces or control characters
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path not in PUBLIC_PATHS:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("send the header 'Authorization: Bearer <token>'")
-        if not await request.app[STORE].call(store.check_token, token.strip()):
+        token = bearer_token(request.headers.get("Authorization", ""))
+        if not await request.app[STORE].call(store.check_token, token):
             log.warning("refused an unknown API token from %s for %s %s", request.remote, request.method, request.path)
             raise Unauthorized("the API token is not valid")
     return await handler(request)
+
+
+def bearer_token(header: str) -> str:
+    """The token of an 'Authorization: Bearer <token>' header, or a 401 that says what is wrong with it."""
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized(f"send the header 'Authorization: Bearer <token>' ({_what_came(header, scheme, token)})")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise Unauthorized(f"the API token is {len(token)} characters long; no API token is over {MAX_TOKEN_CHARS}")
+    if not TOKEN_CHARS.fullmatch(token):
+        raise Unauthorized("the API token has characters no API token has (spaces, control or non-ASCII characters)")
+    return token
+
+
+def _what_came(header: str, scheme: str, token: str) -> str:
+    if not header.strip():
+        return "the Authorization header is missing or empty"
+    if scheme.lower() == "bearer":
+        return "the token after 'Bearer' is empty"
+    return f"got the scheme {scheme[:20]!r}" if token else "got a value with no scheme"
 
 
 async def health(request: web.Request) -> web.Response:
@@ -38,10 +62,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 def make_app(db: store.Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES)
+    middlewares = [error_middleware, auth_middleware, request_shape_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STORE] = db
     app[DISPATCHER] = dispatcher
     app[SIGNER] = signer
     app.router.add_get("/v1/health", health)
+    app.router.add_get(OPENAPI_PATH, serve_openapi)
     app.add_routes(routes)
     return app

@@ -8,6 +8,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from ..errors import OtaBridgeError
+from .body import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except OtaBridgeError as e:
         return error_response(e.status, e.title, e.detail)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "Body too large", f"the request body is over the limit of {MAX_BODY_BYTES} "
+                                                     f"bytes ({MAX_BODY_BYTES // 1024 // 1024} MiB)")
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -1,0 +1,232 @@
+"""The OpenAPI 3.1 description of the REST API, served at GET /v1/openapi.json.
+
+Request bodies come from the pydantic models (schemas.py); answers are written out here field for
+field as serialize.py makes them; path and query parameters carry the patterns params.py enforces.
+tests/test_openapi.py checks that every route is here and that the running service answers as
+described (schemathesis).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+from aiohttp import web
+
+from agent.protocol import JobStatus
+
+from .. import __version__
+from .params import BODYLESS_METHODS, PATH_ID_SHAPES, id_kind
+from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
+from .views import DEFAULT_PAGE, MAX_OFFSET, MAX_PAGE
+
+OPENAPI_PATH = "/v1/openapi.json"
+Schema = dict[str, Any]
+
+# --- building blocks ------------------------------------------------------------------------
+
+STRING: Schema = {"type": "string"}
+INTEGER: Schema = {"type": "integer"}
+BOOLEAN: Schema = {"type": "boolean"}
+TIME: Schema = {"type": "string", "format": "date-time", "description": "ISO 8601, UTC, milliseconds"}
+STATUS: Schema = {"type": "string", "enum": [s.value for s in JobStatus]}
+UUID: Schema = {"type": "string", "format": "uuid"}
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def record(required: dict[str, Schema], optional: dict[str, Schema] | None = None, **extra: Any) -> Schema:
+    """A JSON object with exactly these fields: the required ones always, the optional ones sometimes."""
+    properties = {**required, **(optional or {})}
+    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False,
+            **extra}
+
+
+def deleted(id_field: str) -> Schema:
+    return record({id_field: STRING, "Deleted": {"const": True}})
+
+
+# --- answers, as serialize.py makes them ----------------------------------------------------
+
+COUNTS = record({**{s.value: INTEGER for s in JobStatus}, "Total": INTEGER},
+                description="child jobs per state, and their total (a group or tag job)")
+TARGETS = ("DeviceId", "DeviceGroup", "TagId")
+DEVICE = {"DeviceId": STRING, "DeviceGroup": nullable(STRING), "Tags": {"type": "array", "items": STRING},
+          "Online": BOOLEAN, "LastSeen": nullable(TIME), "Enabled": BOOLEAN, "PendingJobs": INTEGER,
+          "CreatedTime": TIME}
+CREDENTIALS = {"MqttUsername": STRING, "MqttPassword": STRING}
+
+ANSWERS: dict[str, Schema] = {
+    "Error": record({"Error": STRING, "Detail": STRING}),
+    "Health": record({"Status": {"const": "ok"}, "BrokerConnected": BOOLEAN}),
+    "OpenApiDocument": {"type": "object", "required": ["openapi", "paths"]},
+    "SigningKey": record({"Algorithm": STRING, "PublicKey": STRING}),
+    "WorkflowCreated": record({"WorkflowId": UUID}),
+    "Workflow": record({"WorkflowId": UUID, "Name": STRING, "Command": STRING,
+                        "TimeoutSeconds": nullable(INTEGER), "SuccessOnRestart": BOOLEAN, "CreatedTime": TIME}),
+    "WorkflowDeleted": deleted("WorkflowId"),
+    "JobCreated": record({"JobId": UUID}),
+    "Counts": COUNTS,
+    "Job": record(
+        {"JobId": UUID, "JobName": STRING, "WorkflowId": UUID, "Command": STRING, "TimeoutSeconds": INTEGER,
+         "Status": STATUS, "CreatedTime": TIME, "StartTime": nullable(TIME), "EndTime": nullable(TIME),
+         "Result": {"anyOf": [{"type": "string", "description": "stdout of a single-device job"}, ref("Counts")]}},
+        {**{t: STRING for t in TARGETS}, "ExitCode": nullable(INTEGER)},
+        oneOf=[{"required": [t]} for t in TARGETS],
+        description="a job's summary; ExitCode and a string Result for a single-device job"),
+    "ChildJob": record(
+        {"JobId": UUID, "ParentJobId": UUID, "DeviceId": STRING, "Command": STRING, "Status": STATUS,
+         "StartTime": nullable(TIME), "EndTime": nullable(TIME), "ExitCode": nullable(INTEGER), "Stdout": STRING,
+         "Stderr": STRING, "StdoutTruncated": BOOLEAN, "StderrTruncated": BOOLEAN, "Reason": nullable(STRING),
+         "Result": STRING}),
+    "JobDeleted": deleted("JobId"),
+    "Device": record(DEVICE),
+    "RegisteredDevice": record({**DEVICE, **CREDENTIALS}),
+    "DeviceCredentials": record({"DeviceId": STRING, **CREDENTIALS}),
+    "DeviceDeleted": deleted("DeviceId"),
+}
+GET_JOB = {"anyOf": [ref("Job"), ref("ChildJob")], "description": "a child job's id answers that child"}
+
+
+# --- operations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    summary: str
+    answer: Schema
+    status: int = 200
+    body: type[pydantic.BaseModel] | None = None
+    query: tuple[Schema, ...] = ()
+    also: tuple[int, ...] = ()  # statuses beyond those the shape of the operation implies
+    public: bool = False
+    headers: Schema | None = None
+
+
+def listing(name: str) -> Schema:
+    return {"type": "array", "items": ref(name)}
+
+
+def query_param(name: str, schema: Schema, description: str) -> Schema:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+PAGE = (query_param("Limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
+                    "jobs per page"),
+        query_param("Offset", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
+                    "jobs to skip, newest first"))
+DEVICE_FILTERS = (query_param("DeviceGroup", STRING, "only devices of this group"),
+                  query_param("TagId", STRING, "only devices with this tag"))
+TOTAL = {"X-Total-Count": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "jobs in all"}}
+
+OPERATIONS: dict[tuple[str, str], Op] = {
+    ("get", "/v1/health"): Op("Liveness and broker connection", ref("Health"), public=True),
+    ("get", OPENAPI_PATH): Op("This document", ref("OpenApiDocument"), public=True),
+    ("get", "/v1/signing-key"): Op("The public key agents verify jobs with", ref("SigningKey")),
+    ("post", "/v1/workflow"): Op("Define a workflow", ref("WorkflowCreated"), body=WorkflowIn),
+    ("get", "/v1/workflow"): Op("Every workflow", listing("Workflow")),
+    ("get", "/v1/workflow/{id}"): Op("One workflow", ref("Workflow")),
+    ("delete", "/v1/workflow/{id}"): Op("Delete a workflow; its jobs keep their records", ref("WorkflowDeleted")),
+    ("post", "/v1/job"): Op("Submit a job to one device, a group or a tag", ref("JobCreated"), body=JobIn,
+                            also=(404,)),
+    ("get", "/v1/job"): Op("Jobs, newest first", listing("Job"), query=PAGE, headers=TOTAL),
+    ("get", "/v1/job/{id}"): Op("One job's summary, or one child job", GET_JOB),
+    ("get", "/v1/job/{id}/childjobs"): Op("A job's child jobs, one per device", listing("ChildJob")),
+    ("post", "/v1/job/{id}/cancel"): Op("Cancel the children not yet final; keeps the record", ref("Job")),
+    ("delete", "/v1/job/{id}"): Op("Delete a job; queued children leave their queues", ref("JobDeleted")),
+    ("post", "/v1/device"): Op("Register a device; answers its MQTT password once", ref("RegisteredDevice"),
+                               status=201, body=DeviceIn, also=(409,)),
+    ("get", "/v1/device"): Op("Devices, by group or tag", listing("Device"), query=DEVICE_FILTERS),
+    ("get", "/v1/device/{id}"): Op("One device", ref("Device")),
+    ("patch", "/v1/device/{id}"): Op("Change a device's group, tags or Enabled", ref("Device"), body=DevicePatch),
+    ("post", "/v1/device/{id}/credentials"): Op("A new MQTT password, shown once; the old one stops working",
+                                                ref("DeviceCredentials")),
+    ("delete", "/v1/device/{id}"): Op("Forget a device; its queued jobs are canceled", ref("DeviceDeleted")),
+}
+
+ERROR_MEANINGS = {
+    400: "bad input: the detail names the field, parameter or place in the JSON",
+    401: "no API token, or not a valid one",
+    404: "no such id (or an id of the wrong shape, which the detail says)",
+    409: "the device is already registered",
+    413: "the body is over 1 MiB",
+    503: "the database is unavailable; try again",
+}
+
+
+def error_statuses(method: str, path: str, op: Op) -> list[int]:
+    """Every error status the operation can answer, from its shape and its own extras."""
+    statuses = set(op.also)
+    if op.body is not None or op.query or method.upper() in BODYLESS_METHODS:
+        statuses.add(400)  # a bad body or parameter, or a body where none is taken
+    if op.body is not None:
+        statuses.add(413)
+    if "{id}" in path:
+        statuses.add(404)
+    if not op.public:
+        statuses |= {401, 503}  # checking the token asks the database
+    return sorted(statuses)
+
+
+def operation(method: str, path: str, op: Op) -> Schema:
+    answer: Schema = {"description": op.summary, "content": {"application/json": {"schema": op.answer}}}
+    if op.headers:
+        answer["headers"] = op.headers
+    responses = {str(op.status): answer}
+    for status in error_statuses(method, path, op):
+        responses[str(status)] = {"description": ERROR_MEANINGS[status],
+                                  "content": {"application/json": {"schema": ref("Error")}}}
+    result: Schema = {"summary": op.summary, "operationId": f"{method}:{path}", "responses": responses,
+                      "parameters": [*path_params(path), *op.query]}
+    if op.body is not None:
+        result["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(op.body.__name__)}}}
+    if op.public:
+        result["security"] = []
+    return result
+
+
+def path_params(path: str) -> list[Schema]:
+    kind = id_kind(path)
+    if kind is None:
+        return []
+    pattern, shape = PATH_ID_SHAPES[kind]
+    return [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", "pattern": pattern},
+             "description": f"{kind} ids are {shape}"}]
+
+
+def request_schemas() -> dict[str, Schema]:
+    found: dict[str, Schema] = {}
+    for op in OPERATIONS.values():
+        if op.body is not None:
+            schema = op.body.model_json_schema(ref_template="#/components/schemas/{model}")
+            found.update(schema.pop("$defs", {}))
+            found[op.body.__name__] = schema
+    return found
+
+
+@functools.cache
+def document() -> Schema:
+    paths: dict[str, Schema] = {}
+    for (method, path), op in OPERATIONS.items():
+        paths.setdefault(path, {})[method] = operation(method, path, op)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ota-bridge", "version": __version__,
+                 "description": "Jobs and OTA updates for fleets of Linux IoT devices; SocketXP-compatible."},
+        "paths": paths,
+        "components": {"schemas": {**ANSWERS, **request_schemas()},
+                       "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearerAuth": []}],
+    }
+
+
+async def serve_openapi(request: web.Request) -> web.Response:
+    return web.json_response(document())
