@@ -1,11 +1,17 @@
 """ota-agent: run the jobs the ota-bridge service sends to this device, one at a time.
 
-    ota-agent --broker mqtt://HOST:PORT --device-id ID [--password-file FILE] ...
+    ota-agent --broker mqtt://HOST:PORT --device-id ID --server-key-file FILE [--password-file FILE] ...
 
 Every flag can also come from an environment variable OTA_AGENT_<FLAG> (e.g.
 OTA_AGENT_DEVICE_ID); a flag wins over its variable. A missing or bad value exits 2.
 Commands run through /bin/sh with the agent's environment minus those OTA_AGENT_* variables,
 plus OTA_DEVICE_ID and OTA_JOB_ID.
+
+Before anything about a head is journalled or run, the agent checks it, in this order: it is
+signed, its signature verifies with the service's key (--server-key-file), it is for this
+device, it is not older than a job this device already ran (its Seq), and its command is
+inside the local policy (agent/policy.py). A head that fails is REJECTED with the reason,
+and nothing runs.
 
 Threads: paho's network thread only turns callbacks into events on a bounded queue; the main
 thread reads that queue, decides, writes the journal and publishes; one worker thread runs
@@ -18,6 +24,7 @@ head, the current truth, has replaced them.
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import logging
 import os
@@ -35,8 +42,9 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from . import protocol
-from .journal import Journal, JournalError
+from . import job_signature, protocol
+from .journal import Entry, Journal, JournalError
+from .policy import CommandPolicy, prefix_is_usable
 from .protocol import JobStatus, Key, MessageError, Presence, Topics
 from .runner import RunLimits, Runner, RunResult, in_progress_message
 
@@ -44,6 +52,9 @@ log = logging.getLogger("ota-agent")
 
 ENV_PREFIX = "OTA_AGENT_"
 HEAD_MAX_BYTES = 256 * 1024
+# Reasons of a REJECTED job, besides the signature's (job_signature) and "the job is for device X".
+STALE = "the job is older than one this device already ran"
+OUTSIDE_POLICY = "the command is outside this device's policy"
 SUBSCRIBE_SETTLE_SECONDS = 0.5
 SYSTEM_STATE_DIR = Path("/var/lib/ota-agent")
 EVENT_QUEUE_SIZE = 1000
@@ -93,6 +104,12 @@ class Settings:
     default_timeout: int
     kill_grace: float
     log_level: str
+    server_key: bytes  # the service's Ed25519 public key, raw: every head must be signed with it
+    policy: CommandPolicy = CommandPolicy()
+
+    @property
+    def server_key_b64(self) -> str:
+        return base64.b64encode(self.server_key).decode("ascii")
 
     @property
     def broker_url(self) -> str:
@@ -125,14 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kill-grace", metavar="SECONDS", help="how long a killed command's process group gets between "
         f"SIGTERM and SIGKILL (default {DEFAULT_KILL_GRACE:g})")
     add("--log-level", metavar="LEVEL", help=f"one of {', '.join(LOG_LEVELS)} (default INFO)")
+    add("--server-key", metavar="BASE64", help="the service's job-signing public key (prefer --server-key-file)")
+    add("--server-key-file", metavar="FILE", help="a file holding the service's job-signing public key: "
+        "the service's <data-dir>/job-signing.pub, or PublicKey from its GET /v1/signing-key (required)")
+    add("--allow-prefix", metavar="PREFIX", action="append", help="run only commands that are PREFIX or start "
+        "with PREFIX and a blank, and hold no shell special character (repeatable; "
+        f"{env_name('allow_prefix')} takes a comma- or newline-separated list)")
+    add("--allow-scripts-dir", metavar="DIR", help="run only commands that are the absolute path of a script "
+        "inside DIR, with plain-word arguments (with both --allow-* flags, a command must match one)")
     add("--version", action="version", version=f"ota-agent {agent_version()}")
     return parser
 
 
 _SETTING_NAMES = (
     "broker", "device_id", "username", "password", "password_file", "state_dir", "prefix",
-    "output_cap", "default_timeout", "kill_grace", "log_level",
+    "output_cap", "default_timeout", "kill_grace", "log_level", "server_key", "server_key_file",
+    "allow_scripts_dir",
 )
+_LIST_SETTING_NAMES = ("allow_prefix",)  # repeatable flags; their variable holds a list
 
 
 def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Settings:
@@ -153,12 +180,17 @@ def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Setting
         default_timeout=_positive_int(raw, "default_timeout", protocol.DEFAULT_TIMEOUT_SECONDS),
         kill_grace=_positive_number(raw, "kill_grace", DEFAULT_KILL_GRACE),
         log_level=_log_level(raw["log_level"] or "INFO"),
+        server_key=_server_key(raw["server_key"], raw["server_key_file"]),
+        policy=CommandPolicy(
+            allow_prefixes=_allow_prefixes(args.allow_prefix, environ.get(env_name("allow_prefix"))),
+            scripts_dir=_scripts_dir(raw["allow_scripts_dir"]),
+        ),
     )
 
 
 def _join_values(argv: list[str]) -> list[str]:
     """Turn `--flag VALUE` into `--flag=VALUE`, so a value may start with '-' (e.g. a password)."""
-    takes_value = {"--" + name.replace("_", "-") for name in _SETTING_NAMES}
+    takes_value = {"--" + name.replace("_", "-") for name in (*_SETTING_NAMES, *_LIST_SETTING_NAMES)}
     joined: list[str] = []
     pending: str | None = None
     for arg in argv:
@@ -216,6 +248,49 @@ def _password(password: str | None, password_file: str | None) -> str | None:
         return Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as e:
         raise SettingsError("password_file", f"names a file that cannot be read: {e}") from e
+
+
+def _server_key(key: str | None, key_file: str | None) -> bytes:
+    """The service's public key; the agent does not start without one."""
+    if key is not None and key_file is not None:
+        raise SettingsError("server_key", "and --server-key-file are both set; give one")
+    if key is None and key_file is None:
+        raise SettingsError("server_key_file", "is required (or --server-key): the agent runs only jobs the "
+                            f"service signed; {job_signature.WHERE_TO_GET_THE_KEY}")
+    name, text = ("server_key", key) if key is not None else ("server_key_file", None)
+    if text is None:
+        try:
+            text = Path(str(key_file)).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SettingsError(name, f"names a file that cannot be read: {e}") from e
+    try:
+        return job_signature.parse_public_key(text)
+    except ValueError as e:
+        raise SettingsError(name, f"is bad: the key {e}; {job_signature.WHERE_TO_GET_THE_KEY}") from e
+
+
+def _allow_prefixes(flags: list[str] | None, env: str | None) -> tuple[str, ...]:
+    """--allow-prefix values, or the variable's comma- or newline-separated list; blanks trimmed."""
+    if flags is not None:
+        values = [value.strip() for value in flags]
+        if not all(values):
+            raise SettingsError("allow_prefix", "is empty; give the start of the commands to allow")
+    else:
+        values = [value.strip() for value in (env or "").replace("\n", ",").split(",") if value.strip()]
+    for value in values:
+        if not prefix_is_usable(value):
+            raise SettingsError("allow_prefix", f"is {value!r}, which holds a shell special or control character; no "
+                                "command with one is ever allowed by prefix (use --allow-scripts-dir)")
+    return tuple(values)
+
+
+def _scripts_dir(value: str | None) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_absolute() or not path.is_dir():
+        raise SettingsError("allow_scripts_dir", f"is {value!r}, expected the absolute path of a directory")
+    return path
 
 
 def _prefix(value: str) -> str:
@@ -277,12 +352,16 @@ class Head:
     timeout_seconds: float
     success_on_restart: bool
     seq: int | None
+    device_id: Any = None  # the head's DeviceId, checked only once its signature verifies
+    signature: Any = None  # the head's Signature, as it came
+    signed_content: bytes | None = field(default=None, repr=False)  # what the signature must sign
 
 
-def parse_head(payload: bytes, device_id: str, default_timeout: float) -> Head | None:
+def parse_head(payload: bytes, default_timeout: float) -> Head | None:
     """The head in a job-topic payload; None when the payload is empty (queue empty).
 
-    Raises MessageError for anything that is not a head for this device.
+    Raises MessageError for anything that is not a head at all. Whose head it is, and whether
+    the service signed it, is for the agent to check before it acts on it.
     """
     if not payload:
         return None
@@ -292,9 +371,6 @@ def parse_head(payload: bytes, device_id: str, default_timeout: float) -> Head |
         raise MessageError(f"{Key.JOB_ID} is missing or not a string")
     if not isinstance(command, str) or not command:
         raise MessageError(f"job {job_id}: {Key.COMMAND} is missing or not a string")
-    device = message.get(Key.DEVICE_ID)
-    if device is not None and device != device_id:
-        raise MessageError(f"job {job_id}: {Key.DEVICE_ID} is {device!r}, not this device")
     seq = message.get(Key.SEQ)
     return Head(
         job_id=job_id,
@@ -302,6 +378,9 @@ def parse_head(payload: bytes, device_id: str, default_timeout: float) -> Head |
         timeout_seconds=_timeout(message.get(Key.TIMEOUT_SECONDS), job_id, default_timeout),
         success_on_restart=message.get(Key.SUCCESS_ON_RESTART) is True,
         seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+        device_id=message.get(Key.DEVICE_ID),
+        signature=message.get(Key.SIGNATURE),
+        signed_content=job_signature.signed_content(message),
     )
 
 
@@ -461,6 +540,7 @@ class Agent:
         self._running: _Running | None = None
         self._unjournaled: set[str] = set()  # jobs refused because the journal could not be written
         self._connect_failures = 0
+        self._checked: tuple[Head, str | None] | None = None  # the last head whose signature was checked
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """Signal handler: only sets a flag, the main loop notices it."""
@@ -469,6 +549,8 @@ class Agent:
     def run(self) -> int:
         log.info("agent %s for device %s, broker %s, journal %s", agent_version(),
                  self.settings.device_id, self.settings.broker_url, self.journal.path)
+        log.info("runs only jobs signed by the service key %s; %s", self.settings.server_key_b64,
+                 self.settings.policy.describe())
         self.link.start()
         try:
             while self.stop_signal is None:
@@ -527,7 +609,7 @@ class Agent:
             log.warning("ignored a message on unexpected topic %s", event.topic)
             return
         try:
-            head = parse_head(event.payload, self.settings.device_id, self.settings.default_timeout)
+            head = parse_head(event.payload, self.settings.default_timeout)
         except MessageError as e:
             log.warning("ignored a bad message on %s: %s", event.topic, e)
             return
@@ -546,9 +628,16 @@ class Agent:
             self._take(self._head)
 
     def _supersede(self, running: _Running, head: Head | None) -> None:
-        """A head arrived while a job runs: a duplicate is ignored, anything else cancels it."""
+        """A head arrived while a job runs: a duplicate is ignored, and so is one that cannot be
+        the service's next job (unsigned, forged, another device's, not newer); anything else
+        cancels the running job."""
         if head is not None and head.job_id == running.head.job_id:
             self._head_new = False  # the same head delivered again
+            return
+        if head is not None and (problem := self._why_not_next(head, running.head)):
+            log.warning("job %s: ignored head %s while the command runs: %s", running.head.job_id,
+                        head.job_id, problem)
+            self._head_new = False
             return
         if running.canceling:
             return  # the new head is taken once the canceled job is done
@@ -559,13 +648,70 @@ class Agent:
         running.runner.cancel(reason)
 
     def _take(self, head: Head) -> None:
-        """Run a new head, or resend what the journal knows about it. Never run a job twice."""
+        """Run a new head, or resend what the journal knows about it, or reject it.
+
+        Never run a job twice, nor one the service did not sign for this device. A head that
+        is not signed by the service never changes or resends what the journal holds.
+        """
         if head.job_id in self._unjournaled:
             return
         entry = self.journal.get(head.job_id)
-        if entry is None:
+        unsigned = self._signature_problem(head)
+        if unsigned is not None and entry is not None:
+            log.warning("job %s: ignored a head naming it: %s; the journal's result stands", head.job_id, unsigned)
+        elif unsigned is not None:
+            self._reject(head, unsigned, journal=False)
+        elif entry is not None:
+            self._resend(head, entry)
+        elif (reason := self._rejection(head)) is not None:
+            self._reject(head, reason, journal=reason == OUTSIDE_POLICY)
+        else:
             self._start(head)
-            return
+
+    def _signature_problem(self, head: Head) -> str | None:
+        """None when the service signed this head; each head received is verified once."""
+        if self._checked is None or self._checked[0] is not head:
+            problem = job_signature.signature_problem(head.signature, head.signed_content, self.settings.server_key)
+            self._checked = (head, problem)
+        return self._checked[1]
+
+    def _rejection(self, head: Head) -> str | None:
+        """Why a head the service signed must not run here; None when it may."""
+        if head.device_id != self.settings.device_id:
+            return f"the job is for device {head.device_id}"
+        highest = self.journal.highest_seq
+        if highest is not None and head.seq is not None and head.seq < highest:
+            return STALE
+        if not self.settings.policy.allows(head.command):
+            return OUTSIDE_POLICY
+        return None
+
+    def _why_not_next(self, head: Head, running: Head) -> str | None:
+        """Why a head cannot be the service's job after the running one; None when it can."""
+        problem = self._signature_problem(head)
+        if problem is None and head.device_id != self.settings.device_id:
+            problem = f"the job is for device {head.device_id}"
+        if problem is None and (head.seq is None or running.seq is None or head.seq <= running.seq):
+            problem = "it is not newer than the running job"
+        return problem
+
+    def _reject(self, head: Head, reason: str, journal: bool) -> None:
+        """Report the head REJECTED; nothing runs.
+
+        Only a refusal by the local policy is journalled (with the head's Seq): every other
+        reason holds again whenever the head comes back, and journalling heads a forger or a
+        replayer chose would let them push real entries out of the journal.
+        """
+        log.warning("job %s: %s: %s", head.job_id, JobStatus.REJECTED.value, reason)
+        message = RunResult.without_output(head.job_id, JobStatus.REJECTED, protocol.utc_now(), reason).status_message()
+        if journal:
+            try:
+                self.journal.record_result(head.job_id, message, seq=head.seq)
+            except JournalError as e:
+                log.error("job %s: %s; publishing the rejection anyway", head.job_id, e)
+        self.link.publish_status(message)
+
+    def _resend(self, head: Head, entry: Entry) -> None:
         result = entry.result
         if result is None:
             result = RunResult.interrupted(head.job_id, entry.start_datetime, head.success_on_restart).status_message()
@@ -657,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        journal = Journal.open(settings.journal_dir)
+        journal = Journal.open(settings.journal_dir, seq_scope=settings.server_key_b64)
     except OSError as e:
         log.error("cannot use the state directory %s: %s", settings.journal_dir, e)
         return 1

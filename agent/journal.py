@@ -2,7 +2,8 @@
 
 One JSON file, `journal.json`, in the agent's state directory:
 
-    {"Version": 1, "Entries": [{"JobId": ..., "Seq": ..., "StartTime": ..., "Result": {...} | null}]}
+    {"Version": 1, "Entries": [{"JobId": ..., "Seq": ..., "StartTime": ..., "Result": {...} | null}],
+     "HighestSeq": 17, "SeqScope": "<the service's public key, base64>"}
 
 An entry is written ("started", Result null) before its command runs, and completed with the
 full final status message after. A job with an entry is never run again. Every write replaces
@@ -12,6 +13,10 @@ the file holds either the old or the new journal, never half of one.
 The journal keeps the last MAX_ENTRIES entries; of those, only the newest FULL_OUTPUT_ENTRIES
 keep their Stdout/Stderr (older ones keep everything else, with the *Truncated flags set when
 output was dropped), so the file stays small even for chatty commands.
+
+HighestSeq is the highest Seq of a job the agent started (or refused by its local policy); it
+survives the pruning of entries, so a replay of an old signed head is refused even once its entry
+is gone. It holds for one signing key (SeqScope): a service with a new key starts afresh.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ FULL_OUTPUT_ENTRIES = 10
 _VERSION = "Version"
 _ENTRIES = "Entries"
 _RESULT = "Result"
+_HIGHEST_SEQ = "HighestSeq"
+_SEQ_SCOPE = "SeqScope"
 
 
 class JournalError(Exception):
@@ -95,20 +102,30 @@ class Entry:
 class Journal:
     """The entries of one device's journal, in insertion order, backed by one file."""
 
-    def __init__(self, state_dir: Path, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(self, state_dir: Path, max_entries: int = MAX_ENTRIES, seq_scope: str = "") -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / JOURNAL_FILE
         self.max_entries = max_entries
+        self.seq_scope = seq_scope  # what the Seq numbers belong to: the service's signing key
         self._entries: dict[str, Entry] = {}
+        self._highest_seq: int | None = None
 
     @classmethod
-    def open(cls, state_dir: Path, max_entries: int = MAX_ENTRIES) -> Journal:
-        """Create the state directory (mode 0700) if needed and load the journal in it."""
-        journal = cls(state_dir, max_entries)
+    def open(cls, state_dir: Path, max_entries: int = MAX_ENTRIES, seq_scope: str = "") -> Journal:
+        """Create the state directory (mode 0700) if needed and load the journal in it.
+
+        A HighestSeq recorded under another seq_scope (another signing key) is forgotten.
+        """
+        journal = cls(state_dir, max_entries, seq_scope)
         journal.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         journal._remove_temp_files()
-        journal._entries = journal._load()
+        journal._entries, journal._highest_seq = journal._load()
         return journal
+
+    @property
+    def highest_seq(self) -> int | None:
+        """The highest Seq of a job started (or refused by the local policy); None: none yet."""
+        return self._highest_seq
 
     def get(self, job_id: str) -> Entry | None:
         return self._entries.get(job_id)
@@ -124,19 +141,29 @@ class Journal:
         entry = Entry(job_id, seq, protocol.format_time(start_time) or "")
         self._entries.pop(job_id, None)
         self._entries[job_id] = entry
+        self._raise_highest_seq(seq)
         self._prune()
         self._save()
         return entry
 
-    def record_result(self, job_id: str, message: dict[str, Any]) -> Entry:
-        """Record (durably) the job's final status message. Raises JournalError."""
+    def record_result(self, job_id: str, message: dict[str, Any], seq: int | None = None) -> Entry:
+        """Record (durably) the job's final status message. Raises JournalError.
+
+        A job never started (refused) takes `seq` as its Seq, which also raises HighestSeq.
+        """
         old = self._entries.get(job_id)
         start = old.start_time if old else str(message.get(Key.START_TIME) or "")
-        entry = Entry(job_id, old.seq if old else None, start, dict(message))
+        if old is None:
+            self._raise_highest_seq(seq)
+        entry = Entry(job_id, old.seq if old else seq, start, dict(message))
         self._entries[job_id] = entry
         self._prune()
         self._save()
         return entry
+
+    def _raise_highest_seq(self, seq: int | None) -> None:
+        if seq is not None and (self._highest_seq is None or seq > self._highest_seq):
+            self._highest_seq = seq
 
     # --- the file ---------------------------------------------------------------------------
 
@@ -148,22 +175,28 @@ class Journal:
             self._entries[job_id] = self._entries[job_id].without_output()
 
     def _save(self) -> None:
-        document = {_VERSION: FORMAT_VERSION, _ENTRIES: [e.to_json() for e in self._entries.values()]}
+        document: dict[str, Any] = {_VERSION: FORMAT_VERSION, _ENTRIES: [e.to_json() for e in self._entries.values()]}
+        if self._highest_seq is not None:
+            document.update({_HIGHEST_SEQ: self._highest_seq, _SEQ_SCOPE: self.seq_scope})
         data = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         try:
             write_atomic(self.path, data)
         except OSError as e:
             raise JournalError(self.path, e) from e
 
-    def _load(self) -> dict[str, Entry]:
+    def _load(self) -> tuple[dict[str, Entry], int | None]:
         try:
-            entries = _parse(_read_no_follow(self.path))
+            entries, highest, scope = _parse(_read_no_follow(self.path))
         except FileNotFoundError:
-            return {}
+            return {}, None
         except (OSError, _Unreadable) as e:
             self._move_aside(e)
-            return {}
-        return {entry.job_id: entry for entry in entries[-self.max_entries:]}
+            return {}, None
+        if highest is not None and scope != self.seq_scope:
+            log.warning("journal %s: the service's signing key changed; forgetting the highest Seq run (%d)",
+                        self.path, highest)
+            highest = None
+        return {entry.job_id: entry for entry in entries[-self.max_entries:]}, highest
 
     def _move_aside(self, why: Exception) -> None:
         stamp = protocol.utc_now().strftime("%Y%m%dT%H%M%S.%fZ")
@@ -189,7 +222,8 @@ def _read_no_follow(path: Path) -> bytes:
         return f.read()
 
 
-def _parse(data: bytes) -> list[Entry]:
+def _parse(data: bytes) -> tuple[list[Entry], int | None, Any]:
+    """The entries, the HighestSeq (None when absent) and its SeqScope."""
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -199,7 +233,10 @@ def _parse(data: bytes) -> list[Entry]:
     raw_entries = document.get(_ENTRIES)
     if not isinstance(raw_entries, list):
         raise _Unreadable(f"{_ENTRIES} is not a list")
-    return [Entry.from_json(raw) for raw in raw_entries]
+    highest = document.get(_HIGHEST_SEQ)
+    if highest is not None and (not isinstance(highest, int) or isinstance(highest, bool)):
+        raise _Unreadable(f"{_HIGHEST_SEQ} is not a whole number")
+    return [Entry.from_json(raw) for raw in raw_entries], highest, document.get(_SEQ_SCOPE)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

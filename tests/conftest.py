@@ -24,7 +24,8 @@ class Launcher:
         return service
 
     def agent(self, service: Service, device_id: str, password: str, *extra: str, start: bool = True) -> Agent:
-        agent = Agent(self.workdir, device_id, password, service.broker_url, *extra)
+        agent = Agent(self.workdir, device_id, password, service.broker_url, *extra,
+                      server_key_file=service.signing_key_file)
         self.started.append(agent)
         if start:
             agent.start()

@@ -1,12 +1,15 @@
 """The agent daemon: settings, heads, and the real agent process against a real Mosquitto.
 
 The Mosquitto tests run `python -m agent` as a subprocess and play the service's part with a
-plain paho client: publish retained heads, read status and presence. Commands append to files
-so a test can count how many times each one ran.
+plain paho client: publish retained heads signed with a key the test makes (the agent is given
+its public half), read status and presence. Commands append to files so a test can count how
+many times each one ran.
 """
 
 from __future__ import annotations
 
+import base64
+import itertools
 import json
 import os
 import queue
@@ -19,16 +22,22 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import daemon
 from agent.daemon import Head, SettingsError, load_settings, parse_head
-from agent.protocol import DEFAULT_PREFIX, JobStatus, Key, MessageError, Presence, Topics, encode
+from agent.protocol import DEFAULT_PREFIX, JobStatus, Key, MessageError, Presence, Topics, encode, signing_bytes
 from tests.support.mosquitto import start_mosquitto
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "dev-1"
 WAIT = 20.0  # seconds any one expected message or process exit may take
+SIGNING_KEY = Ed25519PrivateKey.generate()  # plays the service's job-signing key
+PUBLIC_KEY = base64.b64encode(SIGNING_KEY.public_key().public_bytes(
+    serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+KEY_ARGS = ["--server-key", PUBLIC_KEY]
 
 
 # --- settings (no broker) -------------------------------------------------------------------
@@ -36,7 +45,7 @@ WAIT = 20.0  # seconds any one expected message or process exit may take
 
 def test_flags_win_over_environment_variables(tmp_path):
     env = {"OTA_AGENT_BROKER": "mqtt://env-host:1", "OTA_AGENT_DEVICE_ID": "env-dev", "OTA_AGENT_OUTPUT_CAP": "5"}
-    settings = load_settings(["--broker", "flag-host:2", "--state-dir", str(tmp_path)], env)
+    settings = load_settings(["--broker", "flag-host:2", "--state-dir", str(tmp_path), *KEY_ARGS], env)
     assert (settings.broker_host, settings.broker_port) == ("flag-host", 2)
     assert (settings.device_id, settings.output_cap) == ("env-dev", 5)
 
@@ -44,7 +53,8 @@ def test_flags_win_over_environment_variables(tmp_path):
 def test_environment_alone_configures_the_agent(tmp_path):
     env = {"OTA_AGENT_BROKER": "mqtt://broker.lan:1884", "OTA_AGENT_DEVICE_ID": "pi-7",
            "OTA_AGENT_STATE_DIR": str(tmp_path), "OTA_AGENT_PREFIX": "/fleet/",
-           "OTA_AGENT_DEFAULT_TIMEOUT": "90", "OTA_AGENT_LOG_LEVEL": "debug", "OTA_AGENT_PASSWORD": "s3cret"}
+           "OTA_AGENT_DEFAULT_TIMEOUT": "90", "OTA_AGENT_LOG_LEVEL": "debug", "OTA_AGENT_PASSWORD": "s3cret",
+           "OTA_AGENT_SERVER_KEY": PUBLIC_KEY}
     settings = load_settings([], env)
     assert (settings.broker_host, settings.broker_port, settings.device_id) == ("broker.lan", 1884, "pi-7")
     assert (settings.prefix, settings.default_timeout, settings.log_level) == ("fleet", 90, "DEBUG")
@@ -54,19 +64,20 @@ def test_environment_alone_configures_the_agent(tmp_path):
 
 
 def test_defaults_fill_the_optional_settings():
-    settings = load_settings(["--broker", "localhost", "--device-id", "d"], {})
+    settings = load_settings(["--broker", "localhost", "--device-id", "d", *KEY_ARGS], {})
     assert (settings.broker_port, settings.prefix, settings.output_cap) == (1883, DEFAULT_PREFIX, 64 * 1024)
     assert settings.state_dir.name == "ota-agent"
 
 
 def test_a_value_may_start_with_a_dash():
-    settings = load_settings(["--broker", "h:1", "--device-id", "d", "--password", "-Xy_z"], {})
+    settings = load_settings(["--broker", "h:1", "--device-id", "d", "--password", "-Xy_z", *KEY_ARGS], {})
     assert settings.password == "-Xy_z"
 
 
 def test_kill_grace_is_a_number_of_seconds():
-    assert load_settings(["--broker", "h:1", "--device-id", "d", "--kill-grace", "0.5"], {}).kill_grace == 0.5
-    assert load_settings(["--broker", "h:1", "--device-id", "d"], {}).kill_grace == daemon.DEFAULT_KILL_GRACE
+    base = ["--broker", "h:1", "--device-id", "d", *KEY_ARGS]
+    assert load_settings([*base, "--kill-grace", "0.5"], {}).kill_grace == 0.5
+    assert load_settings(base, {}).kill_grace == daemon.DEFAULT_KILL_GRACE
 
 
 def test_commands_get_the_device_id_but_not_the_agent_settings():
@@ -77,7 +88,7 @@ def test_commands_get_the_device_id_but_not_the_agent_settings():
 def test_password_file_is_read_without_its_newline(tmp_path):
     secret = tmp_path / "pw"
     secret.write_text("hunter2\n")
-    settings = load_settings(["--broker", "h:1", "--device-id", "d", "--password-file", str(secret)], {})
+    settings = load_settings(["--broker", "h:1", "--device-id", "d", "--password-file", str(secret), *KEY_ARGS], {})
     assert settings.password == "hunter2"
 
 
@@ -101,6 +112,7 @@ def test_password_file_is_read_without_its_newline(tmp_path):
 def test_a_missing_or_bad_setting_exits_2_naming_the_flag_and_variable(monkeypatch, capsys, argv, env, names):
     for key in [k for k in os.environ if k.startswith(daemon.ENV_PREFIX)]:
         monkeypatch.delenv(key)
+    monkeypatch.setenv("OTA_AGENT_SERVER_KEY", PUBLIC_KEY)  # so only the setting under test is bad
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert daemon.main(argv) == 2
@@ -129,13 +141,26 @@ def head_payload(**fields):
 
 
 def test_a_head_is_parsed_with_the_default_timeout_when_it_has_none():
-    head = parse_head(head_payload(**{Key.SEQ: 4, Key.SUCCESS_ON_RESTART: True}), DEVICE, 60)
-    assert head == Head(job_id="j1", command="true", timeout_seconds=60, success_on_restart=True, seq=4)
-    assert parse_head(head_payload(**{Key.TIMEOUT_SECONDS: 5}), DEVICE, 60).timeout_seconds == 5
+    head = parse_head(head_payload(**{Key.SEQ: 4, Key.SUCCESS_ON_RESTART: True}), 60)
+    assert head == Head(job_id="j1", command="true", timeout_seconds=60, success_on_restart=True, seq=4,
+                        device_id=DEVICE, signature=None, signed_content=None)
+    assert parse_head(head_payload(**{Key.TIMEOUT_SECONDS: 5}), 60).timeout_seconds == 5
+
+
+def test_a_head_keeps_what_its_signature_must_sign():
+    fields = {Key.SEQ: 4, Key.TIMEOUT_SECONDS: 60, Key.SUCCESS_ON_RESTART: False, Key.SIGNATURE: "c2ln"}
+    head = parse_head(head_payload(**fields), 60)
+    assert head.signature == "c2ln"
+    assert head.signed_content == signing_bytes({Key.JOB_ID: "j1", Key.COMMAND: "true", Key.DEVICE_ID: DEVICE,
+                                                 **fields})
+
+
+def test_a_head_for_another_device_is_parsed_so_it_can_be_rejected():
+    assert parse_head(head_payload(**{Key.DEVICE_ID: "someone-else"}), 60).device_id == "someone-else"
 
 
 def test_an_empty_payload_means_the_queue_is_empty():
-    assert parse_head(b"", DEVICE, 60) is None
+    assert parse_head(b"", 60) is None
 
 
 @pytest.mark.parametrize("payload", [
@@ -143,13 +168,12 @@ def test_an_empty_payload_means_the_queue_is_empty():
     b"[1, 2]",
     encode({Key.COMMAND: "true"}),
     encode({Key.JOB_ID: "j1"}),
-    head_payload(**{Key.DEVICE_ID: "someone-else"}),
     head_payload(**{Key.TIMEOUT_SECONDS: -1}),
     head_payload(**{Key.COMMAND: "x" * (256 * 1024)}),
 ])
 def test_a_bad_head_is_refused(payload):
     with pytest.raises(MessageError):
-        parse_head(payload, DEVICE, 60)
+        parse_head(payload, 60)
 
 
 # --- the real agent against a real Mosquitto -----------------------------------------------
@@ -167,7 +191,7 @@ class AgentProcess:
     def __init__(self, port: int, state_dir: Path, log_path: Path) -> None:
         self.log_path = log_path
         argv = [sys.executable, "-m", "agent", "--broker", f"mqtt://127.0.0.1:{port}", "--device-id", DEVICE,
-                "--state-dir", str(state_dir), "--log-level", "DEBUG"]
+                "--state-dir", str(state_dir), "--log-level", "DEBUG", *KEY_ARGS]
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(argv, cwd=state_dir.parent, env=agent_env(),
                                             stdout=log, stderr=subprocess.STDOUT)
@@ -188,10 +212,12 @@ class AgentProcess:
 
 
 class Service:
-    """Plays the ota-bridge service: publishes heads, reads statuses and presence."""
+    """Plays the ota-bridge service: publishes signed heads, reads statuses and presence."""
 
     def __init__(self, port: int) -> None:
         self.topics = Topics(DEFAULT_PREFIX)
+        self._seqs: dict[str, int] = {}  # each job id keeps its Seq, new ones count up
+        self._next_seq = itertools.count(1)
         self.statuses: queue.Queue[dict] = queue.Queue()
         self.presence: queue.Queue[dict] = queue.Queue()
         self.subscribed: queue.Queue[object] = queue.Queue()
@@ -210,9 +236,11 @@ class Service:
         target.put(json.loads(message.payload) if message.payload else {})
 
     def publish_head(self, job_id: str, command: str, **fields) -> None:
+        seq = self._seqs.setdefault(job_id, next(self._next_seq))
         head = {Key.JOB_ID: job_id, Key.PARENT_JOB_ID: "parent", Key.JOB_NAME: "test", Key.DEVICE_ID: DEVICE,
-                Key.COMMAND: command, Key.TIMEOUT_SECONDS: 60, Key.SUCCESS_ON_RESTART: False, Key.SEQ: 1,
+                Key.COMMAND: command, Key.TIMEOUT_SECONDS: 60, Key.SUCCESS_ON_RESTART: False, Key.SEQ: seq,
                 Key.SUBMITTED_TIME: "2024-05-01T12:00:00.000Z", **fields}
+        head[Key.SIGNATURE] = base64.b64encode(SIGNING_KEY.sign(signing_bytes(head))).decode()
         self.publish_raw(encode(head))
 
     def publish_raw(self, payload: bytes) -> None:
@@ -470,7 +498,6 @@ def test_bad_messages_are_ignored_and_the_agent_keeps_running(start_agent, servi
     agent = ready_agent(start_agent, service)
     service.publish_raw(b"not json")
     service.publish_raw(encode({Key.JOB_ID: "no-command"}))
-    service.publish_head("other", job(ran, groups_file, "other"), **{Key.DEVICE_ID: "someone-else"})
     service.publish_head("huge", job(ran, groups_file, "huge", "#" + "x" * (300 * 1024)))
     service.publish_head("good", job(ran, groups_file, "good"))
 
@@ -478,7 +505,7 @@ def test_bad_messages_are_ignored_and_the_agent_keeps_running(start_agent, servi
     service.expect_status("good", JobStatus.SUCCEEDED)
     assert runs(ran) == ["good"]
     assert agent.process.poll() is None
-    assert agent.log().count("ignored a bad message") == 4
+    assert agent.log().count("ignored a bad message") == 3
 
 
 @pytest.mark.mosquitto

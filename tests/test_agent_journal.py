@@ -102,6 +102,26 @@ def test_pruning_keeps_only_the_last_entries_by_insertion(tmp_path):
     assert reloaded.get("job-4") is None
 
 
+def test_the_highest_seq_run_outlives_pruning_and_restarts(tmp_path):
+    journal = Journal.open(tmp_path, max_entries=2, seq_scope="key")
+    assert journal.highest_seq is None
+    for seq in (3, 9, 4):
+        journal.record_started(f"job-{seq}", seq, START)
+    assert journal.get("job-9") is not None and journal.highest_seq == 9
+    journal.record_started("job-5", 5, START)  # job-9 is pruned now
+    assert journal.get("job-9") is None
+    assert Journal.open(tmp_path, seq_scope="key").highest_seq == 9
+
+
+def test_a_refused_job_keeps_its_seq_and_raises_the_highest(tmp_path):
+    journal = Journal.open(tmp_path)
+    journal.record_started("job-1", 1, START)
+    journal.record_result("job-2", result_message("job-2", status="REJECTED"), seq=7)
+    journal.record_result("job-1", result_message("job-1"), seq=99)  # a started job keeps the Seq it has
+    reloaded = Journal.open(tmp_path)
+    assert (reloaded.get("job-2").seq, reloaded.get("job-1").seq, reloaded.highest_seq) == (7, 1, 7)
+
+
 def test_old_entries_lose_their_output_but_keep_their_status(tmp_path):
     journal = Journal.open(tmp_path)
     for n in range(FULL_OUTPUT_ENTRIES + 1):
@@ -117,7 +137,8 @@ def test_old_entries_lose_their_output_but_keep_their_status(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[]", b'{"Version": 1, "Entries": [{"Seq": 1}]}',
-                                     b'{"Version": 99, "Entries": []}'])
+                                     b'{"Version": 99, "Entries": []}',
+                                     b'{"Version": 1, "Entries": [], "HighestSeq": "7"}'])
 def test_a_corrupt_journal_is_moved_aside_and_the_agent_starts_empty(tmp_path, caplog, content):
     (tmp_path / JOURNAL_FILE).write_bytes(content)
     with caplog.at_level(logging.ERROR, logger=journal_module.__name__):

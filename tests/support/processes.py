@@ -125,7 +125,7 @@ class Api:
         return self.ok("POST", "/v1/job", {"Name": name, "WorkflowId": workflow_id, **target})["JobId"]
 
     def wait_job(self, job_id: str, timeout: float = 30, final: bool = True) -> dict[str, Any]:
-        finals = {"SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELED", "INTERRUPTED"}
+        finals = {"SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELED", "INTERRUPTED", "REJECTED"}
 
         def done() -> dict[str, Any] | None:
             job = self.ok("GET", f"/v1/job/{job_id}")
@@ -163,6 +163,11 @@ class Service(Process):
         return self.mqtt_url or f"mqtt://127.0.0.1:{self.mqtt_port}"
 
     @property
+    def signing_key_file(self) -> Path:
+        """The public key agents verify this service's jobs with (written on its first start)."""
+        return self.data_dir / "job-signing.pub"
+
+    @property
     def api(self) -> Api:
         if self._api is None:
             token = (self.data_dir / "admin-token").read_text().strip()
@@ -185,11 +190,17 @@ class Service(Process):
 
 
 class Agent(Process):
-    """A real `ota-agent` daemon for one device."""
+    """A real `ota-agent` daemon for one device.
 
-    def __init__(self, workdir: Path, device_id: str, password: str, broker_url: str, *extra: str) -> None:
+    It trusts server_key_file (the service's `job-signing.pub`), unless extra names a key itself.
+    """
+
+    def __init__(self, workdir: Path, device_id: str, password: str, broker_url: str, *extra: str,
+                 server_key_file: Path | None = None) -> None:
         self.device_id = device_id
         self.state_dir = workdir / f"agent-{device_id}"
         argv = [sys.executable, "-m", "agent", "--broker", broker_url, "--device-id", device_id,
                 "--password", password, "--state-dir", str(self.state_dir), *extra]
+        if server_key_file is not None and not any(a.startswith("--server-key") for a in extra):
+            argv += ["--server-key-file", str(server_key_file)]
         super().__init__(f"agent {device_id}", argv, workdir / f"agent-{device_id}.log")

@@ -1,0 +1,69 @@
+"""Whether a head was signed by the ota-bridge service: the key the agent trusts, and the check.
+
+The service signs protocol.signing_bytes(head) with Ed25519 and puts the signature, base64, in
+the head's "Signature". Its public key (raw 32 bytes, base64) is `<data-dir>/job-signing.pub`
+on the service and GET /v1/signing-key; the agent is given it with --server-key-file or
+--server-key. Standard library only, like the rest of the agent.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from . import ed25519, protocol
+from .protocol import Key
+
+NOT_SIGNED = "the job is not signed"
+DOES_NOT_VERIFY = "the job's signature does not verify"
+WHERE_TO_GET_THE_KEY = ("copy the service's <data-dir>/job-signing.pub to the device, "
+                        "or take PublicKey from the service's GET /v1/signing-key")
+
+
+def parse_public_key(text: str) -> bytes:
+    """The raw 32-byte public key from its base64 text (surrounding whitespace allowed).
+
+    Raises ValueError saying what is wrong with it.
+    """
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"is not base64 ({e})") from e
+    if len(raw) != ed25519.PUBLIC_KEY_BYTES:
+        raise ValueError(f"is {len(raw)} bytes; an {protocol.SIGNATURE_ALGORITHM} public key is "
+                         f"{ed25519.PUBLIC_KEY_BYTES}")
+    if ed25519.decode_point(raw) is None:
+        raise ValueError(f"is not an {protocol.SIGNATURE_ALGORITHM} public key (no such curve point)")
+    return raw
+
+
+def signed_content(message: dict[str, Any]) -> bytes | None:
+    """The bytes the service signed for this head; None when the head's signed fields are not
+    exactly what the service sends (so what the agent reads is always what was signed: no "5"
+    or 5.0 for a Seq of 5, no 1 for true)."""
+    exact_types = (
+        (Key.DEVICE_ID, str), (Key.JOB_ID, str), (Key.SEQ, int), (Key.TIMEOUT_SECONDS, int),
+        (Key.SUCCESS_ON_RESTART, bool), (Key.COMMAND, str),
+    )
+    for key, kind in exact_types:
+        value = message.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return None
+    try:
+        return protocol.signing_bytes(message)
+    except (KeyError, TypeError, ValueError, UnicodeEncodeError):
+        return None
+
+
+def signature_problem(signature: Any, content: bytes | None, public_key: bytes) -> str | None:
+    """None when `signature` (the head's base64 "Signature") signs `content`; else the reason."""
+    if signature is None:
+        return NOT_SIGNED
+    if not isinstance(signature, str) or content is None:
+        return DOES_NOT_VERIFY
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        return DOES_NOT_VERIFY
+    return None if ed25519.verify(public_key, content, raw) else DOES_NOT_VERIFY

@@ -1,0 +1,209 @@
+"""Ed25519 verification in pure Python: RFC 8032's vectors, the cryptography package, and forgeries."""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import ed25519
+
+# RFC 8032, section 7.1: (secret key, public key, message, signature), all hex.
+TEST_1 = (
+    "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+    "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+    "",
+    "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b",
+)
+TEST_2 = (
+    "4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb",
+    "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+    "72",
+    "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00",
+)
+TEST_3 = (
+    "c5aa8df43f9f837bedb7442f31dcb7b166d38535076f094b85ce3a2e0b4458f7",
+    "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025",
+    "af82",
+    "6291d657deec24024827e69c3abe01a30ce548a284743a445e3680d7db5ac3ac18ff9b538d16f290ae67f760984dc6594a7c15e9716ed28dc027beceea1ec40a",
+)
+MESSAGE_1023 = (
+    "08b8b2b733424243760fe426a4b54908632110a66c2f6591eabd3345e3e4eb98"
+    "fa6e264bf09efe12ee50f8f54e9f77b1e355f6c50544e23fb1433ddf73be84d8"
+    "79de7c0046dc4996d9e773f4bc9efe5738829adb26c81b37c93a1b270b20329d"
+    "658675fc6ea534e0810a4432826bf58c941efb65d57a338bbd2e26640f89ffbc"
+    "1a858efcb8550ee3a5e1998bd177e93a7363c344fe6b199ee5d02e82d522c4fe"
+    "ba15452f80288a821a579116ec6dad2b3b310da903401aa62100ab5d1a36553e"
+    "06203b33890cc9b832f79ef80560ccb9a39ce767967ed628c6ad573cb116dbef"
+    "efd75499da96bd68a8a97b928a8bbc103b6621fcde2beca1231d206be6cd9ec7"
+    "aff6f6c94fcd7204ed3455c68c83f4a41da4af2b74ef5c53f1d8ac70bdcb7ed1"
+    "85ce81bd84359d44254d95629e9855a94a7c1958d1f8ada5d0532ed8a5aa3fb2"
+    "d17ba70eb6248e594e1a2297acbbb39d502f1a8c6eb6f1ce22b3de1a1f40cc24"
+    "554119a831a9aad6079cad88425de6bde1a9187ebb6092cf67bf2b13fd65f270"
+    "88d78b7e883c8759d2c4f5c65adb7553878ad575f9fad878e80a0c9ba63bcbcc"
+    "2732e69485bbc9c90bfbd62481d9089beccf80cfe2df16a2cf65bd92dd597b07"
+    "07e0917af48bbb75fed413d238f5555a7a569d80c3414a8d0859dc65a46128ba"
+    "b27af87a71314f318c782b23ebfe808b82b0ce26401d2e22f04d83d1255dc51a"
+    "ddd3b75a2b1ae0784504df543af8969be3ea7082ff7fc9888c144da2af58429e"
+    "c96031dbcad3dad9af0dcbaaaf268cb8fcffead94f3c7ca495e056a9b47acdb7"
+    "51fb73e666c6c655ade8297297d07ad1ba5e43f1bca32301651339e22904cc8c"
+    "42f58c30c04aafdb038dda0847dd988dcda6f3bfd15c4b4c4525004aa06eeff8"
+    "ca61783aacec57fb3d1f92b0fe2fd1a85f6724517b65e614ad6808d6f6ee34df"
+    "f7310fdc82aebfd904b01e1dc54b2927094b2db68d6f903b68401adebf5a7e08"
+    "d78ff4ef5d63653a65040cf9bfd4aca7984a74d37145986780fc0b16ac451649"
+    "de6188a7dbdf191f64b5fc5e2ab47b57f7f7276cd419c17a3ca8e1b939ae49e4"
+    "88acba6b965610b5480109c8b17b80e1b7b750dfc7598d5d5011fd2dcc5600a3"
+    "2ef5b52a1ecc820e308aa342721aac0943bf6686b64b2579376504ccc493d97e"
+    "6aed3fb0f9cd71a43dd497f01f17c0e2cb3797aa2a2f256656168e6c496afc5f"
+    "b93246f6b1116398a346f1a641f3b041e989f7914f90cc2c7fff357876e506b5"
+    "0d334ba77c225bc307ba537152f3f1610e4eafe595f6d9d90d11faa933a15ef1"
+    "369546868a7f3a45a96768d40fd9d03412c091c6315cf4fde7cb68606937380d"
+    "b2eaaa707b4c4185c32eddcdd306705e4dc1ffc872eeee475a64dfac86aba41c"
+    "0618983f8741c5ef68d3a101e8a3b8cac60c905c15fc910840b94c00a0b9d0"
+)
+TEST_1024 = (
+    "f5e5767cf153319517630f226876b86c8160cc583bc013744c6bf255f5cc0ee5",
+    "278117fc144c72340f67d0f2316e8386ceffbf2b2428c9c51fef7c597f1d426e",
+    MESSAGE_1023,
+    "0aab4c900501b3e24d7cdf4663326a3a87df5e4843b2cbdb67cbf6e460fec350aa5371b1508f9f4528ecea23c436d94b5e8fcd4f681e30a6ac00a9704a188a03",
+)
+RFC_VECTORS = {"TEST 1": TEST_1, "TEST 2": TEST_2, "TEST 3": TEST_3, "TEST 1024": TEST_1024}
+
+
+def unhex(vector):
+    return tuple(bytes.fromhex(part) for part in vector)
+
+
+def raw_public(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def flip_bit(data: bytes, bit: int) -> bytes:
+    changed = bytearray(data)
+    changed[bit // 8] ^= 1 << (bit % 8)
+    return bytes(changed)
+
+
+@pytest.mark.parametrize("name", RFC_VECTORS)
+def test_the_rfc_8032_vectors_verify(name):
+    _, public, message, signature = unhex(RFC_VECTORS[name])
+    assert ed25519.verify(public, message, signature)
+
+
+@pytest.mark.parametrize("name", RFC_VECTORS)
+def test_the_typed_vectors_are_the_rfcs(name):
+    """The vectors above were typed in: the cryptography package checks they hold no typo."""
+    secret, public, message, signature = unhex(RFC_VECTORS[name])
+    key = Ed25519PrivateKey.from_private_bytes(secret)
+    assert (raw_public(key), key.sign(message)) == (public, signature)
+    assert len(message) == {"TEST 1": 0, "TEST 2": 1, "TEST 3": 2, "TEST 1024": 1023}[name]
+
+
+@pytest.mark.parametrize("name", RFC_VECTORS)
+def test_a_changed_rfc_vector_fails(name):
+    _, public, message, signature = unhex(RFC_VECTORS[name])
+    assert not ed25519.verify(public, message + b"\0", signature)
+    assert not ed25519.verify(public, message, flip_bit(signature, 3))
+    assert not ed25519.verify(flip_bit(public, 9), message, signature)
+
+
+def test_the_base_point_encodes_as_the_rfc_says():
+    assert ed25519.encode_point(ed25519.BASE) == bytes.fromhex("58" + "66" * 31)
+
+
+def test_signatures_by_the_cryptography_package_verify():
+    rng = random.Random(8032)
+    for size in [0, 1, 31, 32, 33, 64, 200, 1000, 5000] + [rng.randrange(0, 3000) for _ in range(30)]:
+        key = Ed25519PrivateKey.generate()
+        message = os.urandom(size)
+        assert ed25519.verify(raw_public(key), message, key.sign(message)), size
+
+
+def test_tampered_messages_signatures_and_keys_fail():
+    rng = random.Random(25519)
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    message = os.urandom(100)
+    public, signature = raw_public(key), key.sign(message)
+    for _ in range(40):
+        assert not ed25519.verify(public, flip_bit(message, rng.randrange(800)), signature)
+        assert not ed25519.verify(public, message, flip_bit(signature, rng.randrange(512)))
+        assert not ed25519.verify(flip_bit(public, rng.randrange(256)), message, signature)
+    assert not ed25519.verify(raw_public(other), message, signature)
+    assert not ed25519.verify(public, message, other.sign(message))
+    assert not ed25519.verify(public, message + b"x", signature)
+    assert not ed25519.verify(public, message[:-1], signature)
+
+
+def test_a_non_canonical_s_is_refused():
+    """S + L signs the same as S in the group; RFC 8032 requires S < L, so it must fail."""
+    key = Ed25519PrivateKey.generate()
+    message = b"pay 10"
+    signature = key.sign(message)
+    s = int.from_bytes(signature[32:], "little")
+    assert ed25519.verify(raw_public(key), message, signature)
+    assert not ed25519.verify(raw_public(key), message, signature[:32] + (s + ed25519.L).to_bytes(32, "little"))
+    assert not ed25519.verify(raw_public(key), message, signature[:32] + b"\xff" * 32)
+
+
+def test_bad_point_encodings_are_refused():
+    non_canonical_y = (ed25519.P + 1).to_bytes(32, "little")  # y = 1 + p: the identity, encoded wrongly
+    too_big = b"\xff" * 31 + b"\x7f"  # y = 2^255 - 1 >= p
+    negative_zero = (1 | 1 << 255).to_bytes(32, "little")  # y = 1 (x = 0) with the sign bit set
+    not_on_curve = next(y.to_bytes(32, "little") for y in range(2, 100) if ed25519.decode_point(
+        y.to_bytes(32, "little")) is None)
+    for encoding in (non_canonical_y, too_big, negative_zero, not_on_curve):
+        assert ed25519.decode_point(encoding) is None, encoding.hex()
+        assert not ed25519.verify(encoding, b"m", bytes(64))
+    assert ed25519.decode_point((1).to_bytes(32, "little")) == (0, 1, 1, 0)
+
+
+def test_a_signature_whose_r_is_not_a_point_fails():
+    key = Ed25519PrivateKey.generate()
+    signature = key.sign(b"m")
+    assert not ed25519.verify(raw_public(key), b"m", b"\xff" * 31 + b"\x7f" + signature[32:])
+
+
+def test_decoding_round_trips_valid_points():
+    for _ in range(20):
+        public = raw_public(Ed25519PrivateKey.generate())
+        point = ed25519.decode_point(public)
+        assert point is not None and ed25519.encode_point(point) == public
+
+
+@pytest.mark.parametrize("public, message, signature", [
+    (None, b"m", bytes(64)),
+    ("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a", b"", bytes(64)),
+    (bytes(32), "text", bytes(64)),
+    (bytes(32), b"m", None),
+    (bytes(31), b"m", bytes(64)),
+    (bytes(33), b"m", bytes(64)),
+    (bytes(32), b"m", bytes(63)),
+    (bytes(32), b"m", bytes(65)),
+    (12, 34, 56),
+])
+def test_bad_input_gives_false_and_never_raises(public, message, signature):
+    assert ed25519.verify(public, message, signature) is False
+
+
+def test_bytearray_and_memoryview_inputs_verify():
+    _, public, message, signature = unhex(TEST_2)
+    assert ed25519.verify(bytearray(public), memoryview(message), bytearray(signature))
+
+
+def test_a_verification_takes_well_under_50_ms():
+    key = Ed25519PrivateKey.generate()
+    message = os.urandom(300)
+    public, signature = raw_public(key), key.sign(message)
+    times = []
+    for _ in range(30):
+        start = time.perf_counter()
+        assert ed25519.verify(public, message, signature)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    print(f"ed25519.verify: median {median * 1000:.2f} ms over {len(times)} runs")
+    assert median < 0.050
