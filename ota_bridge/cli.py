@@ -6,8 +6,13 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
+from typing import Callable
+
+from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics, format_time
 
 from . import __version__, settings, store
+from .broker_accounts import ACL, OPERATOR_PASSWORD_FILE, PASSWORDS, SERVICE_PASSWORD_FILE, write_mosquitto_files
 from .errors import OtaBridgeError
 from .service import open_store, serve
 
@@ -29,8 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_commands.add_parser("create", help="create an API token and print it (shown only once)")
     create.add_argument("--name", required=True, help="what the token is for, e.g. 'ci' or 'alice'")
-    settings.add_arguments(create, names=("database", "data_dir"))
-    create.set_defaults(handler=_token_create)
+    listing = token_commands.add_parser("list", help="list API tokens: name and creation time (never the token)")
+    revoke = token_commands.add_parser("revoke", help="revoke every token of that name; it stops working at once")
+    revoke.add_argument("--name", required=True)
+    for sub, handler in ((create, _token_create), (listing, _token_list), (revoke, _token_revoke)):
+        settings.add_arguments(sub, names=("database", "data_dir"))
+        sub.set_defaults(handler=handler)
+
+    mosquitto = commands.add_parser("mosquitto-config", help="write Mosquitto's password and ACL files "
+                                    "from the device registry (see docs/security.md)")
+    mosquitto.add_argument("--out", required=True, help="directory for the files 'passwords' and 'acl'")
+    settings.add_arguments(mosquitto, names=("database", "data_dir", "prefix"))
+    mosquitto.set_defaults(handler=_mosquitto_config)
     return parser
 
 
@@ -44,14 +59,45 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_create(args: argparse.Namespace) -> int:
+def _with_store(args: argparse.Namespace, work: Callable[[store.Store, settings.Settings], None]) -> int:
     config = settings.resolve(args)
     db = open_store(config)
     try:
-        print(db.call_sync(store.create_token, args.name))
+        work(db, config)
     finally:
         db.close()
     return 0
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    return _with_store(args, lambda db, _: print(db.call_sync(store.create_token, args.name)))
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    def show(db: store.Store, _: settings.Settings) -> None:
+        for token in db.call_sync(store.list_tokens):
+            print(f"{token.name}\t{format_time(token.created)}")
+
+    return _with_store(args, show)
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    def revoke(db: store.Store, _: settings.Settings) -> None:
+        count = db.call_sync(store.revoke_token, args.name)
+        print(f"revoked {count} token{'s' if count > 1 else ''} named {args.name!r}")
+
+    return _with_store(args, revoke)
+
+
+def _mosquitto_config(args: argparse.Namespace) -> int:
+    def write(db: store.Store, config: settings.Settings) -> None:
+        out = Path(args.out)
+        write_mosquitto_files(db.call_sync(store.broker_accounts), out, config.data_dir, Topics(config.prefix))
+        print(f"wrote {out / PASSWORDS} and {out / ACL}; the service logs in as {SERVICE_CLIENT_ID!r} "
+              f"(password in {config.data_dir / SERVICE_PASSWORD_FILE}), operators as {OPERATOR_USERNAME!r} "
+              f"(password in {config.data_dir / OPERATOR_PASSWORD_FILE})")
+
+    return _with_store(args, write)
 
 
 def main(argv: list[str] | None = None) -> int:

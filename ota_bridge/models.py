@@ -81,10 +81,22 @@ class Job(BaseModel):
     created = pw.DateTimeField(default=now, index=True)
 
 
+class SeqField(pw.AutoField):
+    """An id never handed out twice, even after the newest rows are deleted.
+
+    Agents refuse a job older than one they already ran, so a reused number would be refused.
+    PostgreSQL's sequences never reuse; SQLite needs AUTOINCREMENT for that.
+    """
+
+    def ddl(self, ctx: pw.Context) -> pw.NodeList:
+        node = super().ddl(ctx)
+        return pw.NodeList((node, pw.SQL("AUTOINCREMENT"))) if isinstance(db.obj, pw.SqliteDatabase) else node
+
+
 class ChildJob(BaseModel):
     """One job on one device. seq orders every device's queue: lower runs first."""
 
-    seq = pw.AutoField()
+    seq = SeqField()
     job_id = pw.CharField(max_length=36, unique=True)
     parent = pw.ForeignKeyField(Job, backref="children", on_delete="CASCADE", column_name="parent_id")
     device_id = pw.CharField(max_length=128)  # no foreign key: history outlives the device

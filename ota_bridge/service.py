@@ -21,7 +21,9 @@ from agent.protocol import OPERATOR_USERNAME, Topics
 
 from . import credentials, signing, store
 from .api import make_app
-from .broker import SERVICE_USERNAME, TopicPolicy, start_broker
+from .api.views import ACCOUNTS
+from .broker import SERVICE_USERNAME, IsolatingBroker, TopicPolicy, start_broker
+from .broker_accounts import SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secret
 from .dispatch import Dispatcher
 from .errors import ConfigError
 from .mqtt_link import BrokerLink
@@ -69,22 +71,30 @@ async def _running(settings: Settings, db: store.Store) -> AsyncIterator[None]:
     signer = signing.load_or_create(settings.data_dir)
     dispatcher = Dispatcher(db, Topics(settings.prefix), signer.sign, settings.timeout_grace, settings.failpoints)
     async with contextlib.AsyncExitStack() as stack:
-        link = await _broker_link(settings, db, dispatcher, stack)
+        link, embedded = await _broker_link(settings, db, dispatcher, stack)
         dispatcher.attach(link)
+        accounts = BrokerAccounts(db, dispatcher.topics, settings.data_dir, embedded=embedded,
+                                  mosquitto_dir=settings.mosquitto_dir)
+        await accounts.start()
         for job in (dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts()):
             stack.push_async_callback(_cancel, asyncio.create_task(job))
         link.start()
         stack.callback(link.stop)
-        await stack.enter_async_context(_http(make_app(db, dispatcher, signer), settings.http))
+        app = make_app(db, dispatcher, signer)
+        app[ACCOUNTS] = accounts
+        await stack.enter_async_context(_http(app, settings.http))
         yield
 
 
 async def _broker_link(settings: Settings, db: store.Store, dispatcher: Dispatcher,
-                       stack: contextlib.AsyncExitStack) -> BrokerLink:
+                       stack: contextlib.AsyncExitStack) -> tuple[BrokerLink, IsolatingBroker | None]:
     """The service's link to the broker, starting the embedded broker first unless --mqtt-url is set."""
     url = settings.mqtt_url
     if url is not None:
-        return _link(url.host, url.port, url.username, url.password, dispatcher)
+        username, password = url.username, url.password
+        if username is None and settings.mosquitto_dir is not None:  # the identity it writes for itself
+            username, password = SERVICE_USERNAME, broker_secret(settings.data_dir, SERVICE_PASSWORD_FILE)
+        return _link(url.host, url.port, username, password, dispatcher), None
     listen, secret = settings.mqtt_listen, credentials.new_secret()
     try:
         broker = await start_broker(listen, _authenticator(db, secret), TopicPolicy(Topics(settings.prefix)))
@@ -92,7 +102,7 @@ async def _broker_link(settings: Settings, db: store.Store, dispatcher: Dispatch
         raise _port_error(e, listen, "--mqtt-listen", "OTA_BRIDGE_MQTT_LISTEN") from e
     stack.push_async_callback(broker.shutdown)
     host = "127.0.0.1" if listen.host in {"0.0.0.0", "::", ""} else listen.host
-    return _link(host, listen.port, SERVICE_USERNAME, secret, dispatcher)
+    return _link(host, listen.port, SERVICE_USERNAME, secret, dispatcher), broker
 
 
 def _link(host: str, port: int, username: str | None, password: str | None, dispatcher: Dispatcher) -> BrokerLink:

@@ -53,6 +53,7 @@ class Settings:
     log_level: str
     timeout_grace: float
     failpoints: frozenset[str]
+    mosquitto_dir: Path | None
 
     @property
     def database_url(self) -> str:
@@ -146,6 +147,8 @@ OPTIONS = (
     Option("log_level", "INFO", parse_log_level, "DEBUG, INFO, WARNING or ERROR"),
     Option("timeout_grace", "60", parse_seconds,
            "seconds past a job's timeout before the service itself marks a silent device's job TIMED_OUT"),
+    Option("mosquitto_dir", "", lambda v: Path(v) if v else None,
+           "keep Mosquitto's password and ACL files here, from the device registry, and reload it on changes"),
     Option("failpoints", "", parse_failpoints,
            "for fault-injection tests only: exit-after-store kills the service right after it stores a result"),
 )

@@ -34,6 +34,7 @@ from .errors import (
     EmptyTarget,
     InvalidRequest,
     JobNotFound,
+    NotFound,
     StoreUnavailable,
     WorkflowNotFound,
 )
@@ -95,6 +96,23 @@ def create_token(name: str) -> str:
 
 def check_token(token: str) -> bool:
     return ApiToken.select().where(ApiToken.token_hash == credentials.token_hash(token)).exists()
+
+
+def token_hashes() -> list[str]:
+    return [h for (h,) in ApiToken.select(ApiToken.token_hash).tuples()]
+
+
+def list_tokens() -> list[ApiToken]:
+    return list(ApiToken.select().order_by(ApiToken.created, ApiToken.id))
+
+
+def revoke_token(name: str) -> int:
+    """Revoke every token of that name; returns how many there were."""
+    with _write_transaction():
+        count = ApiToken.delete().where(ApiToken.name == name).execute()
+    if not count:
+        raise NotFound("API token", name)
+    return count
 
 
 # --- workflows ------------------------------------------------------------------------------
@@ -180,15 +198,34 @@ def _device_views(devices: list[Device]) -> list[DeviceView]:
     return [DeviceView(d, tuple(tags[d.device_id]), pending[d.device_id]) for d in devices]
 
 
-def update_device(device_id: str, group: Any, tags: Iterable[str] | None, unset: object) -> DeviceView:
-    """Change a device's group (None clears it; `unset` leaves it) and/or its tags."""
+def update_device(device_id: str, group: Any, tags: Iterable[str] | None, enabled: bool | None,
+                  unset: object) -> DeviceView:
+    """Change a device's group (None clears it; `unset` leaves it), tags, and whether it may connect."""
     with _write_transaction():
         get_device(device_id)
         if group is not unset:
             Device.update(group=group).where(Device.device_id == device_id).execute()
         if tags is not None:
             _set_tags(device_id, tags)
+        if enabled is not None:
+            Device.update(enabled=enabled).where(Device.device_id == device_id).execute()
     return get_device(device_id)
+
+
+def rotate_device_password(device_id: str) -> str:
+    """A new MQTT password for the device; the old one stops working at once."""
+    password = credentials.new_secret()
+    with _write_transaction():
+        if not Device.update(password_hash=credentials.hash_password(password)).where(
+                Device.device_id == device_id).execute():
+            raise DeviceNotFound(device_id)
+    return password
+
+
+def broker_accounts() -> list[tuple[str, str]]:
+    """(device id, password hash) of every enabled device, for a broker's password file."""
+    query = Device.select(Device.device_id, Device.password_hash).where(Device.enabled == True)  # noqa: E712
+    return list(query.order_by(Device.device_id).tuples())
 
 
 def delete_device(device_id: str) -> None:
@@ -506,6 +543,8 @@ def _apply_one(update: Update) -> str | None:
         return "no such job"
     if child.device_id != update.device_id:
         return f"the job belongs to device {child.device_id!r}"
+    if not Device.select().where(Device.device_id == update.device_id, Device.enabled == True).exists():  # noqa: E712
+        return "the device is disabled or deleted"
     current = JobStatus(child.status)
     if current.is_final and child.finalized_by_service and update.status.is_final:
         _apply_late(child, update)

@@ -18,8 +18,8 @@ from tests.support.processes import REPO, free_port, wait_until
 @pytest.mark.parametrize("broker", BROKERS)
 def test_offline_device_runs_its_jobs_in_submission_order(broker: str, launch: Launcher, tmp_path: Path) -> None:
     out = tmp_path / "order.txt"
-    with broker_url(broker, tmp_path) as url:
-        service = launch.service(mqtt_url=url)
+    with broker_url(broker, tmp_path) as (url, flags):
+        service = launch.service(mqtt_url=url, extra=flags)
         api = service.api
         agent = launch.agent(service, "dev1", api.device("dev1"), start=False)
         jobs = [api.submit(api.workflow(f"echo {i} >> {out}; sleep 0.2"), DeviceId="dev1") for i in range(5)]
@@ -80,8 +80,8 @@ def test_job_timeout_can_be_set_per_job(launch: Launcher) -> None:
 @pytest.mark.parametrize("broker", BROKERS)
 def test_queues_survive_a_service_restart(broker: str, launch: Launcher, tmp_path: Path) -> None:
     """The database is the truth: after a restart the service republishes every queue."""
-    with broker_url(broker, tmp_path) as url:
-        service = launch.service(mqtt_url=url)
+    with broker_url(broker, tmp_path) as (url, flags):
+        service = launch.service(mqtt_url=url, extra=flags)
         api = service.api
         agent = launch.agent(service, "dev1", api.device("dev1"), start=False)
         jobs = [api.submit(api.workflow(f"echo {i}"), DeviceId="dev1") for i in range(3)]

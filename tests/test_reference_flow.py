@@ -58,8 +58,8 @@ def test_reference_has_the_commands_this_test_expects() -> None:
 
 @pytest.mark.parametrize("broker", BROKERS)
 def test_reference_curl_flow_runs_jobs_on_real_agents(broker: str, launch: Launcher, tmp_path: Path) -> None:
-    with broker_url(broker, tmp_path) as mqtt_url:
-        service = launch.service(mqtt_url=mqtt_url)
+    with broker_url(broker, tmp_path) as (mqtt_url, flags):
+        service = launch.service(mqtt_url=mqtt_url, extra=flags)
         api = service.api
         for device, group in DEVICES.items():
             launch.agent(service, device, api.device(device, group=group, tags=[group]))

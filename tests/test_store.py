@@ -163,3 +163,22 @@ def test_a_late_result_is_kept_beside_the_state_once(db: store.Store) -> None:
     assert row.reason.endswith("; the device reported FAILED later: disk full")
     again = db.call_sync(store.record_device_messages, [late], [])
     assert not again.late and "already TIMED_OUT" in again.dropped[0][1]
+
+
+def test_reports_from_a_disabled_device_are_dropped(db: store.Store) -> None:
+    job_id, _ = group_job(db, 1)
+    child = db.call_sync(store.child_jobs, job_id)[0].job_id
+    db.call_sync(store.update_device, "d0", None, None, False, None)
+    outcome = db.call_sync(store.record_device_messages, [Update("d0", child, JobStatus.SUCCEEDED)], [])
+    assert outcome.dropped[0][1] == "the device is disabled or deleted"
+
+
+def test_sequence_numbers_are_never_reused_after_deletes(db: store.Store) -> None:
+    db.call_sync(store.register_device, "d0", None, [])
+    wf = db.call_sync(store.create_workflow, "wf", "true", None, False)
+    jobs = [db.call_sync(store.submit_job, "j", wf.workflow_id, "DeviceId", "d0", None)[0] for _ in range(3)]
+    last_seq = db.call_sync(store.child_jobs, jobs[-1].job_id)[0].seq
+    for job in jobs[1:]:
+        db.call_sync(store.delete_job, job.job_id)
+    fresh = db.call_sync(store.submit_job, "j", wf.workflow_id, "DeviceId", "d0", None)[0]
+    assert db.call_sync(store.child_jobs, fresh.job_id)[0].seq > last_seq

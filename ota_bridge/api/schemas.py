@@ -40,7 +40,7 @@ Timeout = Annotated[int, Field(ge=1, le=MAX_TIMEOUT_SECONDS, strict=True)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # JSON types as sent: "yes" is no bool
 
 
 class WorkflowIn(Strict):
@@ -81,3 +81,4 @@ class DeviceIn(Strict):
 class DevicePatch(Strict):
     DeviceGroup: Optional[Label] = None
     Tags: Optional[list[Label]] = Field(default=None, max_length=100)
+    Enabled: Optional[bool] = None

@@ -72,6 +72,7 @@ def device(d: DeviceView) -> dict[str, Any]:
         "Tags": list(d.tags),
         "Online": d.device.online,
         "LastSeen": format_time(d.device.last_seen),
+        "Enabled": d.device.enabled,
         "PendingJobs": d.pending,
         "CreatedTime": format_time(d.device.created),
     }

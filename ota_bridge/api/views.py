@@ -7,17 +7,19 @@ from aiohttp import web
 from agent.protocol import SIGNATURE_ALGORITHM
 
 from .. import store
+from ..broker_accounts import BrokerAccounts
 from ..dispatch import Dispatcher
-from ..errors import InvalidRequest, JobNotFound
+from ..errors import JobNotFound
 from ..signing import JobSigner
-from . import serialize
+from . import params, serialize
 from .body import read_model
 from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
 
 STORE = web.AppKey("store", store.Store)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SIGNER = web.AppKey("signer", JobSigner)
-DEFAULT_PAGE, MAX_PAGE = 100, 1000
+ACCOUNTS = web.AppKey("accounts", BrokerAccounts)
+DEFAULT_PAGE, MAX_PAGE, MAX_OFFSET = 100, 1000, 2**31
 
 routes = web.RouteTableDef()
 
@@ -70,20 +72,12 @@ async def submit_job(request: web.Request) -> web.Response:
 
 @routes.get("/v1/job")
 async def list_jobs(request: web.Request) -> web.Response:
-    limit = _int_param(request, "Limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    offset = _int_param(request, "Offset", 0, 0, 2**31)
+    query = params.query(request, ("Limit", "Offset"))
+    limit = params.whole_number(query, "Limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    offset = params.whole_number(query, "Offset", 0, 0, MAX_OFFSET)
     summaries, total = await _store(request).call(store.list_jobs, limit, offset)
     headers = {"X-Total-Count": str(total)}
     return web.json_response([serialize.job(s) for s in summaries], headers=headers)
-
-
-def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name, request.query.get(name.lower()))
-    if raw is None:
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise InvalidRequest(f"query parameter {name} must be a whole number from {low} to {high}, got {raw!r}")
-    return int(raw)
 
 
 @routes.get("/v1/job/{id}")
@@ -131,13 +125,14 @@ async def signing_key(request: web.Request) -> web.Response:
 async def register_device(request: web.Request) -> web.Response:
     body = await read_model(request, DeviceIn)
     view, password = await _store(request).call(store.register_device, body.DeviceId, body.DeviceGroup, body.Tags)
+    await request.app[ACCOUNTS].changed(body.DeviceId, disconnect=False)
     credentials = {"MqttUsername": body.DeviceId, "MqttPassword": password}
     return web.json_response({**serialize.device(view), **credentials}, status=201)
 
 
 @routes.get("/v1/device")
 async def list_devices(request: web.Request) -> web.Response:
-    query = request.query
+    query = params.query(request, ("DeviceGroup", "TagId"))
     views = await _store(request).call(store.list_devices, query.get("DeviceGroup"), query.get("TagId"))
     return web.json_response([serialize.device(v) for v in views])
 
@@ -152,8 +147,20 @@ async def update_device(request: web.Request) -> web.Response:
     body = await read_model(request, DevicePatch)
     unset = object()
     group = body.DeviceGroup if "DeviceGroup" in body.model_fields_set else unset
-    view = await _store(request).call(store.update_device, request.match_info["id"], group, body.Tags, unset)
+    device_id = request.match_info["id"]
+    view = await _store(request).call(store.update_device, device_id, group, body.Tags, body.Enabled, unset)
+    if body.Enabled is not None:
+        await request.app[ACCOUNTS].changed(device_id, disconnect=not body.Enabled)
     return web.json_response(serialize.device(view))
+
+
+@routes.post("/v1/device/{id}/credentials")
+async def rotate_credentials(request: web.Request) -> web.Response:
+    """A new MQTT password, shown once; the old one stops working and the device is disconnected."""
+    device_id = request.match_info["id"]
+    password = await _store(request).call(store.rotate_device_password, device_id)
+    await request.app[ACCOUNTS].changed(device_id, disconnect=True)
+    return web.json_response({"DeviceId": device_id, "MqttUsername": device_id, "MqttPassword": password})
 
 
 @routes.delete("/v1/device/{id}")
@@ -161,4 +168,5 @@ async def delete_device(request: web.Request) -> web.Response:
     device_id = request.match_info["id"]
     await _store(request).call(store.delete_device, device_id)
     request.app[DISPATCHER].forget(device_id)
+    await request.app[ACCOUNTS].changed(device_id, disconnect=True)
     return web.json_response({"DeviceId": device_id, "Deleted": True})

@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,25 +55,40 @@ def mosquitto_binary() -> str:
     pytest.skip(message)
 
 
-def broker_config(port: int, extra_lines: Iterable[str] = ()) -> str:
-    """The repo's mosquitto.conf, listening on `port`, running as root, plus extra lines."""
+ACCOUNTS_DIR = "/var/lib/ota-bridge/mosquitto"
+# Lines the open variant leaves out: it lets anyone in, as a compromised or misconfigured broker would.
+SECURE_ONLY = ("allow_anonymous", "password_file", "acl_file", "pid_file", "use_username_as_clientid")
+
+
+def broker_config(port: int, extra_lines: Iterable[str] = (), accounts_dir: Path | None = None) -> str:
+    """The repo's mosquitto.conf, listening on `port`, running as root, plus extra lines.
+
+    With accounts_dir, the file as shipped (logins and ACLs from the files ota-bridge writes there);
+    without, an open variant: anonymous clients may do anything, as on a compromised broker.
+    """
     text = MOSQUITTO_CONF.read_text(encoding="utf-8")
     lines = text.splitlines()
-    if LISTENER_LINE not in lines:
-        raise RuntimeError(f"{MOSQUITTO_CONF} has no line {LISTENER_LINE!r} to replace")
+    if LISTENER_LINE not in lines or not any(ACCOUNTS_DIR in line for line in lines):
+        raise RuntimeError(f"{MOSQUITTO_CONF} has no line {LISTENER_LINE!r} or {ACCOUNTS_DIR} to replace")
     lines = [f"listener {port} 127.0.0.1" if line == LISTENER_LINE else line for line in lines]
+    if accounts_dir is None:
+        lines = [line for line in lines if not line.startswith(SECURE_ONLY)] + ["allow_anonymous true"]
+    else:
+        lines = [line.replace(ACCOUNTS_DIR, str(accounts_dir)) for line in lines]
     return "\n".join([*lines, "user root", *extra_lines, ""])
 
 
 class Mosquitto:
     """One broker: a config file, a port that stays the same across restarts, a process."""
 
-    def __init__(self, workdir: Path, port: int, extra_lines: Iterable[str] = ()) -> None:
+    def __init__(self, workdir: Path, port: int, extra_lines: Iterable[str] = (),
+                 accounts_dir: Path | None = None) -> None:
         self.port = port
         self.binary = mosquitto_binary()
+        self.accounts_dir = accounts_dir
         self.config_path = Path(workdir) / f"mosquitto-{port}.conf"
         self.log_path = Path(workdir) / f"mosquitto-{port}.log"
-        self.config_path.write_text(broker_config(port, extra_lines), encoding="utf-8")
+        self.config_path.write_text(broker_config(port, extra_lines, accounts_dir), encoding="utf-8")
         self.process: subprocess.Popen[bytes] | None = None
 
     def __iter__(self) -> Iterator[object]:
@@ -139,9 +155,10 @@ class Mosquitto:
 
 
 @contextmanager
-def start_mosquitto(tmp_path: Path, extra_lines: Iterable[str] = ()) -> Iterator[Mosquitto]:
+def start_mosquitto(tmp_path: Path, extra_lines: Iterable[str] = (),
+                    accounts_dir: Path | None = None) -> Iterator[Mosquitto]:
     """Start a broker on a free port; it is stopped on exit, whatever happened."""
-    broker = Mosquitto(tmp_path, free_port(), extra_lines)
+    broker = Mosquitto(tmp_path, free_port(), extra_lines, accounts_dir)
     try:
         broker.start()
         yield broker
@@ -153,10 +170,29 @@ BROKERS = ["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
 
 
 @contextmanager
-def broker_url(kind: str, tmp_path: Path) -> Iterator[str | None]:
-    """For tests parametrized over BROKERS: None means the service's embedded broker."""
+def broker_url(kind: str, tmp_path: Path) -> Iterator[tuple[str | None, tuple[str, ...]]]:
+    """For tests parametrized over BROKERS: (the service's --mqtt-url, its extra flags).
+
+    "embedded" is (None, ()): the service's own broker. "mosquitto" is Mosquitto as shipped,
+    logins and ACLs included, kept in step with the service's registry.
+    """
     if kind == "embedded":
-        yield None
+        yield None, ()
     else:
-        with start_mosquitto(tmp_path) as broker:
-            yield broker.url
+        with secure_mosquitto(tmp_path) as (broker, flags):
+            yield broker.url, flags
+
+
+@contextmanager
+def secure_mosquitto(workdir: Path) -> Iterator[tuple[Mosquitto, tuple[str, ...]]]:
+    """Mosquitto as shipped, with its accounts written by `ota-bridge mosquitto-config`.
+
+    Yields the broker and the flags that make a service (data dir workdir/service-data) keep
+    those accounts in step with its registry.
+    """
+    accounts = workdir / "mosquitto-accounts"
+    data_dir = workdir / "service-data"
+    subprocess.run([sys.executable, "-m", "ota_bridge", "mosquitto-config", "--out", str(accounts),
+                    "--data-dir", str(data_dir)], check=True, capture_output=True, timeout=60, cwd=REPO_ROOT)
+    with start_mosquitto(workdir, accounts_dir=accounts) as broker:
+        yield broker, ("--mosquitto-dir", str(accounts))
