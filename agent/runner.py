@@ -286,7 +286,8 @@ def _group_alive(pgid: int) -> bool:
     pipe or do harm, so it does not count. Without /proc, any member counts.
     """
     try:
-        return any(_live_member(entry, pgid) for entry in os.scandir("/proc") if entry.name.isdigit())
+        with os.scandir("/proc") as entries:  # closed even when any() stops early
+            return any(_live_member(entry, pgid) for entry in entries if entry.name.isdigit())
     except OSError:
         return _group_exists(pgid)
 
