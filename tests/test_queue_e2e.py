@@ -108,10 +108,17 @@ def test_busy_port_gets_a_one_line_error_naming_port_and_flag(tmp_path: Path) ->
                                    f"with {flag} or {env}")
 
 
-def test_token_create_makes_a_working_token(launch: Launcher) -> None:
+def test_tokens_can_be_made_listed_and_revoked(launch: Launcher) -> None:
     service = launch.service()
-    made = subprocess.run([sys.executable, "-m", "ota_bridge", "token", "create", "--name", "ci",
-                           "--data-dir", str(service.data_dir)], capture_output=True, text=True, timeout=60,
-                          cwd=REPO, check=True)
-    token = made.stdout.strip()
+
+    def cli(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "ota_bridge", "token", *args, "--data-dir", str(service.data_dir)],
+                              capture_output=True, text=True, timeout=60, cwd=REPO, check=True).stdout
+
+    token = cli("create", "--name", "ci").strip()
     assert service.api.request("GET", "/v1/job", token=token).status == 200
+    listed = cli("list")
+    assert [line.split("\t")[0] for line in listed.splitlines()] == ["admin", "ci"] and token not in listed
+    assert "revoked 1 token named 'ci'" in cli("revoke", "--name", "ci")
+    wait_until(lambda: service.api.request("GET", "/v1/job", token=token).status == 401, 10, "the revocation")
+    assert service.api.request("GET", "/v1/job").status == 200  # the admin token still works

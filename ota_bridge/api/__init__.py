@@ -15,11 +15,13 @@ from .body import MAX_BODY_BYTES
 from .errors import Handler, error_middleware
 from .openapi import OPENAPI_PATH, serve_openapi
 from .params import request_shape_middleware
+from .tokens import TokenCache
 from .views import DISPATCHER, SIGNER, STORE, routes
 
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/v1/health", OPENAPI_PATH})
+TOKENS = web.AppKey("tokens", TokenCache)
 MAX_TOKEN_CHARS = 1024  # tokens made here have 43; a longer one is refused before it is hashed
 TOKEN_CHARS = re.compile(r"[!-~]+")  # printable ASCII, no spaces or control characters
 
@@ -28,7 +30,7 @@ TOKEN_CHARS = re.compile(r"[!-~]+")  # printable ASCII, no spaces or control cha
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path not in PUBLIC_PATHS:
         token = bearer_token(request.headers.get("Authorization", ""))
-        if not await request.app[STORE].call(store.check_token, token):
+        if not await request.app[TOKENS].valid(token):
             log.warning("refused an unknown API token from %s for %s %s", request.remote, request.method, request.path)
             raise Unauthorized("the API token is not valid")
     return await handler(request)
@@ -67,6 +69,7 @@ def make_app(db: store.Store, dispatcher: Dispatcher, signer: JobSigner) -> web.
     app[STORE] = db
     app[DISPATCHER] = dispatcher
     app[SIGNER] = signer
+    app[TOKENS] = TokenCache(db)
     app.router.add_get("/v1/health", health)
     app.router.add_get(OPENAPI_PATH, serve_openapi)
     app.add_routes(routes)

@@ -1,0 +1,46 @@
+"""API token checks without a database round trip per request.
+
+The hashes of the valid tokens are read from the database at most every REFRESH_SECONDS, and
+again on a miss (at most every MISS_REFRESH_SECONDS), so a token made with `ota-bridge token
+create` works at once and one revoked with `ota-bridge token revoke` stops within
+REFRESH_SECONDS. Every stored hash is compared, in constant time, whatever matches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+
+from .. import credentials, store
+
+REFRESH_SECONDS = 2.0
+MISS_REFRESH_SECONDS = 0.2
+
+
+class TokenCache:
+    def __init__(self, db: store.Store) -> None:
+        self.db = db
+        self._hashes: tuple[str, ...] = ()
+        self._read_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def valid(self, token: str) -> bool:
+        digest = credentials.token_hash(token)
+        await self._refresh(older_than=REFRESH_SECONDS)
+        if self._matches(digest):
+            return True
+        await self._refresh(older_than=MISS_REFRESH_SECONDS)
+        return self._matches(digest)
+
+    def _matches(self, digest: str) -> bool:
+        found = False
+        for known in self._hashes:
+            found |= hmac.compare_digest(known, digest)
+        return found
+
+    async def _refresh(self, older_than: float) -> None:
+        async with self._lock:
+            if time.monotonic() - self._read_at >= older_than:
+                self._hashes = tuple(await self.db.call(store.token_hashes))
+                self._read_at = time.monotonic()
