@@ -209,4 +209,5 @@ class Dispatcher:
                     presence.append((device_id, report.online, None if message.retained else now()))
             except MessageError as e:
                 log.warning("ignored a bad message from device %s on %s: %s", device_id, leaf, e)
-        return updates, presence
+        latest = {entry[0]: entry for entry in presence}  # one presence write per device and batch: the last
+        return updates, list(latest.values())

@@ -475,18 +475,28 @@ class DeviceQueue:
 
 
 def device_queues(device_ids: list[str]) -> list[DeviceQueue]:
-    """The pending queue of each device, head first."""
-    return [_device_queue(d) for d in device_ids]
+    """The pending queue of each device, head first: one query for the lot."""
+    found: dict[str, list[QueueEntry]] = {d: [] for d in device_ids}
+    totals: dict[str, int] = {}
+    for chunk in _chunks(device_ids):
+        for device_id, total, *entry in _queue_rows(chunk):
+            found[device_id].append(QueueEntry(*entry))
+            totals[device_id] = total
+    return [DeviceQueue(d, tuple(found[d]), totals.get(d, 0)) for d in device_ids]
 
 
-def _device_queue(device_id: str) -> DeviceQueue:
-    pending = ChildJob.device_id == device_id, ChildJob.status.in_(PENDING)
-    rows = (ChildJob.select(ChildJob.job_id, ChildJob.parent, Job.name, Job.command, Job.timeout_seconds,
-                            Job.success_on_restart, ChildJob.seq, ChildJob.status, Job.created)
-            .join(Job).where(*pending).order_by(ChildJob.seq).limit(QUEUE_LIST_LIMIT).tuples())
-    entries = tuple(QueueEntry(*row) for row in rows)
-    total = len(entries) if len(entries) < QUEUE_LIST_LIMIT else ChildJob.select().where(*pending).count()
-    return DeviceQueue(device_id, entries, total)
+def _queue_rows(device_ids: list[str]) -> Iterable[tuple[Any, ...]]:
+    """(device, pending count, QueueEntry fields...) for the first QUEUE_LIST_LIMIT pending jobs of each."""
+    ranked = (ChildJob.select(
+        ChildJob.device_id, ChildJob.job_id, ChildJob.parent, ChildJob.seq, ChildJob.status,
+        pw.fn.ROW_NUMBER().over(partition_by=[ChildJob.device_id], order_by=[ChildJob.seq]).alias("position"),
+        pw.fn.COUNT(ChildJob.seq).over(partition_by=[ChildJob.device_id]).alias("total"))
+        .where(ChildJob.device_id.in_(device_ids), ChildJob.status.in_(PENDING)).alias("ranked"))
+    return (Job.select(ranked.c.device_id, ranked.c.total, ranked.c.job_id, Job.job_id, Job.name, Job.command,
+                       Job.timeout_seconds, Job.success_on_restart, ranked.c.seq, ranked.c.status, Job.created)
+            .join(ranked, on=(ranked.c.parent_id == Job.job_id))
+            .where(ranked.c.position <= QUEUE_LIST_LIMIT)
+            .order_by(ranked.c.device_id, ranked.c.seq).tuples())
 
 
 # --- device updates -------------------------------------------------------------------------
@@ -524,8 +534,9 @@ def record_device_messages(updates: list[Update], presence: list[tuple[str, bool
     """Apply device updates and presence in one transaction; each update idempotently."""
     outcomes = UpdateOutcomes()
     with _write_transaction():
+        view = _BatchView(updates)
         for update in updates:
-            why = _apply_one(update)
+            why = _apply_one(update, view)
             if why is None:
                 outcomes.applied.append(update)
             elif why == LATE:
@@ -536,27 +547,53 @@ def record_device_messages(updates: list[Update], presence: list[tuple[str, bool
     return outcomes
 
 
-def _apply_one(update: Update) -> str | None:
-    """Apply one update; returns why it was dropped, or None when applied."""
-    child = ChildJob.get_or_none(ChildJob.job_id == update.job_id)
+class _BatchView:
+    """What a batch of updates reads: fetched once per batch, kept current as updates apply."""
+
+    def __init__(self, updates: list[Update]) -> None:
+        job_ids = sorted({u.job_id for u in updates})
+        devices = sorted({u.device_id for u in updates})
+        self.children = {c.job_id: c for chunk in _chunks(job_ids)
+                         for c in ChildJob.select().where(ChildJob.job_id.in_(chunk))}
+        self.enabled = {d for chunk in _chunks(devices) for (d,) in Device.select(Device.device_id).where(
+            Device.device_id.in_(chunk), Device.enabled == True).tuples()}  # noqa: E712
+        self._heads: dict[str, int | None] = {}
+
+    def head(self, device_id: str) -> int | None:
+        """The seq of the device's current job: its first job not yet final."""
+        if device_id not in self._heads:
+            self._heads[device_id] = (ChildJob.select(pw.fn.MIN(ChildJob.seq))
+                                      .where(ChildJob.device_id == device_id, ChildJob.status.in_(PENDING)).scalar())
+        return self._heads[device_id]
+
+    def applied(self, child: ChildJob, status: JobStatus) -> None:
+        child.status = status.value
+        if status.is_final:
+            self._heads.pop(child.device_id, None)
+
+
+def _apply_one(update: Update, view: _BatchView) -> str | None:
+    """Apply one update; returns why it was dropped, LATE, or None when applied."""
+    child = view.children.get(update.job_id)
     if child is None:
         return "no such job"
     if child.device_id != update.device_id:
         return f"the job belongs to device {child.device_id!r}"
-    if not Device.select().where(Device.device_id == update.device_id, Device.enabled == True).exists():  # noqa: E712
+    if update.device_id not in view.enabled:
         return "the device is disabled or deleted"
     current = JobStatus(child.status)
     if current.is_final and child.finalized_by_service and update.status.is_final:
         _apply_late(child, update)
+        child.finalized_by_service = False
         return LATE
     if current.is_final:
         return f"the job is already {current.value}"
-    head = _device_queue_head_seq(update.device_id)
-    if head != child.seq:
+    if view.head(update.device_id) != child.seq:
         return "the job is not the device's current job"
     if not can_transition(current, update.status):
         return f"{current.value} cannot become {update.status.value}"
     _write_update(child, update)
+    view.applied(child, update.status)
     return None
 
 
@@ -573,11 +610,6 @@ def _apply_late(child: ChildJob, update: Update) -> None:
                          + (f": {update.reason}" if update.reason else ""),
         ChildJob.updated: now(),
     }).where(ChildJob.seq == child.seq).execute()
-
-
-def _device_queue_head_seq(device_id: str) -> int | None:
-    return (ChildJob.select(pw.fn.MIN(ChildJob.seq))
-            .where(ChildJob.device_id == device_id, ChildJob.status.in_(PENDING)).scalar())
 
 
 def _write_update(child: ChildJob, update: Update) -> None:

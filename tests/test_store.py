@@ -182,3 +182,18 @@ def test_sequence_numbers_are_never_reused_after_deletes(db: store.Store) -> Non
         db.call_sync(store.delete_job, job.job_id)
     fresh = db.call_sync(store.submit_job, "j", wf.workflow_id, "DeviceId", "d0", None)[0]
     assert db.call_sync(store.child_jobs, fresh.job_id)[0].seq > last_seq
+
+
+def test_device_queues_lists_the_first_hundred_and_counts_them_all(db: store.Store) -> None:
+    for device in ("busy", "calm", "idle"):
+        db.call_sync(store.register_device, device, None, [])
+    wf = db.call_sync(store.create_workflow, "wf", "true", None, False)
+    for _ in range(105):
+        db.call_sync(store.submit_job, "j", wf.workflow_id, "DeviceId", "busy", None)
+    for _ in range(2):
+        db.call_sync(store.submit_job, "j", wf.workflow_id, "DeviceId", "calm", None)
+    busy, calm, idle = db.call_sync(store.device_queues, ["busy", "calm", "idle"])
+    assert (len(busy.entries), busy.total) == (100, 105)
+    assert [e.seq for e in busy.entries] == sorted(e.seq for e in busy.entries)
+    assert (len(calm.entries), calm.total, calm.head.command) == (2, 2, "true")
+    assert (idle.entries, idle.total, idle.head) == ((), 0, None)
