@@ -44,6 +44,8 @@ class Dispatcher:
         self._published: dict[str, int] = {}  # topic -> hash of the payload last published
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=INBOX_LIMIT)
         self.idle = asyncio.Event()  # set whenever nothing is waiting to be published
+        self._in_sync = False
+        self._resync_task: asyncio.Task[None] | None = None
 
     @property
     def subscriptions(self) -> list[str]:
@@ -65,13 +67,29 @@ class Dispatcher:
     def on_connected(self) -> None:
         """After every (re)connect, republish every device from the database."""
         self._published.clear()
-        asyncio.get_running_loop().create_task(self._resync())
+        self._in_sync = False
+        self._resync_task = asyncio.get_running_loop().create_task(self._resync())
 
     async def _resync(self) -> None:
-        await self.store.call(store.restart_silence_clocks)
-        device_ids = await self.store.call(store.all_device_ids)
+        """Restart the silence clocks (devices could not report while we were away), then republish."""
+        delay = 0.5
+        while True:
+            try:
+                await self.store.call(store.restart_silence_clocks)
+                device_ids = await self.store.call(store.all_device_ids)
+                break
+            except Exception:
+                log.exception("could not read the devices to republish; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
         log.info("republishing the queues of %d devices", len(device_ids))
         self.mark(device_ids)
+        self._in_sync = True
+
+    @property
+    def in_touch(self) -> bool:
+        """Connected to the broker, and the silence clocks restarted since: devices can report."""
+        return self._in_sync and self.link is not None and self.link.connected.is_set()
 
     def forget(self, device_id: str) -> None:
         """A deleted device: clear its retained job and queue messages."""
@@ -119,6 +137,8 @@ class Dispatcher:
         interval = max(0.5, min(5.0, self.timeout_grace / 4))
         while True:
             await asyncio.sleep(interval)
+            if not self.in_touch:  # an outage of ours or the broker's never times a device out
+                continue
             try:
                 devices = await self.store.call(store.expire_silent_jobs, self.timeout_grace)
             except Exception:

@@ -237,6 +237,10 @@ def delete_device(device_id: str) -> None:
                   ChildJob.device_id == device_id, ChildJob.status.in_(PENDING))
 
 
+def device_exists(device_id: str) -> bool:
+    return Device.select().where(Device.device_id == device_id).exists()
+
+
 def check_device_password(device_id: str, password: str) -> bool:
     device = Device.get_or_none(Device.device_id == device_id)
     return bool(device and device.enabled and credentials.verify_password(password, device.password_hash))

@@ -160,12 +160,19 @@ def test_logins_that_are_refused(fleet: Fleet, username: str, password_of: str, 
         client.close()
 
 
-@pytest.mark.parametrize("client_id, will", [("dev2", None), ("dev1", TOPICS.presence("dev2"))])
-def test_embedded_broker_refuses_borrowed_client_ids_and_wills(launch: Launcher, client_id: str, will: str) -> None:
-    """On Mosquitto, use_username_as_clientid makes both harmless: the id is the username."""
+@pytest.mark.parametrize("username, client_id, will", [
+    ("dev1", "dev2", None),  # a device borrowing another's client id
+    ("dev1", "dev1", TOPICS.presence("dev2")),  # a last will that speaks for another device
+    ("api", "ota-bridge-service", None),  # an operator taking over the service's session
+    ("api", "dev1", None),  # ... or a device's
+])
+def test_embedded_broker_refuses_borrowed_client_ids_and_wills(launch: Launcher, username: str, client_id: str,
+                                                              will: str) -> None:
+    """On Mosquitto, use_username_as_clientid makes these harmless: every client id is its username."""
     service = launch.service()
     fleet = Fleet(service, service.mqtt_port, make_devices(service), "", True)
-    client = Client(fleet, "dev1", fleet.passwords["dev1"], client_id=client_id, will=will)
+    password = service.api.token if username == "api" else fleet.passwords[username]
+    client = Client(fleet, username, password or "", client_id=client_id, will=will)
     try:
         assert not client.connected()
     finally:
