@@ -12,7 +12,6 @@ import hmac
 import logging
 import os
 import signal
-import ssl
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -20,23 +19,15 @@ from aiohttp import web
 
 from agent.protocol import OPERATOR_USERNAME, RESERVED_DEVICE_IDS, SERVICE_CLIENT_ID, Topics
 
-from . import credentials, signing, store, tls
+from . import credentials, signing, store
 from .api import make_app
 from .api.views import ACCOUNTS
-from .broker import (
-    SERVICE_USERNAME,
-    Authenticator,
-    IsolatingBroker,
-    ListenError,
-    TlsListener,
-    TopicPolicy,
-    start_broker,
-)
+from .broker import SERVICE_USERNAME, IsolatingBroker, TopicPolicy, start_broker
 from .broker_accounts import SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secret
 from .dispatch import Dispatcher
 from .errors import ConfigError
 from .mqtt_link import BrokerLink
-from .settings import OPTIONS_BY_NAME, HostPort, Settings
+from .settings import HostPort, Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +68,6 @@ async def serve(settings: Settings) -> None:
 
 @contextlib.asynccontextmanager
 async def _running(settings: Settings, db: store.Store) -> AsyncIterator[None]:
-    https = tls.server_context(settings)  # first: a bad certificate file stops the start at once
     signer = signing.load_or_create(settings.data_dir)
     dispatcher = Dispatcher(db, Topics(settings.prefix), signer.sign, settings.timeout_grace, settings.failpoints)
     async with contextlib.AsyncExitStack() as stack:
@@ -92,7 +82,7 @@ async def _running(settings: Settings, db: store.Store) -> AsyncIterator[None]:
         stack.callback(link.stop)
         app = make_app(db, dispatcher, signer)
         app[ACCOUNTS] = accounts
-        await stack.enter_async_context(_http(app, settings.http, https))
+        await stack.enter_async_context(_http(app, settings.http))
         yield
 
 
@@ -104,34 +94,23 @@ async def _broker_link(settings: Settings, db: store.Store, dispatcher: Dispatch
         username, password = url.username, url.password
         if username is None and settings.mosquitto_dir is not None:  # the identity it writes for itself
             username, password = SERVICE_USERNAME, broker_secret(settings.data_dir, SERVICE_PASSWORD_FILE)
-        return _link(url.host, url.port, username, password, dispatcher, tls.broker_client_context(settings)), None
+        return _link(url.host, url.port, username, password, dispatcher), None
     listen, secret = settings.mqtt_listen, credentials.new_secret()
-    broker = await _start_embedded(settings, _authenticator(db, secret))
+    try:
+        broker = await start_broker(listen, _authenticator(db, secret), TopicPolicy(Topics(settings.prefix)))
+    except OSError as e:
+        raise _port_error(e, listen, "--mqtt-listen", "OTA_BRIDGE_MQTT_LISTEN") from e
     stack.push_async_callback(broker.shutdown)
     host = "127.0.0.1" if listen.host in {"0.0.0.0", "::", ""} else listen.host
-    return _link(host, listen.port, SERVICE_USERNAME, secret, dispatcher), broker  # plain: loopback or own host
+    return _link(host, listen.port, SERVICE_USERNAME, secret, dispatcher), broker
 
 
-async def _start_embedded(settings: Settings, authenticator: Authenticator) -> IsolatingBroker:
-    tls_listener = None
-    if settings.mqtt_tls_listen is not None and settings.tls_cert is not None and settings.tls_key is not None:
-        tls_listener = TlsListener(settings.mqtt_tls_listen, settings.tls_cert, settings.tls_key)
-    try:
-        return await start_broker(settings.mqtt_listen, authenticator, TopicPolicy(Topics(settings.prefix)),
-                                  tls_listener)
-    except ListenError as e:
-        if e.listener == "tls" and tls_listener is not None:
-            raise _port_error(e, tls_listener.listen, "mqtt_tls_listen") from e
-        raise _port_error(e, settings.mqtt_listen, "mqtt_listen") from e
-
-
-def _link(host: str, port: int, username: str | None, password: str | None, dispatcher: Dispatcher,
-          tls_context: ssl.SSLContext | None = None) -> BrokerLink:
+def _link(host: str, port: int, username: str | None, password: str | None, dispatcher: Dispatcher) -> BrokerLink:
     return BrokerLink(host, port, username, password, dispatcher.subscriptions,
-                      on_message=dispatcher.deliver, on_connect=dispatcher.on_connected, tls=tls_context)
+                      on_message=dispatcher.deliver, on_connect=dispatcher.on_connected)
 
 
-def _authenticator(db: store.Store, service_secret: str) -> Authenticator:
+def _authenticator(db: store.Store, service_secret: str):  # noqa: ANN202 - see broker.Authenticator
     async def authenticate(username: str, password: str, client_id: str) -> bool:
         if username == SERVICE_USERNAME:
             return client_id == SERVICE_CLIENT_ID and hmac.compare_digest(password.encode(), service_secret.encode())
@@ -144,15 +123,15 @@ def _authenticator(db: store.Store, service_secret: str) -> Authenticator:
 
 
 @contextlib.asynccontextmanager
-async def _http(app: web.Application, listen: HostPort, https: ssl.SSLContext | None) -> AsyncIterator[None]:
+async def _http(app: web.Application, listen: HostPort) -> AsyncIterator[None]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         try:
-            await web.TCPSite(runner, listen.host, listen.port, ssl_context=https).start()
+            await web.TCPSite(runner, listen.host, listen.port).start()
         except OSError as e:
-            raise _port_error(e, listen, "http") from e
-        log.info("REST API listening on %s://%s", "https" if https else "http", listen)
+            raise _port_error(e, listen, "--http", "OTA_BRIDGE_HTTP") from e
+        log.info("REST API listening on http://%s", listen)
         yield
     finally:
         await runner.cleanup()
@@ -161,11 +140,11 @@ async def _http(app: web.Application, listen: HostPort, https: ssl.SSLContext | 
 _BROKER_HINT = ", or use the broker already there with --mqtt-url mqtt://USER:PASS@HOST:PORT"
 
 
-def _port_error(e: Exception, listen: HostPort, name: str) -> ConfigError:
-    text, flag, env = str(e), OPTIONS_BY_NAME[name].flag, OPTIONS_BY_NAME[name].env
+def _port_error(e: Exception, listen: HostPort, flag: str, env: str) -> ConfigError:
+    text = str(e)
     if getattr(e, "errno", None) == errno.EADDRINUSE or "address already in use" in text.lower():
         return ConfigError(f"port {listen.port} on {listen.host} is already in use; choose another with {flag} "
-                           f"or {env}{_BROKER_HINT if name == 'mqtt_listen' else ''}")
+                           f"or {env}{_BROKER_HINT if flag == '--mqtt-listen' else ''}")
     return ConfigError(f"cannot listen on {listen} ({flag} / {env}): {text}")
 
 
