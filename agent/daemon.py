@@ -1,6 +1,10 @@
 """ota-agent: run the jobs the ota-bridge service sends to this device, one at a time.
 
     ota-agent --broker mqtt://HOST:PORT --device-id ID --server-key-file FILE [--password-file FILE] ...
+    ota-agent --broker mqtts://HOST:PORT [--ca-file FILE] [--cert-file FILE --key-file FILE] ...
+
+Over mqtts:// (TLS 1.2 or later) the broker's certificate must chain to --ca-file (default: the
+system's CAs) and name the broker's host; there is no way to turn that check off.
 
 Every flag can also come from an environment variable OTA_AGENT_<FLAG> (e.g.
 OTA_AGENT_DEVICE_ID); a flag wins over its variable. A missing or bad value exits 2.
@@ -30,6 +34,7 @@ import logging
 import os
 import queue
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -106,6 +111,7 @@ class Settings:
     log_level: str
     server_key: bytes  # the service's Ed25519 public key, raw: every head must be signed with it
     policy: CommandPolicy = CommandPolicy()
+    tls: ssl.SSLContext | None = field(default=None, repr=False, compare=False)  # None: plain mqtt://
 
     @property
     def server_key_b64(self) -> str:
@@ -113,7 +119,7 @@ class Settings:
 
     @property
     def broker_url(self) -> str:
-        return f"mqtt://{self.broker_host}:{self.broker_port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.broker_host}:{self.broker_port}"
 
     @property
     def journal_dir(self) -> Path:
@@ -127,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"Every flag also reads {ENV_PREFIX}<FLAG> from the environment (e.g. {env_name('device_id')}).",
     )
     add = parser.add_argument
-    add("--broker", metavar="mqtt://HOST:PORT", help="the MQTT broker (host:port also accepted)")
+    add("--broker", metavar="mqtt[s]://HOST:PORT", help="the MQTT broker: mqtt://HOST:PORT (default port 1883; "
+        "HOST:PORT also accepted) or, over TLS, mqtts://HOST:PORT (default port 8883)")
+    add("--ca-file", metavar="FILE", help="mqtts:// only: PEM CA certificates the broker's certificate must chain "
+        "to (default: the system's CAs); the certificate must also name the broker's host")
+    add("--cert-file", metavar="FILE", help="mqtts:// only: a PEM client certificate, for a broker that asks "
+        "for one (with --key-file)")
+    add("--key-file", metavar="FILE", help="the unencrypted PEM private key of --cert-file")
     add("--device-id", metavar="ID", help="this device's id; also the MQTT client id")
     add("--username", help="MQTT user name (default: the device id)")
     add("--password", help="MQTT password (prefer --password-file)")
@@ -157,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 _SETTING_NAMES = (
     "broker", "device_id", "username", "password", "password_file", "state_dir", "prefix",
     "output_cap", "default_timeout", "kill_grace", "log_level", "server_key", "server_key_file",
-    "allow_scripts_dir",
+    "allow_scripts_dir", "ca_file", "cert_file", "key_file",
 )
 _LIST_SETTING_NAMES = ("allow_prefix",)  # repeatable flags; their variable holds a list
 
@@ -166,7 +178,7 @@ def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Setting
     """Settings from flags, then OTA_AGENT_* variables, then defaults. Raises SettingsError."""
     args = build_parser().parse_args(_join_values(sys.argv[1:] if argv is None else argv))
     raw = {name: _flag_or_env(getattr(args, name), environ.get(env_name(name))) for name in _SETTING_NAMES}
-    host, port = parse_broker(_required(raw, "broker"))
+    host, port, tls = parse_broker(_required(raw, "broker"))
     device_id = _device_id(_required(raw, "device_id"))
     return Settings(
         broker_host=host,
@@ -185,6 +197,7 @@ def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Setting
             allow_prefixes=_allow_prefixes(args.allow_prefix, environ.get(env_name("allow_prefix"))),
             scripts_dir=_scripts_dir(raw["allow_scripts_dir"]),
         ),
+        tls=_broker_tls(raw, tls),
     )
 
 
@@ -217,20 +230,67 @@ def _required(raw: dict[str, str | None], name: str) -> str:
     return value
 
 
-def parse_broker(value: str) -> tuple[str, int]:
-    """mqtt://HOST:PORT or HOST:PORT (port 1883 when left out) -> (host, port)."""
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+def parse_broker(value: str) -> tuple[str, int, bool]:
+    """mqtt://HOST:PORT, HOST:PORT (port 1883 when left out) or mqtts://HOST:PORT (8883) -> (host, port, tls)."""
     url = urlsplit(value if "://" in value else f"mqtt://{value}")
-    if url.scheme == "mqtts":
-        raise SettingsError("broker", f"is {value!r}: TLS (mqtts://) is not supported yet; use mqtt://")
-    if url.scheme != "mqtt" or not url.hostname or url.path not in ("", "/") or url.query or url.username:
-        raise SettingsError("broker", f"is {value!r}, expected mqtt://HOST:PORT")
+    if url.scheme not in DEFAULT_PORTS or not url.hostname or url.path not in ("", "/") or url.query or url.username:
+        raise SettingsError("broker", f"is {value!r}, expected mqtt://HOST:PORT or mqtts://HOST:PORT")
     try:
-        port = 1883 if url.port is None else url.port
+        port = DEFAULT_PORTS[url.scheme] if url.port is None else url.port
     except ValueError as e:
         raise SettingsError("broker", f"is {value!r}: bad port ({e})") from e
     if port == 0:
         raise SettingsError("broker", f"is {value!r}: port 0 is not a port to connect to")
-    return url.hostname, port
+    return url.hostname, port, url.scheme == "mqtts"
+
+
+def _broker_tls(raw: dict[str, str | None], tls: bool) -> ssl.SSLContext | None:
+    """The TLS context for an mqtts:// broker; None for mqtt://, which takes no TLS files."""
+    if tls:
+        return tls_context(raw)
+    for name in ("ca_file", "cert_file", "key_file"):
+        if raw[name] is not None:
+            raise SettingsError(name, "is for a TLS broker: give --broker mqtts://HOST:PORT")
+    return None
+
+
+def tls_context(raw: dict[str, str | None]) -> ssl.SSLContext:
+    """TLS 1.2 or later; the broker's certificate must chain to --ca-file (or the system's CAs) and name its host."""
+    cafile = _readable(raw, "ca_file")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    except ssl.SSLError as e:
+        raise SettingsError("ca_file", f"names a file with no usable PEM CA certificate: {e}") from e
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if (raw["cert_file"] is None) != (raw["key_file"] is None):
+        raise SettingsError("cert_file", "and --key-file go together: give both, or neither")
+    cert_file, key_file = _readable(raw, "cert_file"), _readable(raw, "key_file")
+    if cert_file is not None and key_file is not None:
+        _load_client_certificate(context, cert_file, key_file)
+    return context
+
+
+def _load_client_certificate(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
+    def encrypted() -> bytes:  # instead of OpenSSL asking for a passphrase on the terminal
+        raise SettingsError("key_file", "names an encrypted key; give an unencrypted one")
+
+    try:
+        context.load_cert_chain(cert_file, key_file, password=encrypted)
+    except ssl.SSLError as e:
+        raise SettingsError("cert_file", f"and --key-file are not a PEM certificate and its private key ({e})") from e
+
+
+def _readable(raw: dict[str, str | None], name: str) -> str | None:
+    path = raw[name]
+    if path is not None:
+        try:
+            Path(path).open("rb").close()
+        except OSError as e:
+            raise SettingsError(name, f"names a file that cannot be read: {e}") from e
+    return path
 
 
 def _device_id(value: str) -> str:
@@ -402,7 +462,7 @@ class Connected:
 
 @dataclass(frozen=True)
 class ConnectFailed:
-    pass
+    reason: str  # the network or TLS error, e.g. the broker's certificate did not verify
 
 
 @dataclass(frozen=True)
@@ -432,6 +492,11 @@ Event = Union[Connected, ConnectFailed, Disconnected, Subscribed, JobMessage, Jo
 # --- the broker -----------------------------------------------------------------------------
 
 
+def _not_reconnect_noise(record: logging.LogRecord) -> bool:
+    """Drops the error paho logs after every failed reconnect: the agent logs those itself."""
+    return not str(record.msg).startswith("Client is not connected")
+
+
 class BrokerLink:
     """The one place that talks to the MQTT broker. Callbacks only queue events."""
 
@@ -447,12 +512,18 @@ class BrokerLink:
             CallbackAPIVersion.VERSION2, client_id=s.device_id, clean_session=False, protocol=mqtt.MQTTv311
         )
         client.username_pw_set(s.username, s.password)
+        if s.tls is not None:
+            client.tls_set_context(s.tls)
+        paho_log = log.getChild("mqtt")  # paho's errors, e.g. the broker refusing our TLS certificate
+        paho_log.addFilter(_not_reconnect_noise)
+        client.enable_logger(paho_log)
         will = protocol.encode(presence_message(Presence.OFFLINE))
         client.will_set(self.topics.presence(s.device_id), will, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = lambda c, u, flags, code, props: self._offer(
             Connected(str(code) if code.is_failure else None))
-        client.on_connect_fail = lambda c, u: self._offer(ConnectFailed())
+        # paho calls on_connect_fail while it handles the OSError (a TLS failure is one): keep its text.
+        client.on_connect_fail = lambda c, u: self._offer(ConnectFailed(str(sys.exc_info()[1])))
         client.on_disconnect = lambda c, u, flags, code, props: self._offer(Disconnected(str(code)))
         client.on_subscribe = lambda c, u, mid, codes, props: self._offer(Subscribed(_refusal(codes)))
         client.on_message = lambda c, u, msg: self._offer(JobMessage(msg.topic, bytes(msg.payload)))
@@ -579,8 +650,8 @@ class Agent:
             self._on_subscribed(event)
         elif isinstance(event, ConnectFailed):
             self._connect_failures += 1
-            log.warning("could not connect to %s (attempt %d); retrying", self.settings.broker_url,
-                        self._connect_failures)
+            log.warning("could not connect to %s (attempt %d: %s); retrying", self.settings.broker_url,
+                        self._connect_failures, event.reason)
         elif isinstance(event, Disconnected):
             self._ready_at = None
             log.warning("disconnected from %s (%s); reconnecting", self.settings.broker_url, event.reason)

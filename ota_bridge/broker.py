@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from amqtt.broker import Broker
@@ -101,6 +103,18 @@ class IsolatingBroker(Broker):
             if self._matches(topic, topic_filter) and await self._topic_filtering(session, topic, Action.RECEIVE):
                 await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
 
+    @staticmethod
+    def _create_ssl_context(listener: Any) -> ssl.SSLContext:
+        """amqtt's context, at TLS 1.2 or later and asking for no client certificate.
+
+        amqtt asks for one (CERT_OPTIONAL) and checks it against the system's CAs, so a device
+        presenting a certificate from a private CA would be refused; devices log in with passwords.
+        """
+        context = Broker._create_ssl_context(listener)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.verify_mode = ssl.CERT_NONE
+        return context
+
     async def disconnect_client(self, client_id: str) -> bool:
         """Drop a client's connection (a disabled device); returns whether it was connected."""
         session, handler = self._sessions.get(client_id, (None, None))
@@ -110,9 +124,31 @@ class IsolatingBroker(Broker):
         return True
 
 
-def broker_config(listen: HostPort, authenticator: Authenticator, policy: TopicPolicy) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TlsListener:
+    """A second listener of the embedded broker, over TLS, with the server's certificate and key."""
+
+    listen: HostPort
+    certfile: Path
+    keyfile: Path
+
+
+class ListenError(OSError):
+    """A listener could not start; `listener` is "default" or "tls"."""
+
+    def __init__(self, listener: str, errno: int | None, text: str) -> None:
+        super().__init__(errno, text)
+        self.listener = listener
+
+
+def broker_config(listen: HostPort, authenticator: Authenticator, policy: TopicPolicy,
+                  tls: TlsListener | None = None) -> dict[str, Any]:
+    listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": str(listen), "max_connections": -1}}
+    if tls is not None:
+        listeners["tls"] = {"type": "tcp", "bind": str(tls.listen), "max_connections": -1,
+                            "ssl": True, "certfile": str(tls.certfile), "keyfile": str(tls.keyfile)}
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{listen.host}:{listen.port}", "max_connections": -1}},
+        "listeners": listeners,
         "plugins": {
             f"{__name__}.DatabaseAuthPlugin": {"authenticator": authenticator, "policy": policy},
             f"{__name__}.TopicPolicyPlugin": {"policy": policy},
@@ -120,16 +156,22 @@ def broker_config(listen: HostPort, authenticator: Authenticator, policy: TopicP
     }
 
 
-async def start_broker(listen: HostPort, authenticator: Authenticator, policy: TopicPolicy) -> IsolatingBroker:
-    """Start an amqtt broker on listen; the caller shuts it down. Raises OSError when it cannot bind."""
-    broker = IsolatingBroker(broker_config(listen, authenticator, policy), loop=asyncio.get_running_loop())
+async def start_broker(listen: HostPort, authenticator: Authenticator, policy: TopicPolicy,
+                       tls: TlsListener | None = None) -> IsolatingBroker:
+    """Start an amqtt broker on listen (and tls); the caller shuts it down.
+
+    Raises ListenError, naming the listener, when one cannot bind.
+    """
+    config = broker_config(listen, authenticator, policy, tls)
+    broker = IsolatingBroker(config, loop=asyncio.get_running_loop())
     amqtt_log = logging.getLogger("amqtt.broker")
     level, amqtt_log.level = amqtt_log.level, logging.CRITICAL  # our caller reports a failure in one line
     try:
         await broker.start()
     except BrokerError as e:
-        raise OSError(getattr(e.__cause__, "errno", None), str(e.__cause__ or e)) from e
+        failed = next((name for name in config["listeners"] if name not in broker._servers), "default")
+        raise ListenError(failed, getattr(e.__cause__, "errno", None), str(e.__cause__ or e)) from e
     finally:
         amqtt_log.setLevel(level)
-    log.info("embedded MQTT broker listening on %s", listen)
+    log.info("embedded MQTT broker listening on %s%s", listen, f", TLS on {tls.listen}" if tls else "")
     return broker

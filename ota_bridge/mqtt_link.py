@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,6 +21,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.protocol import SERVICE_CLIENT_ID
 
 log = logging.getLogger(__name__)
+
+
+def _not_reconnect_noise(record: logging.LogRecord) -> bool:
+    """Drops the error paho logs after every failed reconnect: _paho_connect_fail logs those."""
+    return not str(record.msg).startswith("Client is not connected")
+
 
 @dataclass(frozen=True)
 class Incoming:
@@ -34,7 +42,7 @@ class BrokerLink:
 
     def __init__(self, host: str, port: int, username: str | None, password: str | None,
                  subscriptions: list[str], on_message: Callable[[Incoming], None],
-                 on_connect: Callable[[], None]) -> None:
+                 on_connect: Callable[[], None], tls: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
         self._subscriptions = subscriptions
         self._on_message = on_message
@@ -45,10 +53,16 @@ class BrokerLink:
                              protocol=mqtt.MQTTv311, manual_ack=True)
         if username:
             client.username_pw_set(username, password)
+        if tls is not None:
+            client.tls_set_context(tls)  # the context checks the certificate and the host name
+        paho_log = log.getChild("paho")  # its errors, e.g. the broker refusing the service's TLS certificate
+        paho_log.addFilter(_not_reconnect_noise)
+        client.enable_logger(paho_log)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.max_inflight_messages_set(1000)
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
+        client.on_connect_fail = self._paho_connect_fail
         client.on_message = self._paho_message
         self._client = client
 
@@ -77,6 +91,10 @@ class BrokerLink:
             return
         client.subscribe([(topic, 1) for topic in self._subscriptions])
         self._call(self._connected)
+
+    def _paho_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        error = sys.exc_info()[1]  # paho calls this while handling the OSError (a TLS failure is one)
+        log.warning("cannot connect to the broker %s:%s (%s); retrying", self.host, self.port, error)
 
     def _paho_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self._call(self.connected.clear)

@@ -12,6 +12,7 @@ import hmac
 import logging
 import os
 import signal
+import ssl
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -19,15 +20,23 @@ from aiohttp import web
 
 from agent.protocol import OPERATOR_USERNAME, RESERVED_DEVICE_IDS, SERVICE_CLIENT_ID, Topics
 
-from . import credentials, signing, store
+from . import credentials, signing, store, tls
 from .api import make_app
 from .api.views import ACCOUNTS
-from .broker import SERVICE_USERNAME, IsolatingBroker, TopicPolicy, start_broker
+from .broker import (
+    SERVICE_USERNAME,
+    Authenticator,
+    IsolatingBroker,
+    ListenError,
+    TlsListener,
+    TopicPolicy,
+    start_broker,
+)
 from .broker_accounts import SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secret
 from .dispatch import Dispatcher
 from .errors import ConfigError
 from .mqtt_link import BrokerLink
-from .settings import HostPort, Settings
+from .settings import OPTIONS_BY_NAME, HostPort, Settings
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,7 @@ async def serve(settings: Settings) -> None:
 
 @contextlib.asynccontextmanager
 async def _running(settings: Settings, db: store.Store) -> AsyncIterator[None]:
+    https = tls.server_context(settings)  # first: a bad certificate file stops the start at once
     signer = signing.load_or_create(settings.data_dir)
     dispatcher = Dispatcher(db, Topics(settings.prefix), signer.sign, settings.timeout_grace, settings.failpoints)
     async with contextlib.AsyncExitStack() as stack:
@@ -82,7 +92,7 @@ async def _running(settings: Settings, db: store.Store) -> AsyncIterator[None]:
         stack.callback(link.stop)
         app = make_app(db, dispatcher, signer)
         app[ACCOUNTS] = accounts
-        await stack.enter_async_context(_http(app, settings.http))
+        await stack.enter_async_context(_http(app, settings.http, https))
         yield
 
 
@@ -94,23 +104,34 @@ async def _broker_link(settings: Settings, db: store.Store, dispatcher: Dispatch
         username, password = url.username, url.password
         if username is None and settings.mosquitto_dir is not None:  # the identity it writes for itself
             username, password = SERVICE_USERNAME, broker_secret(settings.data_dir, SERVICE_PASSWORD_FILE)
-        return _link(url.host, url.port, username, password, dispatcher), None
+        return _link(url.host, url.port, username, password, dispatcher, tls.broker_client_context(settings)), None
     listen, secret = settings.mqtt_listen, credentials.new_secret()
-    try:
-        broker = await start_broker(listen, _authenticator(db, secret), TopicPolicy(Topics(settings.prefix)))
-    except OSError as e:
-        raise _port_error(e, listen, "--mqtt-listen", "OTA_BRIDGE_MQTT_LISTEN") from e
+    broker = await _start_embedded(settings, _authenticator(db, secret))
     stack.push_async_callback(broker.shutdown)
     host = "127.0.0.1" if listen.host in {"0.0.0.0", "::", ""} else listen.host
-    return _link(host, listen.port, SERVICE_USERNAME, secret, dispatcher), broker
+    return _link(host, listen.port, SERVICE_USERNAME, secret, dispatcher), broker  # plain: loopback or own host
 
 
-def _link(host: str, port: int, username: str | None, password: str | None, dispatcher: Dispatcher) -> BrokerLink:
+async def _start_embedded(settings: Settings, authenticator: Authenticator) -> IsolatingBroker:
+    tls_listener = None
+    if settings.mqtt_tls_listen is not None and settings.tls_cert is not None and settings.tls_key is not None:
+        tls_listener = TlsListener(settings.mqtt_tls_listen, settings.tls_cert, settings.tls_key)
+    try:
+        return await start_broker(settings.mqtt_listen, authenticator, TopicPolicy(Topics(settings.prefix)),
+                                  tls_listener)
+    except ListenError as e:
+        if e.listener == "tls" and tls_listener is not None:
+            raise _port_error(e, tls_listener.listen, "mqtt_tls_listen") from e
+        raise _port_error(e, settings.mqtt_listen, "mqtt_listen") from e
+
+
+def _link(host: str, port: int, username: str | None, password: str | None, dispatcher: Dispatcher,
+          tls_context: ssl.SSLContext | None = None) -> BrokerLink:
     return BrokerLink(host, port, username, password, dispatcher.subscriptions,
-                      on_message=dispatcher.deliver, on_connect=dispatcher.on_connected)
+                      on_message=dispatcher.deliver, on_connect=dispatcher.on_connected, tls=tls_context)
 
 
-def _authenticator(db: store.Store, service_secret: str):  # noqa: ANN202 - see broker.Authenticator
+def _authenticator(db: store.Store, service_secret: str) -> Authenticator:
     async def authenticate(username: str, password: str, client_id: str) -> bool:
         if username == SERVICE_USERNAME:
             return client_id == SERVICE_CLIENT_ID and hmac.compare_digest(password.encode(), service_secret.encode())
@@ -123,15 +144,15 @@ def _authenticator(db: store.Store, service_secret: str):  # noqa: ANN202 - see 
 
 
 @contextlib.asynccontextmanager
-async def _http(app: web.Application, listen: HostPort) -> AsyncIterator[None]:
+async def _http(app: web.Application, listen: HostPort, https: ssl.SSLContext | None) -> AsyncIterator[None]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         try:
-            await web.TCPSite(runner, listen.host, listen.port).start()
+            await web.TCPSite(runner, listen.host, listen.port, ssl_context=https).start()
         except OSError as e:
-            raise _port_error(e, listen, "--http", "OTA_BRIDGE_HTTP") from e
-        log.info("REST API listening on http://%s", listen)
+            raise _port_error(e, listen, "http") from e
+        log.info("REST API listening on %s://%s", "https" if https else "http", listen)
         yield
     finally:
         await runner.cleanup()
@@ -140,11 +161,11 @@ async def _http(app: web.Application, listen: HostPort) -> AsyncIterator[None]:
 _BROKER_HINT = ", or use the broker already there with --mqtt-url mqtt://USER:PASS@HOST:PORT"
 
 
-def _port_error(e: Exception, listen: HostPort, flag: str, env: str) -> ConfigError:
-    text = str(e)
+def _port_error(e: Exception, listen: HostPort, name: str) -> ConfigError:
+    text, flag, env = str(e), OPTIONS_BY_NAME[name].flag, OPTIONS_BY_NAME[name].env
     if getattr(e, "errno", None) == errno.EADDRINUSE or "address already in use" in text.lower():
         return ConfigError(f"port {listen.port} on {listen.host} is already in use; choose another with {flag} "
-                           f"or {env}{_BROKER_HINT if flag == '--mqtt-listen' else ''}")
+                           f"or {env}{_BROKER_HINT if name == 'mqtt_listen' else ''}")
     return ConfigError(f"cannot listen on {listen} ({flag} / {env}): {text}")
 
 

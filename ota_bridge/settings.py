@@ -35,11 +35,12 @@ class MqttUrl:
     port: int
     username: str | None
     password: str | None
+    tls: bool = False  # mqtts://
 
     def __str__(self) -> str:
         """The URL without the password, for logs."""
         user = f"{self.username}@" if self.username else ""
-        return f"mqtt://{user}{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,12 @@ class Settings:
     timeout_grace: float
     failpoints: frozenset[str]
     mosquitto_dir: Path | None
+    tls_cert: Path | None  # with tls_key: HTTPS for the API, and the embedded broker's TLS listener
+    tls_key: Path | None
+    mqtt_tls_listen: HostPort | None  # the embedded broker's TLS listener, if any
+    mqtt_ca_file: Path | None  # for an mqtts:// --mqtt-url; None: the system's CAs
+    mqtt_cert: Path | None  # with mqtt_key: the service's client certificate for an mqtts:// --mqtt-url
+    mqtt_key: Path | None
 
     @property
     def database_url(self) -> str:
@@ -69,21 +76,32 @@ def parse_host_port(value: str) -> HostPort:
     return HostPort(host.strip("[]"), int(port))
 
 
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
 def parse_mqtt_url(value: str) -> MqttUrl | None:
     if not value:
         return None
     parts = urlsplit(value)
-    if parts.scheme != "mqtt":
-        raise ValueError(f"expected mqtt://[USER:PASS@]HOST:PORT, got scheme {parts.scheme!r}")
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ValueError(f"expected mqtt:// or mqtts://[USER:PASS@]HOST:PORT, got scheme {parts.scheme!r}")
     if not parts.hostname:
         raise ValueError("the URL names no host")
     try:
-        port = parts.port or 1883
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
     except ValueError as e:
         raise ValueError(f"bad port: {e}") from e
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
-    return MqttUrl(parts.hostname, port, user, password)
+    return MqttUrl(parts.hostname, port, user, password, tls=parts.scheme == "mqtts")
+
+
+def parse_optional_path(value: str) -> Path | None:
+    return Path(value) if value else None
+
+
+def parse_optional_host_port(value: str) -> HostPort | None:
+    return parse_host_port(value) if value else None
 
 
 def parse_database(value: str) -> str:
@@ -147,8 +165,19 @@ OPTIONS = (
     Option("log_level", "INFO", parse_log_level, "DEBUG, INFO, WARNING or ERROR"),
     Option("timeout_grace", "60", parse_seconds,
            "seconds past a job's timeout before the service itself marks a silent device's job TIMED_OUT"),
-    Option("mosquitto_dir", "", lambda v: Path(v) if v else None,
+    Option("mosquitto_dir", "", parse_optional_path,
            "keep Mosquitto's password and ACL files here, from the device registry, and reload it on changes"),
+    Option("tls_cert", "", parse_optional_path,
+           "PEM certificate (chain) of this server: serves the REST API over HTTPS, with --tls-key"),
+    Option("tls_key", "", parse_optional_path, "PEM private key of --tls-cert"),
+    Option("mqtt_tls_listen", "", parse_optional_host_port,
+           "HOST:PORT of a TLS listener on the embedded MQTT broker, with --tls-cert and --tls-key"),
+    Option("mqtt_ca_file", "", parse_optional_path,
+           "PEM CA certificates that an mqtts:// --mqtt-url broker's certificate must chain to "
+           "(default: the system's CAs)"),
+    Option("mqtt_cert", "", parse_optional_path,
+           "PEM client certificate for an mqtts:// --mqtt-url broker, with --mqtt-key"),
+    Option("mqtt_key", "", parse_optional_path, "PEM private key of --mqtt-cert"),
     Option("failpoints", "", parse_failpoints,
            "for fault-injection tests only: exit-after-store kills the service right after it stores a result"),
 )
@@ -167,7 +196,34 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     """Build Settings from parsed flags, the environment and the defaults."""
     environ = os.environ if environ is None else environ
     values = {option.name: _value(option, args, environ) for option in OPTIONS}
-    return Settings(**values)  # type: ignore[arg-type]
+    settings = Settings(**values)  # type: ignore[arg-type]
+    _check_tls(settings)
+    return settings
+
+
+def named(name: str) -> str:
+    """How an error names a setting: its flag and its variable."""
+    option = OPTIONS_BY_NAME[name]
+    return f"{option.flag} / {option.env}"
+
+
+def _check_tls(s: Settings) -> None:
+    """The TLS settings that only make sense together."""
+    _pair(s.tls_cert, s.tls_key, "tls_cert", "tls_key")
+    _pair(s.mqtt_cert, s.mqtt_key, "mqtt_cert", "mqtt_key")
+    if s.mqtt_tls_listen is not None and s.tls_cert is None:
+        raise ConfigError(f"{named('mqtt_tls_listen')} needs {named('tls_cert')} and {named('tls_key')}")
+    if s.mqtt_tls_listen is not None and s.mqtt_url is not None:
+        raise ConfigError(f"{named('mqtt_tls_listen')} is for the embedded broker, which does not run "
+                          f"with {named('mqtt_url')}")
+    for name in ("mqtt_ca_file", "mqtt_cert"):
+        if getattr(s, name) is not None and not (s.mqtt_url and s.mqtt_url.tls):
+            raise ConfigError(f"{named(name)} is for a broker at an mqtts:// {named('mqtt_url')}")
+
+
+def _pair(first: object, second: object, first_name: str, second_name: str) -> None:
+    if (first is None) != (second is None):
+        raise ConfigError(f"give both {named(first_name)} and {named(second_name)}, or neither")
 
 
 def _value(option: Option, args: argparse.Namespace, environ: Mapping[str, str]) -> object:

@@ -23,8 +23,10 @@ class Launcher:
         service.start()
         return service
 
-    def agent(self, service: Service, device_id: str, password: str, *extra: str, start: bool = True) -> Agent:
-        agent = Agent(self.workdir, device_id, password, service.broker_url, *extra,
+    def agent(self, service: Service, device_id: str, password: str, *extra: str, start: bool = True,
+              broker_url: str | None = None) -> Agent:
+        """An agent for service's devices, on its broker unless broker_url names another way in."""
+        agent = Agent(self.workdir, device_id, password, broker_url or service.broker_url, *extra,
                       server_key_file=service.signing_key_file)
         self.started.append(agent)
         if start:

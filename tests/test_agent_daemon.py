@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from agent import daemon
 from agent.daemon import Head, SettingsError, load_settings, parse_head
 from agent.protocol import DEFAULT_PREFIX, JobStatus, Key, MessageError, Presence, Topics, encode, signing_bytes
 from tests.support.mosquitto import start_mosquitto
+from tests.support.tls import ThrowawayCa
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "dev-1"
@@ -92,11 +94,35 @@ def test_password_file_is_read_without_its_newline(tmp_path):
     assert settings.password == "hunter2"
 
 
+def test_mqtts_checks_the_brokers_certificate_and_name(tmp_path):
+    pki = ThrowawayCa(tmp_path)
+    settings = load_settings(["--broker", "mqtts://broker.lan", "--device-id", "d", *KEY_ARGS],
+                             {"OTA_AGENT_CA_FILE": str(pki.ca_file)})
+    assert (settings.broker_port, settings.broker_url) == (8883, "mqtts://broker.lan:8883")
+    assert settings.tls.check_hostname and settings.tls.verify_mode == ssl.CERT_REQUIRED
+    assert settings.tls.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert load_settings(["--broker", "mqtt://broker.lan", "--device-id", "d", *KEY_ARGS], {}).tls is None
+
+
+def test_a_client_certificate_that_is_not_one_is_refused(tmp_path):
+    pki = ThrowawayCa(tmp_path)
+    argv = ["--broker", "mqtts://h", "--device-id", "d", "--ca-file", str(pki.ca_file), *KEY_ARGS]
+    with pytest.raises(SettingsError, match="--cert-file .* not a PEM certificate"):
+        load_settings([*argv, "--cert-file", str(pki.server.key), "--key-file", str(pki.server.key)], {})
+    device = pki.client("d")
+    assert load_settings([*argv, "--cert-file", str(device.cert), "--key-file", str(device.key)], {}).tls
+
+
 @pytest.mark.parametrize("argv, env, names", [
     ([], {"OTA_AGENT_DEVICE_ID": "d"}, ("--broker", "OTA_AGENT_BROKER", "required")),
     (["--broker", "h:1"], {}, ("--device-id", "OTA_AGENT_DEVICE_ID", "required")),
-    (["--broker", "mqtts://h:8883", "--device-id", "d"], {}, ("--broker", "not supported yet")),
     (["--broker", "http://h", "--device-id", "d"], {}, ("--broker", "expected mqtt://HOST:PORT")),
+    (["--broker", "h:1", "--device-id", "d", "--ca-file", "/x"], {}, ("--ca-file", "OTA_AGENT_CA_FILE", "mqtts://")),
+    (["--broker", "mqtts://h", "--device-id", "d", "--ca-file", "/nonexistent/ca.crt"], {},
+     ("--ca-file", "cannot be read")),
+    (["--broker", "mqtts://h", "--device-id", "d"], {"OTA_AGENT_CERT_FILE": "/x"}, ("--cert-file", "--key-file")),
+    (["--broker", "mqtts://h", "--device-id", "d", "--cert-file", "/nonexistent/c", "--key-file", "/nonexistent/k"],
+     {}, ("--cert-file", "cannot be read")),
     (["--broker", "h:70000", "--device-id", "d"], {}, ("--broker", "port")),
     (["--broker", "h:1", "--device-id", "a/b"], {}, ("--device-id", "does not match")),
     (["--broker", "h:1", "--device-id", "d"], {"OTA_AGENT_OUTPUT_CAP": "lots"},

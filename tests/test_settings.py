@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import re
+import ssl
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    Encoding,
+    PrivateFormat,
+    load_pem_private_key,
+)
 
-from ota_bridge import settings
+from ota_bridge import settings, tls
 from ota_bridge.errors import ConfigError
+from tests.support.tls import ThrowawayCa
 
 
 def parse(argv: list[str], environ: dict[str, str] | None = None) -> settings.Settings:
@@ -40,6 +49,7 @@ def test_mqtt_url_with_credentials() -> None:
     (["--http", "8080"], "--http / OTA_BRIDGE_HTTP"),
     (["--mqtt-listen", "h:99999"], "--mqtt-listen / OTA_BRIDGE_MQTT_LISTEN"),
     (["--mqtt-url", "http://x"], "--mqtt-url / OTA_BRIDGE_MQTT_URL"),
+    (["--mqtt-tls-listen", "8883"], "--mqtt-tls-listen / OTA_BRIDGE_MQTT_TLS_LISTEN"),
     (["--database", "mysql://x"], "--database / OTA_BRIDGE_DATABASE"),
     (["--prefix", "a/#"], "--prefix / OTA_BRIDGE_PREFIX"),
     (["--log-level", "loud"], "--log-level / OTA_BRIDGE_LOG_LEVEL"),
@@ -52,3 +62,55 @@ def test_bad_values_name_flag_and_variable(argv: list[str], named: str) -> None:
 def test_bad_environment_value_is_named_too() -> None:
     with pytest.raises(ConfigError, match="OTA_BRIDGE_HTTP"):
         parse([], {"OTA_BRIDGE_HTTP": "nonsense"})
+
+
+def test_mqtts_url_defaults_to_port_8883() -> None:
+    url = parse(["--mqtt-url", "mqtts://svc:pw@broker.local"]).mqtt_url
+    assert (url.host, url.port, url.tls, str(url)) == ("broker.local", 8883, True, "mqtts://svc@broker.local:8883")
+    assert parse(["--mqtt-url", "mqtt://broker.local"]).mqtt_url.tls is False
+
+
+def test_tls_files_come_from_flags_or_variables() -> None:
+    env = {"OTA_BRIDGE_TLS_KEY": "api.key", "OTA_BRIDGE_MQTT_TLS_LISTEN": "0.0.0.0:8883"}
+    s = parse(["--tls-cert", "api.crt"], env)
+    assert (s.tls_cert, s.tls_key, str(s.mqtt_tls_listen)) == (Path("api.crt"), Path("api.key"), "0.0.0.0:8883")
+    assert parse([]).tls_cert is None and parse([]).mqtt_tls_listen is None
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--tls-cert", "a.crt"], "--tls-cert / OTA_BRIDGE_TLS_CERT and --tls-key / OTA_BRIDGE_TLS_KEY"),
+    (["--tls-key", "a.key"], "--tls-cert / OTA_BRIDGE_TLS_CERT and --tls-key / OTA_BRIDGE_TLS_KEY"),
+    (["--mqtt-url", "mqtts://h", "--mqtt-key", "k"], "--mqtt-cert / OTA_BRIDGE_MQTT_CERT and --mqtt-key"),
+    (["--mqtt-tls-listen", "0.0.0.0:8883"], "--mqtt-tls-listen / OTA_BRIDGE_MQTT_TLS_LISTEN needs --tls-cert"),
+    (["--mqtt-tls-listen", "0.0.0.0:8883", "--tls-cert", "c", "--tls-key", "k", "--mqtt-url", "mqtt://h"],
+     "is for the embedded broker"),
+    (["--mqtt-url", "mqtt://h", "--mqtt-ca-file", "ca.crt"], "--mqtt-ca-file / OTA_BRIDGE_MQTT_CA_FILE is for"),
+    (["--mqtt-cert", "c", "--mqtt-key", "k"], "--mqtt-cert / OTA_BRIDGE_MQTT_CERT is for a broker at an mqtts://"),
+])
+def test_tls_settings_that_only_make_sense_together(argv: list[str], named: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        parse(argv)
+
+
+def test_tls_files_that_cannot_be_used_are_named(tmp_path: Path) -> None:
+    pki = ThrowawayCa(tmp_path)
+    bad_ca = parse(["--mqtt-url", "mqtts://h", "--mqtt-ca-file", str(pki.server.key)])
+    with pytest.raises(ConfigError, match="--mqtt-ca-file / OTA_BRIDGE_MQTT_CA_FILE: .* no usable PEM CA"):
+        tls.broker_client_context(bad_ca)
+    missing = parse(["--mqtt-url", "mqtts://h", "--mqtt-cert", str(pki.server.cert), "--mqtt-key", "/nonexistent"])
+    with pytest.raises(ConfigError, match="--mqtt-key / OTA_BRIDGE_MQTT_KEY: cannot read /nonexistent"):
+        tls.broker_client_context(missing)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(load_pem_private_key(pki.server.key.read_bytes(), None).private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, BestAvailableEncryption(b"secret")))
+    with pytest.raises(ConfigError, match="--tls-key / OTA_BRIDGE_TLS_KEY: .* is encrypted"):
+        tls.server_context(parse(["--tls-cert", str(pki.server.cert), "--tls-key", str(encrypted)]))
+
+
+def test_tls_contexts_require_tls_1_2_and_check_the_brokers_name(tmp_path: Path) -> None:
+    pki = ThrowawayCa(tmp_path)
+    server = tls.server_context(parse(["--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key)]))
+    client = tls.broker_client_context(parse(["--mqtt-url", "mqtts://h", "--mqtt-ca-file", str(pki.ca_file)]))
+    assert server.minimum_version == client.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert client.check_hostname and client.verify_mode == ssl.CERT_REQUIRED
+    assert tls.server_context(parse([])) is None and tls.broker_client_context(parse([])) is None

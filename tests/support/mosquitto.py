@@ -184,8 +184,8 @@ def broker_url(kind: str, tmp_path: Path) -> Iterator[tuple[str | None, tuple[st
 
 
 @contextmanager
-def secure_mosquitto(workdir: Path) -> Iterator[tuple[Mosquitto, tuple[str, ...]]]:
-    """Mosquitto as shipped, with its accounts written by `ota-bridge mosquitto-config`.
+def secure_mosquitto(workdir: Path, extra_lines: Iterable[str] = ()) -> Iterator[tuple[Mosquitto, tuple[str, ...]]]:
+    """Mosquitto as shipped, with its accounts written by `ota-bridge mosquitto-config`, plus extra lines.
 
     Yields the broker and the flags that make a service (data dir workdir/service-data) keep
     those accounts in step with its registry.
@@ -194,5 +194,16 @@ def secure_mosquitto(workdir: Path) -> Iterator[tuple[Mosquitto, tuple[str, ...]
     data_dir = workdir / "service-data"
     subprocess.run([sys.executable, "-m", "ota_bridge", "mosquitto-config", "--out", str(accounts),
                     "--data-dir", str(data_dir)], check=True, capture_output=True, timeout=60, cwd=REPO_ROOT)
-    with start_mosquitto(workdir, accounts_dir=accounts) as broker:
+    with start_mosquitto(workdir, extra_lines, accounts_dir=accounts) as broker:
         yield broker, ("--mosquitto-dir", str(accounts))
+
+
+def tls_listener(port: int, ca_file: Path, cert: Path, key: Path, require_certificate: bool = False) -> list[str]:
+    """Config lines for a second listener, over TLS, on 127.0.0.1:port (the docs' example, on a test port).
+
+    In Mosquitto 2.0 the lines after a `listener` line configure that listener, so these go last;
+    use_username_as_clientid is one of them and must be repeated for it.
+    """
+    lines = [f"listener {port} 127.0.0.1", f"cafile {ca_file}", f"certfile {cert}", f"keyfile {key}",
+             "tls_version tlsv1.2", "use_username_as_clientid true"]
+    return lines + (["require_certificate true"] if require_certificate else [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -90,10 +91,13 @@ class Response:
 
 
 class Api:
-    """A tiny REST client over urllib, so tests need nothing the service does not."""
+    """A tiny REST client over urllib, so tests need nothing the service does not.
 
-    def __init__(self, base: str, token: str | None) -> None:
-        self.base, self.token = base, token
+    For an https:// base, context says whom to trust (tests.support.tls.ThrowawayCa.context()).
+    """
+
+    def __init__(self, base: str, token: str | None, context: ssl.SSLContext | None = None) -> None:
+        self.base, self.token, self.context = base, token, context
 
     def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
                 token: str | None = "default") -> Response:
@@ -104,7 +108,7 @@ class Api:
             headers["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urllib.request.urlopen(req, timeout=30, context=self.context) as resp:
                 return Response(resp.status, _json(resp.read()), dict(resp.headers))
         except urllib.error.HTTPError as e:
             return Response(e.code, _json(e.read()), dict(e.headers))
@@ -142,13 +146,17 @@ def _json(raw: bytes) -> Any:
 
 
 class Service(Process):
-    """`ota-bridge serve` with its own data dir and ports; the embedded broker unless mqtt_url."""
+    """`ota-bridge serve` with its own data dir and ports; the embedded broker unless mqtt_url.
+
+    With https (a client context trusting the service's certificate; --tls-cert and --tls-key in
+    extra), the tests reach the API over HTTPS.
+    """
 
     def __init__(self, workdir: Path, mqtt_url: str | None = None, database: str | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), https: ssl.SSLContext | None = None) -> None:
         self.data_dir = workdir / "service-data"
         self.http_port, self.mqtt_port = free_port(), free_port()
-        self.mqtt_url = mqtt_url
+        self.mqtt_url, self.https = mqtt_url, https
         argv = [sys.executable, "-m", "ota_bridge", "serve", "--data-dir", str(self.data_dir),
                 "--http", f"127.0.0.1:{self.http_port}", "--mqtt-listen", f"127.0.0.1:{self.mqtt_port}", *extra]
         if mqtt_url:
@@ -168,15 +176,19 @@ class Service(Process):
         return self.data_dir / "job-signing.pub"
 
     @property
+    def base_url(self) -> str:
+        return f"{'https' if self.https else 'http'}://127.0.0.1:{self.http_port}"
+
+    @property
     def api(self) -> Api:
         if self._api is None:
             token = (self.data_dir / "admin-token").read_text().strip()
-            self._api = Api(f"http://127.0.0.1:{self.http_port}", token)
+            self._api = Api(self.base_url, token, self.https)
         return self._api
 
     def start(self, timeout: float = 30) -> None:
         super().start()
-        health = Api(f"http://127.0.0.1:{self.http_port}", None)
+        health = Api(self.base_url, None, self.https)
 
         def ready() -> bool:
             if not self.running:
