@@ -18,6 +18,7 @@ from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics
 
 from . import credentials, store
 from .broker import IsolatingBroker
+from .files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,7 @@ def broker_secret(data_dir: Path, name: str) -> str:
     """A secret kept in the data dir (mode 0600), made on first use."""
     path = data_dir / name
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(credentials.new_secret() + "\n")
+        write_atomically(path, (credentials.new_secret() + "\n").encode(), 0o600)
     return path.read_text().strip()
 
 
@@ -65,18 +64,8 @@ def write_mosquitto_files(accounts: list[tuple[str, str]], out: Path, data_dir: 
     out.mkdir(parents=True, exist_ok=True)
     passwords = password_text(accounts, broker_secret(data_dir, SERVICE_PASSWORD_FILE),
                               broker_secret(data_dir, OPERATOR_PASSWORD_FILE))
-    _write(out / PASSWORDS, passwords)
-    _write(out / ACL, acl_text(topics))
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(out / PASSWORDS, passwords.encode(), 0o640)
+    write_atomically(out / ACL, acl_text(topics).encode(), 0o640)
 
 
 class BrokerAccounts:

@@ -10,7 +10,6 @@ import contextlib
 import errno
 import hmac
 import logging
-import os
 import signal
 import ssl
 from pathlib import Path
@@ -35,6 +34,7 @@ from .broker import (
 from .broker_accounts import SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secret
 from .dispatch import Dispatcher
 from .errors import ConfigError
+from .files import write_atomically
 from .mqtt_link import BrokerLink
 from .settings import OPTIONS_BY_NAME, HostPort, Settings
 
@@ -49,10 +49,7 @@ def ensure_admin_token(db: store.Store, data_dir: Path) -> str | None:
         return None
     token = db.call_sync(store.create_token, "admin")
     path = data_dir / ADMIN_TOKEN_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.chmod(path, 0o600)
+    write_atomically(path, (token + "\n").encode(), 0o600)
     return token
 
 

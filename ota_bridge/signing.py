@@ -8,11 +8,12 @@ Made on the first start in the data directory: `job-signing.key` (private, mode 
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .files import write_atomically
 
 PRIVATE_KEY_FILE = "job-signing.key"
 PUBLIC_KEY_FILE = "job-signing.pub"
@@ -40,19 +41,7 @@ def load_or_create(data_dir: Path) -> JobSigner:
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        _write(private, pem, 0o600)
+        write_atomically(private, pem, 0o600)
     signer = JobSigner(key)
-    _write(data_dir / PUBLIC_KEY_FILE, (signer.public_key_b64 + "\n").encode(), 0o644)
+    write_atomically(data_dir / PUBLIC_KEY_FILE, (signer.public_key_b64 + "\n").encode(), 0o644)
     return signer
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically with the given mode from the start."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
