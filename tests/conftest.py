@@ -47,3 +47,14 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
         yield launcher
     finally:
         launcher.close()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One service process (embedded broker) shared by a module's tests that need no agent."""
+    service = Service(Path(tmp_path_factory.mktemp("service")))
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()

@@ -6,24 +6,12 @@ No agent runs here, so jobs stay QUEUED; test_reference_flow.py runs them for re
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.support.processes import Api, Service
 
 UUID_LEN = 36
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = Service(Path(tmp_path_factory.mktemp("api")))
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import pytest
 
@@ -19,16 +18,6 @@ from tests.support.processes import Response, Service
 
 MIB = 1024 * 1024
 UUID = "231ec702-5f6e-4b4d-9c1a-0d2c8e3f4a5b"
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = Service(Path(tmp_path_factory.mktemp("hostile")))
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="module")

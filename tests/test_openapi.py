@@ -11,8 +11,7 @@ test_the_service_serves_the_document checks that the service serves exactly that
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import schemathesis
@@ -30,16 +29,6 @@ from tests.support.processes import Service
 
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
 EXAMPLES_PER_OPERATION = 30
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = Service(Path(tmp_path_factory.mktemp("openapi")))
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()
 
 
 schema = schemathesis.openapi.from_dict(document())
