@@ -19,10 +19,12 @@ and nothing runs.
 
 Threads: paho's network thread only turns callbacks into events on a bounded queue; the main
 thread reads that queue, decides, writes the journal and publishes; one worker thread runs
-the current command. Stale heads the broker queued for this persistent session while the
-agent was away arrive before the SUBACK, so the agent acts on a head only once its
-subscription is acknowledged and SUBSCRIBE_SETTLE_SECONDS have passed: by then the retained
-head, the current truth, has replaced them.
+the current command (and journals its process group as it starts). At start-up, before it
+connects, the agent kills any command an earlier agent left running (Agent.stop_leftovers).
+Stale heads the broker queued for this persistent session while the agent was away arrive
+before the SUBACK, so the agent acts on a head only once its subscription is acknowledged and
+SUBSCRIBE_SETTLE_SECONDS have passed: by then the retained head, the current truth, has
+replaced them.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from . import job_signature, protocol
 from .journal import Entry, Journal, JournalError
 from .policy import CommandPolicy, prefix_is_usable
 from .protocol import JobStatus, Key, MessageError, Presence, Topics
-from .runner import RunLimits, Runner, RunResult, in_progress_message
+from .runner import ProcessGroup, RunLimits, Runner, RunResult, in_progress_message, stop_leftovers
 
 log = logging.getLogger("ota-agent")
 
@@ -622,6 +624,7 @@ class Agent:
                  self.settings.device_id, self.settings.broker_url, self.journal.path)
         log.info("runs only jobs signed by the service key %s; %s", self.settings.server_key_b64,
                  self.settings.policy.describe())
+        self.stop_leftovers()
         self.link.start()
         try:
             while self.stop_signal is None:
@@ -629,6 +632,30 @@ class Agent:
         finally:
             self._shutdown()
         return 0
+
+    def stop_leftovers(self) -> None:
+        """End the commands a dead agent left running, before anything is run or reported.
+
+        A journal entry "started" without a result names its command's process group; one that
+        still runs (the same boot, the same leader: ProcessGroup.still_running) is killed like a
+        canceled command, and the entry is marked so that its INTERRUPTED Reason says so.
+        Without /proc no group is journalled, and a leftover command runs on.
+        """
+        for entry in self.journal.entries():
+            if entry.result is None and entry.process is not None:
+                self._stop_leftover(entry.job_id, entry.process)
+
+    def _stop_leftover(self, job_id: str, group: ProcessGroup) -> None:
+        log.info("job %s: checking whether its command (process group %d) outlived the last agent",
+                 job_id, group.pgid)
+        if not stop_leftovers(group, self.settings.kill_grace):
+            return
+        log.warning("job %s: stopped the leftover processes of its command (process group %d), which "
+                    "still ran after the agent restarted", job_id, group.pgid)
+        try:
+            self.journal.record_leftovers_stopped(job_id)
+        except JournalError as e:
+            log.error("job %s: %s", job_id, e)
 
     def _step(self) -> None:
         try:
@@ -785,7 +812,8 @@ class Agent:
     def _resend(self, head: Head, entry: Entry) -> None:
         result = entry.result
         if result is None:
-            result = RunResult.interrupted(head.job_id, entry.start_datetime, head.success_on_restart).status_message()
+            result = RunResult.interrupted(head.job_id, entry.start_datetime, head.success_on_restart,
+                                           entry.leftovers_stopped).status_message()
             self._record_result(head.job_id, result)
         log.info("job %s: %s (resent from the journal)", head.job_id, result.get(Key.STATUS))
         self.link.publish_status(result)
@@ -793,7 +821,8 @@ class Agent:
     def _start(self, head: Head) -> None:
         limits = RunLimits(timeout_seconds=head.timeout_seconds, output_cap=self.settings.output_cap,
                            kill_grace=self.settings.kill_grace)
-        runner = Runner(head.job_id, head.command, limits, {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id})
+        runner = Runner(head.job_id, head.command, limits, {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id},
+                        on_started=functools.partial(self._record_process, head.job_id))
         try:
             self.journal.record_started(head.job_id, head.seq, runner.start_time)
         except JournalError as e:
@@ -804,6 +833,15 @@ class Agent:
         thread = threading.Thread(target=self._work, args=(runner,), name=f"job-{head.job_id}", daemon=True)
         self._running = _Running(head, runner, thread)
         thread.start()
+
+    def _record_process(self, job_id: str, group: ProcessGroup) -> None:
+        """On the worker thread, as the command starts: journal its group, for a restart to stop it."""
+        try:
+            self.journal.record_process(job_id, group)
+        except JournalError as e:
+            log.error("job %s: %s; if the agent dies now, its command runs on", job_id, e)
+            return
+        log.info("job %s: its command runs as process group %d", job_id, group.pgid)
 
     def _refuse(self, head: Head, reason: str) -> None:
         """The journal cannot record the job, so it must not run: report FAILED instead."""

@@ -2,11 +2,15 @@
 
 One JSON file, `journal.json`, in the agent's state directory:
 
-    {"Version": 1, "Entries": [{"JobId": ..., "Seq": ..., "StartTime": ..., "Result": {...} | null}],
+    {"Version": 1, "Entries": [{"JobId": ..., "Seq": ..., "StartTime": ..., "Result": {...} | null,
+                                "Process": {"Pgid": ..., "BootId": ..., "StartTicks": ...}}],
      "HighestSeq": 17, "SeqScope": "<the service's public key, base64>"}
 
-An entry is written ("started", Result null) before its command runs, and completed with the
-full final status message after. A job with an entry is never run again. Every write replaces
+An entry is written ("started", Result null) before its command runs, gets the command's
+process group (Process) right after the command started, and is completed with the full final
+status message after (which drops Process). A job with an entry is never run again. A restarted
+agent ends the group of a "started" entry that still runs, and marks the entry
+"LeftoversStopped": true. Every write replaces
 the whole file atomically (temp file, fsync, rename, fsync of the directory), so after a crash
 the file holds either the old or the new journal, never half of one.
 
@@ -26,6 +30,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +38,7 @@ from typing import Any
 
 from . import protocol
 from .protocol import Key
+from .runner import ProcessGroup
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,11 @@ _ENTRIES = "Entries"
 _RESULT = "Result"
 _HIGHEST_SEQ = "HighestSeq"
 _SEQ_SCOPE = "SeqScope"
+_PROCESS = "Process"
+_PGID = "Pgid"
+_BOOT_ID = "BootId"
+_START_TICKS = "StartTicks"
+_LEFTOVERS_STOPPED = "LeftoversStopped"
 
 
 class JournalError(Exception):
@@ -63,19 +74,31 @@ class _Unreadable(Exception):
 
 @dataclass(frozen=True)
 class Entry:
-    """One job the agent has started; `result` is its final status message once it ended."""
+    """One job the agent has started; `result` is its final status message once it ended.
+
+    `process`: the running command's group, until the result is recorded or the group is stopped
+    after a restart (then `leftovers_stopped`).
+    """
 
     job_id: str
     seq: int | None
     start_time: str
     result: dict[str, Any] | None = None
+    process: ProcessGroup | None = None
+    leftovers_stopped: bool = False
 
     @property
     def start_datetime(self) -> datetime:
         return protocol.parse_time(self.start_time) or protocol.utc_now()
 
     def to_json(self) -> dict[str, Any]:
-        return {Key.JOB_ID: self.job_id, Key.SEQ: self.seq, Key.START_TIME: self.start_time, _RESULT: self.result}
+        raw = {Key.JOB_ID: self.job_id, Key.SEQ: self.seq, Key.START_TIME: self.start_time, _RESULT: self.result}
+        if self.process is not None:
+            p = self.process
+            raw[_PROCESS] = {_PGID: p.pgid, _BOOT_ID: p.boot_id, _START_TICKS: p.start_ticks}
+        if self.leftovers_stopped:
+            raw[_LEFTOVERS_STOPPED] = True
+        return raw
 
     @classmethod
     def from_json(cls, raw: Any) -> Entry:
@@ -86,7 +109,7 @@ class Entry:
             raise _Unreadable(f"entry {job_id!r} lacks {Key.JOB_ID} or {Key.START_TIME}")
         if not (seq is None or isinstance(seq, int)) or not (result is None or isinstance(result, dict)):
             raise _Unreadable(f"entry {job_id!r} has a bad {Key.SEQ} or {_RESULT}")
-        return cls(job_id, seq, start, result)
+        return cls(job_id, seq, start, result, _process(raw.get(_PROCESS), job_id), raw.get(_LEFTOVERS_STOPPED) is True)
 
     def without_output(self) -> Entry:
         """The same entry with its result's Stdout/Stderr dropped (flagged as truncated)."""
@@ -99,8 +122,25 @@ class Entry:
         return replace(self, result=result)
 
 
+def _process(raw: Any, job_id: str) -> ProcessGroup | None:
+    if raw is None:
+        return None
+    fields = (raw.get(_PGID), raw.get(_BOOT_ID), raw.get(_START_TICKS)) if isinstance(raw, dict) else ()
+    if len(fields) != 3 or not (_whole(fields[0]) and isinstance(fields[1], str) and _whole(fields[2])):
+        raise _Unreadable(f"entry {job_id!r} has a bad {_PROCESS}")
+    return ProcessGroup(*fields)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class Journal:
-    """The entries of one device's journal, in insertion order, backed by one file."""
+    """The entries of one device's journal, in insertion order, backed by one file.
+
+    Writes may come from two threads (the main loop, and the job's worker recording its process
+    group); a lock keeps each change and its save together.
+    """
 
     def __init__(self, state_dir: Path, max_entries: int = MAX_ENTRIES, seq_scope: str = "") -> None:
         self.state_dir = Path(state_dir)
@@ -109,6 +149,7 @@ class Journal:
         self.seq_scope = seq_scope  # what the Seq numbers belong to: the service's signing key
         self._entries: dict[str, Entry] = {}
         self._highest_seq: int | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, state_dir: Path, max_entries: int = MAX_ENTRIES, seq_scope: str = "") -> Journal:
@@ -139,26 +180,44 @@ class Journal:
     def record_started(self, job_id: str, seq: int | None, start_time: datetime) -> Entry:
         """Record (durably) that the job is about to run. Raises JournalError."""
         entry = Entry(job_id, seq, protocol.format_time(start_time) or "")
-        self._entries.pop(job_id, None)
-        self._entries[job_id] = entry
-        self._raise_highest_seq(seq)
-        self._prune()
-        self._save()
+        with self._lock:
+            self._entries.pop(job_id, None)
+            self._entries[job_id] = entry
+            self._raise_highest_seq(seq)
+            self._prune()
+            self._save()
         return entry
+
+    def record_process(self, job_id: str, group: ProcessGroup) -> None:
+        """Record (durably) the process group of the started job's command. Raises JournalError."""
+        self._update_started(job_id, process=group)
+
+    def record_leftovers_stopped(self, job_id: str) -> None:
+        """Record (durably) that a restarted agent stopped what the job's command left running."""
+        self._update_started(job_id, process=None, leftovers_stopped=True)
+
+    def _update_started(self, job_id: str, **changes: Any) -> None:
+        with self._lock:
+            entry = self._entries.get(job_id)
+            if entry is None or entry.result is not None:
+                return
+            self._entries[job_id] = replace(entry, **changes)
+            self._save()
 
     def record_result(self, job_id: str, message: dict[str, Any], seq: int | None = None) -> Entry:
         """Record (durably) the job's final status message. Raises JournalError.
 
         A job never started (refused) takes `seq` as its Seq, which also raises HighestSeq.
         """
-        old = self._entries.get(job_id)
-        start = old.start_time if old else str(message.get(Key.START_TIME) or "")
-        if old is None:
-            self._raise_highest_seq(seq)
-        entry = Entry(job_id, old.seq if old else seq, start, dict(message))
-        self._entries[job_id] = entry
-        self._prune()
-        self._save()
+        with self._lock:
+            old = self._entries.get(job_id)
+            start = old.start_time if old else str(message.get(Key.START_TIME) or "")
+            if old is None:
+                self._raise_highest_seq(seq)
+            entry = Entry(job_id, old.seq if old else seq, start, dict(message))
+            self._entries[job_id] = entry
+            self._prune()
+            self._save()
         return entry
 
     def _raise_highest_seq(self, seq: int | None) -> None:

@@ -4,6 +4,10 @@ The command runs in a new session, so it leads its own process group; a timeout,
 or leftover background children holding the output pipes end the WHOLE group: SIGTERM first,
 then SIGKILL once the grace period has passed.
 
+Right after the start the runner hands the command's ProcessGroup (its id plus the leader's
+start time and the boot id) to `on_started`, which journals it: an agent that died while the
+command ran can then end what is left of it after its restart (`stop_leftovers`).
+
 A killed command (TIMED_OUT, CANCELED) reports ExitCode null: it did not exit on its own,
 and the Status and Reason say why it stopped. A command that dies of a signal it did not
 get from the agent reports FAILED with the negative signal number as ExitCode (Python's
@@ -22,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from . import protocol
 from .protocol import JobStatus, Key
@@ -33,6 +37,8 @@ _POLL_SECONDS = 0.05
 _READ_CHUNK = 64 * 1024
 
 INTERRUPTED_REASON = "the agent restarted while the command ran"
+LEFTOVERS_STOPPED_REASON = "; its leftover processes were stopped"
+_BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 
 
 @dataclass(frozen=True)
@@ -83,13 +89,17 @@ class RunResult:
         return cls(job_id, status, None, "", "", False, False, start_time, protocol.utc_now(), reason)
 
     @classmethod
-    def interrupted(cls, job_id: str, start_time: datetime, success_on_restart: bool) -> RunResult:
-        """The result of a job that was running when the agent died (e.g. it rebooted the board)."""
+    def interrupted(
+        cls, job_id: str, start_time: datetime, success_on_restart: bool, leftovers_stopped: bool = False
+    ) -> RunResult:
+        """The result of a job that was running when the agent died (e.g. it rebooted the board).
+
+        `leftovers_stopped`: the restarted agent found the command still running and killed it.
+        """
+        reason = INTERRUPTED_REASON + (LEFTOVERS_STOPPED_REASON if leftovers_stopped else "")
         if success_on_restart:
-            return cls.without_output(
-                job_id, JobStatus.SUCCEEDED, start_time, f"{INTERRUPTED_REASON} (SuccessOnRestart)"
-            )
-        return cls.without_output(job_id, JobStatus.INTERRUPTED, start_time, INTERRUPTED_REASON)
+            return cls.without_output(job_id, JobStatus.SUCCEEDED, start_time, f"{reason} (SuccessOnRestart)")
+        return cls.without_output(job_id, JobStatus.INTERRUPTED, start_time, reason)
 
 
 def in_progress_message(job_id: str, start_time: datetime) -> dict[str, Any]:
@@ -146,14 +156,91 @@ def _skip_continuation(data: bytes) -> bytes:
     return data[start:]
 
 
-class Runner:
-    """Runs one command once. `run()` blocks; `cancel()` may be called from any thread."""
+@dataclass(frozen=True)
+class ProcessGroup:
+    """A command's process group, as journalled so that a restarted agent can end what is left of it.
 
-    def __init__(self, job_id: str, command: str, limits: RunLimits, env: Mapping[str, str] | None = None) -> None:
+    `pgid` is the pid of the group's leader, the shell. `boot_id` and `start_ticks` (the leader's
+    start time: field 22 of /proc/<pid>/stat, clock ticks since boot) tell the group apart from
+    an unrelated process that got the same pid after a reboot or a pid reuse.
+    """
+
+    pgid: int
+    boot_id: str
+    start_ticks: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessGroup | None:
+        """The group the process `pid` leads; None without /proc (then nothing can be checked later)."""
+        leader, boot_id = _read_stat(pid), _boot_id()
+        if leader is None or boot_id is None:
+            return None
+        return cls(pid, boot_id, leader.start_ticks)
+
+    def still_running(self) -> bool:
+        """Whether live processes of this very group are left.
+
+        Only on the same boot. If a process holds the leader's pid, it must have the leader's
+        start time (Linux does not reuse a pid while a group of that id exists, so another start
+        time means the group is long gone). If the leader is gone, a live process whose group
+        AND session are `pgid` is one the command left behind. Processes that left the group or
+        the session (setsid, setpgid) are not found. Without /proc: False.
+        """
+        if _boot_id() != self.boot_id:
+            return False
+        leader = _read_stat(self.pgid)
+        if leader is not None:
+            return leader.start_ticks == self.start_ticks and _group_alive(self.pgid)
+        return _group_alive(self.pgid, session=self.pgid)
+
+
+def stop_leftovers(group: ProcessGroup, kill_grace: float) -> bool:
+    """End what a dead agent's command left running, as the runner ends a group; True if it did.
+
+    Does nothing (False) on another boot, for a pid now held by an unrelated process, or without
+    /proc. Between the check and the signal the group could end and its id be reused: that
+    window is microseconds wide, and pid reuse needs the whole pid space to wrap around.
+    """
+    if not group.still_running():
+        return False
+    end_group(group.pgid, kill_grace)
+    return True
+
+
+def end_group(pgid: int, kill_grace: float, leader_reaped: Callable[[], bool] = lambda: True) -> None:
+    """SIGTERM the whole group, wait for it to empty, SIGKILL what is left, wait for that to die.
+
+    `leader_reaped` reaps the leader when it is our child, so it does not keep the group alive
+    as a zombie; a leader that is not our child is reaped by init.
+    """
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + kill_grace
+    while time.monotonic() < deadline:
+        if leader_reaped() and not _group_alive(pgid):
+            return
+        time.sleep(_POLL_SECONDS)
+    _signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + _SIGKILL_SETTLE_SECONDS  # a SIGKILL lands asynchronously
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(_POLL_SECONDS / 10)
+
+
+class Runner:
+    """Runs one command once. `run()` blocks; `cancel()` may be called from any thread.
+
+    `on_started` is called (on the thread that runs `run()`) with the command's ProcessGroup
+    once it runs; not at all without /proc.
+    """
+
+    def __init__(
+        self, job_id: str, command: str, limits: RunLimits, env: Mapping[str, str] | None = None,
+        on_started: Callable[[ProcessGroup], None] | None = None,
+    ) -> None:
         self.job_id = job_id
         self.command = command
         self.limits = limits
         self.env = dict(env) if env is not None else None  # None: inherit the agent's environment
+        self._on_started = on_started
         self.start_time = protocol.utc_now()
         self._cancel = threading.Event()
         self._cancel_reason: str | None = None
@@ -175,6 +262,7 @@ class Runner:
         ]
         for reader in readers:
             reader.start()
+        self._announce(process.pid)
         try:
             stopped = self._wait(process)
             self._drain(process, readers)
@@ -182,6 +270,11 @@ class Runner:
             process.stdout.close()
             process.stderr.close()
         return self._result(process, readers, stopped)
+
+    def _announce(self, pid: int) -> None:
+        group = ProcessGroup.of(pid)  # the leader is our unreaped child: its pid is not reused yet
+        if group is not None and self._on_started is not None:
+            self._on_started(group)
 
     def _start(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -218,19 +311,9 @@ class Runner:
         return None
 
     def _kill_group(self, process: subprocess.Popen[bytes]) -> None:
-        """SIGTERM the whole group, wait for it to empty, SIGKILL what is left."""
-        _signal_group(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.limits.kill_grace
-        while time.monotonic() < deadline:
-            process.poll()  # reap the leader so it does not keep the group alive as a zombie
-            if process.returncode is not None and not _group_alive(process.pid):
-                return
-            time.sleep(_POLL_SECONDS)
-        _signal_group(process.pid, signal.SIGKILL)
+        """SIGTERM the whole group, wait for it to empty, SIGKILL what is left; reap the leader."""
+        end_group(process.pid, self.limits.kill_grace, lambda: process.poll() is not None)
         process.wait()
-        deadline = time.monotonic() + _SIGKILL_SETTLE_SECONDS  # a SIGKILL lands asynchronously
-        while _group_alive(process.pid) and time.monotonic() < deadline:
-            time.sleep(_POLL_SECONDS / 10)
 
     def _drain(self, process: subprocess.Popen[bytes], readers: list[TailReader]) -> None:
         """Read the output to its end; background children holding the pipes get killed."""
@@ -279,26 +362,55 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any live (not zombie) process is left in the group.
+def _group_alive(pgid: int, session: int | None = None) -> bool:
+    """Whether any live (not zombie) process is left in the group (and in `session`, if given).
 
     Orphans of the group are reaped by init, which may take a while; a zombie cannot hold a
     pipe or do harm, so it does not count. Without /proc, any member counts.
     """
     try:
         with os.scandir("/proc") as entries:  # closed even when any() stops early
-            return any(_live_member(entry, pgid) for entry in entries if entry.name.isdigit())
+            return any(_live_member(entry, pgid, session) for entry in entries if entry.name.isdigit())
     except OSError:
         return _group_exists(pgid)
 
 
-def _live_member(entry: os.DirEntry[str], pgid: int) -> bool:
+def _live_member(entry: os.DirEntry[str], pgid: int, session: int | None) -> bool:
+    stat = _read_stat(int(entry.name))
+    return (stat is not None and stat.alive and stat.pgrp == pgid
+            and (session is None or stat.session == session))
+
+
+@dataclass(frozen=True)
+class _Stat:
+    """The fields of /proc/<pid>/stat the agent reads."""
+
+    state: bytes  # field 3: Z zombie, X dead, anything else alive
+    pgrp: int  # field 5
+    session: int  # field 6
+    start_ticks: int  # field 22: clock ticks after boot
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in (b"Z", b"X")
+
+
+def _read_stat(pid: int) -> _Stat | None:
+    """None when the process is gone (or there is no /proc)."""
     try:
-        with open(os.path.join(entry.path, "stat"), "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return False  # gone while we looked
-    return fields[0] not in (b"Z", b"X") and int(fields[2]) == pgid
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold ") "
+        return _Stat(fields[0], int(fields[2]), int(fields[3]), int(fields[19]))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _boot_id() -> str | None:
+    try:
+        with open(_BOOT_ID_FILE, encoding="ascii") as f:
+            return f.read().strip() or None
+    except (OSError, ValueError):
+        return None
 
 
 def _group_exists(pgid: int) -> bool:

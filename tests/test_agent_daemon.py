@@ -296,6 +296,9 @@ class Service:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        # Drop the callbacks' references back to this object, so the client is freed (and paho
+        # closes its sockets) at once rather than by a later garbage collection.
+        self.client.on_message = self.client.on_subscribe = None
 
 
 @pytest.fixture
@@ -469,6 +472,71 @@ def test_an_agent_killed_while_a_job_runs_reports_it_after_restart_and_never_rer
     assert final[Key.REASON].startswith("the agent restarted while the command ran")
     assert final[Key.START_TIME] == started[Key.START_TIME]
     assert runs(ran) == ["j1"]
+
+
+LIVE_IN_GROUP_SCRIPT = """\
+import sys
+from pathlib import Path
+
+pgid = sys.argv[1].encode()
+live = []
+for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+        fields = stat.read_bytes().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        continue
+    if fields[0] not in (b"Z", b"X") and fields[2] == pgid:
+        live.append(stat.parent.name)
+print(" ".join(live))
+"""
+
+
+@pytest.mark.mosquitto
+def test_a_command_left_running_by_a_killed_agent_is_stopped_before_the_next_job_runs(
+        start_agent, service, ran, groups_file, tmp_path):
+    agent = ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "sleep 300"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    wait_until_running(ran, "j1")
+    pgid = int(groups_file.read_text())
+    agent.wait_for_log(f"job j1: its command runs as process group {pgid}")
+    agent.stop(signal.SIGKILL)
+    assert pgid in live_group_members(pgid)  # the crash left the command running
+
+    restarted = ready_agent(start_agent, service)
+    final = service.expect_status("j1", JobStatus.INTERRUPTED)
+    assert final[Key.REASON] == "the agent restarted while the command ran; its leftover processes were stopped"
+    assert live_group_members(pgid) == []
+    assert "stopped the leftover processes" in restarted.log()
+
+    script, seen = tmp_path / "live_in_group.py", tmp_path / "seen-by-j2"
+    script.write_text(LIVE_IN_GROUP_SCRIPT)
+    service.publish_head("j2", job(ran, groups_file, "j2", f"{sys.executable} {script} {pgid} > {seen}"))
+    service.expect_status("j2", JobStatus.IN_PROGRESS)
+    service.expect_status("j2", JobStatus.SUCCEEDED)
+    assert seen.read_text() == "\n"  # j2 found no live process of j1's group
+    assert runs(ran) == ["j1", "j2"]
+
+
+@pytest.mark.mosquitto
+def test_a_leftover_command_is_stopped_even_when_the_head_moved_while_the_agent_was_away(
+        start_agent, service, ran, groups_file):
+    agent = ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "sleep 300"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    wait_until_running(ran, "j1")
+    pgid = int(groups_file.read_text())
+    agent.wait_for_log(f"job j1: its command runs as process group {pgid}")
+    agent.stop(signal.SIGKILL)
+    service.expect_presence(Presence.OFFLINE)
+    service.publish_head("j2", job(ran, groups_file, "j2"))  # e.g. the service timed j1 out meanwhile
+
+    restarted = ready_agent(start_agent, service)
+    service.expect_status("j2", JobStatus.IN_PROGRESS)
+    service.expect_status("j2", JobStatus.SUCCEEDED)
+    assert live_group_members(pgid) == []
+    log = restarted.log()
+    assert log.index("stopped the leftover processes") < log.index("job j2: IN_PROGRESS")
 
 
 @pytest.mark.mosquitto

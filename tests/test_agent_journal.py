@@ -11,6 +11,7 @@ import pytest
 from agent import journal as journal_module
 from agent.journal import FULL_OUTPUT_ENTRIES, JOURNAL_FILE, Journal, JournalError
 from agent.protocol import Key
+from agent.runner import ProcessGroup
 
 START = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -166,3 +167,43 @@ def test_a_symlinked_journal_is_not_followed_out_of_the_state_dir(tmp_path):
     assert json.loads(outside.read_text()) == {"Version": 1, "Entries": []}
     assert not (state / JOURNAL_FILE).is_symlink()
     assert any(p.name.startswith(f"{JOURNAL_FILE}.corrupt-") for p in state.iterdir())
+
+
+GROUP = ProcessGroup(pgid=4242, boot_id="5f2c1e2a-0d1b-4c4e-9a43-3e0f7c1b2d11", start_ticks=987654)
+
+
+def test_a_started_jobs_process_group_survives_a_reload_until_its_result(tmp_path):
+    journal = Journal.open(tmp_path)
+    journal.record_started("job-1", 1, START)
+    journal.record_process("job-1", GROUP)
+    assert Journal.open(tmp_path).get("job-1").process == GROUP
+
+    journal.record_result("job-1", result_message("job-1"))
+    assert Journal.open(tmp_path).get("job-1").process is None
+
+
+def test_stopped_leftovers_are_recorded_and_the_group_forgotten(tmp_path):
+    journal = Journal.open(tmp_path)
+    journal.record_started("job-1", 1, START)
+    journal.record_process("job-1", GROUP)
+    journal.record_leftovers_stopped("job-1")
+
+    entry = Journal.open(tmp_path).get("job-1")
+    assert (entry.process, entry.leftovers_stopped, entry.result) == (None, True, None)
+
+
+def test_a_process_group_is_not_recorded_for_a_finished_job(tmp_path):
+    journal = Journal.open(tmp_path)
+    journal.record_started("job-1", 1, START)
+    journal.record_result("job-1", result_message("job-1"))
+    journal.record_process("job-1", GROUP)
+    assert Journal.open(tmp_path).get("job-1").process is None
+
+
+def test_a_bad_process_group_makes_the_journal_unreadable(tmp_path, caplog):
+    entry = {"JobId": "job-1", "Seq": 1, "StartTime": "2024-05-01T12:00:00.000Z", "Result": None,
+             "Process": {"Pgid": "4242", "BootId": "x", "StartTicks": 1}}
+    (tmp_path / JOURNAL_FILE).write_text(json.dumps({"Version": 1, "Entries": [entry]}))
+    with caplog.at_level(logging.ERROR):
+        assert len(Journal.open(tmp_path)) == 0
+    assert "bad Process" in caplog.text

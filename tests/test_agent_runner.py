@@ -3,14 +3,17 @@
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from agent.protocol import JobStatus, Key
-from agent.runner import RunLimits, Runner, RunResult, in_progress_message
+from agent.runner import ProcessGroup, RunLimits, Runner, RunResult, in_progress_message, stop_leftovers
 
 FAST = dict(kill_grace=1.0, pipe_grace=0.5)
 
@@ -166,3 +169,85 @@ def test_interrupted_result_depends_on_success_on_restart(success_on_restart, st
     result = RunResult.interrupted("job-1", runner.start_time, success_on_restart)
     assert (result.status, result.exit_code) == (status, None)
     assert result.reason.startswith("the agent restarted while the command ran")
+
+
+# --- a group left running by a dead agent ---------------------------------------------------
+
+
+@pytest.fixture
+def orphan_group():
+    """Start a command in its own session, as the runner does; its whole group is killed at the end."""
+    started = []
+
+    def start(command: str) -> subprocess.Popen:
+        process = subprocess.Popen(command, shell=True, start_new_session=True)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
+def test_the_runner_announces_its_commands_process_group():
+    groups = []
+    Runner("job-1", "true", RunLimits(timeout_seconds=30, **FAST), on_started=groups.append).run()
+    (group,) = groups
+    assert group.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert group.pgid > 0 and group.start_ticks > 0
+
+
+def test_a_recorded_group_that_still_runs_is_stopped(orphan_group):
+    process = orphan_group("sleep 300")
+    group = ProcessGroup.of(process.pid)
+    assert group.still_running()
+    assert stop_leftovers(group, kill_grace=1.0)
+    process.wait(timeout=5)
+    assert not is_running(process.pid) and not group.still_running()
+
+
+def test_a_recorded_group_whose_leader_started_at_another_time_is_left_alone(orphan_group):
+    process = orphan_group("sleep 300")
+    reused = replace(ProcessGroup.of(process.pid), start_ticks=ProcessGroup.of(process.pid).start_ticks + 1)
+    assert not reused.still_running()
+    assert not stop_leftovers(reused, kill_grace=1.0)
+    assert is_running(process.pid)
+
+
+def test_a_recorded_group_from_another_boot_is_left_alone(orphan_group):
+    process = orphan_group("sleep 300")
+    other_boot = replace(ProcessGroup.of(process.pid), boot_id="00000000-0000-0000-0000-000000000000")
+    assert not stop_leftovers(other_boot, kill_grace=1.0)
+    assert is_running(process.pid)
+
+
+def test_without_its_leader_the_group_is_found_by_its_session(orphan_group, pidfile):
+    process = orphan_group(f"sleep 300 & echo $! > {pidfile}")
+    group = ProcessGroup.of(process.pid)
+    process.wait(timeout=5)  # the leader is gone; its background child is left
+    child = int(wait_for_file(pidfile))
+    assert group.still_running()
+    assert stop_leftovers(group, kill_grace=1.0)
+    assert not is_running(child)
+
+
+def test_a_process_that_left_the_session_is_not_found(orphan_group, pidfile):
+    process = orphan_group(f"setsid sleep 300 & echo $! > {pidfile}")
+    group = ProcessGroup.of(process.pid)
+    process.wait(timeout=5)
+    escaped = int(wait_for_file(pidfile))
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{escaped}/stat").read_bytes().rsplit(b")", 1)[1].split()[3] != str(escaped).encode():
+        assert time.monotonic() < deadline, "setsid never ran"
+        time.sleep(0.02)  # until setsid has made it a session of its own
+    assert not group.still_running()
+    assert is_running(escaped)
+
+
+def test_the_interrupted_reason_says_when_leftovers_were_stopped():
+    result = RunResult.interrupted("job-1", datetime.now(timezone.utc), False, leftovers_stopped=True)
+    assert result.reason == "the agent restarted while the command ran; its leftover processes were stopped"
