@@ -261,12 +261,18 @@ class Fleet:
             agent.stop()
 
     def commands_left_running(self) -> list[str]:
-        """Commands that logged their start but not their end (left running by a crashed agent)."""
+        """Commands that logged their start but not their end, and were not stopped as INTERRUPTED.
+
+        A restarted agent stops the command its crashed predecessor left running, so such a
+        command never logs its end: its job is INTERRUPTED.
+        """
+        interrupted = {child["JobId"] for jobs in self.children().values() for _, child in jobs
+                       if child["Status"] == "INTERRUPTED"}
         left = []
         for device in self.agents:
             runs = self.run_log(device)
             left += [f"device {device} job {line}" for line in runs
-                     if not line.startswith("done ") and f"done {line}" not in runs]
+                     if not line.startswith("done ") and f"done {line}" not in runs and line not in interrupted]
         return left
 
     def children(self) -> dict[str, list[tuple[Round, dict[str, Any]]]]:
