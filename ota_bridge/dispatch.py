@@ -43,7 +43,6 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._published: dict[str, int] = {}  # topic -> hash of the payload last published
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=INBOX_LIMIT)
-        self.idle = asyncio.Event()  # set whenever nothing is waiting to be published
         self._in_sync = False
         self._resync_task: asyncio.Task[None] | None = None
 
@@ -61,7 +60,6 @@ class Dispatcher:
         for device_id in device_ids:
             self._dirty[device_id] = None
         if self._dirty:
-            self.idle.clear()
             self._wake.set()
 
     def on_connected(self) -> None:
@@ -101,7 +99,6 @@ class Dispatcher:
     async def run_publisher(self) -> None:
         while True:
             if not self._dirty:
-                self.idle.set()
                 await self._wake.wait()
             self._wake.clear()
             batch = list(self._dirty)[:BATCH]

@@ -154,7 +154,7 @@ def register_device(device_id: str, group: str | None, tags: Iterable[str]) -> t
     """Register a device; returns it and its MQTT password, which is kept only as a hash."""
     password = credentials.new_secret()
     with _write_transaction():
-        if Device.select().where(Device.device_id == device_id).exists():
+        if device_exists(device_id):
             raise DeviceExists(device_id)
         Device.create(device_id=device_id, group=group, password_hash=credentials.hash_password(password))
         _set_tags(device_id, tags)
@@ -285,7 +285,7 @@ def submit_job(name: str | None, workflow_id: str, target_field: str, target_val
 
 def _target_devices(target_field: str, value: str) -> list[str]:
     if target_field == "DeviceId":
-        if not Device.select().where(Device.device_id == value).exists():
+        if not device_exists(value):
             raise DeviceNotFound(value)
         return [value]
     if target_field == "DeviceGroup":
