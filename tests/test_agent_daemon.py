@@ -28,8 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import daemon
-from agent.daemon import Head, SettingsError, load_settings, parse_head
+from agent.head import Head, parse_head
 from agent.protocol import DEFAULT_PREFIX, JobStatus, Key, MessageError, Presence, Topics, encode, signing_bytes
+from agent.settings import DEFAULT_KILL_GRACE, ENV_PREFIX, SettingsError, load_settings
 from tests.support.mosquitto import start_mosquitto
 from tests.support.tls import ThrowawayCa
 
@@ -79,7 +80,7 @@ def test_a_value_may_start_with_a_dash():
 def test_kill_grace_is_a_number_of_seconds():
     base = ["--broker", "h:1", "--device-id", "d", *KEY_ARGS]
     assert load_settings([*base, "--kill-grace", "0.5"], {}).kill_grace == 0.5
-    assert load_settings(base, {}).kill_grace == daemon.DEFAULT_KILL_GRACE
+    assert load_settings(base, {}).kill_grace == DEFAULT_KILL_GRACE
 
 
 def test_commands_get_the_device_id_but_not_the_agent_settings():
@@ -136,7 +137,7 @@ def test_a_client_certificate_that_is_not_one_is_refused(tmp_path):
                                                                                       "cannot be read")),
 ])
 def test_a_missing_or_bad_setting_exits_2_naming_the_flag_and_variable(monkeypatch, capsys, argv, env, names):
-    for key in [k for k in os.environ if k.startswith(daemon.ENV_PREFIX)]:
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("OTA_AGENT_SERVER_KEY", PUBLIC_KEY)  # so only the setting under test is bad
     for key, value in env.items():
@@ -206,7 +207,7 @@ def test_a_bad_head_is_refused(payload):
 
 
 def agent_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(daemon.ENV_PREFIX)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 

@@ -25,12 +25,20 @@ AGENT_FILES = sorted(AGENT_DIR.glob("*.py"))
 
 
 def test_the_agent_package_has_modules():
-    assert {"protocol.py", "journal.py", "runner.py", "daemon.py"} <= {p.name for p in AGENT_FILES}
+    expected = {"protocol.py", "settings.py", "head.py", "job_signature.py", "link.py", "journal.py", "runner.py",
+                "daemon.py"}
+    assert expected <= {p.name for p in AGENT_FILES}
 
 
 @pytest.mark.parametrize("path", AGENT_FILES, ids=lambda p: p.name)
 def test_agent_module_imports_only_stdlib_paho_and_agent(path):
     assert top_level_imports(path) - ALLOWED == set()
+
+
+@pytest.mark.parametrize("path", AGENT_FILES, ids=lambda p: p.name)
+def test_only_the_link_talks_to_paho(path):
+    """agent/link.py owns the broker: no other agent module imports paho."""
+    assert ("paho" in top_level_imports(path)) == (path.name == "link.py")
 
 
 def test_the_import_check_catches_a_third_party_import(tmp_path):

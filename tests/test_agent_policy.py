@@ -7,8 +7,8 @@ import os
 import pytest
 
 from agent import daemon
-from agent.daemon import load_settings
 from agent.policy import CommandPolicy, prefix_is_usable
+from agent.settings import ENV_PREFIX, load_settings
 
 KEY = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="  # RFC 8032 TEST 1's public key
 BASE_ARGS = ["--broker", "h:1", "--device-id", "d", "--server-key", KEY]
@@ -153,7 +153,7 @@ def test_without_policy_settings_there_is_no_policy():
     (["--allow-scripts-dir", "relative/dir"], {}, ("--allow-scripts-dir", "absolute path")),
 ])
 def test_a_bad_policy_setting_exits_2_naming_the_flag_and_variable(monkeypatch, capsys, argv, env, names):
-    for key in [k for k in os.environ if k.startswith(daemon.ENV_PREFIX)]:
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -23,9 +23,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import daemon, job_signature
-from agent.daemon import OUTSIDE_POLICY, STALE, Agent, JobMessage, _Running, load_settings
+from agent.daemon import OUTSIDE_POLICY, STALE, Agent, _Running
+from agent.head import Head, parse_head
 from agent.journal import Journal
-from agent.protocol import SERVICE_CLIENT_ID, JobStatus, Key, Topics, encode, signing_bytes
+from agent.link import JobMessage
+from agent.protocol import SERVICE_CLIENT_ID, JobStatus, Key, Topics, encode, signing_bytes, utc_now
+from agent.settings import ENV_PREFIX, load_settings
 from tests.conftest import Launcher
 from tests.support.mosquitto import start_mosquitto
 from tests.support.processes import wait_until
@@ -63,7 +66,7 @@ BASE_ARGS = ["--broker", "h:1", "--device-id", DEVICE]
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for key in [k for k in os.environ if k.startswith(daemon.ENV_PREFIX)]:
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
 
 
@@ -183,8 +186,8 @@ class DecidingAgent:
         self.agent._start = self._start  # type: ignore[method-assign]
         self.agent._ready_at = 0.0
 
-    def _start(self, head: daemon.Head) -> None:
-        self.journal.record_started(head.job_id, head.seq, daemon.protocol.utc_now())
+    def _start(self, head: Head) -> None:
+        self.journal.record_started(head.job_id, head.seq, utc_now())
         self.started.append(head.job_id)
 
     def deliver(self, message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -196,10 +199,10 @@ class DecidingAgent:
 
     def run_as_current(self, message: dict[str, Any]) -> FakeRunner:
         """Pretend the head is the running job."""
-        parsed = daemon.parse_head(encode(message), 60)
+        parsed = parse_head(encode(message), 60)
         runner = FakeRunner()
         self.agent._running = _Running(parsed, runner, None)  # type: ignore[arg-type]
-        self.journal.record_started(parsed.job_id, parsed.seq, daemon.protocol.utc_now())
+        self.journal.record_started(parsed.job_id, parsed.seq, utc_now())
         return runner
 
 
@@ -273,7 +276,7 @@ def test_an_old_signed_head_the_journal_forgot_is_rejected_as_stale(deciding):
 def test_the_highest_seq_belongs_to_the_key_it_was_signed_with(tmp_path):
     state = tmp_path / "state"
     journal = Journal.open(state, seq_scope="old key")
-    journal.record_started("j1", 9, daemon.protocol.utc_now())
+    journal.record_started("j1", 9, utc_now())
     assert Journal.open(state, seq_scope="old key").highest_seq == 9
     assert Journal.open(state, seq_scope="new key").highest_seq is None  # a new service key starts afresh
 

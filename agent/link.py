@@ -1,0 +1,153 @@
+"""The agent's one link to the MQTT broker (paho), and the events it hands the agent.
+
+paho's network thread only turns callbacks into events (Connected, ConnectFailed, Disconnected,
+Subscribed, JobMessage) on the agent's bounded queue; the agent's main thread reads them and
+calls BrokerLink to subscribe and publish.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+from dataclasses import dataclass
+from typing import Any, Union
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from . import protocol
+from .protocol import Key, Presence, Topics
+from .settings import Settings, agent_version
+
+log = logging.getLogger("ota-agent")
+
+_SHUTDOWN_PUBLISH_SECONDS = 3.0
+
+
+# --- events from paho's thread --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connected:
+    refused: str | None  # the broker's reason when it refused the connection
+
+
+@dataclass(frozen=True)
+class ConnectFailed:
+    reason: str  # the network or TLS error, e.g. the broker's certificate did not verify
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Subscribed:
+    refused: str | None
+
+
+@dataclass(frozen=True)
+class JobMessage:
+    topic: str
+    payload: bytes
+
+
+LinkEvent = Union[Connected, ConnectFailed, Disconnected, Subscribed, JobMessage]
+
+
+# --- the broker -----------------------------------------------------------------------------
+
+
+def _not_reconnect_noise(record: logging.LogRecord) -> bool:
+    """Drops the error paho logs after every failed reconnect: the agent logs those itself."""
+    return not str(record.msg).startswith("Client is not connected")
+
+
+class BrokerLink:
+    """The one place that talks to the MQTT broker. Callbacks only queue events."""
+
+    def __init__(self, settings: Settings, events: queue.Queue[Any]) -> None:
+        """`events`: the agent's event queue, which the link puts only LinkEvents on."""
+        self.settings = settings
+        self.topics = Topics(settings.prefix)
+        self.events = events
+        self.client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=s.device_id, clean_session=False, protocol=mqtt.MQTTv311
+        )
+        client.username_pw_set(s.username, s.password)
+        if s.tls is not None:
+            client.tls_set_context(s.tls)
+        paho_log = log.getChild("mqtt")  # paho's errors, e.g. the broker refusing our TLS certificate
+        paho_log.addFilter(_not_reconnect_noise)
+        client.enable_logger(paho_log)
+        will = protocol.encode(presence_message(Presence.OFFLINE))
+        client.will_set(self.topics.presence(s.device_id), will, qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = lambda c, u, flags, code, props: self._offer(
+            Connected(str(code) if code.is_failure else None))
+        # paho calls on_connect_fail while it handles the OSError (a TLS failure is one): keep its text.
+        client.on_connect_fail = lambda c, u: self._offer(ConnectFailed(str(sys.exc_info()[1])))
+        client.on_disconnect = lambda c, u, flags, code, props: self._offer(Disconnected(str(code)))
+        client.on_subscribe = lambda c, u, mid, codes, props: self._offer(Subscribed(_refusal(codes)))
+        client.on_message = lambda c, u, msg: self._offer(JobMessage(msg.topic, bytes(msg.payload)))
+        return client
+
+    def _offer(self, event: LinkEvent) -> None:
+        try:
+            self.events.put_nowait(event)
+        except queue.Full:
+            log.warning("event queue full; dropped %s", type(event).__name__)
+
+    def start(self) -> None:
+        """Connect in the background; the first connection also retries while the broker is down."""
+        self.client.connect_async(self.settings.broker_host, self.settings.broker_port, keepalive=60)
+        self.client.loop_start()
+
+    def subscribe_job(self) -> None:
+        self.client.subscribe(self.job_topic, qos=1)
+
+    @property
+    def job_topic(self) -> str:
+        return self.topics.job(self.settings.device_id)
+
+    def publish_status(self, message: dict[str, Any]) -> None:
+        self._publish(self.topics.status(self.settings.device_id), message, retain=False)
+
+    def publish_presence(self, presence: Presence) -> mqtt.MQTTMessageInfo:
+        return self._publish(self.topics.presence(self.settings.device_id), presence_message(presence), retain=True)
+
+    def _publish(self, topic: str, message: dict[str, Any], retain: bool) -> mqtt.MQTTMessageInfo:
+        """Publish QoS 1 without waiting; paho queues it while offline."""
+        info = self.client.publish(topic, protocol.encode(message), qos=1, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("could not queue a message for %s: %s", topic, mqtt.error_string(info.rc))
+        return info
+
+    def stop(self) -> None:
+        """Say offline (when connected), disconnect cleanly, stop paho's thread."""
+        info = self.publish_presence(Presence.OFFLINE)
+        try:
+            info.wait_for_publish(timeout=_SHUTDOWN_PUBLISH_SECONDS)
+        except (RuntimeError, ValueError) as e:
+            log.info("could not publish presence offline (%s); the broker's last will says it", e)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _refusal(codes: list[Any]) -> str | None:
+    refused = [str(code) for code in codes if code.is_failure]
+    return ", ".join(refused) or None
+
+
+def presence_message(presence: Presence) -> dict[str, Any]:
+    return {
+        Key.PRESENCE: presence.value,
+        Key.TIME: protocol.format_time(protocol.utc_now()),
+        Key.AGENT_VERSION: agent_version(),
+    }

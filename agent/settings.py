@@ -1,0 +1,362 @@
+"""The agent's settings: flags, OTA_AGENT_* environment variables, and the broker's TLS context.
+
+    ota-agent --broker mqtt://HOST:PORT --device-id ID --server-key-file FILE [--password-file FILE] ...
+    ota-agent --broker mqtts://HOST:PORT [--ca-file FILE] [--cert-file FILE --key-file FILE] ...
+
+Over mqtts:// (TLS 1.2 or later) the broker's certificate must chain to --ca-file (default: the
+system's CAs) and name the broker's host; there is no way to turn that check off.
+
+Every flag can also come from an environment variable OTA_AGENT_<FLAG> (e.g.
+OTA_AGENT_DEVICE_ID); a flag wins over its variable. A missing or bad value raises
+SettingsError, naming the flag and its variable (ota-agent then exits 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import functools
+import os
+import ssl
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from . import job_signature, protocol
+from .policy import CommandPolicy, prefix_is_usable
+from .protocol import Topics
+
+ENV_PREFIX = "OTA_AGENT_"
+SYSTEM_STATE_DIR = Path("/var/lib/ota-agent")
+DEFAULT_KILL_GRACE = 5.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@functools.cache
+def agent_version() -> str:
+    try:
+        return metadata.version("ota-bridge")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+
+class SettingsError(Exception):
+    """A flag (or its environment variable) is missing or bad."""
+
+    def __init__(self, dest: str, problem: str) -> None:
+        flag = "--" + dest.replace("_", "-")
+        super().__init__(f"{flag} (or {env_name(dest)}) {problem}")
+        self.flag = flag
+
+
+def env_name(dest: str) -> str:
+    return ENV_PREFIX + dest.upper()
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_host: str
+    broker_port: int
+    device_id: str
+    username: str
+    password: str | None = field(repr=False)
+    state_dir: Path
+    prefix: str
+    output_cap: int
+    default_timeout: int
+    kill_grace: float
+    log_level: str
+    server_key: bytes  # the service's Ed25519 public key, raw: every head must be signed with it
+    policy: CommandPolicy = CommandPolicy()
+    tls: ssl.SSLContext | None = field(default=None, repr=False, compare=False)  # None: plain mqtt://
+
+    @property
+    def server_key_b64(self) -> str:
+        return base64.b64encode(self.server_key).decode("ascii")
+
+    @property
+    def broker_url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.broker_host}:{self.broker_port}"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.state_dir / self.device_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ota-agent",
+        description="Run the jobs the ota-bridge service sends to this device. "
+        f"Every flag also reads {ENV_PREFIX}<FLAG> from the environment (e.g. {env_name('device_id')}).",
+    )
+    add = parser.add_argument
+    add("--broker", metavar="mqtt[s]://HOST:PORT", help="the MQTT broker: mqtt://HOST:PORT (default port 1883; "
+        "HOST:PORT also accepted) or, over TLS, mqtts://HOST:PORT (default port 8883)")
+    add("--ca-file", metavar="FILE", help="mqtts:// only: PEM CA certificates the broker's certificate must chain "
+        "to (default: the system's CAs); the certificate must also name the broker's host")
+    add("--cert-file", metavar="FILE", help="mqtts:// only: a PEM client certificate, for a broker that asks "
+        "for one (with --key-file)")
+    add("--key-file", metavar="FILE", help="the unencrypted PEM private key of --cert-file")
+    add("--device-id", metavar="ID", help="this device's id; also the MQTT client id")
+    add("--username", help="MQTT user name (default: the device id)")
+    add("--password", help="MQTT password (prefer --password-file)")
+    add("--password-file", metavar="FILE", help="a file holding the MQTT password")
+    add("--state-dir", metavar="DIR", help=f"where the journal lives (default {SYSTEM_STATE_DIR} "
+        "when writable, else ~/.local/state/ota-agent); one subdirectory per device id")
+    add("--prefix", help=f"topic prefix (default {protocol.DEFAULT_PREFIX})")
+    add("--output-cap", metavar="BYTES", help=f"bytes of stdout/stderr kept per stream, the tail "
+        f"(default {protocol.OUTPUT_CAP_BYTES})")
+    add("--default-timeout", metavar="SECONDS", help="timeout of a job whose head has no TimeoutSeconds "
+        f"(default {protocol.DEFAULT_TIMEOUT_SECONDS})")
+    add("--kill-grace", metavar="SECONDS", help="how long a killed command's process group gets between "
+        f"SIGTERM and SIGKILL (default {DEFAULT_KILL_GRACE:g})")
+    add("--log-level", metavar="LEVEL", help=f"one of {', '.join(LOG_LEVELS)} (default INFO)")
+    add("--server-key", metavar="BASE64", help="the service's job-signing public key (prefer --server-key-file)")
+    add("--server-key-file", metavar="FILE", help="a file holding the service's job-signing public key: "
+        "the service's <data-dir>/job-signing.pub, or PublicKey from its GET /v1/signing-key (required)")
+    add("--allow-prefix", metavar="PREFIX", action="append", help="run only commands that are PREFIX or start "
+        "with PREFIX and a blank, and hold no shell special character (repeatable; "
+        f"{env_name('allow_prefix')} takes a comma- or newline-separated list)")
+    add("--allow-scripts-dir", metavar="DIR", help="run only commands that are the absolute path of a script "
+        "inside DIR, with plain-word arguments (with both --allow-* flags, a command must match one)")
+    add("--version", action="version", version=f"ota-agent {agent_version()}")
+    return parser
+
+
+_SETTING_NAMES = (
+    "broker", "device_id", "username", "password", "password_file", "state_dir", "prefix",
+    "output_cap", "default_timeout", "kill_grace", "log_level", "server_key", "server_key_file",
+    "allow_scripts_dir", "ca_file", "cert_file", "key_file",
+)
+_LIST_SETTING_NAMES = ("allow_prefix",)  # repeatable flags; their variable holds a list
+
+
+def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Settings:
+    """Settings from flags, then OTA_AGENT_* variables, then defaults. Raises SettingsError."""
+    args = build_parser().parse_args(_join_values(sys.argv[1:] if argv is None else argv))
+    raw = {name: _flag_or_env(getattr(args, name), environ.get(env_name(name))) for name in _SETTING_NAMES}
+    host, port, tls = parse_broker(_required(raw, "broker"))
+    device_id = _device_id(_required(raw, "device_id"))
+    return Settings(
+        broker_host=host,
+        broker_port=port,
+        device_id=device_id,
+        username=raw["username"] or device_id,
+        password=_password(raw["password"], raw["password_file"]),
+        state_dir=Path(raw["state_dir"]) if raw["state_dir"] else default_state_dir(),
+        prefix=_prefix(raw["prefix"] or protocol.DEFAULT_PREFIX),
+        output_cap=_positive_int(raw, "output_cap", protocol.OUTPUT_CAP_BYTES),
+        default_timeout=_positive_int(raw, "default_timeout", protocol.DEFAULT_TIMEOUT_SECONDS),
+        kill_grace=_positive_number(raw, "kill_grace", DEFAULT_KILL_GRACE),
+        log_level=_log_level(raw["log_level"] or "INFO"),
+        server_key=_server_key(raw["server_key"], raw["server_key_file"]),
+        policy=CommandPolicy(
+            allow_prefixes=_allow_prefixes(args.allow_prefix, environ.get(env_name("allow_prefix"))),
+            scripts_dir=_scripts_dir(raw["allow_scripts_dir"]),
+        ),
+        tls=_broker_tls(raw, tls),
+    )
+
+
+def _join_values(argv: list[str]) -> list[str]:
+    """Turn `--flag VALUE` into `--flag=VALUE`, so a value may start with '-' (e.g. a password)."""
+    takes_value = {"--" + name.replace("_", "-") for name in (*_SETTING_NAMES, *_LIST_SETTING_NAMES)}
+    joined: list[str] = []
+    pending: str | None = None
+    for arg in argv:
+        if pending is not None:
+            joined.append(f"{pending}={arg}")
+            pending = None
+        elif arg in takes_value:
+            pending = arg
+        else:
+            joined.append(arg)
+    return joined + ([pending] if pending else [])
+
+
+def _flag_or_env(flag: str | None, env: str | None) -> str | None:
+    if flag is not None:
+        return flag
+    return env or None  # an empty variable counts as unset
+
+
+def _required(raw: dict[str, str | None], name: str) -> str:
+    value = raw[name]
+    if value is None:
+        raise SettingsError(name, "is required")
+    return value
+
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+def parse_broker(value: str) -> tuple[str, int, bool]:
+    """mqtt://HOST:PORT, HOST:PORT (port 1883 when left out) or mqtts://HOST:PORT (8883) -> (host, port, tls)."""
+    url = urlsplit(value if "://" in value else f"mqtt://{value}")
+    if url.scheme not in DEFAULT_PORTS or not url.hostname or url.path not in ("", "/") or url.query or url.username:
+        raise SettingsError("broker", f"is {value!r}, expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+    try:
+        port = DEFAULT_PORTS[url.scheme] if url.port is None else url.port
+    except ValueError as e:
+        raise SettingsError("broker", f"is {value!r}: bad port ({e})") from e
+    if port == 0:
+        raise SettingsError("broker", f"is {value!r}: port 0 is not a port to connect to")
+    return url.hostname, port, url.scheme == "mqtts"
+
+
+def _broker_tls(raw: dict[str, str | None], tls: bool) -> ssl.SSLContext | None:
+    """The TLS context for an mqtts:// broker; None for mqtt://, which takes no TLS files."""
+    if tls:
+        return tls_context(raw)
+    for name in ("ca_file", "cert_file", "key_file"):
+        if raw[name] is not None:
+            raise SettingsError(name, "is for a TLS broker: give --broker mqtts://HOST:PORT")
+    return None
+
+
+def tls_context(raw: dict[str, str | None]) -> ssl.SSLContext:
+    """TLS 1.2 or later; the broker's certificate must chain to --ca-file (or the system's CAs) and name its host."""
+    cafile = _readable(raw, "ca_file")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    except ssl.SSLError as e:
+        raise SettingsError("ca_file", f"names a file with no usable PEM CA certificate: {e}") from e
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if (raw["cert_file"] is None) != (raw["key_file"] is None):
+        raise SettingsError("cert_file", "and --key-file go together: give both, or neither")
+    cert_file, key_file = _readable(raw, "cert_file"), _readable(raw, "key_file")
+    if cert_file is not None and key_file is not None:
+        _load_client_certificate(context, cert_file, key_file)
+    return context
+
+
+def _load_client_certificate(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
+    def encrypted() -> bytes:  # instead of OpenSSL asking for a passphrase on the terminal
+        raise SettingsError("key_file", "names an encrypted key; give an unencrypted one")
+
+    try:
+        context.load_cert_chain(cert_file, key_file, password=encrypted)
+    except ssl.SSLError as e:
+        raise SettingsError("cert_file", f"and --key-file are not a PEM certificate and its private key ({e})") from e
+
+
+def _readable(raw: dict[str, str | None], name: str) -> str | None:
+    path = raw[name]
+    if path is not None:
+        try:
+            Path(path).open("rb").close()
+        except OSError as e:
+            raise SettingsError(name, f"names a file that cannot be read: {e}") from e
+    return path
+
+
+def _device_id(value: str) -> str:
+    if not protocol.is_valid_device_id(value):
+        raise SettingsError("device_id", f"is {value!r}, which does not match {protocol.DEVICE_ID_PATTERN}")
+    return value
+
+
+def _password(password: str | None, password_file: str | None) -> str | None:
+    if password is not None and password_file is not None:
+        raise SettingsError("password", "and --password-file are both set; give one")
+    if password_file is None:
+        return password
+    try:
+        return Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError("password_file", f"names a file that cannot be read: {e}") from e
+
+
+def _server_key(key: str | None, key_file: str | None) -> bytes:
+    """The service's public key; the agent does not start without one."""
+    if key is not None and key_file is not None:
+        raise SettingsError("server_key", "and --server-key-file are both set; give one")
+    if key is None and key_file is None:
+        raise SettingsError("server_key_file", "is required (or --server-key): the agent runs only jobs the "
+                            f"service signed; {job_signature.WHERE_TO_GET_THE_KEY}")
+    name, text = ("server_key", key) if key is not None else ("server_key_file", None)
+    if text is None:
+        try:
+            text = Path(str(key_file)).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SettingsError(name, f"names a file that cannot be read: {e}") from e
+    try:
+        return job_signature.parse_public_key(text)
+    except ValueError as e:
+        raise SettingsError(name, f"is bad: the key {e}; {job_signature.WHERE_TO_GET_THE_KEY}") from e
+
+
+def _allow_prefixes(flags: list[str] | None, env: str | None) -> tuple[str, ...]:
+    """--allow-prefix values, or the variable's comma- or newline-separated list; blanks trimmed."""
+    if flags is not None:
+        values = [value.strip() for value in flags]
+        if not all(values):
+            raise SettingsError("allow_prefix", "is empty; give the start of the commands to allow")
+    else:
+        values = [value.strip() for value in (env or "").replace("\n", ",").split(",") if value.strip()]
+    for value in values:
+        if not prefix_is_usable(value):
+            raise SettingsError("allow_prefix", f"is {value!r}, which holds a shell special or control character; no "
+                                "command with one is ever allowed by prefix (use --allow-scripts-dir)")
+    return tuple(values)
+
+
+def _scripts_dir(value: str | None) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_absolute() or not path.is_dir():
+        raise SettingsError("allow_scripts_dir", f"is {value!r}, expected the absolute path of a directory")
+    return path
+
+
+def _prefix(value: str) -> str:
+    try:
+        return Topics(value).prefix
+    except ValueError as e:
+        raise SettingsError("prefix", f"is bad: {e}") from e
+
+
+def _positive_int(raw: dict[str, str | None], name: str, default: int) -> int:
+    value = raw[name]
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise SettingsError(name, f"is {value!r}, expected a whole number above 0")
+    return number
+
+
+def _positive_number(raw: dict[str, str | None], name: str, default: float) -> float:
+    value = raw[name]
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < float("inf"):
+        raise SettingsError(name, f"is {value!r}, expected a number of seconds above 0")
+    return number
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise SettingsError("log_level", f"is {value!r}, expected one of {', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
+def default_state_dir() -> Path:
+    """The system state dir when this user may write it, else one in the user's home."""
+    probe = SYSTEM_STATE_DIR if SYSTEM_STATE_DIR.exists() else SYSTEM_STATE_DIR.parent
+    if os.access(probe, os.W_OK):
+        return SYSTEM_STATE_DIR
+    return Path.home() / ".local" / "state" / "ota-agent"
+
