@@ -16,9 +16,10 @@ from pathlib import Path
 
 from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics
 
-from . import credentials, store
+from . import credentials
 from .broker import IsolatingBroker
 from .files import write_atomically
+from .store import Store, devices
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def write_mosquitto_files(accounts: list[tuple[str, str]], out: Path, data_dir: 
 class BrokerAccounts:
     """What the API calls when a device's right to connect changes."""
 
-    def __init__(self, db: store.Store, topics: Topics, data_dir: Path, *,
+    def __init__(self, db: Store, topics: Topics, data_dir: Path, *,
                  embedded: IsolatingBroker | None = None, mosquitto_dir: Path | None = None) -> None:
         self.db, self.topics, self.data_dir = db, topics, data_dir
         self.embedded, self.mosquitto_dir = embedded, mosquitto_dir
@@ -89,7 +90,7 @@ class BrokerAccounts:
 
     async def _rewrite_mosquitto(self) -> None:
         assert self.mosquitto_dir is not None
-        accounts = await self.db.call(store.broker_accounts)
+        accounts = await self.db.call(devices.broker_accounts)
         await asyncio.to_thread(write_mosquitto_files, accounts, self.mosquitto_dir, self.data_dir, self.topics)
         pid_file = self.mosquitto_dir / PID
         try:

@@ -11,10 +11,11 @@ from typing import Callable
 
 from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics, format_time
 
-from . import __version__, settings, store
+from . import __version__, settings
 from .broker_accounts import ACL, OPERATOR_PASSWORD_FILE, PASSWORDS, SERVICE_PASSWORD_FILE, write_mosquitto_files
 from .errors import OtaBridgeError
 from .service import open_store, serve
+from .store import Store, devices, tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_store(args: argparse.Namespace, work: Callable[[store.Store, settings.Settings], None]) -> int:
+def _with_store(args: argparse.Namespace, work: Callable[[Store, settings.Settings], None]) -> int:
     config = settings.resolve(args)
     db = open_store(config)
     try:
@@ -70,29 +71,29 @@ def _with_store(args: argparse.Namespace, work: Callable[[store.Store, settings.
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    return _with_store(args, lambda db, _: print(db.call_sync(store.create_token, args.name)))
+    return _with_store(args, lambda db, _: print(db.call_sync(tokens.create_token, args.name)))
 
 
 def _token_list(args: argparse.Namespace) -> int:
-    def show(db: store.Store, _: settings.Settings) -> None:
-        for token in db.call_sync(store.list_tokens):
+    def show(db: Store, _: settings.Settings) -> None:
+        for token in db.call_sync(tokens.list_tokens):
             print(f"{token.name}\t{format_time(token.created)}")
 
     return _with_store(args, show)
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
-    def revoke(db: store.Store, _: settings.Settings) -> None:
-        count = db.call_sync(store.revoke_token, args.name)
+    def revoke(db: Store, _: settings.Settings) -> None:
+        count = db.call_sync(tokens.revoke_token, args.name)
         print(f"revoked {count} token{'s' if count > 1 else ''} named {args.name!r}")
 
     return _with_store(args, revoke)
 
 
 def _mosquitto_config(args: argparse.Namespace) -> int:
-    def write(db: store.Store, config: settings.Settings) -> None:
+    def write(db: Store, config: settings.Settings) -> None:
         out = Path(args.out)
-        write_mosquitto_files(db.call_sync(store.broker_accounts), out, config.data_dir, Topics(config.prefix))
+        write_mosquitto_files(db.call_sync(devices.broker_accounts), out, config.data_dir, Topics(config.prefix))
         print(f"wrote {out / PASSWORDS} and {out / ACL}; the service logs in as {SERVICE_CLIENT_ID!r} "
               f"(password in {config.data_dir / SERVICE_PASSWORD_FILE}), operators as {OPERATOR_USERNAME!r} "
               f"(password in {config.data_dir / OPERATOR_PASSWORD_FILE})")

@@ -27,7 +27,8 @@ from agent.protocol import (
 )
 
 from .models import naive_utc
-from .store import DeviceQueue, QueueEntry, Update
+from .store.queues import DeviceQueue, QueueEntry
+from .store.updates import Update
 
 MAX_REASON_CHARS = 2000
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")

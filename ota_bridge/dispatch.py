@@ -17,11 +17,12 @@ from typing import Callable, Iterable, Optional
 
 from agent.protocol import MessageError, Topics
 
-from . import store
 from .device_messages import head_message, parse_presence, parse_update, queue_message
 from .errors import StoreUnavailable
 from .models import now
 from .mqtt_link import BrokerLink, Incoming
+from .store import Store, devices, jobs, queues
+from .store.updates import Update, UpdateOutcomes, record_device_messages
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ INBOX_LIMIT = 20_000
 
 
 class Dispatcher:
-    def __init__(self, db: store.Store, topics: Topics, sign: Callable[[bytes], str] | None = None,
+    def __init__(self, db: Store, topics: Topics, sign: Callable[[bytes], str] | None = None,
                  timeout_grace: float = 60, failpoints: frozenset[str] = frozenset()) -> None:
         self.store = db
         self.topics = topics
@@ -73,8 +74,8 @@ class Dispatcher:
         delay = 0.5
         while True:
             try:
-                await self.store.call(store.restart_silence_clocks)
-                device_ids = await self.store.call(store.all_device_ids)
+                await self.store.call(jobs.restart_silence_clocks)
+                device_ids = await self.store.call(devices.all_device_ids)
                 break
             except Exception:
                 log.exception("could not read the devices to republish; retrying in %.1f s", delay)
@@ -105,13 +106,13 @@ class Dispatcher:
             for device_id in batch:
                 del self._dirty[device_id]
             try:
-                queues = await self.store.call(store.device_queues, batch)
+                read = await self.store.call(queues.device_queues, batch)
             except Exception:
                 log.exception("reading device queues failed; retrying")
                 self.mark(batch)
                 await asyncio.sleep(1)
                 continue
-            for queue in queues:
+            for queue in read:
                 head = head_message(queue.device_id, queue.head, self.sign)
                 self._publish_changed(self.topics.job(queue.device_id), head)
                 self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
@@ -137,13 +138,13 @@ class Dispatcher:
             if not self.in_touch:  # an outage of ours or the broker's never times a device out
                 continue
             try:
-                devices = await self.store.call(store.expire_silent_jobs, self.timeout_grace)
+                silent = await self.store.call(jobs.expire_silent_jobs, self.timeout_grace)
             except Exception:
                 log.exception("checking for silent jobs failed")
                 continue
-            for device_id in devices:
+            for device_id in silent:
                 log.warning("device %s: its running job timed out with no result; its queue moves on", device_id)
-            self.mark(devices)
+            self.mark(silent)
 
     # --- device messages ----------------------------------------------------------------
 
@@ -184,12 +185,12 @@ class Dispatcher:
             os._exit(137)
         self.mark(outcomes.devices)
 
-    async def _store(self, updates: list[store.Update], presence: list[Presence]) -> store.UpdateOutcomes:
+    async def _store(self, updates: list[Update], presence: list[Presence]) -> UpdateOutcomes:
         """Store a batch. A database outage is waited out; a message the database refuses is dropped alone."""
         delay = 0.5
         while True:
             try:
-                return await self.store.call(store.record_device_messages, updates, presence)
+                return await self.store.call(record_device_messages, updates, presence)
             except StoreUnavailable as e:
                 log.error("%s; retrying in %.1f s", e.detail, delay)
                 await asyncio.sleep(delay)
@@ -198,10 +199,10 @@ class Dispatcher:
                 if len(updates) + len(presence) > 1:
                     return await self._store_one_by_one(updates, presence)
                 log.exception("the database refused a device message; it is dropped")
-                return store.UpdateOutcomes(dropped=[(u, "the database refused it") for u in updates])
+                return UpdateOutcomes(dropped=[(u, "the database refused it") for u in updates])
 
-    async def _store_one_by_one(self, updates: list[store.Update], presence: list[Presence]) -> store.UpdateOutcomes:
-        outcomes = store.UpdateOutcomes()
+    async def _store_one_by_one(self, updates: list[Update], presence: list[Presence]) -> UpdateOutcomes:
+        outcomes = UpdateOutcomes()
         for one in [([u], []) for u in updates] + [([], [p]) for p in presence]:
             result = await self._store(*one)
             outcomes.applied += result.applied
@@ -209,8 +210,8 @@ class Dispatcher:
             outcomes.dropped += result.dropped
         return outcomes
 
-    def _parse(self, batch: list[Incoming]) -> tuple[list[store.Update], list[Presence]]:
-        updates: list[store.Update] = []
+    def _parse(self, batch: list[Incoming]) -> tuple[list[Update], list[Presence]]:
+        updates: list[Update] = []
         presence: list[Presence] = []
         for message in batch:
             parsed = self.topics.parse(message.topic)

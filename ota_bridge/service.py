@@ -19,7 +19,7 @@ from aiohttp import web
 
 from agent.protocol import OPERATOR_USERNAME, RESERVED_DEVICE_IDS, SERVICE_CLIENT_ID, Topics
 
-from . import credentials, signing, store, tls
+from . import credentials, signing, tls
 from .api import make_app
 from .api.views import ACCOUNTS
 from .broker import (
@@ -37,25 +37,26 @@ from .errors import ConfigError
 from .files import write_atomically
 from .mqtt_link import BrokerLink
 from .settings import OPTIONS_BY_NAME, HostPort, Settings
+from .store import Store, devices, tokens
 
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_FILE = "admin-token"
 
 
-def ensure_admin_token(db: store.Store, data_dir: Path) -> str | None:
+def ensure_admin_token(db: Store, data_dir: Path) -> str | None:
     """On a first start (no token at all), make the admin token; returns it, or None."""
-    if db.call_sync(store.has_tokens):
+    if db.call_sync(tokens.has_tokens):
         return None
-    token = db.call_sync(store.create_token, "admin")
+    token = db.call_sync(tokens.create_token, "admin")
     path = data_dir / ADMIN_TOKEN_FILE
     write_atomically(path, (token + "\n").encode(), 0o600)
     return token
 
 
-def open_store(settings: Settings) -> store.Store:
+def open_store(settings: Settings) -> Store:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return store.Store(settings.database_url)
+    return Store(settings.database_url)
 
 
 async def serve(settings: Settings) -> None:
@@ -73,7 +74,7 @@ async def serve(settings: Settings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _running(settings: Settings, db: store.Store) -> AsyncIterator[None]:
+async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
     https = tls.server_context(settings)  # first: a bad certificate file stops the start at once
     signer = signing.load_or_create(settings.data_dir)
     dispatcher = Dispatcher(db, Topics(settings.prefix), signer.sign, settings.timeout_grace, settings.failpoints)
@@ -93,7 +94,7 @@ async def _running(settings: Settings, db: store.Store) -> AsyncIterator[None]:
         yield
 
 
-async def _broker_link(settings: Settings, db: store.Store, dispatcher: Dispatcher,
+async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
                        stack: contextlib.AsyncExitStack) -> tuple[BrokerLink, IsolatingBroker | None]:
     """The service's link to the broker, starting the embedded broker first unless --mqtt-url is set."""
     url = settings.mqtt_url
@@ -128,14 +129,14 @@ def _link(host: str, port: int, username: str | None, password: str | None, disp
                       on_message=dispatcher.deliver, on_connect=dispatcher.on_connected, tls=tls_context)
 
 
-def _authenticator(db: store.Store, service_secret: str) -> Authenticator:
+def _authenticator(db: Store, service_secret: str) -> Authenticator:
     async def authenticate(username: str, password: str, client_id: str) -> bool:
         if username == SERVICE_USERNAME:
             return client_id == SERVICE_CLIENT_ID and hmac.compare_digest(password.encode(), service_secret.encode())
         if username == OPERATOR_USERNAME:  # any client id but one that would take over a session
-            return (client_id not in RESERVED_DEVICE_IDS and await db.call(store.check_token, password)
-                    and not await db.call(store.device_exists, client_id))
-        return client_id == username and await db.call(store.check_device_password, username, password)
+            return (client_id not in RESERVED_DEVICE_IDS and await db.call(tokens.check_token, password)
+                    and not await db.call(devices.device_exists, client_id))
+        return client_id == username and await db.call(devices.check_device_password, username, password)
 
     return authenticate
 

@@ -9,7 +9,7 @@ import pytest
 
 from agent.protocol import OUTPUT_CAP_BYTES, JobStatus, MessageError, encode
 from ota_bridge.device_messages import head_message, parse_presence, parse_update, queue_message
-from ota_bridge.store import DeviceQueue, QueueEntry
+from ota_bridge.store.queues import DeviceQueue, QueueEntry
 
 ENTRY = QueueEntry("c1", "p1", "job", "date", 60, False, 7, "QUEUED", datetime(2026, 1, 1))
 

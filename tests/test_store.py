@@ -9,17 +9,20 @@ from typing import Iterator
 import pytest
 
 from agent.protocol import JobStatus
-from ota_bridge import credentials, store
+from ota_bridge import credentials
 from ota_bridge.errors import EmptyTarget, WorkflowNotFound
-from ota_bridge.store import Update, derive_status
+from ota_bridge.models import ChildJob, Device, now
+from ota_bridge.store import Store, devices, jobs, queues, updates, workflows
+from ota_bridge.store.jobs import derive_status
+from ota_bridge.store.updates import Update
 from tests.support.databases import database_url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[store.Store]:
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """The same store code on a SQLite file and on a fresh PostgreSQL database."""
     with database_url(request.param, tmp_path) as url:
-        s = store.Store(url)
+        s = Store(url)
         try:
             yield s
         finally:
@@ -41,64 +44,64 @@ def test_parent_status_derives_from_children(counts: dict[str, int], expected: J
     assert derive_status(counts) is expected
 
 
-def group_job(db: store.Store, n: int, command: str = "true") -> tuple[str, list[str]]:
+def group_job(db: Store, n: int, command: str = "true") -> tuple[str, list[str]]:
     for i in range(n):
-        db.call_sync(store.register_device, f"d{i}", "g", ["t"])
-    wf = db.call_sync(store.create_workflow, "wf", command, None, False)
-    job, devices = db.call_sync(store.submit_job, "job", wf.workflow_id, "DeviceGroup", "g", None)
-    return job.job_id, devices
+        db.call_sync(devices.register_device, f"d{i}", "g", ["t"])
+    wf = db.call_sync(workflows.create_workflow, "wf", command, None, False)
+    job, device_ids = db.call_sync(jobs.submit_job, "job", wf.workflow_id, "DeviceGroup", "g", None)
+    return job.job_id, device_ids
 
 
-def test_group_job_with_many_devices_is_one_transaction(db: store.Store) -> None:
-    job_id, devices = group_job(db, 600)
-    assert len(devices) == 600
-    assert len(db.call_sync(store.child_jobs, job_id)) == 600
+def test_group_job_with_many_devices_is_one_transaction(db: Store) -> None:
+    job_id, device_ids = group_job(db, 600)
+    assert len(device_ids) == 600
+    assert len(db.call_sync(jobs.child_jobs, job_id)) == 600
 
 
-def test_failed_submission_writes_nothing(db: store.Store) -> None:
+def test_failed_submission_writes_nothing(db: Store) -> None:
     with pytest.raises(WorkflowNotFound):
-        db.call_sync(store.submit_job, "job", "missing", "DeviceId", "d0", None)
+        db.call_sync(jobs.submit_job, "job", "missing", "DeviceId", "d0", None)
     with pytest.raises(EmptyTarget):
-        wf = db.call_sync(store.create_workflow, "wf", "true", None, False)
-        db.call_sync(store.submit_job, "job", wf.workflow_id, "DeviceGroup", "none", None)
-    assert db.call_sync(store.list_jobs, 10, 0) == ([], 0)
+        wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
+        db.call_sync(jobs.submit_job, "job", wf.workflow_id, "DeviceGroup", "none", None)
+    assert db.call_sync(jobs.list_jobs, 10, 0) == ([], 0)
 
 
-def test_device_queue_is_in_submission_order_and_head_is_first_pending(db: store.Store) -> None:
-    db.call_sync(store.register_device, "d0", None, [])
-    wf = db.call_sync(store.create_workflow, "wf", "true", None, False)
-    jobs = [db.call_sync(store.submit_job, f"j{i}", wf.workflow_id, "DeviceId", "d0", None)[0] for i in range(4)]
-    queue = db.call_sync(store.device_queues, ["d0"])[0]
-    assert [e.parent_id for e in queue.entries] == [j.job_id for j in jobs] and queue.total == 4
-    children = [db.call_sync(store.child_jobs, j.job_id)[0] for j in jobs]
-    db.call_sync(store.record_device_messages, [Update("d0", children[0].job_id, JobStatus.SUCCEEDED)], [])
-    assert db.call_sync(store.device_queues, ["d0"])[0].head.job_id == children[1].job_id
+def test_device_queue_is_in_submission_order_and_head_is_first_pending(db: Store) -> None:
+    db.call_sync(devices.register_device, "d0", None, [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
+    submitted = [db.call_sync(jobs.submit_job, f"j{i}", wf.workflow_id, "DeviceId", "d0", None)[0] for i in range(4)]
+    queue = db.call_sync(queues.device_queues, ["d0"])[0]
+    assert [e.parent_id for e in queue.entries] == [j.job_id for j in submitted] and queue.total == 4
+    children = [db.call_sync(jobs.child_jobs, j.job_id)[0] for j in submitted]
+    db.call_sync(updates.record_device_messages, [Update("d0", children[0].job_id, JobStatus.SUCCEEDED)], [])
+    assert db.call_sync(queues.device_queues, ["d0"])[0].head.job_id == children[1].job_id
 
 
-def test_updates_are_idempotent_and_never_go_backwards(db: store.Store) -> None:
+def test_updates_are_idempotent_and_never_go_backwards(db: Store) -> None:
     job_id, _ = group_job(db, 1)
-    child = db.call_sync(store.child_jobs, job_id)[0].job_id
+    child = db.call_sync(jobs.child_jobs, job_id)[0].job_id
     done = Update("d0", child, JobStatus.SUCCEEDED, exit_code=0, stdout="first")
-    outcome = db.call_sync(store.record_device_messages, [Update("d0", child, JobStatus.IN_PROGRESS), done], [])
+    outcome = db.call_sync(updates.record_device_messages, [Update("d0", child, JobStatus.IN_PROGRESS), done], [])
     assert len(outcome.applied) == 2 and outcome.devices == ["d0"]
-    again = db.call_sync(store.record_device_messages, [
+    again = db.call_sync(updates.record_device_messages, [
         Update("d0", child, JobStatus.IN_PROGRESS),
         Update("d0", child, JobStatus.FAILED, exit_code=1, stdout="second"),
     ], [])
     assert not again.applied and all("already SUCCEEDED" in why for _, why in again.dropped)
-    row = db.call_sync(store.child_jobs, job_id)[0]
+    row = db.call_sync(jobs.child_jobs, job_id)[0]
     assert row.status == "SUCCEEDED" and row.stdout == "first"
 
 
-def test_update_for_another_device_or_not_the_head_is_dropped(db: store.Store) -> None:
-    db.call_sync(store.register_device, "d0", None, [])
-    db.call_sync(store.register_device, "d1", None, [])
-    wf = db.call_sync(store.create_workflow, "wf", "true", None, False)
-    first = db.call_sync(store.submit_job, "a", wf.workflow_id, "DeviceId", "d0", None)[0]
-    second = db.call_sync(store.submit_job, "b", wf.workflow_id, "DeviceId", "d0", None)[0]
-    c1 = db.call_sync(store.child_jobs, first.job_id)[0].job_id
-    c2 = db.call_sync(store.child_jobs, second.job_id)[0].job_id
-    outcome = db.call_sync(store.record_device_messages, [
+def test_update_for_another_device_or_not_the_head_is_dropped(db: Store) -> None:
+    db.call_sync(devices.register_device, "d0", None, [])
+    db.call_sync(devices.register_device, "d1", None, [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
+    first = db.call_sync(jobs.submit_job, "a", wf.workflow_id, "DeviceId", "d0", None)[0]
+    second = db.call_sync(jobs.submit_job, "b", wf.workflow_id, "DeviceId", "d0", None)[0]
+    c1 = db.call_sync(jobs.child_jobs, first.job_id)[0].job_id
+    c2 = db.call_sync(jobs.child_jobs, second.job_id)[0].job_id
+    outcome = db.call_sync(updates.record_device_messages, [
         Update("d1", c1, JobStatus.SUCCEEDED), Update("d0", c2, JobStatus.SUCCEEDED),
         Update("d0", "no-such-job", JobStatus.SUCCEEDED)], [])
     reasons = [why for _, why in outcome.dropped]
@@ -106,93 +109,93 @@ def test_update_for_another_device_or_not_the_head_is_dropped(db: store.Store) -
     assert reasons == ["the job belongs to device 'd0'", "the job is not the device's current job", "no such job"]
 
 
-def test_device_passwords_are_hashed_in_mosquitto_format(db: store.Store) -> None:
-    _, password = db.call_sync(store.register_device, "d0", None, [])
-    stored = db.call_sync(lambda: store.Device.get_by_id("d0").password_hash)
+def test_device_passwords_are_hashed_in_mosquitto_format(db: Store) -> None:
+    _, password = db.call_sync(devices.register_device, "d0", None, [])
+    stored = db.call_sync(lambda: Device.get_by_id("d0").password_hash)
     assert stored.startswith("$7$") and password not in stored
     assert credentials.verify_password(password, stored)
-    assert db.call_sync(store.check_device_password, "d0", password)
-    assert not db.call_sync(store.check_device_password, "d0", password + "x")
-    assert not db.call_sync(store.check_device_password, "ghost", password)
+    assert db.call_sync(devices.check_device_password, "d0", password)
+    assert not db.call_sync(devices.check_device_password, "d0", password + "x")
+    assert not db.call_sync(devices.check_device_password, "ghost", password)
 
 
-def test_deleting_a_device_cancels_its_pending_jobs(db: store.Store) -> None:
+def test_deleting_a_device_cancels_its_pending_jobs(db: Store) -> None:
     job_id, _ = group_job(db, 2)
-    db.call_sync(store.delete_device, "d0")
-    by_device = {c.device_id: c.status for c in db.call_sync(store.child_jobs, job_id)}
+    db.call_sync(devices.delete_device, "d0")
+    by_device = {c.device_id: c.status for c in db.call_sync(jobs.child_jobs, job_id)}
     assert by_device == {"d0": "CANCELED", "d1": "QUEUED"}
 
 
-def _running_job(db: store.Store) -> tuple[str, str]:
+def _running_job(db: Store) -> tuple[str, str]:
     job_id, _ = group_job(db, 1)
-    child = db.call_sync(store.child_jobs, job_id)[0].job_id
-    db.call_sync(store.record_device_messages, [Update("d0", child, JobStatus.IN_PROGRESS)], [])
+    child = db.call_sync(jobs.child_jobs, job_id)[0].job_id
+    db.call_sync(updates.record_device_messages, [Update("d0", child, JobStatus.IN_PROGRESS)], [])
     return job_id, child
 
 
-def _age(db: store.Store, child: str, seconds: float) -> None:
-    past = store.now() - timedelta(seconds=seconds)
-    db.call_sync(lambda: store.ChildJob.update(updated=past).where(store.ChildJob.job_id == child).execute())
+def _age(db: Store, child: str, seconds: float) -> None:
+    past = now() - timedelta(seconds=seconds)
+    db.call_sync(lambda: ChildJob.update(updated=past).where(ChildJob.job_id == child).execute())
 
 
-def test_silent_running_jobs_time_out_after_timeout_plus_grace(db: store.Store) -> None:
+def test_silent_running_jobs_time_out_after_timeout_plus_grace(db: Store) -> None:
     job_id, child = _running_job(db)  # the default timeout: one hour
-    assert db.call_sync(store.expire_silent_jobs, 60) == []
+    assert db.call_sync(jobs.expire_silent_jobs, 60) == []
     _age(db, child, 3600 + 61)
-    assert db.call_sync(store.expire_silent_jobs, 60) == ["d0"]
-    row = db.call_sync(store.child_jobs, job_id)[0]
+    assert db.call_sync(jobs.expire_silent_jobs, 60) == ["d0"]
+    row = db.call_sync(jobs.child_jobs, job_id)[0]
     assert row.status == "TIMED_OUT" and row.finalized_by_service and "no result" in row.reason
 
 
-def test_reconnecting_restarts_the_silence_clock(db: store.Store) -> None:
+def test_reconnecting_restarts_the_silence_clock(db: Store) -> None:
     _, child = _running_job(db)
     _age(db, child, 3600 + 61)
-    assert db.call_sync(store.restart_silence_clocks) == 1
-    assert db.call_sync(store.expire_silent_jobs, 60) == []
+    assert db.call_sync(jobs.restart_silence_clocks) == 1
+    assert db.call_sync(jobs.expire_silent_jobs, 60) == []
 
 
-def test_a_late_result_is_kept_beside_the_state_once(db: store.Store) -> None:
+def test_a_late_result_is_kept_beside_the_state_once(db: Store) -> None:
     job_id, child = _running_job(db)
     _age(db, child, 3600 + 61)
-    db.call_sync(store.expire_silent_jobs, 60)
+    db.call_sync(jobs.expire_silent_jobs, 60)
     late = Update("d0", child, JobStatus.FAILED, exit_code=2, stdout="out", reason="disk full")
-    outcome = db.call_sync(store.record_device_messages, [late], [])
+    outcome = db.call_sync(updates.record_device_messages, [late], [])
     assert outcome.late == [late] and not outcome.applied
-    row = db.call_sync(store.child_jobs, job_id)[0]
+    row = db.call_sync(jobs.child_jobs, job_id)[0]
     assert (row.status, row.exit_code, row.stdout) == ("TIMED_OUT", 2, "out")
     assert row.reason.endswith("; the device reported FAILED later: disk full")
-    again = db.call_sync(store.record_device_messages, [late], [])
+    again = db.call_sync(updates.record_device_messages, [late], [])
     assert not again.late and "already TIMED_OUT" in again.dropped[0][1]
 
 
-def test_reports_from_a_disabled_device_are_dropped(db: store.Store) -> None:
+def test_reports_from_a_disabled_device_are_dropped(db: Store) -> None:
     job_id, _ = group_job(db, 1)
-    child = db.call_sync(store.child_jobs, job_id)[0].job_id
-    db.call_sync(store.update_device, "d0", None, None, False, None)
-    outcome = db.call_sync(store.record_device_messages, [Update("d0", child, JobStatus.SUCCEEDED)], [])
+    child = db.call_sync(jobs.child_jobs, job_id)[0].job_id
+    db.call_sync(devices.update_device, "d0", None, None, False, None)
+    outcome = db.call_sync(updates.record_device_messages, [Update("d0", child, JobStatus.SUCCEEDED)], [])
     assert outcome.dropped[0][1] == "the device is disabled or deleted"
 
 
-def test_sequence_numbers_are_never_reused_after_deletes(db: store.Store) -> None:
-    db.call_sync(store.register_device, "d0", None, [])
-    wf = db.call_sync(store.create_workflow, "wf", "true", None, False)
-    jobs = [db.call_sync(store.submit_job, "j", wf.workflow_id, "DeviceId", "d0", None)[0] for _ in range(3)]
-    last_seq = db.call_sync(store.child_jobs, jobs[-1].job_id)[0].seq
-    for job in jobs[1:]:
-        db.call_sync(store.delete_job, job.job_id)
-    fresh = db.call_sync(store.submit_job, "j", wf.workflow_id, "DeviceId", "d0", None)[0]
-    assert db.call_sync(store.child_jobs, fresh.job_id)[0].seq > last_seq
+def test_sequence_numbers_are_never_reused_after_deletes(db: Store) -> None:
+    db.call_sync(devices.register_device, "d0", None, [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
+    submitted = [db.call_sync(jobs.submit_job, "j", wf.workflow_id, "DeviceId", "d0", None)[0] for _ in range(3)]
+    last_seq = db.call_sync(jobs.child_jobs, submitted[-1].job_id)[0].seq
+    for job in submitted[1:]:
+        db.call_sync(jobs.delete_job, job.job_id)
+    fresh = db.call_sync(jobs.submit_job, "j", wf.workflow_id, "DeviceId", "d0", None)[0]
+    assert db.call_sync(jobs.child_jobs, fresh.job_id)[0].seq > last_seq
 
 
-def test_device_queues_lists_the_first_hundred_and_counts_them_all(db: store.Store) -> None:
+def test_device_queues_lists_the_first_hundred_and_counts_them_all(db: Store) -> None:
     for device in ("busy", "calm", "idle"):
-        db.call_sync(store.register_device, device, None, [])
-    wf = db.call_sync(store.create_workflow, "wf", "true", None, False)
+        db.call_sync(devices.register_device, device, None, [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
     for _ in range(105):
-        db.call_sync(store.submit_job, "j", wf.workflow_id, "DeviceId", "busy", None)
+        db.call_sync(jobs.submit_job, "j", wf.workflow_id, "DeviceId", "busy", None)
     for _ in range(2):
-        db.call_sync(store.submit_job, "j", wf.workflow_id, "DeviceId", "calm", None)
-    busy, calm, idle = db.call_sync(store.device_queues, ["busy", "calm", "idle"])
+        db.call_sync(jobs.submit_job, "j", wf.workflow_id, "DeviceId", "calm", None)
+    busy, calm, idle = db.call_sync(queues.device_queues, ["busy", "calm", "idle"])
     assert (len(busy.entries), busy.total) == (100, 105)
     assert [e.seq for e in busy.entries] == sorted(e.seq for e in busy.entries)
     assert (len(calm.entries), calm.total, calm.head.command) == (2, 2, "true")

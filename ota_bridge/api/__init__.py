@@ -7,10 +7,10 @@ import re
 
 from aiohttp import web
 
-from .. import store
 from ..dispatch import Dispatcher
 from ..errors import Unauthorized
 from ..signing import JobSigner
+from ..store import Store
 from .body import MAX_BODY_BYTES
 from .errors import Handler, error_middleware
 from .openapi import OPENAPI_PATH, serve_openapi
@@ -63,7 +63,7 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"Status": "ok", "BrokerConnected": broker})
 
 
-def make_app(db: store.Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Application:
+def make_app(db: Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Application:
     middlewares = [error_middleware, auth_middleware, request_shape_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STORE] = db

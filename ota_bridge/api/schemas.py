@@ -8,7 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from agent.protocol import DEVICE_ID_PATTERN, MAX_COMMAND_CHARS, RESERVED_DEVICE_IDS
 
-from ..store import TARGET_FIELDS
+from ..store.jobs import TARGET_FIELDS
 
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 

@@ -7,7 +7,8 @@ from typing import Any
 from agent.protocol import JobStatus, format_time
 
 from ..models import ChildJob, Workflow
-from ..store import DeviceView, JobSummary
+from ..store.devices import DeviceView
+from ..store.jobs import JobSummary
 
 
 def workflow(w: Workflow) -> dict[str, Any]:

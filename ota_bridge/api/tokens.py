@@ -12,14 +12,16 @@ import asyncio
 import hmac
 import time
 
-from .. import credentials, store
+from .. import credentials
+from ..store import Store
+from ..store import tokens as stored_tokens
 
 REFRESH_SECONDS = 2.0
 MISS_REFRESH_SECONDS = 0.2
 
 
 class TokenCache:
-    def __init__(self, db: store.Store) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
         self._hashes: tuple[str, ...] = ()
         self._read_at = float("-inf")
@@ -42,5 +44,5 @@ class TokenCache:
     async def _refresh(self, older_than: float) -> None:
         async with self._lock:
             if time.monotonic() - self._read_at >= older_than:
-                self._hashes = tuple(await self.db.call(store.token_hashes))
+                self._hashes = tuple(await self.db.call(stored_tokens.token_hashes))
                 self._read_at = time.monotonic()

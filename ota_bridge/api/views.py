@@ -6,16 +6,16 @@ from aiohttp import web
 
 from agent.protocol import SIGNATURE_ALGORITHM
 
-from .. import store
 from ..broker_accounts import BrokerAccounts
 from ..dispatch import Dispatcher
 from ..errors import JobNotFound
 from ..signing import JobSigner
+from ..store import Store, devices, jobs, workflows
 from . import params, serialize
 from .body import read_model
 from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
 
-STORE = web.AppKey("store", store.Store)
+STORE = web.AppKey("store", Store)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SIGNER = web.AppKey("signer", JobSigner)
 ACCOUNTS = web.AppKey("accounts", BrokerAccounts)
@@ -24,7 +24,7 @@ DEFAULT_PAGE, MAX_PAGE, MAX_OFFSET = 100, 1000, 2**31
 routes = web.RouteTableDef()
 
 
-def _store(request: web.Request) -> store.Store:
+def _store(request: web.Request) -> Store:
     return request.app[STORE]
 
 
@@ -34,26 +34,26 @@ def _store(request: web.Request) -> store.Store:
 @routes.post("/v1/workflow")
 async def create_workflow(request: web.Request) -> web.Response:
     body = await read_model(request, WorkflowIn)
-    w = await _store(request).call(store.create_workflow, body.Name, body.Command, body.TimeoutSeconds,
+    w = await _store(request).call(workflows.create_workflow, body.Name, body.Command, body.TimeoutSeconds,
                                    body.SuccessOnRestart)
     return web.json_response({"WorkflowId": w.workflow_id}, status=200)
 
 
 @routes.get("/v1/workflow")
 async def list_workflows(request: web.Request) -> web.Response:
-    return web.json_response([serialize.workflow(w) for w in await _store(request).call(store.list_workflows)])
+    return web.json_response([serialize.workflow(w) for w in await _store(request).call(workflows.list_workflows)])
 
 
 @routes.get("/v1/workflow/{id}")
 async def get_workflow(request: web.Request) -> web.Response:
-    w = await _store(request).call(store.get_workflow, request.match_info["id"])
+    w = await _store(request).call(workflows.get_workflow, request.match_info["id"])
     return web.json_response(serialize.workflow(w))
 
 
 @routes.delete("/v1/workflow/{id}")
 async def delete_workflow(request: web.Request) -> web.Response:
     workflow_id = request.match_info["id"]
-    await _store(request).call(store.delete_workflow, workflow_id)
+    await _store(request).call(workflows.delete_workflow, workflow_id)
     return web.json_response({"WorkflowId": workflow_id, "Deleted": True})
 
 
@@ -64,9 +64,9 @@ async def delete_workflow(request: web.Request) -> web.Response:
 async def submit_job(request: web.Request) -> web.Response:
     body = await read_model(request, JobIn)
     field, value = body.target
-    job, devices = await _store(request).call(store.submit_job, body.Name, body.WorkflowId, field, value,
-                                              body.TimeoutSeconds)
-    request.app[DISPATCHER].mark(devices)
+    job, device_ids = await _store(request).call(jobs.submit_job, body.Name, body.WorkflowId, field, value,
+                                                 body.TimeoutSeconds)
+    request.app[DISPATCHER].mark(device_ids)
     return web.json_response({"JobId": job.job_id})
 
 
@@ -75,7 +75,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     query = params.query(request, ("Limit", "Offset"))
     limit = params.whole_number(query, "Limit", DEFAULT_PAGE, 1, MAX_PAGE)
     offset = params.whole_number(query, "Offset", 0, 0, MAX_OFFSET)
-    summaries, total = await _store(request).call(store.list_jobs, limit, offset)
+    summaries, total = await _store(request).call(jobs.list_jobs, limit, offset)
     headers = {"X-Total-Count": str(total)}
     return web.json_response([serialize.job(s) for s in summaries], headers=headers)
 
@@ -84,32 +84,32 @@ async def list_jobs(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
     try:
-        summary = await _store(request).call(store.get_job, job_id)
+        summary = await _store(request).call(jobs.get_job, job_id)
     except JobNotFound:
-        return web.json_response(serialize.child(await _store(request).call(store.get_child, job_id)))
+        return web.json_response(serialize.child(await _store(request).call(jobs.get_child, job_id)))
     return web.json_response(serialize.job(summary))
 
 
 @routes.get("/v1/job/{id}/childjobs")
 async def child_jobs(request: web.Request) -> web.Response:
-    children = await _store(request).call(store.child_jobs, request.match_info["id"])
+    children = await _store(request).call(jobs.child_jobs, request.match_info["id"])
     return web.json_response([serialize.child(c) for c in children])
 
 
 @routes.delete("/v1/job/{id}")
 async def delete_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
-    devices = await _store(request).call(store.delete_job, job_id)
-    request.app[DISPATCHER].mark(devices)
+    device_ids = await _store(request).call(jobs.delete_job, job_id)
+    request.app[DISPATCHER].mark(device_ids)
     return web.json_response({"JobId": job_id, "Deleted": True})
 
 
 @routes.post("/v1/job/{id}/cancel")
 async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
-    devices = await _store(request).call(store.cancel_job, job_id)
-    request.app[DISPATCHER].mark(devices)
-    return web.json_response(serialize.job(await _store(request).call(store.get_job, job_id)))
+    device_ids = await _store(request).call(jobs.cancel_job, job_id)
+    request.app[DISPATCHER].mark(device_ids)
+    return web.json_response(serialize.job(await _store(request).call(jobs.get_job, job_id)))
 
 
 # --- devices --------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ async def signing_key(request: web.Request) -> web.Response:
 @routes.post("/v1/device")
 async def register_device(request: web.Request) -> web.Response:
     body = await read_model(request, DeviceIn)
-    view, password = await _store(request).call(store.register_device, body.DeviceId, body.DeviceGroup, body.Tags)
+    view, password = await _store(request).call(devices.register_device, body.DeviceId, body.DeviceGroup, body.Tags)
     await request.app[ACCOUNTS].changed(body.DeviceId, disconnect=False)
     credentials = {"MqttUsername": body.DeviceId, "MqttPassword": password}
     return web.json_response({**serialize.device(view), **credentials}, status=201)
@@ -133,13 +133,13 @@ async def register_device(request: web.Request) -> web.Response:
 @routes.get("/v1/device")
 async def list_devices(request: web.Request) -> web.Response:
     query = params.query(request, ("DeviceGroup", "TagId"))
-    views = await _store(request).call(store.list_devices, query.get("DeviceGroup"), query.get("TagId"))
+    views = await _store(request).call(devices.list_devices, query.get("DeviceGroup"), query.get("TagId"))
     return web.json_response([serialize.device(v) for v in views])
 
 
 @routes.get("/v1/device/{id}")
 async def get_device(request: web.Request) -> web.Response:
-    return web.json_response(serialize.device(await _store(request).call(store.get_device, request.match_info["id"])))
+    return web.json_response(serialize.device(await _store(request).call(devices.get_device, request.match_info["id"])))
 
 
 @routes.patch("/v1/device/{id}")
@@ -148,7 +148,7 @@ async def update_device(request: web.Request) -> web.Response:
     unset = object()
     group = body.DeviceGroup if "DeviceGroup" in body.model_fields_set else unset
     device_id = request.match_info["id"]
-    view = await _store(request).call(store.update_device, device_id, group, body.Tags, body.Enabled, unset)
+    view = await _store(request).call(devices.update_device, device_id, group, body.Tags, body.Enabled, unset)
     if body.Enabled is not None:
         await request.app[ACCOUNTS].changed(device_id, disconnect=not body.Enabled)
     return web.json_response(serialize.device(view))
@@ -158,7 +158,7 @@ async def update_device(request: web.Request) -> web.Response:
 async def rotate_credentials(request: web.Request) -> web.Response:
     """A new MQTT password, shown once; the old one stops working and the device is disconnected."""
     device_id = request.match_info["id"]
-    password = await _store(request).call(store.rotate_device_password, device_id)
+    password = await _store(request).call(devices.rotate_device_password, device_id)
     await request.app[ACCOUNTS].changed(device_id, disconnect=True)
     return web.json_response({"DeviceId": device_id, "MqttUsername": device_id, "MqttPassword": password})
 
@@ -166,7 +166,7 @@ async def rotate_credentials(request: web.Request) -> web.Response:
 @routes.delete("/v1/device/{id}")
 async def delete_device(request: web.Request) -> web.Response:
     device_id = request.match_info["id"]
-    await _store(request).call(store.delete_device, device_id)
+    await _store(request).call(devices.delete_device, device_id)
     request.app[DISPATCHER].forget(device_id)
     await request.app[ACCOUNTS].changed(device_id, disconnect=True)
     return web.json_response({"DeviceId": device_id, "Deleted": True})

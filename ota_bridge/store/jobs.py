@@ -1,0 +1,206 @@
+"""Jobs: a parent per submission, a child per target device; reading, canceling, deleting, timing out."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import peewee as pw
+
+from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
+
+from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
+from ..models import ChildJob, Device, DeviceTag, Job, now
+from . import PENDING, chunks, finalize, write_transaction
+from .devices import device_exists
+from .workflows import get_workflow
+
+TARGET_FIELDS = ("DeviceId", "DeviceGroup", "TagId")
+
+
+# --- submission -----------------------------------------------------------------------------------
+
+
+def submit_job(name: str | None, workflow_id: str, target_field: str, target_value: str,
+               timeout_seconds: int | None) -> tuple[Job, list[str]]:
+    """Create a parent job and one child per target device in one transaction.
+
+    Returns the parent and the device ids whose queues changed.
+    """
+    with write_transaction():
+        workflow = get_workflow(workflow_id)
+        device_ids = _target_devices(target_field, target_value)
+        job = Job.create(
+            job_id=str(uuid.uuid4()), name=name or workflow.name, workflow_id=workflow.workflow_id,
+            command=workflow.command,
+            timeout_seconds=timeout_seconds or workflow.timeout_seconds or DEFAULT_TIMEOUT_SECONDS,
+            success_on_restart=workflow.success_on_restart, target_field=target_field, target_value=target_value,
+        )
+        rows = [{"job_id": str(uuid.uuid4()), "parent": job.job_id, "device_id": d} for d in device_ids]
+        for chunk in chunks(rows):
+            ChildJob.insert_many(chunk).execute()
+    return job, device_ids
+
+
+def _target_devices(target_field: str, value: str) -> list[str]:
+    if target_field == "DeviceId":
+        if not device_exists(value):
+            raise DeviceNotFound(value)
+        return [value]
+    if target_field == "DeviceGroup":
+        query = Device.select(Device.device_id).where(Device.group == value)
+    elif target_field == "TagId":
+        query = DeviceTag.select(DeviceTag.device).where(DeviceTag.tag == value)
+    else:
+        raise InvalidRequest(f"unknown target field {target_field!r}")
+    device_ids = sorted(d for (d,) in query.tuples())
+    if not device_ids:
+        raise EmptyTarget(target_field, value)
+    return device_ids
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    job: Job
+    counts: dict[str, int]
+    start_time: datetime | None
+    end_time: datetime | None
+    single: ChildJob | None  # the one child of a single-device job
+
+    @property
+    def status(self) -> JobStatus:
+        return derive_status(self.counts)
+
+
+def derive_status(counts: dict[str, int]) -> JobStatus:
+    """A parent's status from its children's: see docs/protocol.md, 'Parent status'."""
+    present = {JobStatus(s) for s, n in counts.items() if n}
+    if not present:
+        return JobStatus.CANCELED
+    if JobStatus.IN_PROGRESS in present or (JobStatus.QUEUED in present and present & FINAL_STATUSES):
+        return JobStatus.IN_PROGRESS
+    if len(present) == 1:
+        return present.pop()
+    if present <= {JobStatus.SUCCEEDED, JobStatus.CANCELED}:
+        return JobStatus.CANCELED
+    return JobStatus.FAILED
+
+
+def get_job(job_id: str) -> JobSummary:
+    job = Job.get_or_none(Job.job_id == job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return _summaries([job])[0]
+
+
+def list_jobs(limit: int, offset: int) -> tuple[list[JobSummary], int]:
+    """One page of jobs, newest first, and the total count."""
+    page = list(Job.select().order_by(Job.created.desc(), Job.job_id.desc()).limit(limit).offset(offset))
+    return _summaries(page), Job.select().count()
+
+
+def _summaries(jobs: list[Job]) -> list[JobSummary]:
+    ids = [j.job_id for j in jobs]
+    counts: dict[str, dict[str, int]] = {i: {} for i in ids}
+    times: dict[str, list[Any]] = {}
+    for chunk in chunks(ids):
+        rows = (ChildJob.select(ChildJob.parent, ChildJob.status, pw.fn.COUNT(ChildJob.seq),
+                                pw.fn.MIN(ChildJob.start_time), pw.fn.MAX(ChildJob.end_time))
+                .where(ChildJob.parent.in_(chunk)).group_by(ChildJob.parent, ChildJob.status).tuples())
+        for parent, status, n, start, end in rows:
+            counts[parent][status] = n
+            times.setdefault(parent, []).append((start, end))
+    singles = _single_children([j for j in jobs if j.target_field == "DeviceId"])
+    return [_summary(j, counts[j.job_id], times.get(j.job_id, []), singles.get(j.job_id)) for j in jobs]
+
+
+def _summary(job: Job, counts: dict[str, int], times: list[Any], single: ChildJob | None) -> JobSummary:
+    starts = [s for s, _ in times if s is not None]
+    ends = [e for _, e in times if e is not None]
+    done = derive_status(counts).is_final
+    return JobSummary(job, counts, min(starts, default=None), max(ends, default=None) if done else None, single)
+
+
+def _single_children(jobs: list[Job]) -> dict[str, ChildJob]:
+    found: dict[str, ChildJob] = {}
+    for chunk in chunks([j.job_id for j in jobs]):
+        for child in ChildJob.select().where(ChildJob.parent.in_(chunk)):
+            found[child.parent_id] = child
+    return found
+
+
+def child_jobs(job_id: str) -> list[ChildJob]:
+    if not Job.select().where(Job.job_id == job_id).exists():
+        raise JobNotFound(job_id)
+    query = ChildJob.select(ChildJob, Job).join(Job).where(ChildJob.parent == job_id)
+    return list(query.order_by(ChildJob.device_id))
+
+
+def get_child(job_id: str) -> ChildJob:
+    child = ChildJob.select(ChildJob, Job).join(Job).where(ChildJob.job_id == job_id).first()
+    if child is None:
+        raise JobNotFound(job_id)
+    return child
+
+
+# --- removing and timing out ----------------------------------------------------------------------
+
+
+def delete_job(job_id: str) -> list[str]:
+    """Delete a job and its children; returns the devices whose queues lost a job."""
+    with write_transaction():
+        devices = _pending_devices(job_id)
+        ChildJob.delete().where(ChildJob.parent == job_id).execute()
+        if not Job.delete().where(Job.job_id == job_id).execute():
+            raise JobNotFound(job_id)
+    return devices
+
+
+def cancel_job(job_id: str) -> list[str]:
+    """Cancel every child not yet final; keeps the record. Returns the devices affected."""
+    with write_transaction():
+        if not Job.select().where(Job.job_id == job_id).exists():
+            raise JobNotFound(job_id)
+        devices = _pending_devices(job_id)
+        finalize(JobStatus.CANCELED, "canceled by an operator", ChildJob.parent == job_id,
+                  ChildJob.status.in_(PENDING))
+    return devices
+
+
+def expire_silent_jobs(grace_seconds: float) -> list[str]:
+    """Jobs IN_PROGRESS past their timeout plus grace, with no word from the device, become TIMED_OUT.
+
+    The clock is the service's: how long ago the IN_PROGRESS report was stored. Returns the
+    devices whose queues move on.
+    """
+    with write_transaction():
+        running = (ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.updated, Job.timeout_seconds)
+                   .join(Job).where(ChildJob.status == JobStatus.IN_PROGRESS.value).tuples())
+        current = now()
+        expired = [(seq, device) for seq, device, since, timeout in running
+                   if (current - since).total_seconds() > timeout + grace_seconds]
+        reason = f"the device sent no result within the job's timeout plus {grace_seconds:g} s"
+        for chunk in chunks([seq for seq, _ in expired]):
+            finalize(JobStatus.TIMED_OUT, reason, ChildJob.seq.in_(chunk))
+    return sorted({device for _, device in expired})
+
+
+def restart_silence_clocks() -> int:
+    """Give every running job's device a fresh chance to report, from now.
+
+    Called when the service (re)connects to the broker: while the service or the broker was
+    down, no device could report, so that time must not count towards a server-side timeout.
+    """
+    with write_transaction():
+        return (ChildJob.update(updated=now())
+                .where(ChildJob.status == JobStatus.IN_PROGRESS.value).execute())
+
+
+def _pending_devices(job_id: str) -> list[str]:
+    query = ChildJob.select(ChildJob.device_id).where(ChildJob.parent == job_id, ChildJob.status.in_(PENDING))
+    return sorted(d for (d,) in query.tuples())

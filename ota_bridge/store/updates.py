@@ -1,0 +1,139 @@
+"""Device updates: job reports checked against the transition table and applied, with presence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import peewee as pw
+
+from agent.protocol import JobStatus, can_transition
+
+from ..models import ChildJob, Device, now
+from . import PENDING, chunks, write_transaction
+from .devices import set_presence
+
+
+@dataclass(frozen=True)
+class Update:
+    """One job update from a device, validated at the MQTT boundary."""
+
+    device_id: str
+    job_id: str
+    status: JobStatus
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    reason: str | None = None
+
+
+@dataclass
+class UpdateOutcomes:
+    applied: list[Update] = field(default_factory=list)
+    late: list[Update] = field(default_factory=list)  # results kept beside a state the service set
+    dropped: list[tuple[Update, str]] = field(default_factory=list)  # (update, why)
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted({u.device_id for u in self.applied})
+
+
+def record_device_messages(updates: list[Update], presence: list[tuple[str, bool, datetime | None]]) -> UpdateOutcomes:
+    """Apply device updates and presence in one transaction; each update idempotently."""
+    outcomes = UpdateOutcomes()
+    with write_transaction():
+        view = _BatchView(updates)
+        for update in updates:
+            why = _apply_one(update, view)
+            if why is None:
+                outcomes.applied.append(update)
+            elif why == LATE:
+                outcomes.late.append(update)
+            else:
+                outcomes.dropped.append((update, why))
+        set_presence(presence)
+    return outcomes
+
+
+class _BatchView:
+    """What a batch of updates reads: fetched once per batch, kept current as updates apply."""
+
+    def __init__(self, updates: list[Update]) -> None:
+        job_ids = sorted({u.job_id for u in updates})
+        devices = sorted({u.device_id for u in updates})
+        self.children = {c.job_id: c for chunk in chunks(job_ids)
+                         for c in ChildJob.select().where(ChildJob.job_id.in_(chunk))}
+        self.enabled = {d for chunk in chunks(devices) for (d,) in Device.select(Device.device_id).where(
+            Device.device_id.in_(chunk), Device.enabled == True).tuples()}  # noqa: E712
+        self._heads: dict[str, int | None] = {}
+
+    def head(self, device_id: str) -> int | None:
+        """The seq of the device's current job: its first job not yet final."""
+        if device_id not in self._heads:
+            self._heads[device_id] = (ChildJob.select(pw.fn.MIN(ChildJob.seq))
+                                      .where(ChildJob.device_id == device_id, ChildJob.status.in_(PENDING)).scalar())
+        return self._heads[device_id]
+
+    def applied(self, child: ChildJob, status: JobStatus) -> None:
+        child.status = status.value
+        if status.is_final:
+            self._heads.pop(child.device_id, None)
+
+
+def _apply_one(update: Update, view: _BatchView) -> str | None:
+    """Apply one update; returns why it was dropped, LATE, or None when applied."""
+    child = view.children.get(update.job_id)
+    if child is None:
+        return "no such job"
+    if child.device_id != update.device_id:
+        return f"the job belongs to device {child.device_id!r}"
+    if update.device_id not in view.enabled:
+        return "the device is disabled or deleted"
+    current = JobStatus(child.status)
+    if current.is_final and child.finalized_by_service and update.status.is_final:
+        _apply_late(child, update)
+        child.finalized_by_service = False
+        return LATE
+    if current.is_final:
+        return f"the job is already {current.value}"
+    if view.head(update.device_id) != child.seq:
+        return "the job is not the device's current job"
+    if not can_transition(current, update.status):
+        return f"{current.value} cannot become {update.status.value}"
+    _write_update(child, update)
+    view.applied(child, update.status)
+    return None
+
+
+LATE = "late"
+
+
+def _apply_late(child: ChildJob, update: Update) -> None:
+    """Keep the device's own result of a job the service already made final; the state stays."""
+    ChildJob.update({
+        ChildJob.exit_code: update.exit_code, ChildJob.stdout: update.stdout, ChildJob.stderr: update.stderr,
+        ChildJob.stdout_truncated: update.stdout_truncated, ChildJob.stderr_truncated: update.stderr_truncated,
+        ChildJob.start_time: update.start_time or child.start_time, ChildJob.finalized_by_service: False,
+        ChildJob.reason: f"{child.reason}; the device reported {update.status.value} later"
+                         + (f": {update.reason}" if update.reason else ""),
+        ChildJob.updated: now(),
+    }).where(ChildJob.seq == child.seq).execute()
+
+
+def _write_update(child: ChildJob, update: Update) -> None:
+    values: dict[Any, Any] = {ChildJob.status: update.status.value, ChildJob.updated: now()}
+    if update.start_time is not None:
+        values[ChildJob.start_time] = update.start_time
+    if update.status.is_final:
+        values.update({
+            ChildJob.end_time: update.end_time or now(), ChildJob.exit_code: update.exit_code,
+            ChildJob.stdout: update.stdout, ChildJob.stderr: update.stderr,
+            ChildJob.stdout_truncated: update.stdout_truncated, ChildJob.stderr_truncated: update.stderr_truncated,
+            ChildJob.reason: update.reason,
+        })
+    ChildJob.update(values).where(ChildJob.seq == child.seq).execute()
