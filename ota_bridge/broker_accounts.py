@@ -2,22 +2,27 @@
 
 Embedded broker: it asks the database at every login, so a change needs only to drop the
 device's live connection (disabled, rotated or deleted). Mosquitto: the service writes a
-password file and an ACL file from the registry into the accounts directory and sends Mosquitto
-SIGHUP (its pid from `mosquitto.pid` there) to reload them.
+password file and an ACL file from the registry into the accounts directory, one rewrite at a
+time and keeping the files' owner, group and mode, and sends Mosquitto SIGHUP (its pid from
+`mosquitto.pid` there, once that pid is checked to be Mosquitto's) to reload them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
 import signal
 from pathlib import Path
+from typing import Iterator
 
 from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics
 
 from . import credentials
 from .broker import IsolatingBroker
+from .errors import OtaBridgeError
 from .files import write_atomically
 from .store import Store, devices
 
@@ -26,6 +31,14 @@ log = logging.getLogger(__name__)
 SERVICE_PASSWORD_FILE = "mqtt-service-password"  # in the data dir: the service's own broker password
 OPERATOR_PASSWORD_FILE = "mqtt-operator-password"  # in the data dir: user "api", read-only watchers
 PASSWORDS, ACL, PID = "passwords", "acl", "mosquitto.pid"  # in the accounts dir
+MOSQUITTO_PROCESS_NAME = "mosquitto"  # /proc/<pid>/comm of the broker the pid file names
+FILE_MODE = 0o640  # for new files; a rewrite keeps the mode (owner, group) the file has
+
+
+class AccountsNotWritten(OtaBridgeError):
+    """Mosquitto's password or ACL file could not be written; the old ones are still in place."""
+
+    title = "Broker accounts not written"
 
 
 def broker_secret(data_dir: Path, name: str) -> str:
@@ -53,20 +66,83 @@ def acl_text(topics: Topics) -> str:
 
 
 def password_text(accounts: list[tuple[str, str]], service_secret: str, operator_secret: str) -> str:
-    """Mosquitto password file: one `user:$7$...` line each (the devices' stored hashes as they are)."""
+    """Mosquitto password file: one `user:$7$...` line each (the devices' stored hashes as they are).
+
+    An id with ':' (registered before such ids were refused) cannot be a Mosquitto username: it is
+    left out, with a warning, so that device cannot log in on Mosquitto.
+    """
     lines = [f"{SERVICE_CLIENT_ID}:{credentials.hash_password(service_secret)}",
              f"{OPERATOR_USERNAME}:{credentials.hash_password(operator_secret)}"]
-    lines += [f"{device_id}:{password_hash}" for device_id, password_hash in accounts]
+    for device_id, password_hash in accounts:
+        if ":" in device_id:
+            log.warning("device %r cannot log in on Mosquitto (':' in its id ends the username in the password "
+                        "file); register it again under an id without ':'", device_id)
+            continue
+        lines.append(f"{device_id}:{password_hash}")
     return "\n".join(lines) + "\n"
 
 
 def write_mosquitto_files(accounts: list[tuple[str, str]], out: Path, data_dir: Path, topics: Topics) -> None:
-    """Write the password and ACL files atomically (mode 0640) for these (device id, hash) accounts."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the password and ACL files atomically for these (device id, hash) accounts.
+
+    New files get mode 0640 (and the directory's group when it is setgid); existing ones keep
+    their owner, group and mode. Raises AccountsNotWritten if a file cannot be written.
+    """
     passwords = password_text(accounts, broker_secret(data_dir, SERVICE_PASSWORD_FILE),
                               broker_secret(data_dir, OPERATOR_PASSWORD_FILE))
-    write_atomically(out / PASSWORDS, passwords.encode(), 0o640)
-    write_atomically(out / ACL, acl_text(topics).encode(), 0o640)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(out / PASSWORDS, passwords.encode(), FILE_MODE, keep_attributes=True)
+        write_atomically(out / ACL, acl_text(topics).encode(), FILE_MODE, keep_attributes=True)
+    except OSError as e:
+        raise AccountsNotWritten(f"could not write Mosquitto's accounts in {out}: {e}") from e
+
+
+def reload_mosquitto(pid_file: Path) -> bool:
+    """Send SIGHUP to the Mosquitto named by pid_file; False (and a warning) if there is none.
+
+    A pid file left by a Mosquitto that stopped may name a process that reused the pid: only a
+    process named mosquitto is signalled, through a pidfd so the pid cannot change in between.
+    """
+    try:
+        pid = int(pid_file.read_text().strip())
+        with _pidfd(pid) as fd:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            if name != MOSQUITTO_PROCESS_NAME:
+                log.warning("did not tell Mosquitto to reload its accounts: pid %d (from %s) is %r, not Mosquitto, "
+                            "so the file is stale; the accounts take effect when Mosquitto starts", pid, pid_file,
+                            name)
+                return False
+            _send_sighup(pid, fd)
+        return True
+    except (OSError, ValueError) as e:
+        log.warning("wrote Mosquitto's accounts but could not tell it to reload (%s: %s)", pid_file, e)
+        return False
+
+
+@contextlib.contextmanager
+def _pidfd(pid: int) -> Iterator[int | None]:
+    """A pidfd for pid (None where the kernel has none): it always refers to the same process."""
+    try:
+        fd: int | None = os.pidfd_open(pid)
+    except AttributeError:  # not Linux
+        fd = None
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            raise
+        fd = None
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _send_sighup(pid: int, fd: int | None) -> None:
+    if fd is None:
+        os.kill(pid, signal.SIGHUP)
+    else:
+        signal.pidfd_send_signal(fd, signal.SIGHUP)
 
 
 class BrokerAccounts:
@@ -76,24 +152,39 @@ class BrokerAccounts:
                  embedded: IsolatingBroker | None = None, mosquitto_dir: Path | None = None) -> None:
         self.db, self.topics, self.data_dir = db, topics, data_dir
         self.embedded, self.mosquitto_dir = embedded, mosquitto_dir
+        self._rewrite_lock = asyncio.Lock()  # one rewrite at a time
+        self._changes = self._written = 0  # changes counted; how many of them the files show
 
     async def start(self) -> None:
         if self.mosquitto_dir is not None:
             await self._rewrite_mosquitto()
 
+    async def registered(self, device_id: str) -> None:
+        """A new device: its account is written, or its registration is undone and this raises."""
+        try:
+            await self.changed(device_id, disconnect=False)
+        except AccountsNotWritten as e:
+            await self.db.call(devices.delete_device, device_id)
+            raise AccountsNotWritten(f"{e.detail}; device {device_id!r} was not registered") from e
+
     async def changed(self, device_id: str, *, disconnect: bool) -> None:
-        """The device was registered, disabled, enabled, rotated or deleted."""
+        """The device was registered, disabled, enabled, rotated or deleted (and that is committed)."""
         if self.mosquitto_dir is not None:
             await self._rewrite_mosquitto()
         if disconnect and self.embedded is not None and await self.embedded.disconnect_client(device_id):
             log.info("disconnected device %s from the embedded broker", device_id)
 
     async def _rewrite_mosquitto(self) -> None:
+        """Rewrite the files from the registry and reload Mosquitto, unless a rewrite that began
+        after this change was committed has done so already (a burst of changes needs few)."""
         assert self.mosquitto_dir is not None
-        accounts = await self.db.call(devices.broker_accounts)
-        await asyncio.to_thread(write_mosquitto_files, accounts, self.mosquitto_dir, self.data_dir, self.topics)
-        pid_file = self.mosquitto_dir / PID
-        try:
-            os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
-        except (OSError, ValueError) as e:
-            log.warning("wrote Mosquitto's accounts but could not tell it to reload (%s: %s)", pid_file, e)
+        self._changes += 1
+        change = self._changes
+        async with self._rewrite_lock:
+            if self._written >= change:
+                return
+            covered = self._changes  # every change counted so far is committed: the read below sees it
+            accounts = await self.db.call(devices.broker_accounts)
+            await asyncio.to_thread(write_mosquitto_files, accounts, self.mosquitto_dir, self.data_dir, self.topics)
+            self._written = covered
+            await asyncio.to_thread(reload_mosquitto, self.mosquitto_dir / PID)

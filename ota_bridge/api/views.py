@@ -125,7 +125,7 @@ async def signing_key(request: web.Request) -> web.Response:
 async def register_device(request: web.Request) -> web.Response:
     body = await read_model(request, DeviceIn)
     view, password = await _store(request).call(devices.register_device, body.DeviceId, body.DeviceGroup, body.Tags)
-    await request.app[ACCOUNTS].changed(body.DeviceId, disconnect=False)
+    await request.app[ACCOUNTS].registered(body.DeviceId)
     credentials = {"MqttUsername": body.DeviceId, "MqttPassword": password}
     return web.json_response({**serialize.device(view), **credentials}, status=201)
 
