@@ -18,6 +18,9 @@ DEFAULT_PREFIX = "ota/v1"
 # A device id is one MQTT topic level and a file name on the device:
 # no '/', '+', '#', NUL or whitespace, and not '.' or '..'.
 DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+# New registrations also refuse ':', which ends the username in Mosquitto's password file
+# (`user:hash`); ids registered with one before still work everywhere else.
+NEW_DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 
 # The pending list on the queue topic shows at most this many jobs; "Total" counts them all.

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from agent.protocol import DEVICE_ID_PATTERN, MAX_COMMAND_CHARS, RESERVED_DEVICE_IDS
+from agent.protocol import DEVICE_ID_PATTERN, MAX_COMMAND_CHARS, NEW_DEVICE_ID_PATTERN, RESERVED_DEVICE_IDS
 
 from ..store.jobs import TARGET_FIELDS
 
@@ -34,7 +34,17 @@ def _not_reserved(value: str) -> str:
     return value
 
 
+def _no_colon(value: str) -> str:
+    if ":" in value:
+        raise ValueError(f"{value!r} holds ':', which a new device id may not: Mosquitto's password file "
+                         f"(user:hash) would end the username there, so the device could never log in")
+    return value
+
+
 DeviceIdField = Annotated[str, StringConstraints(pattern=f"^{DEVICE_ID_PATTERN}$"), AfterValidator(_not_reserved)]
+# Registration: as above, minus ':' (the documented pattern says so; the check names the character).
+NewDeviceIdField = Annotated[DeviceIdField, AfterValidator(_no_colon),
+                             Field(json_schema_extra={"pattern": f"^{NEW_DEVICE_ID_PATTERN}$"})]
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Timeout = Annotated[int, Field(ge=1, le=MAX_TIMEOUT_SECONDS, strict=True)]
 
@@ -73,7 +83,7 @@ class JobIn(Strict):
 
 
 class DeviceIn(Strict):
-    DeviceId: DeviceIdField
+    DeviceId: NewDeviceIdField
     DeviceGroup: Optional[Label] = None
     Tags: list[Label] = Field(default_factory=list, max_length=100)
 
