@@ -7,9 +7,9 @@
         broker.kill(); broker.start()   # a crash (SIGKILL), then the same port again
 
 The config is the repo's mosquitto.conf with its listener moved to the chosen port, plus
-`user root` (as root, Mosquitto would otherwise drop to the `mosquitto` user) and any extra
-lines. Mosquitto's output goes to a log file next to the config; a broker that does not come
-up raises with that log in the message.
+`user root` (as root, Mosquitto would otherwise drop to the `mosquitto` user; user= names the one
+to drop to) and any extra lines. Mosquitto's output goes to a log file next to the config; a
+broker that does not come up raises with that log in the message.
 
 Without the mosquitto binary the test is skipped, except under CI=true, where it fails: CI
 must run every Mosquitto test.
@@ -60,8 +60,9 @@ ACCOUNTS_DIR = "/var/lib/ota-bridge/mosquitto"
 SECURE_ONLY = ("allow_anonymous", "password_file", "acl_file", "pid_file", "use_username_as_clientid")
 
 
-def broker_config(port: int, extra_lines: Iterable[str] = (), accounts_dir: Path | None = None) -> str:
-    """The repo's mosquitto.conf, listening on `port`, running as root, plus extra lines.
+def broker_config(port: int, extra_lines: Iterable[str] = (), accounts_dir: Path | None = None,
+                  user: str = "root") -> str:
+    """The repo's mosquitto.conf, listening on `port`, running as `user`, plus extra lines.
 
     With accounts_dir, the file as shipped (logins and ACLs from the files ota-bridge writes there);
     without, an open variant: anonymous clients may do anything, as on a compromised broker.
@@ -75,20 +76,20 @@ def broker_config(port: int, extra_lines: Iterable[str] = (), accounts_dir: Path
         lines = [line for line in lines if not line.startswith(SECURE_ONLY)] + ["allow_anonymous true"]
     else:
         lines = [line.replace(ACCOUNTS_DIR, str(accounts_dir)) for line in lines]
-    return "\n".join([*lines, "user root", *extra_lines, ""])
+    return "\n".join([*lines, f"user {user}", *extra_lines, ""])
 
 
 class Mosquitto:
     """One broker: a config file, a port that stays the same across restarts, a process."""
 
     def __init__(self, workdir: Path, port: int, extra_lines: Iterable[str] = (),
-                 accounts_dir: Path | None = None) -> None:
+                 accounts_dir: Path | None = None, user: str = "root") -> None:
         self.port = port
         self.binary = mosquitto_binary()
         self.accounts_dir = accounts_dir
         self.config_path = Path(workdir) / f"mosquitto-{port}.conf"
         self.log_path = Path(workdir) / f"mosquitto-{port}.log"
-        self.config_path.write_text(broker_config(port, extra_lines, accounts_dir), encoding="utf-8")
+        self.config_path.write_text(broker_config(port, extra_lines, accounts_dir, user), encoding="utf-8")
         self.process: subprocess.Popen[bytes] | None = None
 
     def __iter__(self) -> Iterator[object]:
@@ -156,9 +157,9 @@ class Mosquitto:
 
 @contextmanager
 def start_mosquitto(tmp_path: Path, extra_lines: Iterable[str] = (),
-                    accounts_dir: Path | None = None) -> Iterator[Mosquitto]:
+                    accounts_dir: Path | None = None, user: str = "root") -> Iterator[Mosquitto]:
     """Start a broker on a free port; it is stopped on exit, whatever happened."""
-    broker = Mosquitto(tmp_path, free_port(), extra_lines, accounts_dir)
+    broker = Mosquitto(tmp_path, free_port(), extra_lines, accounts_dir, user)
     try:
         broker.start()
         yield broker
