@@ -201,8 +201,8 @@ def test_an_id_with_a_colon_is_refused_at_registration(fleet: Fleet) -> None:
 
 
 def test_an_older_id_with_a_colon_stays_readable_and_deletable_and_locks_out_no_one(fleet: Fleet) -> None:
-    register = ("from ota_bridge import store; db = store.Store(f'sqlite:///{sys.argv[1]}'); "
-                "db.call_sync(store.register_device, 'line:8', None, []); db.close()")
+    register = ("from ota_bridge.store import Store, devices; db = Store(f'sqlite:///{sys.argv[1]}'); "
+                "db.call_sync(devices.register_device, 'line:8', None, []); db.close()")
     subprocess.run([*as_user(fleet.user), sys.executable, "-c", f"import sys; {register}",  # as before ':' was refused
                     str(fleet.service.data_dir / "ota-bridge.db")], check=True, timeout=60, cwd=REPO_ROOT)
     password = fleet.api.device("after-legacy")  # a rewrite with that id in the registry
