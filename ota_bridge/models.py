@@ -6,6 +6,7 @@ workflow can be deleted without touching the records of jobs that used it.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -123,6 +124,8 @@ class ChildJob(BaseModel):
 
 
 TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob)
+PRIVATE_MODE = 0o600  # the database files: job output, commands, credential hashes
+PRIVATE_DIR_MODE = 0o700
 
 
 def open_database(url: str) -> pw.Database:
@@ -137,7 +140,8 @@ def open_database(url: str) -> pw.Database:
 def _connect(url: str) -> pw.Database:
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        _make_private(path)
         return pw.SqliteDatabase(str(path), pragmas={
             "journal_mode": "wal",
             "busy_timeout": 10000,
@@ -152,3 +156,11 @@ def _connect(url: str) -> pw.Database:
         user=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
     )
+
+
+def _make_private(path: Path) -> None:
+    """Create the SQLite file 0600, or tighten it; SQLite gives its -wal and -shm files the same mode."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and file.stat().st_mode & 0o777 != PRIVATE_MODE:
+            os.chmod(file, PRIVATE_MODE)

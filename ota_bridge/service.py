@@ -35,6 +35,7 @@ from .broker_accounts import SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secre
 from .dispatch import Dispatcher
 from .errors import ConfigError
 from .files import write_atomically
+from .models import PRIVATE_DIR_MODE
 from .mqtt_link import BrokerLink
 from .settings import OPTIONS_BY_NAME, HostPort, Settings
 from .store import Store, devices, tokens
@@ -55,8 +56,17 @@ def ensure_admin_token(db: Store, data_dir: Path) -> str | None:
 
 
 def open_store(settings: Settings) -> Store:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(settings.data_dir)
     return Store(settings.database_url)
+
+
+def make_data_dir(path: Path) -> None:
+    """Create the data directory 0700; warn about one that others may read (its files are 0600 anyway)."""
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("the data directory %s has mode %04o: other users can list it; 'chmod 700 %s' makes it "
+                    "the service's alone", path, mode, path)
 
 
 async def serve(settings: Settings) -> None:
