@@ -45,14 +45,17 @@ log = logging.getLogger(__name__)
 ADMIN_TOKEN_FILE = "admin-token"
 
 
-def ensure_admin_token(db: Store, data_dir: Path) -> str | None:
-    """On a first start (no token at all), make the admin token; returns it, or None."""
+def ensure_admin_token(db: Store, data_dir: Path) -> Path | None:
+    """On a first start (no token at all), make the admin token; returns the file it is in, or None.
+
+    The token itself is never printed: under systemd stdout is the journal, which others may read.
+    """
     if db.call_sync(tokens.has_tokens):
         return None
     token = db.call_sync(tokens.create_token, "admin")
     path = data_dir / ADMIN_TOKEN_FILE
     write_atomically(path, (token + "\n").encode(), 0o600)
-    return token
+    return path
 
 
 def open_store(settings: Settings) -> Store:
@@ -74,10 +77,9 @@ async def serve(settings: Settings) -> None:
     db = open_store(settings)
     try:
         async with _running(settings, db):
-            token = ensure_admin_token(db, settings.data_dir)
-            if token:
-                print(f"Created the admin API token (also in {settings.data_dir / ADMIN_TOKEN_FILE}):\n{token}",
-                      flush=True)
+            token_file = ensure_admin_token(db, settings.data_dir)
+            if token_file:
+                print(f"Created the admin API token in {token_file} (mode 0600); read it from there", flush=True)
             await _wait_for_signal()
     finally:
         db.close()
