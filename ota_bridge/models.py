@@ -15,6 +15,8 @@ import peewee as pw
 
 from agent.protocol import JobStatus
 
+from .roles import Role
+
 db = pw.DatabaseProxy()
 
 
@@ -38,6 +40,7 @@ class BaseModel(pw.Model):
 class ApiToken(BaseModel):
     name = pw.CharField(max_length=100)
     token_hash = pw.CharField(max_length=64, unique=True)
+    role = pw.CharField(max_length=16)  # a Role; added by ADDED_COLUMNS to databases made before roles
     created = pw.DateTimeField(default=now)
 
 
@@ -124,17 +127,37 @@ class ChildJob(BaseModel):
 
 
 TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob)
+# Columns added after a table was first released: (table, column, DDL), added at open when missing.
+ADDED_COLUMNS = (
+    ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin
+)
 PRIVATE_MODE = 0o600  # the database files: job output, commands, credential hashes
 PRIVATE_DIR_MODE = 0o700
 
 
 def open_database(url: str) -> pw.Database:
-    """Open (and create the tables of) the database at url; binds the models to it."""
+    """Open (and create or bring up to date the tables of) the database at url; binds the models to it."""
     database = _connect(url)
     db.initialize(database)
     database.connect(reuse_if_open=True)
     database.create_tables(TABLES, safe=True)
+    _add_missing_columns(database)
     return database
+
+
+def _add_missing_columns(database: pw.Database) -> None:
+    for table, column, ddl in ADDED_COLUMNS:
+        if _has_column(database, table, column):
+            continue
+        try:
+            database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {ddl}')
+        except pw.DatabaseError:  # another process may have added it meanwhile
+            if not _has_column(database, table, column):
+                raise
+
+
+def _has_column(database: pw.Database, table: str, column: str) -> bool:
+    return column in {c.name for c in database.get_columns(table)}
 
 
 def _connect(url: str) -> pw.Database:

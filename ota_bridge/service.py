@@ -37,6 +37,7 @@ from .errors import ConfigError
 from .files import write_atomically
 from .models import PRIVATE_DIR_MODE
 from .mqtt_link import BrokerLink
+from .roles import Role
 from .settings import OPTIONS_BY_NAME, HostPort, Settings
 from .store import Store, devices, tokens
 
@@ -52,7 +53,7 @@ def ensure_admin_token(db: Store, data_dir: Path) -> Path | None:
     """
     if db.call_sync(tokens.has_tokens):
         return None
-    token = db.call_sync(tokens.create_token, "admin")
+    token = db.call_sync(tokens.create_token, "admin", Role.ADMIN)
     path = data_dir / ADMIN_TOKEN_FILE
     write_atomically(path, (token + "\n").encode(), 0o600)
     return path

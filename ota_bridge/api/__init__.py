@@ -8,7 +8,8 @@ import re
 from aiohttp import web
 
 from ..dispatch import Dispatcher
-from ..errors import Unauthorized
+from ..errors import Forbidden, Unauthorized
+from ..roles import Role, needed_role
 from ..signing import JobSigner
 from ..store import Store
 from .body import MAX_BODY_BYTES
@@ -28,12 +29,27 @@ TOKEN_CHARS = re.compile(r"[!-~]+")  # printable ASCII, no spaces or control cha
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """401 without a valid token; 403 when the token's role may not call the route (roles.NEEDS)."""
     if request.path not in PUBLIC_PATHS:
         token = bearer_token(request.headers.get("Authorization", ""))
-        if not await request.app[TOKENS].valid(token):
+        caller = await request.app[TOKENS].identify(token)
+        if caller is None:
             log.warning("refused an unknown API token from %s for %s %s", request.remote, request.method, request.path)
             raise Unauthorized("the API token is not valid")
+        _check_role(request, caller.name, caller.role)
     return await handler(request)
+
+
+def _check_role(request: web.Request, name: str, role: Role) -> None:
+    resource = request.match_info.route.resource
+    if resource is None:  # no such route: the router answers 404 or 405
+        return
+    needed = needed_role(request.method, resource.canonical)
+    if not role.allows(needed):
+        operation = f"{request.method} {resource.canonical}"
+        log.warning("refused %s %s to token %r (role %s) from %s", request.method, request.path, name, role.value,
+                    request.remote)
+        raise Forbidden(name, role.value, operation, [r.value for r in needed.holders()])
 
 
 def bearer_token(header: str) -> str:
