@@ -44,6 +44,21 @@ class ApiToken(BaseModel):
     created = pw.DateTimeField(default=now)
 
 
+class AuditEntry(BaseModel):
+    """One state-changing API request, accepted or refused: who, what, when, result. Never a secret."""
+
+    id = pw.BigAutoField()
+    time = pw.DateTimeField(default=now)
+    token_name = pw.CharField(max_length=100, null=True)  # None: no valid token came
+    role = pw.CharField(max_length=16, null=True)
+    remote = pw.CharField(max_length=64, null=True)
+    method = pw.CharField(max_length=16)
+    path = pw.CharField(max_length=300)
+    target_id = pw.CharField(max_length=128, null=True)
+    status = pw.IntegerField()
+    outcome = pw.CharField(max_length=100)
+
+
 class Workflow(BaseModel):
     workflow_id = pw.CharField(max_length=36, primary_key=True)
     name = pw.CharField(max_length=200)
@@ -126,7 +141,7 @@ class ChildJob(BaseModel):
         )
 
 
-TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob)
+TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry)
 # Columns added after a table was first released: (table, column, DDL), added at open when missing.
 ADDED_COLUMNS = (
     ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin

@@ -46,6 +46,7 @@ NEEDS: dict[tuple[str, str], Role] = {
     ("POST", "/v1/device"): Role.ADMIN,  # answers the device's MQTT password
     ("POST", "/v1/device/{id}/credentials"): Role.ADMIN,
     ("DELETE", "/v1/device/{id}"): Role.ADMIN,
+    ("GET", "/v1/audit"): Role.ADMIN,
 }
 
 

@@ -1,4 +1,4 @@
-"""Roles of API tokens, against a real service process.
+"""Roles of API tokens and the audit log, against a real service process.
 
 Every route is tried with a token of every role, from the table the service itself reads
 (ota_bridge.roles.NEEDS): a role below the route's gets 403 naming what it needs, one at or above
@@ -8,6 +8,7 @@ gets past the check (here to a 400 or 404, since the ids name nothing and the bo
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import queue
 import subprocess
@@ -108,6 +109,35 @@ def test_a_viewer_token_watches_topics_as_api_on_the_embedded_broker(service: Se
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_the_audit_log_records_accepted_and_refused_changes_without_secrets(service: Service,
+                                                                             apis: dict[Role, Api]) -> None:
+    admin, operator, viewer = apis[Role.ADMIN], apis[Role.OPERATOR], apis[Role.VIEWER]
+    wf = operator.workflow("echo audited")
+    assert viewer.request("POST", "/v1/workflow", {"Name": "x", "Command": "true"}).status == 403
+    stranger = "not-a-token-" + uuid.uuid4().hex
+    assert Api(service.base_url, stranger).request("DELETE", f"/v1/workflow/{wf}").status == 401
+    viewer.ok("GET", f"/v1/workflow/{wf}")  # reads are not recorded
+    password = admin.device("audit-dev")
+    assert operator.request("POST", "/v1/workflow", {"Command": "true"}).status == 400
+    resp = admin.request("GET", "/v1/audit?Limit=5")
+    assert resp.status == 200 and int(resp.headers["X-Total-Count"]) >= 5
+    rows = [(e["TokenName"], e["Role"], e["Method"], e["Path"], e["TargetId"], e["Status"], e["Outcome"])
+            for e in resp.body]
+    assert rows == [
+        ("test-operator", "operator", "POST", "/v1/workflow", None, 400, "Invalid request"),
+        ("admin", "admin", "POST", "/v1/device", "audit-dev", 201, "ok"),
+        (None, None, "DELETE", f"/v1/workflow/{wf}", wf, 401, "Unauthorized"),
+        ("test-viewer", "viewer", "POST", "/v1/workflow", None, 403, "Forbidden"),
+        ("test-operator", "operator", "POST", "/v1/workflow", wf, 200, "ok"),
+    ]
+    assert all(e["Remote"] == "127.0.0.1" and e["Time"].endswith("Z") for e in resp.body)
+    text = json.dumps(admin.ok("GET", "/v1/audit?Limit=1000"))
+    for secret in (password, stranger, admin.token, operator.token, viewer.token):
+        assert secret not in text
+    older = admin.ok("GET", "/v1/audit?Limit=2&Offset=3")
+    assert [e["Status"] for e in older] == [403, 200]
 
 
 def test_token_cli_takes_a_role_and_lists_it(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The REST API (aiohttp): SocketXP-compatible workflows and jobs, plus devices."""
+"""The REST API (aiohttp): SocketXP-compatible workflows and jobs, plus devices and the audit log."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ..errors import Forbidden, Unauthorized
 from ..roles import Role, needed_role
 from ..signing import JobSigner
 from ..store import Store
+from .audit import CALLER, audit_middleware, list_audit
 from .body import MAX_BODY_BYTES
 from .errors import Handler, error_middleware
 from .openapi import OPENAPI_PATH, serve_openapi
@@ -36,6 +37,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if caller is None:
             log.warning("refused an unknown API token from %s for %s %s", request.remote, request.method, request.path)
             raise Unauthorized("the API token is not valid")
+        request[CALLER] = caller
         _check_role(request, caller.name, caller.role)
     return await handler(request)
 
@@ -80,7 +82,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 def make_app(db: Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Application:
-    middlewares = [error_middleware, auth_middleware, request_shape_middleware]
+    middlewares = [audit_middleware, error_middleware, auth_middleware, request_shape_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STORE] = db
     app[DISPATCHER] = dispatcher
@@ -88,5 +90,6 @@ def make_app(db: Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Applic
     app[TOKENS] = TokenCache(db)
     app.router.add_get("/v1/health", health)
     app.router.add_get(OPENAPI_PATH, serve_openapi)
+    app.router.add_get("/v1/audit", list_audit)
     app.add_routes(routes)
     return app

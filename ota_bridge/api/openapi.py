@@ -34,6 +34,7 @@ BOOLEAN: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "format": "date-time", "description": "ISO 8601, UTC, milliseconds"}
 STATUS: Schema = {"type": "string", "enum": [s.value for s in JobStatus]}
 UUID: Schema = {"type": "string", "format": "uuid"}
+ROLE: Schema = {"type": "string", "enum": [r.value for r in Role]}
 
 
 def ref(name: str) -> Schema:
@@ -93,6 +94,11 @@ ANSWERS: dict[str, Schema] = {
     "RegisteredDevice": record({**DEVICE, **CREDENTIALS}),
     "DeviceCredentials": record({"DeviceId": STRING, **CREDENTIALS}),
     "DeviceDeleted": deleted("DeviceId"),
+    "AuditEntry": record(
+        {"Time": TIME, "TokenName": nullable(STRING), "Role": nullable(ROLE),
+         "Remote": nullable(STRING), "Method": STRING, "Path": STRING, "TargetId": nullable(STRING),
+         "Status": INTEGER, "Outcome": STRING},
+        description="one state-changing request; TokenName and Role are null when no valid token came"),
 }
 GET_JOB = {"anyOf": [ref("Job"), ref("ChildJob")], "description": "a child job's id answers that child"}
 
@@ -157,6 +163,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("post", "/v1/device/{id}/credentials"): Op("A new MQTT password, shown once; the old one stops working",
                                                 ref("DeviceCredentials")),
     ("delete", "/v1/device/{id}"): Op("Forget a device; its queued jobs are canceled", ref("DeviceDeleted")),
+    ("get", "/v1/audit"): Op("The audit log of state-changing requests, newest first (admin)",
+                             listing("AuditEntry"), query=page("entries"), headers=total("entries")),
 }
 
 ERROR_MEANINGS = {
