@@ -14,6 +14,7 @@ from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics, format_
 from . import __version__, settings
 from .broker_accounts import ACL, OPERATOR_PASSWORD_FILE, PASSWORDS, SERVICE_PASSWORD_FILE, write_mosquitto_files
 from .errors import OtaBridgeError
+from .roles import DEFAULT_CLI_ROLE, Role
 from .service import open_store, serve
 from .store import Store, devices, tokens
 
@@ -35,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_commands.add_parser("create", help="create an API token and print it (shown only once)")
     create.add_argument("--name", required=True, help="what the token is for, e.g. 'ci' or 'alice'")
-    listing = token_commands.add_parser("list", help="list API tokens: name and creation time (never the token)")
+    create.add_argument("--role", type=_role, default=DEFAULT_CLI_ROLE, metavar="|".join(r.value for r in Role),
+                        help=f"what the token may do (default {DEFAULT_CLI_ROLE.value}; docs/security.md#roles)")
+    listing = token_commands.add_parser("list", help="list API tokens: name, role and creation time "
+                                        "(never the token)")
     revoke = token_commands.add_parser("revoke", help="revoke every token of that name; it stops working at once")
     revoke.add_argument("--name", required=True)
     for sub, handler in ((create, _token_create), (listing, _token_list), (revoke, _token_revoke)):
@@ -70,14 +74,25 @@ def _with_store(args: argparse.Namespace, work: Callable[[Store, settings.Settin
     return 0
 
 
+def _role(value: str) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown role {value!r}; choose {', '.join(r.value for r in Role)}") from None
+
+
 def _token_create(args: argparse.Namespace) -> int:
-    return _with_store(args, lambda db, _: print(db.call_sync(tokens.create_token, args.name)))
+    def create(db: Store, _: settings.Settings) -> None:
+        print(db.call_sync(tokens.create_token, args.name, args.role))
+        print(f"created token {args.name!r} with role {args.role.value}", file=sys.stderr)
+
+    return _with_store(args, create)
 
 
 def _token_list(args: argparse.Namespace) -> int:
     def show(db: Store, _: settings.Settings) -> None:
         for token in db.call_sync(tokens.list_tokens):
-            print(f"{token.name}\t{format_time(token.created)}")
+            print(f"{token.name}\t{token.role}\t{format_time(token.created)}")
 
     return _with_store(args, show)
 

@@ -72,6 +72,18 @@ class Unauthorized(OtaBridgeError):
     title = "Unauthorized"
 
 
+class Forbidden(OtaBridgeError):
+    """A valid token whose role may not call this operation."""
+
+    status = 403
+    title = "Forbidden"
+
+    def __init__(self, token_name: str, role: str, operation: str, allowed: list[str]) -> None:
+        super().__init__(f"token {token_name!r} has role {role}; {operation} needs {' or '.join(allowed)}")
+        self.token_name = token_name
+        self.role = role
+
+
 class StoreUnavailable(OtaBridgeError):
     """The database cannot be reached or is busy; trying again later may work."""
 

@@ -6,6 +6,7 @@ workflow can be deleted without touching the records of jobs that used it.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -13,6 +14,8 @@ from urllib.parse import unquote, urlsplit
 import peewee as pw
 
 from agent.protocol import JobStatus
+
+from .roles import Role
 
 db = pw.DatabaseProxy()
 
@@ -37,7 +40,23 @@ class BaseModel(pw.Model):
 class ApiToken(BaseModel):
     name = pw.CharField(max_length=100)
     token_hash = pw.CharField(max_length=64, unique=True)
+    role = pw.CharField(max_length=16)  # a Role; added by ADDED_COLUMNS to databases made before roles
     created = pw.DateTimeField(default=now)
+
+
+class AuditEntry(BaseModel):
+    """One state-changing API request, accepted or refused: who, what, when, result. Never a secret."""
+
+    id = pw.BigAutoField()
+    time = pw.DateTimeField(default=now)
+    token_name = pw.CharField(max_length=100, null=True)  # None: no valid token came
+    role = pw.CharField(max_length=16, null=True)
+    remote = pw.CharField(max_length=64, null=True)
+    method = pw.CharField(max_length=16)
+    path = pw.CharField(max_length=300)
+    target_id = pw.CharField(max_length=128, null=True)
+    status = pw.IntegerField()
+    outcome = pw.CharField(max_length=100)
 
 
 class Workflow(BaseModel):
@@ -122,22 +141,45 @@ class ChildJob(BaseModel):
         )
 
 
-TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob)
+TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry)
+# Columns added after a table was first released: (table, column, DDL), added at open when missing.
+ADDED_COLUMNS = (
+    ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin
+)
+PRIVATE_MODE = 0o600  # the database files: job output, commands, credential hashes
+PRIVATE_DIR_MODE = 0o700
 
 
 def open_database(url: str) -> pw.Database:
-    """Open (and create the tables of) the database at url; binds the models to it."""
+    """Open (and create or bring up to date the tables of) the database at url; binds the models to it."""
     database = _connect(url)
     db.initialize(database)
     database.connect(reuse_if_open=True)
     database.create_tables(TABLES, safe=True)
+    _add_missing_columns(database)
     return database
+
+
+def _add_missing_columns(database: pw.Database) -> None:
+    for table, column, ddl in ADDED_COLUMNS:
+        if _has_column(database, table, column):
+            continue
+        try:
+            database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {ddl}')
+        except pw.DatabaseError:  # another process may have added it meanwhile
+            if not _has_column(database, table, column):
+                raise
+
+
+def _has_column(database: pw.Database, table: str, column: str) -> bool:
+    return column in {c.name for c in database.get_columns(table)}
 
 
 def _connect(url: str) -> pw.Database:
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        _make_private(path)
         return pw.SqliteDatabase(str(path), pragmas={
             "journal_mode": "wal",
             "busy_timeout": 10000,
@@ -152,3 +194,11 @@ def _connect(url: str) -> pw.Database:
         user=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
     )
+
+
+def _make_private(path: Path) -> None:
+    """Create the SQLite file 0600, or tighten it; SQLite gives its -wal and -shm files the same mode."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and file.stat().st_mode & 0o777 != PRIVATE_MODE:
+            os.chmod(file, PRIVATE_MODE)

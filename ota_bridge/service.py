@@ -35,7 +35,9 @@ from .broker_accounts import SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secre
 from .dispatch import Dispatcher
 from .errors import ConfigError
 from .files import write_atomically
+from .models import PRIVATE_DIR_MODE
 from .mqtt_link import BrokerLink
+from .roles import Role
 from .settings import OPTIONS_BY_NAME, HostPort, Settings
 from .store import Store, devices, tokens
 
@@ -44,19 +46,31 @@ log = logging.getLogger(__name__)
 ADMIN_TOKEN_FILE = "admin-token"
 
 
-def ensure_admin_token(db: Store, data_dir: Path) -> str | None:
-    """On a first start (no token at all), make the admin token; returns it, or None."""
+def ensure_admin_token(db: Store, data_dir: Path) -> Path | None:
+    """On a first start (no token at all), make the admin token; returns the file it is in, or None.
+
+    The token itself is never printed: under systemd stdout is the journal, which others may read.
+    """
     if db.call_sync(tokens.has_tokens):
         return None
-    token = db.call_sync(tokens.create_token, "admin")
+    token = db.call_sync(tokens.create_token, "admin", Role.ADMIN)
     path = data_dir / ADMIN_TOKEN_FILE
     write_atomically(path, (token + "\n").encode(), 0o600)
-    return token
+    return path
 
 
 def open_store(settings: Settings) -> Store:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(settings.data_dir)
     return Store(settings.database_url)
+
+
+def make_data_dir(path: Path) -> None:
+    """Create the data directory 0700; warn about one that others may read (its files are 0600 anyway)."""
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("the data directory %s has mode %04o: other users can list it; 'chmod 700 %s' makes it "
+                    "the service's alone", path, mode, path)
 
 
 async def serve(settings: Settings) -> None:
@@ -64,10 +78,9 @@ async def serve(settings: Settings) -> None:
     db = open_store(settings)
     try:
         async with _running(settings, db):
-            token = ensure_admin_token(db, settings.data_dir)
-            if token:
-                print(f"Created the admin API token (also in {settings.data_dir / ADMIN_TOKEN_FILE}):\n{token}",
-                      flush=True)
+            token_file = ensure_admin_token(db, settings.data_dir)
+            if token_file:
+                print(f"Created the admin API token in {token_file} (mode 0600); read it from there", flush=True)
             await _wait_for_signal()
     finally:
         db.close()

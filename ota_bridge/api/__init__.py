@@ -1,4 +1,4 @@
-"""The REST API (aiohttp): SocketXP-compatible workflows and jobs, plus devices."""
+"""The REST API (aiohttp): SocketXP-compatible workflows and jobs, plus devices and the audit log."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import re
 from aiohttp import web
 
 from ..dispatch import Dispatcher
-from ..errors import Unauthorized
+from ..errors import Forbidden, Unauthorized
+from ..roles import Role, needed_role
 from ..signing import JobSigner
 from ..store import Store
+from .audit import CALLER, audit_middleware, list_audit
 from .body import MAX_BODY_BYTES
 from .errors import Handler, error_middleware
 from .openapi import OPENAPI_PATH, serve_openapi
@@ -28,12 +30,28 @@ TOKEN_CHARS = re.compile(r"[!-~]+")  # printable ASCII, no spaces or control cha
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """401 without a valid token; 403 when the token's role may not call the route (roles.NEEDS)."""
     if request.path not in PUBLIC_PATHS:
         token = bearer_token(request.headers.get("Authorization", ""))
-        if not await request.app[TOKENS].valid(token):
+        caller = await request.app[TOKENS].identify(token)
+        if caller is None:
             log.warning("refused an unknown API token from %s for %s %s", request.remote, request.method, request.path)
             raise Unauthorized("the API token is not valid")
+        request[CALLER] = caller
+        _check_role(request, caller.name, caller.role)
     return await handler(request)
+
+
+def _check_role(request: web.Request, name: str, role: Role) -> None:
+    resource = request.match_info.route.resource
+    if resource is None:  # no such route: the router answers 404 or 405
+        return
+    needed = needed_role(request.method, resource.canonical)
+    if not role.allows(needed):
+        operation = f"{request.method} {resource.canonical}"
+        log.warning("refused %s %s to token %r (role %s) from %s", request.method, request.path, name, role.value,
+                    request.remote)
+        raise Forbidden(name, role.value, operation, [r.value for r in needed.holders()])
 
 
 def bearer_token(header: str) -> str:
@@ -64,7 +82,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 def make_app(db: Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Application:
-    middlewares = [error_middleware, auth_middleware, request_shape_middleware]
+    middlewares = [audit_middleware, error_middleware, auth_middleware, request_shape_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STORE] = db
     app[DISPATCHER] = dispatcher
@@ -72,5 +90,6 @@ def make_app(db: Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Applic
     app[TOKENS] = TokenCache(db)
     app.router.add_get("/v1/health", health)
     app.router.add_get(OPENAPI_PATH, serve_openapi)
+    app.router.add_get("/v1/audit", list_audit)
     app.add_routes(routes)
     return app

@@ -18,6 +18,7 @@ from aiohttp import web
 from agent.protocol import JobStatus
 
 from .. import __version__
+from ..roles import Role, needed_role
 from .params import BODYLESS_METHODS, PATH_ID_SHAPES, id_kind
 from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
 from .views import DEFAULT_PAGE, MAX_OFFSET, MAX_PAGE
@@ -33,6 +34,7 @@ BOOLEAN: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "format": "date-time", "description": "ISO 8601, UTC, milliseconds"}
 STATUS: Schema = {"type": "string", "enum": [s.value for s in JobStatus]}
 UUID: Schema = {"type": "string", "format": "uuid"}
+ROLE: Schema = {"type": "string", "enum": [r.value for r in Role]}
 
 
 def ref(name: str) -> Schema:
@@ -92,6 +94,11 @@ ANSWERS: dict[str, Schema] = {
     "RegisteredDevice": record({**DEVICE, **CREDENTIALS}),
     "DeviceCredentials": record({"DeviceId": STRING, **CREDENTIALS}),
     "DeviceDeleted": deleted("DeviceId"),
+    "AuditEntry": record(
+        {"Time": TIME, "TokenName": nullable(STRING), "Role": nullable(ROLE),
+         "Remote": nullable(STRING), "Method": STRING, "Path": STRING, "TargetId": nullable(STRING),
+         "Status": INTEGER, "Outcome": STRING},
+        description="one state-changing request; TokenName and Role are null when no valid token came"),
 }
 GET_JOB = {"anyOf": [ref("Job"), ref("ChildJob")], "description": "a child job's id answers that child"}
 
@@ -119,13 +126,19 @@ def query_param(name: str, schema: Schema, description: str) -> Schema:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-PAGE = (query_param("Limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
-                    "jobs per page"),
-        query_param("Offset", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
-                    "jobs to skip, newest first"))
+def page(items: str) -> tuple[Schema, ...]:
+    return (query_param("Limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
+                        f"{items} per page"),
+            query_param("Offset", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
+                        f"{items} to skip, newest first"))
+
+
+def total(items: str) -> Schema:
+    return {"X-Total-Count": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": f"{items} in all"}}
+
+
 DEVICE_FILTERS = (query_param("DeviceGroup", STRING, "only devices of this group"),
                   query_param("TagId", STRING, "only devices with this tag"))
-TOTAL = {"X-Total-Count": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "jobs in all"}}
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", "/v1/health"): Op("Liveness and broker connection", ref("Health"), public=True),
@@ -137,7 +150,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("delete", "/v1/workflow/{id}"): Op("Delete a workflow; its jobs keep their records", ref("WorkflowDeleted")),
     ("post", "/v1/job"): Op("Submit a job to one device, a group or a tag", ref("JobCreated"), body=JobIn,
                             also=(404,)),
-    ("get", "/v1/job"): Op("Jobs, newest first", listing("Job"), query=PAGE, headers=TOTAL),
+    ("get", "/v1/job"): Op("Jobs, newest first", listing("Job"), query=page("jobs"), headers=total("jobs")),
     ("get", "/v1/job/{id}"): Op("One job's summary, or one child job", GET_JOB),
     ("get", "/v1/job/{id}/childjobs"): Op("A job's child jobs, one per device", listing("ChildJob")),
     ("post", "/v1/job/{id}/cancel"): Op("Cancel the children not yet final; keeps the record", ref("Job")),
@@ -150,11 +163,14 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("post", "/v1/device/{id}/credentials"): Op("A new MQTT password, shown once; the old one stops working",
                                                 ref("DeviceCredentials")),
     ("delete", "/v1/device/{id}"): Op("Forget a device; its queued jobs are canceled", ref("DeviceDeleted")),
+    ("get", "/v1/audit"): Op("The audit log of state-changing requests, newest first (admin)",
+                             listing("AuditEntry"), query=page("entries"), headers=total("entries")),
 }
 
 ERROR_MEANINGS = {
     400: "bad input: the detail names the field, parameter or place in the JSON",
     401: "no API token, or not a valid one",
+    403: "the token's role may not do this; the detail names the role needed (docs/security.md#roles)",
     404: "no such id (or an id of the wrong shape, which the detail says)",
     409: "the device is already registered",
     413: "the body is over 1 MiB",
@@ -173,6 +189,8 @@ def error_statuses(method: str, path: str, op: Op) -> list[int]:
         statuses.add(404)
     if not op.public:
         statuses |= {401, 503}  # checking the token asks the database
+    if not op.public and needed_role(method.upper(), path) is not Role.VIEWER:
+        statuses.add(403)
     return sorted(statuses)
 
 
@@ -190,6 +208,8 @@ def operation(method: str, path: str, op: Op) -> Schema:
         result["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(op.body.__name__)}}}
     if op.public:
         result["security"] = []
+    else:
+        result["x-role"] = needed_role(method.upper(), path).value
     return result
 
 
