@@ -33,3 +33,13 @@ def test_a_data_dir_others_can_list_is_warned_about(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "ota_bridge", "token", "list", "--data-dir", str(data)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     assert done.returncode == 0 and f"'chmod 700 {data}'" in done.stderr
+
+
+def test_the_documented_mosquitto_layout_is_not_warned_about(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o710)  # docs/security.md: Mosquitto's group may only pass through to its accounts directory
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTA_BRIDGE_")}
+    done = subprocess.run([sys.executable, "-m", "ota_bridge", "token", "list", "--data-dir", str(data)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert done.returncode == 0 and "chmod 700" not in done.stderr
