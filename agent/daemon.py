@@ -242,7 +242,7 @@ class Agent:
         elif entry is not None:
             self._resend(head, entry)
         elif (reason := self._rejection(head)) is not None:
-            self._reject(head, reason, journal=reason == OUTSIDE_POLICY)
+            self._reject(head, reason, journal=reason.startswith(OUTSIDE_POLICY))
         else:
             self._start(head)
 
@@ -260,8 +260,8 @@ class Agent:
         highest = self.journal.highest_seq
         if highest is not None and head.seq is not None and head.seq < highest:
             return STALE
-        if not self.settings.policy.allows(head.command):
-            return OUTSIDE_POLICY
+        if (refused := self.settings.policy.refusal(head.command)) is not None:
+            return f"{OUTSIDE_POLICY}: {refused}"
         return None
 
     def _why_not_next(self, head: Head, running: Head) -> str | None:
