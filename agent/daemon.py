@@ -37,7 +37,7 @@ from typing import Any, Mapping, Union
 
 from . import job_signature, protocol
 from .head import Head, parse_head
-from .journal import Entry, Journal, JournalError
+from .journal import Entry, Journal, JournalError, UnsafeDirectory, check_private_dir
 from .link import BrokerLink, Connected, ConnectFailed, Disconnected, JobMessage, LinkEvent, Subscribed
 from .protocol import JobStatus, Key, MessageError, Presence
 from .runner import ProcessGroup, RunLimits, Runner, RunResult, in_progress_message, stop_leftovers
@@ -392,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private_dir(settings.state_dir)
         journal = Journal.open(settings.journal_dir, seq_scope=settings.server_key_b64)
-    except OSError as e:
+    except (OSError, UnsafeDirectory) as e:
         log.error("cannot use the state directory %s: %s", settings.journal_dir, e)
         return 1
     agent = Agent(settings, journal, os.environ)

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--password", help="MQTT password (prefer --password-file)")
     add("--password-file", metavar="FILE", help="a file holding the MQTT password")
     add("--state-dir", metavar="DIR", help=f"where the journal lives (default {SYSTEM_STATE_DIR} "
-        "when writable, else ~/.local/state/ota-agent); one subdirectory per device id")
+        "when writable, else ~/.local/state/ota-agent); one subdirectory per device id. Created mode 0700; "
+        "refused if a symlink, owned by another user, or writable by group or others")
     add("--prefix", help=f"topic prefix (default {protocol.DEFAULT_PREFIX})")
     add("--output-cap", metavar="BYTES", help=f"bytes of stdout/stderr kept per stream, the tail "
         f"(default {protocol.OUTPUT_CAP_BYTES})")
