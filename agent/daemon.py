@@ -42,6 +42,7 @@ from .link import BrokerLink, Connected, ConnectFailed, Disconnected, JobMessage
 from .protocol import JobStatus, Key, MessageError, Presence
 from .runner import ProcessGroup, RunLimits, Runner, RunResult, in_progress_message, stop_leftovers
 from .settings import ENV_PREFIX, Settings, SettingsError, agent_version, load_settings
+from .untrusted import shown
 
 log = logging.getLogger("ota-agent")
 
@@ -184,12 +185,12 @@ class Agent:
 
     def _on_job_message(self, event: JobMessage) -> None:
         if event.topic != self.link.job_topic:
-            log.warning("ignored a message on unexpected topic %s", event.topic)
+            log.warning("ignored a message on unexpected topic %s", shown(event.topic))
             return
         try:
             head = parse_head(event.payload, self.settings.default_timeout)
         except MessageError as e:
-            log.warning("ignored a bad message on %s: %s", event.topic, e)
+            log.warning("ignored a bad message on %s: %s", event.topic, shown(str(e), cap=200))
             return
         self._head, self._head_new = head, True
 
@@ -214,7 +215,7 @@ class Agent:
             return
         if head is not None and (problem := self._why_not_next(head, running.head)):
             log.warning("job %s: ignored head %s while the command runs: %s", running.head.job_id,
-                        head.job_id, problem)
+                        shown(head.job_id), problem)
             self._head_new = False
             return
         if running.canceling:
@@ -236,7 +237,8 @@ class Agent:
         entry = self.journal.get(head.job_id)
         unsigned = self._signature_problem(head)
         if unsigned is not None and entry is not None:
-            log.warning("job %s: ignored a head naming it: %s; the journal's result stands", head.job_id, unsigned)
+            log.warning("job %s: ignored a head naming it: %s; the journal's result stands", shown(head.job_id),
+                        unsigned)
         elif unsigned is not None:
             self._reject(head, unsigned, journal=False)
         elif entry is not None:
@@ -280,7 +282,7 @@ class Agent:
         reason holds again whenever the head comes back, and journalling heads a forger or a
         replayer chose would let them push real entries out of the journal.
         """
-        log.warning("job %s: %s: %s", head.job_id, JobStatus.REJECTED.value, reason)
+        log.warning("job %s: %s: %s", shown(head.job_id), JobStatus.REJECTED.value, reason)
         message = RunResult.without_output(head.job_id, JobStatus.REJECTED, protocol.utc_now(), reason).status_message()
         if journal:
             try:
