@@ -49,6 +49,10 @@ log = logging.getLogger("ota-agent")
 # Reasons of a REJECTED job, besides the signature's (job_signature) and "the job is for device X".
 STALE = "the job is older than one this device already ran"
 OUTSIDE_POLICY = "the command is outside this device's policy"
+# Logged once per run of credential refusals (the link slows its retries down meanwhile).
+CREDENTIALS_HINT = ("the broker refused the device's credentials (user %s): if its password was rotated or is "
+                    "wrong, give it a new one with POST /v1/device/%s/credentials, put that in --password-file "
+                    "and restart the agent; until then it retries, doubling the wait up to every 5 minutes")
 SUBSCRIBE_SETTLE_SECONDS = 0.5
 EVENT_QUEUE_SIZE = 1000
 _POLL_SECONDS = 0.1
@@ -168,13 +172,20 @@ class Agent:
 
     def _on_connected(self, event: Connected) -> None:
         if event.refused:
-            log.error("broker %s refused the connection: %s", self.settings.broker_url, event.refused)
+            self._log_refusal(event)
             return
         self._connect_failures = 0
         self._ready_at = None
         log.info("connected to %s", self.settings.broker_url)
         self.link.publish_presence(Presence.ONLINE)
         self.link.subscribe_job()
+
+    def _log_refusal(self, event: Connected) -> None:
+        """The broker's refusal; at the first of a run of credential refusals, what to do about it."""
+        retry = f"; retrying in {event.retry_in:g} s" if event.retry_in is not None else ""
+        log.error("broker %s refused the connection: %s%s", self.settings.broker_url, event.refused, retry)
+        if event.bad_credentials and event.refusals == 1:
+            log.error(CREDENTIALS_HINT, self.settings.username, self.settings.device_id)
 
     def _on_subscribed(self, event: Subscribed) -> None:
         if event.refused:

@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device-id", metavar="ID", help="this device's id; also the MQTT client id")
     add("--username", help="MQTT user name (default: the device id)")
     add("--password", help="MQTT password (prefer --password-file)")
-    add("--password-file", metavar="FILE", help="a file holding the MQTT password")
+    add("--password-file", metavar="FILE", help="a file holding the MQTT password (read at start; a new one "
+        "from POST /v1/device/ID/credentials needs a restart). While the broker refuses it, the agent "
+        "retries with a wait doubling up to 5 minutes")
     add("--state-dir", metavar="DIR", help=f"where the journal lives (default {SYSTEM_STATE_DIR} "
         "when writable, else ~/.local/state/ota-agent); one subdirectory per device id. Created mode 0700; "
         "refused if a symlink, owned by another user, or writable by group or others")

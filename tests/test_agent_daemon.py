@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import signal
 import ssl
 import subprocess
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import daemon
+from agent import daemon, link
 from agent.head import Head, parse_head
 from agent.protocol import DEFAULT_PREFIX, JobStatus, Key, MessageError, Presence, Topics, encode, signing_bytes
 from agent.settings import DEFAULT_KILL_GRACE, ENV_PREFIX, SettingsError, load_settings
@@ -665,4 +666,29 @@ def test_text_from_unverified_heads_is_quoted_and_capped_in_the_log(start_agent,
     assert FORGED_LINE not in log.splitlines() and not any(line.startswith("2024-05-01") for line in log.splitlines())
     assert "\x1b" not in log and "A" * 200 not in log  # capped
     assert "job 'x\\n2024-05-01 12:00:00,000 INFO" in log  # quoted: the line break shows as \n
+
+
+@pytest.mark.mosquitto
+def test_a_refused_password_is_explained_once_and_retried_ever_slower(tmp_path):
+    empty = tmp_path / "passwords"  # no account at all: the broker refuses every login
+    empty.write_text("")
+    empty.chmod(0o600)
+    with start_mosquitto(tmp_path, ["allow_anonymous false", f"password_file {empty}"]) as broker:
+        agent = AgentProcess(broker.port, tmp_path / "state", tmp_path / "agent.log", "--password", "wrong")
+        try:
+            deadline = time.monotonic() + WAIT
+            while agent.log().count("refused the connection") < 3:
+                assert time.monotonic() < deadline, f"fewer than 3 refusals:\n{agent.log()}"
+                time.sleep(0.05)
+        finally:
+            agent.stop()
+    log = agent.log()
+    delays = [int(d) for d in re.findall(r"refused the connection: .*; retrying in (\d+) s", log)]
+    assert delays[:3] == [1, 2, 4], log
+    assert log.count(f"POST /v1/device/{DEVICE}/credentials") == 1, log
+    assert log.index("retrying in 1 s") < log.index("POST /v1/device/") < log.index("retrying in 2 s")
+
+
+def test_the_wait_after_refused_credentials_doubles_up_to_5_minutes():
+    assert [link.credentials_retry_delay(n) for n in (1, 2, 3, 9, 10, 11, 1000)] == [1, 2, 4, 256, 300, 300, 300]
 
