@@ -143,7 +143,7 @@ class Word:
 
     @property
     def may_be_option(self) -> bool:
-        return self.lead == "-" or (not self.lead_quoted and self.lead in _EXPANDS and self.lead != "")
+        return self.lead == "-" or (not self.lead_quoted and self.lead in _EXPANDS)
 
 
 def shell_words(text: str) -> list[Word] | None:
@@ -168,11 +168,6 @@ def shell_words(text: str) -> list[Word] | None:
         elif not current.lead:
             current.lead, current.lead_quoted = character, quote is not None
     return None if quote else words
-
-
-def prefix_allows(prefix: str, command: str, options: bool = False) -> bool:
-    """The --allow-prefix rule for one prefix (see CommandPolicy.refusal)."""
-    return prefix_problem(prefix, command, options) is None
 
 
 def prefix_is_usable(prefix: str) -> bool:

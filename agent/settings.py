@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--server-key", metavar="BASE64", help="the service's job-signing public key (prefer --server-key-file)")
     add("--server-key-file", metavar="FILE", help="a file holding the service's job-signing public key: "
         "the service's <data-dir>/job-signing.pub, or PublicKey from its GET /v1/signing-key (required)")
-    add("--allow-command", metavar="COMMAND", action="append", help="run only this exact command (blanks "
-        f"trimmed; repeatable; {env_name('allow_command')} takes a newline-separated list). With several "
-        "--allow-* flags, a command must match one")
+    add("--allow-command", metavar="COMMAND", action="append", help="run only this exact command (runs of blanks "
+        f"count as one; repeatable; {env_name('allow_command')} takes a newline-separated list). With several "
+        "--allow-* flags, a command must match one of them")
     add("--allow-commands-file", metavar="FILE", help="exact commands to allow, one per line (blank lines and "
         "lines starting with # skipped); the file must not be writable by group or others")
     add("--allow-prefix", metavar="PREFIX", action="append", help="run only commands that are PREFIX or start "
