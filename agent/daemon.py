@@ -37,17 +37,22 @@ from typing import Any, Mapping, Union
 
 from . import job_signature, protocol
 from .head import Head, parse_head
-from .journal import Entry, Journal, JournalError
+from .journal import Entry, Journal, JournalError, UnsafeDirectory, check_private_dir
 from .link import BrokerLink, Connected, ConnectFailed, Disconnected, JobMessage, LinkEvent, Subscribed
 from .protocol import JobStatus, Key, MessageError, Presence
 from .runner import ProcessGroup, RunLimits, Runner, RunResult, in_progress_message, stop_leftovers
 from .settings import ENV_PREFIX, Settings, SettingsError, agent_version, load_settings
+from .untrusted import shown
 
 log = logging.getLogger("ota-agent")
 
 # Reasons of a REJECTED job, besides the signature's (job_signature) and "the job is for device X".
 STALE = "the job is older than one this device already ran"
 OUTSIDE_POLICY = "the command is outside this device's policy"
+# Logged once per run of credential refusals (the link slows its retries down meanwhile).
+CREDENTIALS_HINT = ("the broker refused the device's credentials (user %s): if its password was rotated or is "
+                    "wrong, give it a new one with POST /v1/device/%s/credentials, put that in --password-file "
+                    "and restart the agent; until then it retries, doubling the wait up to every 5 minutes")
 SUBSCRIBE_SETTLE_SECONDS = 0.5
 EVENT_QUEUE_SIZE = 1000
 _POLL_SECONDS = 0.1
@@ -167,13 +172,20 @@ class Agent:
 
     def _on_connected(self, event: Connected) -> None:
         if event.refused:
-            log.error("broker %s refused the connection: %s", self.settings.broker_url, event.refused)
+            self._log_refusal(event)
             return
         self._connect_failures = 0
         self._ready_at = None
         log.info("connected to %s", self.settings.broker_url)
         self.link.publish_presence(Presence.ONLINE)
         self.link.subscribe_job()
+
+    def _log_refusal(self, event: Connected) -> None:
+        """The broker's refusal; at the first of a run of credential refusals, what to do about it."""
+        retry = f"; retrying in {event.retry_in:g} s" if event.retry_in is not None else ""
+        log.error("broker %s refused the connection: %s%s", self.settings.broker_url, event.refused, retry)
+        if event.bad_credentials and event.refusals == 1:
+            log.error(CREDENTIALS_HINT, self.settings.username, self.settings.device_id)
 
     def _on_subscribed(self, event: Subscribed) -> None:
         if event.refused:
@@ -184,12 +196,12 @@ class Agent:
 
     def _on_job_message(self, event: JobMessage) -> None:
         if event.topic != self.link.job_topic:
-            log.warning("ignored a message on unexpected topic %s", event.topic)
+            log.warning("ignored a message on unexpected topic %s", shown(event.topic))
             return
         try:
             head = parse_head(event.payload, self.settings.default_timeout)
         except MessageError as e:
-            log.warning("ignored a bad message on %s: %s", event.topic, e)
+            log.warning("ignored a bad message on %s: %s", event.topic, shown(str(e), cap=200))
             return
         self._head, self._head_new = head, True
 
@@ -214,7 +226,7 @@ class Agent:
             return
         if head is not None and (problem := self._why_not_next(head, running.head)):
             log.warning("job %s: ignored head %s while the command runs: %s", running.head.job_id,
-                        head.job_id, problem)
+                        shown(head.job_id), problem)
             self._head_new = False
             return
         if running.canceling:
@@ -236,13 +248,14 @@ class Agent:
         entry = self.journal.get(head.job_id)
         unsigned = self._signature_problem(head)
         if unsigned is not None and entry is not None:
-            log.warning("job %s: ignored a head naming it: %s; the journal's result stands", head.job_id, unsigned)
+            log.warning("job %s: ignored a head naming it: %s; the journal's result stands", shown(head.job_id),
+                        unsigned)
         elif unsigned is not None:
             self._reject(head, unsigned, journal=False)
         elif entry is not None:
             self._resend(head, entry)
         elif (reason := self._rejection(head)) is not None:
-            self._reject(head, reason, journal=reason == OUTSIDE_POLICY)
+            self._reject(head, reason, journal=reason.startswith(OUTSIDE_POLICY))
         else:
             self._start(head)
 
@@ -260,8 +273,8 @@ class Agent:
         highest = self.journal.highest_seq
         if highest is not None and head.seq is not None and head.seq < highest:
             return STALE
-        if not self.settings.policy.allows(head.command):
-            return OUTSIDE_POLICY
+        if (refused := self.settings.policy.refusal(head.command)) is not None:
+            return f"{OUTSIDE_POLICY}: {refused}"
         return None
 
     def _why_not_next(self, head: Head, running: Head) -> str | None:
@@ -280,7 +293,7 @@ class Agent:
         reason holds again whenever the head comes back, and journalling heads a forger or a
         replayer chose would let them push real entries out of the journal.
         """
-        log.warning("job %s: %s: %s", head.job_id, JobStatus.REJECTED.value, reason)
+        log.warning("job %s: %s: %s", shown(head.job_id), JobStatus.REJECTED.value, reason)
         message = RunResult.without_output(head.job_id, JobStatus.REJECTED, protocol.utc_now(), reason).status_message()
         if journal:
             try:
@@ -392,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private_dir(settings.state_dir)
         journal = Journal.open(settings.journal_dir, seq_scope=settings.server_key_b64)
-    except OSError as e:
+    except (OSError, UnsafeDirectory) as e:
         log.error("cannot use the state directory %s: %s", settings.journal_dir, e)
         return 1
     agent = Agent(settings, journal, os.environ)

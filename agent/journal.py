@@ -18,6 +18,10 @@ The journal keeps the last MAX_ENTRIES entries; of those, only the newest FULL_O
 keep their Stdout/Stderr (older ones keep everything else, with the *Truncated flags set when
 output was dropped), so the file stays small even for chatty commands.
 
+The agent refuses (UnsafeDirectory) a state or journal directory that is a symbolic link, is owned
+by another user than the agent's, or that group or others may write: whoever could change the
+journal could make a job run twice or hide one. It creates them with mode 0700.
+
 HighestSeq is the highest Seq of a job the agent started (or refused by its local policy); it
 survives the pruning of entries, so a replay of an old signed head is refused even once its entry
 is gone. It holds for one signing key (SeqScope): a service with a new key starts afresh.
@@ -29,6 +33,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass, replace
@@ -66,6 +71,29 @@ class JournalError(Exception):
     def __init__(self, path: Path, cause: OSError) -> None:
         super().__init__(f"could not write the journal {path}: {cause}")
         self.path = path
+
+
+class UnsafeDirectory(Exception):
+    """A state or journal directory someone besides the agent's user could change."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"refusing the directory {path}: {problem}")
+        self.path = path
+
+
+def check_private_dir(path: Path) -> None:
+    """Raise UnsafeDirectory unless `path` is a directory, not a symbolic link, owned by the
+    agent's effective user, that neither group nor others may write. Raises OSError if it is missing."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeDirectory(path, "it is a symbolic link; give its real path")
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeDirectory(path, "it is not a directory")
+    if info.st_uid != os.geteuid():
+        raise UnsafeDirectory(path, f"it is owned by uid {info.st_uid}, not by the agent's user (uid {os.geteuid()})")
+    if info.st_mode & 0o022:
+        raise UnsafeDirectory(path, f"group or others may write it (mode {stat.S_IMODE(info.st_mode):04o}); "
+                              "chmod go-w it")
 
 
 class _Unreadable(Exception):
@@ -156,9 +184,11 @@ class Journal:
         """Create the state directory (mode 0700) if needed and load the journal in it.
 
         A HighestSeq recorded under another seq_scope (another signing key) is forgotten.
+        Raises UnsafeDirectory for a directory another user could change (check_private_dir).
         """
         journal = cls(state_dir, max_entries, seq_scope)
         journal.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private_dir(journal.state_dir)
         journal._remove_temp_files()
         journal._entries, journal._highest_seq = journal._load()
         return journal

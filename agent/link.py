@@ -23,6 +23,15 @@ from .settings import Settings, agent_version
 log = logging.getLogger("ota-agent")
 
 _SHUTDOWN_PUBLISH_SECONDS = 3.0
+# Seconds between connection attempts: paho doubles them from the first to the last, and starts
+# again from the first after a successful connection.
+RECONNECT_DELAYS = (1, 30)
+# After the broker refused the device's credentials, retrying every 30 s only floods its log: the
+# delay doubles from 1 s up to 5 minutes instead (credentials_retry_delay).
+CREDENTIALS_RETRY_MAX_SECONDS = 300
+# CONNACK reason codes (MQTT 5 values; paho maps MQTT 3.1.1's 4 and 5 to 134 and 135) that say
+# the device's credentials were refused.
+_BAD_CREDENTIALS = frozenset({134, 135, 140})  # bad user name or password, not authorised, bad auth method
 
 
 # --- events from paho's thread --------------------------------------------------------------
@@ -31,6 +40,9 @@ _SHUTDOWN_PUBLISH_SECONDS = 3.0
 @dataclass(frozen=True)
 class Connected:
     refused: str | None  # the broker's reason when it refused the connection
+    bad_credentials: bool = False  # refused: the user name or password is wrong, or not authorised
+    refusals: int = 0  # credential refusals in a row, this one included
+    retry_in: float | None = None  # seconds until the next attempt, after a credential refusal
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,7 @@ class BrokerLink:
         self.settings = settings
         self.topics = Topics(settings.prefix)
         self.events = events
+        self._refusals = 0  # credential refusals since the last successful connection (paho's thread)
         self.client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
@@ -88,15 +101,29 @@ class BrokerLink:
         client.enable_logger(paho_log)
         will = protocol.encode(presence_message(Presence.OFFLINE))
         client.will_set(self.topics.presence(s.device_id), will, qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = lambda c, u, flags, code, props: self._offer(
-            Connected(str(code) if code.is_failure else None))
+        client.reconnect_delay_set(*RECONNECT_DELAYS)
+        client.on_connect = lambda c, u, flags, code, props: self._on_connect(code)
         # paho calls on_connect_fail while it handles the OSError (a TLS failure is one): keep its text.
         client.on_connect_fail = lambda c, u: self._offer(ConnectFailed(str(sys.exc_info()[1])))
         client.on_disconnect = lambda c, u, flags, code, props: self._offer(Disconnected(str(code)))
         client.on_subscribe = lambda c, u, mid, codes, props: self._offer(Subscribed(_refusal(codes)))
         client.on_message = lambda c, u, msg: self._offer(JobMessage(msg.topic, bytes(msg.payload)))
         return client
+
+    def _on_connect(self, code: Any) -> None:
+        """paho's thread, on a CONNACK. A refusal of the credentials sets the delay of paho's next
+        attempt (it is read right after this callback returns); a success restores the normal delays."""
+        if not code.is_failure:
+            self._refusals = 0
+            self.client.reconnect_delay_set(*RECONNECT_DELAYS)
+            self._offer(Connected(None))
+        elif code.value in _BAD_CREDENTIALS:
+            self._refusals += 1
+            delay = credentials_retry_delay(self._refusals)
+            self.client.reconnect_delay_set(min_delay=delay, max_delay=delay)
+            self._offer(Connected(str(code), bad_credentials=True, refusals=self._refusals, retry_in=delay))
+        else:
+            self._offer(Connected(str(code)))
 
     def _offer(self, event: LinkEvent) -> None:
         try:
@@ -138,6 +165,11 @@ class BrokerLink:
             log.info("could not publish presence offline (%s); the broker's last will says it", e)
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def credentials_retry_delay(refusals: int) -> int:
+    """Seconds before the next attempt after `refusals` credential refusals in a row: 1, 2, 4, ... 300."""
+    return min(2 ** min(refusals - 1, 16), CREDENTIALS_RETRY_MAX_SECONDS)
 
 
 def _refusal(codes: list[Any]) -> str | None:

@@ -18,6 +18,7 @@ import base64
 import functools
 import os
 import ssl
+import stat
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -26,7 +27,7 @@ from typing import Mapping
 from urllib.parse import urlsplit
 
 from . import job_signature, protocol
-from .policy import CommandPolicy, prefix_is_usable
+from .policy import CommandPolicy, command_is_usable, normalize_command, prefix_is_usable
 from .protocol import Topics
 
 ENV_PREFIX = "OTA_AGENT_"
@@ -104,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device-id", metavar="ID", help="this device's id; also the MQTT client id")
     add("--username", help="MQTT user name (default: the device id)")
     add("--password", help="MQTT password (prefer --password-file)")
-    add("--password-file", metavar="FILE", help="a file holding the MQTT password")
+    add("--password-file", metavar="FILE", help="a file holding the MQTT password (read at start; a new one "
+        "from POST /v1/device/ID/credentials needs a restart). While the broker refuses it, the agent "
+        "retries with a wait doubling up to 5 minutes")
     add("--state-dir", metavar="DIR", help=f"where the journal lives (default {SYSTEM_STATE_DIR} "
-        "when writable, else ~/.local/state/ota-agent); one subdirectory per device id")
+        "when writable, else ~/.local/state/ota-agent); one subdirectory per device id. Created mode 0700; "
+        "refused if a symlink, owned by another user, or writable by group or others")
     add("--prefix", help=f"topic prefix (default {protocol.DEFAULT_PREFIX})")
     add("--output-cap", metavar="BYTES", help=f"bytes of stdout/stderr kept per stream, the tail "
         f"(default {protocol.OUTPUT_CAP_BYTES})")
@@ -118,11 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--server-key", metavar="BASE64", help="the service's job-signing public key (prefer --server-key-file)")
     add("--server-key-file", metavar="FILE", help="a file holding the service's job-signing public key: "
         "the service's <data-dir>/job-signing.pub, or PublicKey from its GET /v1/signing-key (required)")
+    add("--allow-command", metavar="COMMAND", action="append", help="run only this exact command (runs of blanks "
+        f"count as one; repeatable; {env_name('allow_command')} takes a newline-separated list). With several "
+        "--allow-* flags, a command must match one of them")
+    add("--allow-commands-file", metavar="FILE", help="exact commands to allow, one per line (blank lines and "
+        "lines starting with # skipped); the file must not be writable by group or others")
     add("--allow-prefix", metavar="PREFIX", action="append", help="run only commands that are PREFIX or start "
-        "with PREFIX and a blank, and hold no shell special character (repeatable; "
-        f"{env_name('allow_prefix')} takes a comma- or newline-separated list)")
+        "with PREFIX and a blank, hold no shell special character, and pass no option (a word starting "
+        "with '-') after PREFIX: options let a signed job run anything, e.g. apt-get -o Dir::Bin::dpkg=... "
+        f"(repeatable; {env_name('allow_prefix')} takes a comma- or newline-separated list)")
+    add("--allow-prefix-with-options", metavar="PREFIX", action="append", help="like --allow-prefix, but "
+        "words after PREFIX may be options: only for a program no option can make run other commands")
     add("--allow-scripts-dir", metavar="DIR", help="run only commands that are the absolute path of a script "
-        "inside DIR, with plain-word arguments (with both --allow-* flags, a command must match one)")
+        "inside DIR, with plain-word arguments")
     add("--version", action="version", version=f"ota-agent {agent_version()}")
     return parser
 
@@ -130,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 _SETTING_NAMES = (
     "broker", "device_id", "username", "password", "password_file", "state_dir", "prefix",
     "output_cap", "default_timeout", "kill_grace", "log_level", "server_key", "server_key_file",
-    "allow_scripts_dir", "ca_file", "cert_file", "key_file",
+    "allow_scripts_dir", "allow_commands_file", "ca_file", "cert_file", "key_file",
 )
-_LIST_SETTING_NAMES = ("allow_prefix",)  # repeatable flags; their variable holds a list
+# Repeatable flags; their variable holds a list.
+_LIST_SETTING_NAMES = ("allow_prefix", "allow_prefix_with_options", "allow_command")
 
 
 def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Settings:
@@ -155,7 +168,9 @@ def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Setting
         log_level=_log_level(raw["log_level"] or "INFO"),
         server_key=_server_key(raw["server_key"], raw["server_key_file"]),
         policy=CommandPolicy(
-            allow_prefixes=_allow_prefixes(args.allow_prefix, environ.get(env_name("allow_prefix"))),
+            allow_prefixes=_allow_prefixes("allow_prefix", args.allow_prefix, environ),
+            option_prefixes=_allow_prefixes("allow_prefix_with_options", args.allow_prefix_with_options, environ),
+            allow_commands=_allow_commands(args.allow_command, environ, raw["allow_commands_file"]),
             scripts_dir=_scripts_dir(raw["allow_scripts_dir"]),
         ),
         tls=_broker_tls(raw, tls),
@@ -290,19 +305,56 @@ def _server_key(key: str | None, key_file: str | None) -> bytes:
         raise SettingsError(name, f"is bad: the key {e}; {job_signature.WHERE_TO_GET_THE_KEY}") from e
 
 
-def _allow_prefixes(flags: list[str] | None, env: str | None) -> tuple[str, ...]:
-    """--allow-prefix values, or the variable's comma- or newline-separated list; blanks trimmed."""
-    if flags is not None:
-        values = [value.strip() for value in flags]
-        if not all(values):
-            raise SettingsError("allow_prefix", "is empty; give the start of the commands to allow")
-    else:
-        values = [value.strip() for value in (env or "").replace("\n", ",").split(",") if value.strip()]
+def _allow_prefixes(name: str, flags: list[str] | None, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """A prefix flag's values, or its variable's comma- or newline-separated list; blanks trimmed."""
+    values = _list_values(name, flags, environ.get(env_name(name)), separators=",\n")
     for value in values:
         if not prefix_is_usable(value):
-            raise SettingsError("allow_prefix", f"is {value!r}, which holds a shell special or control character; no "
-                                "command with one is ever allowed by prefix (use --allow-scripts-dir)")
+            raise SettingsError(name, f"is {value!r}, which holds a shell special or control character or an "
+                                "unclosed quote; no command with one is ever allowed by prefix (use "
+                                "--allow-command or --allow-scripts-dir)")
     return tuple(values)
+
+
+def _allow_commands(flags: list[str] | None, environ: Mapping[str, str], file: str | None) -> tuple[str, ...]:
+    """--allow-command values (or the variable's newline-separated list) and the commands file's lines."""
+    values = [(value, "allow_command") for value in
+              _list_values("allow_command", flags, environ.get(env_name("allow_command")), separators="\n")]
+    values += [(value, "allow_commands_file") for value in _commands_file(file)]
+    for value, name in values:
+        if not command_is_usable(value):
+            raise SettingsError(name, f"holds {value!r}, which holds a control character; no job could match it")
+    return tuple(dict.fromkeys(normalize_command(value) for value, _ in values))
+
+
+def _list_values(name: str, flags: list[str] | None, env: str | None, separators: str) -> list[str]:
+    """A repeatable flag's values, or its variable split at `separators`; blanks trimmed, none empty."""
+    if flags is not None:
+        values = [value.strip(" \t") for value in flags]
+        if not all(values):
+            raise SettingsError(name, "is empty; give the commands to allow")
+        return values
+    text = env or ""
+    for separator in separators[1:]:
+        text = text.replace(separator, separators[0])
+    return [value.strip(" \t") for value in text.split(separators[0]) if value.strip(" \t")]
+
+
+def _commands_file(path: str | None) -> list[str]:
+    """The commands file's lines, minus blank ones and # comments. Anyone who may write it decides what runs."""
+    if path is None:
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError("allow_commands_file", f"names a file that cannot be read: {e}") from e
+    if mode & 0o022:
+        raise SettingsError("allow_commands_file", f"names {path}, which group or others may write "
+                            f"(mode {stat.S_IMODE(mode):04o}): chmod go-w it")
+    lines = (line.rstrip("\r").strip(" \t") for line in text.split("\n"))
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def _scripts_dir(value: str | None) -> Path | None:

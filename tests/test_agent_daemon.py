@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import signal
 import ssl
 import subprocess
@@ -27,10 +28,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import daemon
+from agent import daemon, link
 from agent.head import Head, parse_head
 from agent.protocol import DEFAULT_PREFIX, JobStatus, Key, MessageError, Presence, Topics, encode, signing_bytes
 from agent.settings import DEFAULT_KILL_GRACE, ENV_PREFIX, SettingsError, load_settings
+from agent.untrusted import shown
 from tests.support.mosquitto import start_mosquitto
 from tests.support.tls import ThrowawayCa
 
@@ -215,10 +217,10 @@ def agent_env() -> dict[str, str]:
 class AgentProcess:
     """One `python -m agent` process; its stderr goes to a log file."""
 
-    def __init__(self, port: int, state_dir: Path, log_path: Path) -> None:
+    def __init__(self, port: int, state_dir: Path, log_path: Path, *flags: str) -> None:
         self.log_path = log_path
         argv = [sys.executable, "-m", "agent", "--broker", f"mqtt://127.0.0.1:{port}", "--device-id", DEVICE,
-                "--state-dir", str(state_dir), "--log-level", "DEBUG", *KEY_ARGS]
+                "--state-dir", str(state_dir), "--log-level", "DEBUG", *KEY_ARGS, *flags]
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(argv, cwd=state_dir.parent, env=agent_env(),
                                             stdout=log, stderr=subprocess.STDOUT)
@@ -327,8 +329,8 @@ def start_agent(tmp_path, broker):
     started: list[AgentProcess] = []
     state = tmp_path / "state"
 
-    def start() -> AgentProcess:
-        agent = AgentProcess(broker.port, state, tmp_path / f"agent-{len(started)}.log")
+    def start(*flags: str) -> AgentProcess:
+        agent = AgentProcess(broker.port, state, tmp_path / f"agent-{len(started)}.log", *flags)
         started.append(agent)
         return agent
 
@@ -638,3 +640,55 @@ def test_after_a_broker_restart_the_agent_reconnects_and_resends_instead_of_reru
     finally:
         service.close()
     assert runs(ran) == ["j1"]
+
+
+def test_untrusted_text_is_shown_quoted_and_capped():
+    assert shown("j1") == "'j1'" and shown("a\nb\x1b") == "'a\\nb\\x1b'"
+    assert shown("x" * 100) == "'" + "x" * 79 + "...[22 more characters]"
+
+
+FORGED_LINE = "2024-05-01 12:00:00,000 INFO ota-agent: job j9: SUCCEEDED exit=0"
+
+
+@pytest.mark.mosquitto
+def test_text_from_unverified_heads_is_quoted_and_capped_in_the_log(start_agent, service, ran, groups_file):
+    agent = ready_agent(start_agent, service)
+    forged_id = "x\n" + FORGED_LINE + "\x1b[2J" + "A" * 5000
+    service.publish_raw(encode({Key.JOB_ID: forged_id, Key.COMMAND: "true", Key.DEVICE_ID: DEVICE}))  # unsigned
+    service.expect_status(forged_id, JobStatus.REJECTED)
+    service.publish_raw(encode({Key.JOB_ID: forged_id, Key.COMMAND: "true", Key.TIMEOUT_SECONDS: -1}))  # bad
+    agent.wait_for_log("ignored a bad message")
+    service.publish_head("good", job(ran, groups_file, "good"))
+    service.expect_status("good", JobStatus.IN_PROGRESS)
+    service.expect_status("good", JobStatus.SUCCEEDED)
+
+    log = agent.log()
+    assert FORGED_LINE not in log.splitlines() and not any(line.startswith("2024-05-01") for line in log.splitlines())
+    assert "\x1b" not in log and "A" * 200 not in log  # capped
+    assert "job 'x\\n2024-05-01 12:00:00,000 INFO" in log  # quoted: the line break shows as \n
+
+
+@pytest.mark.mosquitto
+def test_a_refused_password_is_explained_once_and_retried_ever_slower(tmp_path):
+    empty = tmp_path / "passwords"  # no account at all: the broker refuses every login
+    empty.write_text("")
+    empty.chmod(0o600)
+    with start_mosquitto(tmp_path, ["allow_anonymous false", f"password_file {empty}"]) as broker:
+        agent = AgentProcess(broker.port, tmp_path / "state", tmp_path / "agent.log", "--password", "wrong")
+        try:
+            deadline = time.monotonic() + WAIT
+            while agent.log().count("refused the connection") < 3:
+                assert time.monotonic() < deadline, f"fewer than 3 refusals:\n{agent.log()}"
+                time.sleep(0.05)
+        finally:
+            agent.stop()
+    log = agent.log()
+    delays = [int(d) for d in re.findall(r"refused the connection: .*; retrying in (\d+) s", log)]
+    assert delays[:3] == [1, 2, 4], log
+    assert log.count(f"POST /v1/device/{DEVICE}/credentials") == 1, log
+    assert log.index("retrying in 1 s") < log.index("POST /v1/device/") < log.index("retrying in 2 s")
+
+
+def test_the_wait_after_refused_credentials_doubles_up_to_5_minutes():
+    assert [link.credentials_retry_delay(n) for n in (1, 2, 3, 9, 10, 11, 1000)] == [1, 2, 4, 256, 300, 300, 300]
+

@@ -4,12 +4,15 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
 from agent import journal as journal_module
-from agent.journal import FULL_OUTPUT_ENTRIES, JOURNAL_FILE, Journal, JournalError
+from agent.journal import FULL_OUTPUT_ENTRIES, JOURNAL_FILE, Journal, JournalError, UnsafeDirectory
 from agent.protocol import Key
 from agent.runner import ProcessGroup
 
@@ -28,6 +31,52 @@ def test_state_dir_is_created_with_mode_0700(tmp_path):
     state = tmp_path / "state" / "dev-1"
     Journal.open(state)
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_a_journal_dir_that_is_a_symlink_is_refused_and_nothing_is_written_through_it(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "dev-1").symlink_to(elsewhere)
+    with pytest.raises(UnsafeDirectory, match="symbolic link"):
+        Journal.open(tmp_path / "dev-1").record_started("job-1", 1, START)
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777], ids=oct)
+def test_a_journal_dir_group_or_others_may_write_is_refused(tmp_path, mode):
+    state = tmp_path / "dev-1"
+    state.mkdir()
+    state.chmod(mode)
+    with pytest.raises(UnsafeDirectory, match=f"group or others may write it \\(mode {mode:04o}\\)"):
+        Journal.open(state)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a directory to another user")
+def test_a_journal_dir_owned_by_another_user_is_refused(tmp_path):
+    state = tmp_path / "dev-1"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    with pytest.raises(UnsafeDirectory, match="owned by uid 65534"):
+        Journal.open(state)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KEY = "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="  # RFC 8032 TEST 1's public key
+
+
+def test_the_agent_exits_1_with_one_error_for_a_state_dir_that_is_a_symlink(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "state").symlink_to(real)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTA_AGENT_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    done = subprocess.run([sys.executable, "-m", "agent", "--broker", "mqtt://127.0.0.1:1", "--device-id", "dev-1",
+                           "--server-key", KEY, "--state-dir", str(tmp_path / "state")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "symbolic link" in errors[0], done.stderr
+    assert list(real.iterdir()) == []
 
 
 def test_started_then_result_survive_a_reload(tmp_path):
