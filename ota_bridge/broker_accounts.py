@@ -1,9 +1,10 @@
 """Who may connect to the broker, kept in step with the device registry.
 
-Embedded broker: it asks the database at every login, so a change needs only to drop the
-device's live connection (disabled, rotated or deleted). Mosquitto: the service writes a
-password file and an ACL file from the registry into the accounts directory and sends Mosquitto
-SIGHUP (its pid from `mosquitto.pid` there) to reload them.
+Embedded broker: it asks the database at every login and re-checks live sessions every few
+seconds; a change drops the device's connection and session at once (disabled, rotated or
+deleted). Mosquitto: the service writes a password file and an ACL file from the registry
+into the accounts directory and sends Mosquitto SIGHUP (its pid from `mosquitto.pid` there) to
+reload them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics
 
 from . import credentials, store
-from .broker import IsolatingBroker
+from .embedded_broker import EmbeddedBroker
 from .files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class BrokerAccounts:
     """What the API calls when a device's right to connect changes."""
 
     def __init__(self, db: store.Store, topics: Topics, data_dir: Path, *,
-                 embedded: IsolatingBroker | None = None, mosquitto_dir: Path | None = None) -> None:
+                 embedded: EmbeddedBroker | None = None, mosquitto_dir: Path | None = None) -> None:
         self.db, self.topics, self.data_dir = db, topics, data_dir
         self.embedded, self.mosquitto_dir = embedded, mosquitto_dir
 
