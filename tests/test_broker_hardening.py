@@ -20,7 +20,7 @@ from ota_bridge.embedded_broker import SERVICE_USERNAME, EmbeddedBroker, Login, 
 from ota_bridge.settings import HostPort
 from tests.support.mosquitto import free_port
 from tests.support.processes import Service, wait_until
-from tests.support.raw_mqtt import RawClient, Will, publish_header
+from tests.support.raw_mqtt import RawClient, Will, publish_header, publish_packet, subscribe_packet
 
 T = TypeVar("T")
 TOPICS = Topics()
@@ -276,3 +276,29 @@ def test_the_service_still_hears_devices_after_a_stranger_used_its_client_id(ser
         wait_until(lambda: api.ok("GET", "/v1/device/hardened-1")["Online"], 10, "the device to show online")
     finally:
         agent.close()
+
+
+
+def subscriptions(prefix: str, count: int) -> bytes:
+    """SUBSCRIBE packets for count new filters, sent as one burst."""
+    return b"".join(subscribe_packet(TOPICS.status(f"{prefix}-{k}"), 0, k + 1) for k in range(count))
+
+
+def test_a_watcher_misses_nothing_while_others_subscribe(broker: BrokerThread, clients: list[RawClient]) -> None:
+    """amqtt 0.12 iterates its subscriptions across awaits: one added mid-broadcast lost the rest (issue 12)."""
+    first, watcher = (broker.login(f"watcher-{i}", OPERATOR_USERNAME, TOKEN) for i in range(2))
+    clients += [first, watcher]
+    assert first.subscribe(TOPICS.status("dev-a")) == 1  # the filter before the watcher's
+    assert watcher.subscribe(TOPICS.device("dev-a", "+")) == 1
+    joining = [broker.login(f"joining-{i}", OPERATOR_USERNAME, TOKEN) for i in range(20)]
+    clients.extend(joining)
+    sender = device(broker, clients, "dev-a")
+    messages = [b"m%d" % n for n in range(300)]
+    bursts = [threading.Thread(target=client.send, args=(subscriptions(f"new-{i}", 20),))
+              for i, client in enumerate(joining)]
+    for burst in bursts:
+        burst.start()
+    sender.send(b"".join(publish_packet(TOPICS.status("dev-a"), m) for m in messages))
+    for burst in bursts:
+        burst.join()
+    assert [payload for _, payload in watcher.messages(3)] == messages

@@ -63,12 +63,47 @@ class _FrontReader(ReaderAdapter):
         pass
 
 
+class _Holders(list):  # type: ignore[type-arg]
+    """One filter's (session, qos) list, iterated over a copy."""
+
+    def __iter__(self) -> Any:
+        return iter(self[:])
+
+
+class _Subscriptions(dict):  # type: ignore[type-arg]
+    """amqtt's filter -> holders map, iterated over a copy.
+
+    amqtt 0.12 iterates its subscriptions across awaits (each delivery's topic check, the
+    retained messages at a connect); a subscription added meanwhile raised "dictionary changed
+    size during iteration" and the message never reached the filters after it (issue 12).
+    """
+
+    def __setitem__(self, key: str, value: list[Any]) -> None:
+        super().__setitem__(key, _Holders(value))
+
+    def __iter__(self) -> Any:
+        return iter(list(super().keys()))
+
+    def keys(self) -> Any:
+        return list(super().keys())
+
+    def values(self) -> Any:
+        return list(super().values())
+
+    def items(self) -> Any:
+        return list(super().items())
+
+
 class _IsolatingBroker(Broker):
     """amqtt's broker, delivering retained messages only for the client's own subscriptions, checked.
 
     amqtt 0.12 sends a connecting client the retained messages of every subscription in the
     broker, not its own, and without the delivery check.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _Subscriptions()
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
         topic_filter, qos = subscription
