@@ -90,6 +90,8 @@ class EmbeddedBroker:
     async def recheck(self) -> int:
         """Check every session's credentials again; drop those that fail. Returns how many were dropped."""
         sessions = self.core.sessions()
+        if not sessions:
+            return 0
         verdicts = await self.logins.still_valid([view.login for view in sessions.values()])
         dropped = 0
         for (client_id, view), valid in zip(sessions.items(), verdicts, strict=True):
