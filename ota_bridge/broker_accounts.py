@@ -1,10 +1,11 @@
 """Who may connect to the broker, kept in step with the device registry.
 
-Embedded broker: it asks the database at every login, so a change needs only to drop the
-device's live connection (disabled, rotated or deleted). Mosquitto: the service writes a
-password file and an ACL file from the registry into the accounts directory, one rewrite at a
-time and keeping the files' owner, group and mode, and sends Mosquitto SIGHUP (its pid from
-`mosquitto.pid` there, once that pid is checked to be Mosquitto's) to reload them.
+Embedded broker: it asks the database at every login and re-checks live sessions every few
+seconds; a change drops the device's connection and session at once (disabled, rotated or
+deleted). Mosquitto: the service writes a password file and an ACL file from the registry
+into the accounts directory, one rewrite at a time and keeping the files' owner, group and
+mode, and sends Mosquitto SIGHUP (its pid from `mosquitto.pid` there, once that pid is checked
+to be Mosquitto's) to reload them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Iterator
 from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics
 
 from . import credentials
-from .broker import IsolatingBroker
+from .embedded_broker import EmbeddedBroker
 from .errors import OtaBridgeError
 from .files import write_atomically
 from .store import Store, devices
@@ -149,7 +150,7 @@ class BrokerAccounts:
     """What the API calls when a device's right to connect changes."""
 
     def __init__(self, db: Store, topics: Topics, data_dir: Path, *,
-                 embedded: IsolatingBroker | None = None, mosquitto_dir: Path | None = None) -> None:
+                 embedded: EmbeddedBroker | None = None, mosquitto_dir: Path | None = None) -> None:
         self.db, self.topics, self.data_dir = db, topics, data_dir
         self.embedded, self.mosquitto_dir = embedded, mosquitto_dir
         self._rewrite_lock = asyncio.Lock()  # one rewrite at a time

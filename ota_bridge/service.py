@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import hmac
 import logging
 import signal
 import ssl
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from aiohttp import web
 
@@ -22,17 +23,17 @@ from agent.protocol import OPERATOR_USERNAME, RESERVED_DEVICE_IDS, SERVICE_CLIEN
 from . import credentials, signing, tls
 from .api import make_app
 from .api.views import ACCOUNTS
-from .broker import (
+from .broker_accounts import SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secret
+from .dispatch import Dispatcher
+from .embedded_broker import (
     SERVICE_USERNAME,
-    Authenticator,
-    IsolatingBroker,
+    EmbeddedBroker,
     ListenError,
+    Login,
     TlsListener,
     TopicPolicy,
     start_broker,
 )
-from .broker_accounts import SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secret
-from .dispatch import Dispatcher
 from .errors import ConfigError
 from .files import write_atomically
 from .models import PRIVATE_DIR_MODE
@@ -111,7 +112,7 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
 
 
 async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
-                       stack: contextlib.AsyncExitStack) -> tuple[BrokerLink, IsolatingBroker | None]:
+                       stack: contextlib.AsyncExitStack) -> tuple[BrokerLink, EmbeddedBroker | None]:
     """The service's link to the broker, starting the embedded broker first unless --mqtt-url is set."""
     url = settings.mqtt_url
     if url is not None:
@@ -120,18 +121,18 @@ async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
             username, password = SERVICE_USERNAME, broker_secret(settings.data_dir, SERVICE_PASSWORD_FILE)
         return _link(url.host, url.port, username, password, dispatcher, tls.broker_client_context(settings)), None
     listen, secret = settings.mqtt_listen, credentials.new_secret()
-    broker = await _start_embedded(settings, _authenticator(db, secret))
+    broker = await _start_embedded(settings, BrokerLogins(db, secret))
     stack.push_async_callback(broker.shutdown)
     host = "127.0.0.1" if listen.host in {"0.0.0.0", "::", ""} else listen.host
     return _link(host, listen.port, SERVICE_USERNAME, secret, dispatcher), broker  # plain: loopback or own host
 
 
-async def _start_embedded(settings: Settings, authenticator: Authenticator) -> IsolatingBroker:
+async def _start_embedded(settings: Settings, logins: BrokerLogins) -> EmbeddedBroker:
     tls_listener = None
     if settings.mqtt_tls_listen is not None and settings.tls_cert is not None and settings.tls_key is not None:
         tls_listener = TlsListener(settings.mqtt_tls_listen, settings.tls_cert, settings.tls_key)
     try:
-        return await start_broker(settings.mqtt_listen, authenticator, TopicPolicy(Topics(settings.prefix)),
+        return await start_broker(settings.mqtt_listen, logins, TopicPolicy(Topics(settings.prefix)),
                                   tls_listener)
     except ListenError as e:
         if e.listener == "tls" and tls_listener is not None:
@@ -145,16 +146,52 @@ def _link(host: str, port: int, username: str | None, password: str | None, disp
                       on_message=dispatcher.deliver, on_connect=dispatcher.on_connected, tls=tls_context)
 
 
-def _authenticator(db: Store, service_secret: str) -> Authenticator:
-    async def authenticate(username: str, password: str, client_id: str) -> bool:
-        if username == SERVICE_USERNAME:
-            return client_id == SERVICE_CLIENT_ID and hmac.compare_digest(password.encode(), service_secret.encode())
-        if username == OPERATOR_USERNAME:  # any client id but one that would take over a session
-            return (client_id not in RESERVED_DEVICE_IDS and await db.call(tokens.check_token, password)
-                    and not await db.call(devices.device_exists, client_id))
-        return client_id == username and await db.call(devices.check_device_password, username, password)
+class BrokerLogins:
+    """Who may log in to the embedded broker, asked of the database (embedded_broker.Logins)."""
 
-    return authenticate
+    def __init__(self, db: Store, service_secret: str) -> None:
+        self.db, self._service_secret = db, service_secret.encode()
+        self._verified: dict[str, tuple[str, bytes]] = {}  # device id -> (its stored hash, digest of a password)
+
+    async def check(self, login: Login) -> bool:
+        if login.username == SERVICE_USERNAME:
+            return self._is_service(login)
+        if login.username == OPERATOR_USERNAME:  # any client id but one that would take over a session
+            return (login.client_id not in RESERVED_DEVICE_IDS
+                    and await self.db.call(tokens.check_token, login.password)
+                    and not await self.db.call(devices.device_exists, login.client_id))
+        return login.client_id == login.username and await self.db.call(
+            devices.check_device_password, login.username, login.password)
+
+    async def still_valid(self, logins: Sequence[Login]) -> list[bool]:
+        """Three queries for all the logins; a device's password is hashed again only when its hash changed."""
+        accounts = dict(await self.db.call(devices.broker_accounts))
+        operators = any(login.username == OPERATOR_USERNAME for login in logins)
+        hashes = {t.token_hash for t in await self.db.call(tokens.token_identities)} if operators else set()
+        device_ids = set(await self.db.call(devices.all_device_ids)) if operators else set()
+        return [self._still_valid(login, accounts, hashes, device_ids) for login in logins]
+
+    def _still_valid(self, login: Login, accounts: dict[str, str], hashes: set[str], device_ids: set[str]) -> bool:
+        if login.username == SERVICE_USERNAME:
+            return self._is_service(login)
+        if login.username == OPERATOR_USERNAME:
+            return (credentials.token_hash(login.password) in hashes and login.client_id not in device_ids
+                    and login.client_id not in RESERVED_DEVICE_IDS)
+        stored = accounts.get(login.username)
+        return login.client_id == login.username and stored is not None and self._device_ok(login, stored)
+
+    def _device_ok(self, login: Login, stored: str) -> bool:
+        digest = hashlib.sha256(login.password.encode()).digest()
+        if self._verified.get(login.username) == (stored, digest):
+            return True
+        if not credentials.verify_password(login.password, stored):
+            return False
+        self._verified[login.username] = (stored, digest)
+        return True
+
+    def _is_service(self, login: Login) -> bool:
+        return login.client_id == SERVICE_CLIENT_ID and hmac.compare_digest(login.password.encode(),
+                                                                            self._service_secret)
 
 
 @contextlib.asynccontextmanager

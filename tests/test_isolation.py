@@ -18,7 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import Topics
-from ota_bridge.broker import TopicPolicy
+from ota_bridge.embedded_broker import TopicPolicy
 from tests.conftest import Launcher
 from tests.support.mosquitto import secure_mosquitto
 from tests.support.processes import Service, wait_until

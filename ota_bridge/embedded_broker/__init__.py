@@ -1,0 +1,144 @@
+"""The embedded MQTT broker, started in the service's own process by default.
+
+A front of our own (front.py) owns the sockets and checks every CONNECT whole before amqtt
+(core.py, the only place amqtt's internals are reached into) sees the connection; it also
+caps every packet's size. Every client authenticates: devices with the credentials from their
+registration, the service with a secret made at start-up, operators watching topics with
+username "api" and an API token as the password. Every few seconds the credentials of every
+session are checked again, and the sessions of a revoked token or a disabled, rotated or
+deleted device are dropped. Every subscribe, publish and delivery is checked against
+TopicPolicy: a device sees and writes only its own topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..settings import HostPort
+from .core import AmqttCore
+from .front import Front
+from .policy import SERVICE_USERNAME, Login, Logins, TopicPolicy
+from .wire import MAX_PACKET_BYTES
+
+__all__ = ["SERVICE_USERNAME", "MAX_PACKET_BYTES", "EmbeddedBroker", "ListenError", "Login", "Logins",
+           "TlsListener", "TopicPolicy", "start_broker"]
+
+log = logging.getLogger(__name__)
+
+RECHECK_SECONDS = 2.0  # how often every session's credentials are checked again
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """A second listener of the embedded broker, over TLS, with the server's certificate and key."""
+
+    listen: HostPort
+    certfile: Path
+    keyfile: Path
+
+
+class ListenError(OSError):
+    """A listener could not start; `listener` is "default" or "tls"."""
+
+    def __init__(self, listener: str, errno: int | None, text: str) -> None:
+        super().__init__(errno, text)
+        self.listener = listener
+
+
+class EmbeddedBroker:
+    """The running broker: its listeners, the amqtt core behind them, the re-check of logins."""
+
+    def __init__(self, logins: Logins, policy: TopicPolicy, core: AmqttCore) -> None:
+        self.logins, self.core = logins, core
+        self.front = Front(core, logins, policy)
+        self._servers: list[asyncio.Server] = []
+        self._recheck: asyncio.Task[None] | None = None
+
+    async def listen(self, name: str, listen: HostPort, context: ssl.SSLContext | None) -> None:
+        try:
+            server = await asyncio.start_server(self.front.handler(name), listen.host or None, listen.port,
+                                                ssl=context, reuse_address=True)
+        except OSError as e:
+            raise ListenError(name, e.errno, e.strerror or str(e)) from e
+        self._servers.append(server)
+
+    def start_rechecks(self) -> None:
+        self._recheck = asyncio.create_task(self._recheck_forever())
+
+    async def shutdown(self) -> None:
+        for server in self._servers:
+            server.close()
+        if self._recheck is not None:
+            self._recheck.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recheck
+        await self.core.shutdown()
+
+    def session_count(self) -> int:
+        """How many sessions the broker keeps, connected or not."""
+        return len(self.core.sessions())
+
+    async def disconnect_client(self, client_id: str) -> bool:
+        """Drop a client's connection and session (a disabled device); returns whether it was connected."""
+        return await self.core.drop(client_id)
+
+    async def recheck(self) -> int:
+        """Check every session's credentials again; drop those that fail. Returns how many were dropped."""
+        sessions = self.core.sessions()
+        if not sessions:
+            return 0
+        verdicts = await self.logins.still_valid([view.login for view in sessions.values()])
+        dropped = 0
+        for (client_id, view), valid in zip(sessions.items(), verdicts, strict=True):
+            if not valid:
+                log.info("dropping MQTT session %r of user %r: its credentials no longer pass",
+                         client_id, view.login.username)
+                await self.core.drop(client_id, view.ref)
+                dropped += 1
+        return dropped
+
+    async def _recheck_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RECHECK_SECONDS)
+            try:
+                await self.recheck()
+            except Exception:  # a database hiccup: try again next round
+                log.exception("re-checking the MQTT sessions' credentials failed")
+
+
+def server_tls_context(tls: TlsListener) -> ssl.SSLContext:
+    """TLS 1.2 or later, asking for no client certificate: devices log in with passwords."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.certfile, tls.keyfile)
+    return context
+
+
+async def start_broker(listen: HostPort, logins: Logins, policy: TopicPolicy,
+                       tls: TlsListener | None = None) -> EmbeddedBroker:
+    """Start the broker on listen (and tls); the caller shuts it down.
+
+    Raises ListenError, naming the listener, when one cannot bind or its certificate cannot be read.
+    """
+    core = AmqttCore(["default", "tls"], policy)
+    await core.start()
+    broker = EmbeddedBroker(logins, policy, core)
+    try:
+        await broker.listen("default", listen, None)
+        if tls is not None:
+            try:
+                context = server_tls_context(tls)
+            except (OSError, ssl.SSLError) as e:
+                raise ListenError("tls", getattr(e, "errno", None), str(e)) from e
+            await broker.listen("tls", tls.listen, context)
+    except BaseException:
+        await broker.shutdown()
+        raise
+    broker.start_rechecks()
+    log.info("embedded MQTT broker listening on %s%s", listen, f", TLS on {tls.listen}" if tls else "")
+    return broker

@@ -1,0 +1,151 @@
+"""The broker's front door: it owns the sockets, and amqtt sees only clients it let in.
+
+For each TCP (or TLS) connection the front reads the CONNECT packet itself, at most
+MAX_CONNECT_BYTES and within CONNECT_TIMEOUT_SECONDS, and checks it whole: MQTT 3.1.1, a
+client id, credentials through the service's Logins, the will's topic through TopicPolicy.
+A refused client gets its CONNACK return code and the connection is closed: no session, no
+state anywhere. Only then, and only for an admitted client, it makes room for the session
+(a session of the same client id held by another user is dropped, never merged into; a
+connected one is disconnected first, its will sent) and hands the connection to amqtt in the
+same process, replaying the CONNECT as it checked it.
+
+Every later packet is read whole by the front too, its size checked from the fixed header
+before the body is read: a client sending a packet over MAX_PACKET_BYTES is disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Callable
+
+from .core import AmqttCore
+from .policy import Login, Logins, TopicPolicy
+from .wire import (
+    IDENTIFIER_REJECTED,
+    MAX_CONNECT_BYTES,
+    MAX_PACKET_BYTES,
+    NOT_AUTHORIZED,
+    Connect,
+    Refused,
+    WireError,
+    connack,
+    parse_connect,
+    read_packet,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+class PacketReader:
+    """A client's stream, read a whole packet at a time (size checked first), handed out as asked.
+
+    A read cancelled by amqtt's keep-alive timer leaves the packet being read intact: the read
+    itself runs in a task of its own, which the next read() waits for again.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes, who: str) -> None:
+        self._reader, self._writer, self._who = reader, writer, who
+        self._buffer = bytearray(first)
+        self._pending: asyncio.Task[bytes | None] | None = None
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._buffer:
+            self._buffer += await self._next_packet()
+        size = len(self._buffer) if n < 0 else min(n, len(self._buffer))
+        chunk = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return chunk
+
+    async def _next_packet(self) -> bytes:
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(read_packet(self._reader, MAX_PACKET_BYTES))
+            self._pending.add_done_callback(lambda t: t.cancelled() or t.exception())
+        packet = await asyncio.shield(self._pending)  # raises what the read raised
+        self._pending = None
+        return packet or b""
+
+    async def read_guarded(self, n: int = -1) -> bytes:
+        """read(), ending the stream ("" and the connection closed) when the client breaks the rules."""
+        try:
+            return await self.read(n)
+        except (WireError, asyncio.IncompleteReadError, ConnectionError) as e:
+            self._pending = None
+            if isinstance(e, WireError):
+                log.warning("MQTT client %s disconnected: %s", self._who, e)
+            self._writer.transport.abort()
+            return b""
+
+
+class Front:
+    """Accepts connections on listeners and admits clients to the core."""
+
+    def __init__(self, core: AmqttCore, logins: Logins, policy: TopicPolicy) -> None:
+        self.core, self.logins, self.policy = core, logins, policy
+
+    def handler(self, listener: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]:
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await self._connection(listener, reader, writer)
+            finally:
+                writer.close()  # after what is written (a refusal's CONNACK) is sent
+
+        return accept
+
+    async def _connection(self, listener: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            connect = await asyncio.wait_for(_read_connect(reader), CONNECT_TIMEOUT_SECONDS)
+            await self._admit(connect)
+        except Refused as e:
+            log.warning("MQTT login from %s refused: %s", peer, e)
+            writer.write(connack(e.code))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            return
+        except (WireError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError) as e:
+            log.info("MQTT connection from %s closed before login: %s", peer, e or type(e).__name__)
+            return
+        packets = PacketReader(reader, writer, connect.encode(), f"{connect.client_id!r} ({peer})")
+        await self.core.serve(listener, packets.read_guarded, writer)
+
+    async def _admit(self, connect: Connect) -> None:
+        """Raises Refused unless the client may connect; then makes room for its session."""
+        if connect.username is None or connect.password is None:
+            raise Refused(NOT_AUTHORIZED, f"no username or password (client id {connect.client_id!r})")
+        login = Login(connect.username, connect.password, connect.client_id)
+        will_topic = connect.will.topic if connect.will else None
+        if not self.policy.allows_will(login.username, will_topic):
+            raise Refused(NOT_AUTHORIZED, f"user {login.username!r} may not leave a will on {will_topic!r}")
+        if not await self.logins.check(login):
+            raise Refused(NOT_AUTHORIZED, f"bad credentials for user {login.username!r} "
+                                          f"(client id {login.client_id!r})")
+        await self._make_room(login)
+
+    async def _make_room(self, login: Login) -> None:
+        held = self.core.sessions().get(login.client_id)
+        if held is None:
+            return
+        if held.login.username != login.username:
+            log.info("dropping the session of %r held by user %r for user %r", login.client_id,
+                     held.login.username, login.username)
+            await self.core.drop(login.client_id, held.ref)
+        elif held.connected:
+            await self.core.disconnect(login.client_id)
+
+
+async def _read_connect(reader: asyncio.StreamReader) -> Connect:
+    packet = await read_packet(reader, MAX_CONNECT_BYTES)
+    if packet is None:
+        raise WireError("no CONNECT")
+    connect = parse_connect(packet)
+    if connect.client_id:
+        return connect
+    if not connect.clean_session:
+        raise Refused(IDENTIFIER_REJECTED, "an empty client id asks for a persistent session")
+    return Connect(f"auto-{secrets.token_hex(12)}", True, connect.keep_alive, connect.username,
+                   connect.password, connect.will)
