@@ -7,10 +7,13 @@ Commands run through /bin/sh with the agent's environment minus those OTA_AGENT_
 plus OTA_DEVICE_ID and OTA_JOB_ID.
 
 Before anything about a head (agent/head.py) is journalled or run, the agent checks it, in this
-order: it is signed, its signature verifies with the service's key (--server-key-file), it is
-for this device, it is not older than a job this device already ran (its Seq), and its command
-is inside the local policy (agent/policy.py). A head that fails is REJECTED with the reason,
-and nothing runs.
+order: it is signed, its signature verifies with a key the agent trusts (--server-key-file,
+re-read when it changes), it is for this device, it was issued recently (only while the agent
+has no state: no Floor), its Seq is above the Floor it has verified and not older than a job
+this device already ran, and its command is inside the local policy (agent/policy.py). A job
+head that fails is REJECTED with the reason, and nothing runs. Only a verified head cancels a
+running job: a newer job head, or an idle head (no job pending) whose Floor covers it; an empty
+payload is not a head and is ignored.
 
 Threads: paho's network thread only turns callbacks into events on a bounded queue
 (agent/link.py); the main thread reads that queue, decides, writes the journal and publishes;
