@@ -15,6 +15,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -22,8 +23,10 @@ from agent import job_signature
 from agent.daemon import BELOW_FLOOR, NO_ISSUE_TIME
 from agent.link import JobMessage
 from agent.protocol import HEAD_VALIDITY_SECONDS, SERVICE_CLIENT_ID, Key, Topics, utc_now
+from ota_bridge.store import Store, devices, jobs, queues, workflows
 from tests import test_agent_signing as signing
 from tests.conftest import Launcher
+from tests.support.databases import database_url
 from tests.support.mosquitto import start_mosquitto
 from tests.support.processes import REPO, Agent, wait_until
 from tests.test_agent_signing import (
@@ -121,6 +124,35 @@ def test_during_a_rotation_the_agent_trusts_both_keys(deciding):
     agent.deliver(head("j1", "true", 1))
     agent.deliver(head("j2", "true", 2, key=FORGER_KEY))
     assert agent.started == ["j1", "j2"]
+
+
+# --- the floor the service publishes (SQLite and PostgreSQL) --------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    with database_url(request.param, tmp_path) as url:
+        store = Store(url)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def test_the_floor_covers_every_canceled_or_deleted_job_of_the_device(db: Store) -> None:
+    assert not db.call_sync(queues.has_history)
+    db.call_sync(devices.register_device, "d0", None, [])
+    assert db.call_sync(queues.has_history)
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False).workflow_id
+    first, second = (db.call_sync(jobs.submit_job, n, wf, "DeviceId", "d0", None)[0].job_id for n in ("a", "b"))
+    queue = db.call_sync(queues.device_queues, ["d0"])[0]
+    assert queue.floor == queue.head.seq - 1
+    db.call_sync(jobs.cancel_job, first)
+    queue = db.call_sync(queues.device_queues, ["d0"])[0]
+    assert queue.floor == queue.head.seq - 1 and queue.floor >= db.call_sync(jobs.child_jobs, first)[0].seq
+    deleted_seq = queue.head.seq
+    db.call_sync(jobs.delete_job, second)  # the newest job of all: its row is gone, its Seq stays covered
+    assert db.call_sync(queues.device_queues, ["d0"])[0].floor >= deleted_seq
 
 
 # --- the real service, the real broker, the real agents ---------------------------------------
