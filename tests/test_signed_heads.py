@@ -15,7 +15,6 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -25,8 +24,8 @@ from agent.link import JobMessage
 from agent.protocol import HEAD_VALIDITY_SECONDS, SERVICE_CLIENT_ID, Key, Topics, utc_now
 from ota_bridge.store import Store, devices, jobs, queues, workflows
 from tests import test_agent_signing as signing
+from tests import test_store
 from tests.conftest import Launcher
-from tests.support.databases import database_url
 from tests.support.mosquitto import start_mosquitto
 from tests.support.processes import REPO, Agent, wait_until
 from tests.test_agent_signing import (
@@ -129,14 +128,7 @@ def test_during_a_rotation_the_agent_trusts_both_keys(deciding):
 # --- the floor the service publishes (SQLite and PostgreSQL) --------------------------------
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    with database_url(request.param, tmp_path) as url:
-        store = Store(url)
-        try:
-            yield store
-        finally:
-            store.close()
+db = test_store.db  # the same store code on a SQLite file and on a fresh PostgreSQL database
 
 
 def test_the_floor_covers_every_canceled_or_deleted_job_of_the_device(db: Store) -> None:
