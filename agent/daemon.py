@@ -7,10 +7,13 @@ Commands run through /bin/sh with the agent's environment minus those OTA_AGENT_
 plus OTA_DEVICE_ID and OTA_JOB_ID.
 
 Before anything about a head (agent/head.py) is journalled or run, the agent checks it, in this
-order: it is signed, its signature verifies with the service's key (--server-key-file), it is
-for this device, it is not older than a job this device already ran (its Seq), and its command
-is inside the local policy (agent/policy.py). A head that fails is REJECTED with the reason,
-and nothing runs.
+order: it is signed, its signature verifies with a key the agent trusts (--server-key-file,
+re-read when it changes), it is for this device, it was issued recently (only while the agent
+has no state: no Floor), its Seq is above the Floor it has verified and not older than a job
+this device already ran, and its command is inside the local policy (agent/policy.py). A job
+head that fails is REJECTED with the reason, and nothing runs. Only a verified head cancels a
+running job: a newer job head, or an idle head (no job pending) whose Floor covers it; an empty
+payload is not a head and is ignored.
 
 Threads: paho's network thread only turns callbacks into events on a bounded queue
 (agent/link.py); the main thread reads that queue, decides, writes the journal and publishes;
@@ -41,18 +44,26 @@ from .journal import Entry, Journal, JournalError, UnsafeDirectory, check_privat
 from .link import BrokerLink, Connected, ConnectFailed, Disconnected, JobMessage, LinkEvent, Subscribed
 from .protocol import JobStatus, Key, MessageError, Presence
 from .runner import ProcessGroup, RunLimits, Runner, RunResult, in_progress_message, stop_leftovers
-from .settings import ENV_PREFIX, Settings, SettingsError, agent_version, load_settings
+from .settings import ENV_PREFIX, Settings, SettingsError, TrustedKeys, agent_version, load_settings
 from .untrusted import shown
 
 log = logging.getLogger("ota-agent")
 
 # Reasons of a REJECTED job, besides the signature's (job_signature) and "the job is for device X".
 STALE = "the job is older than one this device already ran"
+BELOW_FLOOR = "the job is at or below the floor: the service has canceled, deleted or ended it"
 OUTSIDE_POLICY = "the command is outside this device's policy"
 # Logged once per run of credential refusals (the link slows its retries down meanwhile).
 CREDENTIALS_HINT = ("the broker refused the device's credentials (user %s): if its password was rotated or is "
                     "wrong, give it a new one with POST /v1/device/%s/credentials, put that in --password-file "
                     "and restart the agent; until then it retries, doubling the wait up to every 5 minutes")
+# A head signed without an IssuedAt: from a service older than this agent (protocol v1), or forged.
+NO_ISSUE_TIME = "the head has no IssuedAt: it comes from an older service (protocol v1) or is forged"
+_IGNORED_BECAUSE = {True: "the journal's result stands", False: "nothing is reported about it"}
+# How often a head held back for its IssuedAt (agent without state) is looked at again.
+TIME_RETRY_SECONDS = 30.0
+# How often the key file (--server-key-file) is checked for a change.
+KEY_FILE_CHECK_SECONDS = 1.0
 SUBSCRIBE_SETTLE_SECONDS = 0.5
 EVENT_QUEUE_SIZE = 1000
 _POLL_SECONDS = 0.1
@@ -99,6 +110,8 @@ class Agent:
         self._unjournaled: set[str] = set()  # jobs refused because the journal could not be written
         self._connect_failures = 0
         self._checked: tuple[Head, str | None] | None = None  # the last head whose signature was checked
+        self._retry_at: float | None = None  # when to look again at a head held back for its IssuedAt
+        self.keys = TrustedKeys(settings, KEY_FILE_CHECK_SECONDS)
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """Signal handler: only sets a flag, the main loop notices it."""
@@ -107,7 +120,7 @@ class Agent:
     def run(self) -> int:
         log.info("agent %s for device %s, broker %s, journal %s", agent_version(),
                  self.settings.device_id, self.settings.broker_url, self.journal.path)
-        log.info("runs only jobs signed by the service key %s; %s", self.settings.server_key_b64,
+        log.info("runs only jobs signed by the service key %s; %s", " or ".join(self.settings.server_keys_b64),
                  self.settings.policy.describe())
         self.stop_leftovers()
         self.link.start()
@@ -149,7 +162,18 @@ class Agent:
                 self._handle(self.events.get_nowait())
         except queue.Empty:
             pass
+        if self.keys.changed():
+            self._on_keys_changed()
         self._act_on_head()
+
+    def _on_keys_changed(self) -> None:
+        self._checked = None
+        log.info("the key file %s changed: now trusting %s", self.settings.server_key_file,
+                 " and ".join(self.keys.b64))
+        try:
+            self.journal.rescope(self.keys.b64)
+        except JournalError as e:
+            log.error("%s", e)
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, JobMessage):
@@ -203,11 +227,13 @@ class Agent:
         except MessageError as e:
             log.warning("ignored a bad message on %s: %s", event.topic, shown(str(e), cap=200))
             return
-        self._head, self._head_new = head, True
+        self._head, self._head_new, self._retry_at = head, True, None
 
     # --- heads ------------------------------------------------------------------------------
 
     def _act_on_head(self) -> None:
+        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+            self._retry_at, self._head_new = None, True  # a head held back for its IssuedAt: try again
         if not self._head_new or self._ready_at is None or time.monotonic() < self._ready_at:
             return
         if self._running is not None:
@@ -219,57 +245,97 @@ class Agent:
 
     def _supersede(self, running: _Running, head: Head | None) -> None:
         """A head arrived while a job runs: a duplicate is ignored, and so is one that cannot be
-        the service's next job (unsigned, forged, another device's, not newer); anything else
-        cancels the running job."""
-        if head is not None and head.job_id == running.head.job_id:
+        the service's word after the running job (unsigned, forged, another device's, not newer);
+        a newer job head, or an idle head whose Floor covers the running job, cancels it."""
+        if head is None or head.job_id == running.head.job_id:
             self._head_new = False  # the same head delivered again
             return
-        if head is not None and (problem := self._why_not_next(head, running.head)):
-            log.warning("job %s: ignored head %s while the command runs: %s", running.head.job_id,
-                        shown(head.job_id), problem)
+        if problem := self._why_not_next(head, running.head):
+            log.warning("job %s: ignored %s while the command runs: %s", running.head.job_id, head.name, problem)
             self._head_new = False
             return
         if running.canceling:
             return  # the new head is taken once the canceled job is done
         running.canceling = True
-        reason = (f"the head moved to job {head.job_id} while the command ran" if head
-                  else "the job queue was cleared while the command ran")
+        reason = ("the job queue was cleared while the command ran" if head.is_idle
+                  else f"the head moved to job {head.job_id} while the command ran")
         log.info("job %s: canceling: %s", running.head.job_id, reason)
         running.runner.cancel(reason)
 
     def _take(self, head: Head) -> None:
-        """Run a new head, or resend what the journal knows about it, or reject it.
+        """Run a new head, or resend what the journal knows about it, or reject it; an idle head
+        only raises the Floor.
 
-        Never run a job twice, nor one the service did not sign for this device. A head that
-        is not signed by the service never changes or resends what the journal holds.
+        Never run a job twice, nor one the service did not sign for this device, nor one at or
+        below the Floor. A head that is not signed by the service never changes or resends what
+        the journal holds.
         """
         if head.job_id in self._unjournaled:
             return
-        entry = self.journal.get(head.job_id)
+        entry = None if head.job_id is None else self.journal.get(head.job_id)
         unsigned = self._signature_problem(head)
-        if unsigned is not None and entry is not None:
-            log.warning("job %s: ignored a head naming it: %s; the journal's result stands", shown(head.job_id),
-                        unsigned)
+        if unsigned is not None and (entry is not None or head.is_idle or unsigned == NO_ISSUE_TIME):
+            log.warning("%s: ignored: %s; %s", head.name, unsigned, _IGNORED_BECAUSE[entry is not None])
         elif unsigned is not None:
             self._reject(head, unsigned, journal=False)
         elif entry is not None:
             self._resend(head, entry)
-        elif (reason := self._rejection(head)) is not None:
-            self._reject(head, reason, journal=reason.startswith(OUTSIDE_POLICY))
-        else:
-            self._start(head)
+        elif head.device_id != self.settings.device_id:
+            self._reject_or_ignore(head, f"the job is for device {head.device_id}")
+        elif (late := self._too_old(head)) is not None:
+            log.warning("%s: held back: %s; trying it again in %.0f s", head.name, late, TIME_RETRY_SECONDS)
+            self._retry_at = time.monotonic() + TIME_RETRY_SECONDS
+        elif self._record_floor(head) and not head.is_idle:
+            if (reason := self._rejection(head)) is not None:
+                self._reject(head, reason, journal=reason.startswith(OUTSIDE_POLICY))
+            else:
+                self._start(head)
 
     def _signature_problem(self, head: Head) -> str | None:
-        """None when the service signed this head; each head received is verified once."""
+        """None when the service signed this head with a key this agent trusts; each head
+        received is verified once (until the trusted keys change)."""
         if self._checked is None or self._checked[0] is not head:
-            problem = job_signature.signature_problem(head.signature, head.signed_content, self.settings.server_key)
+            if head.signature is not None and head.issued_at is None:
+                problem: str | None = NO_ISSUE_TIME
+            else:
+                problem = job_signature.signature_problem(head.signature, head.signed_content, self.keys.keys)
             self._checked = (head, problem)
         return self._checked[1]
 
+    def _too_old(self, head: Head) -> str | None:
+        """Why an agent without state (no Floor) must not act on this head yet; None when it may.
+
+        With state, the Floor and the journal stop replays; without, only a head issued within
+        HEAD_VALIDITY_SECONDS of this device's clock (either way) is taken.
+        """
+        if self.journal.floor is not None or head.issued_at is None:
+            return None
+        skew = (protocol.utc_now() - head.issued_at).total_seconds()
+        if abs(skew) <= protocol.HEAD_VALIDITY_SECONDS:
+            return None
+        when = protocol.format_time(head.issued_at)
+        if skew > 0:
+            return (f"it was issued at {when}, more than {protocol.HEAD_VALIDITY_SECONDS} s ago, and this agent has "
+                    "no state to tell a replay from a job still due (the service signs it again when the "
+                    "device comes online)")
+        return (f"it was issued at {when}, more than {protocol.HEAD_VALIDITY_SECONDS} s ahead of this device's "
+                "clock: set the clock (NTP)")
+
+    def _record_floor(self, head: Head) -> bool:
+        """Raise the journal's Floor to a verified head's; False when that cannot be written."""
+        try:
+            if self.journal.raise_floor(head.floor):
+                log.info("%s: the floor is now %d: no job at or below it ever runs here", head.name, head.floor)
+        except JournalError as e:
+            log.error("%s: %s; not acted on", head.name, e)
+            return False
+        return True
+
     def _rejection(self, head: Head) -> str | None:
-        """Why a head the service signed must not run here; None when it may."""
-        if head.device_id != self.settings.device_id:
-            return f"the job is for device {head.device_id}"
+        """Why a head the service signed for this device must not run here; None when it may."""
+        floor = self.journal.floor
+        if floor is not None and head.seq is not None and head.seq <= floor:
+            return BELOW_FLOOR
         highest = self.journal.highest_seq
         if highest is not None and head.seq is not None and head.seq < highest:
             return STALE
@@ -278,13 +344,24 @@ class Agent:
         return None
 
     def _why_not_next(self, head: Head, running: Head) -> str | None:
-        """Why a head cannot be the service's job after the running one; None when it can."""
+        """Why a head cannot be the service's word after the running one; None when it can."""
         problem = self._signature_problem(head)
         if problem is None and head.device_id != self.settings.device_id:
             problem = f"the job is for device {head.device_id}"
-        if problem is None and (head.seq is None or running.seq is None or head.seq <= running.seq):
+        if problem is None and head.is_idle and (head.floor is None or running.seq is None
+                                                 or head.floor < running.seq):
+            problem = "its floor is below the running job: it is older than that job"
+        if problem is None and not head.is_idle and (head.seq is None or running.seq is None
+                                                     or head.seq <= running.seq):
             problem = "it is not newer than the running job"
         return problem
+
+    def _reject_or_ignore(self, head: Head, reason: str) -> None:
+        """An idle head has no job to report about: it is only logged."""
+        if head.is_idle:
+            log.warning("%s: ignored: %s", head.name, reason)
+        else:
+            self._reject(head, reason, journal=False)
 
     def _reject(self, head: Head, reason: str, journal: bool) -> None:
         """Report the head REJECTED; nothing runs.
@@ -406,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_private_dir(settings.state_dir)
-        journal = Journal.open(settings.journal_dir, seq_scope=settings.server_key_b64)
+        journal = Journal.open(settings.journal_dir, seq_scope=settings.server_keys_b64)
     except (OSError, UnsafeDirectory) as e:
         log.error("cannot use the state directory %s: %s", settings.journal_dir, e)
         return 1

@@ -1,65 +1,93 @@
 """The head of this device's job queue, as the service publishes it on the job topic.
 
-parse_head reads what a head says; whether the service signed it (job_signature), whether it
-is for this device and may run here is for the agent (daemon) to check before it acts on it.
+A head is either a job head (the job the device must run next) or an idle head (no JobId:
+nothing is pending). Both carry the service's Floor and IssuedAt and are signed. parse_head
+reads what a head says; whether the service signed it (job_signature), whether it is for this
+device, recent enough and may run here is for the agent (daemon) to check before it acts on it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from . import job_signature, protocol
 from .protocol import Key, MessageError
+from .untrusted import shown
 
 HEAD_MAX_BYTES = 256 * 1024
+_JOB_ID_RE = re.compile(protocol.JOB_ID_PATTERN)
 
 
 @dataclass(frozen=True)
 class Head:
-    """The job the service wants this device to run next."""
+    """What the service wants this device to do next: run job_id, or nothing (job_id None)."""
 
-    job_id: str
+    job_id: str | None
     command: str
     timeout_seconds: float
     success_on_restart: bool
     seq: int | None
+    floor: int | None = None  # every Seq at or below it is done or canceled
+    issued_at: datetime | None = None  # when the service signed it (its clock)
     device_id: Any = None  # the head's DeviceId, checked only once its signature verifies
     signature: Any = None  # the head's Signature, as it came
     signed_content: bytes | None = field(default=None, repr=False)  # what the signature must sign
 
+    @property
+    def is_idle(self) -> bool:
+        return self.job_id is None
 
-def parse_head(payload: bytes, default_timeout: float) -> Head | None:
-    """The head in a job-topic payload; None when the payload is empty (queue empty).
+    @property
+    def name(self) -> str:
+        """How logs name it: the job id quoted and capped, since it may not be verified yet."""
+        return "the idle head" if self.job_id is None else f"job {shown(self.job_id)}"
 
-    Raises MessageError for anything that is not a head at all. Whose head it is, and whether
+
+def parse_head(payload: bytes, default_timeout: float) -> Head:
+    """The head in a job-topic payload.
+
+    Raises MessageError for anything that is not a head at all: an empty payload (the service
+    never sends one to a registered device: it is unsigned), a JobId that is not a job id (no
+    report about it could be accepted), a job without a command. Whose head it is, and whether
     the service signed it, is for the agent to check before it acts on it.
     """
     if not payload:
-        return None
+        raise MessageError("an empty payload is not a head (it is unsigned; the service sends a signed idle head)")
     message = protocol.decode(payload, HEAD_MAX_BYTES)
-    job_id, command = message.get(Key.JOB_ID), message.get(Key.COMMAND)
-    if not isinstance(job_id, str) or not job_id:
-        raise MessageError(f"{Key.JOB_ID} is missing or not a string")
-    if not isinstance(command, str) or not command:
+    job_id, command, seq = message.get(Key.JOB_ID), message.get(Key.COMMAND), _whole(message.get(Key.SEQ))
+    floor = _whole(message.get(Key.FLOOR))
+    if job_id is None and command is not None:
+        raise MessageError(f"{Key.JOB_ID} is missing from a head with a {Key.COMMAND}")
+    if job_id is not None and (not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id)):
+        raise MessageError(f"{Key.JOB_ID} {str(job_id)[:80]!r} is not a job id ({protocol.JOB_ID_PATTERN})")
+    if job_id is not None and (not isinstance(command, str) or not command):
         raise MessageError(f"job {job_id}: {Key.COMMAND} is missing or not a string")
-    seq = message.get(Key.SEQ)
+    if job_id is not None and seq is not None and floor is not None and floor >= seq:
+        raise MessageError(f"job {job_id}: its {Key.FLOOR} {floor} is not below its {Key.SEQ} {seq}")
     return Head(
         job_id=job_id,
-        command=command,
+        command=command if job_id is not None else "",
         timeout_seconds=_timeout(message.get(Key.TIMEOUT_SECONDS), job_id, default_timeout),
         success_on_restart=message.get(Key.SUCCESS_ON_RESTART) is True,
-        seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+        seq=seq,
+        floor=floor,
+        issued_at=protocol.parse_time(message.get(Key.ISSUED_AT)),
         device_id=message.get(Key.DEVICE_ID),
         signature=message.get(Key.SIGNATURE),
         signed_content=job_signature.signed_content(message),
     )
 
 
-def _timeout(value: Any, job_id: str, default: float) -> float:
-    if value is None:
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _timeout(value: Any, job_id: str | None, default: float) -> float:
+    if value is None or job_id is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise MessageError(f"job {job_id}: {Key.TIMEOUT_SECONDS} is {value!r}, expected a number above 0")
     return float(value)
-

@@ -1,9 +1,10 @@
-"""Whether a head was signed by the ota-bridge service: the key the agent trusts, and the check.
+"""Whether a head was signed by the ota-bridge service: the keys the agent trusts, and the check.
 
 The service signs protocol.signing_bytes(head) with Ed25519 and puts the signature, base64, in
 the head's "Signature". Its public key (raw 32 bytes, base64) is `<data-dir>/job-signing.pub`
 on the service and GET /v1/signing-key; the agent is given it with --server-key-file or
---server-key. Standard library only, like the rest of the agent.
+--server-key. During a key rotation the agent trusts two keys (one per line of the key file);
+a head signed by any of them verifies. Standard library only, like the rest of the agent.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from . import ed25519, protocol
 from .protocol import Key
 
 NOT_SIGNED = "the job is not signed"
-DOES_NOT_VERIFY = "the job's signature does not verify"
+DOES_NOT_VERIFY = "the job's signature does not verify with any key this device trusts"
 WHERE_TO_GET_THE_KEY = ("copy the service's <data-dir>/job-signing.pub to the device, "
                         "or take PublicKey from the service's GET /v1/signing-key")
 
@@ -38,14 +39,33 @@ def parse_public_key(text: str) -> bytes:
     return raw
 
 
+def parse_public_keys(text: str) -> tuple[bytes, ...]:
+    """The raw public keys of a key file: one base64 key a line; blank lines and '#' comments
+    are skipped. Raises ValueError naming the bad line, or saying there is no key."""
+    keys: list[bytes] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            keys.append(parse_public_key(line))
+        except ValueError as e:
+            raise ValueError(f"the key on line {number} {e}") from e
+    if not keys:
+        raise ValueError("there is no key in it")
+    return tuple(dict.fromkeys(keys))
+
+
+_JOB_FIELDS = ((Key.DEVICE_ID, str), (Key.JOB_ID, str), (Key.SEQ, int), (Key.FLOOR, int), (Key.ISSUED_AT, str),
+               (Key.TIMEOUT_SECONDS, int), (Key.SUCCESS_ON_RESTART, bool), (Key.COMMAND, str))
+_IDLE_FIELDS = ((Key.DEVICE_ID, str), (Key.FLOOR, int), (Key.ISSUED_AT, str))
+
+
 def signed_content(message: dict[str, Any]) -> bytes | None:
     """The bytes the service signed for this head; None when the head's signed fields are not
     exactly what the service sends (so what the agent reads is always what was signed: no "5"
     or 5.0 for a Seq of 5, no 1 for true)."""
-    exact_types = (
-        (Key.DEVICE_ID, str), (Key.JOB_ID, str), (Key.SEQ, int), (Key.TIMEOUT_SECONDS, int),
-        (Key.SUCCESS_ON_RESTART, bool), (Key.COMMAND, str),
-    )
+    exact_types = _IDLE_FIELDS if protocol.is_idle_head(message) else _JOB_FIELDS
     for key, kind in exact_types:
         value = message.get(key)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -56,8 +76,9 @@ def signed_content(message: dict[str, Any]) -> bytes | None:
         return None
 
 
-def signature_problem(signature: Any, content: bytes | None, public_key: bytes) -> str | None:
-    """None when `signature` (the head's base64 "Signature") signs `content`; else the reason."""
+def signature_problem(signature: Any, content: bytes | None, public_keys: tuple[bytes, ...]) -> str | None:
+    """None when `signature` (the head's base64 "Signature") signs `content` with one of the
+    keys; else the reason."""
     if signature is None:
         return NOT_SIGNED
     if not isinstance(signature, str) or content is None:
@@ -66,4 +87,6 @@ def signature_problem(signature: Any, content: bytes | None, public_key: bytes) 
         raw = base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError):
         return DOES_NOT_VERIFY
-    return None if ed25519.verify(public_key, content, raw) else DOES_NOT_VERIFY
+    if any(ed25519.verify(key, content, raw) for key in public_keys):
+        return None
+    return DOES_NOT_VERIFY

@@ -4,7 +4,7 @@ One JSON file, `journal.json`, in the agent's state directory:
 
     {"Version": 1, "Entries": [{"JobId": ..., "Seq": ..., "StartTime": ..., "Result": {...} | null,
                                 "Process": {"Pgid": ..., "BootId": ..., "StartTicks": ...}}],
-     "HighestSeq": 17, "SeqScope": "<the service's public key, base64>"}
+     "HighestSeq": 17, "Floor": 16, "SeqScope": ["<a service public key, base64>", ...]}
 
 An entry is written ("started", Result null) before its command runs, gets the command's
 process group (Process) right after the command started, and is completed with the full final
@@ -24,7 +24,11 @@ journal could make a job run twice or hide one. It creates them with mode 0700.
 
 HighestSeq is the highest Seq of a job the agent started (or refused by its local policy); it
 survives the pruning of entries, so a replay of an old signed head is refused even once its entry
-is gone. It holds for one signing key (SeqScope): a service with a new key starts afresh.
+is gone. Floor is the highest Floor of a verified head: every Seq at or below it is done or
+canceled on the service, so it never runs. An agent with a Floor "has state": it no longer
+needs a head's IssuedAt to be recent. Both hold for the service whose keys are in SeqScope: they
+are kept while the keys the agent trusts overlap SeqScope (a key rotation), and forgotten when
+none is left (another service).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import threading
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from . import protocol
 from .protocol import Key
@@ -58,6 +62,7 @@ _ENTRIES = "Entries"
 _RESULT = "Result"
 _HIGHEST_SEQ = "HighestSeq"
 _SEQ_SCOPE = "SeqScope"
+_FLOOR = "Floor"
 _PROCESS = "Process"
 _PGID = "Pgid"
 _BOOT_ID = "BootId"
@@ -170,33 +175,64 @@ class Journal:
     group); a lock keeps each change and its save together.
     """
 
-    def __init__(self, state_dir: Path, max_entries: int = MAX_ENTRIES, seq_scope: str = "") -> None:
+    def __init__(self, state_dir: Path, max_entries: int = MAX_ENTRIES, seq_scope: Iterable[str] = ()) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / JOURNAL_FILE
         self.max_entries = max_entries
-        self.seq_scope = seq_scope  # what the Seq numbers belong to: the service's signing key
+        self.seq_scope = _scope(seq_scope)  # what Seq and Floor belong to: the service's signing keys
         self._entries: dict[str, Entry] = {}
         self._highest_seq: int | None = None
+        self._floor: int | None = None
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, state_dir: Path, max_entries: int = MAX_ENTRIES, seq_scope: str = "") -> Journal:
+    def open(cls, state_dir: Path, max_entries: int = MAX_ENTRIES, seq_scope: Iterable[str] = ()) -> Journal:
         """Create the state directory (mode 0700) if needed and load the journal in it.
 
-        A HighestSeq recorded under another seq_scope (another signing key) is forgotten.
+        A HighestSeq and Floor recorded under keys none of which is in seq_scope are forgotten.
         Raises UnsafeDirectory for a directory another user could change (check_private_dir).
         """
         journal = cls(state_dir, max_entries, seq_scope)
         journal.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_private_dir(journal.state_dir)
         journal._remove_temp_files()
-        journal._entries, journal._highest_seq = journal._load()
+        journal._entries, journal._highest_seq, journal._floor = journal._load()
         return journal
 
     @property
     def highest_seq(self) -> int | None:
         """The highest Seq of a job started (or refused by the local policy); None: none yet."""
         return self._highest_seq
+
+    @property
+    def floor(self) -> int | None:
+        """The highest Floor of a verified head; None: this agent has no state yet."""
+        return self._floor
+
+    def raise_floor(self, floor: int | None) -> bool:
+        """Record (durably) a verified head's Floor if it is higher. Raises JournalError."""
+        with self._lock:
+            if floor is None or (self._floor is not None and floor <= self._floor):
+                return False
+            self._floor = floor
+            self._save()
+        return True
+
+    def rescope(self, seq_scope: Iterable[str]) -> None:
+        """The agent now trusts these keys: keep HighestSeq and Floor if one of the old keys is
+        still trusted (a rotation), else forget them. Raises JournalError."""
+        scope = _scope(seq_scope)
+        with self._lock:
+            if not _same_service(scope, self.seq_scope):
+                self._forget_seqs("none of the keys it trusted before is trusted now")
+            self.seq_scope = scope
+            self._save()
+
+    def _forget_seqs(self, why: str) -> None:
+        if self._highest_seq is not None or self._floor is not None:
+            log.warning("journal %s: %s; forgetting the highest Seq run (%s) and the Floor (%s)",
+                        self.path, why, self._highest_seq, self._floor)
+        self._highest_seq = self._floor = None
 
     def get(self, job_id: str) -> Entry | None:
         return self._entries.get(job_id)
@@ -266,26 +302,28 @@ class Journal:
     def _save(self) -> None:
         document: dict[str, Any] = {_VERSION: FORMAT_VERSION, _ENTRIES: [e.to_json() for e in self._entries.values()]}
         if self._highest_seq is not None:
-            document.update({_HIGHEST_SEQ: self._highest_seq, _SEQ_SCOPE: self.seq_scope})
+            document[_HIGHEST_SEQ] = self._highest_seq
+        if self._floor is not None:
+            document[_FLOOR] = self._floor
+        if self._highest_seq is not None or self._floor is not None:
+            document[_SEQ_SCOPE] = list(self.seq_scope)
         data = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         try:
             write_atomic(self.path, data)
         except OSError as e:
             raise JournalError(self.path, e) from e
 
-    def _load(self) -> tuple[dict[str, Entry], int | None]:
+    def _load(self) -> tuple[dict[str, Entry], int | None, int | None]:
         try:
-            entries, highest, scope = _parse(_read_no_follow(self.path))
+            entries, self._highest_seq, self._floor, scope = _parse(_read_no_follow(self.path))
         except FileNotFoundError:
-            return {}, None
+            return {}, None, None
         except (OSError, _Unreadable) as e:
             self._move_aside(e)
-            return {}, None
-        if highest is not None and scope != self.seq_scope:
-            log.warning("journal %s: the service's signing key changed; forgetting the highest Seq run (%d)",
-                        self.path, highest)
-            highest = None
-        return {entry.job_id: entry for entry in entries[-self.max_entries:]}, highest
+            return {}, None, None
+        if not _same_service(_scope(scope), self.seq_scope):
+            self._forget_seqs("the service's signing key changed")
+        return {entry.job_id: entry for entry in entries[-self.max_entries:]}, self._highest_seq, self._floor
 
     def _move_aside(self, why: Exception) -> None:
         stamp = protocol.utc_now().strftime("%Y%m%dT%H%M%S.%fZ")
@@ -311,8 +349,22 @@ def _read_no_follow(path: Path) -> bytes:
         return f.read()
 
 
-def _parse(data: bytes) -> tuple[list[Entry], int | None, Any]:
-    """The entries, the HighestSeq (None when absent) and its SeqScope."""
+def _scope(value: Any) -> tuple[str, ...]:
+    """A SeqScope: the keys (an older journal holds one key as a string)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(key for key in value if isinstance(key, str))
+    return ()
+
+
+def _same_service(one: tuple[str, ...], other: tuple[str, ...]) -> bool:
+    """Whether two key sets belong to one service: they share a key (or are both empty)."""
+    return bool(set(one) & set(other)) or set(one) == set(other)
+
+
+def _parse(data: bytes) -> tuple[list[Entry], int | None, int | None, Any]:
+    """The entries, the HighestSeq and Floor (None when absent) and their SeqScope."""
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -322,10 +374,11 @@ def _parse(data: bytes) -> tuple[list[Entry], int | None, Any]:
     raw_entries = document.get(_ENTRIES)
     if not isinstance(raw_entries, list):
         raise _Unreadable(f"{_ENTRIES} is not a list")
-    highest = document.get(_HIGHEST_SEQ)
-    if highest is not None and (not isinstance(highest, int) or isinstance(highest, bool)):
-        raise _Unreadable(f"{_HIGHEST_SEQ} is not a whole number")
-    return [Entry.from_json(raw) for raw in raw_entries], highest, document.get(_SEQ_SCOPE)
+    highest, floor = document.get(_HIGHEST_SEQ), document.get(_FLOOR)
+    for name, value in ((_HIGHEST_SEQ, highest), (_FLOOR, floor)):
+        if value is not None and not _whole(value):
+            raise _Unreadable(f"{name} is not a whole number")
+    return [Entry.from_json(raw) for raw in raw_entries], highest, floor, document.get(_SEQ_SCOPE)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -40,6 +40,8 @@ RESERVED_DEVICE_IDS = frozenset({SERVICE_CLIENT_ID, OPERATOR_USERNAME})
 OUTPUT_CAP_BYTES = 64 * 1024
 # Default command timeout when neither the workflow nor the job sets one.
 DEFAULT_TIMEOUT_SECONDS = 3600
+# A job id, as the service makes them and accepts them in a status report.
+JOB_ID_PATTERN = r"[A-Za-z0-9-]{1,64}"
 
 
 class JobStatus(str, enum.Enum):
@@ -154,6 +156,8 @@ class Key:
     TIMEOUT_SECONDS = "TimeoutSeconds"
     SUCCESS_ON_RESTART = "SuccessOnRestart"
     SEQ = "Seq"
+    FLOOR = "Floor"
+    ISSUED_AT = "IssuedAt"
     SUBMITTED_TIME = "SubmittedTime"
     STATUS = "Status"
     EXIT_CODE = "ExitCode"
@@ -175,26 +179,47 @@ class Key:
 
 # --- signed jobs ----------------------------------------------------------------------------
 
-# The service signs every head with Ed25519; the agent verifies before it runs anything.
+# The service signs every head with Ed25519; the agent verifies before it acts on anything.
 SIGNATURE_ALGORITHM = "Ed25519"
-SIGNATURE_DOMAIN = "ota-bridge job v1"
+SIGNATURE_DOMAIN = "ota-bridge job v2"  # the first line of a job head's signed bytes
+IDLE_SIGNATURE_DOMAIN = "ota-bridge idle v2"  # ... and of an idle head's (no job pending)
+# An agent with no state (no Floor yet) runs only heads issued within this many seconds of its clock.
+HEAD_VALIDITY_SECONDS = 24 * 3600
+# The DER prefix that makes a raw 32-byte Ed25519 public key an RFC 8410 SubjectPublicKeyInfo.
+ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+
+
+def is_idle_head(head: dict[str, Any]) -> bool:
+    """An idle head says "nothing pending" and carries no JobId."""
+    return head.get(Key.JOB_ID) is None
 
 
 def signing_bytes(head: dict[str, Any]) -> bytes:
-    """The bytes the service signs for a head: every field that decides what runs, and where.
+    """The bytes the service signs for a head: every field that decides what runs, where and when.
 
     One field a line, UTF-8, in this order; the command comes last because it may hold newlines
-    (no other field can). Raises KeyError or TypeError for a head that lacks a field.
+    (no other field can). An idle head (no JobId) signs its own short form. Raises KeyError or
+    TypeError for a head that lacks a field.
     """
-    fields = (
-        SIGNATURE_DOMAIN,
-        _line(head[Key.DEVICE_ID]),
-        _line(head[Key.JOB_ID]),
-        str(int(head[Key.SEQ])),
-        str(int(head[Key.TIMEOUT_SECONDS])),
-        "1" if head[Key.SUCCESS_ON_RESTART] is True else "0",
-        str(head[Key.COMMAND]),
-    )
+    if is_idle_head(head):
+        fields: tuple[str, ...] = (
+            IDLE_SIGNATURE_DOMAIN,
+            _line(head[Key.DEVICE_ID]),
+            str(int(head[Key.FLOOR])),
+            _line(head[Key.ISSUED_AT]),
+        )
+    else:
+        fields = (
+            SIGNATURE_DOMAIN,
+            _line(head[Key.DEVICE_ID]),
+            _line(head[Key.JOB_ID]),
+            str(int(head[Key.SEQ])),
+            str(int(head[Key.FLOOR])),
+            _line(head[Key.ISSUED_AT]),
+            str(int(head[Key.TIMEOUT_SECONDS])),
+            "1" if head[Key.SUCCESS_ON_RESTART] is True else "0",
+            str(head[Key.COMMAND]),
+        )
     return "\n".join(fields).encode("utf-8")
 
 

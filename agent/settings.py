@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import base64
 import functools
+import logging
 import os
 import ssl
 import stat
 import sys
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -34,6 +36,7 @@ ENV_PREFIX = "OTA_AGENT_"
 SYSTEM_STATE_DIR = Path("/var/lib/ota-agent")
 DEFAULT_KILL_GRACE = 5.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+log = logging.getLogger("ota-agent")
 
 
 @functools.cache
@@ -71,13 +74,14 @@ class Settings:
     default_timeout: int
     kill_grace: float
     log_level: str
-    server_key: bytes  # the service's Ed25519 public key, raw: every head must be signed with it
+    server_keys: tuple[bytes, ...]  # the service's Ed25519 public keys, raw: every head must be signed by one
     policy: CommandPolicy = CommandPolicy()
     tls: ssl.SSLContext | None = field(default=None, repr=False, compare=False)  # None: plain mqtt://
+    server_key_file: Path | None = None  # where server_keys came from; the agent re-reads it when it changes
 
     @property
-    def server_key_b64(self) -> str:
-        return base64.b64encode(self.server_key).decode("ascii")
+    def server_keys_b64(self) -> tuple[str, ...]:
+        return keys_b64(self.server_keys)
 
     @property
     def broker_url(self) -> str:
@@ -119,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kill-grace", metavar="SECONDS", help="how long a killed command's process group gets between "
         f"SIGTERM and SIGKILL (default {DEFAULT_KILL_GRACE:g})")
     add("--log-level", metavar="LEVEL", help=f"one of {', '.join(LOG_LEVELS)} (default INFO)")
-    add("--server-key", metavar="BASE64", help="the service's job-signing public key (prefer --server-key-file)")
+    add("--server-key", metavar="BASE64[,BASE64]", help="the service's job-signing public key, or several "
+        "separated by commas during a key rotation (prefer --server-key-file)")
     add("--server-key-file", metavar="FILE", help="a file holding the service's job-signing public key: "
-        "the service's <data-dir>/job-signing.pub, or PublicKey from its GET /v1/signing-key (required)")
+        "the service's <data-dir>/job-signing.pub, or PublicKey from its GET /v1/signing-key (required); "
+        "one base64 key a line (two during a key rotation); re-read whenever it changes")
     add("--allow-command", metavar="COMMAND", action="append", help="run only this exact command (runs of blanks "
         f"count as one; repeatable; {env_name('allow_command')} takes a newline-separated list). With several "
         "--allow-* flags, a command must match one of them")
@@ -166,7 +172,8 @@ def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Setting
         default_timeout=_positive_int(raw, "default_timeout", protocol.DEFAULT_TIMEOUT_SECONDS),
         kill_grace=_positive_number(raw, "kill_grace", DEFAULT_KILL_GRACE),
         log_level=_log_level(raw["log_level"] or "INFO"),
-        server_key=_server_key(raw["server_key"], raw["server_key_file"]),
+        server_keys=_server_keys(raw["server_key"], raw["server_key_file"]),
+        server_key_file=Path(raw["server_key_file"]) if raw["server_key_file"] else None,
         policy=CommandPolicy(
             allow_prefixes=_allow_prefixes("allow_prefix", args.allow_prefix, environ),
             option_prefixes=_allow_prefixes("allow_prefix_with_options", args.allow_prefix_with_options, environ),
@@ -286,23 +293,80 @@ def _password(password: str | None, password_file: str | None) -> str | None:
         raise SettingsError("password_file", f"names a file that cannot be read: {e}") from e
 
 
-def _server_key(key: str | None, key_file: str | None) -> bytes:
-    """The service's public key; the agent does not start without one."""
+def keys_b64(keys: tuple[bytes, ...]) -> tuple[str, ...]:
+    return tuple(base64.b64encode(key).decode("ascii") for key in keys)
+
+
+def read_key_file(path: Path) -> tuple[bytes, ...]:
+    """The keys in a key file. Raises OSError, UnicodeDecodeError or ValueError."""
+    return job_signature.parse_public_keys(path.read_text(encoding="utf-8"))
+
+
+class TrustedKeys:
+    """The service keys the agent trusts: --server-key, or --server-key-file, re-read when it changes.
+
+    A key rotation pushes the new key with a job (signed with the old key) that rewrites the
+    key file; the agent trusts the new keys within KEY_FILE_CHECK_SECONDS. A file that cannot
+    be read or holds a bad key changes nothing (logged).
+    """
+
+    def __init__(self, settings: Settings, check_seconds: float = 1.0) -> None:
+        self.keys = settings.server_keys
+        self.path = settings.server_key_file
+        self.check_seconds = check_seconds
+        self._stamp = self._stat()
+        self._next_check = 0.0
+
+    @property
+    def b64(self) -> tuple[str, ...]:
+        return keys_b64(self.keys)
+
+    def changed(self) -> bool:
+        """Re-read the key file if it changed (checked at most every check_seconds); True when
+        the keys are now different."""
+        now = time.monotonic()
+        if self.path is None or now < self._next_check:
+            return False
+        self._next_check = now + self.check_seconds
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            keys = read_key_file(self.path)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            log.error("the key file %s changed but cannot be used (%s); still trusting %s", self.path, e,
+                      " and ".join(self.b64))
+            return False
+        if keys == self.keys:
+            return False
+        self.keys = keys
+        return True
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path) if self.path is not None else None
+        except OSError:
+            return None
+        return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _server_keys(key: str | None, key_file: str | None) -> tuple[bytes, ...]:
+    """The service's public keys; the agent does not start without one."""
     if key is not None and key_file is not None:
         raise SettingsError("server_key", "and --server-key-file are both set; give one")
     if key is None and key_file is None:
         raise SettingsError("server_key_file", "is required (or --server-key): the agent runs only jobs the "
                             f"service signed; {job_signature.WHERE_TO_GET_THE_KEY}")
-    name, text = ("server_key", key) if key is not None else ("server_key_file", None)
-    if text is None:
-        try:
-            text = Path(str(key_file)).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise SettingsError(name, f"names a file that cannot be read: {e}") from e
+    name = "server_key" if key is not None else "server_key_file"
     try:
-        return job_signature.parse_public_key(text)
+        if key is not None:
+            return job_signature.parse_public_keys(key.replace(",", "\n"))
+        return read_key_file(Path(str(key_file)))
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(name, f"names a file that cannot be read: {e}") from e
     except ValueError as e:
-        raise SettingsError(name, f"is bad: the key {e}; {job_signature.WHERE_TO_GET_THE_KEY}") from e
+        raise SettingsError(name, f"is bad: {e}; {job_signature.WHERE_TO_GET_THE_KEY}") from e
 
 
 def _allow_prefixes(name: str, flags: list[str] | None, environ: Mapping[str, str]) -> tuple[str, ...]:

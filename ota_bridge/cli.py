@@ -11,7 +11,7 @@ from typing import Callable
 
 from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics, format_time
 
-from . import __version__, settings
+from . import __version__, settings, signing
 from .broker_accounts import ACL, OPERATOR_PASSWORD_FILE, PASSWORDS, SERVICE_PASSWORD_FILE, write_mosquitto_files
 from .errors import OtaBridgeError
 from .roles import DEFAULT_CLI_ROLE, Role
@@ -51,7 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     mosquitto.add_argument("--out", required=True, help="directory for the files 'passwords' and 'acl'")
     settings.add_arguments(mosquitto, names=("database", "data_dir", "prefix"))
     mosquitto.set_defaults(handler=_mosquitto_config)
+    _add_signing_key_commands(commands)
     return parser
+
+
+def _add_signing_key_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    key = commands.add_parser("signing-key", help="show or rotate the job-signing key (see docs/security.md)")
+    key_commands = key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    show = key_commands.add_parser("show", help="print the active, next and previous public keys")
+    rotate = key_commands.add_parser("rotate", help="stage a next key to push to agents; with --activate, "
+                                     "sign with it (restart the service afterwards)")
+    rotate.add_argument("--activate", action="store_true", help="make the staged next key the active one")
+    retire = key_commands.add_parser("retire", help="delete the previous key once no agent needs it")
+    for sub, handler in ((show, _key_show), (rotate, _key_rotate), (retire, _key_retire)):
+        settings.add_arguments(sub, names=("data_dir",))
+        sub.set_defaults(handler=handler)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -114,6 +128,32 @@ def _mosquitto_config(args: argparse.Namespace) -> int:
               f"(password in {config.data_dir / OPERATOR_PASSWORD_FILE})")
 
     return _with_store(args, write)
+
+
+def _key_show(args: argparse.Namespace) -> int:
+    data_dir = settings.resolve(args).data_dir
+    for name, which in (("active", signing.ACTIVE), ("next", signing.NEXT), ("previous", signing.PREVIOUS)):
+        print(f"{name}\t{signing.public_key(data_dir, which) or '-'}")
+    return 0
+
+
+def _key_rotate(args: argparse.Namespace) -> int:
+    data_dir = settings.resolve(args).data_dir
+    if args.activate:
+        key = signing.activate_next(data_dir)
+        print(f"heads are now signed with {key} once the service restarts; agents that trust only the "
+              f"previous key reject them. When no agent needs it: ota-bridge signing-key retire")
+    else:
+        key = signing.stage_next(data_dir)
+        print(f"staged the next key {key} ({signing.key_files(data_dir, signing.NEXT)[1]}); give every agent "
+              f"a key file with both keys, then: ota-bridge signing-key rotate --activate")
+    return 0
+
+
+def _key_retire(args: argparse.Namespace) -> int:
+    key = signing.retire_previous(settings.resolve(args).data_dir)
+    print(f"retired the previous key {key}" if key else "there is no previous key")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

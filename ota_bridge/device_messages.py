@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from agent.protocol import (
     DEVICE_REPORTABLE,
+    JOB_ID_PATTERN,
     MAX_STATUS_MESSAGE_BYTES,
     OUTPUT_CAP_BYTES,
     QUEUE_COMMAND_PREVIEW,
@@ -31,24 +32,28 @@ from .store.queues import DeviceQueue, QueueEntry
 from .store.updates import Update
 
 MAX_REASON_CHARS = 2000
-_JOB_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
 
-def head_message(device_id: str, entry: QueueEntry | None, sign: Callable[[bytes], str] | None = None) -> bytes:
-    """The retained job message: the one job the device must run next, signed; empty clears it."""
-    if entry is None:
-        return b""
-    head = {
-        Key.JOB_ID: entry.job_id,
-        Key.PARENT_JOB_ID: entry.parent_id,
-        Key.JOB_NAME: entry.name,
-        Key.DEVICE_ID: device_id,
-        Key.COMMAND: entry.command,
-        Key.TIMEOUT_SECONDS: entry.timeout_seconds,
-        Key.SUCCESS_ON_RESTART: entry.success_on_restart,
-        Key.SEQ: entry.seq,
-        Key.SUBMITTED_TIME: format_time(entry.submitted),
-    }
+def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at: datetime,
+                 sign: Callable[[bytes], str] | None = None) -> bytes:
+    """The retained job message, signed: the one job the device must run next, or (entry None)
+    the idle head that says nothing is pending. floor: every Seq of the device at or below it is final."""
+    head: dict[str, Any] = {Key.DEVICE_ID: device_id, Key.FLOOR: floor, Key.ISSUED_AT: format_time(issued_at)}
+    if entry is not None:
+        head = {
+            Key.JOB_ID: entry.job_id,
+            Key.PARENT_JOB_ID: entry.parent_id,
+            Key.JOB_NAME: entry.name,
+            Key.DEVICE_ID: device_id,
+            Key.COMMAND: entry.command,
+            Key.TIMEOUT_SECONDS: entry.timeout_seconds,
+            Key.SUCCESS_ON_RESTART: entry.success_on_restart,
+            Key.SEQ: entry.seq,
+            Key.FLOOR: floor,
+            Key.ISSUED_AT: format_time(issued_at),
+            Key.SUBMITTED_TIME: format_time(entry.submitted),
+        }
     if sign is not None:
         head[Key.SIGNATURE] = sign(signing_bytes(head))
     return encode(head)

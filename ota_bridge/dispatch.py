@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 BATCH = 500  # devices per queue read; updates per transaction
 Presence = tuple[str, bool, Optional[datetime]]  # (device id, online, seen at; None keeps LastSeen)
 INBOX_LIMIT = 20_000
+# A head keeps its IssuedAt (so an unchanged head is not published again) for at most this long;
+# a device that comes online with an older head gets it signed again with a fresh IssuedAt, so
+# an agent without state (which runs only heads issued within HEAD_VALIDITY_SECONDS) can run it.
+REFRESH_AFTER_SECONDS = 3600.0
 
 
 class Dispatcher:
@@ -43,6 +47,7 @@ class Dispatcher:
         self._dirty: dict[str, None] = {}  # an ordered set of device ids to publish
         self._wake = asyncio.Event()
         self._published: dict[str, int] = {}  # topic -> hash of the payload last published
+        self._issued: dict[str, tuple[int, datetime]] = {}  # device -> (hash of its head's content, IssuedAt)
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=INBOX_LIMIT)
         self._in_sync = False
         self._resync_task: asyncio.Task[None] | None = None
@@ -93,6 +98,7 @@ class Dispatcher:
     def forget(self, device_id: str) -> None:
         """A deleted device: clear its retained job and queue messages."""
         self._dirty.pop(device_id, None)
+        self._issued.pop(device_id, None)
         for topic in (self.topics.job(device_id), self.topics.queue(device_id)):
             self._publish(topic, b"")
             self._published.pop(topic, None)
@@ -113,9 +119,25 @@ class Dispatcher:
                 await asyncio.sleep(1)
                 continue
             for queue in read:
-                head = head_message(queue.device_id, queue.head, self.sign)
+                head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue), self.sign)
                 self._publish_changed(self.topics.job(queue.device_id), head)
                 self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
+
+    def _issue_time(self, queue: queues.DeviceQueue) -> datetime:
+        """The head's IssuedAt: kept while its content is unchanged and it is recent, else now."""
+        content = hash((queue.head.job_id if queue.head else None, queue.floor))
+        current = now()
+        kept = self._issued.get(queue.device_id)
+        if kept is not None and kept[0] == content and (current - kept[1]).total_seconds() < REFRESH_AFTER_SECONDS:
+            return kept[1]
+        self._issued[queue.device_id] = (content, current)
+        return current
+
+    def refresh_old_heads(self, device_ids: Iterable[str]) -> None:
+        """These devices came online: sign their head again if its IssuedAt is old."""
+        current = now()
+        self.mark(d for d in device_ids if (kept := self._issued.get(d)) is not None
+                  and (current - kept[1]).total_seconds() >= REFRESH_AFTER_SECONDS)
 
     def _publish_changed(self, topic: str, payload: bytes) -> None:
         digest = hash(payload)
@@ -184,6 +206,7 @@ class Dispatcher:
             log.error("failpoint exit-after-store: exiting before publishing the next heads")
             os._exit(137)
         self.mark(outcomes.devices)
+        self.refresh_old_heads(device for device, online, seen in presence if online and seen is not None)
 
     async def _store(self, updates: list[Update], presence: list[Presence]) -> UpdateOutcomes:
         """Store a batch. A database outage is waited out; a message the database refuses is dropped alone."""

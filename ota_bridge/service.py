@@ -40,7 +40,7 @@ from .models import PRIVATE_DIR_MODE
 from .mqtt_link import BrokerLink
 from .roles import Role
 from .settings import OPTIONS_BY_NAME, HostPort, Settings
-from .store import Store, devices, tokens
+from .store import Store, devices, queues, tokens
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ async def serve(settings: Settings) -> None:
 @contextlib.asynccontextmanager
 async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
     https = tls.server_context(settings)  # first: a bad certificate file stops the start at once
-    signer = signing.load_or_create(settings.data_dir)
+    may_create = settings.new_signing_key or not db.call_sync(queues.has_history)
+    signer = signing.load_or_create(settings.data_dir, may_create)
     dispatcher = Dispatcher(db, Topics(settings.prefix), signer.sign, settings.timeout_grace, settings.failpoints)
     async with contextlib.AsyncExitStack() as stack:
         link, embedded = await _broker_link(settings, db, dispatcher, stack)

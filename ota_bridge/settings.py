@@ -61,6 +61,7 @@ class Settings:
     mqtt_ca_file: Path | None  # for an mqtts:// --mqtt-url; None: the system's CAs
     mqtt_cert: Path | None  # with mqtt_key: the service's client certificate for an mqtts:// --mqtt-url
     mqtt_key: Path | None
+    new_signing_key: bool = False  # make a new job-signing key even though the database has devices or jobs
 
     @property
     def database_url(self) -> str:
@@ -131,6 +132,16 @@ def parse_failpoints(value: str) -> frozenset[str]:
     return names
 
 
+def parse_switch(value: str) -> bool:
+    """A flag given alone means true; its variable takes true/false, 1/0, yes/no."""
+    word = value.strip().lower()
+    if word in {"", "0", "false", "no"}:
+        return False
+    if word in {"1", "true", "yes"}:
+        return True
+    raise ValueError("expected true or false")
+
+
 def parse_log_level(value: str) -> str:
     level = value.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -144,6 +155,7 @@ class Option:
     default: str
     parse: Callable[[str], object]
     help: str
+    switch: bool = False  # a flag that takes no value (its variable still does)
 
     @property
     def flag(self) -> str:
@@ -178,6 +190,9 @@ OPTIONS = (
     Option("mqtt_cert", "", parse_optional_path,
            "PEM client certificate for an mqtts:// --mqtt-url broker, with --mqtt-key"),
     Option("mqtt_key", "", parse_optional_path, "PEM private key of --mqtt-cert"),
+    Option("new_signing_key", "", parse_switch,
+           "make a new job-signing key when <data-dir>/job-signing.key is missing although the database has "
+           "devices or jobs (every agent must then be given the new job-signing.pub)", switch=True),
     Option("failpoints", "", parse_failpoints,
            "for fault-injection tests only: exit-after-store kills the service right after it stores a result"),
 )
@@ -188,7 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None
     """Add the flags; their defaults are None so that resolve() can tell 'not given'."""
     for option in OPTIONS:
         if names is None or option.name in names:
-            parser.add_argument(option.flag, dest=option.name, default=None,
+            extra = {"nargs": "?", "const": "true"} if option.switch else {}
+            parser.add_argument(option.flag, dest=option.name, default=None, **extra,
                                 help=f"{option.help} [env {option.env}, default {option.default or 'none'}]")
 
 

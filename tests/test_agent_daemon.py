@@ -30,7 +30,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import daemon, link
 from agent.head import Head, parse_head
-from agent.protocol import DEFAULT_PREFIX, JobStatus, Key, MessageError, Presence, Topics, encode, signing_bytes
+from agent.protocol import (
+    DEFAULT_PREFIX,
+    JobStatus,
+    Key,
+    MessageError,
+    Presence,
+    Topics,
+    encode,
+    format_time,
+    signing_bytes,
+    utc_now,
+)
 from agent.settings import DEFAULT_KILL_GRACE, ENV_PREFIX, SettingsError, load_settings
 from agent.untrusted import shown
 from tests.support.mosquitto import start_mosquitto
@@ -172,12 +183,13 @@ def head_payload(**fields):
 def test_a_head_is_parsed_with_the_default_timeout_when_it_has_none():
     head = parse_head(head_payload(**{Key.SEQ: 4, Key.SUCCESS_ON_RESTART: True}), 60)
     assert head == Head(job_id="j1", command="true", timeout_seconds=60, success_on_restart=True, seq=4,
-                        device_id=DEVICE, signature=None, signed_content=None)
+                        floor=None, issued_at=None, device_id=DEVICE, signature=None, signed_content=None)
     assert parse_head(head_payload(**{Key.TIMEOUT_SECONDS: 5}), 60).timeout_seconds == 5
 
 
 def test_a_head_keeps_what_its_signature_must_sign():
-    fields = {Key.SEQ: 4, Key.TIMEOUT_SECONDS: 60, Key.SUCCESS_ON_RESTART: False, Key.SIGNATURE: "c2ln"}
+    fields = {Key.SEQ: 4, Key.FLOOR: 3, Key.ISSUED_AT: "2025-03-14T09:27:00.000Z", Key.TIMEOUT_SECONDS: 60,
+              Key.SUCCESS_ON_RESTART: False, Key.SIGNATURE: "c2ln"}
     head = parse_head(head_payload(**fields), 60)
     assert head.signature == "c2ln"
     assert head.signed_content == signing_bytes({Key.JOB_ID: "j1", Key.COMMAND: "true", Key.DEVICE_ID: DEVICE,
@@ -188,8 +200,16 @@ def test_a_head_for_another_device_is_parsed_so_it_can_be_rejected():
     assert parse_head(head_payload(**{Key.DEVICE_ID: "someone-else"}), 60).device_id == "someone-else"
 
 
-def test_an_empty_payload_means_the_queue_is_empty():
-    assert parse_head(b"", 60) is None
+def test_an_empty_payload_is_not_a_head_it_is_unsigned():
+    with pytest.raises(MessageError, match="empty payload"):
+        parse_head(b"", 60)
+
+
+def test_a_head_without_a_job_id_is_an_idle_head():
+    idle = parse_head(encode({Key.DEVICE_ID: DEVICE, Key.FLOOR: 9, Key.ISSUED_AT: "2025-03-14T09:27:00.000Z",
+                              Key.SIGNATURE: "c2ln"}), 60)
+    assert (idle.is_idle, idle.floor, idle.device_id, idle.command) == (True, 9, DEVICE, "")
+    assert idle.signed_content == f"ota-bridge idle v2\n{DEVICE}\n9\n2025-03-14T09:27:00.000Z".encode()
 
 
 @pytest.mark.parametrize("payload", [
@@ -199,6 +219,9 @@ def test_an_empty_payload_means_the_queue_is_empty():
     encode({Key.JOB_ID: "j1"}),
     head_payload(**{Key.TIMEOUT_SECONDS: -1}),
     head_payload(**{Key.COMMAND: "x" * (256 * 1024)}),
+    head_payload(**{Key.JOB_ID: "not a job id"}),  # no report about it could be accepted: ignored
+    head_payload(**{Key.JOB_ID: "x" * 65}),
+    head_payload(**{Key.SEQ: 4, Key.FLOOR: 4}),  # a floor must be below the head's own Seq
 ])
 def test_a_bad_head_is_refused(payload):
     with pytest.raises(MessageError):
@@ -268,7 +291,11 @@ class Service:
         seq = self._seqs.setdefault(job_id, next(self._next_seq))
         head = {Key.JOB_ID: job_id, Key.PARENT_JOB_ID: "parent", Key.JOB_NAME: "test", Key.DEVICE_ID: DEVICE,
                 Key.COMMAND: command, Key.TIMEOUT_SECONDS: 60, Key.SUCCESS_ON_RESTART: False, Key.SEQ: seq,
+                Key.FLOOR: seq - 1, Key.ISSUED_AT: format_time(utc_now()),
                 Key.SUBMITTED_TIME: "2024-05-01T12:00:00.000Z", **fields}
+        self.publish_signed(head)
+
+    def publish_signed(self, head: dict) -> None:
         head[Key.SIGNATURE] = base64.b64encode(SIGNING_KEY.sign(signing_bytes(head))).decode()
         self.publish_raw(encode(head))
 
@@ -276,7 +303,9 @@ class Service:
         self.client.publish(self.topics.job(DEVICE), payload, qos=1, retain=True).wait_for_publish(WAIT)
 
     def clear_head(self) -> None:
-        self.publish_raw(b"")
+        """Publish the idle head: nothing pending, every job so far final."""
+        floor = max(self._seqs.values(), default=0)
+        self.publish_signed({Key.DEVICE_ID: DEVICE, Key.FLOOR: floor, Key.ISSUED_AT: format_time(utc_now())})
 
     def next_status(self) -> dict:
         try:
@@ -655,17 +684,17 @@ def test_text_from_unverified_heads_is_quoted_and_capped_in_the_log(start_agent,
     agent = ready_agent(start_agent, service)
     forged_id = "x\n" + FORGED_LINE + "\x1b[2J" + "A" * 5000
     service.publish_raw(encode({Key.JOB_ID: forged_id, Key.COMMAND: "true", Key.DEVICE_ID: DEVICE}))  # unsigned
-    service.expect_status(forged_id, JobStatus.REJECTED)
-    service.publish_raw(encode({Key.JOB_ID: forged_id, Key.COMMAND: "true", Key.TIMEOUT_SECONDS: -1}))  # bad
-    agent.wait_for_log("ignored a bad message")
+    agent.wait_for_log("is not a job id")  # not the report format: ignored, never answered
+    service.publish_raw(encode({Key.JOB_ID: "y" * 5000, Key.COMMAND: "true", Key.TIMEOUT_SECONDS: -1}))  # bad
+    agent.wait_for_log("y" * 40)
     service.publish_head("good", job(ran, groups_file, "good"))
     service.expect_status("good", JobStatus.IN_PROGRESS)
     service.expect_status("good", JobStatus.SUCCEEDED)
 
     log = agent.log()
     assert FORGED_LINE not in log.splitlines() and not any(line.startswith("2024-05-01") for line in log.splitlines())
-    assert "\x1b" not in log and "A" * 200 not in log  # capped
-    assert "job 'x\\n2024-05-01 12:00:00,000 INFO" in log  # quoted: the line break shows as \n
+    assert "\x1b" not in log and "A" * 200 not in log and "y" * 100 not in log  # capped
+    assert "x\\\\n2024-05-01 12:00:00,000 INFO" in log  # quoted: the line break shows as \n
 
 
 @pytest.mark.mosquitto

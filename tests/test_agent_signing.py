@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from agent.daemon import OUTSIDE_POLICY, STALE, Agent, _Running
 from agent.head import Head, parse_head
 from agent.journal import Journal
 from agent.link import JobMessage
-from agent.protocol import SERVICE_CLIENT_ID, JobStatus, Key, Topics, encode, signing_bytes, utc_now
+from agent.protocol import SERVICE_CLIENT_ID, JobStatus, Key, Topics, encode, format_time, signing_bytes, utc_now
 from agent.settings import ENV_PREFIX, load_settings
 from tests.conftest import Launcher
 from tests.support.mosquitto import start_mosquitto
@@ -46,13 +47,27 @@ def public_b64(key: Ed25519PrivateKey) -> str:
 
 
 def head(job_id: str, command: str, seq: int, *, key: Ed25519PrivateKey | None = SERVICE_KEY,
-         device: str = DEVICE, **after_signing: Any) -> dict[str, Any]:
-    """A head like the service's, signed with key (None: unsigned), then changed by after_signing."""
+         device: str = DEVICE, issued: datetime | None = None, floor: int | None = None,
+         **after_signing: Any) -> dict[str, Any]:
+    """A head like the service's (Floor: the Seq before, unless floor), issued now (or at issued), signed with
+    key (None: unsigned), then changed by after_signing."""
     message: dict[str, Any] = {
         Key.JOB_ID: job_id, Key.PARENT_JOB_ID: "parent", Key.JOB_NAME: "test", Key.DEVICE_ID: device,
         Key.COMMAND: command, Key.TIMEOUT_SECONDS: 60, Key.SUCCESS_ON_RESTART: False, Key.SEQ: seq,
+        Key.FLOOR: seq - 1 if floor is None else floor, Key.ISSUED_AT: format_time(issued or utc_now()),
         Key.SUBMITTED_TIME: "2024-05-01T12:00:00.000Z",
     }
+    return signed(message, key, after_signing)
+
+
+def idle(floor: int, *, key: Ed25519PrivateKey | None = SERVICE_KEY, device: str = DEVICE,
+         issued: datetime | None = None, **after_signing: Any) -> dict[str, Any]:
+    """An idle head like the service's: nothing pending, every Seq up to floor final."""
+    message = {Key.DEVICE_ID: device, Key.FLOOR: floor, Key.ISSUED_AT: format_time(issued or utc_now())}
+    return signed(message, key, after_signing)
+
+
+def signed(message: dict[str, Any], key: Ed25519PrivateKey | None, after_signing: dict[str, Any]) -> dict[str, Any]:
     if key is not None:
         message[Key.SIGNATURE] = base64.b64encode(key.sign(signing_bytes(message))).decode()
     return {**message, **after_signing}
@@ -74,10 +89,10 @@ def test_the_key_comes_from_a_file_or_the_flag_or_a_variable(tmp_path):
     key_file = tmp_path / "job-signing.pub"
     key_file.write_text(public_b64(SERVICE_KEY) + "\n")
     raw = base64.b64decode(public_b64(SERVICE_KEY))
-    assert load_settings([*BASE_ARGS, "--server-key-file", str(key_file)], {}).server_key == raw
-    assert load_settings([*BASE_ARGS, "--server-key", public_b64(SERVICE_KEY)], {}).server_key == raw
-    assert load_settings(BASE_ARGS, {"OTA_AGENT_SERVER_KEY_FILE": str(key_file)}).server_key == raw
-    assert load_settings(BASE_ARGS, {"OTA_AGENT_SERVER_KEY": public_b64(SERVICE_KEY)}).server_key == raw
+    assert load_settings([*BASE_ARGS, "--server-key-file", str(key_file)], {}).server_keys == (raw,)
+    assert load_settings([*BASE_ARGS, "--server-key", public_b64(SERVICE_KEY)], {}).server_keys == (raw,)
+    assert load_settings(BASE_ARGS, {"OTA_AGENT_SERVER_KEY_FILE": str(key_file)}).server_keys == (raw,)
+    assert load_settings(BASE_ARGS, {"OTA_AGENT_SERVER_KEY": public_b64(SERVICE_KEY)}).server_keys == (raw,)
 
 
 def test_the_agent_refuses_to_start_without_a_key_and_says_where_to_get_it(clean_env, capsys):
@@ -117,7 +132,7 @@ def test_a_key_file_with_something_else_in_it_names_the_file_flag(clean_env, cap
 def check(message: dict[str, Any], key: Ed25519PrivateKey = SERVICE_KEY) -> str | None:
     public = base64.b64decode(public_b64(key))
     content = job_signature.signed_content(message)
-    return job_signature.signature_problem(message.get(Key.SIGNATURE), content, public)
+    return job_signature.signature_problem(message.get(Key.SIGNATURE), content, (public,))
 
 
 def test_a_head_the_service_signed_verifies():
@@ -178,7 +193,7 @@ class DecidingAgent:
 
     def __init__(self, state_dir: Path, *flags: str) -> None:
         settings = load_settings([*BASE_ARGS, "--server-key", public_b64(SERVICE_KEY), *flags], {})
-        self.journal = Journal.open(state_dir, seq_scope=settings.server_key_b64)
+        self.journal = Journal.open(state_dir, seq_scope=settings.server_keys_b64)
         self.agent = Agent(settings, self.journal, {})
         self.link = RecordingLink()
         self.agent.link = self.link  # type: ignore[assignment]
@@ -230,10 +245,10 @@ def test_a_signed_head_for_this_device_runs(deciding):
 
 @pytest.mark.parametrize("message, reason", [
     (head("j1", "true", 1, key=None), "the job is not signed"),
-    (head("j1", "true", 1, key=FORGER_KEY), "the job's signature does not verify"),
-    (head("j1", "true", 1, **{Key.COMMAND: "reboot"}), "the job's signature does not verify"),
+    (head("j1", "true", 1, key=FORGER_KEY), job_signature.DOES_NOT_VERIFY),
+    (head("j1", "true", 1, **{Key.COMMAND: "reboot"}), job_signature.DOES_NOT_VERIFY),
     (head("j1", "true", 1, device="dev2"), "the job is for device dev2"),
-    (head("j1", "true", 1, key=FORGER_KEY, device="dev2"), "the job's signature does not verify"),
+    (head("j1", "true", 1, key=FORGER_KEY, device="dev2"), job_signature.DOES_NOT_VERIFY),
 ])
 def test_a_head_that_is_not_the_services_for_this_device_is_rejected_and_nothing_is_journalled(
         deciding, message, reason):
@@ -265,10 +280,10 @@ def test_an_old_signed_head_the_journal_forgot_is_rejected_as_stale(deciding):
     agent = deciding()
     agent.journal.max_entries = 2
     for seq in (1, 2, 3):
-        agent.deliver(head(f"j{seq}", "true", seq))
+        agent.deliver(head(f"j{seq}", "true", seq, floor=0))  # floors that do not cover them: Seq alone
         agent.agent._head = None
     assert agent.journal.get("j1") is None and agent.journal.highest_seq == 3  # pruned, but remembered
-    rejected = only_rejection(agent.deliver(head("j1", "true", 1)), "j1")
+    rejected = only_rejection(agent.deliver(head("j1", "true", 1, floor=0)), "j1")
     assert rejected[Key.REASON] == STALE == "the job is older than one this device already ran"
     assert agent.started == ["j1", "j2", "j3"] and agent.journal.get("j1") is None
     assert deciding().journal.highest_seq == 3  # it survives a restart
@@ -397,7 +412,7 @@ def test_a_forged_job_from_the_services_own_identity_is_rejected_and_the_queue_g
 
     rejected = wire.next_on(Topics().status(DEVICE), lambda m: m[Key.JOB_ID] == "forged-1")
     assert set(rejected) == REJECTED_KEYS
-    assert (rejected[Key.STATUS], rejected[Key.REASON]) == ("REJECTED", "the job's signature does not verify")
+    assert (rejected[Key.STATUS], rejected[Key.REASON]) == ("REJECTED", job_signature.DOES_NOT_VERIFY)
     assert (rejected[Key.EXIT_CODE], rejected[Key.STDOUT], rejected[Key.STDERR]) == (None, "", "")
 
     api = service.api

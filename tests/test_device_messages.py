@@ -14,12 +14,20 @@ from ota_bridge.store.queues import DeviceQueue, QueueEntry
 ENTRY = QueueEntry("c1", "p1", "job", "date", 60, False, 7, "QUEUED", datetime(2026, 1, 1))
 
 
+ISSUED = datetime(2026, 1, 2, 3, 4, 5, 678000)
+
+
 def test_head_message_carries_what_the_agent_needs() -> None:
-    head = json.loads(head_message("dev1", ENTRY))
+    head = json.loads(head_message("dev1", ENTRY, 6, ISSUED))
     assert head == {"JobId": "c1", "ParentJobId": "p1", "JobName": "job", "DeviceId": "dev1", "Command": "date",
-                    "TimeoutSeconds": 60, "SuccessOnRestart": False, "Seq": 7,
-                    "SubmittedTime": "2026-01-01T00:00:00.000Z"}
-    assert head_message("dev1", None) == b""
+                    "TimeoutSeconds": 60, "SuccessOnRestart": False, "Seq": 7, "Floor": 6,
+                    "IssuedAt": "2026-01-02T03:04:05.678Z", "SubmittedTime": "2026-01-01T00:00:00.000Z"}
+
+
+def test_with_nothing_pending_the_head_is_an_idle_head_not_an_empty_payload() -> None:
+    idle = json.loads(head_message("dev1", None, 41, ISSUED, sign=lambda data: data.decode()))
+    assert idle == {"DeviceId": "dev1", "Floor": 41, "IssuedAt": "2026-01-02T03:04:05.678Z",
+                    "Signature": "ota-bridge idle v2\ndev1\n41\n2026-01-02T03:04:05.678Z"}
 
 
 def test_queue_message_lists_pending_jobs_in_order() -> None:
