@@ -18,6 +18,7 @@ from aiohttp import web
 from agent.protocol import JobStatus
 
 from .. import __version__
+from .health import HEALTH_PATH, LIVE_PATH, READY_PATH
 from .params import BODYLESS_METHODS, PATH_ID_SHAPES, id_kind
 from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
 from .views import DEFAULT_PAGE, MAX_OFFSET, MAX_PAGE
@@ -33,6 +34,7 @@ BOOLEAN: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "format": "date-time", "description": "ISO 8601, UTC, milliseconds"}
 STATUS: Schema = {"type": "string", "enum": [s.value for s in JobStatus]}
 UUID: Schema = {"type": "string", "format": "uuid"}
+CONDITION: Schema = {"type": "string", "enum": ["ok", "unavailable"]}
 
 
 def ref(name: str) -> Schema:
@@ -66,7 +68,11 @@ CREDENTIALS = {"MqttUsername": STRING, "MqttPassword": STRING}
 
 ANSWERS: dict[str, Schema] = {
     "Error": record({"Error": STRING, "Detail": STRING}),
-    "Health": record({"Status": {"const": "ok"}, "BrokerConnected": BOOLEAN}),
+    "Health": record({"Status": CONDITION, "Database": ref("Component"), "Broker": ref("Component"),
+                      "BrokerConnected": BOOLEAN},
+                     description="200 when the database and the broker are both usable, 503 when either is not"),
+    "Component": record({"Status": CONDITION, "Detail": STRING}),
+    "Live": record({"Status": {"const": "ok"}}),
     "OpenApiDocument": {"type": "object", "required": ["openapi", "paths"]},
     "SigningKey": record({"Algorithm": STRING, "PublicKey": STRING}),
     "WorkflowCreated": record({"WorkflowId": UUID}),
@@ -109,6 +115,7 @@ class Op:
     also: tuple[int, ...] = ()  # statuses beyond those the shape of the operation implies
     public: bool = False
     headers: Schema | None = None
+    unavailable: Schema | None = None  # a health check's answer with 503, instead of an Error
 
 
 def listing(name: str) -> Schema:
@@ -128,7 +135,12 @@ DEVICE_FILTERS = (query_param("DeviceGroup", STRING, "only devices of this group
 TOTAL = {"X-Total-Count": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "jobs in all"}}
 
 OPERATIONS: dict[tuple[str, str], Op] = {
-    ("get", "/v1/health"): Op("Liveness and broker connection", ref("Health"), public=True),
+    ("get", HEALTH_PATH): Op("The database and the broker, each usable or not", ref("Health"), public=True,
+                             unavailable=ref("Health")),
+    ("get", READY_PATH): Op("The same as /v1/health, for readiness probes", ref("Health"), public=True,
+                            unavailable=ref("Health")),
+    ("get", LIVE_PATH): Op("The process serves HTTP (outages of the database or broker do not count)", ref("Live"),
+                           public=True),
     ("get", OPENAPI_PATH): Op("This document", ref("OpenApiDocument"), public=True),
     ("get", "/v1/signing-key"): Op("The public key agents verify jobs with", ref("SigningKey")),
     ("post", "/v1/workflow"): Op("Define a workflow", ref("WorkflowCreated"), body=WorkflowIn),
@@ -184,6 +196,9 @@ def operation(method: str, path: str, op: Op) -> Schema:
     for status in error_statuses(method, path, op):
         responses[str(status)] = {"description": ERROR_MEANINGS[status],
                                   "content": {"application/json": {"schema": ref("Error")}}}
+    if op.unavailable is not None:
+        responses["503"] = {"description": "the database or the broker is unusable; the body says which",
+                            "content": {"application/json": {"schema": op.unavailable}}}
     result: Schema = {"summary": op.summary, "operationId": f"{method}:{path}", "responses": responses,
                       "parameters": [*path_params(path), *op.query]}
     if op.body is not None:
