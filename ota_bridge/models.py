@@ -6,6 +6,9 @@ workflow can be deleted without touching the records of jobs that used it.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 import select
 import sys
 from datetime import datetime, timezone
@@ -137,6 +140,7 @@ def open_database(url: str) -> GuardedDatabase:
     return database
 
 
+FULL_BELOW_BYTES = 1 << 20  # less room than this, on the disk or under the file size limit, is "full"
 APPLICATION_NAME = "ota-bridge"  # how the service's connections show in pg_stat_activity
 # libpq: give up a connect after 5 s; notice a silent peer (a cut network, a dead host) within about
 # 25 s when idle (keepalives) and 30 s when data we sent goes unacknowledged (tcp_user_timeout).
@@ -230,6 +234,35 @@ def discard_connection(database: GuardedDatabase) -> None:
         database.close()
     except Exception:
         database.dispose()
+
+
+def explain(database: GuardedDatabase, error: BaseException) -> str:
+    """The driver's message on one line, with what SQLite's own message leaves out: the error's
+    name, and whether the disk or the process's file size limit is full."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(database, pw.SqliteDatabase):
+        return reason
+    name = getattr(getattr(error, "orig", error), "sqlite_errorname", None)  # e.g. SQLITE_IOERR_WRITE, SQLITE_FULL
+    hints = ([name] if name else []) + _space_hints(Path(database.database))
+    return f"{reason} ({'; '.join(hints)})" if hints else reason
+
+
+def _space_hints(path: Path) -> list[str]:
+    """What is full where the SQLite file lives: the filesystem, or the file size limit (ulimit -f)."""
+    hints = []
+    with contextlib.suppress(OSError):
+        stat = os.statvfs(path.parent)
+        free = stat.f_bavail * stat.f_frsize
+        if free < FULL_BELOW_BYTES:
+            hints.append(f"the filesystem holding it has {free} bytes free")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        files = [path, path.with_name(path.name + "-wal")]
+        largest = max((f.stat().st_size for f in files if f.exists()), default=0)
+        if largest + FULL_BELOW_BYTES > limit:
+            hints.append(f"the process's file size limit (RLIMIT_FSIZE, ulimit -f) is {limit} bytes "
+                         f"and its files reach {largest}")
+    return hints
 
 
 def describe(url: str) -> str:

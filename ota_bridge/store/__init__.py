@@ -38,6 +38,7 @@ from ..models import (
     db,
     describe,
     discard_connection,
+    explain,
     now,
     open_database,
 )
@@ -129,7 +130,7 @@ class Store:
                 self._doubt()
             discard_connection(self.database)
             log.warning("lost the connection to the %s in %s (%s); running it again on a new connection",
-                        self.where, fn.__name__, _reason(e))
+                        self.where, fn.__name__, explain(self.database, e))
         try:
             return self._attempt(fn, args, kwargs)
         except UNAVAILABLE as e:
@@ -164,7 +165,8 @@ class Store:
 
     def _failed(self, fn: Callable[..., Any], error: Exception) -> StoreUnavailable:
         """Log what failed where and why (once while it keeps failing the same way); the error for the caller."""
-        database, reason = self.database, _reason(error)
+        database = self.database
+        reason = explain(database, error)
         lost, wrote = connection_lost(database), database.wrote
         if not lost and not database.is_closed() and (wrote or database.began):
             self._write_failure = (time.monotonic(), reason)  # the database itself refused: a full disk, say
@@ -178,11 +180,6 @@ class Store:
             return StoreUnavailable(f"the connection to the database was lost while a change was being committed, "
                                     f"so it may or may not have been saved: check before you send it again ({reason})")
         return StoreUnavailable(f"the database is unavailable: {reason}")
-
-
-def _reason(error: BaseException) -> str:
-    """The driver's message, on one line."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def write_transaction() -> Any:
