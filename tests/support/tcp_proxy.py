@@ -2,7 +2,9 @@
 
 `cut()` closes every connection through it and stops listening, as a server that went down or a
 network that broke would look to the client (connections reset, new ones refused); `restore()`
-listens again on the same port. Threads only: one accepting, two pumping each connection.
+listens again on the same port. `freeze()` holds every byte without closing anything, as a
+network that silently drops packets would; `thaw()` lets them through. Threads only: one
+accepting, two pumping each connection.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.port = 0
         self.connections = 0  # accepted since the start: the client came back after a cut
         self.restore()
@@ -46,7 +50,14 @@ class TcpProxy:
         for sock in doomed:
             _close(sock)
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
+        self.thaw()
         self.cut()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -74,6 +85,7 @@ class TcpProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass
