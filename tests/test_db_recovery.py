@@ -24,6 +24,7 @@ from ota_bridge.models import APPLICATION_NAME, Workflow
 from ota_bridge.store import Store, idempotent, workflows, write_transaction
 from tests.conftest import Launcher
 from tests.support.databases import DEFAULT_POSTGRES, fresh_postgres
+from tests.support.mosquitto import start_mosquitto
 from tests.support.processes import REPO, Api, wait_until
 from tests.support.tcp_proxy import TcpProxy, tcp_proxy
 
@@ -256,3 +257,27 @@ def check_every_child(api: Api, jobs: list[str], runs: Path) -> None:
         assert [c["Stdout"] for c in mine] == [c["JobId"] + "\n" for c in mine], "a result was lost or mixed up"
         expected = [line for c in mine for line in (c["JobId"], f"done {c['JobId']}")]
         assert (runs / device).read_text().splitlines() == expected, f"{device}: not once each, in order"
+
+
+# --- health and the broker ------------------------------------------------------------------
+
+
+@pytest.mark.mosquitto
+def test_health_reports_the_broker_apart_from_the_database(launch: Launcher, tmp_path: Path) -> None:
+    with start_mosquitto(tmp_path) as broker:
+        service = launch.service(mqtt_url=broker.url)
+        public = Api(service.base_url, None)
+        ok = public.request("GET", "/v1/health")
+        assert ok.status == 200 and ok.body["Status"] == "ok", ok.body
+        assert ok.body["Database"]["Status"] == ok.body["Broker"]["Status"] == "ok" and ok.body["BrokerConnected"]
+        ready = public.request("GET", "/readyz")
+        assert ready.status == 200 and ready.body["Status"] == "ok", ready.body
+        broker.stop()
+        down = wait_until(lambda: (r := public.request("GET", "/readyz")).status == 503 and r, 15, "503 from /readyz")
+        assert down.body["Status"] == "unavailable" and down.body["Broker"]["Status"] == "unavailable", down.body
+        assert down.body["Database"]["Status"] == "ok" and down.body["BrokerConnected"] is False, down.body
+        assert public.request("GET", "/v1/health").status == 503
+        live = public.request("GET", "/livez")
+        assert live.status == 200 and live.body == {"Status": "ok"}  # an outage is no reason to restart
+        broker.start()
+        wait_until(lambda: public.request("GET", "/v1/health").status == 200, 30, "the broker to count again")
