@@ -108,7 +108,7 @@ class Store:
             await asyncio.wait_for(asyncio.shield(self._probe), PROBE_SECONDS)
         except asyncio.TimeoutError:
             return f"no answer within {PROBE_SECONDS:g} s"
-        except StoreUnavailable:
+        except Exception:  # StoreUnavailable, or anything else: the check itself must answer
             return "cannot be reached, or refused the query; the service's log says why"
         failed = self._write_failure
         if failed is not None and time.monotonic() - failed[0] < WRITE_FAILURE_SECONDS:
