@@ -132,6 +132,8 @@ PAGE = (query_param("Limit", {"type": "integer", "minimum": 1, "maximum": MAX_PA
                     "jobs to skip, newest first"))
 DEVICE_FILTERS = (query_param("DeviceGroup", STRING, "only devices of this group"),
                   query_param("TagId", STRING, "only devices with this tag"))
+RETRY_AFTER = {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "required": True,
+                               "description": "seconds to wait before trying again"}}
 TOTAL = {"X-Total-Count": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "jobs in all"}}
 
 OPERATIONS: dict[tuple[str, str], Op] = {
@@ -170,7 +172,7 @@ ERROR_MEANINGS = {
     404: "no such id (or an id of the wrong shape, which the detail says)",
     409: "the device is already registered",
     413: "the body is over 1 MiB",
-    503: "the database is unavailable; try again",
+    503: "the database is unavailable; the request changed nothing unless the detail says it may have been saved",
 }
 
 
@@ -196,6 +198,8 @@ def operation(method: str, path: str, op: Op) -> Schema:
     for status in error_statuses(method, path, op):
         responses[str(status)] = {"description": ERROR_MEANINGS[status],
                                   "content": {"application/json": {"schema": ref("Error")}}}
+        if status == 503:
+            responses["503"]["headers"] = RETRY_AFTER
     if op.unavailable is not None:
         responses["503"] = {"description": "the database or the broker is unusable; the body says which",
                             "content": {"application/json": {"schema": op.unavailable}}}
