@@ -89,6 +89,7 @@ class StoreUnavailable(OtaBridgeError):
 
     status = 503
     title = "Database unavailable"
+    retry_after = 2  # seconds, sent as Retry-After: the store reconnects on the next call
 
 
 class ConfigError(OtaBridgeError):

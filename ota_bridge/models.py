@@ -6,9 +6,14 @@ workflow can be deleted without touching the records of jobs that used it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import select
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Union
 from urllib.parse import unquote, urlsplit
 
 import peewee as pw
@@ -150,7 +155,7 @@ PRIVATE_MODE = 0o600  # the database files: job output, commands, credential has
 PRIVATE_DIR_MODE = 0o700
 
 
-def open_database(url: str) -> pw.Database:
+def open_database(url: str) -> GuardedDatabase:
     """Open (and create or bring up to date the tables of) the database at url; binds the models to it."""
     database = _connect(url)
     db.initialize(database)
@@ -175,24 +180,158 @@ def _has_column(database: pw.Database, table: str, column: str) -> bool:
     return column in {c.name for c in database.get_columns(table)}
 
 
-def _connect(url: str) -> pw.Database:
+FULL_BELOW_BYTES = 1 << 20  # less room than this, on the disk or under the file size limit, is "full"
+APPLICATION_NAME = "ota-bridge"  # how the service's connections show in pg_stat_activity
+# libpq: give up a connect after 5 s; notice a silent peer (a cut network, a dead host) within about
+# 25 s when idle (keepalives) and 30 s when data we sent goes unacknowledged (tcp_user_timeout).
+POSTGRES_CONNECTION = {"application_name": APPLICATION_NAME, "connect_timeout": 5, "keepalives_idle": 10,
+                       "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30000}
+
+
+class _Guarded:
+    """What the store needs to recover from a lost connection (mixed into peewee's databases).
+
+    `wrote` says whether a write may have reached the database since the store last cleared it:
+    a COMMIT was sent, or a write outside a transaction (which commits by itself). A call that
+    fails before that changed nothing, so the store may run it again. `began`: a transaction was
+    opened.
+
+    A rollback that fails while an error is being handled (a dead connection, or SQLite's "cannot
+    rollback - no transaction is active" after a disk-full commit) no longer replaces that error:
+    it is kept in `rollback_error` and the store discards the connection.
+    """
+
+    wrote = False
+    began = False  # a transaction was opened since the store last cleared it
+    rollback_error: Exception | None = None
+
+    def begin(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().begin(*args, **kwargs)  # type: ignore[misc]
+        self.began = True
+        return result
+
+    def commit(self) -> Any:
+        self.wrote = True
+        return super().commit()  # type: ignore[misc]
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        if not self.in_transaction() and sql.lstrip()[:6].upper() != "SELECT":  # type: ignore[attr-defined]
+            self.wrote = True
+        return super().execute_sql(sql, params)  # type: ignore[misc]
+
+    def rollback(self) -> Any:
+        cause = sys.exc_info()[1]
+        try:
+            return super().rollback()  # type: ignore[misc]
+        except (pw.DatabaseError, pw.InterfaceError) as e:
+            if cause is None:
+                raise
+            self.rollback_error = e
+            return None
+
+
+class GuardedSqlite(_Guarded, pw.SqliteDatabase):
+    pass
+
+
+class GuardedPostgres(_Guarded, pw.PostgresqlDatabase):
+    pass
+
+
+GuardedDatabase = Union[GuardedSqlite, GuardedPostgres]
+
+
+def connection_lost(database: pw.Database) -> bool:
+    """True when the server or the network closed the PostgreSQL connection (psycopg2 marks it closed)."""
+    conn = database._state.conn  # peewee's own accessor would open a connection
+    return conn is not None and bool(getattr(conn, "closed", 0))
+
+
+def connection_broken(database: pw.Database) -> bool:
+    """True when the connection cannot be trusted any more: lost, or a rollback on it failed."""
+    return getattr(database, "rollback_error", None) is not None or connection_lost(database)
+
+
+def connection_stale(database: pw.Database) -> bool:
+    """True when an idle PostgreSQL connection has something to read: the server's goodbye, or the end.
+
+    An idle connection receives nothing unless the server is closing it (pg_terminate_backend, a
+    restart, an idle timeout, a proxy), so this finds a dead connection without a round trip.
+    """
+    conn = database._state.conn
+    if conn is None or not isinstance(database, pw.PostgresqlDatabase) or database.in_transaction():
+        return False
+    try:
+        return bool(conn.closed) or bool(select.select([conn.fileno()], [], [], 0)[0])
+    except Exception:  # OSError, or the driver's error for a connection already closed
+        return True
+
+
+def discard_connection(database: GuardedDatabase) -> None:
+    """Forget the connection, whatever state it is in; the next query opens a new one."""
+    database.rollback_error = None
+    try:
+        database.close()
+    except Exception:
+        database.dispose()
+
+
+def explain(database: GuardedDatabase, error: BaseException) -> str:
+    """The driver's message on one line, with what SQLite's own message leaves out: the error's
+    name, and whether the disk or the process's file size limit is full."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(database, pw.SqliteDatabase):
+        return reason
+    name = getattr(getattr(error, "orig", error), "sqlite_errorname", None)  # e.g. SQLITE_IOERR_WRITE, SQLITE_FULL
+    hints = ([name] if name else []) + _space_hints(Path(database.database))
+    return f"{reason} ({'; '.join(hints)})" if hints else reason
+
+
+def _space_hints(path: Path) -> list[str]:
+    """What is full where the SQLite file lives: the filesystem, or the file size limit (ulimit -f)."""
+    hints = []
+    with contextlib.suppress(OSError):
+        stat = os.statvfs(path.parent)
+        free = stat.f_bavail * stat.f_frsize
+        if free < FULL_BELOW_BYTES:
+            hints.append(f"the filesystem holding it has {free} bytes free")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        files = [path, path.with_name(path.name + "-wal")]
+        largest = max((f.stat().st_size for f in files if f.exists()), default=0)
+        if largest + FULL_BELOW_BYTES > limit:
+            hints.append(f"the process's file size limit (RLIMIT_FSIZE, ulimit -f) is {limit} bytes "
+                         f"and its files reach {largest}")
+    return hints
+
+
+def describe(url: str) -> str:
+    """Where the database is, for logs: the SQLite file, or PostgreSQL's host, port and name (no password)."""
+    if url.startswith("sqlite:///"):
+        return f"SQLite file {Path(url[len('sqlite:///'):]).resolve()}"
+    parts = urlsplit(url)
+    return f"PostgreSQL database {parts.path.lstrip('/')!r} at {parts.hostname}:{parts.port or 5432}"
+
+
+def _connect(url: str) -> GuardedDatabase:
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         _make_private(path)
-        return pw.SqliteDatabase(str(path), pragmas={
+        return GuardedSqlite(str(path), pragmas={
             "journal_mode": "wal",
             "busy_timeout": 10000,
             "foreign_keys": 1,
             "synchronous": "normal",
         })
     parts = urlsplit(url)
-    return pw.PostgresqlDatabase(
+    return GuardedPostgres(
         parts.path.lstrip("/"),
         host=parts.hostname,
         port=parts.port or 5432,
         user=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
+        **POSTGRES_CONNECTION,
     )
 
 

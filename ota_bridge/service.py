@@ -96,6 +96,8 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
     may_create = settings.new_signing_key or not db.call_sync(queues.has_history)
     signer = signing.load_or_create(settings.data_dir, may_create)
     dispatcher = Dispatcher(db, Topics(settings.prefix), signer.sign, settings.timeout_grace, settings.failpoints)
+    loop = asyncio.get_running_loop()  # a change the store could not confirm may have moved queues: republish all
+    db.on_doubt = lambda: loop.is_closed() or loop.call_soon_threadsafe(dispatcher.on_connected)
     async with contextlib.AsyncExitStack() as stack:
         link, embedded = await _broker_link(settings, db, dispatcher, stack)
         dispatcher.attach(link)

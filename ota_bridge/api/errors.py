@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(status: int, title: str, detail: Any) -> web.Response:
-    return web.json_response({"Error": title, "Detail": detail}, status=status)
+def error_response(status: int, title: str, detail: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"Error": title, "Detail": detail}, status=status, headers=headers)
 
 
 @web.middleware
@@ -24,7 +24,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except OtaBridgeError as e:
-        return error_response(e.status, e.title, e.detail)
+        retry_after = getattr(e, "retry_after", None)
+        return error_response(e.status, e.title, e.detail, {"Retry-After": str(retry_after)} if retry_after else None)
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, "Body too large", f"the request body is over the limit of {MAX_BODY_BYTES} "
                                                      f"bytes ({MAX_BODY_BYTES // 1024 // 1024} MiB)")

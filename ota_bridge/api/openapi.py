@@ -19,6 +19,7 @@ from agent.protocol import JobStatus
 
 from .. import __version__
 from ..roles import Role, needed_role
+from .health import HEALTH_PATH, LIVE_PATH, READY_PATH
 from .params import BODYLESS_METHODS, PATH_ID_SHAPES, id_kind
 from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
 from .views import DEFAULT_PAGE, MAX_OFFSET, MAX_PAGE
@@ -35,6 +36,7 @@ TIME: Schema = {"type": "string", "format": "date-time", "description": "ISO 860
 STATUS: Schema = {"type": "string", "enum": [s.value for s in JobStatus]}
 UUID: Schema = {"type": "string", "format": "uuid"}
 ROLE: Schema = {"type": "string", "enum": [r.value for r in Role]}
+CONDITION: Schema = {"type": "string", "enum": ["ok", "unavailable"]}
 
 
 def ref(name: str) -> Schema:
@@ -68,7 +70,11 @@ CREDENTIALS = {"MqttUsername": STRING, "MqttPassword": STRING}
 
 ANSWERS: dict[str, Schema] = {
     "Error": record({"Error": STRING, "Detail": STRING}),
-    "Health": record({"Status": {"const": "ok"}, "BrokerConnected": BOOLEAN}),
+    "Health": record({"Status": CONDITION, "Database": ref("Component"), "Broker": ref("Component"),
+                      "BrokerConnected": BOOLEAN},
+                     description="200 when the database and the broker are both usable, 503 when either is not"),
+    "Component": record({"Status": CONDITION, "Detail": STRING}),
+    "Live": record({"Status": {"const": "ok"}}),
     "OpenApiDocument": {"type": "object", "required": ["openapi", "paths"]},
     "SigningKey": record({"Algorithm": STRING, "PublicKey": STRING}),
     "WorkflowCreated": record({"WorkflowId": UUID}),
@@ -116,6 +122,7 @@ class Op:
     also: tuple[int, ...] = ()  # statuses beyond those the shape of the operation implies
     public: bool = False
     headers: Schema | None = None
+    unavailable: Schema | None = None  # a health check's answer with 503, instead of an Error
 
 
 def listing(name: str) -> Schema:
@@ -139,9 +146,16 @@ def total(items: str) -> Schema:
 
 DEVICE_FILTERS = (query_param("DeviceGroup", STRING, "only devices of this group"),
                   query_param("TagId", STRING, "only devices with this tag"))
+RETRY_AFTER = {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "required": True,
+                               "description": "seconds to wait before trying again"}}
 
 OPERATIONS: dict[tuple[str, str], Op] = {
-    ("get", "/v1/health"): Op("Liveness and broker connection", ref("Health"), public=True),
+    ("get", HEALTH_PATH): Op("The database and the broker, each usable or not", ref("Health"), public=True,
+                             unavailable=ref("Health")),
+    ("get", READY_PATH): Op("The same as /v1/health, for readiness probes", ref("Health"), public=True,
+                            unavailable=ref("Health")),
+    ("get", LIVE_PATH): Op("The process serves HTTP (outages of the database or broker do not count)", ref("Live"),
+                           public=True),
     ("get", OPENAPI_PATH): Op("This document", ref("OpenApiDocument"), public=True),
     ("get", "/v1/signing-key"): Op("The public key agents verify jobs with", ref("SigningKey")),
     ("post", "/v1/workflow"): Op("Define a workflow", ref("WorkflowCreated"), body=WorkflowIn),
@@ -174,7 +188,7 @@ ERROR_MEANINGS = {
     404: "no such id (or an id of the wrong shape, which the detail says)",
     409: "the device is already registered",
     413: "the body is over 1 MiB",
-    503: "the database is unavailable; try again",
+    503: "the database is unavailable; the request changed nothing unless the detail says it may have been saved",
 }
 
 
@@ -202,6 +216,11 @@ def operation(method: str, path: str, op: Op) -> Schema:
     for status in error_statuses(method, path, op):
         responses[str(status)] = {"description": ERROR_MEANINGS[status],
                                   "content": {"application/json": {"schema": ref("Error")}}}
+        if status == 503:
+            responses["503"]["headers"] = RETRY_AFTER
+    if op.unavailable is not None:
+        responses["503"] = {"description": "the database or the broker is unusable; the body says which",
+                            "content": {"application/json": {"schema": op.unavailable}}}
     result: Schema = {"summary": op.summary, "operationId": f"{method}:{path}", "responses": responses,
                       "parameters": [*path_params(path), *op.query]}
     if op.body is not None:

@@ -13,7 +13,7 @@ from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
 
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
 from ..models import ChildJob, Device, DeviceTag, Job, now
-from . import PENDING, chunks, finalize, write_transaction
+from . import PENDING, chunks, finalize, idempotent, write_transaction
 from .devices import device_exists
 from .workflows import get_workflow
 
@@ -172,6 +172,7 @@ def cancel_job(job_id: str) -> list[str]:
     return devices
 
 
+@idempotent
 def expire_silent_jobs(grace_seconds: float) -> list[str]:
     """Jobs IN_PROGRESS past their timeout plus grace, with no word from the device, become TIMED_OUT.
 
@@ -190,6 +191,7 @@ def expire_silent_jobs(grace_seconds: float) -> list[str]:
     return sorted({device for _, device in expired})
 
 
+@idempotent
 def restart_silence_clocks() -> int:
     """Give every running job's device a fresh chance to report, from now.
 

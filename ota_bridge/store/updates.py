@@ -11,7 +11,7 @@ import peewee as pw
 from agent.protocol import JobStatus, can_transition
 
 from ..models import ChildJob, Device, now
-from . import PENDING, chunks, write_transaction
+from . import PENDING, chunks, idempotent, write_transaction
 from .devices import set_presence
 
 
@@ -43,6 +43,7 @@ class UpdateOutcomes:
         return sorted({u.device_id for u in self.applied})
 
 
+@idempotent
 def record_device_messages(updates: list[Update], presence: list[tuple[str, bool, datetime | None]]) -> UpdateOutcomes:
     """Apply device updates and presence in one transaction; each update idempotently."""
     outcomes = UpdateOutcomes()

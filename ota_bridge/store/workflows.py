@@ -6,11 +6,16 @@ import uuid
 
 from ..errors import WorkflowNotFound
 from ..models import Workflow
+from . import write_transaction
+
+# Writes run in a transaction even when they are one statement: a connection lost before the COMMIT
+# is then known to have changed nothing, and the store runs the call again instead of answering 503.
 
 
 def create_workflow(name: str, command: str, timeout_seconds: int | None, success_on_restart: bool) -> Workflow:
-    return Workflow.create(workflow_id=str(uuid.uuid4()), name=name, command=command,
-                           timeout_seconds=timeout_seconds, success_on_restart=success_on_restart)
+    with write_transaction():
+        return Workflow.create(workflow_id=str(uuid.uuid4()), name=name, command=command,
+                               timeout_seconds=timeout_seconds, success_on_restart=success_on_restart)
 
 
 def get_workflow(workflow_id: str) -> Workflow:
@@ -26,5 +31,6 @@ def list_workflows() -> list[Workflow]:
 
 def delete_workflow(workflow_id: str) -> None:
     """Jobs keep their own copy of the command, so their records are untouched."""
-    if not Workflow.delete().where(Workflow.workflow_id == workflow_id).execute():
-        raise WorkflowNotFound(workflow_id)
+    with write_transaction():
+        if not Workflow.delete().where(Workflow.workflow_id == workflow_id).execute():
+            raise WorkflowNotFound(workflow_id)

@@ -246,7 +246,7 @@ class Fleet:
         """Everything up again: the broker, the service's broker connection, every agent."""
         if not self.broker_running:
             self.broker.start()
-        wait_until(lambda: self.api.ok("GET", "/v1/health")["BrokerConnected"], 30,
+        wait_until(lambda: self.api.request("GET", "/v1/health").body["BrokerConnected"], 30,
                    "the service to reconnect to the broker")
         for agent in self.agents.values():
             if not agent.running:
@@ -304,7 +304,7 @@ class Fleet:
 
 def _answers(api: Api) -> bool:
     try:
-        return api.request("GET", "/v1/health").status == 200
+        return api.request("GET", "/livez").status == 200  # /v1/health is 503 while the broker is down
     except OSError:
         return False
 
