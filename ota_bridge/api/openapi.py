@@ -32,9 +32,7 @@ STRING: Schema = {"type": "string"}
 INTEGER: Schema = {"type": "integer"}
 BOOLEAN: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "format": "date-time", "description": "ISO 8601, UTC, milliseconds"}
-STATUS: Schema = {"type": "string", "enum": [s.value for s in JobStatus]}
 UUID: Schema = {"type": "string", "format": "uuid"}
-ROLE: Schema = {"type": "string", "enum": [r.value for r in Role]}
 
 
 def ref(name: str) -> Schema:
@@ -43,6 +41,10 @@ def ref(name: str) -> Schema:
 
 def nullable(schema: Schema) -> Schema:
     return {"anyOf": [schema, {"type": "null"}]}
+
+
+STATUS = ref("JobStatus")  # components, so that a generated client has one enum of each
+ROLE = ref("Role")
 
 
 def record(required: dict[str, Schema], optional: dict[str, Schema] | None = None, **extra: Any) -> Schema:
@@ -60,13 +62,37 @@ def deleted(id_field: str) -> Schema:
 
 COUNTS = record({**{s.value: INTEGER for s in JobStatus}, "Total": INTEGER},
                 description="child jobs per state, and their total (a group or tag job)")
-TARGETS = ("DeviceId", "DeviceGroup", "TagId")
+JOB = {"JobId": UUID, "JobName": STRING, "WorkflowId": UUID, "Command": STRING, "TimeoutSeconds": INTEGER,
+       "Status": STATUS, "CreatedTime": TIME, "StartTime": nullable(TIME), "EndTime": nullable(TIME)}
 DEVICE = {"DeviceId": STRING, "DeviceGroup": nullable(STRING), "Tags": {"type": "array", "items": STRING},
           "Online": BOOLEAN, "LastSeen": nullable(TIME), "Enabled": BOOLEAN, "PendingJobs": INTEGER,
           "CreatedTime": TIME}
 CREDENTIALS = {"MqttUsername": STRING, "MqttPassword": STRING}
 
+
+def job_kind(name: str, target: str, result: Schema, description: str, **more: Schema) -> Schema:
+    return record({**JOB, target: STRING, "Result": result, **more}, title=name, description=description)
+
+
+def jobs() -> dict[str, Schema]:
+    """A job's summary: Job is exactly one of three complete records, one per kind of target.
+
+    Not Job's properties beside a oneOf of required targets: client generators make no model of
+    that. additionalProperties: false keeps a summary from matching two kinds.
+    """
+    kinds = {
+        "DeviceJob": job_kind("DeviceJob", "DeviceId", {"type": "string", "description": "the device's stdout"},
+                              "a job for one device", ExitCode=nullable(INTEGER)),
+        "GroupJob": job_kind("GroupJob", "DeviceGroup", ref("Counts"), "a job for a group, a child per device"),
+        "TagJob": job_kind("TagJob", "TagId", ref("Counts"), "a job for a tag, a child per device"),
+    }
+    job = {"oneOf": [ref(name) for name in kinds], "title": "Job",
+           "description": "a job's summary: exactly one target, and its Result by the kind of target"}
+    return {**kinds, "Job": job}
+
 ANSWERS: dict[str, Schema] = {
+    "JobStatus": {"type": "string", "enum": [s.value for s in JobStatus]},
+    "Role": {"type": "string", "enum": [r.value for r in Role]},
     "Error": record({"Error": STRING, "Detail": STRING}),
     "Health": record({"Status": {"const": "ok"}, "BrokerConnected": BOOLEAN}),
     "OpenApiDocument": {"type": "object", "required": ["openapi", "paths"]},
@@ -77,13 +103,7 @@ ANSWERS: dict[str, Schema] = {
     "WorkflowDeleted": deleted("WorkflowId"),
     "JobCreated": record({"JobId": UUID}),
     "Counts": COUNTS,
-    "Job": record(
-        {"JobId": UUID, "JobName": STRING, "WorkflowId": UUID, "Command": STRING, "TimeoutSeconds": INTEGER,
-         "Status": STATUS, "CreatedTime": TIME, "StartTime": nullable(TIME), "EndTime": nullable(TIME),
-         "Result": {"anyOf": [{"type": "string", "description": "stdout of a single-device job"}, ref("Counts")]}},
-        {**{t: STRING for t in TARGETS}, "ExitCode": nullable(INTEGER)},
-        oneOf=[{"required": [t]} for t in TARGETS],
-        description="a job's summary; ExitCode and a string Result for a single-device job"),
+    **jobs(),
     "ChildJob": record(
         {"JobId": UUID, "ParentJobId": UUID, "DeviceId": STRING, "Command": STRING, "Status": STATUS,
          "StartTime": nullable(TIME), "EndTime": nullable(TIME), "ExitCode": nullable(INTEGER), "Stdout": STRING,
@@ -100,6 +120,7 @@ ANSWERS: dict[str, Schema] = {
          "Status": INTEGER, "Outcome": STRING},
         description="one state-changing request; TokenName and Role are null when no valid token came"),
 }
+
 GET_JOB = {"anyOf": [ref("Job"), ref("ChildJob")], "description": "a child job's id answers that child"}
 
 
