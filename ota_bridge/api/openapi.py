@@ -129,6 +129,7 @@ GET_JOB = {"anyOf": [ref("Job"), ref("ChildJob")], "description": "a child job's
 
 @dataclass(frozen=True)
 class Op:
+    name: str  # the operationId: a generated client's function name
     summary: str
     answer: Schema
     status: int = 200
@@ -162,31 +163,55 @@ DEVICE_FILTERS = (query_param("DeviceGroup", STRING, "only devices of this group
                   query_param("TagId", STRING, "only devices with this tag"))
 
 OPERATIONS: dict[tuple[str, str], Op] = {
-    ("get", "/v1/health"): Op("Liveness and broker connection", ref("Health"), public=True),
-    ("get", OPENAPI_PATH): Op("This document", ref("OpenApiDocument"), public=True),
-    ("get", "/v1/signing-key"): Op("The public key agents verify jobs with", ref("SigningKey")),
-    ("post", "/v1/workflow"): Op("Define a workflow", ref("WorkflowCreated"), body=WorkflowIn),
-    ("get", "/v1/workflow"): Op("Every workflow", listing("Workflow")),
-    ("get", "/v1/workflow/{id}"): Op("One workflow", ref("Workflow")),
-    ("delete", "/v1/workflow/{id}"): Op("Delete a workflow; its jobs keep their records", ref("WorkflowDeleted")),
-    ("post", "/v1/job"): Op("Submit a job to one device, a group or a tag", ref("JobCreated"), body=JobIn,
-                            also=(404,)),
-    ("get", "/v1/job"): Op("Jobs, newest first", listing("Job"), query=page("jobs"), headers=total("jobs")),
-    ("get", "/v1/job/{id}"): Op("One job's summary, or one child job", GET_JOB),
-    ("get", "/v1/job/{id}/childjobs"): Op("A job's child jobs, one per device", listing("ChildJob")),
-    ("post", "/v1/job/{id}/cancel"): Op("Cancel the children not yet final; keeps the record", ref("Job")),
-    ("delete", "/v1/job/{id}"): Op("Delete a job; queued children leave their queues", ref("JobDeleted")),
-    ("post", "/v1/device"): Op("Register a device; answers its MQTT password once", ref("RegisteredDevice"),
-                               status=201, body=DeviceIn, also=(409,)),
-    ("get", "/v1/device"): Op("Devices, by group or tag", listing("Device"), query=DEVICE_FILTERS),
-    ("get", "/v1/device/{id}"): Op("One device", ref("Device")),
-    ("patch", "/v1/device/{id}"): Op("Change a device's group, tags or Enabled", ref("Device"), body=DevicePatch),
-    ("post", "/v1/device/{id}/credentials"): Op("A new MQTT password, shown once; the old one stops working",
+    ("get", "/v1/health"): Op("getHealth", "Liveness and broker connection", ref("Health"), public=True),
+    ("get", OPENAPI_PATH): Op("getOpenApiDocument", "This document", ref("OpenApiDocument"), public=True),
+    ("get", "/v1/signing-key"): Op("getSigningKey", "The public key agents verify jobs with", ref("SigningKey")),
+    ("post", "/v1/workflow"): Op("createWorkflow", "Define a workflow", ref("WorkflowCreated"), body=WorkflowIn),
+    ("get", "/v1/workflow"): Op("listWorkflows", "Every workflow", listing("Workflow")),
+    ("get", "/v1/workflow/{id}"): Op("getWorkflow", "One workflow", ref("Workflow")),
+    ("delete", "/v1/workflow/{id}"): Op("deleteWorkflow", "Delete a workflow; its jobs keep their records",
+                                        ref("WorkflowDeleted")),
+    ("post", "/v1/job"): Op("submitJob", "Submit a job to one device, a group or a tag", ref("JobCreated"),
+                            body=JobIn, also=(404,)),
+    ("get", "/v1/job"): Op("listJobs", "Jobs, newest first", listing("Job"), query=page("jobs"),
+                           headers=total("jobs")),
+    ("get", "/v1/job/{id}"): Op("getJob", "One job's summary, or one child job", GET_JOB),
+    ("get", "/v1/job/{id}/childjobs"): Op("listChildJobs", "A job's child jobs, one per device",
+                                          listing("ChildJob")),
+    ("post", "/v1/job/{id}/cancel"): Op("cancelJob", "Cancel the children not yet final; keeps the record",
+                                        ref("Job")),
+    ("delete", "/v1/job/{id}"): Op("deleteJob", "Delete a job; queued children leave their queues",
+                                   ref("JobDeleted")),
+    ("post", "/v1/device"): Op("registerDevice", "Register a device; answers its MQTT password once",
+                               ref("RegisteredDevice"), status=201, body=DeviceIn, also=(409,)),
+    ("get", "/v1/device"): Op("listDevices", "Devices, by group or tag", listing("Device"), query=DEVICE_FILTERS),
+    ("get", "/v1/device/{id}"): Op("getDevice", "One device", ref("Device")),
+    ("patch", "/v1/device/{id}"): Op("updateDevice", "Change a device's group, tags or Enabled", ref("Device"),
+                                     body=DevicePatch),
+    ("post", "/v1/device/{id}/credentials"): Op("renewDeviceCredentials",
+                                                "A new MQTT password, shown once; the old one stops working",
                                                 ref("DeviceCredentials")),
-    ("delete", "/v1/device/{id}"): Op("Forget a device; its queued jobs are canceled", ref("DeviceDeleted")),
-    ("get", "/v1/audit"): Op("The audit log of state-changing requests, newest first (admin)",
+    ("delete", "/v1/device/{id}"): Op("deleteDevice", "Forget a device; its queued jobs are canceled",
+                                      ref("DeviceDeleted")),
+    ("get", "/v1/audit"): Op("listAuditEntries", "The audit log of state-changing requests, newest first (admin)",
                              listing("AuditEntry"), query=page("entries"), headers=total("entries")),
 }
+
+# Each operation's tag, by the first part of its path after /v1/; a generated client groups its functions so.
+TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "audit": "audit", "health": "service",
+        "openapi.json": "service", "signing-key": "service"}
+TAG_MEANINGS = {
+    "workflows": "Named commands that jobs run",
+    "jobs": "Runs of a workflow on one device, a group or a tag; a group or tag job has a child job per device",
+    "devices": "Registered devices, their groups, tags and MQTT credentials",
+    "audit": "The log of state-changing requests",
+    "service": "Health, this document and the key agents verify jobs with",
+}
+
+
+def tag(path: str) -> str:
+    """The tag of path; a path under a new first part needs an entry in TAGS."""
+    return TAGS[path.split("/")[2]]
 
 ERROR_MEANINGS = {
     400: "bad input: the detail names the field, parameter or place in the JSON",
@@ -223,7 +248,7 @@ def operation(method: str, path: str, op: Op) -> Schema:
     for status in error_statuses(method, path, op):
         responses[str(status)] = {"description": ERROR_MEANINGS[status],
                                   "content": {"application/json": {"schema": ref("Error")}}}
-    result: Schema = {"summary": op.summary, "operationId": f"{method}:{path}", "responses": responses,
+    result: Schema = {"summary": op.summary, "operationId": op.name, "tags": [tag(path)], "responses": responses,
                       "parameters": [*path_params(path), *op.query]}
     if op.body is not None:
         result["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(op.body.__name__)}}}
@@ -262,6 +287,7 @@ def document() -> Schema:
         "openapi": "3.1.0",
         "info": {"title": "ota-bridge", "version": __version__,
                  "description": "Jobs and OTA updates for fleets of Linux IoT devices; SocketXP-compatible."},
+        "tags": [{"name": name, "description": meaning} for name, meaning in TAG_MEANINGS.items()],
         "paths": paths,
         "components": {"schemas": {**ANSWERS, **request_schemas()},
                        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
