@@ -3,7 +3,9 @@
 Request bodies come from the pydantic models (schemas.py); answers are written out here field for
 field as serialize.py makes them; path and query parameters carry the patterns params.py enforces.
 tests/test_openapi.py checks that every route is here and that the running service answers as
-described (schemathesis).
+described (schemathesis). Client generators name their functions by operationId and group them
+by tag, and make a model of each named schema with properties; tests/test_generated_client.py
+generates a client (openapi-python-client) and runs the reference flow through it.
 """
 
 from __future__ import annotations
