@@ -11,6 +11,7 @@ test_the_service_serves_the_document checks that the service serves exactly that
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import pytest
@@ -59,6 +60,19 @@ def test_every_operation_names_its_statuses_and_security() -> None:
             public = path in PUBLIC_PATHS
             assert ("401" in statuses) is not public, f"{method} {path}: 401 iff a token is needed"
             assert (operation.get("security") == []) is public
+
+
+def test_every_operation_has_a_readable_unique_id_and_a_tag() -> None:
+    """Client generators name their functions and modules by these (getJob -> get_job, in jobs/)."""
+    doc = document()
+    declared = {t["name"] for t in doc["tags"]}
+    ids = []
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            ids.append(operation["operationId"])
+            assert re.fullmatch(r"[a-z][A-Za-z]+", operation["operationId"]), f"{method} {path}"
+            assert operation["tags"] and set(operation["tags"]) <= declared, f"{method} {path}"
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
 
 
 def test_the_service_serves_the_document(service: Service) -> None:

@@ -3,7 +3,9 @@
 Request bodies come from the pydantic models (schemas.py); answers are written out here field for
 field as serialize.py makes them; path and query parameters carry the patterns params.py enforces.
 tests/test_openapi.py checks that every route is here and that the running service answers as
-described (schemathesis).
+described (schemathesis). Client generators name their functions by operationId and group them
+by tag, and make a model of each named schema with properties; tests/test_generated_client.py
+generates a client (openapi-python-client) and runs the reference flow through it.
 """
 
 from __future__ import annotations
@@ -33,9 +35,7 @@ STRING: Schema = {"type": "string"}
 INTEGER: Schema = {"type": "integer"}
 BOOLEAN: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "format": "date-time", "description": "ISO 8601, UTC, milliseconds"}
-STATUS: Schema = {"type": "string", "enum": [s.value for s in JobStatus]}
 UUID: Schema = {"type": "string", "format": "uuid"}
-ROLE: Schema = {"type": "string", "enum": [r.value for r in Role]}
 CONDITION: Schema = {"type": "string", "enum": ["ok", "unavailable"]}
 
 
@@ -45,6 +45,10 @@ def ref(name: str) -> Schema:
 
 def nullable(schema: Schema) -> Schema:
     return {"anyOf": [schema, {"type": "null"}]}
+
+
+STATUS = ref("JobStatus")  # components, so that a generated client has one enum of each
+ROLE = ref("Role")
 
 
 def record(required: dict[str, Schema], optional: dict[str, Schema] | None = None, **extra: Any) -> Schema:
@@ -62,13 +66,37 @@ def deleted(id_field: str) -> Schema:
 
 COUNTS = record({**{s.value: INTEGER for s in JobStatus}, "Total": INTEGER},
                 description="child jobs per state, and their total (a group or tag job)")
-TARGETS = ("DeviceId", "DeviceGroup", "TagId")
+JOB = {"JobId": UUID, "JobName": STRING, "WorkflowId": UUID, "Command": STRING, "TimeoutSeconds": INTEGER,
+       "Status": STATUS, "CreatedTime": TIME, "StartTime": nullable(TIME), "EndTime": nullable(TIME)}
 DEVICE = {"DeviceId": STRING, "DeviceGroup": nullable(STRING), "Tags": {"type": "array", "items": STRING},
           "Online": BOOLEAN, "LastSeen": nullable(TIME), "Enabled": BOOLEAN, "PendingJobs": INTEGER,
           "CreatedTime": TIME}
 CREDENTIALS = {"MqttUsername": STRING, "MqttPassword": STRING}
 
+
+def job_kind(name: str, target: str, result: Schema, description: str, **more: Schema) -> Schema:
+    return record({**JOB, target: STRING, "Result": result, **more}, title=name, description=description)
+
+
+def jobs() -> dict[str, Schema]:
+    """A job's summary: Job is exactly one of three complete records, one per kind of target.
+
+    Not Job's properties beside a oneOf of required targets: client generators make no model of
+    that. additionalProperties: false keeps a summary from matching two kinds.
+    """
+    kinds = {
+        "DeviceJob": job_kind("DeviceJob", "DeviceId", {"type": "string", "description": "the device's stdout"},
+                              "a job for one device", ExitCode=nullable(INTEGER)),
+        "GroupJob": job_kind("GroupJob", "DeviceGroup", ref("Counts"), "a job for a group, a child per device"),
+        "TagJob": job_kind("TagJob", "TagId", ref("Counts"), "a job for a tag, a child per device"),
+    }
+    job = {"oneOf": [ref(name) for name in kinds], "title": "Job",
+           "description": "a job's summary: exactly one target, and its Result by the kind of target"}
+    return {**kinds, "Job": job}
+
 ANSWERS: dict[str, Schema] = {
+    "JobStatus": {"type": "string", "enum": [s.value for s in JobStatus]},
+    "Role": {"type": "string", "enum": [r.value for r in Role]},
     "Error": record({"Error": STRING, "Detail": STRING}),
     "Health": record({"Status": CONDITION, "Database": ref("Component"), "Broker": ref("Component"),
                       "BrokerConnected": BOOLEAN},
@@ -83,13 +111,7 @@ ANSWERS: dict[str, Schema] = {
     "WorkflowDeleted": deleted("WorkflowId"),
     "JobCreated": record({"JobId": UUID}),
     "Counts": COUNTS,
-    "Job": record(
-        {"JobId": UUID, "JobName": STRING, "WorkflowId": UUID, "Command": STRING, "TimeoutSeconds": INTEGER,
-         "Status": STATUS, "CreatedTime": TIME, "StartTime": nullable(TIME), "EndTime": nullable(TIME),
-         "Result": {"anyOf": [{"type": "string", "description": "stdout of a single-device job"}, ref("Counts")]}},
-        {**{t: STRING for t in TARGETS}, "ExitCode": nullable(INTEGER)},
-        oneOf=[{"required": [t]} for t in TARGETS],
-        description="a job's summary; ExitCode and a string Result for a single-device job"),
+    **jobs(),
     "ChildJob": record(
         {"JobId": UUID, "ParentJobId": UUID, "DeviceId": STRING, "Command": STRING, "Status": STATUS,
          "StartTime": nullable(TIME), "EndTime": nullable(TIME), "ExitCode": nullable(INTEGER), "Stdout": STRING,
@@ -106,6 +128,7 @@ ANSWERS: dict[str, Schema] = {
          "Status": INTEGER, "Outcome": STRING},
         description="one state-changing request; TokenName and Role are null when no valid token came"),
 }
+
 GET_JOB = {"anyOf": [ref("Job"), ref("ChildJob")], "description": "a child job's id answers that child"}
 
 
@@ -114,6 +137,7 @@ GET_JOB = {"anyOf": [ref("Job"), ref("ChildJob")], "description": "a child job's
 
 @dataclass(frozen=True)
 class Op:
+    name: str  # the operationId: a generated client's function name
     summary: str
     answer: Schema
     status: int = 200
@@ -150,36 +174,61 @@ RETRY_AFTER = {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$
                                "description": "seconds to wait before trying again"}}
 
 OPERATIONS: dict[tuple[str, str], Op] = {
-    ("get", HEALTH_PATH): Op("The database and the broker, each usable or not", ref("Health"), public=True,
-                             unavailable=ref("Health")),
-    ("get", READY_PATH): Op("The same as /v1/health, for readiness probes", ref("Health"), public=True,
-                            unavailable=ref("Health")),
-    ("get", LIVE_PATH): Op("The process serves HTTP (outages of the database or broker do not count)", ref("Live"),
-                           public=True),
-    ("get", OPENAPI_PATH): Op("This document", ref("OpenApiDocument"), public=True),
-    ("get", "/v1/signing-key"): Op("The public key agents verify jobs with", ref("SigningKey")),
-    ("post", "/v1/workflow"): Op("Define a workflow", ref("WorkflowCreated"), body=WorkflowIn),
-    ("get", "/v1/workflow"): Op("Every workflow", listing("Workflow")),
-    ("get", "/v1/workflow/{id}"): Op("One workflow", ref("Workflow")),
-    ("delete", "/v1/workflow/{id}"): Op("Delete a workflow; its jobs keep their records", ref("WorkflowDeleted")),
-    ("post", "/v1/job"): Op("Submit a job to one device, a group or a tag", ref("JobCreated"), body=JobIn,
-                            also=(404,)),
-    ("get", "/v1/job"): Op("Jobs, newest first", listing("Job"), query=page("jobs"), headers=total("jobs")),
-    ("get", "/v1/job/{id}"): Op("One job's summary, or one child job", GET_JOB),
-    ("get", "/v1/job/{id}/childjobs"): Op("A job's child jobs, one per device", listing("ChildJob")),
-    ("post", "/v1/job/{id}/cancel"): Op("Cancel the children not yet final; keeps the record", ref("Job")),
-    ("delete", "/v1/job/{id}"): Op("Delete a job; queued children leave their queues", ref("JobDeleted")),
-    ("post", "/v1/device"): Op("Register a device; answers its MQTT password once", ref("RegisteredDevice"),
-                               status=201, body=DeviceIn, also=(409,)),
-    ("get", "/v1/device"): Op("Devices, by group or tag", listing("Device"), query=DEVICE_FILTERS),
-    ("get", "/v1/device/{id}"): Op("One device", ref("Device")),
-    ("patch", "/v1/device/{id}"): Op("Change a device's group, tags or Enabled", ref("Device"), body=DevicePatch),
-    ("post", "/v1/device/{id}/credentials"): Op("A new MQTT password, shown once; the old one stops working",
+    ("get", HEALTH_PATH): Op("getHealth", "The database and the broker, each usable or not", ref("Health"),
+                             public=True, unavailable=ref("Health")),
+    ("get", READY_PATH): Op("getReadiness", "The same as /v1/health, for readiness probes", ref("Health"),
+                            public=True, unavailable=ref("Health")),
+    ("get", LIVE_PATH): Op("getLiveness", "The process serves HTTP (outages of the database or broker do not count)",
+                           ref("Live"), public=True),
+    ("get", OPENAPI_PATH): Op("getOpenApiDocument", "This document", ref("OpenApiDocument"), public=True),
+    ("get", "/v1/signing-key"): Op("getSigningKey", "The public key agents verify jobs with", ref("SigningKey")),
+    ("post", "/v1/workflow"): Op("createWorkflow", "Define a workflow", ref("WorkflowCreated"), body=WorkflowIn),
+    ("get", "/v1/workflow"): Op("listWorkflows", "Every workflow", listing("Workflow")),
+    ("get", "/v1/workflow/{id}"): Op("getWorkflow", "One workflow", ref("Workflow")),
+    ("delete", "/v1/workflow/{id}"): Op("deleteWorkflow", "Delete a workflow; its jobs keep their records",
+                                        ref("WorkflowDeleted")),
+    ("post", "/v1/job"): Op("submitJob", "Submit a job to one device, a group or a tag", ref("JobCreated"),
+                            body=JobIn, also=(404,)),
+    ("get", "/v1/job"): Op("listJobs", "Jobs, newest first", listing("Job"), query=page("jobs"),
+                           headers=total("jobs")),
+    ("get", "/v1/job/{id}"): Op("getJob", "One job's summary, or one child job", GET_JOB),
+    ("get", "/v1/job/{id}/childjobs"): Op("listChildJobs", "A job's child jobs, one per device",
+                                          listing("ChildJob")),
+    ("post", "/v1/job/{id}/cancel"): Op("cancelJob", "Cancel the children not yet final; keeps the record",
+                                        ref("Job")),
+    ("delete", "/v1/job/{id}"): Op("deleteJob", "Delete a job; queued children leave their queues",
+                                   ref("JobDeleted")),
+    ("post", "/v1/device"): Op("registerDevice", "Register a device; answers its MQTT password once",
+                               ref("RegisteredDevice"), status=201, body=DeviceIn, also=(409,)),
+    ("get", "/v1/device"): Op("listDevices", "Devices, by group or tag", listing("Device"), query=DEVICE_FILTERS),
+    ("get", "/v1/device/{id}"): Op("getDevice", "One device", ref("Device")),
+    ("patch", "/v1/device/{id}"): Op("updateDevice", "Change a device's group, tags or Enabled", ref("Device"),
+                                     body=DevicePatch),
+    ("post", "/v1/device/{id}/credentials"): Op("renewDeviceCredentials",
+                                                "A new MQTT password, shown once; the old one stops working",
                                                 ref("DeviceCredentials")),
-    ("delete", "/v1/device/{id}"): Op("Forget a device; its queued jobs are canceled", ref("DeviceDeleted")),
-    ("get", "/v1/audit"): Op("The audit log of state-changing requests, newest first (admin)",
+    ("delete", "/v1/device/{id}"): Op("deleteDevice", "Forget a device; its queued jobs are canceled",
+                                      ref("DeviceDeleted")),
+    ("get", "/v1/audit"): Op("listAuditEntries", "The audit log of state-changing requests, newest first (admin)",
                              listing("AuditEntry"), query=page("entries"), headers=total("entries")),
 }
+
+# Each operation's tag, by the first part of its path after /v1/; a generated client groups its functions so.
+TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "audit": "audit", "health": "service",
+        "openapi.json": "service", "signing-key": "service", "readyz": "service", "livez": "service"}
+TAG_MEANINGS = {
+    "workflows": "Named commands that jobs run",
+    "jobs": "Runs of a workflow on one device, a group or a tag; a group or tag job has a child job per device",
+    "devices": "Registered devices, their groups, tags and MQTT credentials",
+    "audit": "The log of state-changing requests",
+    "service": "Health, this document and the key agents verify jobs with",
+}
+
+
+def tag(path: str) -> str:
+    """The tag of path; a path under a new first part needs an entry in TAGS."""
+    parts = path.strip("/").split("/")
+    return TAGS[parts[1] if parts[0] == "v1" else parts[0]]
 
 ERROR_MEANINGS = {
     400: "bad input: the detail names the field, parameter or place in the JSON",
@@ -221,7 +270,7 @@ def operation(method: str, path: str, op: Op) -> Schema:
     if op.unavailable is not None:
         responses["503"] = {"description": "the database or the broker is unusable; the body says which",
                             "content": {"application/json": {"schema": op.unavailable}}}
-    result: Schema = {"summary": op.summary, "operationId": f"{method}:{path}", "responses": responses,
+    result: Schema = {"summary": op.summary, "operationId": op.name, "tags": [tag(path)], "responses": responses,
                       "parameters": [*path_params(path), *op.query]}
     if op.body is not None:
         result["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(op.body.__name__)}}}
@@ -260,6 +309,7 @@ def document() -> Schema:
         "openapi": "3.1.0",
         "info": {"title": "ota-bridge", "version": __version__,
                  "description": "Jobs and OTA updates for fleets of Linux IoT devices; SocketXP-compatible."},
+        "tags": [{"name": name, "description": meaning} for name, meaning in TAG_MEANINGS.items()],
         "paths": paths,
         "components": {"schemas": {**ANSWERS, **request_schemas()},
                        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
