@@ -12,12 +12,11 @@ round trip with Nagle off (stack.raw_round_trips), and of one bare GET /livez.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 from fleet import median_seconds  # first: puts the repo on sys.path
-from stack import BROKERS, agents, job_final, median_ms, raw_round_trips, service_on, wait_subscribed
+from stack import BROKERS, agents, for_each_broker, job_final, median_ms, raw_round_trips, service_on, wait_subscribed
 
 GROUP = "latency"
 RAW_DEVICE = "latency-raw"
@@ -25,7 +24,7 @@ RAW_COUNT = 500
 
 
 def run(kind: str, workdir: Path, devices: int, runs: int) -> None:
-    with service_on(kind, workdir) as service:
+    with service_on(kind, workdir) as (service, _broker_pid):
         api = service.api
         passwords = {f"latency-{i}": api.device(f"latency-{i}", GROUP) for i in range(devices)}
         raw_password = api.device(RAW_DEVICE)
@@ -56,9 +55,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7, help="timed group jobs, one after another (default 7)")
     parser.add_argument("--broker", choices=[*BROKERS, "both"], default="both", help="which broker (default both)")
     args = parser.parse_args()
-    for kind in BROKERS if args.broker == "both" else (args.broker,):
-        with tempfile.TemporaryDirectory(prefix="ota-bench-") as workdir:
-            run(kind, Path(workdir), args.devices, args.runs)
+    for_each_broker(args.broker, lambda kind, workdir: run(kind, workdir, args.devices, args.runs))
 
 
 if __name__ == "__main__":

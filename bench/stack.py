@@ -5,13 +5,15 @@ Import `fleet` (which puts the repo on sys.path) before this module.
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import statistics
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,15 +27,31 @@ RAW_PAYLOAD = b"x" * 200  # about the size of a head or status message
 FINALS = {"SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELED", "INTERRUPTED", "REJECTED"}
 
 
+def for_each_broker(choice: str, run: Callable[[str, Path], None]) -> None:
+    """run(kind, a fresh temporary directory) for the chosen broker, or for each with "both"."""
+    for kind in BROKERS if choice == "both" else (choice,):
+        with tempfile.TemporaryDirectory(prefix="ota-bench-") as workdir:
+            run(kind, Path(workdir))
+
+
 @contextmanager
-def service_on(kind: str, workdir: Path) -> Iterator[Service]:
-    """The service on its embedded broker, or on a Mosquitto (the repo's config, open to anonymous clients)."""
+def service_on(kind: str, workdir: Path) -> Iterator[tuple[Service, int | None]]:
+    """The service on its embedded broker, or on a Mosquitto (the repo's config, open to anonymous
+    clients); with Mosquitto's pid (None for the embedded broker, which runs in the service)."""
     with ExitStack() as stack:
         broker = stack.enter_context(start_mosquitto(workdir)) if kind == "mosquitto" else None
         service = Service(workdir, mqtt_url=broker.url if broker else None)
         stack.callback(service.stop)
         service.start()
-        yield service
+        yield service, broker.process.pid if broker and broker.process else None
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds the process has used so far (0 for None)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
