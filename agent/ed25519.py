@@ -171,8 +171,8 @@ class _FixedBase:
 
 
 _BASE_TABLE: list[_FixedBase] = []  # built on the first verification
-_KEY_TABLES: dict[bytes, _FixedBase] = {}  # -A for each public key seen, the newest MAX_KEY_TABLES
-MAX_KEY_TABLES = 8
+_KEY_TABLES: dict[bytes, _FixedBase] = {}  # -A for the last MAX_KEY_TABLES public keys built
+MAX_KEY_TABLES = 8  # about 300 KiB each; an agent trusting more keys rebuilds tables (slower, still correct)
 
 
 def _base() -> _FixedBase:
