@@ -146,8 +146,8 @@ class Entry:
 
     def without_output(self) -> Entry:
         """The same entry with its result's Stdout/Stderr dropped (flagged as truncated)."""
-        if self.result is None:
-            return self
+        if self.result is None or not (self.result.get(Key.STDOUT) or self.result.get(Key.STDERR)):
+            return self  # nothing to drop: the same object, so its encoding stays cached
         result = dict(self.result)
         for text, flag in ((Key.STDOUT, Key.STDOUT_TRUNCATED), (Key.STDERR, Key.STDERR_TRUNCATED)):
             if result.get(text):
@@ -183,6 +183,7 @@ class Journal:
         self._entries: dict[str, Entry] = {}
         self._highest_seq: int | None = None
         self._floor: int | None = None
+        self._encoding: dict[str, tuple[Entry, bytes]] = {}  # job id -> (entry, its JSON), see _encoded
         self._lock = threading.Lock()
 
     @classmethod
@@ -300,18 +301,31 @@ class Journal:
             self._entries[job_id] = self._entries[job_id].without_output()
 
     def _save(self) -> None:
-        document: dict[str, Any] = {_VERSION: FORMAT_VERSION, _ENTRIES: [e.to_json() for e in self._entries.values()]}
+        """Write the whole journal; each entry's JSON is encoded once and reused while it is unchanged."""
+        tail: dict[str, Any] = {}
         if self._highest_seq is not None:
-            document[_HIGHEST_SEQ] = self._highest_seq
+            tail[_HIGHEST_SEQ] = self._highest_seq
         if self._floor is not None:
-            document[_FLOOR] = self._floor
+            tail[_FLOOR] = self._floor
         if self._highest_seq is not None or self._floor is not None:
-            document[_SEQ_SCOPE] = list(self.seq_scope)
-        data = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            tail[_SEQ_SCOPE] = list(self.seq_scope)
+        entries = b",".join(self._encoded(entry) for entry in self._entries.values())
+        data = b"".join([b'{"%s":%d,"%s":[' % (_VERSION.encode(), FORMAT_VERSION, _ENTRIES.encode()), entries, b"]",
+                         *(b"," + _dumps(key) + b":" + _dumps(value) for key, value in tail.items()), b"}"])
         try:
             write_atomic(self.path, data)
         except OSError as e:
             raise JournalError(self.path, e) from e
+
+    def _encoded(self, entry: Entry) -> bytes:
+        """The entry as JSON, from the cache when this very entry was encoded before (entries are frozen)."""
+        cached = self._encoding.get(entry.job_id)
+        if cached is None or cached[0] is not entry:
+            cached = (entry, _dumps(entry.to_json()))
+            self._encoding[entry.job_id] = cached
+        if len(self._encoding) > 2 * self.max_entries:  # drop what pruning removed
+            self._encoding = {job_id: self._encoding[job_id] for job_id in self._entries if job_id in self._encoding}
+        return cached[1]
 
     def _load(self) -> tuple[dict[str, Entry], int | None, int | None]:
         try:
@@ -379,6 +393,10 @@ def _parse(data: bytes) -> tuple[list[Entry], int | None, int | None, Any]:
         if value is not None and not _whole(value):
             raise _Unreadable(f"{name} is not a whole number")
     return [Entry.from_json(raw) for raw in raw_entries], highest, floor, document.get(_SEQ_SCOPE)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -9,7 +9,9 @@ delivered again by the broker (on brokers that keep the service's session).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 import sys
 from dataclasses import dataclass
@@ -26,6 +28,13 @@ log = logging.getLogger(__name__)
 def _not_reconnect_noise(record: logging.LogRecord) -> bool:
     """Drops the error paho logs after every failed reconnect: _paho_connect_fail logs those."""
     return not str(record.msg).startswith("Client is not connected")
+
+
+def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """paho leaves Nagle on: each small packet sent after another unanswered one would wait for the
+    peer's delayed ACK (~40 ms), twice per exchange. Every exchange here is small and waits for an answer."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class BrokerLink:
         client.on_disconnect = self._paho_disconnect
         client.on_connect_fail = self._paho_connect_fail
         client.on_message = self._paho_message
+        client.on_socket_open = _no_delay
         self._client = client
 
     def start(self) -> None:

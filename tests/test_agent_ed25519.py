@@ -207,3 +207,12 @@ def test_a_verification_takes_well_under_50_ms():
     median = statistics.median(times)
     print(f"ed25519.verify: median {median * 1000:.2f} ms over {len(times)} runs")
     assert median < 0.050
+
+
+def test_more_keys_than_the_table_cache_holds_all_verify_and_the_cache_stays_bounded():
+    keys = [Ed25519PrivateKey.generate() for _ in range(ed25519.MAX_KEY_TABLES + 3)]
+    for _ in range(2):  # the second pass finds the first keys' tables evicted
+        for key in keys:
+            assert ed25519.verify(raw_public(key), b"job", key.sign(b"job"))
+            assert not ed25519.verify(raw_public(key), b"job", keys[0 if key is not keys[0] else 1].sign(b"job"))
+    assert len(ed25519._KEY_TABLES) <= ed25519.MAX_KEY_TABLES

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 from typing import Callable
 
 from .core import AmqttCore
@@ -98,6 +99,7 @@ class Front:
 
     async def _connection(self, listener: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        _no_delay(writer)
         try:
             connect = await asyncio.wait_for(_read_connect(reader), CONNECT_TIMEOUT_SECONDS)
             await self._admit(connect)
@@ -136,6 +138,15 @@ class Front:
             await self.core.drop(login.client_id, held.ref)
         elif held.connected:
             await self.core.disconnect(login.client_id)
+
+
+def _no_delay(writer: asyncio.StreamWriter) -> None:
+    """Nagle off on the client's socket, whatever the event loop's default: every MQTT exchange is
+    small and waits for its answer (asyncio's selector loop sets it too; this says it is wanted)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def _read_connect(reader: asyncio.StreamReader) -> Connect:
