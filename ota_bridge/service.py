@@ -13,6 +13,7 @@ import hmac
 import logging
 import signal
 import ssl
+import tempfile
 from pathlib import Path
 from typing import AsyncIterator, Sequence
 
@@ -39,7 +40,7 @@ from .files import write_atomically
 from .models import PRIVATE_DIR_MODE
 from .mqtt_link import BrokerLink
 from .roles import Role
-from .settings import OPTIONS_BY_NAME, HostPort, Settings
+from .settings import OPTIONS_BY_NAME, SQLITE_FILE, HostPort, Settings, named
 from .store import Store, devices, queues, tokens
 
 log = logging.getLogger(__name__)
@@ -60,17 +61,46 @@ def ensure_admin_token(db: Store, data_dir: Path) -> Path | None:
     return path
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, existing: bool = False) -> Store:
+    """The store; with `existing`, only in a data directory that holds the database (see check_data_dir)."""
+    if existing:
+        check_data_dir(settings)
     make_data_dir(settings.data_dir)
     return Store(settings.database_url)
+
+
+# What `serve` leaves in every data directory it starts in: the job-signing key pair.
+DATA_DIR_MARK = signing.key_files(Path("."), signing.ACTIVE)[0].name
+
+
+def check_data_dir(settings: Settings, mark: str | None = None) -> None:
+    """Refuse a directory that is not a data directory, so that a command run in the wrong place
+    neither makes an empty database nor answers from one: it must exist, and hold `mark`, or (by
+    default) the SQLite file unless --database names another database."""
+    path, where = settings.data_dir, f"run it where 'ota-bridge serve' ran, or give {named('data_dir')}"
+    if not path.is_dir():
+        raise ConfigError(f"the data directory {path} does not exist: {where}")
+    if mark is None and settings.database:
+        return
+    needed = mark or SQLITE_FILE
+    if not (path / needed).exists():
+        raise ConfigError(f"{path} is not an ota-bridge data directory (it has no {needed}): {where}"
+                          f"{'' if mark else ' (and ' + named('database') + ' if it uses PostgreSQL)'}")
 
 
 def make_data_dir(path: Path) -> None:
     """Create the data directory 0700; warn about one that others may list (its files are 0600 anyway).
 
     Search-only access for the group (0710, the documented Mosquitto set-up) is not warned about.
+    Raises ConfigError, in one line, for a directory that cannot be made or written.
     """
-    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    for doing, attempt in (("create", lambda: path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)),
+                           ("write in", lambda: tempfile.TemporaryFile(dir=path).close())):  # only trying tells
+        try:
+            attempt()
+        except OSError as e:
+            raise ConfigError(f"cannot {doing} the data directory {path} ({named('data_dir')}): "
+                              f"{e.strerror or e}") from e
     mode = path.stat().st_mode & 0o777
     if mode & 0o066:
         log.warning("the data directory %s has mode %04o: other users can list it; 'chmod 700 %s' makes it "

@@ -1,0 +1,93 @@
+"""The path a new user takes: start-up errors in one line, the wrong directory refused, presence
+right after restarts, the agent telling it may be on the wrong broker, the service telling the
+exact agent and watch commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.databases import DEFAULT_POSTGRES
+from tests.support.mosquitto import free_port
+from tests.support.processes import REPO, _env
+
+
+def ota_bridge(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ota_bridge", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env or _env(), timeout=60)
+
+
+def serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return ota_bridge("serve", "--http", f"127.0.0.1:{free_port()}", "--mqtt-listen", f"127.0.0.1:{free_port()}",
+                      *args, env=env)
+
+
+def assert_one_line(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and "Traceback" not in done.stderr and len(lines) == 1, done.stderr
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+def _postgres(database: str) -> str:
+    base = os.environ.get("OTA_TEST_POSTGRES_URL", DEFAULT_POSTGRES)
+    return base.rsplit("/", 1)[0] + "/" + database
+
+
+# --- start-up errors: one line, never a traceback --------------------------------------------
+
+def test_a_data_dir_under_a_regular_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").touch()
+    assert_one_line(serve(tmp_path, "--data-dir", str(tmp_path / "file" / "data")),
+                    "cannot create the data directory", "--data-dir", "Not a directory")
+
+
+def test_a_data_dir_nobody_can_write_is_one_line(tmp_path: Path) -> None:
+    assert_one_line(serve(tmp_path, "--data-dir", "/proc"), "cannot write in the data directory /proc")
+
+
+def test_an_unreachable_postgresql_is_one_line(tmp_path: Path) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    assert_one_line(serve(tmp_path, "--data-dir", str(tmp_path / "d"), "--database", url),
+                    "cannot open the PostgreSQL database 'test'", "Connection refused")
+
+
+@pytest.mark.postgres
+def test_an_unknown_postgresql_database_is_one_line(tmp_path: Path) -> None:
+    name = f"nosuch_{uuid.uuid4().hex[:12]}"
+    done = serve(tmp_path, "--data-dir", str(tmp_path / "d"), "--database", _postgres(name))
+    if "Connection refused" in done.stderr and os.environ.get("CI") != "true":
+        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
+    assert_one_line(done, f"database \"{name}\" does not exist")
+
+
+def test_a_postgresql_url_without_a_database_is_one_line(tmp_path: Path) -> None:
+    assert_one_line(serve(tmp_path, "--data-dir", str(tmp_path / "d"), "--database", "postgresql://127.0.0.1:5432"),
+                    "--database / OTA_BRIDGE_DATABASE", "names no database")
+
+
+def test_a_missing_postgresql_driver_says_what_to_install(tmp_path: Path) -> None:
+    shadow = tmp_path / "shadow" / "psycopg2"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = _env()
+    env["PYTHONPATH"] = f"{shadow.parent}{os.pathsep}{env['PYTHONPATH']}"
+    done = serve(tmp_path, "--data-dir", str(tmp_path / "d"), "--database", _postgres("test"), env=env)
+    assert_one_line(done, "PostgreSQL support is not installed", "pip install 'ota-bridge[postgres]'")
+
+
+# --- the wrong directory ----------------------------------------------------------------------
+
+def test_reading_commands_refuse_a_directory_that_is_not_a_data_directory(tmp_path: Path) -> None:
+    for command in (("token", "list"), ("token", "revoke", "--name", "x"), ("signing-key", "show"),
+                    ("mosquitto-config", "--out", str(tmp_path / "out"))):
+        done = ota_bridge(*command, cwd=tmp_path)
+        assert_one_line(done, "the data directory ota-bridge-data does not exist", "--data-dir")
+    (tmp_path / "empty").mkdir()
+    done = ota_bridge("token", "list", "--data-dir", str(tmp_path / "empty"))
+    assert_one_line(done, "is not an ota-bridge data directory", "ota-bridge.db")
+    assert list((tmp_path / "empty").iterdir()) == [] and not (tmp_path / "ota-bridge-data").exists()
