@@ -134,6 +134,7 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
         accounts = BrokerAccounts(db, dispatcher.topics, settings.data_dir, embedded=embedded,
                                   mosquitto_dir=settings.mosquitto_dir)
         await accounts.start()
+        await db.call(devices.forget_presence)  # no device is online before it says so in this run
         for job in (dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts()):
             stack.push_async_callback(_cancel, asyncio.create_task(job))
         link.start()

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import Launcher
 from tests.support.databases import DEFAULT_POSTGRES
 from tests.support.mosquitto import free_port
-from tests.support.processes import REPO, _env
+from tests.support.processes import REPO, _env, wait_until
 
 
 def ota_bridge(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -91,3 +92,18 @@ def test_reading_commands_refuse_a_directory_that_is_not_a_data_directory(tmp_pa
     done = ota_bridge("token", "list", "--data-dir", str(tmp_path / "empty"))
     assert_one_line(done, "is not an ota-bridge data directory", "ota-bridge.db")
     assert list((tmp_path / "empty").iterdir()) == [] and not (tmp_path / "ota-bridge-data").exists()
+
+
+# --- presence after restarts ------------------------------------------------------------------
+
+def test_a_device_is_not_shown_online_after_the_service_and_its_agent_stopped(launch: Launcher) -> None:
+    service = launch.service()
+    password = service.api.device("dev1")
+    agent = launch.agent(service, "dev1", password)
+    wait_until(lambda: service.api.ok("GET", "/v1/device/dev1")["Online"], 30, "the device online")
+    service.stop()  # the embedded broker goes with it: the agent cannot say offline any more
+    agent.kill()
+    service.start()
+    assert service.api.ok("GET", "/v1/device/dev1")["Online"] is False
+    agent.start()
+    wait_until(lambda: service.api.ok("GET", "/v1/device/dev1")["Online"], 30, "the device online again")
