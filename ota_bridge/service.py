@@ -11,8 +11,10 @@ import errno
 import hashlib
 import hmac
 import logging
+import shlex
 import signal
 import ssl
+import sys
 import tempfile
 from pathlib import Path
 from typing import AsyncIterator, Sequence
@@ -24,7 +26,7 @@ from agent.protocol import OPERATOR_USERNAME, RESERVED_DEVICE_IDS, SERVICE_CLIEN
 from . import credentials, signing, tls
 from .api import make_app
 from .api.views import ACCOUNTS
-from .broker_accounts import SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secret
+from .broker_accounts import OPERATOR_PASSWORD_FILE, SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secret
 from .dispatch import Dispatcher
 from .embedded_broker import (
     SERVICE_USERNAME,
@@ -88,6 +90,61 @@ def check_data_dir(settings: Settings, mark: str | None = None) -> None:
                           f"{'' if mark else ' (and ' + named('database') + ' if it uses PostgreSQL)'}")
 
 
+WATCH_OPTIONS_FILE = "mosquitto_sub"  # in the data dir: mosquitto_sub's options, read with XDG_CONFIG_HOME
+WATCH_TOKEN_NAME = "mosquitto_sub"  # the viewer token the embedded broker's watch options log in with
+
+
+def watch_options(db: Store, settings: Settings) -> Path | None:
+    """The options file that lets `XDG_CONFIG_HOME=<data-dir> mosquitto_sub` log in as the read-only
+    user `api` without a password on its command line (where `ps` shows it); made once, mode 0600.
+    None when the service does not know the broker's password for `api` (another broker's accounts)."""
+    path = settings.data_dir / WATCH_OPTIONS_FILE
+    if path.exists():
+        return path
+    if settings.mqtt_url is None:
+        password = db.call_sync(tokens.create_token, WATCH_TOKEN_NAME, Role.VIEWER)
+    elif settings.mosquitto_dir is not None:
+        password = broker_secret(settings.data_dir, OPERATOR_PASSWORD_FILE)
+    else:
+        return None
+    write_atomically(path, f"-u {OPERATOR_USERNAME}\n-P {password}\n".encode(), 0o600)
+    return path
+
+
+def start_guide(settings: Settings, watch_file: Path | None) -> str:
+    """The exact commands for an agent and a watcher on the broker this service really uses."""
+    host, port = _broker_address(settings)
+    scheme = "mqtts" if settings.mqtt_url is not None and settings.mqtt_url.tls else "mqtt"
+    agent = shlex.join([_sibling("ota-agent"), "--broker", f"{scheme}://{host}:{port}", "--device-id", "DEVICE-ID",
+                        "--password-file", "DEVICE-ID.password", "--server-key-file",
+                        str(signing.key_files(settings.data_dir, signing.ACTIVE)[1]),
+                        "--state-dir", "./ota-agent-state"])
+    watch = shlex.join(["mosquitto_sub", "-h", host, "-p", str(port), "-v", "-t", f"{settings.prefix}/#"])
+    if watch_file is not None:
+        watch = f"XDG_CONFIG_HOME={shlex.quote(str(watch_file.parent))} {watch}"
+        how = f"user {OPERATOR_USERNAME} and its password are in {watch_file}"
+    else:
+        how = f"add -u {OPERATOR_USERNAME} and its password, best in an options file (man mosquitto_sub)"
+    return (f"MQTT broker for agents: {scheme}://{host}:{port}. Start a device's agent, its password "
+            f"(from POST /v1/device) in the file DEVICE-ID.password:\n  {agent}\n"
+            f"Watch every device's queue and results ({how}):\n  {watch}")
+
+
+def _broker_address(settings: Settings) -> tuple[str, int]:
+    if settings.mqtt_url is not None:
+        return settings.mqtt_url.host, settings.mqtt_url.port
+    listen = settings.mqtt_listen
+    return ("127.0.0.1" if listen.host in {"0.0.0.0", "::", ""} else listen.host), listen.port
+
+
+def _sibling(program: str) -> str:
+    """The program installed next to this Python (the venv's bin), else its bare name."""
+    path = Path(sys.argv[0]).parent / program
+    if not path.exists():
+        path = Path(sys.executable).parent / program
+    return str(path) if path.exists() else program
+
+
 def make_data_dir(path: Path) -> None:
     """Create the data directory 0700; warn about one that others may list (its files are 0600 anyway).
 
@@ -115,6 +172,7 @@ async def serve(settings: Settings) -> None:
             token_file = ensure_admin_token(db, settings.data_dir)
             if token_file:
                 print(f"Created the admin API token in {token_file} (mode 0600); read it from there", flush=True)
+            print(start_guide(settings, watch_options(db, settings)), file=sys.stderr, flush=True)
             await _wait_for_signal()
     finally:
         db.close()
@@ -154,11 +212,11 @@ async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
         if username is None and settings.mosquitto_dir is not None:  # the identity it writes for itself
             username, password = SERVICE_USERNAME, broker_secret(settings.data_dir, SERVICE_PASSWORD_FILE)
         return _link(url.host, url.port, username, password, dispatcher, tls.broker_client_context(settings)), None
-    listen, secret = settings.mqtt_listen, credentials.new_secret()
+    secret = credentials.new_secret()
     broker = await _start_embedded(settings, BrokerLogins(db, secret))
     stack.push_async_callback(broker.shutdown)
-    host = "127.0.0.1" if listen.host in {"0.0.0.0", "::", ""} else listen.host
-    return _link(host, listen.port, SERVICE_USERNAME, secret, dispatcher), broker  # plain: loopback or own host
+    host, port = _broker_address(settings)
+    return _link(host, port, SERVICE_USERNAME, secret, dispatcher), broker  # plain: loopback or own host
 
 
 async def _start_embedded(settings: Settings, logins: BrokerLogins) -> EmbeddedBroker:
