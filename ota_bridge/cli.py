@@ -129,7 +129,7 @@ def _mosquitto_config(args: argparse.Namespace) -> int:
               f"(password in {config.data_dir / SERVICE_PASSWORD_FILE}), operators as {OPERATOR_USERNAME!r} "
               f"(password in {config.data_dir / OPERATOR_PASSWORD_FILE})")
 
-    return _with_store(args, write)
+    return _with_store(args, write, existing=False)  # the documented set-up runs it before the first start
 
 
 def _key_data_dir(args: argparse.Namespace) -> Path:
