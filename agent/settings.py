@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "for one (with --key-file)")
     add("--key-file", metavar="FILE", help="the unencrypted PEM private key of --cert-file")
     add("--device-id", metavar="ID", help="this device's id; also the MQTT client id")
-    add("--username", help="MQTT user name (default: the device id)")
-    add("--password", help="MQTT password (prefer --password-file)")
+    add("--username", metavar="NAME", help="MQTT user name (default: the device id)")
+    add("--password", metavar="PASSWORD", help="MQTT password; ps shows it: prefer --password-file or "
+        f"{env_name('password')}")
     add("--password-file", metavar="FILE", help="a file holding the MQTT password (read at start; a new one "
         "from POST /v1/device/ID/credentials needs a restart). While the broker refuses it, the agent "
         "retries with a wait doubling up to 5 minutes")

@@ -136,3 +136,18 @@ def test_the_agent_and_watch_commands_the_service_prints_run_a_job(launch: Launc
         watcher.terminate()
         seen = watcher.communicate(timeout=10)[0]
     assert "ota/v1/devices/dev1/status" in seen and '"Status":"SUCCEEDED"' in seen, seen
+
+
+# --- --help -----------------------------------------------------------------------------------
+
+def test_help_shows_placeholders_and_hides_test_only_flags() -> None:
+    serve_help = ota_bridge("serve", "--help").stdout
+    assert "--http HOST:PORT" in serve_help and "--mqtt-listen HOST:PORT" in serve_help
+    assert "--failpoints" not in serve_help
+    agent_help = subprocess.run([sys.executable, "-m", "agent", "--help"], capture_output=True, text=True,
+                                cwd=REPO, env=_env(), timeout=60).stdout
+    assert "--broker mqtt[s]://HOST:PORT" in agent_help and "--head-wait" not in agent_help
+    readme = (REPO / "README.md").read_text()
+    for flag in ("--http HOST:PORT", "--mqtt-listen HOST:PORT", "--mqtt-url mqtt[s]://USER:PASS@HOST:PORT",
+                 "--broker mqtt[s]://HOST:PORT"):
+        assert flag in readme and flag in serve_help + agent_help
