@@ -115,18 +115,21 @@ def start_guide(settings: Settings, watch_file: Path | None) -> str:
     """The exact commands for an agent and a watcher on the broker this service really uses."""
     host, port = _broker_address(settings)
     scheme = "mqtts" if settings.mqtt_url is not None and settings.mqtt_url.tls else "mqtt"
+    ca = [str(settings.mqtt_ca_file)] if scheme == "mqtts" and settings.mqtt_ca_file else []
     agent = shlex.join([_sibling("ota-agent"), "--broker", f"{scheme}://{host}:{port}", "--device-id", "DEVICE-ID",
                         "--password-file", "DEVICE-ID.password", "--server-key-file",
                         str(signing.key_files(settings.data_dir, signing.ACTIVE)[1]),
-                        "--state-dir", "./ota-agent-state"])
-    watch = shlex.join(["mosquitto_sub", "-h", host, "-p", str(port), "-v", "-t", f"{settings.prefix}/#"])
+                        "--state-dir", "./ota-agent-state", *(["--ca-file", *ca] if ca else [])])
+    tls = (["--cafile", *ca] if ca else ["--capath", "/etc/ssl/certs"]) if scheme == "mqtts" else []
+    watch = shlex.join(["mosquitto_sub", "-h", host, "-p", str(port), *tls, "-v", "-t", f"{settings.prefix}/#"])
     if watch_file is not None:
         watch = f"XDG_CONFIG_HOME={shlex.quote(str(watch_file.parent))} {watch}"
         how = f"user {OPERATOR_USERNAME} and its password are in {watch_file}"
     else:
         how = f"add -u {OPERATOR_USERNAME} and its password, best in an options file (man mosquitto_sub)"
-    return (f"MQTT broker for agents: {scheme}://{host}:{port}. Start a device's agent, its password "
-            f"(from POST /v1/device) in the file DEVICE-ID.password:\n  {agent}\n"
+    return (f"MQTT broker for agents: {scheme}://{host}:{port} (from another machine: this host's address). "
+            f"Start a device's agent, its password (from POST /v1/device) in the file DEVICE-ID.password:\n"
+            f"  {agent}\n"
             f"Watch every device's queue and results ({how}):\n  {watch}")
 
 
