@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import Launcher
 from tests.support.databases import DEFAULT_POSTGRES
-from tests.support.mosquitto import free_port
+from tests.support.mosquitto import BROKERS, broker_url, free_port
 from tests.support.processes import REPO, Process, _env, wait_until
 
 
@@ -112,30 +112,34 @@ def test_a_device_is_not_shown_online_after_the_service_and_its_agent_stopped(la
 
 # --- the tour: the commands the service prints work as printed ----------------------------------
 
-def test_the_agent_and_watch_commands_the_service_prints_run_a_job(launch: Launcher, tmp_path: Path,
+@pytest.mark.parametrize("kind", BROKERS)
+def test_the_agent_and_watch_commands_the_service_prints_run_a_job(kind: str, launch: Launcher, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    service = launch.service()
-    log = service.log().splitlines()
-    agent_line = log[log.index(next(line for line in log if "Start a device's agent" in line)) + 1].strip()
-    watch_line = log[log.index(next(line for line in log if "Watch every device's queue" in line)) + 1].strip()
-    assert f"--broker mqtt://127.0.0.1:{service.mqtt_port} " in agent_line and "--password " not in agent_line
-    assert f"-p {service.mqtt_port} " in watch_line and " -P " not in watch_line
-    (tmp_path / "dev1.password").write_text(service.api.device("dev1") + "\n")
-    xdg, watch = watch_line.split(" ", 1)
-    watcher = subprocess.Popen(shlex.split(watch), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**_env(), xdg.split("=")[0]: xdg.split("=", 1)[1]})
-    try:
-        agent = Process("printed agent", shlex.split(agent_line.replace("DEVICE-ID", "dev1")), tmp_path / "a.log")
-        launch.started.append(agent)
-        agent.argv += ["--log-level", "INFO"]
-        monkeypatch.chdir(tmp_path)  # the printed --state-dir and --password-file are relative to where it runs
-        agent.start()
-        job = service.api.submit(service.api.workflow("echo tour"), DeviceId="dev1")
-        assert service.api.wait_job(job, 60)["Result"] == "tour\n"
-    finally:
-        watcher.terminate()
-        seen = watcher.communicate(timeout=10)[0]
-    assert "ota/v1/devices/dev1/status" in seen and '"Status":"SUCCEEDED"' in seen, seen
+    with broker_url(kind, tmp_path) as (url, extra):
+        service = launch.service(mqtt_url=url, extra=extra)
+        log = service.log().splitlines()
+        agent_line = log[log.index(next(line for line in log if "Start a device's agent" in line)) + 1].strip()
+        watch_line = log[log.index(next(line for line in log if "Watch every device's queue" in line)) + 1].strip()
+        port = service.broker_url.rsplit(":", 1)[1]
+        assert f"--broker mqtt://127.0.0.1:{port} " in agent_line and "--password " not in agent_line
+        assert f"-p {port} " in watch_line and " -P " not in watch_line
+        (tmp_path / "dev1.password").write_text(service.api.device("dev1") + "\n")
+        xdg, watch = watch_line.split(" ", 1)
+        watcher = subprocess.Popen(shlex.split(watch), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**_env(), xdg.split("=")[0]: xdg.split("=", 1)[1]})
+        try:
+            argv = shlex.split(agent_line.replace("DEVICE-ID", "dev1"))
+            agent = Process("printed agent", argv, tmp_path / "a.log")
+            launch.started.append(agent)
+            monkeypatch.chdir(tmp_path)  # the printed --state-dir and --password-file are relative to where it runs
+            agent.start()
+            job = service.api.submit(service.api.workflow("echo tour"), DeviceId="dev1")
+            assert service.api.wait_job(job, 60)["Result"] == "tour\n"
+        finally:
+            watcher.terminate()
+            seen = watcher.communicate(timeout=10)[0]
+            service.stop()
+        assert "ota/v1/devices/dev1/status" in seen and '"Status":"SUCCEEDED"' in seen, seen
 
 
 # --- --help -----------------------------------------------------------------------------------
