@@ -59,6 +59,9 @@ CREDENTIALS_HINT = ("the broker refused the device's credentials (user %s): if i
                     "and restart the agent; until then it retries, doubling the wait up to every 5 minutes")
 # A head signed without an IssuedAt: from a service older than this agent (protocol v1), or forged.
 NO_ISSUE_TIME = "the head has no IssuedAt: it comes from an older service (protocol v1) or is forged"
+NO_SIGNED_HEAD = ("connected to %s, but no head signed by the service's key came within %g s on %s: this broker "
+                  "may not be the ota-bridge service's (another broker on that port?), or the service does not "
+                  "know device %s. Check --broker against the agent command the service prints at start-up")
 _IGNORED_BECAUSE = {True: "the journal's result stands", False: "nothing is reported about it"}
 # How often a head held back for its IssuedAt (agent without state) is looked at again.
 TIME_RETRY_SECONDS = 30.0
@@ -111,6 +114,8 @@ class Agent:
         self._connect_failures = 0
         self._checked: tuple[Head, str | None] | None = None  # the last head whose signature was checked
         self._retry_at: float | None = None  # when to look again at a head held back for its IssuedAt
+        self._head_due: float | None = None  # subscribed, no signed head yet: when to warn about it
+        self._heard_service = False  # a head signed by the service came since the last connect
         self.keys = TrustedKeys(settings, KEY_FILE_CHECK_SECONDS)
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
@@ -164,6 +169,7 @@ class Agent:
             pass
         if self.keys.changed():
             self._on_keys_changed()
+        self._warn_if_no_signed_head()
         self._act_on_head()
 
     def _on_keys_changed(self) -> None:
@@ -189,7 +195,7 @@ class Agent:
             log.warning("could not connect to %s (attempt %d: %s); retrying", self.settings.broker_url,
                         self._connect_failures, event.reason)
         elif isinstance(event, Disconnected):
-            self._ready_at = None
+            self._ready_at = self._head_due = None
             log.warning("disconnected from %s (%s); reconnecting", self.settings.broker_url, event.reason)
 
     # --- connection -------------------------------------------------------------------------
@@ -199,7 +205,7 @@ class Agent:
             self._log_refusal(event)
             return
         self._connect_failures = 0
-        self._ready_at = None
+        self._ready_at, self._heard_service = None, False
         log.info("connected to %s", self.settings.broker_url)
         self.link.publish_presence(Presence.ONLINE)
         self.link.subscribe_job()
@@ -217,6 +223,17 @@ class Agent:
             return
         log.info("subscribed to %s", self.link.job_topic)
         self._ready_at = time.monotonic() + SUBSCRIBE_SETTLE_SECONDS
+        self._head_due = None if self._heard_service else time.monotonic() + self.settings.head_wait
+
+    def _warn_if_no_signed_head(self) -> None:
+        """The service keeps a signed head retained for every device it knows: none for a while after
+        subscribing means another broker (anyone's, on the same port), or a device the service does
+        not know. Said once per connection."""
+        if self._head_due is None or time.monotonic() < self._head_due:
+            return
+        self._head_due = None
+        log.warning(NO_SIGNED_HEAD, self.settings.broker_url, self.settings.head_wait, self.link.job_topic,
+                    self.settings.device_id)
 
     def _on_job_message(self, event: JobMessage) -> None:
         if event.topic != self.link.job_topic:
@@ -228,6 +245,8 @@ class Agent:
             log.warning("ignored a bad message on %s: %s", event.topic, shown(str(e), cap=200))
             return
         self._head, self._head_new, self._retry_at = head, True, None
+        if not self._heard_service and self._signature_problem(head) is None:
+            self._heard_service, self._head_due = True, None  # the service's word: this is its broker
 
     # --- heads ------------------------------------------------------------------------------
 
@@ -370,7 +389,7 @@ class Agent:
         reason holds again whenever the head comes back, and journalling heads a forger or a
         replayer chose would let them push real entries out of the journal.
         """
-        log.warning("job %s: %s: %s", shown(head.job_id), JobStatus.REJECTED.value, reason)
+        log.warning("job %s: %s: %s%s", shown(head.job_id), JobStatus.REJECTED.value, reason, _about(head))
         message = RunResult.without_output(head.job_id, JobStatus.REJECTED, protocol.utc_now(), reason).status_message()
         if journal:
             try:
@@ -398,7 +417,7 @@ class Agent:
         except JournalError as e:
             self._refuse(head, str(e))
             return
-        log.info("job %s: %s", head.job_id, JobStatus.IN_PROGRESS.value)
+        log.info("job %s: %s%s", head.job_id, JobStatus.IN_PROGRESS.value, _about(head))
         self.link.publish_status(in_progress_message(head.job_id, runner.start_time))
         thread = threading.Thread(target=self._work, args=(runner,), name=f"job-{head.job_id}", daemon=True)
         self._running = _Running(head, runner, thread)
@@ -433,11 +452,11 @@ class Agent:
     def _on_job_done(self, result: RunResult) -> None:
         if self._running is None or self._running.head.job_id != result.job_id:
             return
-        self._running = None
+        head, self._running = self._running.head, None
         message = result.status_message()
         self._record_result(result.job_id, message)
-        log.info("job %s: %s exit=%s%s", result.job_id, result.status.value, result.exit_code,
-                 f" ({result.reason})" if result.reason else "")
+        log.info("job %s: %s exit=%s%s%s", result.job_id, result.status.value, result.exit_code,
+                 f" ({result.reason})" if result.reason else "", _about(head))
         self.link.publish_status(message)
 
     def _record_result(self, job_id: str, message: dict[str, Any]) -> None:
@@ -460,6 +479,15 @@ class Agent:
             limits = running.runner.limits
             running.thread.join(timeout=limits.kill_grace + 2 * limits.pipe_grace + 5)
         self.link.stop()
+
+
+def _about(head: Head) -> str:
+    """What a person matches a job's log lines with: its parent job and name (unsigned labels),
+    and the first line of its (signed) command."""
+    lines = head.command.splitlines() or [""]
+    more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
+    labels = f"; {head.labels}" if head.labels else ""
+    return f"{labels}; command {shown(lines[0], cap=200)}{more}"
 
 
 def command_environment(environ: Mapping[str, str], device_id: str) -> dict[str, str]:

@@ -35,6 +35,7 @@ class Head:
     device_id: Any = None  # the head's DeviceId, checked only once its signature verifies
     signature: Any = None  # the head's Signature, as it came
     signed_content: bytes | None = field(default=None, repr=False)  # what the signature must sign
+    labels: str = ""  # the unsigned ParentJobId and JobName, quoted and capped, only for logs
 
     @property
     def is_idle(self) -> bool:
@@ -78,7 +79,16 @@ def parse_head(payload: bytes, default_timeout: float) -> Head:
         device_id=message.get(Key.DEVICE_ID),
         signature=message.get(Key.SIGNATURE),
         signed_content=job_signature.signed_content(message),
+        labels=_labels(message),
     )
+
+
+def _labels(message: dict[str, object]) -> str:
+    """How logs show the parent job and the job's name: not signed, so quoted, capped, and said so."""
+    parent, name = message.get(Key.PARENT_JOB_ID), message.get(Key.JOB_NAME)
+    if parent is None and name is None:
+        return ""
+    return f"parent job {shown(parent)}, name {shown(name)} (unsigned labels)"
 
 
 def _whole(value: Any) -> int | None:

@@ -35,6 +35,9 @@ from .protocol import Topics
 ENV_PREFIX = "OTA_AGENT_"
 SYSTEM_STATE_DIR = Path("/var/lib/ota-agent")
 DEFAULT_KILL_GRACE = 5.0
+# The service always publishes a signed head (an idle one when nothing is pending): without one this long
+# after subscribing, the agent is probably on another broker, and says so.
+DEFAULT_HEAD_WAIT = 30.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 log = logging.getLogger("ota-agent")
 
@@ -78,6 +81,7 @@ class Settings:
     policy: CommandPolicy = CommandPolicy()
     tls: ssl.SSLContext | None = field(default=None, repr=False, compare=False)  # None: plain mqtt://
     server_key_file: Path | None = None  # where server_keys came from; the agent re-reads it when it changes
+    head_wait: float = DEFAULT_HEAD_WAIT  # seconds after subscribing without a signed head before it warns
 
     @property
     def server_keys_b64(self) -> tuple[str, ...]:
@@ -107,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "for one (with --key-file)")
     add("--key-file", metavar="FILE", help="the unencrypted PEM private key of --cert-file")
     add("--device-id", metavar="ID", help="this device's id; also the MQTT client id")
-    add("--username", help="MQTT user name (default: the device id)")
-    add("--password", help="MQTT password (prefer --password-file)")
+    add("--username", metavar="NAME", help="MQTT user name (default: the device id)")
+    add("--password", metavar="PASSWORD", help="MQTT password; ps shows it: prefer --password-file or "
+        f"{env_name('password')}")
     add("--password-file", metavar="FILE", help="a file holding the MQTT password (read at start; a new one "
         "from POST /v1/device/ID/credentials needs a restart). While the broker refuses it, the agent "
         "retries with a wait doubling up to 5 minutes")
@@ -141,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "words after PREFIX may be options: only for a program no option can make run other commands")
     add("--allow-scripts-dir", metavar="DIR", help="run only commands that are the absolute path of a script "
         "inside DIR, with plain-word arguments")
+    add("--head-wait", metavar="SECONDS", help=argparse.SUPPRESS)  # for tests: see Settings.head_wait
     add("--version", action="version", version=f"ota-agent {agent_version()}")
     return parser
 
@@ -148,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 _SETTING_NAMES = (
     "broker", "device_id", "username", "password", "password_file", "state_dir", "prefix",
     "output_cap", "default_timeout", "kill_grace", "log_level", "server_key", "server_key_file",
-    "allow_scripts_dir", "allow_commands_file", "ca_file", "cert_file", "key_file",
+    "allow_scripts_dir", "allow_commands_file", "ca_file", "cert_file", "key_file", "head_wait",
 )
 # Repeatable flags; their variable holds a list.
 _LIST_SETTING_NAMES = ("allow_prefix", "allow_prefix_with_options", "allow_command")
@@ -181,6 +187,7 @@ def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Setting
             scripts_dir=_scripts_dir(raw["allow_scripts_dir"]),
         ),
         tls=_broker_tls(raw, tls),
+        head_wait=_positive_number(raw, "head_wait", DEFAULT_HEAD_WAIT),
     )
 
 

@@ -15,7 +15,7 @@ from . import __version__, settings, signing
 from .broker_accounts import ACL, OPERATOR_PASSWORD_FILE, PASSWORDS, SERVICE_PASSWORD_FILE, write_mosquitto_files
 from .errors import OtaBridgeError
 from .roles import DEFAULT_CLI_ROLE, Role
-from .service import open_store, serve
+from .service import DATA_DIR_MARK, check_data_dir, open_store, serve
 from .store import Store, devices, tokens
 
 
@@ -78,9 +78,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_store(args: argparse.Namespace, work: Callable[[Store, settings.Settings], None]) -> int:
+def _with_store(args: argparse.Namespace, work: Callable[[Store, settings.Settings], None],
+                existing: bool = True) -> int:
+    """Run work on the store; unless `existing` is False, only in a data directory that has one."""
     config = settings.resolve(args)
-    db = open_store(config)
+    db = open_store(config, existing=existing)
     try:
         work(db, config)
     finally:
@@ -100,7 +102,7 @@ def _token_create(args: argparse.Namespace) -> int:
         print(db.call_sync(tokens.create_token, args.name, args.role))
         print(f"created token {args.name!r} with role {args.role.value}", file=sys.stderr)
 
-    return _with_store(args, create)
+    return _with_store(args, create, existing=False)  # may come before the first start
 
 
 def _token_list(args: argparse.Namespace) -> int:
@@ -127,18 +129,24 @@ def _mosquitto_config(args: argparse.Namespace) -> int:
               f"(password in {config.data_dir / SERVICE_PASSWORD_FILE}), operators as {OPERATOR_USERNAME!r} "
               f"(password in {config.data_dir / OPERATOR_PASSWORD_FILE})")
 
-    return _with_store(args, write)
+    return _with_store(args, write, existing=False)  # the documented set-up runs it before the first start
+
+
+def _key_data_dir(args: argparse.Namespace) -> Path:
+    config = settings.resolve(args)
+    check_data_dir(config, DATA_DIR_MARK)
+    return config.data_dir
 
 
 def _key_show(args: argparse.Namespace) -> int:
-    data_dir = settings.resolve(args).data_dir
+    data_dir = _key_data_dir(args)
     for name, which in (("active", signing.ACTIVE), ("next", signing.NEXT), ("previous", signing.PREVIOUS)):
         print(f"{name}\t{signing.public_key(data_dir, which) or '-'}")
     return 0
 
 
 def _key_rotate(args: argparse.Namespace) -> int:
-    data_dir = settings.resolve(args).data_dir
+    data_dir = _key_data_dir(args)
     if args.activate:
         key = signing.activate_next(data_dir)
         print(f"heads are now signed with {key} once the service restarts; agents that trust only the "
@@ -151,7 +159,7 @@ def _key_rotate(args: argparse.Namespace) -> int:
 
 
 def _key_retire(args: argparse.Namespace) -> int:
-    key = signing.retire_previous(settings.resolve(args).data_dir)
+    key = signing.retire_previous(_key_data_dir(args))
     print(f"retired the previous key {key}" if key else "there is no previous key")
     return 0
 

@@ -75,10 +75,16 @@ class Dispatcher:
         self._resync_task = asyncio.get_running_loop().create_task(self._resync())
 
     async def _resync(self) -> None:
-        """Restart the silence clocks (devices could not report while we were away), then republish."""
+        """Forget presence, restart the silence clocks (devices could not report while we were away),
+        then republish.
+
+        Presence is forgotten first, before the retained presence the broker holds (if any) comes
+        back through the inbox, which uses the same store thread after it.
+        """
         delay = 0.5
         while True:
             try:
+                await self.store.call(devices.forget_presence)
                 await self.store.call(jobs.restart_silence_clocks)
                 device_ids = await self.store.call(devices.all_device_ids)
                 break

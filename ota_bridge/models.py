@@ -20,6 +20,7 @@ import peewee as pw
 
 from agent.protocol import JobStatus
 
+from .errors import ConfigError
 from .roles import Role
 
 db = pw.DatabaseProxy()
@@ -156,13 +157,26 @@ PRIVATE_DIR_MODE = 0o700
 
 
 def open_database(url: str) -> GuardedDatabase:
-    """Open (and create or bring up to date the tables of) the database at url; binds the models to it."""
+    """Open (and create or bring up to date the tables of) the database at url; binds the models to it.
+
+    Raises ConfigError, in one line, when it cannot be opened: no driver, server unreachable, no such
+    database, refused login.
+    """
     database = _connect(url)
     db.initialize(database)
-    database.connect(reuse_if_open=True)
-    database.create_tables(TABLES, safe=True)
-    _add_missing_columns(database)
+    try:
+        database.connect(reuse_if_open=True)
+        database.create_tables(TABLES, safe=True)
+        _add_missing_columns(database)
+    except pw.ImproperlyConfigured as e:
+        raise ConfigError(f"cannot open the {describe(url)}: {NO_POSTGRES_DRIVER}") from e
+    except (pw.DatabaseError, pw.InterfaceError) as e:
+        raise ConfigError(f"cannot open the {describe(url)}: {explain(database, e)}") from e
     return database
+
+
+NO_POSTGRES_DRIVER = ("PostgreSQL support is not installed: pip install 'ota-bridge[postgres]' "
+                      "(in a checkout: .venv/bin/pip install '.[postgres]'), or pip install psycopg2-binary")
 
 
 def _add_missing_columns(database: pw.Database) -> None:

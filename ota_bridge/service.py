@@ -11,8 +11,11 @@ import errno
 import hashlib
 import hmac
 import logging
+import shlex
 import signal
 import ssl
+import sys
+import tempfile
 from pathlib import Path
 from typing import AsyncIterator, Sequence
 
@@ -23,7 +26,7 @@ from agent.protocol import OPERATOR_USERNAME, RESERVED_DEVICE_IDS, SERVICE_CLIEN
 from . import credentials, signing, tls
 from .api import make_app
 from .api.views import ACCOUNTS
-from .broker_accounts import SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secret
+from .broker_accounts import OPERATOR_PASSWORD_FILE, SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secret
 from .dispatch import Dispatcher
 from .embedded_broker import (
     SERVICE_USERNAME,
@@ -39,7 +42,7 @@ from .files import write_atomically
 from .models import PRIVATE_DIR_MODE
 from .mqtt_link import BrokerLink
 from .roles import Role
-from .settings import OPTIONS_BY_NAME, HostPort, Settings
+from .settings import OPTIONS_BY_NAME, SQLITE_FILE, HostPort, Settings, named
 from .store import Store, devices, queues, tokens
 
 log = logging.getLogger(__name__)
@@ -60,17 +63,104 @@ def ensure_admin_token(db: Store, data_dir: Path) -> Path | None:
     return path
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, existing: bool = False) -> Store:
+    """The store; with `existing`, only in a data directory that holds the database (see check_data_dir)."""
+    if existing:
+        check_data_dir(settings)
     make_data_dir(settings.data_dir)
     return Store(settings.database_url)
+
+
+# What `serve` leaves in every data directory it starts in: the job-signing key pair.
+DATA_DIR_MARK = signing.key_files(Path("."), signing.ACTIVE)[0].name
+
+
+def check_data_dir(settings: Settings, mark: str | None = None) -> None:
+    """Refuse a directory that is not a data directory, so that a command run in the wrong place
+    neither makes an empty database nor answers from one: it must exist, and hold `mark`, or (by
+    default) the SQLite file unless --database names another database."""
+    path, where = settings.data_dir, f"run it where 'ota-bridge serve' ran, or give {named('data_dir')}"
+    if not path.is_dir():
+        raise ConfigError(f"the data directory {path} does not exist: {where}")
+    if mark is None and settings.database:
+        return
+    needed = mark or SQLITE_FILE
+    if not (path / needed).exists():
+        raise ConfigError(f"{path} is not an ota-bridge data directory (it has no {needed}): {where}"
+                          f"{'' if mark else ' (and ' + named('database') + ' if it uses PostgreSQL)'}")
+
+
+WATCH_OPTIONS_FILE = "mosquitto_sub"  # in the data dir: mosquitto_sub's options, read with XDG_CONFIG_HOME
+WATCH_TOKEN_NAME = "mosquitto_sub"  # the viewer token the embedded broker's watch options log in with
+
+
+def watch_options(db: Store, settings: Settings) -> Path | None:
+    """The options file that lets `XDG_CONFIG_HOME=<data-dir> mosquitto_sub` log in as the read-only
+    user `api` without a password on its command line (where `ps` shows it); made once, mode 0600.
+    None when the service does not know the broker's password for `api` (another broker's accounts)."""
+    path = settings.data_dir / WATCH_OPTIONS_FILE
+    if path.exists():
+        return path
+    if settings.mqtt_url is None:
+        password = db.call_sync(tokens.create_token, WATCH_TOKEN_NAME, Role.VIEWER)
+    elif settings.mosquitto_dir is not None:
+        password = broker_secret(settings.data_dir, OPERATOR_PASSWORD_FILE)
+    else:
+        return None
+    write_atomically(path, f"-u {OPERATOR_USERNAME}\n-P {password}\n".encode(), 0o600)
+    return path
+
+
+def start_guide(settings: Settings, watch_file: Path | None) -> str:
+    """The exact commands for an agent and a watcher on the broker this service really uses."""
+    host, port = _broker_address(settings)
+    scheme = "mqtts" if settings.mqtt_url is not None and settings.mqtt_url.tls else "mqtt"
+    ca = [str(settings.mqtt_ca_file)] if scheme == "mqtts" and settings.mqtt_ca_file else []
+    agent = shlex.join([_sibling("ota-agent"), "--broker", f"{scheme}://{host}:{port}", "--device-id", "DEVICE-ID",
+                        "--password-file", "DEVICE-ID.password", "--server-key-file",
+                        str(signing.key_files(settings.data_dir, signing.ACTIVE)[1]),
+                        "--state-dir", "./ota-agent-state", *(["--ca-file", *ca] if ca else [])])
+    tls = (["--cafile", *ca] if ca else ["--capath", "/etc/ssl/certs"]) if scheme == "mqtts" else []
+    watch = shlex.join(["mosquitto_sub", "-h", host, "-p", str(port), *tls, "-v", "-t", f"{settings.prefix}/#"])
+    if watch_file is not None:
+        watch = f"XDG_CONFIG_HOME={shlex.quote(str(watch_file.parent))} {watch}"
+        how = f"user {OPERATOR_USERNAME} and its password are in {watch_file}"
+    else:
+        how = f"add -u {OPERATOR_USERNAME} and its password, best in an options file (man mosquitto_sub)"
+    return (f"MQTT broker for agents: {scheme}://{host}:{port} (from another machine: this host's address). "
+            f"Start a device's agent, its password (from POST /v1/device) in the file DEVICE-ID.password:\n"
+            f"  {agent}\n"
+            f"Watch every device's queue and results ({how}):\n  {watch}")
+
+
+def _broker_address(settings: Settings) -> tuple[str, int]:
+    if settings.mqtt_url is not None:
+        return settings.mqtt_url.host, settings.mqtt_url.port
+    listen = settings.mqtt_listen
+    return ("127.0.0.1" if listen.host in {"0.0.0.0", "::", ""} else listen.host), listen.port
+
+
+def _sibling(program: str) -> str:
+    """The program installed next to this Python (the venv's bin), else its bare name."""
+    path = Path(sys.argv[0]).parent / program
+    if not path.exists():
+        path = Path(sys.executable).parent / program
+    return str(path) if path.exists() else program
 
 
 def make_data_dir(path: Path) -> None:
     """Create the data directory 0700; warn about one that others may list (its files are 0600 anyway).
 
     Search-only access for the group (0710, the documented Mosquitto set-up) is not warned about.
+    Raises ConfigError, in one line, for a directory that cannot be made or written.
     """
-    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    for doing, attempt in (("create", lambda: path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)),
+                           ("write in", lambda: tempfile.TemporaryFile(dir=path).close())):  # only trying tells
+        try:
+            attempt()
+        except OSError as e:
+            raise ConfigError(f"cannot {doing} the data directory {path} ({named('data_dir')}): "
+                              f"{e.strerror or e}") from e
     mode = path.stat().st_mode & 0o777
     if mode & 0o066:
         log.warning("the data directory %s has mode %04o: other users can list it; 'chmod 700 %s' makes it "
@@ -85,6 +175,7 @@ async def serve(settings: Settings) -> None:
             token_file = ensure_admin_token(db, settings.data_dir)
             if token_file:
                 print(f"Created the admin API token in {token_file} (mode 0600); read it from there", flush=True)
+            print(start_guide(settings, watch_options(db, settings)), file=sys.stderr, flush=True)
             await _wait_for_signal()
     finally:
         db.close()
@@ -104,6 +195,7 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
         accounts = BrokerAccounts(db, dispatcher.topics, settings.data_dir, embedded=embedded,
                                   mosquitto_dir=settings.mosquitto_dir)
         await accounts.start()
+        await db.call(devices.forget_presence)  # no device is online before it says so in this run
         for job in (dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts()):
             stack.push_async_callback(_cancel, asyncio.create_task(job))
         link.start()
@@ -123,11 +215,11 @@ async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
         if username is None and settings.mosquitto_dir is not None:  # the identity it writes for itself
             username, password = SERVICE_USERNAME, broker_secret(settings.data_dir, SERVICE_PASSWORD_FILE)
         return _link(url.host, url.port, username, password, dispatcher, tls.broker_client_context(settings)), None
-    listen, secret = settings.mqtt_listen, credentials.new_secret()
+    secret = credentials.new_secret()
     broker = await _start_embedded(settings, BrokerLogins(db, secret))
     stack.push_async_callback(broker.shutdown)
-    host = "127.0.0.1" if listen.host in {"0.0.0.0", "::", ""} else listen.host
-    return _link(host, listen.port, SERVICE_USERNAME, secret, dispatcher), broker  # plain: loopback or own host
+    host, port = _broker_address(settings)
+    return _link(host, port, SERVICE_USERNAME, secret, dispatcher), broker  # plain: loopback or own host
 
 
 async def _start_embedded(settings: Settings, logins: BrokerLogins) -> EmbeddedBroker:

@@ -18,6 +18,7 @@ from agent.protocol import DEFAULT_PREFIX, Topics
 from .errors import ConfigError
 
 ENV_PREFIX = "OTA_BRIDGE_"
+SQLITE_FILE = "ota-bridge.db"  # the default database, in the data directory
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Settings:
 
     @property
     def database_url(self) -> str:
-        return self.database or f"sqlite:///{self.data_dir / 'ota-bridge.db'}"
+        return self.database or f"sqlite:///{self.data_dir / SQLITE_FILE}"
 
 
 def parse_host_port(value: str) -> HostPort:
@@ -108,6 +109,10 @@ def parse_optional_host_port(value: str) -> HostPort | None:
 def parse_database(value: str) -> str:
     if value and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ValueError("expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+    if value.startswith(("postgresql://", "postgres://")) and not urlsplit(value).path.strip("/"):
+        raise ValueError("the URL names no database: expected postgresql://USER@HOST:PORT/DB")
+    if value.startswith("sqlite:///") and not value[len("sqlite:///"):]:
+        raise ValueError("the URL names no file: expected sqlite:///PATH")
     return value
 
 
@@ -156,6 +161,8 @@ class Option:
     parse: Callable[[str], object]
     help: str
     switch: bool = False  # a flag that takes no value (its variable still does)
+    metavar: str | None = None  # how --help shows the value
+    hidden: bool = False  # for tests only: left out of --help
 
     @property
     def flag(self) -> str:
@@ -167,34 +174,43 @@ class Option:
 
 
 OPTIONS = (
-    Option("http", "127.0.0.1:8080", parse_host_port, "HOST:PORT of the REST API"),
-    Option("mqtt_listen", "0.0.0.0:1883", parse_host_port, "HOST:PORT of the embedded MQTT broker"),
+    Option("http", "127.0.0.1:8080", parse_host_port, "where the REST API listens", metavar="HOST:PORT"),
+    Option("mqtt_listen", "0.0.0.0:1883", parse_host_port, "where the embedded MQTT broker listens",
+           metavar="HOST:PORT"),
     Option("mqtt_url", "", parse_mqtt_url,
-           "use this external broker (mqtt://USER:PASS@HOST:PORT) instead of the embedded one"),
-    Option("database", "", parse_database, "sqlite:///PATH or postgresql://... (default: SQLite in the data dir)"),
-    Option("data_dir", "./ota-bridge-data", Path, "directory for the database, admin token and keys"),
-    Option("prefix", DEFAULT_PREFIX, parse_prefix, "MQTT topic prefix"),
-    Option("log_level", "INFO", parse_log_level, "DEBUG, INFO, WARNING or ERROR"),
+           "use this external broker instead of the embedded one (the password is better in the variable, "
+           "out of ps)", metavar="mqtt[s]://USER:PASS@HOST:PORT"),
+    Option("database", "", parse_database, "the database (default: SQLite in the data dir)",
+           metavar="sqlite:///PATH|postgresql://USER@HOST:PORT/DB"),
+    Option("data_dir", "./ota-bridge-data", Path, "directory for the database, admin token and keys",
+           metavar="DIR"),
+    Option("prefix", DEFAULT_PREFIX, parse_prefix, "MQTT topic prefix", metavar="PREFIX"),
+    Option("log_level", "INFO", parse_log_level, "DEBUG, INFO, WARNING or ERROR", metavar="LEVEL"),
     Option("timeout_grace", "60", parse_seconds,
-           "seconds past a job's timeout before the service itself marks a silent device's job TIMED_OUT"),
+           "seconds past a job's timeout before the service itself marks a silent device's job TIMED_OUT",
+           metavar="SECONDS"),
     Option("mosquitto_dir", "", parse_optional_path,
-           "keep Mosquitto's password and ACL files here, from the device registry, and reload it on changes"),
+           "keep Mosquitto's password and ACL files here, from the device registry, and reload it on changes",
+           metavar="DIR"),
     Option("tls_cert", "", parse_optional_path,
-           "PEM certificate (chain) of this server: serves the REST API over HTTPS, with --tls-key"),
-    Option("tls_key", "", parse_optional_path, "PEM private key of --tls-cert"),
+           "PEM certificate (chain) of this server: serves the REST API over HTTPS, with --tls-key", metavar="FILE"),
+    Option("tls_key", "", parse_optional_path, "PEM private key of --tls-cert", metavar="FILE"),
     Option("mqtt_tls_listen", "", parse_optional_host_port,
-           "HOST:PORT of a TLS listener on the embedded MQTT broker, with --tls-cert and --tls-key"),
+           "where a TLS listener of the embedded MQTT broker listens, with --tls-cert and --tls-key",
+           metavar="HOST:PORT"),
     Option("mqtt_ca_file", "", parse_optional_path,
            "PEM CA certificates that an mqtts:// --mqtt-url broker's certificate must chain to "
-           "(default: the system's CAs)"),
+           "(default: the system's CAs)", metavar="FILE"),
     Option("mqtt_cert", "", parse_optional_path,
-           "PEM client certificate for an mqtts:// --mqtt-url broker, with --mqtt-key"),
-    Option("mqtt_key", "", parse_optional_path, "PEM private key of --mqtt-cert"),
+           "PEM client certificate for an mqtts:// --mqtt-url broker, with --mqtt-key", metavar="FILE"),
+    Option("mqtt_key", "", parse_optional_path, "PEM private key of --mqtt-cert", metavar="FILE"),
     Option("new_signing_key", "", parse_switch,
            "make a new job-signing key when <data-dir>/job-signing.key is missing although the database has "
-           "devices or jobs (every agent must then be given the new job-signing.pub)", switch=True),
+           "devices or jobs (every agent must then be given the new job-signing.pub)", switch=True,
+           metavar="true|false"),
     Option("failpoints", "", parse_failpoints,
-           "for fault-injection tests only: exit-after-store kills the service right after it stores a result"),
+           "for fault-injection tests only: exit-after-store kills the service right after it stores a result",
+           hidden=True),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -204,8 +220,9 @@ def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None
     for option in OPTIONS:
         if names is None or option.name in names:
             extra = {"nargs": "?", "const": "true"} if option.switch else {}
-            parser.add_argument(option.flag, dest=option.name, default=None, **extra,
-                                help=f"{option.help} [env {option.env}, default {option.default or 'none'}]")
+            text = f"{option.help} [env {option.env}, default {option.default or 'none'}]"
+            parser.add_argument(option.flag, dest=option.name, default=None, metavar=option.metavar, **extra,
+                                help=argparse.SUPPRESS if option.hidden else text)
 
 
 def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:

@@ -721,3 +721,24 @@ def test_a_refused_password_is_explained_once_and_retried_ever_slower(tmp_path):
 def test_the_wait_after_refused_credentials_doubles_up_to_5_minutes():
     assert [link.credentials_retry_delay(n) for n in (1, 2, 3, 9, 10, 11, 1000)] == [1, 2, 4, 256, 300, 300, 300]
 
+
+
+@pytest.mark.mosquitto
+def test_an_agent_that_hears_no_signed_head_says_it_may_be_on_the_wrong_broker(start_agent, broker):
+    agent = start_agent("--head-wait", "0.5")  # a bare broker: nobody publishes this device's head
+    agent.wait_for_log("no head signed by the service's key came within 0.5 s on ota/v1/devices/")
+    assert "this broker may not be the ota-bridge service's" in agent.log()
+    assert f"connected to mqtt://127.0.0.1:{broker.port}, but no head signed" in agent.log()
+
+
+@pytest.mark.mosquitto
+def test_each_job_is_logged_with_its_parent_name_and_first_command_line(start_agent, service, ran, groups_file):
+    service.publish_head("job-1", job(ran, groups_file, "one", "sleep 1") + "\n: second line")
+    agent = start_agent("--head-wait", "0.5")
+    service.expect_status("job-1", JobStatus.IN_PROGRESS)
+    service.expect_status("job-1", JobStatus.SUCCEEDED)
+    lines = [line for line in agent.log().splitlines() if "job job-1:" in line or "job 'job-1'" in line]
+    about = "parent job 'parent', name 'test' (unsigned labels); command 'echo $$"
+    assert any("IN_PROGRESS; " + about in line and "(+1 more lines)" in line for line in lines), lines
+    assert any("SUCCEEDED exit=0; " + about in line for line in lines), lines
+    assert "no head signed" not in agent.log()  # the signed head came before the wait was over

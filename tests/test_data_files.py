@@ -30,7 +30,8 @@ def test_a_data_dir_others_can_list_is_warned_about(tmp_path: Path) -> None:
     data.mkdir(mode=0o755)
     data.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTA_BRIDGE_")}
-    done = subprocess.run([sys.executable, "-m", "ota_bridge", "token", "list", "--data-dir", str(data)],
+    create = [sys.executable, "-m", "ota_bridge", "token", "create", "--name", "t", "--data-dir", str(data)]
+    done = subprocess.run(create,
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     assert done.returncode == 0 and f"'chmod 700 {data}'" in done.stderr
 
@@ -40,6 +41,7 @@ def test_the_documented_mosquitto_layout_is_not_warned_about(tmp_path: Path) -> 
     data.mkdir()
     data.chmod(0o710)  # docs/security.md: Mosquitto's group may only pass through to its accounts directory
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTA_BRIDGE_")}
-    done = subprocess.run([sys.executable, "-m", "ota_bridge", "token", "list", "--data-dir", str(data)],
+    create = [sys.executable, "-m", "ota_bridge", "token", "create", "--name", "t", "--data-dir", str(data)]
+    done = subprocess.run(create,
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     assert done.returncode == 0 and "chmod 700" not in done.stderr

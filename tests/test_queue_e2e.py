@@ -118,7 +118,8 @@ def test_tokens_can_be_made_listed_and_revoked(launch: Launcher) -> None:
     token = cli("create", "--name", "ci").strip()
     assert service.api.request("GET", "/v1/job", token=token).status == 200
     listed = cli("list")
-    assert [line.split("\t")[0] for line in listed.splitlines()] == ["admin", "ci"] and token not in listed
+    names = [line.split("\t")[0] for line in listed.splitlines()]
+    assert names == ["admin", "mosquitto_sub", "ci"] and token not in listed  # the viewer token of its watch file
     assert "revoked 1 token named 'ci'" in cli("revoke", "--name", "ci")
     wait_until(lambda: service.api.request("GET", "/v1/job", token=token).status == 401, 10, "the revocation")
     assert service.api.request("GET", "/v1/job").status == 200  # the admin token still works

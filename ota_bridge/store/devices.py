@@ -14,7 +14,7 @@ from agent.protocol import JobStatus
 from .. import credentials
 from ..errors import DeviceExists, DeviceNotFound
 from ..models import ChildJob, Device, DeviceTag
-from . import PENDING, chunks, finalize, write_transaction
+from . import PENDING, chunks, finalize, idempotent, write_transaction
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,14 @@ def set_presence(updates: list[tuple[str, bool, datetime | None]]) -> None:
         if seen is not None:
             values[Device.last_seen] = seen
         Device.update(values).where(Device.device_id == device_id).execute()
+
+
+@idempotent
+def forget_presence() -> int:
+    """Every device offline until it says otherwise: after a (re)connect to the broker, no presence
+    heard before stands (an embedded broker that restarted keeps no retained presence, and no last
+    will of a device that was connected to it). Returns how many were online."""
+    return Device.update(online=False).where(Device.online == True).execute()  # noqa: E712
 
 
 def all_device_ids() -> list[str]:
