@@ -14,6 +14,7 @@ import logging
 import socket
 import ssl
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,6 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.protocol import SERVICE_CLIENT_ID
 
 log = logging.getLogger(__name__)
+
+STOP_SECONDS = 5.0  # how long a shutdown waits for paho's thread to end
 
 
 def _not_reconnect_noise(record: logging.LogRecord) -> bool:
@@ -84,6 +87,26 @@ class BrokerLink:
     def stop(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+
+    async def aclose(self, timeout: float = STOP_SECONDS) -> None:
+        """stop() on a thread of its own, so the event loop (and the embedded broker on it) keeps
+        running while paho finishes: paho's thread does not end while a packet or an unacknowledged
+        QoS 1 message is outstanding, which a broker blocked behind a join would never answer."""
+        loop = asyncio.get_running_loop()
+        stopped = loop.create_future()
+
+        def stop() -> None:
+            try:
+                self.stop()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed first
+                    loop.call_soon_threadsafe(lambda: stopped.done() or stopped.set_result(None))
+
+        threading.Thread(target=stop, name="ota-mqtt-stop", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(stopped), timeout)
+        except asyncio.TimeoutError:
+            log.warning("the MQTT link did not stop within %.0f s; leaving it behind", timeout)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
         """Queue a QoS 1 publish; paho sends it now, or after the next reconnect."""

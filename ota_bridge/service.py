@@ -199,7 +199,7 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
         for job in (dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts()):
             stack.push_async_callback(_cancel, asyncio.create_task(job))
         link.start()
-        stack.callback(link.stop)
+        stack.push_async_callback(link.aclose)
         app = make_app(db, dispatcher, signer)
         app[ACCOUNTS] = accounts
         await stack.enter_async_context(_http(app, settings.http, https))
