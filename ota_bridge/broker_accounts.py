@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics
 
@@ -160,20 +160,35 @@ class BrokerAccounts:
         if self.mosquitto_dir is not None:
             await self._rewrite_mosquitto()
 
-    async def registered(self, device_id: str) -> None:
-        """A new device: its account is written, or its registration is undone and this raises."""
+    async def registered(self, accounts: Sequence[tuple[str, str]]) -> None:
+        """New devices, (id, password) each: their accounts are made at once, or their registration is
+        undone and this raises."""
         try:
-            await self.changed(device_id, disconnect=False)
+            await self._apply()
         except AccountsNotWritten as e:
-            await self.db.call(devices.delete_device, device_id)
-            raise AccountsNotWritten(f"{e.detail}; device {device_id!r} was not registered") from e
+            ids = [device_id for device_id, _ in accounts]
+            await self.db.call(devices.delete_devices, ids)
+            named = repr(ids[0]) if len(ids) == 1 else f"{len(ids)} devices"
+            raise AccountsNotWritten(f"{e.detail}; {named} {'was' if len(ids) == 1 else 'were'} not "
+                                     f"registered") from e
 
-    async def changed(self, device_id: str, *, disconnect: bool) -> None:
-        """The device was registered, disabled, enabled, rotated or deleted (and that is committed)."""
+    async def enabled(self, device_id: str, enabled: bool) -> None:
+        """The device may (no longer) connect; disabled, it is dropped at once."""
+        await self._apply(None if enabled else device_id)
+
+    async def rotated(self, device_id: str, password: str) -> None:
+        """The device has a new password; the old one stops working and its connection is dropped."""
+        await self._apply(device_id)
+
+    async def deleted(self, device_id: str) -> None:
+        await self._apply(device_id)
+
+    async def _apply(self, drop: str | None = None) -> None:
+        """Bring the broker in step with the registry (the change is committed); drop that device."""
         if self.mosquitto_dir is not None:
             await self._rewrite_mosquitto()
-        if disconnect and self.embedded is not None and await self.embedded.disconnect_client(device_id):
-            log.info("disconnected device %s from the embedded broker", device_id)
+        if drop is not None and self.embedded is not None and await self.embedded.disconnect_client(drop):
+            log.info("disconnected device %s from the embedded broker", drop)
 
     async def _rewrite_mosquitto(self) -> None:
         """Rewrite the files from the registry and reload Mosquitto, unless a rewrite that began

@@ -161,6 +161,31 @@ def test_concurrent_registrations_each_succeed_and_each_device_logs_in(fleet: Fl
     assert not [p for p in fleet.accounts.iterdir() if p.name.endswith(".tmp")], "a rewrite left a temporary file"
 
 
+def test_a_bulk_registration_is_one_rewrite_and_every_device_logs_in(fleet: Fleet) -> None:
+    body = {"Devices": [{"DeviceId": f"bulk-{n}"} for n in range(30)]}
+    with ThreadPoolExecutor(4) as pool:  # with single registrations beside it
+        singles = pool.map(lambda d: fleet.api.request("POST", "/v1/device", {"DeviceId": d}), ["lone-1", "lone-2"])
+        answer = fleet.api.request("POST", "/v1/devices", body)
+    assert answer.status == 201 and [a.status for a in singles] == [201, 201], answer.body
+    for device in answer.body["Devices"][::10]:
+        wait_login(fleet, device["DeviceId"], device["MqttPassword"])
+
+
+def test_a_failed_rewrite_undoes_a_bulk_registration(fleet: Fleet) -> None:
+    passwords = fleet.accounts / PASSWORDS
+    aside = fleet.accounts / "passwords.aside"
+    passwords.rename(aside)
+    passwords.mkdir()
+    try:
+        answer = fleet.api.request("POST", "/v1/devices", {"Devices": [{"DeviceId": "doomed-1"},
+                                                                       {"DeviceId": "doomed-2"}]})
+        assert answer.status == 500 and "2 devices were not registered" in answer.body["Detail"], answer.body
+        assert fleet.api.request("GET", "/v1/device/doomed-2").status == 404
+    finally:
+        passwords.rmdir()
+        aside.rename(passwords)
+
+
 def test_a_failed_rewrite_undoes_the_registration(fleet: Fleet) -> None:
     passwords = fleet.accounts / PASSWORDS
     aside = fleet.accounts / "passwords.aside"
