@@ -13,7 +13,6 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import queue
 import shutil
 import stat
 import subprocess
@@ -24,16 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import Topics
 from ota_bridge import credentials
 from ota_bridge.broker_accounts import ACL, PASSWORDS, PID, write_mosquitto_files
 from tests.conftest import Launcher
 from tests.support.fake_device import FakeDevice
-from tests.support.mosquitto import REPO_ROOT, Mosquitto, start_mosquitto
+from tests.support.mosquitto import REPO_ROOT, Mosquitto, logs_in, start_mosquitto
 from tests.support.processes import Api, Service, wait_until
 
 pytestmark = pytest.mark.mosquitto
@@ -111,20 +108,6 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
     finally:
         launcher.close()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def logs_in(port: int, username: str, password: str) -> bool:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username)
-    client.username_pw_set(username, password)
-    codes: queue.Queue[mqtt.ReasonCode] = queue.Queue()
-    client.on_connect = lambda _c, _u, _f, code, _p: codes.put(code)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        return not codes.get(timeout=10).is_failure
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def wait_login(fleet: Fleet, username: str, password: str) -> None:

@@ -147,6 +147,12 @@ def delete_device(device_id: str) -> None:
                   ChildJob.device_id == device_id, ChildJob.status.in_(PENDING))
 
 
+def dynsec_accounts() -> list[tuple[str, str, bool]]:
+    """(device id, password hash, enabled) of every device, for the dynamic security plugin's first file."""
+    query = Device.select(Device.device_id, Device.password_hash, Device.enabled).order_by(Device.device_id)
+    return list(query.tuples())
+
+
 def delete_devices(device_ids: list[str]) -> None:
     """Forget these devices, all in one transaction (a registration the broker's accounts could not take)."""
     with write_transaction():
