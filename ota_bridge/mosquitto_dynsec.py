@@ -41,7 +41,7 @@ RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
 ADMIN_USERNAME = "ota-bridge-dynsec"  # the service's admin login for the plugin
 ADMIN_ROLE, SERVICE_ROLE, OPERATOR_ROLE = "ota-dynsec-admin", "ota-service", "ota-operator"
 DEVICE_ROLE_PREFIX = "ota-device-"
-DEVICES_PER_MESSAGE = 200  # commands of this many devices in one control message (well under 1 MiB)
+DEVICES_PER_MESSAGE = 50  # per control message: each answers well within ANSWER_SECONDS, even at large fleets
 ANSWER_SECONDS = 60.0  # a control message's answer, the plugin having saved its file after each command
 NOT_FOUND = ("Client not found", "Role not found")
 
