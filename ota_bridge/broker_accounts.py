@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics
 
@@ -25,19 +25,31 @@ from . import credentials
 from .embedded_broker import EmbeddedBroker
 from .errors import OtaBridgeError
 from .files import write_atomically
-from .store import Store, devices
+from .mosquitto_dynsec import (
+    ADMIN_USERNAME,
+    DEVICES_PER_MESSAGE,
+    Account,
+    DynsecClient,
+    DynsecError,
+    create_commands,
+    delete_commands,
+    initial_config,
+)
+from .store import Store, chunks, devices
 
 log = logging.getLogger(__name__)
 
 SERVICE_PASSWORD_FILE = "mqtt-service-password"  # in the data dir: the service's own broker password
 OPERATOR_PASSWORD_FILE = "mqtt-operator-password"  # in the data dir: user "api", read-only watchers
+DYNSEC_ADMIN_PASSWORD_FILE = "mqtt-dynsec-admin-password"  # in the data dir: the service as dynsec's admin
 PASSWORDS, ACL, PID = "passwords", "acl", "mosquitto.pid"  # in the accounts dir
 MOSQUITTO_PROCESS_NAME = "mosquitto"  # /proc/<pid>/comm of the broker the pid file names
 FILE_MODE = 0o640  # for new files; a rewrite keeps the mode (owner, group) the file has
 
 
 class AccountsNotWritten(OtaBridgeError):
-    """Mosquitto's password or ACL file could not be written; the old ones are still in place."""
+    """Mosquitto's password or ACL file could not be written (the old ones are still in place), or its
+    dynamic security plugin refused a change or did not answer."""
 
     title = "Broker accounts not written"
 
@@ -99,6 +111,18 @@ def write_mosquitto_files(accounts: list[tuple[str, str]], out: Path, data_dir: 
         raise AccountsNotWritten(f"could not write Mosquitto's accounts in {out}: {e}") from e
 
 
+def write_dynsec_config(out: Path, accounts: list[tuple[str, str, bool]], data_dir: Path, topics: Topics) -> None:
+    """The dynamic security plugin's first file: the admin (the service), the service, the operator and
+    these (device id, hash, enabled) accounts; mode 0600 (Mosquitto's user must own it: it rewrites it)."""
+    hashes = {user: credentials.hash_password(broker_secret(data_dir, name)) for user, name in
+              ((ADMIN_USERNAME, DYNSEC_ADMIN_PASSWORD_FILE), (SERVICE_CLIENT_ID, SERVICE_PASSWORD_FILE),
+               (OPERATOR_USERNAME, OPERATOR_PASSWORD_FILE))}
+    try:
+        write_atomically(out, initial_config(topics, hashes, accounts).encode(), 0o600, keep_attributes=True)
+    except OSError as e:
+        raise AccountsNotWritten(f"could not write {out}: {e}") from e
+
+
 def reload_mosquitto(pid_file: Path) -> bool:
     """Send SIGHUP to the Mosquitto named by pid_file; False (and a warning) if there is none.
 
@@ -150,9 +174,10 @@ class BrokerAccounts:
     """What the API calls when a device's right to connect changes."""
 
     def __init__(self, db: Store, topics: Topics, data_dir: Path, *,
-                 embedded: EmbeddedBroker | None = None, mosquitto_dir: Path | None = None) -> None:
+                 embedded: EmbeddedBroker | None = None, mosquitto_dir: Path | None = None,
+                 dynsec: DynsecClient | None = None) -> None:
         self.db, self.topics, self.data_dir = db, topics, data_dir
-        self.embedded, self.mosquitto_dir = embedded, mosquitto_dir
+        self.embedded, self.mosquitto_dir, self.dynsec = embedded, mosquitto_dir, dynsec
         self._rewrite_lock = asyncio.Lock()  # one rewrite at a time
         self._changes = self._written = 0  # changes counted; how many of them the files show
 
@@ -160,20 +185,53 @@ class BrokerAccounts:
         if self.mosquitto_dir is not None:
             await self._rewrite_mosquitto()
 
-    async def registered(self, device_id: str) -> None:
-        """A new device: its account is written, or its registration is undone and this raises."""
+    async def registered(self, accounts: Sequence[tuple[str, str]]) -> None:
+        """New devices, (id, password) each: their accounts are made at once, or their registration is
+        undone and this raises."""
         try:
-            await self.changed(device_id, disconnect=False)
+            await self._apply()
+            if self.dynsec is not None:
+                for chunk in chunks(list(accounts), DEVICES_PER_MESSAGE):
+                    await self._dynsec([c for a in chunk for c in create_commands(self.topics, Account(*a))])
         except AccountsNotWritten as e:
-            await self.db.call(devices.delete_device, device_id)
-            raise AccountsNotWritten(f"{e.detail}; device {device_id!r} was not registered") from e
+            await self._undo([device_id for device_id, _ in accounts], e)
 
-    async def changed(self, device_id: str, *, disconnect: bool) -> None:
-        """The device was registered, disabled, enabled, rotated or deleted (and that is committed)."""
+    async def _undo(self, ids: list[str], e: AccountsNotWritten) -> None:
+        if self.dynsec is not None:  # those the plugin made before it refused one
+            with contextlib.suppress(AccountsNotWritten):
+                await self._dynsec([c for i in ids for c in delete_commands(i)], missing_ok=True)
+        await self.db.call(devices.delete_devices, ids)
+        named = f"device {ids[0]!r} was" if len(ids) == 1 else f"{len(ids)} devices were"
+        raise AccountsNotWritten(f"{e.detail}; {named} not registered") from e
+
+    async def enabled(self, device_id: str, enabled: bool) -> None:
+        """The device may (no longer) connect; disabled, it is dropped at once."""
+        await self._apply(None if enabled else device_id)
+        await self._dynsec([{"command": "enableClient" if enabled else "disableClient", "username": device_id}])
+
+    async def rotated(self, device_id: str, password: str) -> None:
+        """The device has a new password; the old one stops working and its connection is dropped."""
+        await self._apply(device_id)
+        await self._dynsec([{"command": "setClientPassword", "username": device_id, "password": password}])
+
+    async def deleted(self, device_id: str) -> None:
+        await self._apply(device_id)
+        await self._dynsec(delete_commands(device_id), missing_ok=True)
+
+    async def _dynsec(self, commands: list[dict[str, object]], *, missing_ok: bool = False) -> None:
+        if self.dynsec is None:
+            return
+        try:
+            await self.dynsec.run(commands, missing_ok=missing_ok)
+        except DynsecError as e:
+            raise AccountsNotWritten(e.detail) from e
+
+    async def _apply(self, drop: str | None = None) -> None:
+        """Files and the embedded broker in step with the registry (the change is committed); drop that device."""
         if self.mosquitto_dir is not None:
             await self._rewrite_mosquitto()
-        if disconnect and self.embedded is not None and await self.embedded.disconnect_client(device_id):
-            log.info("disconnected device %s from the embedded broker", device_id)
+        if drop is not None and self.embedded is not None and await self.embedded.disconnect_client(drop):
+            log.info("disconnected device %s from the embedded broker", drop)
 
     async def _rewrite_mosquitto(self) -> None:
         """Rewrite the files from the registry and reload Mosquitto, unless a rewrite that began

@@ -12,8 +12,17 @@ from typing import Callable
 from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics, format_time
 
 from . import __version__, settings, signing
-from .broker_accounts import ACL, OPERATOR_PASSWORD_FILE, PASSWORDS, SERVICE_PASSWORD_FILE, write_mosquitto_files
+from .broker_accounts import (
+    ACL,
+    DYNSEC_ADMIN_PASSWORD_FILE,
+    OPERATOR_PASSWORD_FILE,
+    PASSWORDS,
+    SERVICE_PASSWORD_FILE,
+    write_dynsec_config,
+    write_mosquitto_files,
+)
 from .errors import OtaBridgeError
+from .mosquitto_dynsec import ADMIN_USERNAME
 from .roles import DEFAULT_CLI_ROLE, Role
 from .service import DATA_DIR_MARK, check_data_dir, open_store, serve
 from .store import Store, devices, tokens
@@ -51,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     mosquitto.add_argument("--out", required=True, help="directory for the files 'passwords' and 'acl'")
     settings.add_arguments(mosquitto, names=("database", "data_dir", "prefix"))
     mosquitto.set_defaults(handler=_mosquitto_config)
+    dynsec = commands.add_parser("mosquitto-dynsec-config", help="write the first configuration file of "
+                                 "Mosquitto's dynamic security plugin, with every registered device (see "
+                                 "docs/operations.md), for --mosquitto-dynsec")
+    dynsec.add_argument("--out", required=True, help="the file (plugin_opt_config_file in mosquitto.conf)")
+    dynsec.add_argument("--replace", action="store_true", help="replace a file that is there (stop Mosquitto "
+                        "first: the plugin writes its accounts there)")
+    settings.add_arguments(dynsec, names=("database", "data_dir", "prefix"))
+    dynsec.set_defaults(handler=_dynsec_config)
     _add_signing_key_commands(commands)
     return parser
 
@@ -130,6 +147,20 @@ def _mosquitto_config(args: argparse.Namespace) -> int:
               f"(password in {config.data_dir / OPERATOR_PASSWORD_FILE})")
 
     return _with_store(args, write, existing=False)  # the documented set-up runs it before the first start
+
+
+def _dynsec_config(args: argparse.Namespace) -> int:
+    def write(db: Store, config: settings.Settings) -> None:
+        out = Path(args.out)
+        if out.exists() and not args.replace:
+            raise OtaBridgeError(f"{out} exists: it holds the accounts Mosquitto's plugin keeps; give --replace "
+                                 f"(with Mosquitto stopped) to write it again from the registry")
+        write_dynsec_config(out, db.call_sync(devices.dynsec_accounts), config.data_dir, Topics(config.prefix))
+        print(f"wrote {out}; the service manages it as {ADMIN_USERNAME!r} (password in "
+              f"{config.data_dir / DYNSEC_ADMIN_PASSWORD_FILE}) and logs in as {SERVICE_CLIENT_ID!r}, operators "
+              f"as {OPERATOR_USERNAME!r} (password in {config.data_dir / OPERATOR_PASSWORD_FILE})")
+
+    return _with_store(args, write, existing=False)
 
 
 def _key_data_dir(args: argparse.Namespace) -> Path:

@@ -61,10 +61,16 @@ class Conflict(OtaBridgeError):
     title = "Conflict"
 
 
-class DeviceExists(Conflict):
-    def __init__(self, device_id: str) -> None:
-        super().__init__(f"device {device_id!r} is already registered")
-        self.device_id = device_id
+class DevicesExist(Conflict):
+    """One or more devices of a registration are registered already; none of the request was."""
+
+    def __init__(self, device_ids: list[str]) -> None:
+        if len(device_ids) == 1:
+            super().__init__(f"device {device_ids[0]!r} is already registered")
+        else:
+            super().__init__(f"{len(device_ids)} devices are already registered: "
+                             f"{', '.join(repr(d) for d in device_ids)}; none was registered")
+        self.device_ids = device_ids
 
 
 class Unauthorized(OtaBridgeError):

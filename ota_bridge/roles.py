@@ -44,6 +44,7 @@ NEEDS: dict[tuple[str, str], Role] = {
     ("GET", "/v1/device/{id}"): Role.VIEWER,
     ("PATCH", "/v1/device/{id}"): Role.OPERATOR,  # group, tags, Enabled: no credential is made or shown
     ("POST", "/v1/device"): Role.ADMIN,  # answers the device's MQTT password
+    ("POST", "/v1/devices"): Role.ADMIN,  # answers every device's MQTT password
     ("POST", "/v1/device/{id}/credentials"): Role.ADMIN,
     ("DELETE", "/v1/device/{id}"): Role.ADMIN,
     ("GET", "/v1/audit"): Role.ADMIN,

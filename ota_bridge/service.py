@@ -26,7 +26,13 @@ from agent.protocol import OPERATOR_USERNAME, RESERVED_DEVICE_IDS, SERVICE_CLIEN
 from . import credentials, signing, tls
 from .api import make_app
 from .api.views import ACCOUNTS
-from .broker_accounts import OPERATOR_PASSWORD_FILE, SERVICE_PASSWORD_FILE, BrokerAccounts, broker_secret
+from .broker_accounts import (
+    DYNSEC_ADMIN_PASSWORD_FILE,
+    OPERATOR_PASSWORD_FILE,
+    SERVICE_PASSWORD_FILE,
+    BrokerAccounts,
+    broker_secret,
+)
 from .dispatch import Dispatcher
 from .embedded_broker import (
     SERVICE_USERNAME,
@@ -40,6 +46,7 @@ from .embedded_broker import (
 from .errors import ConfigError
 from .files import write_atomically
 from .models import PRIVATE_DIR_MODE
+from .mosquitto_dynsec import DynsecClient
 from .mqtt_link import BrokerLink
 from .roles import Role
 from .settings import OPTIONS_BY_NAME, SQLITE_FILE, HostPort, Settings, named
@@ -103,7 +110,7 @@ def watch_options(db: Store, settings: Settings) -> Path | None:
         return path
     if settings.mqtt_url is None:
         password = db.call_sync(tokens.create_token, WATCH_TOKEN_NAME, Role.VIEWER)
-    elif settings.mosquitto_dir is not None:
+    elif settings.mosquitto_dir is not None or settings.mosquitto_dynsec:
         password = broker_secret(settings.data_dir, OPERATOR_PASSWORD_FILE)
     else:
         return None
@@ -193,7 +200,7 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
         link, embedded = await _broker_link(settings, db, dispatcher, stack)
         dispatcher.attach(link)
         accounts = BrokerAccounts(db, dispatcher.topics, settings.data_dir, embedded=embedded,
-                                  mosquitto_dir=settings.mosquitto_dir)
+                                  mosquitto_dir=settings.mosquitto_dir, dynsec=_dynsec(settings, stack))
         await accounts.start()
         await db.call(devices.forget_presence)  # no device is online before it says so in this run
         for job in (dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts()):
@@ -212,7 +219,7 @@ async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
     url = settings.mqtt_url
     if url is not None:
         username, password = url.username, url.password
-        if username is None and settings.mosquitto_dir is not None:  # the identity it writes for itself
+        if username is None and (settings.mosquitto_dir is not None or settings.mosquitto_dynsec):  # its own
             username, password = SERVICE_USERNAME, broker_secret(settings.data_dir, SERVICE_PASSWORD_FILE)
         return _link(url.host, url.port, username, password, dispatcher, tls.broker_client_context(settings)), None
     secret = credentials.new_secret()
@@ -220,6 +227,21 @@ async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
     stack.push_async_callback(broker.shutdown)
     host, port = _broker_address(settings)
     return _link(host, port, SERVICE_USERNAME, secret, dispatcher), broker  # plain: loopback or own host
+
+
+def _dynsec(settings: Settings, stack: contextlib.AsyncExitStack) -> DynsecClient | None:
+    """The dynamic security plugin's admin connection, with --mosquitto-dynsec."""
+    if not settings.mosquitto_dynsec or settings.mqtt_url is None:
+        return None
+    path = settings.data_dir / DYNSEC_ADMIN_PASSWORD_FILE
+    if not path.exists():
+        raise ConfigError(f"{named('mosquitto_dynsec')} needs {path}: make it, and Mosquitto's first dynamic "
+                          "security file, with `ota-bridge mosquitto-dynsec-config` (docs/operations.md)")
+    client = DynsecClient(settings.mqtt_url.host, settings.mqtt_url.port, path.read_text().strip(),
+                          tls.broker_client_context(settings))
+    client.start()
+    stack.callback(client.close)
+    return client
 
 
 async def _start_embedded(settings: Settings, logins: BrokerLogins) -> EmbeddedBroker:

@@ -56,6 +56,7 @@ class Settings:
     timeout_grace: float
     failpoints: frozenset[str]
     mosquitto_dir: Path | None
+    mosquitto_dynsec: bool  # Mosquitto's accounts through its dynamic security plugin
     tls_cert: Path | None  # with tls_key: HTTPS for the API, and the embedded broker's TLS listener
     tls_key: Path | None
     mqtt_tls_listen: HostPort | None  # the embedded broker's TLS listener, if any
@@ -192,6 +193,10 @@ OPTIONS = (
     Option("mosquitto_dir", "", parse_optional_path,
            "keep Mosquitto's password and ACL files here, from the device registry, and reload it on changes",
            metavar="DIR"),
+    Option("mosquitto_dynsec", "", parse_switch,
+           "keep Mosquitto's accounts in step with the device registry through its dynamic security plugin, "
+           "at run time, as the admin `ota-bridge mosquitto-dynsec-config` made (with --mqtt-url)", switch=True,
+           metavar="true|false"),
     Option("tls_cert", "", parse_optional_path,
            "PEM certificate (chain) of this server: serves the REST API over HTTPS, with --tls-key", metavar="FILE"),
     Option("tls_key", "", parse_optional_path, "PEM private key of --tls-cert", metavar="FILE"),
@@ -231,6 +236,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     values = {option.name: _value(option, args, environ) for option in OPTIONS}
     settings = Settings(**values)  # type: ignore[arg-type]
     _check_tls(settings)
+    _check_accounts(settings)
     return settings
 
 
@@ -238,6 +244,14 @@ def named(name: str) -> str:
     """How an error names a setting: its flag and its variable."""
     option = OPTIONS_BY_NAME[name]
     return f"{option.flag} / {option.env}"
+
+
+def _check_accounts(s: Settings) -> None:
+    if s.mosquitto_dynsec and s.mqtt_url is None:
+        raise ConfigError(f"{named('mosquitto_dynsec')} is for a Mosquitto at {named('mqtt_url')}")
+    if s.mosquitto_dynsec and s.mosquitto_dir is not None:
+        raise ConfigError(f"give {named('mosquitto_dynsec')} or {named('mosquitto_dir')}, not both: "
+                          "Mosquitto's accounts live in its dynamic security plugin or in files")
 
 
 def _check_tls(s: Settings) -> None:

@@ -2,7 +2,8 @@
 
 Clients here are bare paho clients logging in with real device credentials, so nothing but
 the broker's own checks stands between device B and device A's messages. On Mosquitto, the
-checks are the password and ACL files the service writes from its registry.
+checks are the password and ACL files the service writes from its registry, or (`dynsec`) the
+clients and roles it keeps in Mosquitto's dynamic security plugin.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.protocol import Topics
 from ota_bridge.embedded_broker import TopicPolicy
 from tests.conftest import Launcher
-from tests.support.mosquitto import secure_mosquitto
+from tests.support.mosquitto import dynsec_mosquitto, secure_mosquitto
 from tests.support.processes import Service, wait_until
 
 TOPICS = Topics()
@@ -73,7 +74,8 @@ class Fleet:
     embedded: bool
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+@pytest.fixture(scope="module", params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto),
+                                        pytest.param("dynsec", marks=pytest.mark.mosquitto)])
 def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """One service (and Mosquitto) per broker kind for the whole module; fleet() resets its devices."""
     workdir = tmp_path_factory.mktemp(request.param)
@@ -83,7 +85,7 @@ def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             service = launcher.service()
             yield Fleet(service, service.mqtt_port, {}, service.api.token or "", True)
             return
-        with secure_mosquitto(workdir) as (mosquitto, flags):
+        with (dynsec_mosquitto if request.param == "dynsec" else secure_mosquitto)(workdir) as (mosquitto, flags):
             service = launcher.service(mqtt_url=mosquitto.url, extra=flags)
             operator = (service.data_dir / "mqtt-operator-password").read_text().strip()
             yield Fleet(service, mosquitto.port, {}, operator, False)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import queue
 import shutil
 import stat
 import subprocess
@@ -24,16 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import Topics
 from ota_bridge import credentials
 from ota_bridge.broker_accounts import ACL, PASSWORDS, PID, write_mosquitto_files
 from tests.conftest import Launcher
 from tests.support.fake_device import FakeDevice
-from tests.support.mosquitto import REPO_ROOT, Mosquitto, start_mosquitto
+from tests.support.mosquitto import REPO_ROOT, Mosquitto, logs_in, start_mosquitto
 from tests.support.processes import Api, Service, wait_until
 
 pytestmark = pytest.mark.mosquitto
@@ -113,20 +110,6 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def logs_in(port: int, username: str, password: str) -> bool:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username)
-    client.username_pw_set(username, password)
-    codes: queue.Queue[mqtt.ReasonCode] = queue.Queue()
-    client.on_connect = lambda _c, _u, _f, code, _p: codes.put(code)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        return not codes.get(timeout=10).is_failure
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 def wait_login(fleet: Fleet, username: str, password: str) -> None:
     wait_until(lambda: logs_in(fleet.broker.port, username, password), LOGIN_SECONDS,
                f"{username} to log in on Mosquitto; its log:\n{fleet.broker.log_text()[-3000:]}")
@@ -159,6 +142,31 @@ def test_concurrent_registrations_each_succeed_and_each_device_logs_in(fleet: Fl
     for device_id, answer in zip(ids, answers, strict=True):
         wait_login(fleet, device_id, answer.body["MqttPassword"])
     assert not [p for p in fleet.accounts.iterdir() if p.name.endswith(".tmp")], "a rewrite left a temporary file"
+
+
+def test_a_bulk_registration_is_one_rewrite_and_every_device_logs_in(fleet: Fleet) -> None:
+    body = {"Devices": [{"DeviceId": f"bulk-{n}"} for n in range(30)]}
+    with ThreadPoolExecutor(4) as pool:  # with single registrations beside it
+        singles = pool.map(lambda d: fleet.api.request("POST", "/v1/device", {"DeviceId": d}), ["lone-1", "lone-2"])
+        answer = fleet.api.request("POST", "/v1/devices", body)
+    assert answer.status == 201 and [a.status for a in singles] == [201, 201], answer.body
+    for device in answer.body["Devices"][::10]:
+        wait_login(fleet, device["DeviceId"], device["MqttPassword"])
+
+
+def test_a_failed_rewrite_undoes_a_bulk_registration(fleet: Fleet) -> None:
+    passwords = fleet.accounts / PASSWORDS
+    aside = fleet.accounts / "passwords.aside"
+    passwords.rename(aside)
+    passwords.mkdir()
+    try:
+        answer = fleet.api.request("POST", "/v1/devices", {"Devices": [{"DeviceId": "doomed-1"},
+                                                                       {"DeviceId": "doomed-2"}]})
+        assert answer.status == 500 and "2 devices were not registered" in answer.body["Detail"], answer.body
+        assert fleet.api.request("GET", "/v1/device/doomed-2").status == 404
+    finally:
+        passwords.rmdir()
+        aside.rename(passwords)
 
 
 def test_a_failed_rewrite_undoes_the_registration(fleet: Fleet) -> None:

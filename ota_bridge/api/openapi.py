@@ -23,7 +23,7 @@ from .. import __version__
 from ..roles import Role, needed_role
 from .health import HEALTH_PATH, LIVE_PATH, READY_PATH
 from .params import BODYLESS_METHODS, PATH_ID_SHAPES, id_kind
-from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
+from .schemas import MAX_BULK_DEVICES, DeviceIn, DevicePatch, DevicesIn, JobIn, WorkflowIn
 from .views import DEFAULT_PAGE, MAX_OFFSET, MAX_PAGE
 
 OPENAPI_PATH = "/v1/openapi.json"
@@ -120,6 +120,8 @@ ANSWERS: dict[str, Schema] = {
     "JobDeleted": deleted("JobId"),
     "Device": record(DEVICE),
     "RegisteredDevice": record({**DEVICE, **CREDENTIALS}),
+    "RegisteredDevices": record({"Devices": {"type": "array", "items": ref("RegisteredDevice")}},
+                                description="every device of the request, in its order, each with its password"),
     "DeviceCredentials": record({"DeviceId": STRING, **CREDENTIALS}),
     "DeviceDeleted": deleted("DeviceId"),
     "AuditEntry": record(
@@ -200,6 +202,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                    ref("JobDeleted")),
     ("post", "/v1/device"): Op("registerDevice", "Register a device; answers its MQTT password once",
                                ref("RegisteredDevice"), status=201, body=DeviceIn, also=(409,)),
+    ("post", "/v1/devices"): Op("registerDevices",
+                                f"Register up to {MAX_BULK_DEVICES} devices, all or none; answers each password once",
+                                ref("RegisteredDevices"), status=201, body=DevicesIn, also=(409,)),
     ("get", "/v1/device"): Op("listDevices", "Devices, by group or tag", listing("Device"), query=DEVICE_FILTERS),
     ("get", "/v1/device/{id}"): Op("getDevice", "One device", ref("Device")),
     ("patch", "/v1/device/{id}"): Op("updateDevice", "Change a device's group, tags or Enabled", ref("Device"),
@@ -214,8 +219,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
 }
 
 # Each operation's tag, by the first part of its path after /v1/; a generated client groups its functions so.
-TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "audit": "audit", "health": "service",
-        "openapi.json": "service", "signing-key": "service", "readyz": "service", "livez": "service"}
+TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "devices": "devices", "audit": "audit",
+        "health": "service", "openapi.json": "service", "signing-key": "service", "readyz": "service",
+        "livez": "service"}
 TAG_MEANINGS = {
     "workflows": "Named commands that jobs run",
     "jobs": "Runs of a workflow on one device, a group or a tag; a group or tag job has a child job per device",
@@ -235,7 +241,7 @@ ERROR_MEANINGS = {
     401: "no API token, or not a valid one",
     403: "the token's role may not do this; the detail names the role needed (docs/security.md#roles)",
     404: "no such id (or an id of the wrong shape, which the detail says)",
-    409: "the device is already registered",
+    409: "the device is already registered (a bulk registration names every one, and registers none)",
     413: "the body is over 1 MiB",
     503: "the database is unavailable; the request changed nothing unless the detail says it may have been saved",
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -11,6 +12,7 @@ from agent.protocol import DEVICE_ID_PATTERN, MAX_COMMAND_CHARS, NEW_DEVICE_ID_P
 from ..store.jobs import TARGET_FIELDS
 
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+MAX_BULK_DEVICES = 1000  # per POST /v1/devices: its answer (every password) stays well under a megabyte
 
 NameText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200,
                                         pattern=r"^[^\x00-\x1f\x7f]*$")]
@@ -92,3 +94,17 @@ class DevicePatch(Strict):
     DeviceGroup: Optional[Label] = None
     Tags: Optional[list[Label]] = Field(default=None, max_length=100)
     Enabled: Optional[bool] = None
+
+
+class DevicesIn(Strict):
+    """A bulk registration: every device or none."""
+
+    Devices: list[DeviceIn] = Field(min_length=1, max_length=MAX_BULK_DEVICES)
+
+    @model_validator(mode="after")
+    def distinct_ids(self) -> "DevicesIn":
+        counts = Counter(d.DeviceId for d in self.Devices)
+        repeated = [repr(device_id) for device_id, n in counts.items() if n > 1]
+        if repeated:
+            raise ValueError(f"each DeviceId may appear once; repeated: {', '.join(repeated)}")
+        return self

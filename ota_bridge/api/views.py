@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 from aiohttp import web
 
 from agent.protocol import SIGNATURE_ALGORITHM
@@ -13,13 +17,15 @@ from ..signing import JobSigner
 from ..store import Store, devices, jobs, workflows
 from . import params, serialize
 from .body import read_model
-from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
+from .schemas import DeviceIn, DevicePatch, DevicesIn, JobIn, WorkflowIn
 
 STORE = web.AppKey("store", Store)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SIGNER = web.AppKey("signer", JobSigner)
 ACCOUNTS = web.AppKey("accounts", BrokerAccounts)
 DEFAULT_PAGE, MAX_PAGE, MAX_OFFSET = 100, 1000, 2**31
+HASHING_THREADS = os.cpu_count() or 2
+_HASHING = ThreadPoolExecutor(HASHING_THREADS, thread_name_prefix="ota-hash")  # device passwords' PBKDF2
 
 routes = web.RouteTableDef()
 
@@ -124,10 +130,36 @@ async def signing_key(request: web.Request) -> web.Response:
 @routes.post("/v1/device")
 async def register_device(request: web.Request) -> web.Response:
     body = await read_model(request, DeviceIn)
-    view, password = await _store(request).call(devices.register_device, body.DeviceId, body.DeviceGroup, body.Tags)
-    await request.app[ACCOUNTS].registered(body.DeviceId)
-    credentials = {"MqttUsername": body.DeviceId, "MqttPassword": password}
-    return web.json_response({**serialize.device(view), **credentials}, status=201)
+    [answer] = await _register(request, [body])
+    return web.json_response(answer, status=201)
+
+
+@routes.post("/v1/devices")
+async def register_devices(request: web.Request) -> web.Response:
+    """Up to MAX_BULK_DEVICES devices, all or none, each password answered once."""
+    body = await read_model(request, DevicesIn)
+    return web.json_response({"Devices": await _register(request, list(body.Devices))}, status=201)
+
+
+async def _register(request: web.Request, wanted: list[DeviceIn]) -> list[dict[str, object]]:
+    """Hash off the event loop and the store's thread, store in one transaction, then the broker's accounts."""
+    pairs = await _new_credentials(len(wanted))
+    new = [devices.NewDevice(d.DeviceId, d.DeviceGroup, tuple(d.Tags), hashed)
+           for d, (_, hashed) in zip(wanted, pairs, strict=True)]
+    views = await _store(request).call(devices.register_devices, new)
+    accounts = [(d.DeviceId, password) for d, (password, _) in zip(wanted, pairs, strict=True)]
+    await request.app[ACCOUNTS].registered(accounts)
+    return [{**serialize.device(view), "MqttUsername": device_id, "MqttPassword": password}
+            for view, (device_id, password) in zip(views, accounts, strict=True)]
+
+
+async def _new_credentials(count: int) -> list[tuple[str, str]]:
+    """(password, hash) pairs, made in parallel on the hashing threads (PBKDF2 releases the GIL)."""
+    loop = asyncio.get_running_loop()
+    share = -(-count // HASHING_THREADS)
+    parts = await asyncio.gather(*(loop.run_in_executor(_HASHING, devices.new_credentials, min(share, count - start))
+                                   for start in range(0, count, share)))
+    return [pair for part in parts for pair in part]
 
 
 @routes.get("/v1/device")
@@ -150,7 +182,7 @@ async def update_device(request: web.Request) -> web.Response:
     device_id = request.match_info["id"]
     view = await _store(request).call(devices.update_device, device_id, group, body.Tags, body.Enabled, unset)
     if body.Enabled is not None:
-        await request.app[ACCOUNTS].changed(device_id, disconnect=not body.Enabled)
+        await request.app[ACCOUNTS].enabled(device_id, body.Enabled)
     return web.json_response(serialize.device(view))
 
 
@@ -158,8 +190,9 @@ async def update_device(request: web.Request) -> web.Response:
 async def rotate_credentials(request: web.Request) -> web.Response:
     """A new MQTT password, shown once; the old one stops working and the device is disconnected."""
     device_id = request.match_info["id"]
-    password = await _store(request).call(devices.rotate_device_password, device_id)
-    await request.app[ACCOUNTS].changed(device_id, disconnect=True)
+    [(password, hashed)] = await _new_credentials(1)
+    await _store(request).call(devices.set_password_hash, device_id, hashed)
+    await request.app[ACCOUNTS].rotated(device_id, password)
     return web.json_response({"DeviceId": device_id, "MqttUsername": device_id, "MqttPassword": password})
 
 
@@ -168,5 +201,5 @@ async def delete_device(request: web.Request) -> web.Response:
     device_id = request.match_info["id"]
     await _store(request).call(devices.delete_device, device_id)
     request.app[DISPATCHER].forget(device_id)
-    await request.app[ACCOUNTS].changed(device_id, disconnect=True)
+    await request.app[ACCOUNTS].deleted(device_id)
     return web.json_response({"DeviceId": device_id, "Deleted": True})

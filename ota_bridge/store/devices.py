@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import peewee as pw
 
 from agent.protocol import JobStatus
 
 from .. import credentials
-from ..errors import DeviceExists, DeviceNotFound
-from ..models import ChildJob, Device, DeviceTag
+from ..errors import DeviceNotFound, DevicesExist
+from ..models import ChildJob, Device, DeviceTag, now
 from . import PENDING, chunks, finalize, idempotent, write_transaction
 
 
@@ -24,15 +24,54 @@ class DeviceView:
     pending: int
 
 
+@dataclass(frozen=True)
+class NewDevice:
+    """A device to register, its password already hashed (CPU work done before the transaction)."""
+
+    device_id: str
+    group: str | None
+    tags: tuple[str, ...]
+    password_hash: str
+
+
+def new_credentials(count: int) -> list[tuple[str, str]]:
+    """(password, its hash) pairs: PBKDF2, CPU-bound; hashlib releases the GIL, so threads run it in parallel."""
+    passwords = [credentials.new_secret() for _ in range(count)]
+    return [(p, credentials.hash_password(p)) for p in passwords]
+
+
 def register_device(device_id: str, group: str | None, tags: Iterable[str]) -> tuple[DeviceView, str]:
     """Register a device; returns it and its MQTT password, which is kept only as a hash."""
-    password = credentials.new_secret()
-    with write_transaction():
-        if device_exists(device_id):
-            raise DeviceExists(device_id)
-        Device.create(device_id=device_id, group=group, password_hash=credentials.hash_password(password))
-        _set_tags(device_id, tags)
-    return get_device(device_id), password
+    [(password, password_hash)] = new_credentials(1)
+    [view] = register_devices([NewDevice(device_id, group, tuple(tags), password_hash)])
+    return view, password
+
+
+def register_devices(new: Sequence[NewDevice]) -> list[DeviceView]:
+    """Register every device or none, in one transaction: DevicesExist names each id already taken."""
+    rows = [{"device_id": d.device_id, "group": d.group, "password_hash": d.password_hash, "created": now()}
+            for d in new]
+    try:
+        with write_transaction():
+            taken = existing_device_ids([d.device_id for d in new])
+            if taken:
+                raise DevicesExist(taken)
+            for chunk in chunks(rows):
+                Device.insert_many(chunk).execute()
+            tag_rows = [{"device": d.device_id, "tag": t} for d in new for t in dict.fromkeys(d.tags)]
+            for chunk in chunks(tag_rows):
+                DeviceTag.insert_many(chunk).execute()
+    except pw.IntegrityError as e:  # another writer (another instance) took an id between check and insert
+        raise DevicesExist(existing_device_ids([d.device_id for d in new]) or ["(one of them)"]) from e
+    return [DeviceView(Device(**row), tuple(dict.fromkeys(d.tags)), 0) for row, d in zip(rows, new, strict=True)]
+
+
+def existing_device_ids(device_ids: list[str]) -> list[str]:
+    """Those of device_ids that are registered, in the order given."""
+    found: set[str] = set()
+    for chunk in chunks(device_ids):
+        found.update(d for (d,) in Device.select(Device.device_id).where(Device.device_id.in_(chunk)).tuples())
+    return [d for d in device_ids if d in found]
 
 
 def _set_tags(device_id: str, tags: Iterable[str]) -> None:
@@ -86,14 +125,11 @@ def update_device(device_id: str, group: Any, tags: Iterable[str] | None, enable
     return get_device(device_id)
 
 
-def rotate_device_password(device_id: str) -> str:
-    """A new MQTT password for the device; the old one stops working at once."""
-    password = credentials.new_secret()
+def set_password_hash(device_id: str, password_hash: str) -> None:
+    """Replace the device's password (hashed before the call, off the store's thread)."""
     with write_transaction():
-        if not Device.update(password_hash=credentials.hash_password(password)).where(
-                Device.device_id == device_id).execute():
+        if not Device.update(password_hash=password_hash).where(Device.device_id == device_id).execute():
             raise DeviceNotFound(device_id)
-    return password
 
 
 def broker_accounts() -> list[tuple[str, str]]:
@@ -109,6 +145,21 @@ def delete_device(device_id: str) -> None:
             raise DeviceNotFound(device_id)
         finalize(JobStatus.CANCELED, "the device was deleted",
                   ChildJob.device_id == device_id, ChildJob.status.in_(PENDING))
+
+
+def dynsec_accounts() -> list[tuple[str, str, bool]]:
+    """(device id, password hash, enabled) of every device, for the dynamic security plugin's first file."""
+    query = Device.select(Device.device_id, Device.password_hash, Device.enabled).order_by(Device.device_id)
+    return list(query.tuples())
+
+
+def delete_devices(device_ids: list[str]) -> None:
+    """Forget these devices, all in one transaction (a registration the broker's accounts could not take)."""
+    with write_transaction():
+        for chunk in chunks(device_ids):
+            Device.delete().where(Device.device_id.in_(chunk)).execute()
+            finalize(JobStatus.CANCELED, "the device was deleted",
+                     ChildJob.device_id.in_(chunk), ChildJob.status.in_(PENDING))
 
 
 def device_exists(device_id: str) -> bool:

@@ -18,6 +18,7 @@ must run every Mosquitto test.
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -27,13 +28,32 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MOSQUITTO_CONF = REPO_ROOT / "mosquitto.conf"
+DYNSEC_CONF = REPO_ROOT / "mosquitto-dynsec.conf"
+DYNSEC_FILE = "dynamic-security.json"
 LISTENER_LINE = "listener 1883 127.0.0.1"
 START_SECONDS = 10.0
 STOP_SECONDS = 5.0
+
+
+def logs_in(port: int, username: str, password: str) -> bool:
+    """Whether the broker on 127.0.0.1:port takes this login (client id = username)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username)
+    client.username_pw_set(username, password)
+    codes: queue.Queue[mqtt.ReasonCode] = queue.Queue()
+    client.on_connect = lambda _c, _u, _f, code, _p: codes.put(code)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        return not codes.get(timeout=10).is_failure
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def free_port() -> int:
@@ -61,16 +81,16 @@ SECURE_ONLY = ("allow_anonymous", "password_file", "acl_file", "pid_file", "use_
 
 
 def broker_config(port: int, extra_lines: Iterable[str] = (), accounts_dir: Path | None = None,
-                  user: str = "root") -> str:
+                  user: str = "root", conf: Path = MOSQUITTO_CONF) -> str:
     """The repo's mosquitto.conf, listening on `port`, running as `user`, plus extra lines.
 
     With accounts_dir, the file as shipped (logins and ACLs from the files ota-bridge writes there);
     without, an open variant: anonymous clients may do anything, as on a compromised broker.
     """
-    text = MOSQUITTO_CONF.read_text(encoding="utf-8")
+    text = conf.read_text(encoding="utf-8")
     lines = text.splitlines()
     if LISTENER_LINE not in lines or not any(ACCOUNTS_DIR in line for line in lines):
-        raise RuntimeError(f"{MOSQUITTO_CONF} has no line {LISTENER_LINE!r} or {ACCOUNTS_DIR} to replace")
+        raise RuntimeError(f"{conf} has no line {LISTENER_LINE!r} or {ACCOUNTS_DIR} to replace")
     lines = [f"listener {port} 127.0.0.1" if line == LISTENER_LINE else line for line in lines]
     if accounts_dir is None:
         lines = [line for line in lines if not line.startswith(SECURE_ONLY)] + ["allow_anonymous true"]
@@ -83,13 +103,14 @@ class Mosquitto:
     """One broker: a config file, a port that stays the same across restarts, a process."""
 
     def __init__(self, workdir: Path, port: int, extra_lines: Iterable[str] = (),
-                 accounts_dir: Path | None = None, user: str = "root") -> None:
+                 accounts_dir: Path | None = None, user: str = "root", conf: Path = MOSQUITTO_CONF) -> None:
         self.port = port
         self.binary = mosquitto_binary()
         self.accounts_dir = accounts_dir
         self.config_path = Path(workdir) / f"mosquitto-{port}.conf"
         self.log_path = Path(workdir) / f"mosquitto-{port}.log"
-        self.config_path.write_text(broker_config(port, extra_lines, accounts_dir, user), encoding="utf-8")
+        self.config_path.write_text(broker_config(port, extra_lines, accounts_dir, user, conf),
+                                    encoding="utf-8")
         self.process: subprocess.Popen[bytes] | None = None
 
     def __iter__(self) -> Iterator[object]:
@@ -156,10 +177,10 @@ class Mosquitto:
 
 
 @contextmanager
-def start_mosquitto(tmp_path: Path, extra_lines: Iterable[str] = (),
-                    accounts_dir: Path | None = None, user: str = "root") -> Iterator[Mosquitto]:
+def start_mosquitto(tmp_path: Path, extra_lines: Iterable[str] = (), accounts_dir: Path | None = None,
+                    user: str = "root", conf: Path = MOSQUITTO_CONF) -> Iterator[Mosquitto]:
     """Start a broker on a free port; it is stopped on exit, whatever happened."""
-    broker = Mosquitto(tmp_path, free_port(), extra_lines, accounts_dir, user)
+    broker = Mosquitto(tmp_path, free_port(), extra_lines, accounts_dir, user, conf)
     try:
         broker.start()
         yield broker
@@ -197,6 +218,20 @@ def secure_mosquitto(workdir: Path, extra_lines: Iterable[str] = ()) -> Iterator
                     "--data-dir", str(data_dir)], check=True, capture_output=True, timeout=60, cwd=REPO_ROOT)
     with start_mosquitto(workdir, extra_lines, accounts_dir=accounts) as broker:
         yield broker, ("--mosquitto-dir", str(accounts))
+
+
+@contextmanager
+def dynsec_mosquitto(workdir: Path) -> Iterator[tuple[Mosquitto, tuple[str, ...]]]:
+    """mosquitto-dynsec.conf as shipped, its plugin's first file written by `ota-bridge
+    mosquitto-dynsec-config` from the service's data dir (workdir/service-data): the broker, and the
+    flag that makes the service keep the plugin's accounts in step with its registry."""
+    accounts = workdir / "mosquitto-dynsec"
+    accounts.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "ota_bridge", "mosquitto-dynsec-config", "--out", str(accounts / DYNSEC_FILE),
+                    "--data-dir", str(workdir / "service-data")], check=True, capture_output=True, timeout=60,
+                   cwd=REPO_ROOT)
+    with start_mosquitto(workdir, accounts_dir=accounts, conf=DYNSEC_CONF) as broker:
+        yield broker, ("--mosquitto-dynsec",)
 
 
 def tls_listener(port: int, ca_file: Path, cert: Path, key: Path, require_certificate: bool = False) -> list[str]:
