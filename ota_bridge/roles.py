@@ -29,6 +29,7 @@ DEFAULT_CLI_ROLE = Role.OPERATOR  # day-to-day work; admin powers are asked for 
 
 # (method, route) -> the least role that may call it. HEAD is checked as GET.
 NEEDS: dict[tuple[str, str], Role] = {
+    ("GET", "/metrics"): Role.VIEWER,  # figures only: counts by state, latencies; no ids, no output
     ("GET", "/v1/signing-key"): Role.VIEWER,
     ("GET", "/v1/workflow"): Role.VIEWER,
     ("GET", "/v1/workflow/{id}"): Role.VIEWER,

@@ -21,7 +21,8 @@ from agent.protocol import JobStatus
 
 from .. import __version__
 from ..roles import Role, needed_role
-from .health import HEALTH_PATH, LIVE_PATH, READY_PATH
+from .health import ALIVE_PATH, HEALTH_PATH, LIVE_PATH, READY_PATH
+from .metrics import METRICS_PATH
 from .params import BODYLESS_METHODS, PATH_ID_SHAPES, id_kind
 from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
 from .views import DEFAULT_PAGE, MAX_OFFSET, MAX_PAGE
@@ -147,6 +148,7 @@ class Op:
     public: bool = False
     headers: Schema | None = None
     unavailable: Schema | None = None  # a health check's answer with 503, instead of an Error
+    media: str = "application/json"  # the answer's content type
 
 
 def listing(name: str) -> Schema:
@@ -180,6 +182,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                             public=True, unavailable=ref("Health")),
     ("get", LIVE_PATH): Op("getLiveness", "The process serves HTTP (outages of the database or broker do not count)",
                            ref("Live"), public=True),
+    ("get", ALIVE_PATH): Op("getAlive", "The same as /livez: the process serves HTTP", ref("Live"), public=True),
+    ("get", METRICS_PATH): Op("getMetrics", "Prometheus metrics in the text format (docs/operations.md#monitoring)",
+                              {"type": "string"}, media="text/plain"),
     ("get", OPENAPI_PATH): Op("getOpenApiDocument", "This document", ref("OpenApiDocument"), public=True),
     ("get", "/v1/signing-key"): Op("getSigningKey", "The public key agents verify jobs with", ref("SigningKey")),
     ("post", "/v1/workflow"): Op("createWorkflow", "Define a workflow", ref("WorkflowCreated"), body=WorkflowIn),
@@ -215,13 +220,14 @@ OPERATIONS: dict[tuple[str, str], Op] = {
 
 # Each operation's tag, by the first part of its path after /v1/; a generated client groups its functions so.
 TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "audit": "audit", "health": "service",
-        "openapi.json": "service", "signing-key": "service", "readyz": "service", "livez": "service"}
+        "openapi.json": "service", "signing-key": "service", "readyz": "service", "livez": "service",
+        "healthz": "service", "metrics": "service"}
 TAG_MEANINGS = {
     "workflows": "Named commands that jobs run",
     "jobs": "Runs of a workflow on one device, a group or a tag; a group or tag job has a child job per device",
     "devices": "Registered devices, their groups, tags and MQTT credentials",
     "audit": "The log of state-changing requests",
-    "service": "Health, this document and the key agents verify jobs with",
+    "service": "Health, metrics, this document and the key agents verify jobs with",
 }
 
 
@@ -258,7 +264,7 @@ def error_statuses(method: str, path: str, op: Op) -> list[int]:
 
 
 def operation(method: str, path: str, op: Op) -> Schema:
-    answer: Schema = {"description": op.summary, "content": {"application/json": {"schema": op.answer}}}
+    answer: Schema = {"description": op.summary, "content": {op.media: {"schema": op.answer}}}
     if op.headers:
         answer["headers"] = op.headers
     responses = {str(op.status): answer}
