@@ -31,7 +31,8 @@ from ota_bridge.store import Store, tokens
 from tests.support.databases import database_url
 from tests.support.processes import REPO, Api, Service
 
-UNKNOWN_IDS = {"workflow": str(uuid.uuid4()), "job": str(uuid.uuid4()), "device": "no-such-device"}
+UNKNOWN_IDS = {"workflow": str(uuid.uuid4()), "job": str(uuid.uuid4()), "device": "no-such-device",
+               "webhook": str(uuid.uuid4())}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -23,6 +23,7 @@ from .openapi import OPENAPI_PATH, serve_openapi
 from .params import request_shape_middleware
 from .tokens import TokenCache
 from .views import DISPATCHER, SIGNER, STORE, routes
+from .webhooks import routes as webhook_routes
 
 log = logging.getLogger(__name__)
 
@@ -91,4 +92,5 @@ def make_app(db: Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Applic
     app.router.add_get(OPENAPI_PATH, serve_openapi)
     app.router.add_get("/v1/audit", list_audit)
     app.add_routes(routes)
+    app.add_routes(webhook_routes)
     return app

@@ -24,7 +24,7 @@ from ..roles import Role, needed_role
 from .health import ALIVE_PATH, HEALTH_PATH, LIVE_PATH, READY_PATH
 from .metrics import METRICS_PATH
 from .params import BODYLESS_METHODS, PATH_ID_SHAPES, id_kind
-from .schemas import DeviceIn, DevicePatch, JobIn, WorkflowIn
+from .schemas import DeviceIn, DevicePatch, JobIn, WebhookIn, WorkflowIn
 from .views import DEFAULT_PAGE, MAX_OFFSET, MAX_PAGE
 
 OPENAPI_PATH = "/v1/openapi.json"
@@ -73,6 +73,8 @@ DEVICE = {"DeviceId": STRING, "DeviceGroup": nullable(STRING), "Tags": {"type": 
           "Online": BOOLEAN, "LastSeen": nullable(TIME), "Enabled": BOOLEAN, "PendingJobs": INTEGER,
           "CreatedTime": TIME}
 CREDENTIALS = {"MqttUsername": STRING, "MqttPassword": STRING}
+WEBHOOK = {"WebhookId": UUID, "Url": STRING, "CreatedTime": TIME, "PendingDeliveries": INTEGER,
+           "FailedDeliveries": INTEGER, "LastError": nullable(STRING)}
 
 
 def job_kind(name: str, target: str, result: Schema, description: str, **more: Schema) -> Schema:
@@ -128,6 +130,10 @@ ANSWERS: dict[str, Schema] = {
          "Remote": nullable(STRING), "Method": STRING, "Path": STRING, "TargetId": nullable(STRING),
          "Status": INTEGER, "Outcome": STRING},
         description="one state-changing request; TokenName and Role are null when no valid token came"),
+    "Webhook": record(WEBHOOK),
+    "RegisteredWebhook": record({**WEBHOOK, "Secret": STRING},
+                                description="Secret signs every POST (X-Ota-Signature); it is shown only here"),
+    "WebhookDeleted": deleted("WebhookId"),
 }
 
 GET_JOB = {"anyOf": [ref("Job"), ref("ChildJob")], "description": "a child job's id answers that child"}
@@ -216,10 +222,17 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                       ref("DeviceDeleted")),
     ("get", "/v1/audit"): Op("listAuditEntries", "The audit log of state-changing requests, newest first (admin)",
                              listing("AuditEntry"), query=page("entries"), headers=total("entries")),
+    ("post", "/v1/webhook"): Op("createWebhook", "Register a URL told of every job that ends; answers its secret once",
+                                ref("RegisteredWebhook"), status=201, body=WebhookIn),
+    ("get", "/v1/webhook"): Op("listWebhooks", "The registered webhooks and their undelivered POSTs",
+                               listing("Webhook")),
+    ("delete", "/v1/webhook/{id}"): Op("deleteWebhook", "Forget a webhook and its undelivered POSTs",
+                                       ref("WebhookDeleted")),
 }
 
 # Each operation's tag, by the first part of its path after /v1/; a generated client groups its functions so.
-TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "audit": "audit", "health": "service",
+TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "audit": "audit", "webhook": "webhooks",
+        "health": "service",
         "openapi.json": "service", "signing-key": "service", "readyz": "service", "livez": "service",
         "healthz": "service", "metrics": "service"}
 TAG_MEANINGS = {
@@ -227,6 +240,7 @@ TAG_MEANINGS = {
     "jobs": "Runs of a workflow on one device, a group or a tag; a group or tag job has a child job per device",
     "devices": "Registered devices, their groups, tags and MQTT credentials",
     "audit": "The log of state-changing requests",
+    "webhooks": "URLs that receive a signed POST when a job or child job ends",
     "service": "Health, metrics, this document and the key agents verify jobs with",
 }
 
