@@ -45,10 +45,12 @@ log = logging.getLogger("ota-agent")
 
 @functools.cache
 def agent_version() -> str:
-    try:
-        return metadata.version("ota-bridge")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    for distribution in ("ota-agent", "ota-bridge"):  # installed alone (agent/pyproject.toml), or with the service
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "0+unknown"
 
 
 
