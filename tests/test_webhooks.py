@@ -103,6 +103,39 @@ def test_a_group_job_that_ends_is_posted_signed_retried_and_survives_a_restart(u
     asyncio.run(scenario())
 
 
+def test_two_instances_on_one_database_send_each_ending_once(url: str) -> None:
+    async def scenario() -> None:
+        receiver = Receiver([])
+        runner, hook_url = await receiver.start()
+        stores = [Store(url), Store(url)]
+        first = stores[0]
+        try:
+            await first.call(webhooks.create_webhook, hook_url)
+            await first.call(webhooks.enqueue_ended, 0)
+            for n in range(5):
+                await first.call(devices.register_device, f"wh-{n}", "wh-five", [])
+            workflow = await first.call(workflows.create_workflow, "w", "true", None, False)
+            senders = [asyncio.ensure_future(WebhookSender(db, FAST).run()) for db in stores]
+            try:
+                for _ in range(3):  # three group jobs, ended while both senders poll
+                    job, _ = await first.call(jobs.submit_job, "j", workflow.workflow_id, "DeviceGroup", "wh-five",
+                                              None)
+                    await first.call(jobs.cancel_job, job.job_id)
+                await until(lambda: len(receiver.got) >= 18, "3 x (5 children + 1 parent) deliveries")
+                await asyncio.sleep(0.3)  # a duplicate would come within a few polls
+            finally:
+                for sender in senders:
+                    sender.cancel()
+        finally:
+            for db in stores:
+                db.close()
+            await runner.cleanup()
+        ids = [headers["X-Ota-Delivery"] for headers, _ in receiver.got]
+        assert len(ids) == len(set(ids)) == 18
+
+    asyncio.run(scenario())
+
+
 def test_a_delivery_is_given_up_after_the_last_attempt_and_counted(tmp_path: Path) -> None:
     async def scenario() -> None:
         receiver = Receiver([500] * 2 * FAST.max_attempts)  # a job on one device: its child and itself

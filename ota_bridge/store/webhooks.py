@@ -22,7 +22,7 @@ from agent.protocol import FINAL_STATUSES, format_time
 from .. import credentials
 from ..errors import WebhookNotFound
 from ..models import ChildJob, Job, Webhook, WebhookCursor, WebhookDelivery, db, now
-from . import PENDING, write_transaction
+from . import PENDING, chunks, write_transaction
 from .jobs import derive_status
 
 CURSOR = "ended"
@@ -91,13 +91,12 @@ def enqueue_ended(settle_seconds: float, limit: int = 500) -> int:
     more are read, so that a transaction another instance has not committed yet is not skipped.
     Returns how many deliveries were enqueued."""
     until = now() - timedelta(seconds=settle_seconds)
+    if not _anything_ended(until):  # most polls: no write lock taken
+        return 0
     with write_transaction():
         cursor = _cursor(until)
-        ended = list(ChildJob.select().where(
-            ChildJob.end_time.is_null(False), ChildJob.end_time <= until,
-            (ChildJob.end_time > cursor.end_time) | ((ChildJob.end_time == cursor.end_time)
-                                                     & (ChildJob.seq > cursor.seq)))
-            .order_by(ChildJob.end_time, ChildJob.seq).limit(limit))
+        ended = list(ChildJob.select().where(_after(cursor, until)).order_by(ChildJob.end_time, ChildJob.seq)
+                     .limit(limit))
         if not ended:
             return 0
         hooks = [h.webhook_id for h in Webhook.select(Webhook.webhook_id)]
@@ -108,6 +107,21 @@ def enqueue_ended(settle_seconds: float, limit: int = 500) -> int:
         last = ended[-1]
         WebhookCursor.update(end_time=last.end_time, seq=last.seq).where(WebhookCursor.name == CURSOR).execute()
         return len(rows)
+
+
+def _after(cursor: WebhookCursor | None, until: datetime) -> pw.Expression:
+    """Ended by `until`, and after the cursor."""
+    ended = ChildJob.end_time.is_null(False) & (ChildJob.end_time <= until)
+    if cursor is None:
+        return ended
+    return ended & ((ChildJob.end_time > cursor.end_time)
+                    | ((ChildJob.end_time == cursor.end_time) & (ChildJob.seq > cursor.seq)))
+
+
+def _anything_ended(until: datetime) -> bool:
+    """A read without locks: is there a job to enqueue, or no cursor yet?"""
+    cursor = WebhookCursor.get_or_none(WebhookCursor.name == CURSOR)
+    return cursor is None or ChildJob.select().where(_after(cursor, until)).exists()
 
 
 def _cursor(start: datetime) -> WebhookCursor:
@@ -127,24 +141,38 @@ def _cursor(start: datetime) -> WebhookCursor:
 
 def _events(ended: list[ChildJob]) -> list[str]:
     bodies = [json.dumps(_child_event(child)) for child in ended]
-    parents = {child.parent_id: child for child in ended}  # per parent, the last of its children here
-    for parent_id, child in parents.items():
-        counts = _counts(parent_id)
-        if not counts.keys() & set(PENDING) and _last_to_end(parent_id) == child.seq:
-            bodies.append(json.dumps(_parent_event(Job.get_by_id(parent_id), counts, child.end_time)))
+    last_here = {child.parent_id: child for child in ended}  # per parent, the last of its children here
+    counts = _counts(list(last_here))
+    done = [p for p in last_here if not counts[p].keys() & set(PENDING)]
+    last = _last_to_end(done)
+    jobs = {job.job_id: job for chunk in chunks(done) for job in Job.select().where(Job.job_id.in_(chunk))}
+    for parent_id in done:  # a parent ends with the last of its children to end: sent once
+        if last.get(parent_id) == last_here[parent_id].seq and parent_id in jobs:
+            bodies.append(json.dumps(_parent_event(jobs[parent_id], counts[parent_id],
+                                                   last_here[parent_id].end_time)))
     return bodies
 
 
-def _counts(parent_id: str) -> dict[str, int]:
-    rows = (ChildJob.select(ChildJob.status, pw.fn.COUNT(ChildJob.seq)).where(ChildJob.parent == parent_id)
-            .group_by(ChildJob.status).tuples())
-    return {status: n for status, n in rows if n}
+def _counts(parent_ids: list[str]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {p: {} for p in parent_ids}
+    for chunk in chunks(parent_ids):
+        rows = (ChildJob.select(ChildJob.parent, ChildJob.status, pw.fn.COUNT(ChildJob.seq))
+                .where(ChildJob.parent.in_(chunk)).group_by(ChildJob.parent, ChildJob.status).tuples())
+        for parent_id, status, n in rows:
+            counts[parent_id][status] = n
+    return counts
 
 
-def _last_to_end(parent_id: str) -> int | None:
-    last = (ChildJob.select(ChildJob.seq).where(ChildJob.parent == parent_id)
-            .order_by(ChildJob.end_time.desc(), ChildJob.seq.desc()).first())
-    return last.seq if last else None
+def _last_to_end(parent_ids: list[str]) -> dict[str, int]:
+    """Per parent, the seq of the child that ended last (by end time, then seq)."""
+    other = ChildJob.alias()
+    latest = other.select(pw.fn.MAX(other.end_time)).where(other.parent == ChildJob.parent)
+    last: dict[str, int] = {}
+    for chunk in chunks(parent_ids):
+        rows = (ChildJob.select(ChildJob.parent, pw.fn.MAX(ChildJob.seq))
+                .where(ChildJob.parent.in_(chunk), ChildJob.end_time == latest).group_by(ChildJob.parent).tuples())
+        last.update(dict(rows))
+    return last
 
 
 def _child_event(child: ChildJob) -> dict[str, Any]:
@@ -169,14 +197,22 @@ def _time(value: datetime | None) -> str | None:
 def take_due(limit: int, lease_seconds: float) -> list[Delivery]:
     """Deliveries due now, leased: no other sender takes them for lease_seconds."""
     current = now()
+    due = WebhookDelivery.failed == False, WebhookDelivery.next_attempt <= current  # noqa: E712
+    if not WebhookDelivery.select().where(*due).exists():  # most polls: no write lock taken
+        return []
     with write_transaction():
-        rows = list(WebhookDelivery.select(WebhookDelivery, Webhook).join(Webhook)
-                    .where(WebhookDelivery.failed == False, WebhookDelivery.next_attempt <= current)  # noqa: E712
-                    .order_by(WebhookDelivery.next_attempt, WebhookDelivery.id).limit(limit))
-        if rows:
-            (WebhookDelivery.update(next_attempt=current + timedelta(seconds=lease_seconds))
-             .where(WebhookDelivery.id.in_([r.id for r in rows])).execute())
-    return [Delivery(r.id, r.webhook.url, r.webhook.secret, r.body, r.attempts) for r in rows]
+        query = (WebhookDelivery.select().where(*due).order_by(WebhookDelivery.next_attempt, WebhookDelivery.id)
+                 .limit(limit))
+        if not isinstance(db.obj, pw.SqliteDatabase):  # other instances skip what this one takes
+            query = query.for_update("FOR UPDATE SKIP LOCKED")
+        rows = list(query)
+        if not rows:
+            return []
+        (WebhookDelivery.update(next_attempt=current + timedelta(seconds=lease_seconds))
+         .where(WebhookDelivery.id.in_([r.id for r in rows])).execute())
+        hooks = {h.webhook_id: h for h in Webhook.select().where(Webhook.webhook_id.in_({r.webhook_id for r in rows}))}
+    return [Delivery(r.id, hooks[r.webhook_id].url, hooks[r.webhook_id].secret, r.body, r.attempts) for r in rows
+            if r.webhook_id in hooks]
 
 
 def delivered(delivery_id: int) -> None:
