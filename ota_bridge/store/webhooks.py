@@ -28,6 +28,7 @@ from .jobs import derive_status
 CURSOR = "ended"
 FINAL = [s.value for s in FINAL_STATUSES]
 CHILD_EVENT, PARENT_EVENT = "childjob.ended", "job.ended"
+FAILED_KEPT_DAYS = 7  # a receiver away for good must not grow the outbox for ever
 
 
 @dataclass(frozen=True)
@@ -226,5 +227,10 @@ def retry_later(delivery_id: int, error: str, delay_seconds: float) -> None:
 
 
 def give_up(delivery_id: int, error: str) -> None:
-    (WebhookDelivery.update(attempts=WebhookDelivery.attempts + 1, last_error=error[:300], failed=True)
-     .where(WebhookDelivery.id == delivery_id).execute())
+    """Keep the delivery as failed, to be seen; forget those failed FAILED_KEPT_DAYS ago."""
+    with write_transaction():
+        (WebhookDelivery.update(attempts=WebhookDelivery.attempts + 1, last_error=error[:300], failed=True)
+         .where(WebhookDelivery.id == delivery_id).execute())
+        (WebhookDelivery.delete().where(WebhookDelivery.failed == True,  # noqa: E712
+                                        WebhookDelivery.created < now() - timedelta(days=FAILED_KEPT_DAYS))
+         .execute())
