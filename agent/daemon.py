@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-from . import job_signature, protocol
+from . import job_signature, jsonlog, protocol
 from .head import Head, parse_head
 from .journal import Entry, Journal, JournalError, UnsafeDirectory, check_private_dir
 from .link import BrokerLink, Connected, ConnectFailed, Disconnected, JobMessage, LinkEvent, Subscribed
@@ -506,8 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"ota-agent: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    jsonlog.configure(settings.log_level, settings.log_format, sys.stderr, settings.device_id)
     try:
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_private_dir(settings.state_dir)

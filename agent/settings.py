@@ -29,6 +29,7 @@ from typing import Mapping
 from urllib.parse import urlsplit
 
 from . import job_signature, protocol
+from .jsonlog import LOG_FORMATS
 from .policy import CommandPolicy, command_is_usable, normalize_command, prefix_is_usable
 from .protocol import Topics
 
@@ -44,10 +45,12 @@ log = logging.getLogger("ota-agent")
 
 @functools.cache
 def agent_version() -> str:
-    try:
-        return metadata.version("ota-bridge")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    for distribution in ("ota-agent", "ota-bridge"):  # installed alone (agent/pyproject.toml), or with the service
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "0+unknown"
 
 
 
@@ -81,6 +84,7 @@ class Settings:
     policy: CommandPolicy = CommandPolicy()
     tls: ssl.SSLContext | None = field(default=None, repr=False, compare=False)  # None: plain mqtt://
     server_key_file: Path | None = None  # where server_keys came from; the agent re-reads it when it changes
+    log_format: str = "text"  # or "json": one JSON object a line (agent/jsonlog.py)
     head_wait: float = DEFAULT_HEAD_WAIT  # seconds after subscribing without a signed head before it warns
 
     @property
@@ -128,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kill-grace", metavar="SECONDS", help="how long a killed command's process group gets between "
         f"SIGTERM and SIGKILL (default {DEFAULT_KILL_GRACE:g})")
     add("--log-level", metavar="LEVEL", help=f"one of {', '.join(LOG_LEVELS)} (default INFO)")
+    add("--log-format", metavar="text|json", help="text (default), or json: one JSON object a line, with "
+        "JobId and DeviceId fields, for log shippers")
     add("--server-key", metavar="BASE64[,BASE64]", help="the service's job-signing public key, or several "
         "separated by commas during a key rotation (prefer --server-key-file)")
     add("--server-key-file", metavar="FILE", help="a file holding the service's job-signing public key: "
@@ -153,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _SETTING_NAMES = (
     "broker", "device_id", "username", "password", "password_file", "state_dir", "prefix",
-    "output_cap", "default_timeout", "kill_grace", "log_level", "server_key", "server_key_file",
+    "output_cap", "default_timeout", "kill_grace", "log_level", "log_format", "server_key", "server_key_file",
     "allow_scripts_dir", "allow_commands_file", "ca_file", "cert_file", "key_file", "head_wait",
 )
 # Repeatable flags; their variable holds a list.
@@ -178,6 +184,7 @@ def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Setting
         default_timeout=_positive_int(raw, "default_timeout", protocol.DEFAULT_TIMEOUT_SECONDS),
         kill_grace=_positive_number(raw, "kill_grace", DEFAULT_KILL_GRACE),
         log_level=_log_level(raw["log_level"] or "INFO"),
+        log_format=_log_format(raw["log_format"] or "text"),
         server_keys=_server_keys(raw["server_key"], raw["server_key_file"]),
         server_key_file=Path(raw["server_key_file"]) if raw["server_key_file"] else None,
         policy=CommandPolicy(
@@ -474,6 +481,12 @@ def _log_level(value: str) -> str:
     if value.upper() not in LOG_LEVELS:
         raise SettingsError("log_level", f"is {value!r}, expected one of {', '.join(LOG_LEVELS)}")
     return value.upper()
+
+
+def _log_format(value: str) -> str:
+    if value.lower() not in LOG_FORMATS:
+        raise SettingsError("log_format", f"is {value!r}, expected one of {', '.join(LOG_FORMATS)}")
+    return value.lower()
 
 
 def default_state_dir() -> Path:

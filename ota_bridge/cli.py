@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 from typing import Callable
 
 from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics, format_time
 
-from . import __version__, settings, signing
+from . import __version__, logs, settings, signing
 from .broker_accounts import (
     ACL,
     DYNSEC_ADMIN_PASSWORD_FILE,
@@ -87,10 +86,7 @@ def _add_signing_key_commands(commands: argparse._SubParsersAction) -> None:  # 
 
 def _serve(args: argparse.Namespace) -> int:
     config = settings.resolve(args)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet = max(logging.WARNING, logging.getLevelName(config.log_level))
-    for noisy in ("amqtt", "transitions"):  # chatty at INFO about every client's state
-        logging.getLogger(noisy).setLevel(quiet)
+    logs.setup(config.log_level, config.log_format)
     asyncio.run(serve(config))
     return 0
 

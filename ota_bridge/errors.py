@@ -42,6 +42,11 @@ class DeviceNotFound(NotFound):
         super().__init__("device", device_id)
 
 
+class WebhookNotFound(NotFound):
+    def __init__(self, webhook_id: str) -> None:
+        super().__init__("webhook", webhook_id)
+
+
 class InvalidRequest(OtaBridgeError):
     """The request is well-formed JSON but asks for something that cannot be done."""
 

@@ -144,10 +144,44 @@ class ChildJob(BaseModel):
             (("device_id", "status", "seq"), False),  # a device's pending queue, in order
             (("parent", "status"), False),  # a parent's counts per state
             (("status", "updated"), False),  # jobs IN_PROGRESS for too long
+            (("end_time", "seq"), False),  # the jobs that ended since the webhooks' cursor
         )
 
 
-TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry)
+class Webhook(BaseModel):
+    """A URL that receives a signed POST when a job or child job ends (ota_bridge/webhooks.py)."""
+
+    webhook_id = pw.CharField(max_length=36, primary_key=True)
+    url = pw.CharField(max_length=2000)
+    secret = pw.CharField(max_length=100)  # the HMAC key; kept as is, since signing needs it
+    created = pw.DateTimeField(default=now)
+
+
+class WebhookDelivery(BaseModel):
+    """The outbox: one POST still to make (or given up on), so that it survives a restart."""
+
+    id = pw.BigAutoField()
+    webhook = pw.ForeignKeyField(Webhook, backref="deliveries", on_delete="CASCADE", column_name="webhook_id")
+    body = pw.TextField()  # the JSON sent, exactly as signed
+    attempts = pw.IntegerField(default=0)
+    next_attempt = pw.DateTimeField(default=now)  # also a lease: a sender takes a delivery by moving this on
+    failed = pw.BooleanField(default=False)  # given up after the last attempt; kept to be seen
+    last_error = pw.CharField(max_length=300, null=True)
+    created = pw.DateTimeField(default=now)
+
+    class Meta:
+        indexes = ((("failed", "next_attempt"), False),)
+
+
+class WebhookCursor(BaseModel):
+    """How far the webhook senders have read the jobs that ended: (end time, seq) of the last one."""
+
+    name = pw.CharField(max_length=32, primary_key=True)
+    end_time = pw.DateTimeField()
+    seq = pw.BigIntegerField()
+
+
+TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webhook, WebhookDelivery, WebhookCursor)
 # Columns added after a table was first released: (table, column, DDL), added at open when missing.
 ADDED_COLUMNS = (
     ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin

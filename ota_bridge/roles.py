@@ -14,7 +14,7 @@ from enum import Enum
 class Role(str, Enum):
     VIEWER = "viewer"  # reads workflows, jobs, output, devices; never credentials, tokens, the audit log
     OPERATOR = "operator"  # also workflows and jobs (define, submit, cancel, delete); a device's group, tags
-    ADMIN = "admin"  # also registers, re-keys and deletes devices; tokens; the audit log
+    ADMIN = "admin"  # also registers, re-keys and deletes devices; tokens; the audit log; webhooks
 
     def allows(self, needed: Role) -> bool:
         return RANK[self] >= RANK[needed]
@@ -29,6 +29,7 @@ DEFAULT_CLI_ROLE = Role.OPERATOR  # day-to-day work; admin powers are asked for 
 
 # (method, route) -> the least role that may call it. HEAD is checked as GET.
 NEEDS: dict[tuple[str, str], Role] = {
+    ("GET", "/metrics"): Role.VIEWER,  # figures only: counts by state, latencies; no ids, no output
     ("GET", "/v1/signing-key"): Role.VIEWER,
     ("GET", "/v1/workflow"): Role.VIEWER,
     ("GET", "/v1/workflow/{id}"): Role.VIEWER,
@@ -48,6 +49,9 @@ NEEDS: dict[tuple[str, str], Role] = {
     ("POST", "/v1/device/{id}/credentials"): Role.ADMIN,
     ("DELETE", "/v1/device/{id}"): Role.ADMIN,
     ("GET", "/v1/audit"): Role.ADMIN,
+    ("POST", "/v1/webhook"): Role.ADMIN,  # answers the webhook's signing secret
+    ("GET", "/v1/webhook"): Role.ADMIN,  # a URL may hold a password
+    ("DELETE", "/v1/webhook/{id}"): Role.ADMIN,
 }
 
 

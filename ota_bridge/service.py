@@ -51,6 +51,7 @@ from .mqtt_link import BrokerLink
 from .roles import Role
 from .settings import OPTIONS_BY_NAME, SQLITE_FILE, HostPort, Settings, named
 from .store import Store, devices, queues, tokens
+from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,8 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
                                   mosquitto_dir=settings.mosquitto_dir, dynsec=_dynsec(settings, stack))
         await accounts.start()
         await db.call(devices.forget_presence)  # no device is online before it says so in this run
-        for job in (dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts()):
+        for job in (dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts(),
+                    WebhookSender(db).run()):
             stack.push_async_callback(_cancel, asyncio.create_task(job))
         link.start()
         stack.push_async_callback(link.aclose)

@@ -53,6 +53,7 @@ class Settings:
     data_dir: Path
     prefix: str
     log_level: str
+    log_format: str  # "text" or "json"
     timeout_grace: float
     failpoints: frozenset[str]
     mosquitto_dir: Path | None
@@ -155,6 +156,13 @@ def parse_log_level(value: str) -> str:
     return level
 
 
+def parse_log_format(value: str) -> str:
+    word = value.strip().lower()
+    if word not in {"text", "json"}:
+        raise ValueError("expected text or json")
+    return word
+
+
 @dataclass(frozen=True)
 class Option:
     name: str  # the flag without dashes; the variable is OTA_BRIDGE_<NAME>
@@ -187,6 +195,8 @@ OPTIONS = (
            metavar="DIR"),
     Option("prefix", DEFAULT_PREFIX, parse_prefix, "MQTT topic prefix", metavar="PREFIX"),
     Option("log_level", "INFO", parse_log_level, "DEBUG, INFO, WARNING or ERROR", metavar="LEVEL"),
+    Option("log_format", "text", parse_log_format, "text, or json: one JSON object a line, for log shippers",
+           metavar="text|json"),
     Option("timeout_grace", "60", parse_seconds,
            "seconds past a job's timeout before the service itself marks a silent device's job TIMED_OUT",
            metavar="SECONDS"),

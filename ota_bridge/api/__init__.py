@@ -15,16 +15,19 @@ from ..store import Store
 from .audit import CALLER, audit_middleware, list_audit
 from .body import MAX_BODY_BYTES
 from .errors import Handler, error_middleware
-from .health import HEALTH_PATH, LIVE_PATH, READY_PATH
+from .health import ALIVE_PATH, HEALTH_PATH, LIVE_PATH, READY_PATH
 from .health import add_routes as add_health_routes
+from .metrics import add_routes as add_metrics_routes
+from .metrics import metrics_middleware
 from .openapi import OPENAPI_PATH, serve_openapi
 from .params import request_shape_middleware
 from .tokens import TokenCache
 from .views import DISPATCHER, SIGNER, STORE, routes
+from .webhooks import routes as webhook_routes
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({HEALTH_PATH, READY_PATH, LIVE_PATH, OPENAPI_PATH})
+PUBLIC_PATHS = frozenset({HEALTH_PATH, READY_PATH, LIVE_PATH, ALIVE_PATH, OPENAPI_PATH})
 TOKENS = web.AppKey("tokens", TokenCache)
 MAX_TOKEN_CHARS = 1024  # tokens made here have 43; a longer one is refused before it is hashed
 TOKEN_CHARS = re.compile(r"[!-~]+")  # printable ASCII, no spaces or control characters
@@ -78,14 +81,16 @@ def _what_came(header: str, scheme: str, token: str) -> str:
 
 
 def make_app(db: Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Application:
-    middlewares = [audit_middleware, error_middleware, auth_middleware, request_shape_middleware]
+    middlewares = [metrics_middleware, audit_middleware, error_middleware, auth_middleware, request_shape_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STORE] = db
     app[DISPATCHER] = dispatcher
     app[SIGNER] = signer
     app[TOKENS] = TokenCache(db)
     add_health_routes(app)
+    add_metrics_routes(app)
     app.router.add_get(OPENAPI_PATH, serve_openapi)
     app.router.add_get("/v1/audit", list_audit)
     app.add_routes(routes)
+    app.add_routes(webhook_routes)
     return app

@@ -1,7 +1,7 @@
 """Health checks for supervisors and load balancers: the database and the broker, each on its own.
 
 `/v1/health` and `/readyz` answer 200 when both are usable and 503 when either is not, with a
-body that says which. `/livez` answers 200 while the process serves HTTP at all: the service
+body that says which. `/livez` (and its alias `/healthz`) answers 200 while the process serves HTTP at all: the service
 recovers from database and broker outages by itself, so they are no reason to restart it.
 These paths need no token, so their details name no hosts; the service's log has the causes.
 """
@@ -13,7 +13,7 @@ from aiohttp import web
 from ..store import PROBE_SECONDS
 from .views import DISPATCHER, STORE
 
-HEALTH_PATH, READY_PATH, LIVE_PATH = "/v1/health", "/readyz", "/livez"
+HEALTH_PATH, READY_PATH, LIVE_PATH, ALIVE_PATH = "/v1/health", "/readyz", "/livez", "/healthz"
 OK, UNAVAILABLE = "ok", "unavailable"
 
 
@@ -47,4 +47,5 @@ def _broker(request: web.Request) -> dict[str, str]:
 def add_routes(app: web.Application) -> None:
     for path in (HEALTH_PATH, READY_PATH):
         app.router.add_get(path, health)
-    app.router.add_get(LIVE_PATH, live)
+    for path in (LIVE_PATH, ALIVE_PATH):
+        app.router.add_get(path, live)

@@ -21,9 +21,10 @@ from agent.protocol import JobStatus
 
 from .. import __version__
 from ..roles import Role, needed_role
-from .health import HEALTH_PATH, LIVE_PATH, READY_PATH
+from .health import ALIVE_PATH, HEALTH_PATH, LIVE_PATH, READY_PATH
+from .metrics import METRICS_PATH
 from .params import BODYLESS_METHODS, PATH_ID_SHAPES, id_kind
-from .schemas import MAX_BULK_DEVICES, DeviceIn, DevicePatch, DevicesIn, JobIn, WorkflowIn
+from .schemas import MAX_BULK_DEVICES, DeviceIn, DevicePatch, DevicesIn, JobIn, WebhookIn, WorkflowIn
 from .views import DEFAULT_PAGE, MAX_OFFSET, MAX_PAGE
 
 OPENAPI_PATH = "/v1/openapi.json"
@@ -72,6 +73,8 @@ DEVICE = {"DeviceId": STRING, "DeviceGroup": nullable(STRING), "Tags": {"type": 
           "Online": BOOLEAN, "LastSeen": nullable(TIME), "Enabled": BOOLEAN, "PendingJobs": INTEGER,
           "CreatedTime": TIME}
 CREDENTIALS = {"MqttUsername": STRING, "MqttPassword": STRING}
+WEBHOOK = {"WebhookId": UUID, "Url": STRING, "CreatedTime": TIME, "PendingDeliveries": INTEGER,
+           "FailedDeliveries": INTEGER, "LastError": nullable(STRING)}
 
 
 def job_kind(name: str, target: str, result: Schema, description: str, **more: Schema) -> Schema:
@@ -129,6 +132,10 @@ ANSWERS: dict[str, Schema] = {
          "Remote": nullable(STRING), "Method": STRING, "Path": STRING, "TargetId": nullable(STRING),
          "Status": INTEGER, "Outcome": STRING},
         description="one state-changing request; TokenName and Role are null when no valid token came"),
+    "Webhook": record(WEBHOOK),
+    "RegisteredWebhook": record({**WEBHOOK, "Secret": STRING},
+                                description="Secret signs every POST (X-Ota-Signature); it is shown only here"),
+    "WebhookDeleted": deleted("WebhookId"),
 }
 
 GET_JOB = {"anyOf": [ref("Job"), ref("ChildJob")], "description": "a child job's id answers that child"}
@@ -149,6 +156,7 @@ class Op:
     public: bool = False
     headers: Schema | None = None
     unavailable: Schema | None = None  # a health check's answer with 503, instead of an Error
+    media: str = "application/json"  # the answer's content type
 
 
 def listing(name: str) -> Schema:
@@ -182,6 +190,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                             public=True, unavailable=ref("Health")),
     ("get", LIVE_PATH): Op("getLiveness", "The process serves HTTP (outages of the database or broker do not count)",
                            ref("Live"), public=True),
+    ("get", ALIVE_PATH): Op("getAlive", "The same as /livez: the process serves HTTP", ref("Live"), public=True),
+    ("get", METRICS_PATH): Op("getMetrics", "Prometheus metrics in the text format (docs/operations.md#monitoring)",
+                              {"type": "string"}, media="text/plain"),
     ("get", OPENAPI_PATH): Op("getOpenApiDocument", "This document", ref("OpenApiDocument"), public=True),
     ("get", "/v1/signing-key"): Op("getSigningKey", "The public key agents verify jobs with", ref("SigningKey")),
     ("post", "/v1/workflow"): Op("createWorkflow", "Define a workflow", ref("WorkflowCreated"), body=WorkflowIn),
@@ -216,18 +227,25 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                       ref("DeviceDeleted")),
     ("get", "/v1/audit"): Op("listAuditEntries", "The audit log of state-changing requests, newest first (admin)",
                              listing("AuditEntry"), query=page("entries"), headers=total("entries")),
+    ("post", "/v1/webhook"): Op("createWebhook", "Register a URL told of every job that ends; answers its secret once",
+                                ref("RegisteredWebhook"), status=201, body=WebhookIn),
+    ("get", "/v1/webhook"): Op("listWebhooks", "The registered webhooks and their undelivered POSTs",
+                               listing("Webhook")),
+    ("delete", "/v1/webhook/{id}"): Op("deleteWebhook", "Forget a webhook and its undelivered POSTs",
+                                       ref("WebhookDeleted")),
 }
 
 # Each operation's tag, by the first part of its path after /v1/; a generated client groups its functions so.
 TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "devices": "devices", "audit": "audit",
-        "health": "service", "openapi.json": "service", "signing-key": "service", "readyz": "service",
-        "livez": "service"}
+        "webhook": "webhooks", "health": "service", "openapi.json": "service", "signing-key": "service",
+        "readyz": "service", "livez": "service", "healthz": "service", "metrics": "service"}
 TAG_MEANINGS = {
     "workflows": "Named commands that jobs run",
     "jobs": "Runs of a workflow on one device, a group or a tag; a group or tag job has a child job per device",
     "devices": "Registered devices, their groups, tags and MQTT credentials",
     "audit": "The log of state-changing requests",
-    "service": "Health, this document and the key agents verify jobs with",
+    "webhooks": "URLs that receive a signed POST when a job or child job ends",
+    "service": "Health, metrics, this document and the key agents verify jobs with",
 }
 
 
@@ -264,7 +282,7 @@ def error_statuses(method: str, path: str, op: Op) -> list[int]:
 
 
 def operation(method: str, path: str, op: Op) -> Schema:
-    answer: Schema = {"description": op.summary, "content": {"application/json": {"schema": op.answer}}}
+    answer: Schema = {"description": op.summary, "content": {op.media: {"schema": op.answer}}}
     if op.headers:
         answer["headers"] = op.headers
     responses = {str(op.status): answer}

@@ -21,6 +21,7 @@ UUID_EXAMPLE = "231ec702-5f6e-4b4d-9c1a-0d2c8e3f4a5b"
 PATH_ID_SHAPES: dict[str, tuple[str, str]] = {
     "workflow": (UUID_PATTERN, f"UUIDs in lowercase hex, like {UUID_EXAMPLE}"),
     "job": (UUID_PATTERN, f"UUIDs in lowercase hex, like {UUID_EXAMPLE}"),
+    "webhook": (UUID_PATTERN, f"UUIDs in lowercase hex, like {UUID_EXAMPLE}"),
     "device": (f"^{DEVICE_ID_PATTERN}$", "1 to 128 of A-Z a-z 0-9 . _ : -, starting with a letter or digit"),
 }
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE"})

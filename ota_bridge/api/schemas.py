@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from typing import Annotated, Optional
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -108,3 +109,26 @@ class DevicesIn(Strict):
         if repeated:
             raise ValueError(f"each DeviceId may appear once; repeated: {', '.join(repeated)}")
         return self
+
+
+MAX_URL_CHARS = 2000
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host, like https://hooks.example.com/ota")
+    try:
+        parts.port  # noqa: B018 - a bad port raises
+    except ValueError as e:
+        raise ValueError(f"the URL's port is not valid: {e}") from e
+    return value
+
+
+WebhookUrl = Annotated[str, StringConstraints(min_length=1, max_length=MAX_URL_CHARS, pattern=r"^[!-~]+$"),
+                       AfterValidator(_http_url)]
+
+
+class WebhookIn(Strict):
+    Url: WebhookUrl = Field(description="receives a signed POST when a job or child job ends "
+                                        "(docs/operations.md#webhooks)")

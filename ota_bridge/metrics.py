@@ -1,0 +1,151 @@
+"""The service's Prometheus metrics, served at GET /metrics in the text format.
+
+Two kinds. Counters and histograms the running code feeds through the small functions below
+(`published`, `dispatched`, `device_updates`, `http_request`, `webhook_delivery`), kept in this
+process. And gauges read from the database when Prometheus scrapes (jobs by state, queue depths,
+devices by state), at most every STATS_SECONDS: every instance of a cluster reports the same
+fleet-wide figures for those, so aggregate them with max(), not sum().
+
+Everything lives in REGISTRY, not prometheus_client's global registry, so that the API serves
+exactly these and several apps in one test process do not clash.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .store.stats import FleetStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATS_SECONDS = 5.0  # how old the database figures may be when scraped
+NAMESPACE = "ota_bridge"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REGISTRY = CollectorRegistry()
+
+PUBLISHED = Counter("heads_published", "Device queue heads read and published to the broker",
+                    namespace=NAMESPACE, registry=REGISTRY)
+PUBLISH_SECONDS = Histogram("publish_seconds", "One publisher batch: reading the changed queues and publishing "
+                            "their heads", namespace=NAMESPACE, registry=REGISTRY, buckets=LATENCY_BUCKETS)
+DISPATCH_SECONDS = Histogram("dispatch_seconds", "One batch of device messages: from taking it off the inbox to "
+                             "its results stored and the queues marked for publishing", namespace=NAMESPACE,
+                             registry=REGISTRY, buckets=LATENCY_BUCKETS)
+DEVICE_UPDATES = Counter("device_updates", "Job updates from devices, by outcome: applied, late (result kept "
+                         "beside a job the service had ended) or dropped", ["outcome"], namespace=NAMESPACE,
+                         registry=REGISTRY)
+HTTP_REQUESTS = Counter("http_requests", "REST API requests by method, route and status", ["method", "route", "status"],
+                        namespace=NAMESPACE, registry=REGISTRY)
+HTTP_SECONDS = Histogram("http_request_seconds", "REST API request latency by method and route", ["method", "route"],
+                         namespace=NAMESPACE, registry=REGISTRY, buckets=LATENCY_BUCKETS)
+WEBHOOK_DELIVERIES = Counter("webhook_deliveries", "Webhook POSTs by outcome: delivered, retry (will be tried "
+                             "again) or failed (gave up)", ["outcome"], namespace=NAMESPACE, registry=REGISTRY)
+
+UPDATE_OUTCOMES = ("applied", "late", "dropped")
+for _outcome in UPDATE_OUTCOMES:
+    DEVICE_UPDATES.labels(_outcome)
+for _outcome in ("delivered", "retry", "failed"):
+    WEBHOOK_DELIVERIES.labels(_outcome)
+
+
+# --- hooks for the running code -------------------------------------------------------------
+
+
+def published(heads: int, seconds: float) -> None:
+    """The publisher published `heads` queue heads in one batch that took `seconds`."""
+    PUBLISHED.inc(heads)
+    PUBLISH_SECONDS.observe(seconds)
+
+
+def dispatched(seconds: float) -> None:
+    """One batch of device messages was handled (stored, queues marked) in `seconds`."""
+    DISPATCH_SECONDS.observe(seconds)
+
+
+def device_updates(applied: int = 0, late: int = 0, dropped: int = 0) -> None:
+    for outcome, n in zip(UPDATE_OUTCOMES, (applied, late, dropped), strict=True):
+        if n:
+            DEVICE_UPDATES.labels(outcome).inc(n)
+
+
+def http_request(method: str, route: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_SECONDS.labels(method, route).observe(seconds)
+
+
+def webhook_delivery(outcome: str) -> None:
+    WEBHOOK_DELIVERIES.labels(outcome).inc()
+
+
+# --- read at scrape time --------------------------------------------------------------------
+
+
+@dataclass
+class Readings:
+    """What the scrape reads besides the counters: the database's figures (cached) and the broker link."""
+
+    read_stats: Callable[[], FleetStats]  # blocking; the API runs it on the store's thread first
+    broker_connected: Callable[[], bool]
+    stats: FleetStats | None = None
+    read_at: float = float("-inf")
+    database_up: bool = False
+
+    def stale(self) -> bool:
+        return time.monotonic() - self.read_at >= STATS_SECONDS
+
+    def remember(self, stats: FleetStats | None) -> None:
+        """The figures just read, or None when the database did not answer (the old ones are dropped)."""
+        self.stats, self.database_up, self.read_at = stats, stats is not None, time.monotonic()
+
+
+class FleetCollector(Collector):
+    def __init__(self, readings: Readings) -> None:
+        self.readings = readings
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # names are not checked for clashes: these are the only gauges of their names
+
+    def collect(self) -> Iterable[Metric]:
+        r = self.readings
+        yield gauge("broker_connected", "1 while the service is connected to the MQTT broker", r.broker_connected())
+        yield gauge("database_up", "1 when the database answered the last read of these figures", r.database_up)
+        if r.stats is None:
+            return
+        yield labelled("jobs", "Child jobs (one per device and job) by state", "state", r.stats.jobs)
+        yield labelled("devices", "Registered devices: online, offline, or disabled", "state", r.stats.devices)
+        yield gauge("queue_pending_jobs", "QUEUED and IN_PROGRESS jobs in all device queues", r.stats.pending_jobs)
+        yield gauge("queue_devices_with_pending", "Devices with at least one QUEUED or IN_PROGRESS job",
+                    r.stats.devices_with_pending)
+        yield gauge("queue_depth_max", "The most QUEUED and IN_PROGRESS jobs one device has", r.stats.deepest_queue)
+
+
+def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{NAMESPACE}_{name}", documentation, value=float(value))
+
+
+def labelled(name: str, documentation: str, label: str, values: dict[str, int]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(f"{NAMESPACE}_{name}", documentation, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
+
+
+_watched: list[FleetCollector] = []
+
+
+def watch(readings: Readings) -> None:
+    """Report these readings at scrape time (replacing those of an earlier app in this process)."""
+    while _watched:
+        REGISTRY.unregister(_watched.pop())
+    collector = FleetCollector(readings)
+    REGISTRY.register(collector)
+    _watched.append(collector)
+
+
+def exposition() -> bytes:
+    return generate_latest(REGISTRY)
