@@ -1,4 +1,8 @@
-"""The `ota-bridge` command: `serve` runs the service; `token create` makes an API token."""
+"""The `ota-bridge` command.
+
+`serve` runs the service; `token`, `signing-key` and `mosquitto-config` work on its data directory;
+`workflow`, `job` and `device` talk to a running service over its REST API (ota_bridge/client).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from .broker_accounts import (
     write_dynsec_config,
     write_mosquitto_files,
 )
+from .client import ClientError
+from .client.commands import add_commands as add_client_commands
 from .errors import OtaBridgeError
 from .mosquitto_dynsec import ADMIN_USERNAME
 from .roles import DEFAULT_CLI_ROLE, Role
@@ -69,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_arguments(dynsec, names=("database", "data_dir", "prefix"))
     dynsec.set_defaults(handler=_dynsec_config)
     _add_signing_key_commands(commands)
+    add_client_commands(commands)
     return parser
 
 
@@ -199,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except ClientError as e:  # the service's answer, or no answer: exit 1, as a failed request
+        print(f"ota-bridge: {e.detail}", file=sys.stderr)
+        return 1
     except OtaBridgeError as e:
         print(f"ota-bridge: {e.detail}", file=sys.stderr)
         return 2
