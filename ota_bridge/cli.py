@@ -11,27 +11,21 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics, format_time
+from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, format_time
 
-from . import __version__, settings, signing
-from .broker_accounts import (
-    ACL,
-    DYNSEC_ADMIN_PASSWORD_FILE,
-    OPERATOR_PASSWORD_FILE,
-    PASSWORDS,
-    SERVICE_PASSWORD_FILE,
-    write_dynsec_config,
-    write_mosquitto_files,
-)
+from . import __version__, settings
 from .client import ClientError
 from .client.commands import add_commands as add_client_commands
 from .errors import OtaBridgeError
-from .mosquitto_dynsec import ADMIN_USERNAME
 from .roles import DEFAULT_CLI_ROLE, Role
-from .service import DATA_DIR_MARK, check_data_dir, open_store, serve
-from .store import Store, devices, tokens
+
+if TYPE_CHECKING:
+    from .store import Store
+
+# The service, the store and the broker files are imported by the commands that use them, so that the
+# client's commands (workflow, job, device) start in a fraction of the time.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +87,8 @@ def _add_signing_key_commands(commands: argparse._SubParsersAction) -> None:  # 
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .service import serve
+
     config = settings.resolve(args)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet = max(logging.WARNING, logging.getLevelName(config.log_level))
@@ -105,6 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _with_store(args: argparse.Namespace, work: Callable[[Store, settings.Settings], None],
                 existing: bool = True) -> int:
     """Run work on the store; unless `existing` is False, only in a data directory that has one."""
+    from .service import open_store
+
     config = settings.resolve(args)
     db = open_store(config, existing=existing)
     try:
@@ -122,6 +120,8 @@ def _role(value: str) -> Role:
 
 
 def _token_create(args: argparse.Namespace) -> int:
+    from .store import tokens
+
     def create(db: Store, _: settings.Settings) -> None:
         print(db.call_sync(tokens.create_token, args.name, args.role))
         print(f"created token {args.name!r} with role {args.role.value}", file=sys.stderr)
@@ -130,6 +130,8 @@ def _token_create(args: argparse.Namespace) -> int:
 
 
 def _token_list(args: argparse.Namespace) -> int:
+    from .store import tokens
+
     def show(db: Store, _: settings.Settings) -> None:
         for token in db.call_sync(tokens.list_tokens):
             print(f"{token.name}\t{token.role}\t{format_time(token.created)}")
@@ -138,6 +140,8 @@ def _token_list(args: argparse.Namespace) -> int:
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
+    from .store import tokens
+
     def revoke(db: Store, _: settings.Settings) -> None:
         count = db.call_sync(tokens.revoke_token, args.name)
         print(f"revoked {count} token{'s' if count > 1 else ''} named {args.name!r}")
@@ -146,6 +150,11 @@ def _token_revoke(args: argparse.Namespace) -> int:
 
 
 def _mosquitto_config(args: argparse.Namespace) -> int:
+    from agent.protocol import Topics
+
+    from .broker_accounts import ACL, OPERATOR_PASSWORD_FILE, PASSWORDS, SERVICE_PASSWORD_FILE, write_mosquitto_files
+    from .store import devices
+
     def write(db: Store, config: settings.Settings) -> None:
         out = Path(args.out)
         write_mosquitto_files(db.call_sync(devices.broker_accounts), out, config.data_dir, Topics(config.prefix))
@@ -157,6 +166,12 @@ def _mosquitto_config(args: argparse.Namespace) -> int:
 
 
 def _dynsec_config(args: argparse.Namespace) -> int:
+    from agent.protocol import Topics
+
+    from .broker_accounts import DYNSEC_ADMIN_PASSWORD_FILE, OPERATOR_PASSWORD_FILE, write_dynsec_config
+    from .mosquitto_dynsec import ADMIN_USERNAME
+    from .store import devices
+
     def write(db: Store, config: settings.Settings) -> None:
         out = Path(args.out)
         if out.exists() and not args.replace:
@@ -171,12 +186,16 @@ def _dynsec_config(args: argparse.Namespace) -> int:
 
 
 def _key_data_dir(args: argparse.Namespace) -> Path:
+    from .service import DATA_DIR_MARK, check_data_dir
+
     config = settings.resolve(args)
     check_data_dir(config, DATA_DIR_MARK)
     return config.data_dir
 
 
 def _key_show(args: argparse.Namespace) -> int:
+    from . import signing
+
     data_dir = _key_data_dir(args)
     for name, which in (("active", signing.ACTIVE), ("next", signing.NEXT), ("previous", signing.PREVIOUS)):
         print(f"{name}\t{signing.public_key(data_dir, which) or '-'}")
@@ -184,6 +203,8 @@ def _key_show(args: argparse.Namespace) -> int:
 
 
 def _key_rotate(args: argparse.Namespace) -> int:
+    from . import signing
+
     data_dir = _key_data_dir(args)
     if args.activate:
         key = signing.activate_next(data_dir)
@@ -197,6 +218,8 @@ def _key_rotate(args: argparse.Namespace) -> int:
 
 
 def _key_retire(args: argparse.Namespace) -> int:
+    from . import signing
+
     key = signing.retire_previous(_key_data_dir(args))
     print(f"retired the previous key {key}" if key else "there is no previous key")
     return 0

@@ -100,8 +100,8 @@ def _token(config: ClientSettings) -> tuple[str, str]:
     try:
         token = file.read_text().strip()
     except OSError as e:
-        raise ClientError(f"no API token: give {named('token')}, or run where {file} exists "
-                          f"({e.strerror}); `ota-bridge token create --name NAME` makes one") from None
+        raise ClientError(f"no API token: give {named('token')}, or the {named('data_dir')} that holds "
+                          f"{ADMIN_TOKEN_FILE} ({file}: {e.strerror})") from None
     if not token:
         raise ClientError(f"no API token: {file} is empty")
     return token, str(file)
