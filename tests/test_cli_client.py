@@ -3,6 +3,7 @@ against a real service, with real agents running the jobs. Its --json output is 
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import stat
@@ -13,8 +14,12 @@ from typing import Any, Iterator
 
 import pytest
 
+from ota_bridge import settings
+from ota_bridge.client.http import ServiceClient
+from ota_bridge.errors import ConfigError
 from tests.conftest import Launcher
 from tests.support.processes import REPO, Service, _env, free_port
+from tests.support.tls import ThrowawayCa
 
 GROUP = {"ok-1": "fleet", "ok-2": "fleet", "bad-3": "fleet"}
 COMMAND = 'echo "out $OTA_DEVICE_ID"; case "$OTA_DEVICE_ID" in bad-*) echo "disk full" >&2; exit 3;; esac'
@@ -169,3 +174,34 @@ def test_a_bad_token_says_where_it_came_from_never_what_it_is(fleet: Service, tm
     assert "Unauthorized" in line and "OTA_BRIDGE_TOKEN" in line and wrong not in line
     line = refused(run(fleet, "device", "list", data_dir=tmp_path))
     assert "no API token" in line and "--data-dir" in line and str(tmp_path / "admin-token") in line
+
+
+def test_over_https_the_ca_file_decides_whom_to_trust(launch: Launcher, tmp_path: Path) -> None:
+    pki = ThrowawayCa(tmp_path / "pki")
+    service = launch.service(extra=("--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key)),
+                             https=pki.context())
+    line = refused(run(service, "workflow", "list"))
+    assert "certificate is not trusted" in line and "--ca-file" in line
+    assert as_json(service, "workflow", "list", "--ca-file", str(pki.ca_file)) == []
+
+
+# --- where the token comes from (no service needed) ---------------------------------------------
+
+
+def client(argv: list[str], environ: dict[str, str], data_dir: Path) -> ServiceClient:
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, options=settings.CLIENT_OPTIONS)
+    return ServiceClient(settings.resolve_client(parser.parse_args([*argv, "--data-dir", str(data_dir)]), environ))
+
+
+def test_token_from_the_flag_then_the_variable_then_the_data_dir(tmp_path: Path) -> None:
+    (tmp_path / "admin-token").write_text("from-file\n")
+    env = {"OTA_BRIDGE_TOKEN": "from-env"}
+    assert (client(["--token", "from-flag"], env, tmp_path).token_source, client([], env, tmp_path).token) == \
+        ("--token", "from-env")
+    from_file = client([], {}, tmp_path)
+    assert (from_file.token, from_file.token_source) == ("from-file", str(tmp_path / "admin-token"))
+    assert client([], {"OTA_BRIDGE_SERVER": "https://example.test:8443/"}, tmp_path).server == \
+        "https://example.test:8443"
+    with pytest.raises(ConfigError, match="--server / OTA_BRIDGE_SERVER"):
+        client(["--server", "127.0.0.1:8080"], {}, tmp_path)

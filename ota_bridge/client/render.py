@@ -38,6 +38,8 @@ def status(value: str | None) -> Text:
 
 def cell(value: object) -> Text:
     """User data as plain text: a name like '[red]' is shown, never read as rich markup."""
+    if isinstance(value, Text):
+        return value
     if value is None or value == "":
         return Text("-", style="dim")
     if isinstance(value, bool):
@@ -116,8 +118,8 @@ def record(data: dict[str, Any], hide: Iterable[str] = ()) -> Table:
     for key, value in data.items():
         if key in hide:
             continue
-        if isinstance(value, dict):
-            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        if key == "Result" and isinstance(value, dict):
+            value = progress(data)
         grid.add_row(key, status(value) if key == "Status" else cell(value))
     return grid
 
