@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import pytest
 
 from ota_bridge import settings
+from ota_bridge.cli import build_parser
 from ota_bridge.client.http import ServiceClient
 from ota_bridge.errors import ConfigError
 from tests.conftest import Launcher
@@ -205,3 +206,14 @@ def test_token_from_the_flag_then_the_variable_then_the_data_dir(tmp_path: Path)
         "https://example.test:8443"
     with pytest.raises(ConfigError, match="--server / OTA_BRIDGE_SERVER"):
         client(["--server", "127.0.0.1:8080"], {}, tmp_path)
+
+
+def test_docs_cli_md_lists_every_client_command_and_its_flags() -> None:
+    doc = (REPO / "docs" / "cli.md").read_text()
+    groups = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for group in ("workflow", "job", "device"):
+        actions = next(a for a in groups.choices[group]._actions if isinstance(a, argparse._SubParsersAction))
+        for name, parser in actions.choices.items():
+            assert f"`{group} {name}" in doc, f"docs/cli.md does not list {group} {name}"
+            for flag in (s for a in parser._actions for s in a.option_strings if s.startswith("--")):
+                assert flag in doc, f"docs/cli.md does not name {group} {name} {flag}"
