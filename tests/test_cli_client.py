@@ -131,6 +131,9 @@ def test_submit_watch_a_group_with_a_failing_device_exits_1(fleet: Service) -> N
     assert job_id in listed and "group fleet" in listed and "2 succeeded, 1 failed" in listed
     children = ok(fleet, "job", "children", job_id)
     assert "disk full" in children and "ok-2" in children
+    child_ids = {c["DeviceId"]: c["JobId"] for c in fleet.api.ok("GET", f"/v1/job/{job_id}/childjobs")}
+    assert run(fleet, "job", "watch", child_ids["ok-1"]).returncode == 0  # one device's part of the job
+    assert run(fleet, "job", "watch", child_ids["bad-3"]).returncode == 1
 
 
 def test_submit_watch_exits_0_when_every_device_succeeds(fleet: Service) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from rich import box
@@ -54,20 +55,58 @@ def first_line(text: str | None, width: int = 60) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
-def table(columns: Iterable[str], rows: Iterable[Iterable[Text]], ids: int = 1) -> Table:
-    """A table whose first `ids` columns are never cut short (ids are for copying)."""
+@dataclass(frozen=True)
+class Column:
+    """How a column gives way on a narrow terminal: ids and times are never cut or wrapped (they are
+    for copying and reading whole), other text wraps; columns with a `drop` rank are left out, highest
+    first, while the table would not fit."""
+
+    name: str
+    kind: str = "text"  # "id", "time", "word" (a status: not wrapped either), "text", or "free" (long text)
+    drop: int = 0
+
+    def natural_width(self, cells: list[Text]) -> int:
+        widest = max([len(self.name), *(c.cell_len for c in cells)])
+        return min(widest, FREE_FIT_WIDTH) if self.kind == "free" else widest
+
+
+FREE_FIT_WIDTH = 24  # what a wrapping column needs at least, when deciding which columns to leave out
+COLUMN_GAP = 3
+
+
+def table(columns: tuple[Column, ...], rows: Iterable[tuple[Text, ...]]) -> Table:
+    kept, body = _fit(list(columns), [list(r) for r in rows], console().width)
     grid = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for i, name in enumerate(columns):
-        grid.add_column(name, no_wrap=i < ids, min_width=36 if i < ids else None, overflow="fold")
-    for row in rows:
+    for column in kept:
+        fixed = column.kind in ("id", "time", "word")
+        grid.add_column(column.name, no_wrap=fixed, min_width=column.natural_width([]) if fixed else None,
+                        overflow="fold")
+    for row in body:
         grid.add_row(*row)
     return grid
 
 
+def _fit(columns: list[Column], rows: list[list[Text]], width: int) -> tuple[list[Column], list[list[Text]]]:
+    """Leave out droppable columns, highest rank first, until the natural widths fit in width."""
+    keep = list(range(len(columns)))
+    widths = [c.natural_width([r[i] for r in rows]) for i, c in enumerate(columns)]
+    for i in sorted((i for i, c in enumerate(columns) if c.drop), key=lambda i: -columns[i].drop):
+        if sum(widths[k] + COLUMN_GAP for k in keep) <= width:
+            break
+        keep.remove(i)
+    return [columns[k] for k in keep], [[r[k] for k in keep] for r in rows]
+
+
+def when(value: str | None) -> Text:
+    """2026-11-30T04:24:50.640Z as 2026-11-30 04:24:50 (the column says UTC; --json keeps it whole)."""
+    return cell(value[:19].replace("T", " ") if value else None)
+
+
 def workflows(items: list[dict[str, Any]]) -> Table:
-    return table(("WorkflowId", "Name", "Command", "Timeout", "Created"), (
+    return table((Column("WorkflowId", "id"), Column("Name"), Column("Command", "free"), Column("Timeout", drop=2),
+                  Column("Created (UTC)", "time", drop=1)), (
         (cell(w["WorkflowId"]), cell(w["Name"]), cell(first_line(w["Command"])), cell(w.get("TimeoutSeconds")),
-         cell(w.get("CreatedTime"))) for w in items))
+         when(w.get("CreatedTime"))) for w in items))
 
 
 def target(job: dict[str, Any]) -> Text:
@@ -76,18 +115,19 @@ def target(job: dict[str, Any]) -> Text:
 
 
 def progress(job: dict[str, Any]) -> Text:
-    """A group job's counts ('2/3 succeeded, 1 failed'); a device job's exit code."""
+    """A group job's counts ('2 succeeded, 1 failed of 3'); a device job's exit code."""
     result = job.get("Result")
     if not isinstance(result, dict):
         return cell(None if job.get("ExitCode") is None else f"exit {job['ExitCode']}")
     done = [f"{n} {s.lower().replace('_', ' ')}" for s, n in result.items() if s != "Total" and n]
-    return Text(f"{result.get('Total', 0)} devices: " + (", ".join(done) or "none yet"))
+    return Text(f"{', '.join(done) or 'none yet'} of {result.get('Total', 0)}")
 
 
 def jobs(items: list[dict[str, Any]]) -> Table:
-    return table(("JobId", "Name", "Target", "Status", "Progress", "Created"), (
+    return table((Column("JobId", "id"), Column("Name"), Column("Target"), Column("Status", "word"),
+                  Column("Progress", "free"), Column("Created (UTC)", "time", drop=1)), (
         (cell(j["JobId"]), cell(j.get("JobName")), target(j), status(j.get("Status")), progress(j),
-         cell(j.get("CreatedTime"))) for j in items))
+         when(j.get("CreatedTime"))) for j in items))
 
 
 def outcome(child: dict[str, Any]) -> str:
@@ -98,16 +138,18 @@ def outcome(child: dict[str, Any]) -> str:
 
 
 def children(items: list[dict[str, Any]]) -> Table:
-    return table(("DeviceId", "Status", "Exit", "Output", "Ended", "JobId"), (
+    return table((Column("DeviceId", "id"), Column("Status", "word"), Column("Exit", "word"), Column("Output", "free"),
+                  Column("Ended (UTC)", "time", drop=1), Column("JobId", "id", drop=2)), (
         (cell(c["DeviceId"]), status(c.get("Status")), cell(c.get("ExitCode")), cell(outcome(c)),
-         cell(c.get("EndTime")), cell(c["JobId"])) for c in items), ids=0)
+         when(c.get("EndTime")), cell(c["JobId"])) for c in items))
 
 
 def devices(items: list[dict[str, Any]]) -> Table:
-    return table(("DeviceId", "Group", "Tags", "Online", "Enabled", "Queued", "Last seen"), (
+    return table((Column("DeviceId", "id"), Column("Group"), Column("Tags", "free"), Column("Online", "word"),
+                  Column("Enabled", drop=2), Column("Queued"), Column("Last seen (UTC)", "time", drop=1)), (
         (cell(d["DeviceId"]), cell(d.get("DeviceGroup")), cell(d.get("Tags")),
          Text("online", style="green") if d.get("Online") else Text("offline", style="dim"),
-         cell(d.get("Enabled")), cell(d.get("PendingJobs")), cell(d.get("LastSeen"))) for d in items), ids=0)
+         cell(d.get("Enabled")), cell(d.get("PendingJobs")), when(d.get("LastSeen"))) for d in items))
 
 
 def record(data: dict[str, Any], hide: Iterable[str] = ()) -> Table:

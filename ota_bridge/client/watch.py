@@ -58,6 +58,7 @@ class Watcher:
     client: ServiceClient
     job_id: str
     interval: float
+    note: Callable[[str], None]  # says on stderr that the service is away, and back
     reported: set[str] = field(default_factory=set)  # child job ids whose final result was shown
 
     def poll(self) -> Snapshot:
@@ -65,15 +66,26 @@ class Watcher:
         failing_since = None
         while True:
             try:
-                return Snapshot(self.client.get(path("job", self.job_id)),
-                                self.client.get(path("job", self.job_id, "childjobs")))
+                snap = self.snapshot()
             except (Unreachable, ServiceRefused) as e:
                 if isinstance(e, ServiceRefused) and e.status != 503:
                     raise
-                failing_since = failing_since or time.monotonic()
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    self.note(f"{e.detail}; asking again for up to {GIVE_UP_SECONDS} s (the job goes on)")
                 if time.monotonic() - failing_since > GIVE_UP_SECONDS:
                     raise
                 time.sleep(max(self.interval, 1.0))
+                continue
+            if failing_since is not None:
+                self.note("the service answers again")
+            return snap
+
+    def snapshot(self) -> Snapshot:
+        job = self.client.get(path("job", self.job_id))
+        if "ParentJobId" in job:  # a child job's id: watch that one device
+            return Snapshot(job, [job])
+        return Snapshot(job, self.client.get(path("job", self.job_id, "childjobs")))
 
     def new_results(self, snap: Snapshot) -> list[dict[str, Any]]:
         fresh = [c for c in snap.children if c["Status"] in FINALS and c["JobId"] not in self.reported]
@@ -134,8 +146,8 @@ def watch_plain(watcher: Watcher, console: Console) -> Snapshot:
 
 def watch(client: ServiceClient, job_id: str, interval: float, as_json: bool) -> int:
     """Follow the job to its end; 0 only if every device succeeded, 130 when interrupted."""
-    watcher = Watcher(client, job_id, interval)
     out, err = render.console(), render.console(stderr=True)
+    watcher = Watcher(client, job_id, interval, lambda text: err.print(text, markup=False, soft_wrap=True))
     try:
         if as_json:
             snap = watcher.follow(lambda _snap, _fresh: None)
