@@ -30,11 +30,19 @@ INTERRUPTED = 130
 @dataclass
 class Snapshot:
     job: dict[str, Any]
-    children: list[dict[str, Any]]
+    children: list[dict[str, Any]]  # as of the last time a device finished: fetched only then
 
     @property
     def counts(self) -> Counter[str]:
+        """Devices per state: a group job's Result has them, up to date; else from the children."""
+        result = self.job.get("Result")
+        if isinstance(result, dict):
+            return Counter({s: n for s, n in result.items() if s in ORDER})
         return Counter(c["Status"] for c in self.children)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
     @property
     def finished(self) -> int:
@@ -42,11 +50,11 @@ class Snapshot:
 
     @property
     def done(self) -> bool:
-        return self.job.get("Status") in FINALS and self.finished == len(self.children)
+        return self.job.get("Status") in FINALS and self.finished == self.total
 
     @property
     def succeeded(self) -> bool:
-        return bool(self.children) and all(c["Status"] == JobStatus.SUCCEEDED.value for c in self.children)
+        return self.total > 0 and self.counts[JobStatus.SUCCEEDED.value] == self.total
 
     def summary(self) -> str:
         return ", ".join(f"{self.counts[s]} {s.lower().replace('_', ' ')}" for s in ORDER if self.counts[s]) \
@@ -60,6 +68,7 @@ class Watcher:
     interval: float
     note: Callable[[str], None]  # says on stderr that the service is away, and back
     reported: set[str] = field(default_factory=set)  # child job ids whose final result was shown
+    last: Snapshot | None = None
 
     def poll(self) -> Snapshot:
         """The job and its children, riding out a service that is briefly away."""
@@ -82,10 +91,16 @@ class Watcher:
             return snap
 
     def snapshot(self) -> Snapshot:
+        """The job; its children (every device's output) only when another device has finished, so that
+        watching a large group costs one small request per interval."""
         job = self.client.get(path("job", self.job_id))
         if "ParentJobId" in job:  # a child job's id: watch that one device
             return Snapshot(job, [job])
-        return Snapshot(job, self.client.get(path("job", self.job_id, "childjobs")))
+        snap = Snapshot(job, self.last.children if self.last else [])
+        if self.last is None or snap.finished != self.last.finished or not isinstance(job.get("Result"), dict):
+            snap = Snapshot(job, self.client.get(path("job", self.job_id, "childjobs")))
+        self.last = snap
+        return snap
 
     def new_results(self, snap: Snapshot) -> list[dict[str, Any]]:
         fresh = [c for c in snap.children if c["Status"] in FINALS and c["JobId"] not in self.reported]
@@ -125,7 +140,7 @@ def watch_live(watcher: Watcher, console: Console) -> Snapshot:
         def show(snap: Snapshot, fresh: list[dict[str, Any]]) -> None:
             for child in fresh:
                 bar.console.print(result_line(child))
-            bar.update(task, total=len(snap.children), completed=snap.finished, counts=counts_markup(snap))
+            bar.update(task, total=snap.total, completed=snap.finished, counts=counts_markup(snap))
 
         return watcher.follow(show)
 
@@ -136,7 +151,7 @@ def watch_plain(watcher: Watcher, console: Console) -> Snapshot:
     def show(snap: Snapshot, fresh: list[dict[str, Any]]) -> None:
         for child in fresh:
             console.print(result_line(child))
-        line = f"job {watcher.job_id}: {snap.finished}/{len(snap.children)} done ({snap.summary()})"
+        line = f"job {watcher.job_id}: {snap.finished}/{snap.total} done ({snap.summary()})"
         if line != last[0]:
             console.print(line)
             last[0] = line
@@ -163,6 +178,6 @@ def watch(client: ServiceClient, job_id: str, interval: float, as_json: bool) ->
         render.print_json({"Job": snap.job, "Children": snap.children})
     else:
         verdict = Text("all succeeded", style="green") if snap.succeeded else Text("not all succeeded", style="red")
-        out.print(Text(f"job {job_id} {snap.job.get('Status')}: {snap.summary()} of {len(snap.children)} "
-                       f"device{'s' if len(snap.children) != 1 else ''}; ").append(verdict))
+        out.print(Text(f"job {job_id} {snap.job.get('Status')}: {snap.summary()} of {snap.total} "
+                       f"device{'s' if snap.total != 1 else ''}; ").append(verdict))
     return 0 if snap.succeeded else 1
