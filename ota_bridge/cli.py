@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ota-bridge",
         description="Run commands and software updates on fleets of Linux devices over MQTT.",
-        epilog="Every flag can also be set with the OTA_BRIDGE_* variable named in its help.",
+        epilog="A flag whose help names an OTA_BRIDGE_* variable can be set with that variable instead. "
+               "workflow, job and device talk to a running service: docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"ota-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

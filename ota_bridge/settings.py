@@ -220,7 +220,7 @@ OPTIONS = (
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
 
-def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None,
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, names: tuple[str, ...] | None = None,
                   options: tuple[Option, ...] = OPTIONS) -> None:
     """Add the flags; their defaults are None so that resolve() can tell 'not given'."""
     for option in options:

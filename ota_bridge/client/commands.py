@@ -30,7 +30,8 @@ def _group(commands: Actions, name: str, text: str) -> Actions:
 def _action(actions: Actions, name: str, text: str, handler: Handler) -> argparse.ArgumentParser:
     parser = actions.add_parser(name, help=text, description=text)
     parser.add_argument("--json", action="store_true", help="print the API's JSON answer instead of a table")
-    settings.add_arguments(parser, options=settings.CLIENT_OPTIONS)
+    connection = parser.add_argument_group("the service, and the token (docs/cli.md)")
+    settings.add_arguments(connection, options=settings.CLIENT_OPTIONS)
     parser.set_defaults(handler=lambda args: handler(args, ServiceClient(settings.resolve_client(args))))
     return parser
 
@@ -215,7 +216,9 @@ def _write_secret(file: Path, secret: str) -> None:
 
 def _by_id(actions: Actions, name: str, text: str, handler: Handler) -> argparse.ArgumentParser:
     parser = _action(actions, name, text, handler)
-    parser.add_argument("id", metavar="ID")
+    kind = parser.prog.split()[1]  # ota-bridge KIND ACTION
+    parser.add_argument("id", metavar="ID", help=f"the {kind}'s id" + (
+        " (a parent job, or one device's child job)" if kind == "job" else ""))
     return parser
 
 
