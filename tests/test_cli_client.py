@@ -170,6 +170,8 @@ def test_a_refused_connection_is_one_line_naming_the_server(fleet: Service) -> N
     line = refused(run(fleet, "job", "list", server=server))
     assert line.startswith(f"ota-bridge: cannot reach the service at {server}: connection refused")
     assert "--server" in line
+    not_http = f"http://127.0.0.1:{fleet.mqtt_port}"  # the MQTT broker: no HTTP there
+    assert "--server" in refused(run(fleet, "job", "list", server=not_http))
 
 
 def test_a_bad_token_says_where_it_came_from_never_what_it_is(fleet: Service, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ loop per command buys nothing, and urllib takes an ssl context for --ca-file jus
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import ssl
@@ -61,18 +62,23 @@ class ServiceClient:
         req = urllib.request.Request(self.server + url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=TIMEOUT_SECONDS, context=self.context) as resp:
-                return Answer(_json(resp.read()), dict(resp.headers))
+                answer = Answer(_json(resp.read()), dict(resp.headers))
         except urllib.error.HTTPError as e:
             raise self._refused(e) from None
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             raise Unreachable(self._unreachable(e)) from None
+        if isinstance(answer.body, str):
+            raise ClientError(f"{self.server} answered {method} {url} with something that is not JSON: "
+                              f"is it an ota-bridge service? Set {named('server')}")
+        return answer
 
     def _refused(self, e: urllib.error.HTTPError) -> ServiceRefused:
         body = _json(e.read())
         if isinstance(body, dict) and "Error" in body:
             error, detail = str(body["Error"]), str(body.get("Detail") or "")
-        else:
-            error, detail = f"HTTP {e.code} {e.reason}", body.strip() if isinstance(body, str) else ""
+        else:  # not the service's JSON: a proxy's page, aiohttp's plain-text 400, another server
+            error, detail = f"HTTP {e.code} {e.reason}", _plain_line(body)
+            detail = detail or f"not an answer of ota-bridge's; is {named('server')} right?"
         if e.code == 401:
             detail += f" (the token came from {self.token_source})"
         return ServiceRefused(e.code, error, detail)
@@ -90,6 +96,8 @@ class ServiceClient:
             return f"{where}: no answer within {TIMEOUT_SECONDS} s"
         if isinstance(reason, socket.gaierror):
             return f"{where}: unknown host; set {named('server')}"
+        if isinstance(reason, (http.client.HTTPException, ConnectionResetError)):
+            return f"{where}: it does not speak HTTP ({type(reason).__name__}); is {named('server')} right?"
         return f"{where}: {getattr(reason, 'strerror', None) or reason}; set {named('server')}"
 
 
@@ -112,6 +120,12 @@ def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ssl.SSLError) as e:
         raise ClientError(f"cannot use {named('ca_file')} {ca_file}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _plain_line(body: Any) -> str:
+    """The first line of a plain-text body, short; nothing of an HTML page."""
+    line = body.strip().splitlines()[0] if isinstance(body, str) and body.strip() else ""
+    return "" if line.startswith("<") else line[:200]
 
 
 def _json(raw: bytes) -> Any:
