@@ -158,6 +158,9 @@ def test_cancel_delete_and_interrupted_watch(fleet: Service) -> None:
     assert f"job {job_id} keeps running" in err and f"ota-bridge job cancel {job_id}" in err
 
     assert ok(fleet, "job", "cancel", job_id).strip() == f"canceled job {job_id}"
+    total = fleet.api.request("GET", "/v1/job").headers["X-Total-Count"]
+    page = run(fleet, "job", "list", "--limit", "1")
+    assert job_id in page.stdout and page.stderr == f"jobs 1 to 1 of {total}; --offset 1 shows the next\n"
     assert as_json(fleet, "job", "show", job_id)["Status"] == "CANCELED"
     assert run(fleet, "job", "watch", job_id).returncode == 1  # canceled is not succeeded
     assert ok(fleet, "job", "delete", job_id).strip() == f"deleted job {job_id}"

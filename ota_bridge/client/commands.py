@@ -104,7 +104,14 @@ def _job_submit(args: argparse.Namespace, client: ServiceClient) -> int:
 
 
 def _job_list(args: argparse.Namespace, client: ServiceClient) -> int:
-    return _show(args, client.get(path("job"), Limit=args.limit, Offset=args.offset), render.jobs)
+    page = client.get_answer(path("job"), Limit=args.limit, Offset=args.offset)
+    _show(args, page.body, render.jobs)
+    first, total = args.offset or 0, int(page.headers.get("X-Total-Count", 0))
+    last = first + len(page.body)
+    if not args.json and total > last:
+        render.console(stderr=True).print(f"jobs {first + 1} to {last} of {total}; --offset {last} shows the next",
+                                          markup=False, highlight=False)
+    return 0
 
 
 # --- devices --------------------------------------------------------------------------------

@@ -42,8 +42,12 @@ class ServiceClient:
         self.context = _tls_context(config.ca_file) if config.server.startswith("https:") else None
 
     def get(self, url: str, **query: object) -> Any:
+        return self.get_answer(url, **query).body
+
+    def get_answer(self, url: str, **query: object) -> Answer:
+        """GET with its headers (X-Total-Count of a page); query values that are None are left out."""
         params = {k: v for k, v in query.items() if v is not None}
-        return self.request("GET", url + (f"?{urlencode(params)}" if params else "")).body
+        return self.request("GET", url + (f"?{urlencode(params)}" if params else ""))
 
     def post(self, url: str, body: Any = None) -> Any:
         return self.request("POST", url, body).body
