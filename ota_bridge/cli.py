@@ -1,7 +1,8 @@
 """The `ota-bridge` command.
 
-`serve` runs the service; `token`, `signing-key` and `mosquitto-config` work on its data directory;
-`workflow`, `job` and `device` talk to a running service over its REST API (ota_bridge/client).
+`serve` runs the service; `token`, `signing-key`, `mosquitto-config` and `mosquitto-dynsec-config` work on
+its data directory; `workflow`, `job` and `device` talk to a running service over its REST API
+(ota_bridge/client).
 """
 
 from __future__ import annotations
