@@ -45,7 +45,7 @@ def _workflow_commands(actions: Actions) -> None:
     create.add_argument("--command", required=True, help="the shell command a device runs")
     create.add_argument("--timeout", type=int, metavar="SECONDS", help="kill the command after this long")
     create.add_argument("--success-on-restart", action="store_true",
-                        help="count the job as succeeded when the command restarts the agent (an update)")
+                        help="count the job as succeeded when the agent restarts while it runs (a reboot, an update)")
     _action(actions, "list", "list workflows", lambda a, c: _show(a, c.get(path("workflow")), render.workflows))
     _by_id(actions, "show", "show one workflow", lambda a, c: _show(a, c.get(path("workflow", a.id)), render.record))
     _by_id(actions, "delete", "delete a workflow", lambda a, c: _deleted(a, c.delete(path("workflow", a.id))))
