@@ -1,37 +1,40 @@
-"""The `ota-bridge` command: `serve` runs the service; `token create` makes an API token."""
+"""The `ota-bridge` command.
+
+`serve` runs the service; `token`, `signing-key`, `mosquitto-config` and `mosquitto-dynsec-config` work on
+its data directory; `workflow`, `job` and `device` talk to a running service over its REST API
+(ota_bridge/client).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics, format_time
+from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, format_time
 
-from . import __version__, logs, settings, signing
-from .broker_accounts import (
-    ACL,
-    DYNSEC_ADMIN_PASSWORD_FILE,
-    OPERATOR_PASSWORD_FILE,
-    PASSWORDS,
-    SERVICE_PASSWORD_FILE,
-    write_dynsec_config,
-    write_mosquitto_files,
-)
+from . import __version__, logs, settings
+from .client import ClientError
+from .client.commands import add_commands as add_client_commands
 from .errors import OtaBridgeError
-from .mosquitto_dynsec import ADMIN_USERNAME
 from .roles import DEFAULT_CLI_ROLE, Role
-from .service import DATA_DIR_MARK, check_data_dir, open_store, serve
-from .store import Store, devices, tokens
+
+if TYPE_CHECKING:
+    from .store import Store
+
+# The service, the store and the broker files are imported by the commands that use them, so that the
+# client's commands (workflow, job, device) start in a fraction of the time.
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ota-bridge",
         description="Run commands and software updates on fleets of Linux devices over MQTT.",
-        epilog="Every flag can also be set with the OTA_BRIDGE_* variable named in its help.",
+        epilog="A flag whose help names an OTA_BRIDGE_* variable can be set with that variable instead. "
+               "workflow, job and device talk to a running service: docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"ota-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_arguments(dynsec, names=("database", "data_dir", "prefix"))
     dynsec.set_defaults(handler=_dynsec_config)
     _add_signing_key_commands(commands)
+    add_client_commands(commands)
     return parser
 
 
@@ -85,6 +89,8 @@ def _add_signing_key_commands(commands: argparse._SubParsersAction) -> None:  # 
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .service import serve
+
     config = settings.resolve(args)
     logs.setup(config.log_level, config.log_format)
     asyncio.run(serve(config))
@@ -94,6 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _with_store(args: argparse.Namespace, work: Callable[[Store, settings.Settings], None],
                 existing: bool = True) -> int:
     """Run work on the store; unless `existing` is False, only in a data directory that has one."""
+    from .service import open_store
+
     config = settings.resolve(args)
     db = open_store(config, existing=existing)
     try:
@@ -111,6 +119,8 @@ def _role(value: str) -> Role:
 
 
 def _token_create(args: argparse.Namespace) -> int:
+    from .store import tokens
+
     def create(db: Store, _: settings.Settings) -> None:
         print(db.call_sync(tokens.create_token, args.name, args.role))
         print(f"created token {args.name!r} with role {args.role.value}", file=sys.stderr)
@@ -119,6 +129,8 @@ def _token_create(args: argparse.Namespace) -> int:
 
 
 def _token_list(args: argparse.Namespace) -> int:
+    from .store import tokens
+
     def show(db: Store, _: settings.Settings) -> None:
         for token in db.call_sync(tokens.list_tokens):
             print(f"{token.name}\t{token.role}\t{format_time(token.created)}")
@@ -127,6 +139,8 @@ def _token_list(args: argparse.Namespace) -> int:
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
+    from .store import tokens
+
     def revoke(db: Store, _: settings.Settings) -> None:
         count = db.call_sync(tokens.revoke_token, args.name)
         print(f"revoked {count} token{'s' if count > 1 else ''} named {args.name!r}")
@@ -135,6 +149,11 @@ def _token_revoke(args: argparse.Namespace) -> int:
 
 
 def _mosquitto_config(args: argparse.Namespace) -> int:
+    from agent.protocol import Topics
+
+    from .broker_accounts import ACL, OPERATOR_PASSWORD_FILE, PASSWORDS, SERVICE_PASSWORD_FILE, write_mosquitto_files
+    from .store import devices
+
     def write(db: Store, config: settings.Settings) -> None:
         out = Path(args.out)
         write_mosquitto_files(db.call_sync(devices.broker_accounts), out, config.data_dir, Topics(config.prefix))
@@ -146,6 +165,12 @@ def _mosquitto_config(args: argparse.Namespace) -> int:
 
 
 def _dynsec_config(args: argparse.Namespace) -> int:
+    from agent.protocol import Topics
+
+    from .broker_accounts import DYNSEC_ADMIN_PASSWORD_FILE, OPERATOR_PASSWORD_FILE, write_dynsec_config
+    from .mosquitto_dynsec import ADMIN_USERNAME
+    from .store import devices
+
     def write(db: Store, config: settings.Settings) -> None:
         out = Path(args.out)
         if out.exists() and not args.replace:
@@ -160,12 +185,16 @@ def _dynsec_config(args: argparse.Namespace) -> int:
 
 
 def _key_data_dir(args: argparse.Namespace) -> Path:
+    from .service import DATA_DIR_MARK, check_data_dir
+
     config = settings.resolve(args)
     check_data_dir(config, DATA_DIR_MARK)
     return config.data_dir
 
 
 def _key_show(args: argparse.Namespace) -> int:
+    from . import signing
+
     data_dir = _key_data_dir(args)
     for name, which in (("active", signing.ACTIVE), ("next", signing.NEXT), ("previous", signing.PREVIOUS)):
         print(f"{name}\t{signing.public_key(data_dir, which) or '-'}")
@@ -173,6 +202,8 @@ def _key_show(args: argparse.Namespace) -> int:
 
 
 def _key_rotate(args: argparse.Namespace) -> int:
+    from . import signing
+
     data_dir = _key_data_dir(args)
     if args.activate:
         key = signing.activate_next(data_dir)
@@ -186,6 +217,8 @@ def _key_rotate(args: argparse.Namespace) -> int:
 
 
 def _key_retire(args: argparse.Namespace) -> int:
+    from . import signing
+
     key = signing.retire_previous(_key_data_dir(args))
     print(f"retired the previous key {key}" if key else "there is no previous key")
     return 0
@@ -195,11 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except ClientError as e:  # the service's answer, or no answer: exit 1, as a failed request
+        print(f"ota-bridge: {e.detail}", file=sys.stderr)
+        return 1
     except OtaBridgeError as e:
         print(f"ota-bridge: {e.detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `ota-bridge job list | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays quiet
+        return 1
 
 
 if __name__ == "__main__":

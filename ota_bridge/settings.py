@@ -230,9 +230,10 @@ OPTIONS = (
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
 
-def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, names: tuple[str, ...] | None = None,
+                  options: tuple[Option, ...] = OPTIONS) -> None:
     """Add the flags; their defaults are None so that resolve() can tell 'not given'."""
-    for option in OPTIONS:
+    for option in options:
         if names is None or option.name in names:
             extra = {"nargs": "?", "const": "true"} if option.switch else {}
             text = f"{option.help} [env {option.env}, default {option.default or 'none'}]"
@@ -252,7 +253,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
 
 def named(name: str) -> str:
     """How an error names a setting: its flag and its variable."""
-    option = OPTIONS_BY_NAME[name]
+    option = OPTIONS_BY_NAME.get(name) or CLIENT_OPTIONS_BY_NAME[name]
     return f"{option.flag} / {option.env}"
 
 
@@ -290,3 +291,47 @@ def _value(option: Option, args: argparse.Namespace, environ: Mapping[str, str])
         return option.parse(raw)
     except ValueError as e:
         raise ConfigError(f"bad value {raw!r} for {option.flag} / {option.env}: {e}") from e
+
+
+# --- the CLI client (`ota-bridge workflow|job|device ...`): where the service is and who asks ----------------
+
+
+def parse_server_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected http[s]://HOST:PORT")
+    try:
+        _ = parts.port  # urlsplit checks the port only when asked
+    except ValueError as e:
+        raise ValueError(f"bad port: {e}") from e
+    return value.rstrip("/")
+
+
+CLIENT_OPTIONS = (
+    Option("server", "http://127.0.0.1:8080", parse_server_url, "the running service's URL",
+           metavar="http[s]://HOST:PORT"),
+    Option("token", "", str, "API token; better in the variable (out of ps) or the data dir's admin-token",
+           metavar="TOKEN"),
+    Option("ca_file", "", parse_optional_path,
+           "PEM CA certificates that an https:// --server's certificate must chain to (default: the system's CAs)",
+           metavar="FILE"),
+    OPTIONS_BY_NAME["data_dir"],
+)
+CLIENT_OPTIONS_BY_NAME = {o.name: o for o in CLIENT_OPTIONS}
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    server: str
+    token: str  # "": read <data_dir>/admin-token
+    token_source: str  # where the token came from, for error messages (never the token itself)
+    ca_file: Path | None
+    data_dir: Path
+
+
+def resolve_client(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ClientSettings:
+    environ = os.environ if environ is None else environ
+    values = {option.name: _value(option, args, environ) for option in CLIENT_OPTIONS}
+    token_option = CLIENT_OPTIONS[1]
+    source = token_option.flag if getattr(args, "token", None) else token_option.env
+    return ClientSettings(**values, token_source=source if values["token"] else "")  # type: ignore[arg-type]
