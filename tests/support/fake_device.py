@@ -39,7 +39,7 @@ class FakeDevice:
         return self.heads.get(timeout=timeout)
 
     def head_for(self, job_id: str, timeout: float = 15) -> dict[str, Any]:
-        """Wait for the head that names job_id (skipping older ones); return it."""
+        """Wait for the head that names job_id (skipping older ones and idle heads); return it."""
         seen: list[Any] = []
 
         def found() -> dict[str, Any] | None:
@@ -48,7 +48,7 @@ class FakeDevice:
             except queue.Empty:
                 return None
             seen.append(head)
-            return head if head and head["JobId"] == job_id else None
+            return head if head and head.get("JobId") == job_id else None  # an idle head names no job
 
         return wait_until(found, timeout, f"the head {job_id} (saw {seen})")
 
