@@ -48,6 +48,9 @@ NEEDS: dict[tuple[str, str], Role] = {
     ("POST", "/v1/device/{id}/credentials"): Role.ADMIN,
     ("DELETE", "/v1/device/{id}"): Role.ADMIN,
     ("GET", "/v1/audit"): Role.ADMIN,
+    ("GET", "/v1/device/{id}/queue"): Role.VIEWER,
+    ("POST", "/v1/events/ticket"): Role.VIEWER,  # a one-use ticket to open the event stream with
+    ("GET", "/v1/events"): Role.VIEWER,  # the role of the token that asked for the ticket
 }
 
 

@@ -124,6 +124,13 @@ ANSWERS: dict[str, Schema] = {
                                 description="every device of the request, in its order, each with its password"),
     "DeviceCredentials": record({"DeviceId": STRING, **CREDENTIALS}),
     "DeviceDeleted": deleted("DeviceId"),
+    "DeviceQueue": record({"DeviceId": STRING, "Total": INTEGER, "Jobs": {"type": "array", "items": ref("QueuedJob")}},
+                          description="a device's pending child jobs in the order it runs them, head first "
+                                      "(the first 100), and how many are pending in all"),
+    "QueuedJob": record({"JobId": UUID, "ParentJobId": UUID, "JobName": STRING, "Command": STRING,
+                         "Status": STATUS, "Seq": INTEGER, "CreatedTime": TIME}),
+    "EventTicket": record({"Ticket": STRING, "ExpiresInSeconds": INTEGER},
+                          description="opens GET /v1/events once, within ExpiresInSeconds"),
     "AuditEntry": record(
         {"Time": TIME, "TokenName": nullable(STRING), "Role": nullable(ROLE),
          "Remote": nullable(STRING), "Method": STRING, "Path": STRING, "TargetId": nullable(STRING),
@@ -148,6 +155,7 @@ class Op:
     also: tuple[int, ...] = ()  # statuses beyond those the shape of the operation implies
     public: bool = False
     headers: Schema | None = None
+    media: str = "application/json"  # the success answer's content type
     unavailable: Schema | None = None  # a health check's answer with 503, instead of an Error
 
 
@@ -174,6 +182,11 @@ DEVICE_FILTERS = (query_param("DeviceGroup", STRING, "only devices of this group
                   query_param("TagId", STRING, "only devices with this tag"))
 RETRY_AFTER = {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "required": True,
                                "description": "seconds to wait before trying again"}}
+
+TICKET_PARAM = {"name": "Ticket", "in": "query", "required": True, "schema": STRING,
+                "description": "from POST /v1/events/ticket; this operation takes no Authorization header"}
+EVENTS_SUMMARY = ("Server-sent events while open: `job` {JobId} for a new job, `child` {JobId, ParentJobId, "
+                  "DeviceId, Status} for a child job that changed, `device` {DeviceId, Online, LastSeen}")
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", HEALTH_PATH): Op("getHealth", "The database and the broker, each usable or not", ref("Health"),
@@ -214,6 +227,12 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                                 ref("DeviceCredentials")),
     ("delete", "/v1/device/{id}"): Op("deleteDevice", "Forget a device; its queued jobs are canceled",
                                       ref("DeviceDeleted")),
+    ("get", "/v1/device/{id}/queue"): Op("getDeviceQueue", "A device's pending jobs, in the order it runs them",
+                                         ref("DeviceQueue")),
+    ("post", "/v1/events/ticket"): Op("createEventTicket", "A one-use ticket for the event stream, valid 30 s",
+                                      ref("EventTicket")),
+    ("get", "/v1/events"): Op("streamEvents", EVENTS_SUMMARY, {"type": "string"}, media="text/event-stream",
+                              query=(TICKET_PARAM,)),
     ("get", "/v1/audit"): Op("listAuditEntries", "The audit log of state-changing requests, newest first (admin)",
                              listing("AuditEntry"), query=page("entries"), headers=total("entries")),
 }
@@ -221,12 +240,13 @@ OPERATIONS: dict[tuple[str, str], Op] = {
 # Each operation's tag, by the first part of its path after /v1/; a generated client groups its functions so.
 TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "devices": "devices", "audit": "audit",
         "health": "service", "openapi.json": "service", "signing-key": "service", "readyz": "service",
-        "livez": "service"}
+        "livez": "service", "events": "events"}
 TAG_MEANINGS = {
     "workflows": "Named commands that jobs run",
     "jobs": "Runs of a workflow on one device, a group or a tag; a group or tag job has a child job per device",
     "devices": "Registered devices, their groups, tags and MQTT credentials",
     "audit": "The log of state-changing requests",
+    "events": "Live changes, as server-sent events (the web console's)",
     "service": "Health, this document and the key agents verify jobs with",
 }
 
@@ -264,7 +284,7 @@ def error_statuses(method: str, path: str, op: Op) -> list[int]:
 
 
 def operation(method: str, path: str, op: Op) -> Schema:
-    answer: Schema = {"description": op.summary, "content": {"application/json": {"schema": op.answer}}}
+    answer: Schema = {"description": op.summary, "content": {op.media: {"schema": op.answer}}}
     if op.headers:
         answer["headers"] = op.headers
     responses = {str(op.status): answer}
