@@ -1,0 +1,144 @@
+"""The web console, in a real browser: headless Chromium (Debian's package) driven by Playwright,
+against a real service with two real agents. A job is submitted through the forms, partly by
+keyboard, and its results appear without a reload, fed by the event stream.
+
+Also the event stream's tickets (one use, never the token in a URL) and the page's headers, over
+plain HTTP. Under CI=true the browser test never skips; elsewhere it skips without chromium.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import Launcher
+from tests.support.processes import Service
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SHOTS = os.environ.get("OTA_CONSOLE_SCREENSHOTS")  # a directory to keep each page's screenshot in
+
+
+def open_stream(service: Service, query: str, token: str | None = None) -> tuple[int, bytes]:
+    """GET /v1/events?query: the status and the first bytes of the answer."""
+    url = urlsplit(service.base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        conn.request("GET", f"/v1/events{query}", headers={"Authorization": f"Bearer {token}"} if token else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(200) if resp.status != 200 else resp.read1(200)
+    finally:
+        conn.close()
+
+
+def test_an_event_ticket_opens_the_stream_once(service: Service) -> None:
+    ticket = service.api.ok("POST", "/v1/events/ticket")["Ticket"]
+    assert service.api.token not in ticket
+    status, first = open_stream(service, f"?Ticket={ticket}")
+    assert status == 200 and first.startswith(b"retry: 3000\nevent: ready\n"), first
+    status, body = open_stream(service, f"?Ticket={ticket}")
+    assert status == 401 and b"used already" in body
+    assert open_stream(service, "", token=service.api.token)[0] == 401  # the token alone does not open it
+    assert open_stream(service, f"?Ticket={ticket[:-2]}xx")[0] == 401
+
+
+def test_the_console_is_served_with_a_strict_content_security_policy(service: Service) -> None:
+    for path, kind in [("/", "text/html"), ("/console/console.js", "text/javascript"),
+                       ("/console/console.css", "text/css")]:
+        resp = service.api.request("GET", path, token=None)
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith(kind), path
+        assert resp.headers["Content-Security-Policy"].startswith("default-src 'self'")
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def browser_or_skip():  # type: ignore[no-untyped-def]
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed (Debian package chromium); runs under CI=true")
+    from playwright.sync_api import sync_playwright
+    return sync_playwright
+
+
+UNLABELLED = """() => [...document.querySelectorAll('input, select, textarea')]
+    .filter(e => !e.labels.length && !e.getAttribute('aria-label')).map(e => e.outerHTML)"""
+
+
+@pytest.mark.timeout(90)
+def test_a_group_job_submitted_through_the_forms_shows_its_results_live(launch: Launcher, tmp_path: Path) -> None:
+    sync_playwright = browser_or_skip()
+    service = launch.service()
+    api = service.api
+    for device in ("console-a", "console-b"):
+        launch.agent(service, device, api.device(device, group="console-group", tags=["console-tag"]))
+    api.device("console-idle", group="elsewhere")
+    api.submit(api.workflow("true", name="idle-wf"), name="waiting", DeviceId="console-idle")  # no agent: stays
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            drive_console(browser.new_page(), service, tmp_path)
+        finally:
+            browser.close()
+
+
+def drive_console(page, service: Service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+    hosts: set[str] = set()
+    page.on("request", lambda request: hosts.add(urlsplit(request.url).hostname or request.url))
+    shots = Path(SHOTS) if SHOTS else tmp_path
+
+    page.goto(service.base_url + "/")
+    assert page.evaluate(UNLABELLED) == []
+    page.get_by_label("API token").fill(service.api.token)
+    page.keyboard.press("Enter")
+    page.evaluate("window.notReloaded = true")
+    expect(page.locator("#live")).to_have_text("Live updates: on")
+
+    # devices, filtered by group
+    expect(page.locator("tr[data-device]")).to_have_count(3)
+    page.get_by_label("Group").fill("console-group")
+    page.keyboard.press("Enter")
+    expect(page.locator("tr[data-device]")).to_have_count(2)
+    expect(page.locator("tr[data-device='console-a'] td").nth(1)).to_have_text("online")
+    page.screenshot(path=str(shots / "devices.png"), full_page=True)
+
+    # define a workflow by keyboard alone, then submit it to the group
+    page.get_by_role("link", name="New job").click()
+    assert page.evaluate(UNLABELLED) == []
+    page.get_by_label("Name", exact=True).focus()
+    page.keyboard.type("console-wf")
+    page.keyboard.press("Tab")
+    page.keyboard.type("echo console-ok; echo warn >&2")
+    page.keyboard.press("Enter")
+    expect(page.locator("#message")).to_have_text("Workflow console-wf defined.")
+    expect(page.get_by_label("Workflow", exact=True)).to_be_focused()
+    page.get_by_label("Target", exact=True).select_option("DeviceGroup")
+    page.get_by_label("Device id, group or tag").fill("console-group")
+    page.get_by_label("Job name (optional)").fill("console-job")
+    page.screenshot(path=str(shots / "new-job.png"), full_page=True)
+    page.keyboard.press("Enter")
+
+    # the job's children: both succeed, with their output, without a reload
+    for device in ("console-a", "console-b"):
+        row = page.locator(f"tr[data-child='{device}']")
+        expect(row.locator("td.status")).to_have_text("SUCCEEDED", timeout=20000)
+        expect(row.locator("pre.stdout")).to_have_text("console-ok")
+        expect(row.locator("pre.stderr")).to_have_text("warn")
+    page.screenshot(path=str(shots / "job.png"), full_page=True)
+
+    page.get_by_role("link", name="Jobs").click()
+    expect(page.locator("tr[data-job] td").nth(3)).to_contain_text("2 of 2 done, 2 succeeded")
+    page.screenshot(path=str(shots / "jobs.png"), full_page=True)
+    page.goto(service.base_url + "/#device/console-idle")  # the hash alone changes: no reload
+    expect(page.get_by_role("heading", name="Device console-idle")).to_be_visible()
+    expect(page.locator("ol.queue li")).to_have_text(["waiting true QUEUED"])
+    page.screenshot(path=str(shots / "queue.png"), full_page=True)
+
+    assert page.evaluate("window.notReloaded") is True
+    assert hosts == {"127.0.0.1"}
