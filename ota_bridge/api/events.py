@@ -252,4 +252,4 @@ def add_routes(app: web.Application) -> None:
     app[FEED] = ChangeFeed()
     app.on_shutdown.append(app[FEED].close)
     app.router.add_post(TICKET_PATH, issue_ticket)
-    app.router.add_get(EVENTS_PATH, stream_events)
+    app.router.add_get(EVENTS_PATH, stream_events, allow_head=False)  # a HEAD would hold a stream open
