@@ -9,14 +9,23 @@ plain HTTP. Under CI=true the browser test never skips; elsewhere it skips witho
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
+from ota_bridge.api.events import OVERLAP, PRESENCE_EVERY, Cursor, Tickets, _mac, read_changes
+from ota_bridge.errors import Unauthorized
+from ota_bridge.models import now
+from ota_bridge.roles import Role
+from ota_bridge.store import Store, devices, jobs, workflows
+from ota_bridge.store.tokens import TokenIdentity
 from tests.conftest import Launcher
+from tests.support.databases import database_url
 from tests.support.processes import Service
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -45,7 +54,77 @@ def test_an_event_ticket_opens_the_stream_once(service: Service) -> None:
     status, body = open_stream(service, f"?Ticket={ticket}")
     assert status == 401 and b"used already" in body
     assert open_stream(service, "", token=service.api.token)[0] == 401  # the token alone does not open it
-    assert open_stream(service, f"?Ticket={ticket[:-2]}xx")[0] == 401
+    prefix, expires, nonce, mac = service.api.ok("POST", "/v1/events/ticket")["Ticket"].split(".")
+    assert open_stream(service, f"?Ticket={prefix}.{int(expires) + 3600}.{nonce}.{mac}")[0] == 401  # not signed
+    assert open_stream(service, f"?Ticket={prefix}.{expires}.{nonce}.{mac}")[0] == 200
+
+
+def test_an_expired_ticket_is_refused() -> None:
+    viewer = TokenIdentity("ab" * 32, "console-viewer", Role.VIEWER)
+    body = f"{viewer.token_hash[:16]}.{int(time.time()) - 1}.some-nonce"
+    with pytest.raises(Unauthorized, match="expired"):
+        Tickets().redeem(f"{body}.{_mac(viewer.token_hash, body)}", [viewer])
+    assert Tickets().redeem(Tickets().issue(viewer), [viewer]) == viewer
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_poller_reads_each_change_once(kind: str, tmp_path: Path) -> None:
+    """On both databases: new jobs, child jobs that changed, presence; nothing twice though re-read."""
+    with database_url(kind, tmp_path) as url:
+        db = Store(url)
+        try:
+            db.call_sync(devices.register_device, "poll-dev", None, [])
+            cursor = Cursor(since=now() - OVERLAP)
+            assert db.call_sync(read_changes, cursor) == []  # the first presence read is the baseline
+            wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
+            job, _ = db.call_sync(jobs.submit_job, "job", wf.workflow_id, "DeviceId", "poll-dev", None)
+            db.call_sync(devices.set_presence, [("poll-dev", True, now())])
+            kinds = [e.split(b"\n")[0] for e in db.call_sync(read_changes, cursor)]
+            assert kinds == [b"event: job", b"event: child"]  # presence is read every PRESENCE_EVERY polls
+            db.call_sync(jobs.cancel_job, job.job_id)
+            events = [e for _ in range(PRESENCE_EVERY) for e in db.call_sync(read_changes, cursor)]
+            assert [e.split(b"\n")[0] for e in events] == [b"event: child", b"event: device"]
+            assert b'"Status":"CANCELED"' in events[0] and b'"Online":true' in events[1]
+        finally:
+            db.close()
+
+
+def test_the_stream_sends_new_jobs_and_child_changes(service: Service) -> None:
+    api = service.api
+    api.device("stream-dev", group="stream-group")
+    ticket = api.ok("POST", "/v1/events/ticket")["Ticket"]
+    url = urlsplit(service.base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=20)
+    try:
+        conn.request("GET", f"/v1/events?Ticket={ticket}")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+        assert resp.readline() == b"retry: 3000\n"
+        job = api.submit(api.workflow("true"), DeviceId="stream-dev")
+        child = api.ok("GET", f"/v1/job/{job}/childjobs")[0]["JobId"]
+        expected = {("job", json.dumps({"JobId": job}, separators=(",", ":"))),
+                    ("child", json.dumps({"JobId": child, "ParentJobId": job, "DeviceId": "stream-dev",
+                                          "Status": "QUEUED"}, separators=(",", ":")))}
+        seen = read_events(resp, until=expected)
+        assert expected <= seen
+        api.ok("POST", f"/v1/job/{job}/cancel")
+        assert any(kind == "child" and '"Status":"CANCELED"' in data for kind, data in read_events(resp, 1))
+    finally:
+        conn.close()
+
+
+def read_events(resp: http.client.HTTPResponse, count: int = 0,
+                until: set[tuple[str, str]] | None = None) -> set[tuple[str, str]]:
+    """(event, data) pairs from the stream: count of them, or until all of until came."""
+    seen: set[tuple[str, str]] = set()
+    kind = ""
+    while (until is None or not until <= seen) and (until is not None or len(seen) < count):
+        line = resp.readline().decode().rstrip("\n")
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: ") and kind != "ready":
+            seen.add((kind, line[len("data: "):]))
+    return seen
 
 
 def test_the_console_is_served_with_a_strict_content_security_policy(service: Service) -> None:

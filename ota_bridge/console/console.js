@@ -184,9 +184,9 @@ function progress(job) {
   const counts = typeof job.Result === "object" ? job.Result : null;
   const total = counts ? counts.Total : 1;
   const done = counts ? FINAL.reduce((n, s) => n + counts[s], 0) : (FINAL.includes(job.Status) ? 1 : 0);
-  const label = counts ? `${done} of ${total} done, ${counts.SUCCEEDED} succeeded` : job.Status;
+  const succeeded = counts ? counts.SUCCEEDED : Number(job.Status === "SUCCEEDED");
   return el("td", {}, el("progress", { max: total || 1, value: done, "aria-label": `Progress of ${job.JobName}` }),
-    " ", label);
+    " ", `${done} of ${total} done, ${succeeded} succeeded`);
 }
 
 function target(job) {
@@ -213,6 +213,7 @@ async function jobPage(id) {
   place(el("h2", { text: `Job ${job.JobName}` }),
     el("p", {}, `${target(job)} · `, el("code", { text: job.Command }), ` · `,
       el("span", { class: `status ${job.Status}`, text: job.Status })),
+    el("p", { class: "progress" }, [...progress(job).childNodes]),
     el("h3", { text: "Devices" }),
     table("Child jobs", ["Device", "Status", "Exit code", "Stdout", "Stderr"], rows, "No child jobs."));
 }
