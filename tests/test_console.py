@@ -156,7 +156,7 @@ def test_a_group_job_submitted_through_the_forms_shows_its_results_live(launch: 
     api = service.api
     for device in ("console-a", "console-b"):
         launch.agent(service, device, api.device(device, group="console-group", tags=["console-tag"]))
-    api.device("console-idle", group="elsewhere")
+    api.device("console-idle", group="elsewhere", tags=["idle-tag"])
     api.submit(api.workflow("true", name="idle-wf"), name="waiting", DeviceId="console-idle")  # no agent: stays
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -174,7 +174,14 @@ def drive_console(page, service: Service, tmp_path: Path) -> None:  # type: igno
 
     page.goto(service.base_url + "/")
     assert page.evaluate(UNLABELLED) == []
-    page.get_by_label("API token").fill(service.api.token)
+    expect(page.get_by_label("API token")).to_be_focused()
+    expect(page.get_by_role("navigation")).to_be_hidden()
+    page.screenshot(path=str(shots / "sign-in.png"), full_page=True)
+    page.keyboard.type("not-the-token")
+    page.keyboard.press("Enter")
+    expect(page.locator("#message")).to_have_text("The token was refused (the API token is not valid): sign in again.")
+    expect(page.get_by_label("API token")).to_be_visible()
+    page.keyboard.type(service.api.token)
     page.keyboard.press("Enter")
     page.evaluate("window.notReloaded = true")
     expect(page.locator("#live")).to_have_text("Live updates: on")
@@ -185,6 +192,15 @@ def drive_console(page, service: Service, tmp_path: Path) -> None:  # type: igno
     page.keyboard.press("Enter")
     expect(page.locator("tr[data-device]")).to_have_count(2)
     expect(page.locator("tr[data-device='console-a'] td").nth(1)).to_have_text("online")
+    page.get_by_label("Group").fill("")
+    page.get_by_label("Tag").fill("idle-tag")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.locator("tr[data-device]")).to_have_count(1)
+    expect(page.locator("tr[data-device='console-idle']")).to_be_visible()
+    page.get_by_label("Tag").fill("")
+    page.get_by_label("Group").fill("console-group")
+    page.get_by_label("Group").press("Enter")
+    expect(page.locator("tr[data-device]")).to_have_count(2)
     page.screenshot(path=str(shots / "devices.png"), full_page=True)
 
     # define a workflow by keyboard alone, then submit it to the group

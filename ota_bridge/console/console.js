@@ -24,6 +24,12 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+class SignedOut extends Error {}
+
+function fail(err) {
+  if (!(err instanceof SignedOut)) say(err.message, true);
+}
+
 function say(text, error = false) {
   $("message").textContent = text;
   $("message").className = error ? "error" : "";
@@ -34,7 +40,10 @@ async function api(method, path, body) {
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const data = await resp.json().catch(() => null);
-  if (resp.status === 401) signOut("The token was refused: sign in again.");
+  if (resp.status === 401) {
+    signOut(`The token was refused (${data && data.Detail ? data.Detail : "401"}): sign in again.`);
+    throw new SignedOut();
+  }
   if (!resp.ok) throw new Error(data && data.Detail ? `${data.Error}: ${data.Detail}` : `HTTP ${resp.status}`);
   return data;
 }
@@ -51,6 +60,7 @@ function signOut(why = "") {
 
 async function connect() {
   if (events) events.close();
+  if (!sessionStorage.getItem(TOKEN_KEY)) return;  // signed out meanwhile
   try {
     const { Ticket } = await api("POST", "/v1/events/ticket");
     events = new EventSource(`/v1/events?Ticket=${encodeURIComponent(Ticket)}`);
@@ -115,7 +125,7 @@ async function render() {
   try {
     await (PAGES[page] || devicesPage)(id);
   } catch (e) {
-    say(e.message, true);
+    fail(e);
   }
 }
 
@@ -266,7 +276,7 @@ async function submitWorkflow(e, form) {
     await render();
     $("job-workflow").value = WorkflowId;
     $("job-workflow").focus();
-  } catch (err) { say(err.message, true); }
+  } catch (err) { fail(err); }
 }
 
 async function submitJob(e, form) {
@@ -278,7 +288,7 @@ async function submitJob(e, form) {
     const { JobId } = await api("POST", "/v1/job", body);
     say("Job submitted.");
     location.hash = `#job/${JobId}`;
-  } catch (err) { say(err.message, true); }
+  } catch (err) { fail(err); }
 }
 
 // --- start -------------------------------------------------------------------------------------
