@@ -11,7 +11,7 @@ one poller per process reads what changed every POLL_SECONDS while a stream is o
 (store/changes.py) and sends each open stream compact events; the page then reads what it shows
 through the REST API. Events: `job` {JobId} for a new job, `child` {JobId, ParentJobId, DeviceId,
 Status} for a child job that changed, `device` {DeviceId, Online, LastSeen} for a device whose
-presence changed.
+presence changed, and `resync` {} when more changed at once than is sent row by row (re-read all).
 """
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ class Cursor:
         self.sent[key] = (state, at)
         return True
 
-    def advance(self, latest: datetime) -> None:
-        self.since = max(self.since, latest - OVERLAP)
+    def advance(self, latest: datetime, overlap: bool = True) -> None:
+        self.since = max(self.since, latest - OVERLAP if overlap else latest)
         self.sent = {k: v for k, v in self.sent.items() if v[1] > self.since}
 
 
@@ -140,11 +140,13 @@ def read_changes(cursor: Cursor) -> list[bytes]:
     """The events since the cursor (in the store's thread); moves the cursor on."""
     out: list[bytes] = []
     latest = cursor.since
-    for job_id, created in changes.new_jobs(cursor.since):
+    new_jobs = changes.new_jobs(cursor.since)
+    for job_id, created in new_jobs:
         latest = max(latest, created)
         if cursor.fresh(job_id, "new", created):
             out.append(sse("job", {"JobId": job_id}))
-    for c in changes.child_changes(cursor.since):
+    children, truncated = changes.child_changes(cursor.since)
+    for c in children:
         latest = max(latest, c.updated)
         if cursor.fresh(c.job_id, c.status, c.updated):
             out.append(sse("child", {"JobId": c.job_id, "ParentJobId": c.parent_id, "DeviceId": c.device_id,
@@ -152,7 +154,10 @@ def read_changes(cursor: Cursor) -> list[bytes]:
     if cursor.polls % PRESENCE_EVERY == 0:
         out.extend(_presence_changes(cursor))
     cursor.polls += 1
-    cursor.advance(latest)
+    burst = truncated or len(new_jobs) == changes.MAX_ROWS
+    if burst:  # the page re-reads what it shows instead; the next poll starts after the burst
+        out.append(sse("resync", {}))
+    cursor.advance(latest, overlap=not burst)
     return out
 
 

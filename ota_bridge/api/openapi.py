@@ -186,7 +186,8 @@ RETRY_AFTER = {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$
 TICKET_PARAM = {"name": "Ticket", "in": "query", "required": True, "schema": STRING,
                 "description": "from POST /v1/events/ticket; this operation takes no Authorization header"}
 EVENTS_SUMMARY = ("Server-sent events while open: `job` {JobId} for a new job, `child` {JobId, ParentJobId, "
-                  "DeviceId, Status} for a child job that changed, `device` {DeviceId, Online, LastSeen}")
+                  "DeviceId, Status} for a child job that changed, `device` {DeviceId, Online, LastSeen}, "
+                  "`resync` {} when too much changed at once to send row by row")
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", HEALTH_PATH): Op("getHealth", "The database and the broker, each usable or not", ref("Health"),

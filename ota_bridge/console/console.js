@@ -70,6 +70,7 @@ async function connect() {
     return;
   }
   events.addEventListener("ready", () => { $("live").textContent = "Live updates: on"; refresh(); });
+  events.addEventListener("resync", () => refresh());
   for (const kind of ["job", "child", "device"]) {
     events.addEventListener(kind, (e) => onEvent(kind, JSON.parse(e.data)));
   }

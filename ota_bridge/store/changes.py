@@ -14,7 +14,7 @@ from agent.protocol import JobStatus
 
 from ..models import ChildJob, Device, Job
 
-MAX_ROWS = 1000  # per state and poll; a bigger burst is seen at the next poll
+MAX_ROWS = 1000  # per state and poll; a bigger burst is not sent row by row (the stream says "resync")
 
 
 @dataclass(frozen=True)
@@ -26,16 +26,20 @@ class ChildChange:
     updated: datetime
 
 
-def child_changes(since: datetime) -> list[ChildChange]:
-    """Child jobs whose row changed after since, oldest change first."""
+def child_changes(since: datetime) -> tuple[list[ChildChange], bool]:
+    """Child jobs whose row changed after since, oldest change first, and whether a state had more
+    than MAX_ROWS (the answer then leaves some out)."""
     found: list[ChildChange] = []
+    truncated = False
     for status in JobStatus:
         rows = (ChildJob.select(ChildJob.job_id, ChildJob.parent, ChildJob.device_id, ChildJob.status,
                                 ChildJob.updated)
                 .where(ChildJob.status == status.value, ChildJob.updated > since)
                 .order_by(ChildJob.updated).limit(MAX_ROWS).tuples())
+        before = len(found)
         found.extend(ChildChange(*row) for row in rows)
-    return sorted(found, key=lambda c: c.updated)
+        truncated = truncated or len(found) - before == MAX_ROWS
+    return sorted(found, key=lambda c: c.updated), truncated
 
 
 def new_jobs(since: datetime) -> list[tuple[str, datetime]]:
