@@ -52,6 +52,9 @@ NEEDS: dict[tuple[str, str], Role] = {
     ("POST", "/v1/webhook"): Role.ADMIN,  # answers the webhook's signing secret
     ("GET", "/v1/webhook"): Role.ADMIN,  # a URL may hold a password
     ("DELETE", "/v1/webhook/{id}"): Role.ADMIN,
+    ("GET", "/v1/device/{id}/queue"): Role.VIEWER,
+    ("POST", "/v1/events/ticket"): Role.VIEWER,  # a one-use ticket to open the event stream with
+    ("GET", "/v1/events"): Role.VIEWER,  # the role of the token that asked for the ticket
 }
 
 

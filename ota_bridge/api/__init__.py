@@ -12,9 +12,14 @@ from ..errors import Forbidden, Unauthorized
 from ..roles import Role, needed_role
 from ..signing import JobSigner
 from ..store import Store
+from ..store.tokens import TokenIdentity
 from .audit import CALLER, audit_middleware, list_audit
 from .body import MAX_BODY_BYTES
+from .console import CONSOLE_PATHS
+from .console import add_routes as add_console_routes
 from .errors import Handler, error_middleware
+from .events import EVENTS_PATH, redeem_ticket
+from .events import add_routes as add_event_routes
 from .health import ALIVE_PATH, HEALTH_PATH, LIVE_PATH, READY_PATH
 from .health import add_routes as add_health_routes
 from .metrics import add_routes as add_metrics_routes
@@ -27,7 +32,7 @@ from .webhooks import routes as webhook_routes
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({HEALTH_PATH, READY_PATH, LIVE_PATH, ALIVE_PATH, OPENAPI_PATH})
+PUBLIC_PATHS = frozenset({HEALTH_PATH, READY_PATH, LIVE_PATH, ALIVE_PATH, OPENAPI_PATH, *CONSOLE_PATHS})
 TOKENS = web.AppKey("tokens", TokenCache)
 MAX_TOKEN_CHARS = 1024  # tokens made here have 43; a longer one is refused before it is hashed
 TOKEN_CHARS = re.compile(r"[!-~]+")  # printable ASCII, no spaces or control characters
@@ -37,14 +42,20 @@ TOKEN_CHARS = re.compile(r"[!-~]+")  # printable ASCII, no spaces or control cha
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """401 without a valid token; 403 when the token's role may not call the route (roles.NEEDS)."""
     if request.path not in PUBLIC_PATHS:
-        token = bearer_token(request.headers.get("Authorization", ""))
-        caller = await request.app[TOKENS].identify(token)
+        caller = await _identify(request)
         if caller is None:
             log.warning("refused an unknown API token from %s for %s %s", request.remote, request.method, request.path)
             raise Unauthorized("the API token is not valid")
         request[CALLER] = caller
         _check_role(request, caller.name, caller.role)
     return await handler(request)
+
+
+async def _identify(request: web.Request) -> TokenIdentity | None:
+    """The bearer token's owner; for the event stream, which EventSource opens without headers, its ticket's."""
+    if request.path == EVENTS_PATH:
+        return await redeem_ticket(request)
+    return await request.app[TOKENS].identify(bearer_token(request.headers.get("Authorization", "")))
 
 
 def _check_role(request: web.Request, name: str, role: Role) -> None:
@@ -93,4 +104,6 @@ def make_app(db: Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Applic
     app.router.add_get("/v1/audit", list_audit)
     app.add_routes(routes)
     app.add_routes(webhook_routes)
+    add_event_routes(app)
+    add_console_routes(app)
     return app

@@ -127,6 +127,13 @@ ANSWERS: dict[str, Schema] = {
                                 description="every device of the request, in its order, each with its password"),
     "DeviceCredentials": record({"DeviceId": STRING, **CREDENTIALS}),
     "DeviceDeleted": deleted("DeviceId"),
+    "DeviceQueue": record({"DeviceId": STRING, "Total": INTEGER, "Jobs": {"type": "array", "items": ref("QueuedJob")}},
+                          description="a device's pending child jobs in the order it runs them, head first "
+                                      "(the first 100), and how many are pending in all"),
+    "QueuedJob": record({"JobId": UUID, "ParentJobId": UUID, "JobName": STRING, "Command": STRING,
+                         "Status": STATUS, "Seq": INTEGER, "CreatedTime": TIME}),
+    "EventTicket": record({"Ticket": STRING, "ExpiresInSeconds": INTEGER},
+                          description="opens GET /v1/events once, within ExpiresInSeconds"),
     "AuditEntry": record(
         {"Time": TIME, "TokenName": nullable(STRING), "Role": nullable(ROLE),
          "Remote": nullable(STRING), "Method": STRING, "Path": STRING, "TargetId": nullable(STRING),
@@ -155,8 +162,8 @@ class Op:
     also: tuple[int, ...] = ()  # statuses beyond those the shape of the operation implies
     public: bool = False
     headers: Schema | None = None
+    media: str = "application/json"  # the success answer's content type
     unavailable: Schema | None = None  # a health check's answer with 503, instead of an Error
-    media: str = "application/json"  # the answer's content type
 
 
 def listing(name: str) -> Schema:
@@ -182,6 +189,12 @@ DEVICE_FILTERS = (query_param("DeviceGroup", STRING, "only devices of this group
                   query_param("TagId", STRING, "only devices with this tag"))
 RETRY_AFTER = {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "required": True,
                                "description": "seconds to wait before trying again"}}
+
+TICKET_PARAM = {"name": "Ticket", "in": "query", "required": True, "schema": STRING,
+                "description": "from POST /v1/events/ticket; this operation takes no Authorization header"}
+EVENTS_SUMMARY = ("Server-sent events while open: `job` {JobId} for a new job, `child` {JobId, ParentJobId, "
+                  "DeviceId, Status} for a child job that changed, `device` {DeviceId, Online, LastSeen}, "
+                  "`resync` {} when too much changed at once to send row by row")
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", HEALTH_PATH): Op("getHealth", "The database and the broker, each usable or not", ref("Health"),
@@ -225,6 +238,12 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                                 ref("DeviceCredentials")),
     ("delete", "/v1/device/{id}"): Op("deleteDevice", "Forget a device; its queued jobs are canceled",
                                       ref("DeviceDeleted")),
+    ("get", "/v1/device/{id}/queue"): Op("getDeviceQueue", "A device's pending jobs, in the order it runs them",
+                                         ref("DeviceQueue")),
+    ("post", "/v1/events/ticket"): Op("createEventTicket", "A one-use ticket for the event stream, valid 30 s",
+                                      ref("EventTicket")),
+    ("get", "/v1/events"): Op("streamEvents", EVENTS_SUMMARY, {"type": "string"}, media="text/event-stream",
+                              query=(TICKET_PARAM,)),
     ("get", "/v1/audit"): Op("listAuditEntries", "The audit log of state-changing requests, newest first (admin)",
                              listing("AuditEntry"), query=page("entries"), headers=total("entries")),
     ("post", "/v1/webhook"): Op("createWebhook", "Register a URL told of every job that ends; answers its secret once",
@@ -238,13 +257,14 @@ OPERATIONS: dict[tuple[str, str], Op] = {
 # Each operation's tag, by the first part of its path after /v1/; a generated client groups its functions so.
 TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "devices": "devices", "audit": "audit",
         "webhook": "webhooks", "health": "service", "openapi.json": "service", "signing-key": "service",
-        "readyz": "service", "livez": "service", "healthz": "service", "metrics": "service"}
+        "readyz": "service", "livez": "service", "healthz": "service", "metrics": "service", "events": "events"}
 TAG_MEANINGS = {
     "workflows": "Named commands that jobs run",
     "jobs": "Runs of a workflow on one device, a group or a tag; a group or tag job has a child job per device",
     "devices": "Registered devices, their groups, tags and MQTT credentials",
     "audit": "The log of state-changing requests",
     "webhooks": "URLs that receive a signed POST when a job or child job ends",
+    "events": "Live changes, as server-sent events (the web console's)",
     "service": "Health, metrics, this document and the key agents verify jobs with",
 }
 

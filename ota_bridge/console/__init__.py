@@ -1,0 +1,1 @@
+"""The web console's files (index.html, console.js, console.css), served by ota_bridge/api/console.py."""
