@@ -35,6 +35,7 @@ class Coordinator:
         self.owned: frozenset[int] = frozenset()
         self._valid_until = 0.0  # monotonic: publish for owned buckets until then
         self._members: list[tuple[str, str]] | None = None
+        self._give_back: frozenset[int] = frozenset()  # above this instance's share: released next renewal
         self._outbox: dict[str, None] = {}
         self._outbox_ready = asyncio.Event()
         self._tick_now = asyncio.Event()
@@ -83,7 +84,14 @@ class Coordinator:
     async def _tick(self, started: float) -> None:
         members = await self.store.call(leases.heartbeat, self.instance_id, self.session, LEASE_SECONDS)
         share = math.ceil(leases.BUCKETS / max(1, len(members)))
-        owned = frozenset(await self.store.call(leases.hold_share, self.instance_id, LEASE_SECONDS, share))
+        held = sorted(await self.store.call(leases.hold_share, self.instance_id, LEASE_SECONDS, share,
+                                            self._give_back))
+        # Stop publishing for the buckets above the share now; release them only at the next
+        # renewal, so that no publish of ours is still on its way when the next owner starts.
+        self._give_back = frozenset(held[share:])
+        owned = frozenset(held[:share])
+        if time.monotonic() >= self._valid_until:  # publishing paused, marks were dropped: start afresh
+            self._set_owned(frozenset())
         self._valid_until = started + LEASE_SECONDS - SAFETY_SECONDS
         changed = self._members is not None and members != self._members
         if members != self._members:

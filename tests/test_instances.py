@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import psycopg2
@@ -16,6 +17,7 @@ import pytest
 
 from ota_bridge import settings, signing
 from ota_bridge.errors import ConfigError
+from ota_bridge.store import Store, leases
 from ota_bridge.store.leases import BUCKETS, bucket_of
 
 from .support.databases import fresh_postgres
@@ -130,3 +132,22 @@ def test_three_instances_survive_one_killed(tmp_path: Path) -> None:
         finally:
             for process in [*agents, *services]:
                 process.stop()
+
+
+@pytest.mark.postgres
+def test_a_bucket_has_one_owner_until_its_lease_expires() -> None:
+    with fresh_postgres() as database:
+        store = Store(database)
+        try:
+            store.call_sync(leases.prepare)
+            assert store.call_sync(leases.hold_share, "a", 30, BUCKETS) == set(range(BUCKETS))
+            assert store.call_sync(leases.hold_share, "b", 30, BUCKETS // 2) == set()  # none free
+            extra = set(range(BUCKETS // 2, BUCKETS))
+            assert store.call_sync(leases.hold_share, "a", 30, BUCKETS // 2, extra) == set(range(BUCKETS // 2))
+            assert store.call_sync(leases.hold_share, "b", 30, BUCKETS // 2) == extra
+            assert store.call_sync(leases.hold_share, "b", 0.2, BUCKETS) == extra  # renewed, a's still held
+            time.sleep(0.3)  # b's leases expire: a takes them; b's renewal finds none
+            assert store.call_sync(leases.hold_share, "a", 30, BUCKETS) == set(range(BUCKETS))
+            assert store.call_sync(leases.hold_share, "b", 30, BUCKETS) == set()
+        finally:
+            store.close()

@@ -64,24 +64,23 @@ def heartbeat(instance_id: str, session: str, ttl: float) -> list[tuple[str, str
     return [(r[0], r[1]) for r in rows]
 
 
-def hold_share(instance_id: str, ttl: float, share: int) -> set[int]:
-    """Renew this instance's unexpired leases, give back those above `share`, take free or
-    expired buckets up to it; the buckets it holds now, each for ttl seconds from now."""
+def hold_share(instance_id: str, ttl: float, share: int, give_back: Iterable[int] = ()) -> set[int]:
+    """Give back `give_back`, renew this instance's other unexpired leases, take free or expired
+    buckets up to `share`; the buckets it holds now, each for ttl seconds from now (maybe more
+    than `share`: the caller stops publishing for the extra ones, and gives them back next time)."""
     with db.atomic():
-        held = sorted(r[0] for r in db.execute_sql(
+        db.execute_sql("UPDATE ota_bucket_lease SET owner = NULL, expires = now() "
+                       "WHERE owner = %s AND bucket = ANY(%s)", (instance_id, list(give_back)))
+        held = {r[0] for r in db.execute_sql(
             "UPDATE ota_bucket_lease SET expires = now() + make_interval(secs => %s) "
-            "WHERE owner = %s AND expires > now() RETURNING bucket", (ttl, instance_id)))
-        if len(held) > share:
-            extra = held[share:]
-            db.execute_sql("UPDATE ota_bucket_lease SET owner = NULL, expires = now() "
-                           "WHERE owner = %s AND bucket = ANY(%s)", (instance_id, extra))
-            return set(held[:share])
-        taken = [r[0] for r in db.execute_sql(
-            "UPDATE ota_bucket_lease SET owner = %s, expires = now() + make_interval(secs => %s), epoch = epoch + 1 "
-            "WHERE bucket IN (SELECT bucket FROM ota_bucket_lease WHERE owner IS NULL OR expires <= now() "
-            "ORDER BY bucket LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING bucket",
-            (instance_id, ttl, share - len(held)))] if len(held) < share else []
-    return set(held) | set(taken)
+            "WHERE owner = %s AND expires > now() RETURNING bucket", (ttl, instance_id))}
+        if len(held) < share:
+            held |= {r[0] for r in db.execute_sql(
+                "UPDATE ota_bucket_lease SET owner = %s, expires = now() + make_interval(secs => %s), "
+                "epoch = epoch + 1 WHERE bucket IN (SELECT bucket FROM ota_bucket_lease "
+                "WHERE owner IS NULL OR expires <= now() ORDER BY bucket LIMIT %s FOR UPDATE SKIP LOCKED) "
+                "RETURNING bucket", (instance_id, ttl, share - len(held)))}
+    return held
 
 
 def leave(instance_id: str) -> None:
