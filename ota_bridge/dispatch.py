@@ -282,7 +282,8 @@ class Dispatcher:
         delay = 0.5
         while True:
             try:
-                return await self.store.call(record_device_messages, updates, presence)
+                record = record_device_messages if self.cluster is None else leases.record_device_messages
+                return await self.store.call(record, updates, presence)
             except StoreUnavailable as e:
                 log.error("%s; retrying in %.1f s", e.detail, delay)
                 await asyncio.sleep(delay)

@@ -186,8 +186,10 @@ class Store:
 # Several instances on one PostgreSQL database (cluster mode, store/leases.py): every write
 # transaction takes this advisory lock, so writes stay one at a time as with one store thread, and
 # the publishers' queue reads take it shared, so they never see a Seq handed out but not committed.
+# (Device messages take it shared too, with a lock per device: leases.record_device_messages.)
 CLUSTER_LOCK_KEY = 0x07A_B41D
 _writes_serialized = False
+_lock_held = False  # the store's one thread is in a cluster_transaction: nested ones take nothing more
 
 
 def serialize_writes() -> None:
@@ -200,15 +202,20 @@ def write_transaction() -> Any:
     """A write transaction that takes SQLite's write lock up front (no upgrade deadlocks)."""
     if isinstance(db.obj, pw.SqliteDatabase):
         return db.atomic("IMMEDIATE")
-    return cluster_transaction(exclusive=True) if _writes_serialized else db.atomic()
+    return cluster_transaction(exclusive=True) if _writes_serialized and not _lock_held else db.atomic()
 
 
 @contextlib.contextmanager
 def cluster_transaction(exclusive: bool) -> Iterator[Any]:
     """A transaction holding CLUSTER_LOCK_KEY until it ends: exclusive to write, shared to read."""
+    global _lock_held
     with db.atomic() as transaction:
         db.execute_sql(f"SELECT pg_advisory_xact_lock{'' if exclusive else '_shared'}(%s)", (CLUSTER_LOCK_KEY,))
-        yield transaction
+        _lock_held = True
+        try:
+            yield transaction
+        finally:
+            _lock_held = False
 
 
 def finalize(status: JobStatus, reason: str, *where: Any) -> int:

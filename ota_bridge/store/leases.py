@@ -19,10 +19,13 @@ import logging
 import select
 import threading
 import zlib
+from datetime import datetime
 from typing import Callable, Iterable
 
 from ..models import db
-from . import cluster_transaction, queues
+from . import cluster_transaction, idempotent, queues
+from . import updates as updates_module
+from .updates import Update, UpdateOutcomes
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,22 @@ def consistent_queues(device_ids: list[str]) -> list[queues.DeviceQueue]:
     its job is committed and visible (the lock waits for every write transaction in flight)."""
     with cluster_transaction(exclusive=False):
         return queues.device_queues(device_ids)
+
+
+DEVICE_LOCK_CLASS = 0x07A  # pg_advisory_xact_lock(class, key): one lock per device (crc32 of its id)
+
+
+@idempotent
+def record_device_messages(updates: list[Update], presence: list[tuple[str, bool, datetime | None]]) -> UpdateOutcomes:
+    """updates.record_device_messages, holding the cluster lock shared and each device's lock:
+    instances store messages of different devices at once, of one device one after another, and
+    never beside a write that holds the cluster lock alone (a new job, a cancel, a timeout)."""
+    devices = sorted({zlib.crc32(d.encode()) - 2**31 for d in [*(u.device_id for u in updates),
+                                                                  *(p[0] for p in presence)]})
+    with cluster_transaction(exclusive=False):
+        for key in devices:  # in one order everywhere: no deadlock
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s, %s)", (DEVICE_LOCK_CLASS, key))
+        return updates_module.record_device_messages(updates, presence)
 
 
 def notify(device_ids: Iterable[str]) -> None:
