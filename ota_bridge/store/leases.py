@@ -111,8 +111,9 @@ def record_device_messages(updates: list[Update], presence: list[tuple[str, bool
     devices = sorted({zlib.crc32(d.encode()) - 2**31 for d in [*(u.device_id for u in updates),
                                                                   *(p[0] for p in presence)]})
     with cluster_transaction(exclusive=False):
-        for key in devices:  # in one order everywhere: no deadlock
-            db.execute_sql("SELECT pg_advisory_xact_lock(%s, %s)", (DEVICE_LOCK_CLASS, key))
+        # In one order everywhere (unnest keeps the sorted array's): no deadlock. One round trip.
+        db.execute_sql("SELECT count(pg_advisory_xact_lock(%s, key)) FROM unnest(%s::integer[]) AS key",
+                       (DEVICE_LOCK_CLASS, devices))
         return updates_module.record_device_messages(updates, presence)
 
 
