@@ -5,6 +5,9 @@ one publisher task reads those queues back and publishes them, so what the broke
 always the database's latest state, and a device's next job is published only once its current
 one is final (the head is the first job not yet final). Device updates are applied in batches,
 one transaction each, and acknowledged to the broker only after they are stored.
+
+In cluster mode (coordination.py) this instance publishes only the devices whose bucket it
+leases, and tells the owners of the others; device messages come through shared subscriptions.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 paho runs its network loop on its own thread; its callbacks only hand events to the asyncio
 loop with call_soon_threadsafe. Incoming QoS 1 messages are acknowledged by hand, after the
 dispatcher has stored what they say, so a message the service had not stored when it died is
-delivered again by the broker (on brokers that keep the service's session).
+delivered again by the broker (on brokers that keep the service's session). In cluster mode
+each instance has its own client id and a clean session (docs/scale.md says why).
 """
 
 from __future__ import annotations
