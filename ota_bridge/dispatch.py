@@ -5,6 +5,9 @@ one publisher task reads those queues back and publishes them, so what the broke
 always the database's latest state, and a device's next job is published only once its current
 one is final (the head is the first job not yet final). Device updates are applied in batches,
 one transaction each, and acknowledged to the broker only after they are stored.
+
+In cluster mode (coordination.py) this instance publishes only the devices whose bucket it
+leases, and tells the owners of the others; device messages come through shared subscriptions.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from typing import Callable, Iterable, Optional
 
 from agent.protocol import MessageError, Topics
 
+from .coordination import Coordinator
 from .device_messages import head_message, parse_presence, parse_update, queue_message
 from .errors import StoreUnavailable
 from .models import now
 from .mqtt_link import BrokerLink, Incoming
-from .store import Store, devices, jobs, queues
+from .store import Store, devices, jobs, leases, queues
 from .store.updates import Update, UpdateOutcomes, record_device_messages
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 BATCH = 500  # devices per queue read; updates per transaction
 Presence = tuple[str, bool, Optional[datetime]]  # (device id, online, seen at; None keeps LastSeen)
 INBOX_LIMIT = 20_000
+SHARE_GROUP = "$share/ota-bridge"  # cluster mode: the instances share the device messages
 # A head keeps its IssuedAt (so an unchanged head is not published again) for at most this long;
 # a device that comes online with an older head gets it signed again with a fresh IssuedAt, so
 # an agent without state (which runs only heads issued within HEAD_VALIDITY_SECONDS) can run it.
@@ -37,8 +42,10 @@ REFRESH_AFTER_SECONDS = 3600.0
 
 class Dispatcher:
     def __init__(self, db: Store, topics: Topics, sign: Callable[[bytes], str] | None = None,
-                 timeout_grace: float = 60, failpoints: frozenset[str] = frozenset()) -> None:
+                 timeout_grace: float = 60, failpoints: frozenset[str] = frozenset(),
+                 cluster: Coordinator | None = None) -> None:
         self.store = db
+        self.cluster = cluster
         self.topics = topics
         self.sign = sign
         self.timeout_grace = timeout_grace
@@ -51,26 +58,74 @@ class Dispatcher:
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=INBOX_LIMIT)
         self._in_sync = False
         self._resync_task: asyncio.Task[None] | None = None
+        if cluster is not None:
+            cluster.on_gained = lambda buckets: self._republish_buckets(buckets)
+            cluster.on_lost = self._forget_buckets
+            cluster.on_members_changed = lambda: self._republish_buckets(None)
+            cluster.on_notified = lambda ids: self.mark(ids, relay=False)
 
     @property
     def subscriptions(self) -> list[str]:
-        return [self.topics.all_devices(Topics.STATUS), self.topics.all_devices(Topics.PRESENCE)]
+        """Every device's status and presence; in cluster mode shared, so each goes to one instance."""
+        topics = [self.topics.all_devices(Topics.STATUS), self.topics.all_devices(Topics.PRESENCE)]
+        return [f"{SHARE_GROUP}/{t}" for t in topics] if self.cluster is not None else topics
 
     def attach(self, link: BrokerLink) -> None:
         self.link = link
 
     # --- publishing ---------------------------------------------------------------------
 
-    def mark(self, device_ids: Iterable[str]) -> None:
-        """These devices' queues changed: publish them again (soon, coalesced)."""
+    def mark(self, device_ids: Iterable[str], relay: bool = True) -> None:
+        """These devices' queues changed: publish them again (soon, coalesced).
+
+        In cluster mode only the devices this instance owns; the owners of the others are told
+        (relay), unless the word came from another instance."""
+        others: list[str] = []
         for device_id in device_ids:
-            self._dirty[device_id] = None
+            if self.cluster is None or self.cluster.owns(device_id):
+                self._dirty[device_id] = None
+            elif relay:
+                others.append(device_id)
+        if others and self.cluster is not None:
+            self.cluster.tell_owners(others)
         if self._dirty:
             self._wake.set()
+
+    def _republish_buckets(self, buckets: frozenset[int] | None) -> None:
+        """Cluster mode: publish the heads of these buckets' devices (None: every owned one) again,
+        even if unchanged: an agent that hears its head again resends a result the broker lost."""
+        asyncio.get_running_loop().create_task(self._republish(buckets))
+
+    async def _republish(self, buckets: frozenset[int] | None) -> None:
+        try:
+            device_ids = await self.store.call(devices.all_device_ids)
+        except Exception:
+            log.exception("could not read the devices to republish; the next change of members tries again")
+            return
+        assert self.cluster is not None
+        wanted = self.cluster.owned if buckets is None else buckets
+        chosen = [d for d in device_ids if leases.bucket_of(d) in wanted]
+        self._forget_published(chosen)
+        self.mark(chosen, relay=False)
+
+    def _forget_buckets(self, buckets: frozenset[int]) -> None:
+        """Cluster mode: another instance publishes for these buckets now."""
+        gone = [d for d in self._dirty if leases.bucket_of(d) in buckets]
+        for device_id in gone:
+            del self._dirty[device_id]
+        self._published = {t: h for t, h in self._published.items()
+                           if (p := self.topics.parse(t)) is None or leases.bucket_of(p[0]) not in buckets}
+
+    def _forget_published(self, device_ids: list[str]) -> None:
+        for device_id in device_ids:
+            self._published.pop(self.topics.job(device_id), None)
+            self._published.pop(self.topics.queue(device_id), None)
 
     def on_connected(self) -> None:
         """After every (re)connect, republish every device from the database."""
         self._published.clear()
+        if self.cluster is not None:  # a new clean session: the other instances publish theirs again too
+            self.cluster.new_session()
         self._in_sync = False
         self._resync_task = asyncio.get_running_loop().create_task(self._resync())
 
@@ -84,7 +139,8 @@ class Dispatcher:
         delay = 0.5
         while True:
             try:
-                await self.store.call(devices.forget_presence)
+                if self.cluster is None:  # in cluster mode the devices of other instances stay online
+                    await self.store.call(devices.forget_presence)
                 await self.store.call(jobs.restart_silence_clocks)
                 device_ids = await self.store.call(devices.all_device_ids)
                 break
@@ -117,17 +173,25 @@ class Dispatcher:
             batch = list(self._dirty)[:BATCH]
             for device_id in batch:
                 del self._dirty[device_id]
+            if self.cluster is not None:
+                batch = [d for d in batch if self.cluster.owns(d)]  # lost since: the new owner publishes
             try:
-                read = await self.store.call(queues.device_queues, batch)
+                read = await self.store.call(self._read_queues, batch)
             except Exception:
                 log.exception("reading device queues failed; retrying")
-                self.mark(batch)
+                self.mark(batch, relay=False)
                 await asyncio.sleep(1)
                 continue
             for queue in read:
+                if self.cluster is not None and not self.cluster.owns(queue.device_id):
+                    continue  # the lease may run out: the next owner reads the queue again
                 head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue), self.sign)
                 self._publish_changed(self.topics.job(queue.device_id), head)
                 self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
+
+    @property
+    def _read_queues(self) -> Callable[[list[str]], list[queues.DeviceQueue]]:
+        return queues.device_queues if self.cluster is None else leases.consistent_queues
 
     def _issue_time(self, queue: queues.DeviceQueue) -> datetime:
         """The head's IssuedAt: kept while its content is unchanged and it is recent, else now."""
@@ -153,8 +217,10 @@ class Dispatcher:
         self._publish(topic, payload)
 
     def _publish(self, topic: str, payload: bytes) -> None:
+        """QoS 1, or in cluster mode QoS 0: a publish never sent again after a reconnect, when
+        this instance may no longer own the device (after a reconnect it publishes all it owns)."""
         if self.link is not None:
-            self.link.publish(topic, payload, retain=True)
+            self.link.publish(topic, payload, retain=True, qos=1 if self.cluster is None else 0)
 
     # --- server-side timeouts -----------------------------------------------------------
 
@@ -219,7 +285,8 @@ class Dispatcher:
         delay = 0.5
         while True:
             try:
-                return await self.store.call(record_device_messages, updates, presence)
+                record = record_device_messages if self.cluster is None else leases.record_device_messages
+                return await self.store.call(record, updates, presence)
             except StoreUnavailable as e:
                 log.error("%s; retrying in %.1f s", e.detail, delay)
                 await asyncio.sleep(delay)

@@ -3,7 +3,8 @@
 paho runs its network loop on its own thread; its callbacks only hand events to the asyncio
 loop with call_soon_threadsafe. Incoming QoS 1 messages are acknowledged by hand, after the
 dispatcher has stored what they say, so a message the service had not stored when it died is
-delivered again by the broker (on brokers that keep the service's session).
+delivered again by the broker (on brokers that keep the service's session). In cluster mode
+each instance has its own client id and a clean session (docs/scale.md says why).
 """
 
 from __future__ import annotations
@@ -54,14 +55,15 @@ class BrokerLink:
 
     def __init__(self, host: str, port: int, username: str | None, password: str | None,
                  subscriptions: list[str], on_message: Callable[[Incoming], None],
-                 on_connect: Callable[[], None], tls: ssl.SSLContext | None = None) -> None:
+                 on_connect: Callable[[], None], tls: ssl.SSLContext | None = None,
+                 client_id: str = SERVICE_CLIENT_ID, clean_session: bool = False) -> None:
         self.host, self.port = host, port
         self._subscriptions = subscriptions
         self._on_message = on_message
         self._on_connect = on_connect
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = asyncio.Event()
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=SERVICE_CLIENT_ID, clean_session=False,
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                              protocol=mqtt.MQTTv311, manual_ack=True)
         if username:
             client.username_pw_set(username, password)
@@ -108,9 +110,9 @@ class BrokerLink:
         except asyncio.TimeoutError:
             log.warning("the MQTT link did not stop within %.0f s; leaving it behind", timeout)
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        """Queue a QoS 1 publish; paho sends it now, or after the next reconnect."""
-        self._client.publish(topic, payload, qos=1, retain=retain)
+    def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1) -> None:
+        """Queue a publish; paho sends it now, or (QoS 1 only) after the next reconnect."""
+        self._client.publish(topic, payload, qos=qos, retain=retain)
 
     def ack(self, message: Incoming) -> None:
         if message.qos > 0:

@@ -33,6 +33,7 @@ from .broker_accounts import (
     BrokerAccounts,
     broker_secret,
 )
+from .coordination import Coordinator
 from .dispatch import Dispatcher
 from .embedded_broker import (
     SERVICE_USERNAME,
@@ -50,7 +51,7 @@ from .mosquitto_dynsec import DynsecClient
 from .mqtt_link import BrokerLink
 from .roles import Role
 from .settings import OPTIONS_BY_NAME, SQLITE_FILE, HostPort, Settings, named
-from .store import Store, devices, queues, tokens
+from .store import Store, devices, queues, serialize_writes, tokens
 from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,9 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
     https = tls.server_context(settings)  # first: a bad certificate file stops the start at once
     may_create = settings.new_signing_key or not db.call_sync(queues.has_history)
     signer = signing.load_or_create(settings.data_dir, may_create)
-    dispatcher = Dispatcher(db, Topics(settings.prefix), signer.sign, settings.timeout_grace, settings.failpoints)
+    cluster = await _join_cluster(settings, db)
+    dispatcher = Dispatcher(db, Topics(settings.prefix), signer.sign, settings.timeout_grace, settings.failpoints,
+                            cluster)
     loop = asyncio.get_running_loop()  # a change the store could not confirm may have moved queues: republish all
     db.on_doubt = lambda: loop.is_closed() or loop.call_soon_threadsafe(dispatcher.on_connected)
     async with contextlib.AsyncExitStack() as stack:
@@ -203,9 +206,14 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
         accounts = BrokerAccounts(db, dispatcher.topics, settings.data_dir, embedded=embedded,
                                   mosquitto_dir=settings.mosquitto_dir, dynsec=_dynsec(settings, stack))
         await accounts.start()
-        await db.call(devices.forget_presence)  # no device is online before it says so in this run
-        for job in (dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts(),
-                    WebhookSender(db).run()):
+        tasks = [dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts(), WebhookSender(db).run()]
+        if cluster is None:
+            await db.call(devices.forget_presence)  # no device is online before it says so in this run
+        else:
+            stack.push_async_callback(cluster.aclose)
+            cluster.start_listening(settings.database_url)
+            tasks += [cluster.run_leases(), cluster.run_outbox()]
+        for job in tasks:
             stack.push_async_callback(_cancel, asyncio.create_task(job))
         link.start()
         stack.push_async_callback(link.aclose)
@@ -213,6 +221,17 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
         app[ACCOUNTS] = accounts
         await stack.enter_async_context(_http(app, settings.http, https))
         yield
+
+
+async def _join_cluster(settings: Settings, db: Store) -> Coordinator | None:
+    """Cluster mode (--instance-id): writes serialized across instances, the lease tables made."""
+    if settings.instance_id is None:
+        return None
+    serialize_writes()
+    cluster = Coordinator(db, settings.instance_id)
+    await cluster.start()
+    log.info("cluster mode: instance %s", settings.instance_id)
+    return cluster
 
 
 async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
@@ -261,8 +280,13 @@ async def _start_embedded(settings: Settings, logins: BrokerLogins) -> EmbeddedB
 
 def _link(host: str, port: int, username: str | None, password: str | None, dispatcher: Dispatcher,
           tls_context: ssl.SSLContext | None = None) -> BrokerLink:
+    """One persistent session; in cluster mode one clean session per instance, with its own client id
+    (a dead instance's session must not hold messages that the others could take)."""
+    cluster = dispatcher.cluster
+    client_id = SERVICE_CLIENT_ID if cluster is None else f"{SERVICE_CLIENT_ID}-{cluster.instance_id}"
     return BrokerLink(host, port, username, password, dispatcher.subscriptions,
-                      on_message=dispatcher.deliver, on_connect=dispatcher.on_connected, tls=tls_context)
+                      on_message=dispatcher.deliver, on_connect=dispatcher.on_connected, tls=tls_context,
+                      client_id=client_id, clean_session=cluster is not None)
 
 
 class BrokerLogins:

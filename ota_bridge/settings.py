@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -65,6 +66,7 @@ class Settings:
     mqtt_cert: Path | None  # with mqtt_key: the service's client certificate for an mqtts:// --mqtt-url
     mqtt_key: Path | None
     new_signing_key: bool = False  # make a new job-signing key even though the database has devices or jobs
+    instance_id: str | None = None  # cluster mode: this instance's name among several on one database and broker
 
     @property
     def database_url(self) -> str:
@@ -116,6 +118,12 @@ def parse_database(value: str) -> str:
     if value.startswith("sqlite:///") and not value[len("sqlite:///"):]:
         raise ValueError("the URL names no file: expected sqlite:///PATH")
     return value
+
+
+def parse_instance_id(value: str) -> str | None:
+    if value and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", value):
+        raise ValueError("expected 1 to 40 letters, digits, '-' or '_'")
+    return value or None
 
 
 def parse_prefix(value: str) -> str:
@@ -223,6 +231,9 @@ OPTIONS = (
            "make a new job-signing key when <data-dir>/job-signing.key is missing although the database has "
            "devices or jobs (every agent must then be given the new job-signing.pub)", switch=True,
            metavar="true|false"),
+    Option("instance_id", "", parse_instance_id,
+           "cluster mode: this instance's name, unique among the instances that share one PostgreSQL "
+           "--database and one --mqtt-url broker (docs/scale.md)", metavar="NAME"),
     Option("failpoints", "", parse_failpoints,
            "for fault-injection tests only: exit-after-store kills the service right after it stores a result",
            hidden=True),
@@ -248,6 +259,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     settings = Settings(**values)  # type: ignore[arg-type]
     _check_tls(settings)
     _check_accounts(settings)
+    _check_cluster(settings)
     return settings
 
 
@@ -277,6 +289,27 @@ def _check_tls(s: Settings) -> None:
     for name in ("mqtt_ca_file", "mqtt_cert"):
         if getattr(s, name) is not None and not (s.mqtt_url and s.mqtt_url.tls):
             raise ConfigError(f"{named(name)} is for a broker at an mqtts:// {named('mqtt_url')}")
+
+
+def _check_cluster(s: Settings) -> None:
+    """Several instances share their state through PostgreSQL and a standard broker, nothing else."""
+    if s.instance_id is None:
+        return
+    if not s.database.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{named('instance_id')} (cluster mode) needs a PostgreSQL {named('database')}: "
+                          f"several instances cannot share SQLite")
+    if s.mqtt_url is None:
+        raise ConfigError(f"{named('instance_id')} (cluster mode) needs an external broker with shared "
+                          f"subscriptions, e.g. Mosquitto 2, at {named('mqtt_url')}: the embedded broker is "
+                          f"one instance's own")
+    if s.mosquitto_dir is not None:
+        raise ConfigError(f"{named('instance_id')} (cluster mode) cannot be used with {named('mosquitto_dir')}: "
+                          f"several instances would rewrite one password file, and share one broker identity; "
+                          f"give each instance its own broker user in --mqtt-url (docs/scale.md)")
+    if s.mosquitto_dynsec:
+        raise ConfigError(f"{named('instance_id')} (cluster mode) cannot be used with {named('mosquitto_dynsec')} "
+                          f"yet: the plugin's service account is one broker identity; give each instance its own "
+                          f"broker user in --mqtt-url and manage device accounts outside the cluster (docs/scale.md)")
 
 
 def _pair(first: object, second: object, first_name: str, second_name: str) -> None:

@@ -18,11 +18,12 @@ This module holds only the Store and the helpers the subject modules share; it i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import peewee as pw
 
@@ -182,11 +183,39 @@ class Store:
         return StoreUnavailable(f"the database is unavailable: {reason}")
 
 
+# Several instances on one PostgreSQL database (cluster mode, store/leases.py): every write
+# transaction takes this advisory lock, so writes stay one at a time as with one store thread, and
+# the publishers' queue reads take it shared, so they never see a Seq handed out but not committed.
+# (Device messages take it shared too, with a lock per device: leases.record_device_messages.)
+CLUSTER_LOCK_KEY = 0x07A_B41D
+_writes_serialized = False
+_lock_held = False  # the store's one thread is in a cluster_transaction: nested ones take nothing more
+
+
+def serialize_writes() -> None:
+    """Cluster mode: from now on every write transaction holds CLUSTER_LOCK_KEY (PostgreSQL only)."""
+    global _writes_serialized
+    _writes_serialized = True
+
+
 def write_transaction() -> Any:
     """A write transaction that takes SQLite's write lock up front (no upgrade deadlocks)."""
     if isinstance(db.obj, pw.SqliteDatabase):
         return db.atomic("IMMEDIATE")
-    return db.atomic()
+    return cluster_transaction(exclusive=True) if _writes_serialized and not _lock_held else db.atomic()
+
+
+@contextlib.contextmanager
+def cluster_transaction(exclusive: bool) -> Iterator[Any]:
+    """A transaction holding CLUSTER_LOCK_KEY until it ends: exclusive to write, shared to read."""
+    global _lock_held
+    with db.atomic() as transaction:
+        db.execute_sql(f"SELECT pg_advisory_xact_lock{'' if exclusive else '_shared'}(%s)", (CLUSTER_LOCK_KEY,))
+        _lock_held = True
+        try:
+            yield transaction
+        finally:
+            _lock_held = False
 
 
 def finalize(status: JobStatus, reason: str, *where: Any) -> int:
