@@ -48,5 +48,5 @@ class TokenCache:
     async def _refresh(self, older_than: float) -> None:
         async with self._lock:
             if time.monotonic() - self._read_at >= older_than:
-                self._known = tuple(await self.db.call(stored_tokens.token_identities))
+                self._known = tuple(await self.db.read(stored_tokens.token_identities))
                 self._read_at = time.monotonic()
