@@ -289,6 +289,57 @@ def _drop_connection(database: GuardedDatabase) -> None:
         database.dispose()
 
 
+class Arg:
+    """Where a prepared query takes the index-th argument it is run with."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def arg(index: int) -> pw.Value:
+    """A placeholder for a prepared query; its argument is passed as the driver takes it (not converted)."""
+    return pw.Value(Arg(index), converter=False)
+
+
+_PREPARED: dict[tuple[str, int, type], tuple[str, list[Any], Any]] = {}
+
+
+def prepared(name: str, build: Callable[[int], Any], *values: Any) -> Any:
+    """Run the query build(len(values)) makes, its arg(i) placeholders taking values[i]; its rows
+    as peewee gives them (models, tuples, ...), or its cursor for a write.
+
+    peewee turns a query into SQL text on every run, which costs more than SQLite running it; this
+    builds it once per name, number of values and kind of database, then only binds new values.
+    A query over a list is built once per length (`padded` keeps the lengths few).
+    """
+    key = (name, len(values), type(db.obj))
+    entry = _PREPARED.get(key)
+    if entry is None:
+        query = build(len(values))
+        entry = _PREPARED[key] = (*query.sql(), query)
+    sql, params, query = entry
+    cursor = db.execute_sql(sql, [values[p.index] if isinstance(p, Arg) else p for p in params])
+    if isinstance(query, pw.SelectBase):
+        return query._get_cursor_wrapper(cursor)  # peewee's own conversion of the rows
+    return cursor
+
+
+def args(count: int, first: int = 0) -> list[pw.Value]:
+    """Placeholders first .. first + count - 1, for an IN list."""
+    return [arg(i) for i in range(first, first + count)]
+
+
+def padded(items: list[T]) -> list[T]:
+    """items, the last repeated up to the next power of two: a list for `IN (...)` whose length
+    is one of a few, so few prepared queries serve every length. Duplicates change no IN."""
+    size = 1
+    while size < len(items):
+        size *= 2
+    return items + items[-1:] * (size - len(items))
+
+
 def write_transaction() -> Any:
     """A write transaction that takes SQLite's write lock up front (no upgrade deadlocks)."""
     if isinstance(db.obj, pw.SqliteDatabase):

@@ -13,7 +13,7 @@ from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
 
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
 from ..models import ChildJob, Device, DeviceTag, Job, now
-from . import PENDING, chunks, finalize, idempotent, write_transaction
+from . import PENDING, arg, args, chunks, finalize, idempotent, padded, prepared, write_transaction
 from .devices import device_exists
 from .workflows import get_workflow
 
@@ -92,7 +92,7 @@ def derive_status(counts: dict[str, int]) -> JobStatus:
 
 
 def get_job(job_id: str) -> JobSummary:
-    job = Job.get_or_none(Job.job_id == job_id)
+    job = next(iter(prepared("job", lambda _: Job.select().where(Job.job_id == arg(0)), job_id)), None)
     if job is None:
         raise JobNotFound(job_id)
     return _summaries([job])[0]
@@ -109,9 +109,11 @@ def _summaries(jobs: list[Job]) -> list[JobSummary]:
     counts: dict[str, dict[str, int]] = {i: {} for i in ids}
     times: dict[str, list[Any]] = {}
     for chunk in chunks(ids):
-        rows = (ChildJob.select(ChildJob.parent, ChildJob.status, pw.fn.COUNT(ChildJob.seq),
-                                pw.fn.MIN(ChildJob.start_time), pw.fn.MAX(ChildJob.end_time))
-                .where(ChildJob.parent.in_(chunk)).group_by(ChildJob.parent, ChildJob.status).tuples())
+        chunk = padded(chunk)
+        rows = prepared("job_counts", lambda n: (
+            ChildJob.select(ChildJob.parent, ChildJob.status, pw.fn.COUNT(ChildJob.seq),
+                            pw.fn.MIN(ChildJob.start_time), pw.fn.MAX(ChildJob.end_time))
+            .where(ChildJob.parent.in_(args(n))).group_by(ChildJob.parent, ChildJob.status).tuples()), *chunk)
         for parent, status, n, start, end in rows:
             counts[parent][status] = n
             times.setdefault(parent, []).append((start, end))
@@ -129,7 +131,8 @@ def _summary(job: Job, counts: dict[str, int], times: list[Any], single: ChildJo
 def _single_children(jobs: list[Job]) -> dict[str, ChildJob]:
     found: dict[str, ChildJob] = {}
     for chunk in chunks([j.job_id for j in jobs]):
-        for child in ChildJob.select().where(ChildJob.parent.in_(chunk)):
+        chunk = padded(chunk)
+        for child in prepared("children_of", lambda n: ChildJob.select().where(ChildJob.parent.in_(args(n))), *chunk):
             found[child.parent_id] = child
     return found
 
