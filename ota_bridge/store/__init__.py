@@ -340,6 +340,15 @@ def padded(items: list[T]) -> list[T]:
     return items + items[-1:] * (size - len(items))
 
 
+def pieces(items: list[T], largest: int = 256) -> Iterable[list[T]]:
+    """items in runs whose lengths are powers of two (at most `largest`): a multi-row INSERT of each
+    is one of a few prepared queries."""
+    while items:
+        size = 1 << (min(len(items), largest).bit_length() - 1)
+        yield items[:size]
+        items = items[size:]
+
+
 def write_transaction() -> Any:
     """A write transaction that takes SQLite's write lock up front (no upgrade deadlocks)."""
     if isinstance(db.obj, pw.SqliteDatabase):

@@ -13,7 +13,7 @@ from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
 
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
 from ..models import ChildJob, Device, DeviceTag, Job, now
-from . import PENDING, arg, args, chunks, finalize, idempotent, padded, prepared, write_transaction
+from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
 from .devices import device_exists
 from .workflows import get_workflow
 
@@ -38,10 +38,28 @@ def submit_job(name: str | None, workflow_id: str, target_field: str, target_val
             timeout_seconds=timeout_seconds or workflow.timeout_seconds or DEFAULT_TIMEOUT_SECONDS,
             success_on_restart=workflow.success_on_restart, target_field=target_field, target_value=target_value,
         )
-        rows = [{"job_id": str(uuid.uuid4()), "parent": job.job_id, "device_id": d} for d in device_ids]
-        for chunk in chunks(rows):
-            ChildJob.insert_many(chunk).execute()
+        _insert_children(job.job_id, device_ids)
     return job, device_ids
+
+
+CHILD_COLUMNS = (ChildJob.job_id, ChildJob.parent, ChildJob.device_id, ChildJob.status, ChildJob.stdout,
+                 ChildJob.stderr, ChildJob.stdout_truncated, ChildJob.stderr_truncated,
+                 ChildJob.finalized_by_service, ChildJob.updated)  # every column a new child sets
+
+
+def _insert_children(parent_id: str, device_ids: list[str]) -> None:
+    """One QUEUED child per device, as multi-row INSERTs prepared once per row count."""
+    created = now()
+    for piece in pieces(device_ids):
+        values = [v for d in piece for v in (str(uuid.uuid4()), parent_id, d, JobStatus.QUEUED.value, "", "",
+                                             False, False, False, created)]
+        prepared("insert_children", _children_insert, *values)
+
+
+def _children_insert(count: int) -> pw.Query:
+    width = len(CHILD_COLUMNS)
+    return ChildJob.insert_many([{c: arg(row + i) for i, c in enumerate(CHILD_COLUMNS)}
+                                 for row in range(0, count, width)])
 
 
 def _target_devices(target_field: str, value: str) -> list[str]:
