@@ -204,6 +204,30 @@ def test_device_queues_lists_the_first_hundred_and_counts_them_all(db: Store) ->
     assert (idle.entries, idle.total, idle.head) == ((), 0, None)
 
 
+def test_one_batch_moves_each_device_along_its_own_queue(db: Store) -> None:
+    """Heads read once per batch for every device, and again for a device whose job became final."""
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
+    children: dict[str, list[str]] = {}
+    for device in ("a", "b", "c"):
+        db.call_sync(devices.register_device, device, None, [])
+        for _ in range(2):
+            job, _ = db.call_sync(jobs.submit_job, "j", wf.workflow_id, "DeviceId", device, None)
+            children.setdefault(device, []).append(db.call_sync(jobs.child_jobs, job.job_id)[0].job_id)
+    batch = [Update("a", children["a"][0], JobStatus.IN_PROGRESS), Update("a", children["a"][0], JobStatus.SUCCEEDED),
+             Update("a", children["a"][1], JobStatus.IN_PROGRESS), Update("b", children["b"][1], JobStatus.IN_PROGRESS),
+             Update("c", children["c"][0], JobStatus.FAILED, exit_code=3, stdout="out")]
+    outcomes = db.call_sync(updates.record_device_messages, batch, [("c", True, now())])
+    assert [(u.device_id, u.status) for u in outcomes.applied] == [
+        ("a", JobStatus.IN_PROGRESS), ("a", JobStatus.SUCCEEDED), ("a", JobStatus.IN_PROGRESS),
+        ("c", JobStatus.FAILED)]
+    assert [(u.device_id, why) for u, why in outcomes.dropped] == [("b", "the job is not the device's current job")]
+    failed = db.call_sync(jobs.get_child, children["c"][0])
+    assert (failed.status, failed.exit_code, failed.stdout, failed.end_time is not None) == ("FAILED", 3, "out", True)
+    heads = {q.device_id: q.head.job_id for q in db.call_sync(queues.device_queues, ["a", "b", "c"])}
+    assert heads == {"a": children["a"][1], "b": children["b"][0], "c": children["c"][1]}
+    assert db.call_sync(devices.get_device, "c").device.online is True
+
+
 # --- reads beside the writer ------------------------------------------------------------------
 
 
