@@ -7,8 +7,8 @@ fresh PostgreSQL database). N devices are inserted directly (one shared password
 registration's cost, not the fan-out's). The figure: `jobs.submit_job` for one group job over the
 N devices, then `queues.device_queues` over them in batches of 500 (the publisher's batch), as
 the service does before it publishes each head; best of 3. The raw limit, same run, same kind of
-database: the driver alone inserting N child rows in one transaction (executemany) and reading
-them back with one SELECT.
+database: the driver alone inserting N child rows (ids made as the store makes them) in one
+transaction (executemany) and reading them back with one SELECT.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _service_side(store: Store, workflow_id: str, count: int) -> float:
 
 
 def _raw(count: int) -> float:
-    """The driver alone: N child rows inserted in one transaction, then read back in one SELECT."""
+    """The driver alone: N child rows (new ids) inserted in one transaction, then read back in one SELECT."""
     parent = str(uuid.uuid4())
     Job.insert(job_id=parent, name="raw", workflow_id="raw", command="true", timeout_seconds=60,
                target_field="DeviceGroup", target_value="fan").execute()
@@ -54,10 +54,10 @@ def _raw(count: int) -> float:
     columns = "job_id, parent_id, device_id, status, stdout, stderr, stdout_truncated, stderr_truncated, " \
               "finalized_by_service, updated"
     sql = f"INSERT INTO {table} ({columns}) VALUES ({', '.join([param] * 10)})"
+    start = time.perf_counter()
     current = now()
     rows = [(str(uuid.uuid4()), parent, f"fan-{i:06d}", "QUEUED", "", "", False, False, False, current)
             for i in range(count)]
-    start = time.perf_counter()
     with write_transaction():
         db.obj.cursor().executemany(sql, rows)
     read = db.execute_sql(f"SELECT device_id, job_id, seq, status FROM {table} WHERE parent_id = {param} "
