@@ -123,8 +123,17 @@ def list_jobs(limit: int, offset: int) -> tuple[list[JobSummary], int]:
 
 
 def _summaries(jobs: list[Job]) -> list[JobSummary]:
-    ids = [j.job_id for j in jobs]
-    counts: dict[str, dict[str, int]] = {i: {} for i in ids}
+    singles = _single_children([j for j in jobs if j.target_field == "DeviceId"])
+    counts, times = _child_counts([j.job_id for j in jobs if j.target_field != "DeviceId"])
+    for job_id, child in singles.items():  # a single-device job's one child is all its counts and times
+        counts[job_id] = {child.status: 1}
+        times[job_id] = [(child.start_time, child.end_time)]
+    return [_summary(j, counts.get(j.job_id, {}), times.get(j.job_id, []), singles.get(j.job_id)) for j in jobs]
+
+
+def _child_counts(ids: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, list[Any]]]:
+    """Per job: how many children in each state, and (first start, last end) of each state's."""
+    counts: dict[str, dict[str, int]] = {}
     times: dict[str, list[Any]] = {}
     for chunk in chunks(ids):
         chunk = padded(chunk)
@@ -133,10 +142,9 @@ def _summaries(jobs: list[Job]) -> list[JobSummary]:
                             pw.fn.MIN(ChildJob.start_time), pw.fn.MAX(ChildJob.end_time))
             .where(ChildJob.parent.in_(args(n))).group_by(ChildJob.parent, ChildJob.status).tuples()), *chunk)
         for parent, status, n, start, end in rows:
-            counts[parent][status] = n
+            counts.setdefault(parent, {})[status] = n
             times.setdefault(parent, []).append((start, end))
-    singles = _single_children([j for j in jobs if j.target_field == "DeviceId"])
-    return [_summary(j, counts[j.job_id], times.get(j.job_id, []), singles.get(j.job_id)) for j in jobs]
+    return counts, times
 
 
 def _summary(job: Job, counts: dict[str, int], times: list[Any], single: ChildJob | None) -> JobSummary:
