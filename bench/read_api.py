@@ -1,8 +1,8 @@
 """`GET /v1/job/{id}` under concurrent clients, against an aiohttp handler that returns a constant.
 
-    .venv/bin/python bench/read_api.py [--clients 50] [--requests 4000] [--database URL] [--writes]
+    .venv/bin/python bench/read_api.py [--clients 50] [--requests 4000] [--database sqlite|postgres] [--writes]
 
-Starts the service (its embedded broker; SQLite in its data directory, or --database), submits a
+Starts the service (its embedded broker; SQLite, or a fresh PostgreSQL database), submits a
 job for one registered device, and starts a second process: a bare aiohttp server whose one
 handler returns the same job's JSON as a constant. One aiohttp client in this process then sends
 `--requests` GETs from `--clients` concurrent tasks (keep-alive, one connection each) to each
@@ -27,6 +27,7 @@ from pathlib import Path
 import aiohttp
 from fleet import REPO  # first: puts the repo on sys.path
 
+from tests.support.databases import database_url
 from tests.support.mosquitto import free_port
 from tests.support.processes import Service, wait_until
 
@@ -94,11 +95,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=50, help="concurrent clients (default 50)")
     parser.add_argument("--requests", type=int, default=4000, help="GETs per round (default 4000)")
-    parser.add_argument("--database", help="a PostgreSQL URL (default: SQLite in the service's data directory)")
+    parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite",
+                        help="sqlite (a temporary file) or postgres (a fresh database on the test server)")
     parser.add_argument("--writes", action="store_true", help="submit jobs back to back meanwhile")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ota-bench-") as workdir:
-        service = Service(Path(workdir), database=args.database)
+    with tempfile.TemporaryDirectory(prefix="ota-bench-") as workdir, \
+            database_url(args.database, Path(workdir) / "db") as url:
+        service = Service(Path(workdir), database=url)
         service.start()
         constant = None
         try:
@@ -127,8 +130,7 @@ def main() -> None:
                 constant.terminate()
                 constant.wait(10)
             service.stop()
-    where = "PostgreSQL" if args.database else "SQLite"
-    print(f"GET /v1/job/{{id}} ({where}, {args.clients} clients, best of {ROUNDS} x {args.requests}): "
+    print(f"GET /v1/job/{{id}} ({args.database}, {args.clients} clients, best of {ROUNDS} x {args.requests}): "
           f"{served:.0f} req/s" + (f" with {write_rate:.0f} job submits/s meanwhile" if args.writes else ""))
     print(f"constant aiohttp handler, same client:  {raw:.0f} req/s")
     print(f"ratio service / constant: {served / raw:.2f}")
