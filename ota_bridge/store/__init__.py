@@ -205,7 +205,6 @@ class Store:
                                     f"so it may or may not have been saved: check before you send it again ({reason})")
         return StoreUnavailable(f"the database is unavailable: {reason}")
 
-
     # The reader threads from here on. They share the database object with the store's thread (peewee
     # keeps one connection per thread) but never touch its `wrote`, `began` or `rollback_error`: those
     # are the store thread's. A read opens its transaction on the driver's connection itself.
