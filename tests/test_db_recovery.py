@@ -8,6 +8,7 @@ restarted.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -122,6 +123,23 @@ def test_the_store_reconnects_and_runs_again_only_what_cannot_write_twice(postgr
         assert len(attempts) == 2 and len(doubts) == 2
         ids = sorted(w.workflow_id for w in store.call_sync(workflows.list_workflows) if w.name == "x")
         assert ids == ["midway-2", "repeatable-2"]  # nothing half-written, nothing twice
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_readers_reconnect_by_themselves(postgres: str) -> None:
+    store = Store(postgres)
+
+    async def reads() -> None:
+        await store.call(workflows.create_workflow, "w", "true", None, False)
+        await asyncio.gather(*(store.read(workflows.list_workflows) for _ in range(8)))  # readers connect
+        assert terminate_service_connections(postgres) >= 2  # the writer's and the readers'
+        for _ in range(8):
+            assert [w.name for w in await store.read(workflows.list_workflows)] == ["w"]
+
+    try:
+        asyncio.run(reads())
     finally:
         store.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
@@ -11,8 +13,8 @@ import pytest
 from agent.protocol import JobStatus
 from ota_bridge import credentials
 from ota_bridge.errors import EmptyTarget, WorkflowNotFound
-from ota_bridge.models import ChildJob, Device, now
-from ota_bridge.store import Store, devices, jobs, queues, updates, workflows
+from ota_bridge.models import ChildJob, Device, Workflow, now
+from ota_bridge.store import Store, devices, jobs, queues, updates, workflows, write_transaction
 from ota_bridge.store.jobs import derive_status
 from ota_bridge.store.updates import Update
 from tests.support.databases import database_url
@@ -200,3 +202,64 @@ def test_device_queues_lists_the_first_hundred_and_counts_them_all(db: Store) ->
     assert [e.seq for e in busy.entries] == sorted(e.seq for e in busy.entries)
     assert (len(calm.entries), calm.total, calm.head.command) == (2, 2, "true")
     assert (idle.entries, idle.total, idle.head) == ((), 0, None)
+
+
+def test_one_batch_moves_each_device_along_its_own_queue(db: Store) -> None:
+    """Heads read once per batch for every device, and again for a device whose job became final."""
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
+    children: dict[str, list[str]] = {}
+    for device in ("a", "b", "c"):
+        db.call_sync(devices.register_device, device, None, [])
+        for _ in range(2):
+            job, _ = db.call_sync(jobs.submit_job, "j", wf.workflow_id, "DeviceId", device, None)
+            children.setdefault(device, []).append(db.call_sync(jobs.child_jobs, job.job_id)[0].job_id)
+    batch = [Update("a", children["a"][0], JobStatus.IN_PROGRESS), Update("a", children["a"][0], JobStatus.SUCCEEDED),
+             Update("a", children["a"][1], JobStatus.IN_PROGRESS), Update("b", children["b"][1], JobStatus.IN_PROGRESS),
+             Update("c", children["c"][0], JobStatus.FAILED, exit_code=3, stdout="out")]
+    outcomes = db.call_sync(updates.record_device_messages, batch, [("c", True, now())])
+    assert [(u.device_id, u.status) for u in outcomes.applied] == [
+        ("a", JobStatus.IN_PROGRESS), ("a", JobStatus.SUCCEEDED), ("a", JobStatus.IN_PROGRESS),
+        ("c", JobStatus.FAILED)]
+    assert [(u.device_id, why) for u, why in outcomes.dropped] == [("b", "the job is not the device's current job")]
+    failed = db.call_sync(jobs.get_child, children["c"][0])
+    assert (failed.status, failed.exit_code, failed.stdout, failed.end_time is not None) == ("FAILED", 3, "out", True)
+    heads = {q.device_id: q.head.job_id for q in db.call_sync(queues.device_queues, ["a", "b", "c"])}
+    assert heads == {"a": children["a"][1], "b": children["b"][0], "c": children["c"][1]}
+    assert db.call_sync(devices.get_device, "c").device.online is True
+
+
+# --- reads beside the writer ------------------------------------------------------------------
+
+
+def test_a_read_answers_while_a_write_is_open_and_sees_only_what_was_committed(db: Store) -> None:
+    db.call_sync(workflows.create_workflow, "before", "true", None, False)
+    open_write, release = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        with write_transaction():
+            Workflow.create(workflow_id="during", name="during", command="true")
+            open_write.set()
+            release.wait(10)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        writing = asyncio.ensure_future(db.call(slow_write))
+        try:
+            assert await asyncio.to_thread(open_write.wait, 10)
+            during = await asyncio.wait_for(db.read(workflows.list_workflows), 5)  # not behind the write
+        finally:
+            release.set()
+            await writing
+        after = await db.read(workflows.list_workflows)  # read-your-writes: committed before the read began
+        return [w.name for w in during], [w.name for w in after]
+
+    assert asyncio.run(scenario()) == (["before"], ["before", "during"])
+
+
+def test_a_read_cannot_write(db: Store) -> None:
+    def sneaky() -> None:
+        Workflow.insert(workflow_id="sneaky", name="x", command="true").execute()
+
+    with pytest.raises(Exception, match="(?i)read-?only"):
+        asyncio.run(db.read(sneaky))
+    assert db.call_sync(workflows.list_workflows) == []
+    assert asyncio.run(db.read(jobs.list_jobs, 10, 0)) == ([], 0)  # the reader is still usable

@@ -46,7 +46,9 @@ class TokenCache:
         return found
 
     async def _refresh(self, older_than: float) -> None:
+        if time.monotonic() - self._read_at < older_than:  # the usual case: no lock to take
+            return
         async with self._lock:
             if time.monotonic() - self._read_at >= older_than:
-                self._known = tuple(await self.db.call(stored_tokens.token_identities))
+                self._known = tuple(await self.db.read(stored_tokens.token_identities))
                 self._read_at = time.monotonic()

@@ -47,12 +47,12 @@ async def create_workflow(request: web.Request) -> web.Response:
 
 @routes.get("/v1/workflow")
 async def list_workflows(request: web.Request) -> web.Response:
-    return web.json_response([serialize.workflow(w) for w in await _store(request).call(workflows.list_workflows)])
+    return web.json_response([serialize.workflow(w) for w in await _store(request).read(workflows.list_workflows)])
 
 
 @routes.get("/v1/workflow/{id}")
 async def get_workflow(request: web.Request) -> web.Response:
-    w = await _store(request).call(workflows.get_workflow, request.match_info["id"])
+    w = await _store(request).read(workflows.get_workflow, request.match_info["id"])
     return web.json_response(serialize.workflow(w))
 
 
@@ -81,7 +81,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     query = params.query(request, ("Limit", "Offset"))
     limit = params.whole_number(query, "Limit", DEFAULT_PAGE, 1, MAX_PAGE)
     offset = params.whole_number(query, "Offset", 0, 0, MAX_OFFSET)
-    summaries, total = await _store(request).call(jobs.list_jobs, limit, offset)
+    summaries, total = await _store(request).read(jobs.list_jobs, limit, offset)
     headers = {"X-Total-Count": str(total)}
     return web.json_response([serialize.job(s) for s in summaries], headers=headers)
 
@@ -90,15 +90,15 @@ async def list_jobs(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
     try:
-        summary = await _store(request).call(jobs.get_job, job_id)
+        summary = await _store(request).read(jobs.get_job, job_id)
     except JobNotFound:
-        return web.json_response(serialize.child(await _store(request).call(jobs.get_child, job_id)))
+        return web.json_response(serialize.child(await _store(request).read(jobs.get_child, job_id)))
     return web.json_response(serialize.job(summary))
 
 
 @routes.get("/v1/job/{id}/childjobs")
 async def child_jobs(request: web.Request) -> web.Response:
-    children = await _store(request).call(jobs.child_jobs, request.match_info["id"])
+    children = await _store(request).read(jobs.child_jobs, request.match_info["id"])
     return web.json_response([serialize.child(c) for c in children])
 
 
@@ -115,7 +115,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
     device_ids = await _store(request).call(jobs.cancel_job, job_id)
     request.app[DISPATCHER].mark(device_ids)
-    return web.json_response(serialize.job(await _store(request).call(jobs.get_job, job_id)))
+    return web.json_response(serialize.job(await _store(request).read(jobs.get_job, job_id)))
 
 
 # --- devices --------------------------------------------------------------------------------
@@ -165,13 +165,13 @@ async def _new_credentials(count: int) -> list[tuple[str, str]]:
 @routes.get("/v1/device")
 async def list_devices(request: web.Request) -> web.Response:
     query = params.query(request, ("DeviceGroup", "TagId"))
-    views = await _store(request).call(devices.list_devices, query.get("DeviceGroup"), query.get("TagId"))
+    views = await _store(request).read(devices.list_devices, query.get("DeviceGroup"), query.get("TagId"))
     return web.json_response([serialize.device(v) for v in views])
 
 
 @routes.get("/v1/device/{id}")
 async def get_device(request: web.Request) -> web.Response:
-    return web.json_response(serialize.device(await _store(request).call(devices.get_device, request.match_info["id"])))
+    return web.json_response(serialize.device(await _store(request).read(devices.get_device, request.match_info["id"])))
 
 
 @routes.patch("/v1/device/{id}")

@@ -12,6 +12,11 @@ connection when that cannot write twice: it had sent no COMMIT (nor a write outs
 transaction) yet, so the database rolled it back; or it is marked `@idempotent`. Otherwise, or
 when the database is still away, it raises StoreUnavailable (503).
 
+Functions that only read (the API's GETs) may run with `Store.read` instead, on one of a few
+reader threads, each with its own connection, so they never queue behind writes: each read is one
+snapshot (a read-only transaction, SQLite's WAL lets it run beside the writer) that sees every
+write committed before it began. A reader whose connection was lost opens a new one and reads again.
+
 This module holds only the Store and the helpers the subject modules share; it imports none of them.
 """
 
@@ -20,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -53,6 +60,7 @@ CHUNK = 500  # rows per INSERT: under SQLite's bound-variable limit for every ta
 PROBE_SECONDS = 3.0  # how long the health check waits for the database's answer
 WRITE_FAILURE_SECONDS = 30.0  # a failed write (a full disk) counts as unavailable this long, unless a write succeeds
 UNAVAILABLE = (pw.OperationalError, pw.InterfaceError)
+READERS = 4  # threads answering Store.read, each with its own connection
 
 
 def idempotent(fn: F) -> F:
@@ -79,6 +87,11 @@ class Store:
         self._failing: str | None = None  # why the last call failed, until one succeeds
         self._write_failure: tuple[float, str] | None = None  # (when, why) a write failed on a live connection
         self._probe: asyncio.Future[None] | None = None
+        self._reads: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._readers = [threading.Thread(target=self._reader, name=f"ota-store-read_{i}", daemon=True)
+                         for i in range(READERS)]
+        for reader in self._readers:
+            reader.start()
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(*args, **kwargs) on the store's thread.
@@ -92,7 +105,18 @@ class Store:
         """Run fn on the store's thread from code that is not on the event loop (the CLI)."""
         return self._executor.submit(partial(self._run, fn, args, kwargs)).result()
 
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
+        behind a write. Raises StoreUnavailable as `call` does."""
+        done: Future[T] = Future()
+        self._reads.put((done, partial(self._read, fn, args, kwargs)))
+        return await asyncio.wrap_future(done)
+
     def close(self) -> None:
+        for _ in self._readers:
+            self._reads.put(None)
+        for reader in self._readers:
+            reader.join()
         self._executor.submit(discard_connection, self.database).result()
         self._executor.shutdown(wait=True)
 
@@ -181,6 +205,148 @@ class Store:
             return StoreUnavailable(f"the connection to the database was lost while a change was being committed, "
                                     f"so it may or may not have been saved: check before you send it again ({reason})")
         return StoreUnavailable(f"the database is unavailable: {reason}")
+
+    # The reader threads from here on. They share the database object with the store's thread (peewee
+    # keeps one connection per thread) but never touch its `wrote`, `began` or `rollback_error`: those
+    # are the store thread's. A read opens its transaction on the driver's connection itself.
+
+    def _reader(self) -> None:
+        try:
+            while (work := self._reads.get()) is not None:
+                done, run = work
+                if done.set_running_or_notify_cancel():
+                    try:
+                        done.set_result(run())
+                    except BaseException as e:
+                        done.set_exception(e)
+        finally:
+            _drop_connection(self.database)
+
+    def _read(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        database = self.database
+        if connection_stale(database):
+            _drop_connection(database)
+        try:
+            return _snapshot(database, fn, args, kwargs)
+        except UNAVAILABLE as e:
+            if not connection_lost(database):
+                raise self._read_failed(fn, e) from e
+            _drop_connection(database)
+            log.warning("lost the connection to the %s in %s (%s); reading again on a new connection",
+                        self.where, fn.__name__, explain(database, e))
+        try:
+            return _snapshot(database, fn, args, kwargs)
+        except UNAVAILABLE as e:
+            raise self._read_failed(fn, e) from e
+
+    def _read_failed(self, fn: Callable[..., Any], error: Exception) -> StoreUnavailable:
+        reason = explain(self.database, error)
+        if connection_lost(self.database):
+            _drop_connection(self.database)
+        log.error("%s failed on the %s: %s", fn.__name__, self.where, reason)
+        return StoreUnavailable(f"the database is unavailable: {reason}")
+
+
+_READ_ONLY = threading.local()  # the reader thread's connection once it is made read-only
+
+
+def _snapshot(database: GuardedDatabase, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+    """fn in one read-only transaction on this thread's connection."""
+    sqlite = isinstance(database, pw.SqliteDatabase)
+    with pw.__exception_wrapper__:
+        conn = database.connection()
+        if getattr(_READ_ONLY, "conn", None) is not conn:
+            _raw(conn, "PRAGMA query_only = 1" if sqlite else "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            _READ_ONLY.conn = conn
+        _raw(conn, "BEGIN" if sqlite else "BEGIN ISOLATION LEVEL REPEATABLE READ")
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException:
+        try:
+            _raw(conn, "ROLLBACK")
+        except Exception:  # a connection that cannot roll back is not trusted again
+            _drop_connection(database)
+        raise
+    with pw.__exception_wrapper__:
+        _raw(conn, "ROLLBACK")
+    return result
+
+
+def _raw(conn: Any, sql: str) -> None:
+    cursor = conn.cursor()
+    try:
+        cursor.execute(sql)
+    finally:
+        cursor.close()
+
+
+def _drop_connection(database: GuardedDatabase) -> None:
+    """Close this reader thread's connection, whatever state it is in (not the store thread's flags)."""
+    _READ_ONLY.conn = None
+    try:
+        database.close()
+    except Exception:
+        database.dispose()
+
+
+class Arg:
+    """Where a prepared query takes the index-th argument it is run with."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def arg(index: int) -> pw.Value:
+    """A placeholder for a prepared query; its argument is passed as the driver takes it (not converted)."""
+    return pw.Value(Arg(index), converter=False)
+
+
+_PREPARED: dict[tuple[str, int, type], tuple[str, list[Any], Any]] = {}
+
+
+def prepared(name: str, build: Callable[[int], Any], *values: Any) -> Any:
+    """Run the query build(len(values)) makes, its arg(i) placeholders taking values[i]; its rows
+    as peewee gives them (models, tuples, ...), or its cursor for a write.
+
+    peewee turns a query into SQL text on every run, which costs more than SQLite running it; this
+    builds it once per name, number of values and kind of database, then only binds new values.
+    A query over a list is built once per length (`padded` keeps the lengths few).
+    """
+    key = (name, len(values), type(db.obj))
+    entry = _PREPARED.get(key)
+    if entry is None:
+        query = build(len(values))
+        entry = _PREPARED[key] = (*query.sql(), query)
+    sql, params, query = entry
+    cursor = db.execute_sql(sql, [values[p.index] if isinstance(p, Arg) else p for p in params])
+    if isinstance(query, pw.SelectBase):
+        return query._get_cursor_wrapper(cursor)  # peewee's own conversion of the rows
+    return cursor
+
+
+def args(count: int, first: int = 0) -> list[pw.Value]:
+    """Placeholders first .. first + count - 1, for an IN list."""
+    return [arg(i) for i in range(first, first + count)]
+
+
+def padded(items: list[T]) -> list[T]:
+    """items, the last repeated up to the next power of two: a list for `IN (...)` whose length
+    is one of a few, so few prepared queries serve every length. Duplicates change no IN."""
+    size = 1
+    while size < len(items):
+        size *= 2
+    return items + items[-1:] * (size - len(items))
+
+
+def pieces(items: list[T], largest: int = 256) -> Iterable[list[T]]:
+    """items in runs whose lengths are powers of two (at most `largest`): a multi-row INSERT of each
+    is one of a few prepared queries."""
+    while items:
+        size = 1 << (min(len(items), largest).bit_length() - 1)
+        yield items[:size]
+        items = items[size:]
 
 
 # Several instances on one PostgreSQL database (cluster mode, store/leases.py): every write

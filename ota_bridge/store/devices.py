@@ -14,7 +14,7 @@ from agent.protocol import JobStatus
 from .. import credentials
 from ..errors import DeviceNotFound, DevicesExist
 from ..models import ChildJob, Device, DeviceTag, now
-from . import PENDING, chunks, finalize, idempotent, write_transaction
+from . import PENDING, arg, chunks, finalize, idempotent, prepared, write_transaction
 
 
 @dataclass(frozen=True)
@@ -174,10 +174,12 @@ def check_device_password(device_id: str, password: str) -> bool:
 def set_presence(updates: list[tuple[str, bool, datetime | None]]) -> None:
     """Record (device_id, online, seen at) per device; a None time keeps LastSeen as it was."""
     for device_id, online, seen in updates:
-        values: dict[Any, Any] = {Device.online: online}
-        if seen is not None:
-            values[Device.last_seen] = seen
-        Device.update(values).where(Device.device_id == device_id).execute()
+        if seen is None:
+            prepared("presence", lambda _: Device.update({Device.online: arg(0)}).where(Device.device_id == arg(1)),
+                     online, device_id)
+        else:
+            prepared("presence_seen", lambda _: Device.update({Device.online: arg(0), Device.last_seen: arg(1)})
+                     .where(Device.device_id == arg(2)), online, seen, device_id)
 
 
 @idempotent

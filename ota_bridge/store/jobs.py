@@ -13,7 +13,7 @@ from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
 
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
 from ..models import ChildJob, Device, DeviceTag, Job, now
-from . import PENDING, chunks, finalize, idempotent, write_transaction
+from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
 from .devices import device_exists
 from .workflows import get_workflow
 
@@ -38,10 +38,28 @@ def submit_job(name: str | None, workflow_id: str, target_field: str, target_val
             timeout_seconds=timeout_seconds or workflow.timeout_seconds or DEFAULT_TIMEOUT_SECONDS,
             success_on_restart=workflow.success_on_restart, target_field=target_field, target_value=target_value,
         )
-        rows = [{"job_id": str(uuid.uuid4()), "parent": job.job_id, "device_id": d} for d in device_ids]
-        for chunk in chunks(rows):
-            ChildJob.insert_many(chunk).execute()
+        _insert_children(job.job_id, device_ids)
     return job, device_ids
+
+
+CHILD_COLUMNS = (ChildJob.job_id, ChildJob.parent, ChildJob.device_id, ChildJob.status, ChildJob.stdout,
+                 ChildJob.stderr, ChildJob.stdout_truncated, ChildJob.stderr_truncated,
+                 ChildJob.finalized_by_service, ChildJob.updated)  # every column a new child sets
+
+
+def _insert_children(parent_id: str, device_ids: list[str]) -> None:
+    """One QUEUED child per device, as multi-row INSERTs prepared once per row count."""
+    created = now()
+    for piece in pieces(device_ids):
+        values = [v for d in piece for v in (str(uuid.uuid4()), parent_id, d, JobStatus.QUEUED.value, "", "",
+                                             False, False, False, created)]
+        prepared("insert_children", _children_insert, *values)
+
+
+def _children_insert(count: int) -> pw.Query:
+    width = len(CHILD_COLUMNS)
+    return ChildJob.insert_many([{c: arg(row + i) for i, c in enumerate(CHILD_COLUMNS)}
+                                 for row in range(0, count, width)])
 
 
 def _target_devices(target_field: str, value: str) -> list[str]:
@@ -92,7 +110,7 @@ def derive_status(counts: dict[str, int]) -> JobStatus:
 
 
 def get_job(job_id: str) -> JobSummary:
-    job = Job.get_or_none(Job.job_id == job_id)
+    job = next(iter(prepared("job", lambda _: Job.select().where(Job.job_id == arg(0)), job_id)), None)
     if job is None:
         raise JobNotFound(job_id)
     return _summaries([job])[0]
@@ -105,18 +123,28 @@ def list_jobs(limit: int, offset: int) -> tuple[list[JobSummary], int]:
 
 
 def _summaries(jobs: list[Job]) -> list[JobSummary]:
-    ids = [j.job_id for j in jobs]
-    counts: dict[str, dict[str, int]] = {i: {} for i in ids}
+    singles = _single_children([j for j in jobs if j.target_field == "DeviceId"])
+    counts, times = _child_counts([j.job_id for j in jobs if j.target_field != "DeviceId"])
+    for job_id, child in singles.items():  # a single-device job's one child is all its counts and times
+        counts[job_id] = {child.status: 1}
+        times[job_id] = [(child.start_time, child.end_time)]
+    return [_summary(j, counts.get(j.job_id, {}), times.get(j.job_id, []), singles.get(j.job_id)) for j in jobs]
+
+
+def _child_counts(ids: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, list[Any]]]:
+    """Per job: how many children in each state, and (first start, last end) of each state's."""
+    counts: dict[str, dict[str, int]] = {}
     times: dict[str, list[Any]] = {}
     for chunk in chunks(ids):
-        rows = (ChildJob.select(ChildJob.parent, ChildJob.status, pw.fn.COUNT(ChildJob.seq),
-                                pw.fn.MIN(ChildJob.start_time), pw.fn.MAX(ChildJob.end_time))
-                .where(ChildJob.parent.in_(chunk)).group_by(ChildJob.parent, ChildJob.status).tuples())
+        chunk = padded(chunk)
+        rows = prepared("job_counts", lambda n: (
+            ChildJob.select(ChildJob.parent, ChildJob.status, pw.fn.COUNT(ChildJob.seq),
+                            pw.fn.MIN(ChildJob.start_time), pw.fn.MAX(ChildJob.end_time))
+            .where(ChildJob.parent.in_(args(n))).group_by(ChildJob.parent, ChildJob.status).tuples()), *chunk)
         for parent, status, n, start, end in rows:
-            counts[parent][status] = n
+            counts.setdefault(parent, {})[status] = n
             times.setdefault(parent, []).append((start, end))
-    singles = _single_children([j for j in jobs if j.target_field == "DeviceId"])
-    return [_summary(j, counts[j.job_id], times.get(j.job_id, []), singles.get(j.job_id)) for j in jobs]
+    return counts, times
 
 
 def _summary(job: Job, counts: dict[str, int], times: list[Any], single: ChildJob | None) -> JobSummary:
@@ -129,7 +157,8 @@ def _summary(job: Job, counts: dict[str, int], times: list[Any], single: ChildJo
 def _single_children(jobs: list[Job]) -> dict[str, ChildJob]:
     found: dict[str, ChildJob] = {}
     for chunk in chunks([j.job_id for j in jobs]):
-        for child in ChildJob.select().where(ChildJob.parent.in_(chunk)):
+        chunk = padded(chunk)
+        for child in prepared("children_of", lambda n: ChildJob.select().where(ChildJob.parent.in_(args(n))), *chunk):
             found[child.parent_id] = child
     return found
 

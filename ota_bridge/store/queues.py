@@ -18,7 +18,7 @@ import peewee as pw
 from agent.protocol import QUEUE_LIST_LIMIT
 
 from ..models import ChildJob, Device, Job, db
-from . import PENDING, chunks
+from . import PENDING, args, chunks, padded, prepared
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ def device_queues(device_ids: list[str]) -> list[DeviceQueue]:
 
 def highest_seq_ever() -> int:
     """The highest Seq handed out so far, the jobs deleted since included (0: none yet)."""
-    highest = ChildJob.select(pw.fn.MAX(ChildJob.seq)).scalar() or 0
+    ((highest,),) = prepared("highest_seq", lambda _: ChildJob.select(pw.fn.MAX(ChildJob.seq)).tuples())
+    highest = highest or 0
     table = ChildJob._meta.table_name
     if isinstance(db.obj, pw.SqliteDatabase):  # AUTOINCREMENT keeps its counter in sqlite_sequence
         if db.execute_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
@@ -77,11 +78,15 @@ def highest_seq_ever() -> int:
 
 def _queue_rows(device_ids: list[str]) -> Iterable[tuple[Any, ...]]:
     """(device, pending count, QueueEntry fields...) for the first QUEUE_LIST_LIMIT pending jobs of each."""
+    return prepared("queue_rows", _queue_query, *padded(device_ids))
+
+
+def _queue_query(count: int) -> pw.Query:
     ranked = (ChildJob.select(
         ChildJob.device_id, ChildJob.job_id, ChildJob.parent, ChildJob.seq, ChildJob.status,
         pw.fn.ROW_NUMBER().over(partition_by=[ChildJob.device_id], order_by=[ChildJob.seq]).alias("position"),
         pw.fn.COUNT(ChildJob.seq).over(partition_by=[ChildJob.device_id]).alias("total"))
-        .where(ChildJob.device_id.in_(device_ids), ChildJob.status.in_(PENDING)).alias("ranked"))
+        .where(ChildJob.device_id.in_(args(count)), ChildJob.status.in_(PENDING)).alias("ranked"))
     return (Job.select(ranked.c.device_id, ranked.c.total, ranked.c.job_id, Job.job_id, Job.name, Job.command,
                        Job.timeout_seconds, Job.success_on_restart, ranked.c.seq, ranked.c.status, Job.created)
             .join(ranked, on=(ranked.c.parent_id == Job.job_id))

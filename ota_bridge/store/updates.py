@@ -11,7 +11,7 @@ import peewee as pw
 from agent.protocol import JobStatus, can_transition
 
 from ..models import ChildJob, Device, now
-from . import PENDING, chunks, idempotent, write_transaction
+from . import PENDING, arg, args, chunks, idempotent, padded, prepared, write_transaction
 from .devices import set_presence
 
 
@@ -68,22 +68,38 @@ class _BatchView:
         job_ids = sorted({u.job_id for u in updates})
         devices = sorted({u.device_id for u in updates})
         self.children = {c.job_id: c for chunk in chunks(job_ids)
-                         for c in ChildJob.select().where(ChildJob.job_id.in_(chunk))}
-        self.enabled = {d for chunk in chunks(devices) for (d,) in Device.select(Device.device_id).where(
-            Device.device_id.in_(chunk), Device.enabled == True).tuples()}  # noqa: E712
+                         for c in prepared("batch_children", _children, *padded(chunk))}
+        self.enabled = {d for chunk in chunks(devices) for (d,) in prepared("batch_enabled", _enabled, *padded(chunk))}
         self._heads: dict[str, int | None] = {}
+        for chunk in chunks(devices):
+            self._heads.update(dict.fromkeys(chunk))
+            self._heads.update(prepared("batch_heads", _heads, *padded(chunk)))
 
     def head(self, device_id: str) -> int | None:
         """The seq of the device's current job: its first job not yet final."""
         if device_id not in self._heads:
-            self._heads[device_id] = (ChildJob.select(pw.fn.MIN(ChildJob.seq))
-                                      .where(ChildJob.device_id == device_id, ChildJob.status.in_(PENDING)).scalar())
+            self._heads[device_id] = next(iter(prepared("batch_heads", _heads, device_id)), (device_id, None))[1]
         return self._heads[device_id]
 
     def applied(self, child: ChildJob, status: JobStatus) -> None:
         child.status = status.value
         if status.is_final:
             self._heads.pop(child.device_id, None)
+
+
+def _children(count: int) -> pw.Query:
+    return ChildJob.select().where(ChildJob.job_id.in_(args(count)))
+
+
+def _enabled(count: int) -> pw.Query:
+    return Device.select(Device.device_id).where(Device.device_id.in_(args(count)), Device.enabled == True).tuples()  # noqa: E712
+
+
+def _heads(count: int) -> pw.Query:
+    """(device, seq of its first job not yet final) of each device with one."""
+    return (ChildJob.select(ChildJob.device_id, pw.fn.MIN(ChildJob.seq))
+            .where(ChildJob.device_id.in_(args(count)), ChildJob.status.in_(PENDING))
+            .group_by(ChildJob.device_id).tuples())
 
 
 def _apply_one(update: Update, view: _BatchView) -> str | None:
@@ -126,15 +142,20 @@ def _apply_late(child: ChildJob, update: Update) -> None:
     }).where(ChildJob.seq == child.seq).execute()
 
 
+FINAL_COLUMNS = (ChildJob.end_time, ChildJob.exit_code, ChildJob.stdout, ChildJob.stderr, ChildJob.stdout_truncated,
+                 ChildJob.stderr_truncated, ChildJob.reason)
+
+
 def _write_update(child: ChildJob, update: Update) -> None:
-    values: dict[Any, Any] = {ChildJob.status: update.status.value, ChildJob.updated: now()}
+    columns = [ChildJob.status, ChildJob.updated]
+    values: list[Any] = [update.status.value, now()]
     if update.start_time is not None:
-        values[ChildJob.start_time] = update.start_time
+        columns.append(ChildJob.start_time)
+        values.append(update.start_time)
     if update.status.is_final:
-        values.update({
-            ChildJob.end_time: update.end_time or now(), ChildJob.exit_code: update.exit_code,
-            ChildJob.stdout: update.stdout, ChildJob.stderr: update.stderr,
-            ChildJob.stdout_truncated: update.stdout_truncated, ChildJob.stderr_truncated: update.stderr_truncated,
-            ChildJob.reason: update.reason,
-        })
-    ChildJob.update(values).where(ChildJob.seq == child.seq).execute()
+        columns += FINAL_COLUMNS
+        values += [update.end_time or now(), update.exit_code, update.stdout, update.stderr, update.stdout_truncated,
+                   update.stderr_truncated, update.reason]
+    shape = f"write_update/{update.start_time is not None}/{update.status.is_final}"
+    prepared(shape, lambda count: ChildJob.update({c: arg(i) for i, c in enumerate(columns)})
+             .where(ChildJob.seq == arg(count - 1)), *values, child.seq)

@@ -1,0 +1,149 @@
+"""`GET /v1/job/{id}` under concurrent clients, against an aiohttp handler that returns a constant.
+
+    .venv/bin/python bench/read_api.py [--clients 50] [--requests 4000] [--database sqlite|postgres] [--writes]
+
+Starts the service (its embedded broker; SQLite, or a fresh PostgreSQL database), submits a
+job for one registered device, and starts a second process: a bare aiohttp server whose one
+handler returns the same job's JSON as a constant. One aiohttp client in this process then sends
+`--requests` GETs from `--clients` concurrent tasks (keep-alive, one connection each) to each
+server, after a warm-up, in five rounds that alternate between them (so a change in the
+machine's load hits both); the figure is each one's best requests per second and the ratio
+service / constant. With --writes, a thread submits jobs back to back meanwhile (the reads then
+share the database with a busy writer; the constant server's rounds share the machine with it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+from fleet import REPO  # first: puts the repo on sys.path
+
+from tests.support.databases import database_url
+from tests.support.mosquitto import free_port
+from tests.support.processes import Service, wait_until
+
+CONSTANT_SERVER = """
+import sys
+from aiohttp import web
+body = sys.stdin.buffer.read()
+async def handler(request):
+    return web.Response(body=body, content_type="application/json")
+app = web.Application()
+app.router.add_get("/v1/job/{id}", handler)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+WARM_UP = 300
+ROUNDS = 5
+
+
+async def _compare(targets: list[tuple[str, dict[str, str]]], clients: int, requests: int) -> list[float]:
+    """Best requests per second of each (url, headers): `requests` GETs from `clients` concurrent
+    tasks, the targets taking turns round after round, so a change in the machine's load hits both."""
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), headers=headers)
+                for _, headers in targets]
+    try:
+        for session, (url, _) in zip(sessions, targets, strict=True):
+            await _round(session, url, clients, WARM_UP)
+        best = [0.0] * len(targets)
+        for _ in range(ROUNDS):
+            for i, (session, (url, _)) in enumerate(zip(sessions, targets, strict=True)):
+                best[i] = max(best[i], await _round(session, url, clients, requests))
+        return best
+    finally:
+        for session in sessions:
+            await session.close()
+
+
+async def _round(session: aiohttp.ClientSession, url: str, clients: int, requests: int) -> float:
+    left = [requests]
+
+    async def client() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            async with session.get(url) as response:
+                await response.read()
+                if response.status != 200:
+                    raise SystemExit(f"GET {url} answered {response.status}")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return requests / (time.perf_counter() - start)
+
+
+def _writer(service: Service, workflow_id: str, device_id: str, stop: threading.Event) -> list[int]:
+    count = [0]
+
+    def run() -> None:
+        while not stop.is_set():
+            service.api.submit(workflow_id, "background", DeviceId=device_id)
+            count[0] += 1
+
+    threading.Thread(target=run, daemon=True).start()
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50, help="concurrent clients (default 50)")
+    parser.add_argument("--requests", type=int, default=4000, help="GETs per round (default 4000)")
+    parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite",
+                        help="sqlite (a temporary file) or postgres (a fresh database on the test server)")
+    parser.add_argument("--writes", action="store_true", help="submit jobs back to back meanwhile")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ota-bench-") as workdir, \
+            database_url(args.database, Path(workdir) / "db") as url:
+        service = Service(Path(workdir), database=url)
+        service.start()
+        constant = None
+        try:
+            api = service.api
+            api.device("reader-0")
+            workflow_id = api.workflow("true", name="read")
+            job_id = api.submit(workflow_id, "read", DeviceId="reader-0")
+            body = json.dumps(api.ok("GET", f"/v1/job/{job_id}")).encode()
+            port = free_port()
+            constant = subprocess.Popen([sys.executable, "-c", CONSTANT_SERVER, str(port)], stdin=subprocess.PIPE,
+                                        cwd=REPO)
+            constant.stdin.write(body)
+            constant.stdin.close()
+            base = f"http://127.0.0.1:{port}"
+            wait_until(lambda: _answers(f"{base}/v1/job/x"), 10, "the constant server")
+            stop = threading.Event()
+            writes = _writer(service, workflow_id, "reader-0", stop) if args.writes else [0]
+            headers = {"Authorization": f"Bearer {api.token}"}
+            started = time.perf_counter()
+            served, raw = asyncio.run(_compare([(f"{service.base_url}/v1/job/{job_id}", headers),
+                                                (f"{base}/v1/job/{job_id}", {})], args.clients, args.requests))
+            stop.set()
+            write_rate = writes[0] / (time.perf_counter() - started)
+        finally:
+            if constant is not None:
+                constant.terminate()
+                constant.wait(10)
+            service.stop()
+    print(f"GET /v1/job/{{id}} ({args.database}, {args.clients} clients, best of {ROUNDS} x {args.requests}): "
+          f"{served:.0f} req/s" + (f" with {write_rate:.0f} job submits/s meanwhile" if args.writes else ""))
+    print(f"constant aiohttp handler, same client:  {raw:.0f} req/s")
+    print(f"ratio service / constant: {served / raw:.2f}")
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
