@@ -58,7 +58,8 @@ from agent.protocol import JobStatus, Key, MessageError, Presence, Topics
 from agent.runner import RunResult, in_progress_message
 from tests.support.raw_mqtt import PUBACK, PUBLISH, SUBACK, Will, connect_packet, publish_packet, subscribe_packet
 
-GROUP = "sim"
+GROUP = "sim"  # the devices the simulators connect
+OFFLINE_GROUP = "sim-offline"  # registered beyond --connect: never connected, so no group job waits for them
 KEEPALIVE_SECONDS = 60
 PING_EVERY_SECONDS = 20
 CONNECTS_IN_FLIGHT = 100  # per process: connections being opened at once
@@ -339,14 +340,15 @@ def wait_for(what: str, done: Any, workers: Workers, timeout: float) -> float:
     return time.perf_counter() - start
 
 
-def register(api: Any, count: int, threads: int) -> tuple[list[tuple[str, str]], float]:
-    """(device id, password) of `count` new devices in GROUP, and the seconds it took."""
+def register(api: Any, count: int, online: int, threads: int) -> tuple[list[tuple[str, str]], float]:
+    """(device id, password) of `count` new devices, the first `online` in GROUP, the rest in
+    OFFLINE_GROUP, and the seconds it took."""
     ids = [f"sim-{i:06d}" for i in range(count)]
     start = time.perf_counter()
     done = [0]
 
     def one(device_id: str) -> tuple[str, str]:
-        password = api.device(device_id, GROUP)
+        password = api.device(device_id, GROUP if int(device_id[4:]) < online else OFFLINE_GROUP)
         done[0] += 1
         if done[0] % 2000 == 0:
             print(f"  registered {done[0]}/{count} ({time.perf_counter() - start:.1f} s)", flush=True)
@@ -388,20 +390,21 @@ def run(args: argparse.Namespace, workdir: Path) -> Figures:
         service.start()
         figures.add(f"simfleet: {args.devices} devices, {args.processes} processes, Mosquitto "
                     f"{'with accounts' if args.accounts else 'open'}, open files limit {limit}")
-        devices, took = register(service.api, args.devices, args.register_threads)
+        devices, took = register(service.api, args.devices, args.connect, args.register_threads)
+        devices = devices[:args.connect]
         figures.add(f"registered {args.devices} devices in {took:.1f} s ({args.devices / took:.0f}/s); "
                     f"service RSS {rss_mib(service.proc.pid):.0f} MiB")
         workers = Workers(workdir, broker.port, service.signing_key_file.read_text(), devices, args.processes)
         stack.callback(workers.stop)
-        took = wait_for("connect", lambda: workers.total("subscribed") >= args.devices, workers, args.timeout)
+        took = wait_for("connect", lambda: workers.total("subscribed") >= args.connect, workers, args.timeout)
         figures.add(f"connected and subscribed: {workers.total('connected')} devices in {took:.1f} s "
-                    f"({args.devices / took:.0f}/s); service RSS {rss_mib(service.proc.pid):.0f} MiB, "
+                    f"({args.connect / took:.0f}/s); service RSS {rss_mib(service.proc.pid):.0f} MiB, "
                     f"Mosquitto {rss_mib(broker.process.pid):.0f} MiB, simulators {workers.rss_mib():.0f} MiB")
         workflow_id = service.api.workflow("true", name="simfleet")
         for n in range(args.jobs):
             group_job(figures, service, workflow_id, n, workers, args)
         if args.restart:
-            restart(figures, service, workers, args)
+            restart(figures, service, workers, args, None if args.accounts else broker.port)
         dropped = broker.log_text().count(DROPPED)
         figures.add(f"summary: {workers.line()}; simulators {workers.rss_mib():.0f} MiB; "
                     f"Mosquitto logged {dropped} times that it dropped messages for a client")
@@ -414,23 +417,62 @@ def group_job(figures: Figures, service: Any, workflow_id: str, n: int, workers:
     start = time.perf_counter()
     job_id = service.api.submit(workflow_id, f"simfleet-{n}", DeviceGroup=GROUP)
     posted = time.perf_counter() - start
-    took = posted + wait_for(f"job {n + 1}", lambda: final_children(service.api, job_id) >= args.devices,
+    took = posted + wait_for(f"job {n + 1}", lambda: final_children(service.api, job_id) >= args.connect,
                              workers, args.timeout)
-    figures.add(f"group job {n + 1} (`true`): POST {posted:.2f} s, POST until all {args.devices} children final "
-                f"{took:.2f} s ({args.devices / took:.0f} children/s); service RSS "
+    figures.add(f"group job {n + 1} (`true`): POST {posted:.2f} s, POST until all {args.connect} children final "
+                f"{took:.2f} s ({args.connect / took:.0f} children/s); service RSS "
                 f"{rss_mib(service.proc.pid):.0f} MiB")
 
 
-def restart(figures: Figures, service: Any, workers: Workers, args: argparse.Namespace) -> None:
-    """Restart the service; time until every device verified a head it signed after the restart."""
+def restart(figures: Figures, service: Any, workers: Workers, args: argparse.Namespace, port: int | None) -> None:
+    """Restart the service; time until every connected device verified a head it signed after the
+    restart and (on an open broker, where a watcher may subscribe to every job topic) until the
+    broker carried a new head for every registered device."""
+    heads = HeadCounter(port) if port is not None else None
     workers.mark(time.time())
     service.stop()
     start = time.perf_counter()
     service.start(timeout=args.timeout)
     up = time.perf_counter() - start
-    took = up + wait_for("republish", lambda: workers.total("fresh") >= args.devices, workers, args.timeout)
-    figures.add(f"service restart: up in {up:.1f} s, every device verified a republished head after "
-                f"{took:.1f} s; service RSS {rss_mib(service.proc.pid):.0f} MiB")
+    try:
+        wait_for("republish", lambda: workers.total("fresh") >= args.connect, workers, args.timeout)
+        took = time.perf_counter() - start
+        wait_for("republish to every registered device", lambda: heads is None or heads.count >= args.devices,
+                 workers, args.timeout)
+        every = time.perf_counter() - start
+    finally:
+        if heads is not None:
+            heads.stop()
+    figures.add(f"service restart: up in {up:.1f} s, every connected device verified a republished head after "
+                f"{took:.1f} s" + (f", the broker carried all {args.devices} heads after {every:.1f} s"
+                                   if heads else "") + f"; service RSS {rss_mib(service.proc.pid):.0f} MiB")
+
+
+class HeadCounter:
+    """A paho client subscribed to every device's job topic: counts the heads published from now on."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.count = 0
+        subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="simfleet-head-counter")
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(Topics().all_devices(Topics.JOB), qos=1)
+        if not subscribed.wait(30):
+            raise RuntimeError("the head counter could not subscribe")
+
+    def _on_message(self, _client: object, _userdata: object, message: Any) -> None:
+        if not message.retain:  # the retained heads it gets on subscribing are the old ones
+            self.count += 1
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 def main() -> int:
@@ -439,6 +481,7 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--connect", type=int, help="connect only the first M devices (default: all)")
     parser.add_argument("--processes", type=int, default=2, help="simulator processes (one event loop each)")
     parser.add_argument("--jobs", type=int, default=1, help="group jobs (`true`) submitted one after another")
     parser.add_argument("--restart", action="store_true", help="then restart the service and time the republish")
@@ -449,6 +492,7 @@ def main() -> int:
                         help="registrations in flight (1 with --accounts while parallel ones may fail there)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds each phase may take")
     args = parser.parse_args()
+    args.connect = min(args.connect or args.devices, args.devices)
     with tempfile.TemporaryDirectory(prefix="ota-simfleet-") as workdir:
         try:
             run(args, Path(workdir))
