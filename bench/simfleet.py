@@ -323,7 +323,7 @@ class Workers:
             process.wait(timeout=10)
 
 
-def wait_for(what: str, done: Any, workers: Workers, timeout: float) -> float:
+def wait_for(what: str, done: Any, workers: Workers, timeout: float, note: Any = lambda: "") -> float:
     """Seconds until done() is true, printing progress; raises TimeoutError after timeout."""
     start = time.perf_counter()
     last_print = start
@@ -332,9 +332,9 @@ def wait_for(what: str, done: Any, workers: Workers, timeout: float) -> float:
         if workers.dead():
             raise RuntimeError(f"a simulator process exited ({workers.dead()}); see its simfleet-N.log")
         if now - start > timeout:
-            raise TimeoutError(f"{what}: not done after {timeout:g} s ({workers.line()})")
+            raise TimeoutError(f"{what}: not done after {timeout:g} s ({workers.line()}{note()})")
         if now - last_print >= 5:
-            print(f"  [{now - start:6.1f} s] {what}: {workers.line()}", flush=True)
+            print(f"  [{now - start:6.1f} s] {what}: {workers.line()}{note()}", flush=True)
             last_print = now
         time.sleep(0.1)
     return time.perf_counter() - start
@@ -438,7 +438,7 @@ def restart(figures: Figures, service: Any, workers: Workers, args: argparse.Nam
         wait_for("republish", lambda: workers.total("fresh") >= args.connect, workers, args.timeout)
         took = time.perf_counter() - start
         wait_for("republish to every registered device", lambda: heads is None or heads.count >= args.devices,
-                 workers, args.timeout)
+                 workers, args.timeout, lambda: f"; new heads on the broker {heads.count if heads else '?'}")
         every = time.perf_counter() - start
     finally:
         if heads is not None:
