@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 import fleet  # noqa: F401 - puts the repo on sys.path
@@ -160,7 +161,7 @@ def report(results: dict[str, list[tuple[float, int, float]]]) -> None:
     print(f"ratio agent / bare: exec until online {med['agent'][0] / med['bare'][0]:.2f} (goal <= 1.2), "
           f"CPU until online {med['agent'][2] / med['bare'][2]:.2f}, "
           f"idle RSS {med['agent'][1] / med['bare'][1]:.3f} (goal <= 1.05)")
-    print(f"python {sys.version.split()[0]}, paho-mqtt {mqtt.__version__ if hasattr(mqtt, '__version__') else '?'}, "
+    print(f"python {sys.version.split()[0]}, paho-mqtt {metadata.version('paho-mqtt')}, "
           f"load average {os.getloadavg()[0]:.2f}")
 
 
