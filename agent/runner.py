@@ -21,15 +21,17 @@ from __future__ import annotations
 import os
 import select
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import protocol
 from .protocol import JobStatus, Key
+
+if TYPE_CHECKING:  # subprocess is imported when the first command starts: an idle agent never needs it
+    import subprocess
 
 # How long to wait between checks of the command, the clock and the cancel flag.
 _SIGKILL_SETTLE_SECONDS = 2.0
@@ -277,6 +279,8 @@ class Runner:
             self._on_started(group)
 
     def _start(self) -> subprocess.Popen[bytes]:
+        import subprocess  # noqa: PLC0415 - lazily, see the top of the module
+
         return subprocess.Popen(
             self.command,
             shell=True,
@@ -290,6 +294,8 @@ class Runner:
 
     def _wait(self, process: subprocess.Popen[bytes]) -> tuple[JobStatus, str] | None:
         """Wait for the command; on timeout or cancel kill its group and say why."""
+        import subprocess  # noqa: PLC0415 - lazily, see the top of the module
+
         deadline = time.monotonic() + self.limits.timeout_seconds
         while True:
             try:

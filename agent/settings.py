@@ -23,7 +23,6 @@ import stat
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
@@ -43,14 +42,48 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 log = logging.getLogger("ota-agent")
 
 
+DISTRIBUTIONS = ("ota-agent", "ota-bridge")  # installed alone, or with the service
+UNKNOWN_VERSION = "0+unknown"
+
+
 @functools.cache
 def agent_version() -> str:
-    for distribution in ("ota-agent", "ota-bridge"):  # installed alone (agent/pyproject.toml), or with the service
-        try:
-            return metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            continue
-    return "0+unknown"
+    """The installed agent's version, as importlib.metadata.version would say it: the `ota-agent`
+    distribution (installed alone, agent/pyproject.toml), else `ota-bridge` (with the service).
+
+    Read from the first `ota_agent-*` / `ota_bridge-*` `.dist-info/METADATA` (or `.egg-info/PKG-INFO`) on sys.path,
+    as importlib.metadata does, without importing it: that module (with zipfile, csv and the
+    rest) would add about 1 MiB to the resident size of an agent that idles for months.
+    """
+    for distribution in DISTRIBUTIONS:
+        prefix = distribution.replace("-", "_") + "-"
+        for entry in sys.path:
+            try:
+                names = sorted(os.listdir(entry or "."))
+            except OSError:
+                continue
+            for name in names:
+                version = _metadata_version(Path(entry or ".", name)) if name.startswith(prefix) else None
+                if version:
+                    return version
+    return UNKNOWN_VERSION
+
+
+def _metadata_version(info_dir: Path) -> str | None:
+    """The Version field of one .dist-info or .egg-info directory; None if it is not one."""
+    metadata_file = {".dist-info": "METADATA", ".egg-info": "PKG-INFO"}.get(info_dir.suffix)
+    if metadata_file is None:
+        return None
+    try:
+        with (info_dir / metadata_file).open(encoding="utf-8") as lines:
+            for line in lines:
+                if line.startswith("Version:"):
+                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    return None  # the headers end at the first blank line
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
 
 
 
