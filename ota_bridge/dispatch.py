@@ -175,6 +175,8 @@ class Dispatcher:
                 del self._dirty[device_id]
             if self.cluster is not None:
                 batch = [d for d in batch if self.cluster.owns(d)]  # lost since: the new owner publishes
+            if self.link is not None:
+                await self.link.room()  # a batch adds at most 2 x BATCH unacknowledged publishes
             try:
                 read = await self.store.call(self._read_queues, batch)
             except Exception:

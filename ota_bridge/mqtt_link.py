@@ -27,6 +27,10 @@ from agent.protocol import SERVICE_CLIENT_ID
 log = logging.getLogger(__name__)
 
 STOP_SECONDS = 5.0  # how long a shutdown waits for paho's thread to end
+# paho numbers QoS 1 publishes 1..65535 and silently overwrites an unacknowledged one when the
+# numbers wrap: past 65,535 outstanding, messages are lost. Publishers wait below this bound.
+MAX_OUTSTANDING = 20_000
+ROOM_POLL_SECONDS = 0.05
 
 
 def _not_reconnect_noise(record: logging.LogRecord) -> bool:
@@ -56,8 +60,10 @@ class BrokerLink:
     def __init__(self, host: str, port: int, username: str | None, password: str | None,
                  subscriptions: list[str], on_message: Callable[[Incoming], None],
                  on_connect: Callable[[], None], tls: ssl.SSLContext | None = None,
-                 client_id: str = SERVICE_CLIENT_ID, clean_session: bool = False) -> None:
+                 client_id: str = SERVICE_CLIENT_ID, clean_session: bool = False,
+                 max_outstanding: int = MAX_OUTSTANDING) -> None:
         self.host, self.port = host, port
+        self.max_outstanding = max_outstanding
         self._subscriptions = subscriptions
         self._on_message = on_message
         self._on_connect = on_connect
@@ -89,6 +95,7 @@ class BrokerLink:
     def stop(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+        self._client._reset_sockets(sockpair_only=True)  # paho 2 leaves its wake-up socket pair open
 
     async def aclose(self, timeout: float = STOP_SECONDS) -> None:
         """stop() on a thread of its own, so the event loop (and the embedded broker on it) keeps
@@ -111,8 +118,21 @@ class BrokerLink:
             log.warning("the MQTT link did not stop within %.0f s; leaving it behind", timeout)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1) -> None:
-        """Queue a publish; paho sends it now, or (QoS 1 only) after the next reconnect."""
+        """Queue a publish; paho sends it now, or (QoS 1 only) after the next reconnect.
+
+        A caller publishing many messages awaits room() between batches."""
         self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    @property
+    def outstanding(self) -> int:
+        """QoS 1 publishes paho holds until the broker acknowledges them."""
+        return len(self._client._out_messages)  # paho's own record: nothing of ours to drift from it
+
+    async def room(self, limit: int | None = None) -> None:
+        """Wait until fewer than limit (MAX_OUTSTANDING) publishes are unacknowledged."""
+        limit = self.max_outstanding if limit is None else limit
+        while self.outstanding >= limit:
+            await asyncio.sleep(ROOM_POLL_SECONDS)
 
     def ack(self, message: Incoming) -> None:
         if message.qos > 0:
