@@ -149,6 +149,7 @@ async def _register(request: web.Request, wanted: list[DeviceIn]) -> list[dict[s
     views = await _store(request).call(devices.register_devices, new)
     accounts = [(d.DeviceId, password) for d, (password, _) in zip(wanted, pairs, strict=True)]
     await request.app[ACCOUNTS].registered(accounts)
+    request.app[DISPATCHER].mark(device_id for device_id, _ in accounts)  # a signed idle head: agents wait for one
     return [{**serialize.device(view), "MqttUsername": device_id, "MqttPassword": password}
             for view, (device_id, password) in zip(views, accounts, strict=True)]
 
