@@ -444,7 +444,7 @@ def test_another_devices_signed_job_replayed_to_this_device_is_rejected(mosquitt
     marker = tmp_path / "dev2-job-ran"
     wire.watch(Topics().job("dev2"))
     dev2_job = api.submit(api.workflow(f"touch {marker}"), DeviceId="dev2")
-    dev2_head = wire.next_on(Topics().job("dev2"), lambda m: m.get(Key.DEVICE_ID) == "dev2")
+    dev2_head = wire.next_on(Topics().job("dev2"), lambda m: m.get(Key.DEVICE_ID) == "dev2" and Key.JOB_ID in m)
     assert job_signature.signed_content(dev2_head) is not None and Key.SIGNATURE in dev2_head
 
     forge(broker.url, DEVICE, dev2_head)  # a genuine signature, on the wrong device's topic
@@ -462,7 +462,7 @@ def test_a_replayed_head_of_a_job_already_run_resends_its_result_and_runs_nothin
     runs = tmp_path / "runs"
     wire.watch(Topics().job(DEVICE))
     job = api.submit(api.workflow(f"echo once >> {runs}"), DeviceId=DEVICE)
-    signed_head = wire.next_on(Topics().job(DEVICE), lambda m: bool(m))
+    signed_head = wire.next_on(Topics().job(DEVICE), lambda m: Key.JOB_ID in m)  # not the idle head
     api.wait_job(job)
     result = wire.next_on(Topics().status(DEVICE), lambda m: m[Key.STATUS] == "SUCCEEDED")
 
