@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from datetime import datetime
 from typing import Callable, Iterable, Optional
 
 from agent.protocol import MessageError, Topics
 
+from . import metrics
 from .coordination import Coordinator
 from .device_messages import head_message, parse_presence, parse_update, queue_message
 from .errors import StoreUnavailable
@@ -177,6 +179,7 @@ class Dispatcher:
                 batch = [d for d in batch if self.cluster.owns(d)]  # lost since: the new owner publishes
             if self.link is not None:
                 await self.link.room()  # a batch adds at most 2 x BATCH unacknowledged publishes
+            started = time.perf_counter()
             try:
                 read = await self.store.call(self._read_queues, batch)
             except Exception:
@@ -190,6 +193,7 @@ class Dispatcher:
                 head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue), self.sign)
                 self._publish_changed(self.topics.job(queue.device_id), head)
                 self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
+            metrics.published(len(read), time.perf_counter() - started)
 
     @property
     def _read_queues(self) -> Callable[[list[str]], list[queues.DeviceQueue]]:
@@ -257,8 +261,10 @@ class Dispatcher:
             batch = [await self._inbox.get()]
             while len(batch) < BATCH and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
+            started = time.perf_counter()
             try:
                 await self._handle(batch)
+                metrics.dispatched(time.perf_counter() - started)
             except Exception:
                 log.exception("handling %d device messages failed; they are dropped", len(batch))
             if self.link is not None:
@@ -268,9 +274,9 @@ class Dispatcher:
     async def _handle(self, batch: list[Incoming]) -> None:
         updates, presence = self._parse(batch)
         outcomes = await self._store(updates, presence)
+        metrics.device_updates(applied=len(outcomes.applied), late=len(outcomes.late), dropped=len(outcomes.dropped))
         for update, why in outcomes.dropped:
-            log.warning("dropped %s for job %s from device %s: %s",
-                        update.status.value, update.job_id, update.device_id, why)
+            log.warning("device %s: job %s: dropped %s: %s", update.device_id, update.job_id, update.status.value, why)
         for update in outcomes.applied:
             log.info("device %s: job %s is %s", update.device_id, update.job_id, update.status.value)
         for update in outcomes.late:

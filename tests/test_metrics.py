@@ -7,6 +7,7 @@ import uuid
 from prometheus_client.parser import text_string_to_metric_families
 
 from ota_bridge import metrics
+from tests.support.fake_device import FakeDevice
 from tests.support.processes import Api, Service, wait_until
 
 
@@ -55,6 +56,25 @@ def test_metrics_count_jobs_devices_requests_and_the_broker(service: Service) ->
     assert found[posted] >= 3
     latency = ("ota_bridge_http_request_seconds_count", (("method", "POST"), ("route", "/v1/job")))
     assert found[latency] >= 3
+
+
+def test_the_running_dispatcher_feeds_its_publish_and_dispatch_figures(service: Service) -> None:
+    api = service.api
+    device = f"m-{uuid.uuid4().hex[:8]}"
+    fake = FakeDevice(service.broker_url, device, api.device(device))
+    try:
+        job = api.submit(api.workflow("true"), DeviceId=device)
+        child = api.ok("GET", f"/v1/job/{job}/childjobs")[0]["JobId"]
+        fake.head_for(child)
+        fake.report(child, "SUCCEEDED", ExitCode=0, Stdout="")
+        api.wait_job(job)
+    finally:
+        fake.close()
+    found = scrape(api)
+    assert found[("ota_bridge_heads_published_total", ())] >= 2  # the idle head at registration, the job's
+    assert found[("ota_bridge_publish_seconds_count", ())] >= 1
+    assert found[("ota_bridge_dispatch_seconds_count", ())] >= 1
+    assert found[("ota_bridge_device_updates_total", (("outcome", "applied"),))] >= 1
 
 
 def test_a_request_for_no_route_is_counted_under_one_label(service: Service) -> None:
