@@ -318,6 +318,12 @@ def connection_stale(database: pw.Database) -> bool:
 def discard_connection(database: GuardedDatabase) -> None:
     """Forget the connection, whatever state it is in; the next query opens a new one."""
     database.rollback_error = None
+    close_connection(database)
+
+
+def close_connection(database: pw.Database) -> None:
+    """Close this thread's connection, whatever state it is in (peewee refuses to close one in a
+    transaction: then it is disposed of)."""
     try:
         database.close()
     except Exception:

@@ -40,6 +40,7 @@ from ..errors import StoreUnavailable
 from ..models import (
     ChildJob,
     GuardedDatabase,
+    close_connection,
     connection_broken,
     connection_lost,
     connection_stale,
@@ -283,10 +284,7 @@ def _raw(conn: Any, sql: str) -> None:
 def _drop_connection(database: GuardedDatabase) -> None:
     """Close this reader thread's connection, whatever state it is in (not the store thread's flags)."""
     _READ_ONLY.conn = None
-    try:
-        database.close()
-    except Exception:
-        database.dispose()
+    close_connection(database)
 
 
 class Arg:
