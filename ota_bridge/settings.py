@@ -77,8 +77,8 @@ def parse_host_port(value: str) -> HostPort:
     host, sep, port = value.rpartition(":")
     if not sep or not host:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"port {port!r} is not a number from 0 to 65535")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:  # 0 would bind a port nothing could be told of
+        raise ValueError(f"port {port!r} is not a number from 1 to 65535")
     return HostPort(host.strip("[]"), int(port))
 
 

@@ -48,6 +48,7 @@ def test_mqtt_url_with_credentials() -> None:
 @pytest.mark.parametrize("argv, named", [
     (["--http", "8080"], "--http / OTA_BRIDGE_HTTP"),
     (["--mqtt-listen", "h:99999"], "--mqtt-listen / OTA_BRIDGE_MQTT_LISTEN"),
+    (["--mqtt-listen", "127.0.0.1:0"], "--mqtt-listen / OTA_BRIDGE_MQTT_LISTEN"),  # the service could not reach it
     (["--mqtt-url", "http://x"], "--mqtt-url / OTA_BRIDGE_MQTT_URL"),
     (["--mqtt-tls-listen", "8883"], "--mqtt-tls-listen / OTA_BRIDGE_MQTT_TLS_LISTEN"),
     (["--database", "mysql://x"], "--database / OTA_BRIDGE_DATABASE"),
