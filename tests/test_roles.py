@@ -10,17 +10,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import queue
 import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import peewee as pw
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from playhouse.db_url import connect
 
 from agent.protocol import OPERATOR_USERNAME
@@ -29,6 +25,7 @@ from ota_bridge.api import PUBLIC_PATHS, make_app
 from ota_bridge.roles import NEEDS, Role, needed_role
 from ota_bridge.store import Store, tokens
 from tests.support.databases import database_url
+from tests.support.mosquitto import logs_in
 from tests.support.processes import REPO, Api, Service
 
 UNKNOWN_IDS = {"workflow": str(uuid.uuid4()), "job": str(uuid.uuid4()), "device": "no-such-device",
@@ -99,17 +96,7 @@ def test_a_viewer_reads_jobs_and_their_output_but_never_device_credentials(apis:
 
 def test_a_viewer_token_watches_topics_as_api_on_the_embedded_broker(service: Service,
                                                                       apis: dict[Role, Api]) -> None:
-    connack: queue.Queue[Any] = queue.Queue()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="roles-viewer-watcher")
-    client.username_pw_set(OPERATOR_USERNAME, apis[Role.VIEWER].token)
-    client.on_connect = lambda _c, _u, _f, rc, _p: connack.put(rc)
-    client.connect("127.0.0.1", service.mqtt_port)
-    client.loop_start()
-    try:
-        assert not connack.get(timeout=10).is_failure
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    assert logs_in(service.mqtt_port, OPERATOR_USERNAME, apis[Role.VIEWER].token, client_id="roles-viewer-watcher")
 
 
 def test_the_audit_log_records_accepted_and_refused_changes_without_secrets(service: Service,

@@ -41,9 +41,9 @@ START_SECONDS = 10.0
 STOP_SECONDS = 5.0
 
 
-def logs_in(port: int, username: str, password: str) -> bool:
-    """Whether the broker on 127.0.0.1:port takes this login (client id = username)."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username)
+def logs_in(port: int, username: str, password: str, client_id: str | None = None) -> bool:
+    """Whether the broker on 127.0.0.1:port takes this login (client id: the username unless given)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or username)
     client.username_pw_set(username, password)
     codes: queue.Queue[mqtt.ReasonCode] = queue.Queue()
     client.on_connect = lambda _c, _u, _f, code, _p: codes.put(code)
