@@ -48,6 +48,7 @@ class JobStatus(str, enum.Enum):
     """The state of one child job (one command on one device)."""
 
     QUEUED = "QUEUED"  # waiting in the device's queue
+    DOWNLOADING = "DOWNLOADING"  # the device is fetching the job's artifacts (the command has not started)
     IN_PROGRESS = "IN_PROGRESS"  # the device has started the command
     SUCCEEDED = "SUCCEEDED"  # the command exited 0
     FAILED = "FAILED"  # the command exited non-zero, or could not be started
@@ -65,19 +66,21 @@ FINAL_STATUSES = frozenset(
     {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELED, JobStatus.INTERRUPTED,
      JobStatus.REJECTED}
 )
-PENDING_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.IN_PROGRESS})
+PENDING_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS})
 
 # The allowed transitions of a child job; the service and the tests both read this table.
 # A final state has no way out: a duplicate or late update never moves a job backwards.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.IN_PROGRESS} | FINAL_STATUSES),
+    JobStatus.QUEUED: frozenset({JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS} | FINAL_STATUSES),
+    # DOWNLOADING repeats: each report carries the download's progress.
+    JobStatus.DOWNLOADING: frozenset({JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS} | FINAL_STATUSES),
     JobStatus.IN_PROGRESS: FINAL_STATUSES,
     **{status: frozenset() for status in FINAL_STATUSES},
 }
 
 # The states a device may report about its own job (CANCELED is reported when the
 # head moved past a running job and the agent killed it).
-DEVICE_REPORTABLE = frozenset({JobStatus.IN_PROGRESS} | FINAL_STATUSES)
+DEVICE_REPORTABLE = frozenset({JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS} | FINAL_STATUSES)
 
 
 def can_transition(current: JobStatus, new: JobStatus) -> bool:
@@ -175,6 +178,18 @@ class Key:
     TIME = "Time"
     AGENT_VERSION = "AgentVersion"
     SIGNATURE = "Signature"
+    ATTEMPT = "Attempt"  # which attempt of the job this head asks for (1 when absent)
+    ARTIFACTS = "Artifacts"  # the files the agent fetches and checks before the command runs
+    PROGRESS = "Progress"  # a DOWNLOADING report: {"Bytes": done, "TotalBytes": all}
+
+
+class ArtifactKey:
+    """JSON keys of one entry of a head's Artifacts list (every one is signed)."""
+
+    SHA256 = "Sha256"  # 64 lowercase hex digits
+    SIZE = "Size"  # bytes
+    NAME = "Name"  # the file's name in the command's artifact directory
+    URL = "Url"  # where the agent fetches it (http or https)
 
 
 # --- signed jobs ----------------------------------------------------------------------------
@@ -182,6 +197,8 @@ class Key:
 # The service signs every head with Ed25519; the agent verifies before it acts on anything.
 SIGNATURE_ALGORITHM = "Ed25519"
 SIGNATURE_DOMAIN = "ota-bridge job v2"  # the first line of a job head's signed bytes
+# ... of a head that carries an Attempt or Artifacts (a v2 agent cannot verify it, so never runs it)
+SIGNATURE_DOMAIN_V3 = "ota-bridge job v3"
 IDLE_SIGNATURE_DOMAIN = "ota-bridge idle v2"  # ... and of an idle head's (no job pending)
 # An agent with no state (no Floor yet) runs only heads issued within this many seconds of its clock.
 HEAD_VALIDITY_SECONDS = 24 * 3600
@@ -198,8 +215,10 @@ def signing_bytes(head: dict[str, Any]) -> bytes:
     """The bytes the service signs for a head: every field that decides what runs, where and when.
 
     One field a line, UTF-8, in this order; the command comes last because it may hold newlines
-    (no other field can). An idle head (no JobId) signs its own short form. Raises KeyError or
-    TypeError for a head that lacks a field.
+    (no other field can). An idle head (no JobId) signs its own short form. A head with an Attempt
+    or Artifacts signs the v3 form: the v2 lines, then the attempt, the number of artifacts and
+    one line per artifact (see _artifact_line) before the command. Raises KeyError or TypeError for
+    a head that lacks a field or holds one of the wrong type.
     """
     if is_idle_head(head):
         fields: tuple[str, ...] = (
@@ -209,8 +228,7 @@ def signing_bytes(head: dict[str, Any]) -> bytes:
             _line(head[Key.ISSUED_AT]),
         )
     else:
-        fields = (
-            SIGNATURE_DOMAIN,
+        common = (
             _line(head[Key.DEVICE_ID]),
             _line(head[Key.JOB_ID]),
             str(int(head[Key.SEQ])),
@@ -218,9 +236,41 @@ def signing_bytes(head: dict[str, Any]) -> bytes:
             _line(head[Key.ISSUED_AT]),
             str(int(head[Key.TIMEOUT_SECONDS])),
             "1" if head[Key.SUCCESS_ON_RESTART] is True else "0",
-            str(head[Key.COMMAND]),
         )
+        if head.get(Key.ATTEMPT) is None and head.get(Key.ARTIFACTS) is None:
+            fields = (SIGNATURE_DOMAIN, *common, str(head[Key.COMMAND]))
+        else:
+            artifacts = head.get(Key.ARTIFACTS) or []
+            if not isinstance(artifacts, list):
+                raise TypeError("Artifacts must be a list")
+            fields = (SIGNATURE_DOMAIN_V3, *common, str(_count(head.get(Key.ATTEMPT, 1), 1)),
+                      str(len(artifacts)), *(_artifact_line(a) for a in artifacts), str(head[Key.COMMAND]))
     return "\n".join(fields).encode("utf-8")
+
+
+ARTIFACT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}"
+_ARTIFACT_NAME_RE = re.compile(ARTIFACT_NAME_PATTERN)
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _count(value: Any, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise TypeError(f"expected an integer of at least {least}")
+    return value
+
+
+def _artifact_line(artifact: Any) -> str:
+    """One signed line for one artifact: SHA-256, size, name and URL, separated by spaces."""
+    if not isinstance(artifact, dict):
+        raise TypeError("an artifact must be an object")
+    sha256, name, url = (artifact[ArtifactKey.SHA256], artifact[ArtifactKey.NAME], artifact[ArtifactKey.URL])
+    if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
+        raise TypeError("an artifact's Sha256 must be 64 lowercase hex digits")
+    if not isinstance(name, str) or not _ARTIFACT_NAME_RE.fullmatch(name):
+        raise TypeError("an artifact's Name must match " + ARTIFACT_NAME_PATTERN)
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
+        raise TypeError("an artifact's Url must be an http(s) URL without spaces")
+    return f"{sha256} {_count(artifact[ArtifactKey.SIZE], 0)} {name} {url}"
 
 
 def _line(value: Any) -> str:
