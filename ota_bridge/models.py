@@ -104,6 +104,17 @@ class Job(BaseModel):
     target_field = pw.CharField(max_length=16)  # "DeviceId", "DeviceGroup" or "TagId"
     target_value = pw.CharField(max_length=200)
     created = pw.DateTimeField(default=now, index=True)
+    parameters = pw.TextField(null=True)  # the job's Parameters as JSON; command holds them filled in
+    # Retries (store/attempts.py): up to retry_max more attempts, retry_delay_seconds apart, of a child
+    # whose attempt ended in one of retry_on (comma-separated states).
+    retry_max = pw.IntegerField(default=0)
+    retry_delay_seconds = pw.IntegerField(default=0)
+    retry_on = pw.CharField(max_length=64, default="")
+    # OnFailure: the rollback workflow's command, snapshotted like command, run by the rollback children.
+    on_failure_workflow_id = pw.CharField(max_length=36, null=True)
+    on_failure_command = pw.TextField(null=True)
+    on_failure_timeout_seconds = pw.IntegerField(null=True)
+    on_failure_success_on_restart = pw.BooleanField(default=False)
 
 
 class SeqField(pw.AutoField):
@@ -118,14 +129,9 @@ class SeqField(pw.AutoField):
         return pw.NodeList((node, pw.SQL("AUTOINCREMENT"))) if isinstance(db.obj, pw.SqliteDatabase) else node
 
 
-class ChildJob(BaseModel):
-    """One job on one device. seq orders every device's queue: lower runs first."""
+class Outcome(BaseModel):
+    """How an attempt went: the columns a child job and each of its earlier attempts share (no table)."""
 
-    seq = SeqField()
-    job_id = pw.CharField(max_length=36, unique=True)
-    parent = pw.ForeignKeyField(Job, backref="children", on_delete="CASCADE", column_name="parent_id")
-    device_id = pw.CharField(max_length=128)  # no foreign key: history outlives the device
-    status = pw.CharField(max_length=16, default=JobStatus.QUEUED.value)
     start_time = pw.DateTimeField(null=True)
     end_time = pw.DateTimeField(null=True)
     exit_code = pw.IntegerField(null=True)
@@ -134,10 +140,23 @@ class ChildJob(BaseModel):
     stdout_truncated = pw.BooleanField(default=False)
     stderr_truncated = pw.BooleanField(default=False)
     reason = pw.TextField(null=True)
+
+
+class ChildJob(Outcome):
+    """One job on one device. seq orders every device's queue: lower runs first."""
+
+    seq = SeqField()
+    job_id = pw.CharField(max_length=36, unique=True)
+    parent = pw.ForeignKeyField(Job, backref="children", on_delete="CASCADE", column_name="parent_id")
+    device_id = pw.CharField(max_length=128)  # no foreign key: history outlives the device
+    status = pw.CharField(max_length=16, default=JobStatus.QUEUED.value)
     # True when the service, not the device, made the job final (a timeout, a cancel): the
     # device's own final report, if it comes, is then stored once beside it.
     finalized_by_service = pw.BooleanField(default=False)
     updated = pw.DateTimeField(default=now)  # the service's clock: when the row last changed
+    attempt = pw.IntegerField(default=1)  # the current attempt; earlier ones are AttemptResult rows
+    # A rollback child: the job_id of the child whose final failure releases it (OnFailure); else None.
+    on_failure_of = pw.CharField(max_length=36, null=True)  # found through the device's queue index
 
     class Meta:
         indexes = (
@@ -146,6 +165,18 @@ class ChildJob(BaseModel):
             (("status", "updated"), False),  # jobs IN_PROGRESS for too long
             (("end_time", "seq"), False),  # the jobs that ended since the webhooks' cursor
         )
+
+
+class AttemptResult(Outcome):
+    """An earlier attempt of a retried child job, as it ended; the child's own fields hold the latest."""
+
+    id = pw.BigAutoField()
+    child = pw.ForeignKeyField(ChildJob, backref="attempt_rows", on_delete="CASCADE", column_name="child_seq")
+    number = pw.IntegerField()
+    status = pw.CharField(max_length=16)
+
+    class Meta:
+        indexes = ((("child", "number"), True),)
 
 
 class Webhook(BaseModel):
@@ -181,10 +212,21 @@ class WebhookCursor(BaseModel):
     seq = pw.BigIntegerField()
 
 
-TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webhook, WebhookDelivery, WebhookCursor)
+TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webhook, WebhookDelivery, WebhookCursor,
+          AttemptResult)
 # Columns added after a table was first released: (table, column, DDL), added at open when missing.
 ADDED_COLUMNS = (
     ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin
+    ("job", "parameters", "TEXT"),
+    ("job", "retry_max", "INTEGER NOT NULL DEFAULT 0"),
+    ("job", "retry_delay_seconds", "INTEGER NOT NULL DEFAULT 0"),
+    ("job", "retry_on", "VARCHAR(64) NOT NULL DEFAULT ''"),
+    ("job", "on_failure_workflow_id", "VARCHAR(36)"),
+    ("job", "on_failure_command", "TEXT"),
+    ("job", "on_failure_timeout_seconds", "INTEGER"),
+    ("job", "on_failure_success_on_restart", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    ("child_job", "attempt", "INTEGER NOT NULL DEFAULT 1"),
+    ("child_job", "on_failure_of", "VARCHAR(36)"),
 )
 PRIVATE_MODE = 0o600  # the database files: job output, commands, credential hashes
 PRIVATE_DIR_MODE = 0o700

@@ -77,8 +77,23 @@ WEBHOOK = {"WebhookId": UUID, "Url": STRING, "CreatedTime": TIME, "PendingDelive
            "FailedDeliveries": INTEGER, "LastError": nullable(STRING)}
 
 
+# What a job shows only when it was submitted with them (docs/rollouts-attempts.md).
+JOB_OPTIONS = {
+    "Parameters": {"type": "object", "additionalProperties": STRING,
+                   "description": "the values given; Command holds them filled in, shell-quoted"},
+    "Retries": record({"Max": INTEGER, "DelaySeconds": INTEGER, "On": {"type": "array", "items": STATUS}}),
+    "OnFailure": record({"WorkflowId": UUID, "Command": STRING, "Result": ref("Counts")},
+                        description="the rollback workflow and its child jobs per state (not in Result)"),
+}
+ATTEMPT = record({"Attempt": INTEGER, "Status": STATUS, "StartTime": nullable(TIME), "EndTime": nullable(TIME),
+                  "ExitCode": nullable(INTEGER), "Stdout": STRING, "Stderr": STRING, "StdoutTruncated": BOOLEAN,
+                  "StderrTruncated": BOOLEAN, "Reason": nullable(STRING)},
+                 description="one attempt of a child job; the last is the child's own fields")
+
+
 def job_kind(name: str, target: str, result: Schema, description: str, **more: Schema) -> Schema:
-    return record({**JOB, target: STRING, "Result": result, **more}, title=name, description=description)
+    return record({**JOB, target: STRING, "Result": result, **more}, JOB_OPTIONS, title=name,
+                  description=description)
 
 
 def jobs() -> dict[str, Schema]:
@@ -119,7 +134,11 @@ ANSWERS: dict[str, Schema] = {
         {"JobId": UUID, "ParentJobId": UUID, "DeviceId": STRING, "Command": STRING, "Status": STATUS,
          "StartTime": nullable(TIME), "EndTime": nullable(TIME), "ExitCode": nullable(INTEGER), "Stdout": STRING,
          "Stderr": STRING, "StdoutTruncated": BOOLEAN, "StderrTruncated": BOOLEAN, "Reason": nullable(STRING),
-         "Result": STRING}),
+         "Result": STRING, "Attempt": INTEGER, "Attempts": {"type": "array", "items": ref("Attempt")}},
+        {"OnFailureOf": UUID, "OnFailureJobId": UUID},
+        description="OnFailureOf: this is the rollback child of that child job; OnFailureJobId: this child's "
+                    "rollback child"),
+    "Attempt": ATTEMPT,
     "JobDeleted": deleted("JobId"),
     "Device": record(DEVICE),
     "RegisteredDevice": record({**DEVICE, **CREDENTIALS}),

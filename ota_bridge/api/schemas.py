@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated, Optional
+from typing import Annotated, Any, Literal, Optional
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from agent.protocol import DEVICE_ID_PATTERN, MAX_COMMAND_CHARS, NEW_DEVICE_ID_PATTERN, RESERVED_DEVICE_IDS
 
+from .. import parameters
+from ..store.job_options import MAX_RETRIES, MAX_RETRY_DELAY_SECONDS, RETRYABLE, JobOptions, Retries
 from ..store.jobs import TARGET_FIELDS
 
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
@@ -63,6 +65,19 @@ class WorkflowIn(Strict):
     SuccessOnRestart: bool = False
 
 
+class RetriesIn(Strict):
+    """Run a device's failed or timed-out attempt again, up to Max more times, DelaySeconds apart."""
+
+    Max: Annotated[int, Field(ge=1, le=MAX_RETRIES, description="retries after the first attempt")]
+    DelaySeconds: Annotated[int, Field(ge=0, le=MAX_RETRY_DELAY_SECONDS)] = 0
+    On: list[Literal["FAILED", "TIMED_OUT"]] = Field(
+        default_factory=lambda: list(RETRYABLE), min_length=1, max_length=len(RETRYABLE),
+        description="the end states of an attempt that are retried")
+
+    def policy(self) -> Retries:
+        return Retries(self.Max, self.DelaySeconds, tuple(dict.fromkeys(self.On)))
+
+
 class JobIn(Strict):
     Name: Optional[NameText] = None
     WorkflowId: Ident
@@ -70,6 +85,12 @@ class JobIn(Strict):
     DeviceGroup: Optional[Label] = None
     TagId: Optional[Label] = None
     TimeoutSeconds: Optional[Timeout] = None
+    Parameters: Annotated[Optional[dict[str, Any]], AfterValidator(parameters.check_values),
+                          Field(description="values of the workflow's {{name}} placeholders, each "
+                                            "substituted shell-quoted (docs/rollouts-attempts.md)")] = None
+    Retries: Optional[RetriesIn] = None
+    OnFailure: Optional[Ident] = Field(default=None, description="a workflow run on a device whose attempts "
+                                                                 "all failed (a rollback), as its own child job")
 
     @model_validator(mode="after")
     def one_target(self) -> "JobIn":
@@ -78,6 +99,10 @@ class JobIn(Strict):
             named = ", ".join(given) if given else "none"
             raise ValueError(f"give exactly one target of DeviceId, DeviceGroup or TagId (got {named})")
         return self
+
+    @property
+    def options(self) -> JobOptions:
+        return JobOptions(self.Parameters, self.Retries.policy() if self.Retries else None, self.OnFailure)
 
     @property
     def target(self) -> tuple[str, str]:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from agent.protocol import SIGNATURE_ALGORITHM
 
+from .. import parameters
 from ..broker_accounts import BrokerAccounts
 from ..dispatch import Dispatcher
 from ..errors import JobNotFound
@@ -40,6 +41,7 @@ def _store(request: web.Request) -> Store:
 @routes.post("/v1/workflow")
 async def create_workflow(request: web.Request) -> web.Response:
     body = await read_model(request, WorkflowIn)
+    parameters.check_syntax(body.Command)
     w = await _store(request).call(workflows.create_workflow, body.Name, body.Command, body.TimeoutSeconds,
                                    body.SuccessOnRestart)
     return web.json_response({"WorkflowId": w.workflow_id}, status=200)
@@ -71,7 +73,7 @@ async def submit_job(request: web.Request) -> web.Response:
     body = await read_model(request, JobIn)
     field, value = body.target
     job, device_ids = await _store(request).call(jobs.submit_job, body.Name, body.WorkflowId, field, value,
-                                                 body.TimeoutSeconds)
+                                                 body.TimeoutSeconds, body.options)
     request.app[DISPATCHER].mark(device_ids)
     return web.json_response({"JobId": job.job_id})
 
@@ -92,13 +94,13 @@ async def get_job(request: web.Request) -> web.Response:
     try:
         summary = await _store(request).read(jobs.get_job, job_id)
     except JobNotFound:
-        return web.json_response(serialize.child(await _store(request).read(jobs.get_child, job_id)))
+        return web.json_response(serialize.child(await _store(request).read(jobs.child_shown, job_id)))
     return web.json_response(serialize.job(summary))
 
 
 @routes.get("/v1/job/{id}/childjobs")
 async def child_jobs(request: web.Request) -> web.Response:
-    children = await _store(request).read(jobs.child_jobs, request.match_info["id"])
+    children = await _store(request).read(jobs.child_jobs_shown, request.match_info["id"])
     return web.json_response([serialize.child(c) for c in children])
 
 

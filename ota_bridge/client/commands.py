@@ -70,6 +70,7 @@ def _job_commands(actions: Actions) -> None:
     target.add_argument("--tag", metavar="TAG", help="every device with the tag, as it is now")
     submit.add_argument("--name", help="the job's name (default: the workflow's)")
     submit.add_argument("--timeout", type=int, metavar="SECONDS", help="overrides the workflow's timeout")
+    _attempt_flags(submit)
     _watch_flags(submit, "then follow it as `job watch` does")
     listing = _action(actions, "list", "list jobs, newest first", _job_list)
     listing.add_argument("--limit", type=int, help="at most this many (default 100, at most 1000)")
@@ -92,9 +93,42 @@ def _watch_flags(parser: argparse.ArgumentParser, switch: str | None) -> None:
                         help="how often to ask the service while watching (default 0.5)")
 
 
+def _attempt_flags(submit: argparse.ArgumentParser) -> None:
+    """Parameters, Retries and OnFailure (docs/rollouts-attempts.md)."""
+    submit.add_argument("--param", action="append", type=_parameter, metavar="NAME=VALUE",
+                        help="a value for the workflow's {{NAME}} placeholder, passed as one shell word (repeatable)")
+    submit.add_argument("--retries", type=int, metavar="N", help="run a failed or timed-out attempt again, up to N "
+                        "times (1 to 10)")
+    submit.add_argument("--retry-delay", type=int, metavar="SECONDS", help="wait this long before each retry "
+                        "(default 0)")
+    submit.add_argument("--retry-on", action="append", choices=("FAILED", "TIMED_OUT"),
+                        help="retry only attempts that ended so (repeatable; default both)")
+    submit.add_argument("--on-failure", metavar="WORKFLOW_ID", help="run this workflow (a rollback) on a device "
+                        "whose attempts all failed, before its next job")
+
+
+def _parameter(value: str) -> tuple[str, str]:
+    name, equals, text = value.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError("expected NAME=VALUE")
+    return name, text
+
+
+def _attempt_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"OnFailure": args.on_failure}
+    if args.param:
+        body["Parameters"] = dict(args.param)
+    if args.retries is not None:
+        retries = {"Max": args.retries, "DelaySeconds": args.retry_delay, "On": args.retry_on}
+        body["Retries"] = {k: v for k, v in retries.items() if v is not None}
+    elif args.retry_delay is not None or args.retry_on:
+        raise ClientError("--retry-delay and --retry-on need --retries")
+    return body
+
+
 def _job_submit(args: argparse.Namespace, client: ServiceClient) -> int:
     body = {"WorkflowId": args.workflow, "DeviceId": args.device, "DeviceGroup": args.group, "TagId": args.tag,
-            "Name": args.name, "TimeoutSeconds": args.timeout}
+            "Name": args.name, "TimeoutSeconds": args.timeout, **_attempt_body(args)}
     answer = client.post(path("job"), {k: v for k, v in body.items() if v is not None})
     if args.watch:
         if not args.json:

@@ -137,6 +137,14 @@ def outcome(child: dict[str, Any]) -> str:
     return first_line(child.get("Reason")) or first_line(child.get(streams[0])) or first_line(child.get(streams[1]))
 
 
+def attempt_line(a: dict[str, Any]) -> str:
+    """One attempt of a child job: its number, state, exit code, end and what it said."""
+    exit_code = f" exit {a['ExitCode']}" if a.get("ExitCode") is not None else ""
+    ended = f" ended {a['EndTime']}" if a.get("EndTime") else ""
+    said = outcome(a)
+    return f"#{a.get('Attempt')} {a.get('Status')}{exit_code}{ended}" + (f": {said}" if said else "")
+
+
 def children(items: list[dict[str, Any]]) -> Table:
     return table((Column("DeviceId", "id"), Column("Status", "word"), Column("Exit", "word"), Column("Output", "free"),
                   Column("Ended (UTC)", "time", drop=1), Column("JobId", "id", drop=2)), (
@@ -162,6 +170,8 @@ def record(data: dict[str, Any], hide: Iterable[str] = ()) -> Table:
             continue
         if key == "Result" and isinstance(value, dict):
             value = progress(data)
+        elif key == "Attempts" and isinstance(value, list):
+            value = "\n".join(attempt_line(a) for a in value)
         grid.add_row(key, status(value) if key == "Status" else cell(value))
     return grid
 

@@ -14,7 +14,9 @@ from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
 from ..models import ChildJob, Device, DeviceTag, Job, now
 from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
+from .attempts import ChildView, child_views, insert_with_rollbacks, rollback_counts
 from .devices import device_exists
+from .job_options import JobOptions, job_columns
 from .workflows import get_workflow
 
 TARGET_FIELDS = ("DeviceId", "DeviceGroup", "TagId")
@@ -24,21 +26,26 @@ TARGET_FIELDS = ("DeviceId", "DeviceGroup", "TagId")
 
 
 def submit_job(name: str | None, workflow_id: str, target_field: str, target_value: str,
-               timeout_seconds: int | None) -> tuple[Job, list[str]]:
-    """Create a parent job and one child per target device in one transaction.
+               timeout_seconds: int | None, options: JobOptions = JobOptions()) -> tuple[Job, list[str]]:
+    """Create a parent job and one child per target device in one transaction (with OnFailure, a
+    rollback child right after each: see store/attempts.py).
 
     Returns the parent and the device ids whose queues changed.
     """
     with write_transaction():
         workflow = get_workflow(workflow_id)
+        columns = job_columns(workflow, options)
         device_ids = _target_devices(target_field, target_value)
         job = Job.create(
             job_id=str(uuid.uuid4()), name=name or workflow.name, workflow_id=workflow.workflow_id,
-            command=workflow.command,
             timeout_seconds=timeout_seconds or workflow.timeout_seconds or DEFAULT_TIMEOUT_SECONDS,
             success_on_restart=workflow.success_on_restart, target_field=target_field, target_value=target_value,
+            **columns,
         )
-        _insert_children(job.job_id, device_ids)
+        if options.on_failure is None:
+            _insert_children(job.job_id, device_ids)
+        else:
+            insert_with_rollbacks(job.job_id, device_ids)
     return job, device_ids
 
 
@@ -89,6 +96,7 @@ class JobSummary:
     start_time: datetime | None
     end_time: datetime | None
     single: ChildJob | None  # the one child of a single-device job
+    rollbacks: dict[str, int] | None = None  # OnFailure: the rollback children per state (not in counts)
 
     @property
     def status(self) -> JobStatus:
@@ -128,7 +136,9 @@ def _summaries(jobs: list[Job]) -> list[JobSummary]:
     for job_id, child in singles.items():  # a single-device job's one child is all its counts and times
         counts[job_id] = {child.status: 1}
         times[job_id] = [(child.start_time, child.end_time)]
-    return [_summary(j, counts.get(j.job_id, {}), times.get(j.job_id, []), singles.get(j.job_id)) for j in jobs]
+    rollbacks = rollback_counts([j.job_id for j in jobs if j.on_failure_command is not None])
+    return [_summary(j, counts.get(j.job_id, {}), times.get(j.job_id, []), singles.get(j.job_id),
+                     rollbacks.get(j.job_id)) for j in jobs]
 
 
 def _child_counts(ids: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, list[Any]]]:
@@ -140,25 +150,29 @@ def _child_counts(ids: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, 
         rows = prepared("job_counts", lambda n: (
             ChildJob.select(ChildJob.parent, ChildJob.status, pw.fn.COUNT(ChildJob.seq),
                             pw.fn.MIN(ChildJob.start_time), pw.fn.MAX(ChildJob.end_time))
-            .where(ChildJob.parent.in_(args(n))).group_by(ChildJob.parent, ChildJob.status).tuples()), *chunk)
+            .where(ChildJob.parent.in_(args(n)), ChildJob.on_failure_of.is_null())
+            .group_by(ChildJob.parent, ChildJob.status).tuples()), *chunk)
         for parent, status, n, start, end in rows:
             counts.setdefault(parent, {})[status] = n
             times.setdefault(parent, []).append((start, end))
     return counts, times
 
 
-def _summary(job: Job, counts: dict[str, int], times: list[Any], single: ChildJob | None) -> JobSummary:
+def _summary(job: Job, counts: dict[str, int], times: list[Any], single: ChildJob | None,
+             rollbacks: dict[str, int] | None) -> JobSummary:
     starts = [s for s, _ in times if s is not None]
     ends = [e for _, e in times if e is not None]
     done = derive_status(counts).is_final
-    return JobSummary(job, counts, min(starts, default=None), max(ends, default=None) if done else None, single)
+    return JobSummary(job, counts, min(starts, default=None), max(ends, default=None) if done else None, single,
+                      rollbacks)
 
 
 def _single_children(jobs: list[Job]) -> dict[str, ChildJob]:
     found: dict[str, ChildJob] = {}
     for chunk in chunks([j.job_id for j in jobs]):
         chunk = padded(chunk)
-        for child in prepared("children_of", lambda n: ChildJob.select().where(ChildJob.parent.in_(args(n))), *chunk):
+        for child in prepared("children_of", lambda n: ChildJob.select().where(
+                ChildJob.parent.in_(args(n)), ChildJob.on_failure_of.is_null()), *chunk):
             found[child.parent_id] = child
     return found
 
@@ -167,7 +181,7 @@ def child_jobs(job_id: str) -> list[ChildJob]:
     if not Job.select().where(Job.job_id == job_id).exists():
         raise JobNotFound(job_id)
     query = ChildJob.select(ChildJob, Job).join(Job).where(ChildJob.parent == job_id)
-    return list(query.order_by(ChildJob.device_id))
+    return list(query.order_by(ChildJob.device_id, ChildJob.seq))
 
 
 def get_child(job_id: str) -> ChildJob:
@@ -175,6 +189,15 @@ def get_child(job_id: str) -> ChildJob:
     if child is None:
         raise JobNotFound(job_id)
     return child
+
+
+def child_jobs_shown(job_id: str) -> list[ChildView]:
+    """A job's children as the API shows them: with their earlier attempts and rollback links."""
+    return child_views(child_jobs(job_id))
+
+
+def child_shown(job_id: str) -> ChildView:
+    return child_views([get_child(job_id)])[0]
 
 
 # --- removing and timing out ----------------------------------------------------------------------
