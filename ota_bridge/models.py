@@ -133,7 +133,10 @@ class ChildJob(BaseModel):
     stderr = pw.TextField(default="")
     stdout_truncated = pw.BooleanField(default=False)
     stderr_truncated = pw.BooleanField(default=False)
-    reason = pw.TextField(null=True)
+    reason = pw.TextField(null=True)  # why it ended, or while SCHEDULED why it is held
+    # SCHEDULED only: when the service releases it by itself (a retry's delay); None: only a
+    # rollout's decision releases it. Read on the service's clock (ota_bridge/clock.py).
+    release_at = pw.DateTimeField(null=True)
     # True when the service, not the device, made the job final (a timeout, a cancel): the
     # device's own final report, if it comes, is then stored once beside it.
     finalized_by_service = pw.BooleanField(default=False)
@@ -185,6 +188,7 @@ TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webh
 # Columns added after a table was first released: (table, column, DDL), added at open when missing.
 ADDED_COLUMNS = (
     ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin
+    ("child_job", "release_at", "TIMESTAMP"),
 )
 PRIVATE_MODE = 0o600  # the database files: job output, commands, credential hashes
 PRIVATE_DIR_MODE = 0o700
