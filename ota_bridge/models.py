@@ -139,7 +139,7 @@ class Outcome(BaseModel):
     stderr = pw.TextField(default="")
     stdout_truncated = pw.BooleanField(default=False)
     stderr_truncated = pw.BooleanField(default=False)
-    reason = pw.TextField(null=True)
+    reason = pw.TextField(null=True)  # why it ended, or while SCHEDULED why it is held
 
 
 class ChildJob(Outcome):
@@ -150,6 +150,9 @@ class ChildJob(Outcome):
     parent = pw.ForeignKeyField(Job, backref="children", on_delete="CASCADE", column_name="parent_id")
     device_id = pw.CharField(max_length=128)  # no foreign key: history outlives the device
     status = pw.CharField(max_length=16, default=JobStatus.QUEUED.value)
+    # SCHEDULED only: when the service releases it by itself (a retry's delay); None: only a
+    # rollout's decision releases it. Read on the service's clock (ota_bridge/clock.py).
+    release_at = pw.DateTimeField(null=True)
     # True when the service, not the device, made the job final (a timeout, a cancel): the
     # device's own final report, if it comes, is then stored once beside it.
     finalized_by_service = pw.BooleanField(default=False)
@@ -217,6 +220,7 @@ TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webh
 # Columns added after a table was first released: (table, column, DDL), added at open when missing.
 ADDED_COLUMNS = (
     ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin
+    ("child_job", "release_at", "TIMESTAMP"),
     ("job", "parameters", "TEXT"),
     ("job", "retry_max", "INTEGER NOT NULL DEFAULT 0"),
     ("job", "retry_delay_seconds", "INTEGER NOT NULL DEFAULT 0"),

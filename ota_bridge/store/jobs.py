@@ -104,8 +104,9 @@ class JobSummary:
 
 
 def derive_status(counts: dict[str, int]) -> JobStatus:
-    """A parent's status from its children's: see docs/protocol.md, 'Parent status'."""
-    present = {JobStatus(s) for s, n in counts.items() if n}
+    """A parent's status from its children's: see docs/protocol.md, 'Parent status'. A held
+    (SCHEDULED) child counts as QUEUED: pending."""
+    present = {JobStatus.QUEUED if s == JobStatus.SCHEDULED.value else JobStatus(s) for s, n in counts.items() if n}
     if not present:
         return JobStatus.CANCELED
     if JobStatus.IN_PROGRESS in present or (JobStatus.QUEUED in present and present & FINAL_STATUSES):
