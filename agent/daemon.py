@@ -110,7 +110,7 @@ class Agent:
         self._head_new = False  # a head arrived that the loop has not acted on yet
         self._ready_at: float | None = None  # when heads may be acted on (None: not subscribed)
         self._running: _Running | None = None
-        self._unjournaled: set[str] = set()  # jobs refused because the journal could not be written
+        self._unjournaled: set[tuple[str | None, int]] = set()  # (job, attempt)s the journal could not record
         self._connect_failures = 0
         self._checked: tuple[Head, str | None] | None = None  # the last head whose signature was checked
         self._retry_at: float | None = None  # when to look again at a head held back for its IssuedAt
@@ -146,9 +146,9 @@ class Agent:
         """
         for entry in self.journal.entries():
             if entry.result is None and entry.process is not None:
-                self._stop_leftover(entry.job_id, entry.process)
+                self._stop_leftover(entry.job_id, entry.process, entry.attempt)
 
-    def _stop_leftover(self, job_id: str, group: ProcessGroup) -> None:
+    def _stop_leftover(self, job_id: str, group: ProcessGroup, attempt: int) -> None:
         log.info("job %s: checking whether its command (process group %d) outlived the last agent",
                  job_id, group.pgid)
         if not stop_leftovers(group, self.settings.kill_grace):
@@ -156,7 +156,7 @@ class Agent:
         log.warning("job %s: stopped the leftover processes of its command (process group %d), which "
                     "still ran after the agent restarted", job_id, group.pgid)
         try:
-            self.journal.record_leftovers_stopped(job_id)
+            self.journal.record_leftovers_stopped(job_id, attempt)
         except JournalError as e:
             log.error("job %s: %s", job_id, e)
 
@@ -266,7 +266,7 @@ class Agent:
         """A head arrived while a job runs: a duplicate is ignored, and so is one that cannot be
         the service's word after the running job (unsigned, forged, another device's, not newer);
         a newer job head, or an idle head whose Floor covers the running job, cancels it."""
-        if head is None or head.job_id == running.head.job_id:
+        if head is None or (head.job_id, head.attempt) == (running.head.job_id, running.head.attempt):
             self._head_new = False  # the same head delivered again
             return
         if problem := self._why_not_next(head, running.head):
@@ -289,9 +289,9 @@ class Agent:
         below the Floor. A head that is not signed by the service never changes or resends what
         the journal holds.
         """
-        if head.job_id in self._unjournaled:
+        if (head.job_id, head.attempt) in self._unjournaled:
             return
-        entry = None if head.job_id is None else self.journal.get(head.job_id)
+        entry = None if head.job_id is None else self.journal.get(head.job_id, head.attempt)
         unsigned = self._signature_problem(head)
         if unsigned is not None and (entry is not None or head.is_idle or unsigned == NO_ISSUE_TIME):
             log.warning("%s: ignored: %s; %s", head.name, unsigned, _IGNORED_BECAUSE[entry is not None])
@@ -355,8 +355,8 @@ class Agent:
         floor = self.journal.floor
         if floor is not None and head.seq is not None and head.seq <= floor:
             return BELOW_FLOOR
-        highest = self.journal.highest_seq
-        if highest is not None and head.seq is not None and head.seq < highest:
+        highest = self.journal.highest_run  # (Seq, Attempt): a retry runs the same Seq again
+        if highest is not None and head.seq is not None and (head.seq, head.attempt) < highest:
             return STALE
         if (refused := self.settings.policy.refusal(head.command)) is not None:
             return f"{OUTSIDE_POLICY}: {refused}"
@@ -371,7 +371,7 @@ class Agent:
                                                  or head.floor < running.seq):
             problem = "its floor is below the running job: it is older than that job"
         if problem is None and not head.is_idle and (head.seq is None or running.seq is None
-                                                     or head.seq <= running.seq):
+                                                     or (head.seq, head.attempt) <= (running.seq, running.attempt)):
             problem = "it is not newer than the running job"
         return problem
 
@@ -390,10 +390,11 @@ class Agent:
         replayer chose would let them push real entries out of the journal.
         """
         log.warning("job %s: %s: %s%s", shown(head.job_id), JobStatus.REJECTED.value, reason, _about(head))
-        message = RunResult.without_output(head.job_id, JobStatus.REJECTED, protocol.utc_now(), reason).status_message()
+        message = _stamped(RunResult.without_output(head.job_id, JobStatus.REJECTED, protocol.utc_now(),
+                                                    reason).status_message(), head)
         if journal:
             try:
-                self.journal.record_result(head.job_id, message, seq=head.seq)
+                self.journal.record_result(head.job_id, message, seq=head.seq, attempt=head.attempt)
             except JournalError as e:
                 log.error("job %s: %s; publishing the rejection anyway", head.job_id, e)
         self.link.publish_status(message)
@@ -401,9 +402,9 @@ class Agent:
     def _resend(self, head: Head, entry: Entry) -> None:
         result = entry.result
         if result is None:
-            result = RunResult.interrupted(head.job_id, entry.start_datetime, head.success_on_restart,
-                                           entry.leftovers_stopped).status_message()
-            self._record_result(head.job_id, result)
+            result = _stamped(RunResult.interrupted(head.job_id, entry.start_datetime, head.success_on_restart,
+                                                    entry.leftovers_stopped).status_message(), head)
+            self._record_result(head, result)
         log.info("job %s: %s (resent from the journal)", head.job_id, result.get(Key.STATUS))
         self.link.publish_status(result)
 
@@ -411,22 +412,23 @@ class Agent:
         limits = RunLimits(timeout_seconds=head.timeout_seconds, output_cap=self.settings.output_cap,
                            kill_grace=self.settings.kill_grace)
         runner = Runner(head.job_id, head.command, limits, {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id},
-                        on_started=functools.partial(self._record_process, head.job_id))
+                        on_started=functools.partial(self._record_process, head))
         try:
-            self.journal.record_started(head.job_id, head.seq, runner.start_time)
+            self.journal.record_started(head.job_id, head.seq, runner.start_time, head.attempt)
         except JournalError as e:
             self._refuse(head, str(e))
             return
         log.info("job %s: %s%s", head.job_id, JobStatus.IN_PROGRESS.value, _about(head))
-        self.link.publish_status(in_progress_message(head.job_id, runner.start_time))
+        self.link.publish_status(_stamped(in_progress_message(head.job_id, runner.start_time), head))
         thread = threading.Thread(target=self._work, args=(runner,), name=f"job-{head.job_id}", daemon=True)
         self._running = _Running(head, runner, thread)
         thread.start()
 
-    def _record_process(self, job_id: str, group: ProcessGroup) -> None:
+    def _record_process(self, head: Head, group: ProcessGroup) -> None:
         """On the worker thread, as the command starts: journal its group, for a restart to stop it."""
+        job_id = head.job_id
         try:
-            self.journal.record_process(job_id, group)
+            self.journal.record_process(job_id, group, head.attempt)
         except JournalError as e:
             log.error("job %s: %s; if the agent dies now, its command runs on", job_id, e)
             return
@@ -435,9 +437,9 @@ class Agent:
     def _refuse(self, head: Head, reason: str) -> None:
         """The journal cannot record the job, so it must not run: report FAILED instead."""
         log.error("job %s: not run: %s", head.job_id, reason)
-        self._unjournaled.add(head.job_id)
+        self._unjournaled.add((head.job_id, head.attempt))
         result = RunResult.without_output(head.job_id, JobStatus.FAILED, protocol.utc_now(), reason)
-        self.link.publish_status(result.status_message())
+        self.link.publish_status(_stamped(result.status_message(), head))
 
     def _work(self, runner: Runner) -> None:
         """The worker thread: run the command, hand the result to the main loop."""
@@ -453,17 +455,17 @@ class Agent:
         if self._running is None or self._running.head.job_id != result.job_id:
             return
         head, self._running = self._running.head, None
-        message = result.status_message()
-        self._record_result(result.job_id, message)
+        message = _stamped(result.status_message(), head)
+        self._record_result(head, message)
         log.info("job %s: %s exit=%s%s%s", result.job_id, result.status.value, result.exit_code,
                  f" ({result.reason})" if result.reason else "", _about(head))
         self.link.publish_status(message)
 
-    def _record_result(self, job_id: str, message: dict[str, Any]) -> None:
+    def _record_result(self, head: Head, message: dict[str, Any]) -> None:
         try:
-            self.journal.record_result(job_id, message)
+            self.journal.record_result(head.job_id, message, attempt=head.attempt)
         except JournalError as e:
-            log.error("job %s: %s; publishing the result anyway", job_id, e)
+            log.error("job %s: %s; publishing the result anyway", head.job_id, e)
 
     # --- stopping ---------------------------------------------------------------------------
 
@@ -481,12 +483,19 @@ class Agent:
         self.link.stop()
 
 
+def _stamped(message: dict[str, Any], head: Head) -> dict[str, Any]:
+    """A status message about the head's attempt: it says which, from attempt 2 on (the service
+    drops a report about another attempt than the job's current one)."""
+    return {**message, Key.ATTEMPT: head.attempt} if head.attempt > 1 else message
+
+
 def _about(head: Head) -> str:
     """What a person matches a job's log lines with: its parent job and name (unsigned labels),
     and the first line of its (signed) command."""
     lines = head.command.splitlines() or [""]
     more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
     labels = f"; {head.labels}" if head.labels else ""
+    labels += f"; attempt {head.attempt}" if head.attempt > 1 else ""
     return f"{labels}; command {shown(lines[0], cap=200)}{more}"
 
 

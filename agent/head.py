@@ -36,6 +36,7 @@ class Head:
     signature: Any = None  # the head's Signature, as it came
     signed_content: bytes | None = field(default=None, repr=False)  # what the signature must sign
     labels: str = ""  # the unsigned ParentJobId and JobName, quoted and capped, only for logs
+    attempt: int = 1  # which attempt of the job (Retries); signed (the v3 form) when above 1
 
     @property
     def is_idle(self) -> bool:
@@ -80,6 +81,7 @@ def parse_head(payload: bytes, default_timeout: float) -> Head:
         signature=message.get(Key.SIGNATURE),
         signed_content=job_signature.signed_content(message),
         labels=_labels(message),
+        attempt=_whole(message.get(Key.ATTEMPT)) or 1,  # a bad Attempt leaves the head unsigned: refused
     )
 
 

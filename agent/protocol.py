@@ -78,12 +78,18 @@ UNFINISHED_STATUSES = PENDING_STATUSES | {JobStatus.SCHEDULED}
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     # Only the service moves a held job: it releases it, or an operator (or an abort) cancels it.
     JobStatus.SCHEDULED: frozenset({JobStatus.QUEUED, JobStatus.CANCELED}),
-    JobStatus.QUEUED: frozenset({JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS} | FINAL_STATUSES),
+    # -> SCHEDULED: only the service, when an attempt ended FAILED or TIMED_OUT and the job's
+    # Retries allow another: the child keeps its place (its Seq) and waits for its retry delay.
+    JobStatus.QUEUED: frozenset({JobStatus.SCHEDULED, JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS}
+                                | FINAL_STATUSES),
     # DOWNLOADING repeats: each report carries the download's progress.
-    JobStatus.DOWNLOADING: frozenset({JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS} | FINAL_STATUSES),
-    JobStatus.IN_PROGRESS: FINAL_STATUSES,
+    JobStatus.DOWNLOADING: frozenset({JobStatus.SCHEDULED, JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS}
+                                     | FINAL_STATUSES),
+    JobStatus.IN_PROGRESS: frozenset({JobStatus.SCHEDULED} | FINAL_STATUSES),
     **{status: frozenset() for status in FINAL_STATUSES},
 }
+# The transitions only the service makes; a device's report never asks for them.
+SERVICE_ONLY = frozenset({(current, JobStatus.SCHEDULED) for current in PENDING_STATUSES})
 
 # The states a device may report about its own job (CANCELED is reported when the
 # head moved past a running job and the agent killed it). Never SCHEDULED, nor about a SCHEDULED job.

@@ -53,6 +53,7 @@ def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at
             Key.FLOOR: floor,
             Key.ISSUED_AT: format_time(issued_at),
             Key.SUBMITTED_TIME: format_time(entry.submitted),
+            **({Key.ATTEMPT: entry.attempt} if entry.attempt > 1 else {}),  # attempt 1 stays the v2 head
         }
     if sign is not None:
         head[Key.SIGNATURE] = sign(signing_bytes(head))
@@ -114,6 +115,7 @@ def parse_update(device_id: str, payload: bytes) -> Update:
         start_time=_time(message, Key.START_TIME),
         end_time=_time(message, Key.END_TIME),
         reason=_text(message, Key.REASON, MAX_REASON_CHARS).replace("\x00", "\ufffd") or None,
+        attempt=_attempt(message.get(Key.ATTEMPT)),
     )
 
 
@@ -153,6 +155,15 @@ def _exit_code(value: Any) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not -(2**31) <= value < 2**31:
         raise MessageError(f"{Key.EXIT_CODE} must be an integer or null")
+    return value
+
+
+def _attempt(value: Any) -> int:
+    """The attempt a report is about: 1 when absent (an agent that knows no attempts, or attempt 1)."""
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+        raise MessageError(f"{Key.ATTEMPT} must be a whole number of at least 1, or absent")
     return value
 
 

@@ -201,7 +201,8 @@ class Dispatcher:
 
     def _issue_time(self, queue: queues.DeviceQueue) -> datetime:
         """The head's IssuedAt: kept while its content is unchanged and it is recent, else now."""
-        content = hash((queue.head.job_id if queue.head else None, queue.floor))
+        content = hash((queue.head.job_id if queue.head else None, queue.head.attempt if queue.head else 0,
+                        queue.floor))
         current = now()
         kept = self._issued.get(queue.device_id)
         if kept is not None and kept[0] == content and (current - kept[1]).total_seconds() < REFRESH_AFTER_SECONDS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-from agent.protocol import DEVICE_REPORTABLE, TRANSITIONS, JobStatus, Key
+from agent.protocol import DEVICE_REPORTABLE, PENDING_STATUSES, SERVICE_ONLY, TRANSITIONS, JobStatus, Key
 from ota_bridge.device_messages import queue_message
 from ota_bridge.models import ChildJob, now
 from ota_bridge.store import Store, devices, jobs, queues, workflows, write_transaction
@@ -18,7 +18,9 @@ def test_scheduled_is_held_by_the_service_only() -> None:
     assert TRANSITIONS[JobStatus.SCHEDULED] == {JobStatus.QUEUED, JobStatus.CANCELED}
     assert JobStatus.SCHEDULED not in DEVICE_REPORTABLE
     assert not JobStatus.SCHEDULED.is_final
-    assert all(JobStatus.SCHEDULED not in targets for targets in TRANSITIONS.values())
+    # a retry (store/attempts.py) is the only way back into SCHEDULED, and only the service takes it
+    assert {s for s, targets in TRANSITIONS.items() if JobStatus.SCHEDULED in targets} == PENDING_STATUSES
+    assert SERVICE_ONLY == {(s, JobStatus.SCHEDULED) for s in PENDING_STATUSES}
 
 
 def test_a_scheduled_child_counts_as_pending_in_its_parent() -> None:

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from agent.protocol import JobStatus
+from agent.protocol import DEFAULT_TIMEOUT_SECONDS, JobStatus
 
 from .. import parameters
 from ..models import Workflow
@@ -50,6 +50,6 @@ def job_columns(workflow: Workflow, options: JobOptions) -> dict[str, Any]:
                        retry_on=",".join(options.retries.on))
     if rollback is not None:
         columns.update(on_failure_workflow_id=rollback.workflow_id, on_failure_command=filled[1],
-                       on_failure_timeout_seconds=rollback.timeout_seconds,
+                       on_failure_timeout_seconds=rollback.timeout_seconds or DEFAULT_TIMEOUT_SECONDS,
                        on_failure_success_on_restart=rollback.success_on_restart)
     return columns

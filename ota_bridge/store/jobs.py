@@ -14,7 +14,7 @@ from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
 from ..models import ChildJob, Device, DeviceTag, Job, now
 from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
-from .attempts import ChildView, child_views, insert_with_rollbacks, rollback_counts
+from .attempts import ChildView, child_views, end_silent, insert_with_rollbacks, rollback_counts
 from .devices import device_exists
 from .job_options import JobOptions, job_columns
 from .workflows import get_workflow
@@ -227,20 +227,20 @@ def cancel_job(job_id: str) -> list[str]:
 
 @idempotent
 def expire_silent_jobs(grace_seconds: float) -> list[str]:
-    """Jobs IN_PROGRESS past their timeout plus grace, with no word from the device, become TIMED_OUT.
+    """Jobs IN_PROGRESS past their timeout plus grace, with no word from the device, become TIMED_OUT
+    (or, when the job's Retries allow, go on to their next attempt: store/attempts.py).
 
     The clock is the service's: how long ago the IN_PROGRESS report was stored. Returns the
     devices whose queues move on.
     """
     with write_transaction():
-        running = (ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.updated, Job.timeout_seconds)
+        running = (ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.updated, own_timeout())
                    .join(Job).where(ChildJob.status == JobStatus.IN_PROGRESS.value).tuples())
         current = now()
         expired = [(seq, device) for seq, device, since, timeout in running
                    if (current - since).total_seconds() > timeout + grace_seconds]
         reason = f"the device sent no result within the job's timeout plus {grace_seconds:g} s"
-        for chunk in chunks([seq for seq, _ in expired]):
-            finalize(JobStatus.TIMED_OUT, reason, ChildJob.seq.in_(chunk))
+        end_silent([seq for seq, _ in expired], JobStatus.TIMED_OUT, reason)
     return sorted({device for _, device in expired})
 
 
@@ -254,6 +254,11 @@ def restart_silence_clocks() -> int:
     with write_transaction():
         return (ChildJob.update(updated=now())
                 .where(ChildJob.status == JobStatus.IN_PROGRESS.value).execute())
+
+
+def own_timeout() -> pw.Node:
+    """A child's timeout: its job's, or for a rollback child (OnFailure) the rollback workflow's."""
+    return pw.Case(None, [(ChildJob.on_failure_of.is_null(), Job.timeout_seconds)], Job.on_failure_timeout_seconds)
 
 
 def _pending_devices(job_id: str) -> list[str]:

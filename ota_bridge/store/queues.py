@@ -37,6 +37,7 @@ class QueueEntry:
     status: str
     submitted: datetime
     reason: str | None = None  # why a SCHEDULED job is held
+    attempt: int = 1  # the attempt the head asks for (Retries: store/attempts.py)
 
     @property
     def held(self) -> bool:
@@ -63,11 +64,17 @@ def device_queues(device_ids: list[str]) -> list[DeviceQueue]:
     totals: dict[str, int] = {}
     for chunk in chunks(device_ids):
         for device_id, total, *entry in _queue_rows(chunk):
-            found[device_id].append(QueueEntry(*entry))
+            found[device_id].append(_entry(*entry))
             totals[device_id] = total
     idle_floor = highest_seq_ever() if len(totals) < len(device_ids) else 0
     return [DeviceQueue(d, tuple(found[d]), totals.get(d, 0), found[d][0].seq - 1 if found[d] else idle_floor)
             for d in device_ids]
+
+
+def _entry(job_id: str, parent_id: str, name: str, command: str, timeout: int, success_on_restart: Any,
+           *rest: Any) -> QueueEntry:
+    """A QueueEntry from a row; the CASE that picks a rollback's SuccessOnRestart gives SQLite's 0 or 1."""
+    return QueueEntry(job_id, parent_id, name, command, timeout, bool(success_on_restart), *rest)
 
 
 def highest_seq_ever() -> int:
@@ -94,12 +101,16 @@ def _queue_rows(device_ids: list[str]) -> Iterable[tuple[Any, ...]]:
 def _queue_query(count: int) -> pw.Query:
     ranked = (ChildJob.select(
         ChildJob.device_id, ChildJob.job_id, ChildJob.parent, ChildJob.seq, ChildJob.status, ChildJob.reason,
+        ChildJob.attempt, ChildJob.on_failure_of,
         pw.fn.ROW_NUMBER().over(partition_by=[ChildJob.device_id], order_by=[ChildJob.seq]).alias("position"),
         pw.fn.COUNT(ChildJob.seq).over(partition_by=[ChildJob.device_id]).alias("total"))
         .where(ChildJob.device_id.in_(args(count)), ChildJob.status.in_(PENDING)).alias("ranked"))
-    return (Job.select(ranked.c.device_id, ranked.c.total, ranked.c.job_id, Job.job_id, Job.name, Job.command,
-                       Job.timeout_seconds, Job.success_on_restart, ranked.c.seq, ranked.c.status, Job.created,
-                       ranked.c.reason)
+    own = ranked.c.on_failure_of.is_null()  # else a rollback child (OnFailure): it runs the rollback workflow
+    return (Job.select(ranked.c.device_id, ranked.c.total, ranked.c.job_id, Job.job_id, Job.name,
+                       pw.Case(None, [(own, Job.command)], Job.on_failure_command),
+                       pw.Case(None, [(own, Job.timeout_seconds)], Job.on_failure_timeout_seconds),
+                       pw.Case(None, [(own, Job.success_on_restart)], Job.on_failure_success_on_restart),
+                       ranked.c.seq, ranked.c.status, Job.created, ranked.c.reason, ranked.c.attempt)
             .join(ranked, on=(ranked.c.parent_id == Job.job_id))
             .where(ranked.c.position <= QUEUE_LIST_LIMIT)
             .order_by(ranked.c.device_id, ranked.c.seq).tuples())

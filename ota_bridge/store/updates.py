@@ -12,6 +12,7 @@ from agent.protocol import JobStatus, can_transition
 
 from ..models import ChildJob, Device, now
 from . import PENDING, arg, args, chunks, idempotent, padded, prepared, write_transaction
+from .attempts import Attempts
 from .devices import set_presence
 
 
@@ -30,6 +31,7 @@ class Update:
     start_time: datetime | None = None
     end_time: datetime | None = None
     reason: str | None = None
+    attempt: int = 1  # which attempt of the job the report is about
 
 
 @dataclass
@@ -70,6 +72,7 @@ class _BatchView:
         self.children = {c.job_id: c for chunk in chunks(job_ids)
                          for c in prepared("batch_children", _children, *padded(chunk))}
         self.enabled = {d for chunk in chunks(devices) for (d,) in prepared("batch_enabled", _enabled, *padded(chunk))}
+        self.attempts = Attempts()  # retries and rollbacks, with the jobs' policies read once per batch
         self._heads: dict[str, int | None] = {}
         for chunk in chunks(devices):
             self._heads.update(dict.fromkeys(chunk))
@@ -111,6 +114,8 @@ def _apply_one(update: Update, view: _BatchView) -> str | None:
         return f"the job belongs to device {child.device_id!r}"
     if update.device_id not in view.enabled:
         return "the device is disabled or deleted"
+    if update.attempt != child.attempt:
+        return f"it is about attempt {update.attempt}, and the job is at attempt {child.attempt}"
     current = JobStatus(child.status)
     if current.is_final and child.finalized_by_service and update.status.is_final:
         _apply_late(child, update)
@@ -124,8 +129,13 @@ def _apply_one(update: Update, view: _BatchView) -> str | None:
         return "the job is not the device's current job"
     if not can_transition(current, update.status):
         return f"{current.value} cannot become {update.status.value}"
+    if update.status.is_final and view.attempts.retried(child, update):
+        view.applied(child, JobStatus.SCHEDULED)
+        return None
     _write_update(child, update)
     view.applied(child, update.status)
+    if update.status.is_final:
+        view.attempts.ended(child, update.status)
     return None
 
 
