@@ -742,3 +742,24 @@ def test_each_job_is_logged_with_its_parent_name_and_first_command_line(start_ag
     assert any("IN_PROGRESS; " + about in line and "(+1 more lines)" in line for line in lines), lines
     assert any("SUCCEEDED exit=0; " + about in line for line in lines), lines
     assert "no head signed" not in agent.log()  # the signed head came before the wait was over
+
+
+@pytest.mark.mosquitto
+def test_a_retry_runs_the_same_seq_again_and_a_replayed_first_attempt_does_not(
+        start_agent, service, ran, groups_file):
+    ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "exit 3"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    first = service.expect_status("j1", JobStatus.FAILED)
+    assert Key.ATTEMPT not in first
+
+    service.publish_head("j1", job(ran, groups_file, "j1", "exit 3"), **{Key.ATTEMPT: 2})  # same Seq, signed v3
+    assert service.expect_status("j1", JobStatus.IN_PROGRESS)[Key.ATTEMPT] == 2
+    second = service.expect_status("j1", JobStatus.FAILED)
+    assert second[Key.ATTEMPT] == 2 and runs(ran) == ["j1", "j1"]
+
+    service.publish_head("j1", job(ran, groups_file, "j1", "exit 3"))  # attempt 1 replayed: its result again
+    assert service.next_status() == first
+    service.publish_head("j1", job(ran, groups_file, "j1", "exit 3"), **{Key.ATTEMPT: 2})
+    assert service.next_status() == second
+    assert runs(ran) == ["j1", "j1"]

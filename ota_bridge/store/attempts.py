@@ -128,15 +128,17 @@ def insert_with_rollbacks(parent_id: str, device_ids: list[str]) -> None:
         rows = []
         for device_id in piece:
             partner = str(uuid.uuid4())
-            rows.append(_row(partner, parent_id, device_id, JobStatus.QUEUED, created))
+            rows.append(_row(partner, parent_id, device_id, JobStatus.QUEUED, created, None, None))
             rows.append(_row(str(uuid.uuid4()), parent_id, device_id, JobStatus.SCHEDULED, created,
-                             reason=ROLLBACK_WAITS.format(partner), on_failure_of=partner))
+                             ROLLBACK_WAITS.format(partner), partner))
         ChildJob.insert_many(rows).execute()
 
 
-def _row(job_id: str, parent_id: str, device_id: str, status: JobStatus, created: object, **extra: object) -> dict:
+def _row(job_id: str, parent_id: str, device_id: str, status: JobStatus, created: object, reason: str | None,
+         on_failure_of: str | None) -> dict[str, Any]:
+    """Every row names the same columns: a multi-row INSERT takes its columns from the first."""
     return {"job_id": job_id, "parent": parent_id, "device_id": device_id, "status": status.value, "stdout": "",
-            "stderr": "", "updated": created, **extra}
+            "stderr": "", "updated": created, "reason": reason, "on_failure_of": on_failure_of}
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ def child_views(children: list[ChildJob]) -> list[ChildView]:
     earlier: dict[int, list[AttemptResult]] = {}
     for chunk in chunks(retried):
         for row in AttemptResult.select().where(AttemptResult.child.in_(chunk)).order_by(AttemptResult.number):
-            earlier.setdefault(row.child_id, []).append(row)
+            earlier.setdefault(row.child_seq, []).append(row)
     rollbacks = _rollback_ids([c for c in children if c.parent.on_failure_command is not None
                                and c.on_failure_of is None])
     return [ChildView(c, tuple(earlier.get(c.seq, ())), rollbacks.get(c.job_id)) for c in children]
