@@ -34,6 +34,9 @@ class JobOptions:
     on_failure: str | None = None  # the rollback workflow's id
 
 
+NO_OPTIONS = JobOptions()  # a job as before: the workflow's command, no retries, no rollback
+
+
 def job_columns(workflow: Workflow, options: JobOptions) -> dict[str, Any]:
     """The Job columns the options set: the commands with their parameters filled in, the retry
     policy, the rollback workflow's snapshot. Raises BadParameters, WorkflowNotFound."""

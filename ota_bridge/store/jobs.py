@@ -16,7 +16,7 @@ from ..models import ChildJob, Device, DeviceTag, Job, now
 from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
 from .attempts import ChildView, child_views, end_silent, insert_with_rollbacks, rollback_counts
 from .devices import device_exists
-from .job_options import JobOptions, job_columns
+from .job_options import NO_OPTIONS, JobOptions, job_columns
 from .workflows import get_workflow
 
 TARGET_FIELDS = ("DeviceId", "DeviceGroup", "TagId")
@@ -26,7 +26,7 @@ TARGET_FIELDS = ("DeviceId", "DeviceGroup", "TagId")
 
 
 def submit_job(name: str | None, workflow_id: str, target_field: str, target_value: str,
-               timeout_seconds: int | None, options: JobOptions = JobOptions()) -> tuple[Job, list[str]]:
+               timeout_seconds: int | None, options: JobOptions = NO_OPTIONS) -> tuple[Job, list[str]]:
     """Create a parent job and one child per target device in one transaction (with OnFailure, a
     rollback child right after each: see store/attempts.py).
 
