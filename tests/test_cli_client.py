@@ -143,6 +143,20 @@ def test_submit_watch_exits_0_when_every_device_succeeds(fleet: Service) -> None
     assert "ok-1  SUCCEEDED  exit 0  fine" in done.stdout.splitlines()
 
 
+def test_submit_with_parameters_and_retries_then_show_each_attempt(fleet: Service) -> None:
+    workflow = as_json(fleet, "workflow", "create", "--name", "p", "--command",
+                       'printf "%s|" {{v}}; [ "$OTA_DEVICE_ID" = ok-1 ]')["WorkflowId"]
+    submitted = as_json(fleet, "job", "submit", "--workflow", workflow, "--device", "bad-3", "--param", "v=a b;c",
+                        "--retries", "1")
+    job = fleet.api.wait_job(submitted["JobId"])
+    assert job["Status"] == "FAILED" and job["Retries"]["Max"] == 1 and job["Parameters"] == {"v": "a b;c"}
+    [child] = fleet.api.ok("GET", f"/v1/job/{job['JobId']}/childjobs")
+    shown = ok(fleet, "job", "show", child["JobId"])
+    assert "#1 FAILED exit 1" in shown and "#2 FAILED exit 1" in shown and "a b;c|" in shown
+    refused = run(fleet, "job", "submit", "--workflow", workflow, "--device", "ok-1", "--retry-delay", "5")
+    assert refused.returncode != 0 and "--retry-delay and --retry-on need --retries" in refused.stderr
+
+
 def test_cancel_delete_and_interrupted_watch(fleet: Service) -> None:
     fleet.api.device("asleep")  # no agent: its job stays queued
     job_id = as_json(fleet, "job", "submit", "--workflow", fleet.api.workflow("true"), "--device", "asleep",
