@@ -763,3 +763,20 @@ def test_a_retry_runs_the_same_seq_again_and_a_replayed_first_attempt_does_not(
     service.publish_head("j1", job(ran, groups_file, "j1", "exit 3"), **{Key.ATTEMPT: 2})
     assert service.next_status() == second
     assert runs(ran) == ["j1", "j1"]
+
+
+@pytest.mark.mosquitto
+def test_the_next_attempt_of_the_running_job_cancels_it_and_runs(start_agent, service, ran, groups_file):
+    """The service timed a silent attempt out and retries it: the head of attempt 2 has the same Seq."""
+    ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "sleep 300"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    wait_until_running(ran, "j1")
+    service.publish_head("j1", job(ran, groups_file, "j1", "sleep 300"))  # attempt 1 again: a duplicate
+    service.publish_head("j1", job(ran, groups_file, "j1"), **{Key.ATTEMPT: 2})
+
+    canceled = service.expect_status("j1", JobStatus.CANCELED)
+    assert Key.ATTEMPT not in canceled  # about attempt 1
+    assert service.expect_status("j1", JobStatus.IN_PROGRESS)[Key.ATTEMPT] == 2
+    assert service.expect_status("j1", JobStatus.SUCCEEDED)[Key.ATTEMPT] == 2
+    assert runs(ran) == ["j1", "j1"]

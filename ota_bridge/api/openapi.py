@@ -81,9 +81,8 @@ WEBHOOK = {"WebhookId": UUID, "Url": STRING, "CreatedTime": TIME, "PendingDelive
 JOB_OPTIONS = {
     "Parameters": {"type": "object", "additionalProperties": STRING,
                    "description": "the values given; Command holds them filled in, shell-quoted"},
-    "Retries": record({"Max": INTEGER, "DelaySeconds": INTEGER, "On": {"type": "array", "items": STATUS}}),
-    "OnFailure": record({"WorkflowId": UUID, "Command": STRING, "Result": ref("Counts")},
-                        description="the rollback workflow and its child jobs per state (not in Result)"),
+    "Retries": ref("JobRetries"),
+    "OnFailure": ref("JobOnFailure"),
 }
 ATTEMPT = record({"Attempt": INTEGER, "Status": STATUS, "StartTime": nullable(TIME), "EndTime": nullable(TIME),
                   "ExitCode": nullable(INTEGER), "Stdout": STRING, "Stderr": STRING, "StdoutTruncated": BOOLEAN,
@@ -139,6 +138,10 @@ ANSWERS: dict[str, Schema] = {
         description="OnFailureOf: this is the rollback child of that child job; OnFailureJobId: this child's "
                     "rollback child"),
     "Attempt": ATTEMPT,
+    "JobRetries": record({"Max": INTEGER, "DelaySeconds": INTEGER, "On": {"type": "array", "items": STATUS}},
+                         description="retries of a device's failed attempt (docs/rollouts-attempts.md)"),
+    "JobOnFailure": record({"WorkflowId": UUID, "Command": STRING, "Result": ref("Counts")},
+                           description="the rollback workflow and its child jobs per state (not in Result)"),
     "JobDeleted": deleted("JobId"),
     "Device": record(DEVICE),
     "RegisteredDevice": record({**DEVICE, **CREDENTIALS}),
