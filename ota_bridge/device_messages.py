@@ -158,10 +158,10 @@ def _exit_code(value: Any) -> int | None:
     return value
 
 
-def _attempt(value: Any) -> int:
-    """The attempt a report is about: 1 when absent (an agent that knows no attempts, or attempt 1)."""
+def _attempt(value: Any) -> int | None:
+    """The attempt a report is about; None when absent (attempt 1, or an agent that knows no attempts)."""
     if value is None:
-        return 1
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
         raise MessageError(f"{Key.ATTEMPT} must be a whole number of at least 1, or absent")
     return value

@@ -137,3 +137,12 @@ def test_a_report_about_an_earlier_attempt_is_dropped(db: Store) -> None:
     again = Update("d1", child.job_id, JobStatus.SUCCEEDED, attempt=2)
     assert db.call_sync(record_device_messages, [again], []).applied == [again]
     assert db.call_sync(jobs.get_child, child.job_id).status == "SUCCEEDED"
+
+
+def test_a_rejection_naming_no_attempt_ends_a_retry_an_old_agent_cannot_verify(db: Store) -> None:
+    child, _ = _retried_job(db)
+    db.call_sync(record_device_messages, [Update("d1", child.job_id, JobStatus.FAILED, exit_code=1)], [])
+    _set(db, child.seq, status="QUEUED")  # attempt 2 released; a v2 agent refuses its v3 head
+    rejected = Update("d1", child.job_id, JobStatus.REJECTED, reason="the head's signature does not verify")
+    assert db.call_sync(record_device_messages, [rejected], []).applied == [rejected]
+    assert db.call_sync(jobs.get_child, child.job_id).status == "REJECTED"

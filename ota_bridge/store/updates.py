@@ -31,7 +31,7 @@ class Update:
     start_time: datetime | None = None
     end_time: datetime | None = None
     reason: str | None = None
-    attempt: int = 1  # which attempt of the job the report is about
+    attempt: int | None = None  # which attempt of the job the report is about; None: not said (1)
 
 
 @dataclass
@@ -114,8 +114,8 @@ def _apply_one(update: Update, view: _BatchView) -> str | None:
         return f"the job belongs to device {child.device_id!r}"
     if update.device_id not in view.enabled:
         return "the device is disabled or deleted"
-    if update.attempt != child.attempt:
-        return f"it is about attempt {update.attempt}, and the job is at attempt {child.attempt}"
+    if not _current_attempt(update, child):
+        return f"it is about attempt {update.attempt or 1}, and the job is at attempt {child.attempt}"
     current = JobStatus(child.status)
     if current.is_final and child.finalized_by_service and update.status.is_final:
         _apply_late(child, update)
@@ -140,6 +140,14 @@ def _apply_one(update: Update, view: _BatchView) -> str | None:
 
 
 LATE = "late"
+
+
+def _current_attempt(update: Update, child: ChildJob) -> bool:
+    """Whether the report is about the child's current attempt. A REJECTED that names no attempt is:
+    an agent that knows only v2 heads cannot verify the v3 head of a retry, and says so without one."""
+    if update.attempt is None and update.status is JobStatus.REJECTED:
+        return True
+    return (update.attempt or 1) == child.attempt
 
 
 def _apply_late(child: ChildJob, update: Update) -> None:
