@@ -146,3 +146,16 @@ def test_a_rejection_naming_no_attempt_ends_a_retry_an_old_agent_cannot_verify(d
     rejected = Update("d1", child.job_id, JobStatus.REJECTED, reason="the head's signature does not verify")
     assert db.call_sync(record_device_messages, [rejected], []).applied == [rejected]
     assert db.call_sync(jobs.get_child, child.job_id).status == "REJECTED"
+
+
+def test_a_rollback_child_whose_partner_another_path_ended_is_settled_with_the_timeouts(db: Store) -> None:
+    db.call_sync(devices.register_devices, [devices.NewDevice("d1", None, (), "x")])
+    workflow = db.call_sync(workflows.create_workflow, "w", "true", 10, False)
+    job, _ = db.call_sync(jobs.submit_job, None, workflow.workflow_id, "DeviceId", "d1", None,
+                          JobOptions(on_failure=workflow.workflow_id))
+    partner, rollback = db.call_sync(jobs.child_jobs, job.job_id)
+    assert (partner.on_failure_of, rollback.on_failure_of, rollback.status) == (None, partner.job_id, "SCHEDULED")
+    _set(db, partner.seq, status="CANCELED")  # as a rollout's abort would, knowing nothing of rollbacks
+    assert db.call_sync(jobs.expire_silent_jobs, 60) == ["d1"]
+    settled = db.call_sync(jobs.get_child, rollback.job_id)
+    assert settled.status == "CANCELED" and settled.reason.startswith("not needed")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import peewee as pw
 
-from agent.protocol import JobStatus, can_transition, format_time
+from agent.protocol import FINAL_STATUSES, JobStatus, can_transition, format_time
 
 from .. import clock
 from ..models import AttemptResult, ChildJob, Job, now
@@ -119,6 +119,19 @@ def end_silent(seqs: list[int], status: JobStatus, reason: str) -> None:
         finalize(status, reason, ChildJob.seq.in_(chunk))
     for child in final:
         book.ended(child, status)
+
+
+def settle_stray_rollbacks() -> list[str]:
+    """Settle the rollback children still SCHEDULED whose partner is final: one that a path which
+    does not know rollbacks (a rollout's abort, say) ended. Returns the devices whose queues moved.
+    A safety net, run with the timeouts: a rollback child left SCHEDULED would hold its device."""
+    rollback = ChildJob.alias()
+    partners = list(ChildJob.select().join(rollback, on=(rollback.on_failure_of == ChildJob.job_id))
+                    .where(rollback.status == SCHEDULED, ChildJob.status.in_([s.value for s in FINAL_STATUSES])))
+    book = Attempts()
+    for partner in partners:
+        book.ended(partner, JobStatus(partner.status))
+    return sorted({p.device_id for p in partners})
 
 
 def insert_with_rollbacks(parent_id: str, device_ids: list[str]) -> None:

@@ -14,7 +14,7 @@ from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
 from ..models import ChildJob, Device, DeviceTag, Job, now
 from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
-from .attempts import ChildView, child_views, end_silent, insert_with_rollbacks, rollback_counts
+from .attempts import ChildView, child_views, end_silent, insert_with_rollbacks, rollback_counts, settle_stray_rollbacks
 from .devices import device_exists
 from .job_options import NO_OPTIONS, JobOptions, job_columns
 from .workflows import get_workflow
@@ -230,8 +230,9 @@ def expire_silent_jobs(grace_seconds: float) -> list[str]:
     """Jobs IN_PROGRESS past their timeout plus grace, with no word from the device, become TIMED_OUT
     (or, when the job's Retries allow, go on to their next attempt: store/attempts.py).
 
-    The clock is the service's: how long ago the IN_PROGRESS report was stored. Returns the
-    devices whose queues move on.
+    The clock is the service's: how long ago the IN_PROGRESS report was stored. Also settles the
+    rollback children a path that knows no rollbacks left waiting (attempts.settle_stray_rollbacks).
+    Returns the devices whose queues move on.
     """
     with write_transaction():
         running = (ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.updated, own_timeout())
@@ -241,7 +242,8 @@ def expire_silent_jobs(grace_seconds: float) -> list[str]:
                    if (current - since).total_seconds() > timeout + grace_seconds]
         reason = f"the device sent no result within the job's timeout plus {grace_seconds:g} s"
         end_silent([seq for seq, _ in expired], JobStatus.TIMED_OUT, reason)
-    return sorted({device for _, device in expired})
+        settled = settle_stray_rollbacks()
+    return sorted({device for _, device in expired} | set(settled))
 
 
 @idempotent
