@@ -235,7 +235,7 @@ def expire_silent_jobs(grace_seconds: float) -> list[str]:
     Returns the devices whose queues move on.
     """
     with write_transaction():
-        running = (ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.updated, own_timeout())
+        running = (ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.updated, _own_timeout())
                    .join(Job).where(ChildJob.status == JobStatus.IN_PROGRESS.value).tuples())
         current = now()
         expired = [(seq, device) for seq, device, since, timeout in running
@@ -258,7 +258,7 @@ def restart_silence_clocks() -> int:
                 .where(ChildJob.status == JobStatus.IN_PROGRESS.value).execute())
 
 
-def own_timeout() -> pw.Node:
+def _own_timeout() -> pw.Node:
     """A child's timeout: its job's, or for a rollback child (OnFailure) the rollback workflow's."""
     return pw.Case(None, [(ChildJob.on_failure_of.is_null(), Job.timeout_seconds)], Job.on_failure_timeout_seconds)
 
