@@ -13,7 +13,8 @@ SHA = "0123456789abcdef" * 4
 
 def head(**extra: Any) -> dict[str, Any]:
     return {Key.DEVICE_ID: "dev-1", Key.JOB_ID: "job-1", Key.SEQ: 7, Key.FLOOR: 6,
-            Key.ISSUED_AT: "2026-11-30T06:00:00.000Z", Key.TIMEOUT_SECONDS: 60, Key.SUCCESS_ON_RESTART: False, Key.COMMAND: "echo hi\nexit 0", **extra}
+            Key.ISSUED_AT: "2026-11-30T06:00:00.000Z",
+            Key.TIMEOUT_SECONDS: 60, Key.SUCCESS_ON_RESTART: False, Key.COMMAND: "echo hi\nexit 0", **extra}
 
 
 def artifact(**change: Any) -> dict[str, Any]:
