@@ -5,7 +5,9 @@ seconds; a change drops the device's connection and session at once (disabled, r
 deleted). Mosquitto: the service writes a password file and an ACL file from the registry
 into the accounts directory, one rewrite at a time and keeping the files' owner, group and
 mode, and sends Mosquitto SIGHUP (its pid from `mosquitto.pid` there, once that pid is checked
-to be Mosquitto's) to reload them.
+to be Mosquitto's) to reload them. Dynamic security plugin: the service sends each change as it is
+committed; in cluster mode any instance may, so each change is applied so that the broker ends as
+the registry is, whichever instance's command the plugin applies last.
 """
 
 from __future__ import annotations
@@ -31,13 +33,17 @@ from .mosquitto_dynsec import (
     Account,
     DynsecClient,
     DynsecError,
+    InstanceLogins,
     create_commands,
     delete_commands,
     initial_config,
+    instance_commands,
 )
 from .store import Store, chunks, devices
 
 log = logging.getLogger(__name__)
+
+CONVERGE_ROUNDS = 5  # an enable or disable sends what the registry says again, at most this often
 
 SERVICE_PASSWORD_FILE = "mqtt-service-password"  # in the data dir: the service's own broker password
 OPERATOR_PASSWORD_FILE = "mqtt-operator-password"  # in the data dir: user "api", read-only watchers
@@ -123,6 +129,24 @@ def write_dynsec_config(out: Path, accounts: list[tuple[str, str, bool]], data_d
         raise AccountsNotWritten(f"could not write {out}: {e}") from e
 
 
+def instance_password_files(instance_id: str) -> InstanceLogins:
+    """Cluster mode: the files, in the instance's data dir, of its own logins' passwords (named per
+    instance, so that instances may share one data dir); `ota-bridge mosquitto-dynsec-instance` makes them."""
+    return InstanceLogins(f"mqtt-service-password-{instance_id}", f"mqtt-dynsec-admin-password-{instance_id}")
+
+
+async def set_up_instance(admin: DynsecClient, topics: Topics, data_dir: Path, instance_id: str) -> InstanceLogins:
+    """Give a cluster instance its own service and admin logins on the plugin, their passwords kept in
+    (or, set up before, read from) its data dir; safe to run again. Returns the usernames."""
+    logins, files = InstanceLogins.of(instance_id), instance_password_files(instance_id)
+    passwords = InstanceLogins(broker_secret(data_dir, files.service), broker_secret(data_dir, files.admin))
+    try:
+        await admin.run(instance_commands(topics, logins, passwords), exists_ok=True)
+    except DynsecError as e:
+        raise AccountsNotWritten(e.detail) from e
+    return logins
+
+
 def reload_mosquitto(pid_file: Path) -> bool:
     """Send SIGHUP to the Mosquitto named by pid_file; False (and a warning) if there is none.
 
@@ -205,14 +229,39 @@ class BrokerAccounts:
         raise AccountsNotWritten(f"{e.detail}; {named} not registered") from e
 
     async def enabled(self, device_id: str, enabled: bool) -> None:
-        """The device may (no longer) connect; disabled, it is dropped at once."""
+        """The device may (no longer) connect; disabled, it is dropped at once.
+
+        Another instance may change the same device at the same time, and the plugin may apply the
+        two commands in either order: once the plugin has answered, the registry is read again and,
+        if it says otherwise, what it says is sent. The instance whose command the plugin applied
+        last reads the registry after every commit that came before, so the broker ends as the registry.
+        """
         await self._apply(None if enabled else device_id)
-        await self._dynsec([{"command": "enableClient" if enabled else "disableClient", "username": device_id}])
+        for _ in range(CONVERGE_ROUNDS):
+            command = {"command": "enableClient" if enabled else "disableClient", "username": device_id}
+            if not await self._device_change([command], device_id):
+                return
+            now = await self.db.call(devices.device_enabled, device_id)
+            if now is None or now == enabled:
+                return
+            enabled = now
 
     async def rotated(self, device_id: str, password: str) -> None:
         """The device has a new password; the old one stops working and its connection is dropped."""
         await self._apply(device_id)
-        await self._dynsec([{"command": "setClientPassword", "username": device_id, "password": password}])
+        await self._device_change([{"command": "setClientPassword", "username": device_id, "password": password}],
+                                  device_id)
+
+    async def _device_change(self, commands: list[dict[str, object]], device_id: str) -> bool:
+        """Send a change of a registered device; False if the plugin no longer has it because it was
+        deleted meanwhile (by another request, maybe on another instance: nothing left to change)."""
+        try:
+            await self._dynsec(commands)
+        except AccountsNotWritten:
+            if await self.db.call(devices.device_exists, device_id):
+                raise
+            return False
+        return self.dynsec is not None
 
     async def deleted(self, device_id: str) -> None:
         await self._apply(device_id)

@@ -304,12 +304,8 @@ def _check_cluster(s: Settings) -> None:
                           f"one instance's own")
     if s.mosquitto_dir is not None:
         raise ConfigError(f"{named('instance_id')} (cluster mode) cannot be used with {named('mosquitto_dir')}: "
-                          f"several instances would rewrite one password file, and share one broker identity; "
-                          f"give each instance its own broker user in --mqtt-url (docs/scale.md)")
-    if s.mosquitto_dynsec:
-        raise ConfigError(f"{named('instance_id')} (cluster mode) cannot be used with {named('mosquitto_dynsec')} "
-                          f"yet: the plugin's service account is one broker identity; give each instance its own "
-                          f"broker user in --mqtt-url and manage device accounts outside the cluster (docs/scale.md)")
+                          f"several instances would rewrite one password file; keep Mosquitto's accounts in its "
+                          f"dynamic security plugin with {named('mosquitto_dynsec')} instead (docs/scale.md)")
 
 
 def _pair(first: object, second: object, first_name: str, second_name: str) -> None:
