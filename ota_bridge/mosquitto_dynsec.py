@@ -182,9 +182,11 @@ class DynsecClient:
             self._client.tls_set_context(tls)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
-        self._client.on_disconnect = lambda *_args: self._ready.clear()
+        self._client.on_disconnect = self._on_disconnect
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()  # subscribed to the answers
+        self._settled = threading.Event()  # the last login was answered: ready, or refused
+        self._refused: str | None = None  # why the last login was refused
         self._waiting: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
         self._numbers = itertools.count(1)
 
@@ -201,9 +203,11 @@ class DynsecClient:
                   exists_ok: bool = False) -> None:
         """Send the commands in one message; raise DynsecError naming each one refused (with
         missing_ok, 'not found' answers count as done; with exists_ok, 'already exists')."""
-        if not await asyncio.to_thread(self._ready.wait, ANSWER_SECONDS):
+        await asyncio.to_thread(self._settled.wait, ANSWER_SECONDS)
+        if not self._ready.is_set():
+            why = f"it refused the login: {self._refused}" if self._refused else f"within {ANSWER_SECONDS:.0f} s"
             raise DynsecError(f"could not reach Mosquitto's dynamic security plugin at {self.host}:{self.port} "
-                              f"as {self.username!r} within {ANSWER_SECONDS:.0f} s")
+                              f"as {self.username!r}: {why}")
         number = str(next(self._numbers))
         tagged = [{**c, "correlationData": f"{number}:{i}"} for i, c in enumerate(commands)]
         assert self._loop is not None
@@ -226,9 +230,17 @@ class DynsecClient:
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, code: Any, _props: Any) -> None:
         if code.is_failure:
             log.warning("Mosquitto refused the dynamic security admin %r: %s", self.username, code)
-            return
-        client.subscribe(RESPONSE_TOPIC, qos=1)
-        self._ready.set()
+            self._refused = str(code)
+        else:
+            client.subscribe(RESPONSE_TOPIC, qos=1)
+            self._refused = None
+            self._ready.set()
+        self._settled.set()
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        self._ready.clear()
+        if self._refused is None:  # a refused login stays settled: waiting for the next attempt would not help
+            self._settled.clear()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

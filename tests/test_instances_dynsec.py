@@ -14,6 +14,7 @@ import queue
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -33,14 +34,15 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.postgres]
 INSTANCES = "ab"
 
 
-def set_up_instance(tmp_path: Path, broker: Mosquitto, name: str) -> subprocess.CompletedProcess[str]:
+def set_up_instance(tmp_path: Path, broker: Mosquitto, name: str,
+                    admin_password_file: Path | None = None) -> subprocess.CompletedProcess[str]:
     """The documented one-time set-up of an instance, as the plugin's first admin (its password in the
     data dir `mosquitto-dynsec-config` wrote, tmp_path/service-data)."""
+    admin_password_file = admin_password_file or tmp_path / "service-data" / DYNSEC_ADMIN_PASSWORD_FILE
     return subprocess.run(
         [sys.executable, "-m", "ota_bridge", "mosquitto-dynsec-instance", "--instance-id", name, "--mqtt-url",
          broker.url, "--data-dir", str(tmp_path / name / "service-data"), "--admin-password-file",
-         str(tmp_path / "service-data" / DYNSEC_ADMIN_PASSWORD_FILE)],
-        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+         str(admin_password_file)], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
 
 
 def connected_as(broker: Mosquitto, login: str) -> int:
@@ -56,6 +58,10 @@ def test_two_instances_keep_device_accounts_in_the_plugin(tmp_path: Path) -> Non
             assert done.returncode == 0, done.stderr
         again = set_up_instance(tmp_path, broker, "a")  # safe to run again: same logins, same passwords
         assert again.returncode == 0, again.stderr
+        wrong = tmp_path / "wrong-password"
+        wrong.write_text("not-the-admin-password\n")
+        refused = set_up_instance(tmp_path, broker, "c", wrong)
+        assert refused.returncode == 2 and "refused the login" in refused.stderr, refused.stderr
         services = start_instances(tmp_path, database, broker.url, INSTANCES, ("--mosquitto-dynsec",))
         agents: list[Agent] = []
         try:
@@ -63,6 +69,7 @@ def test_two_instances_keep_device_accounts_in_the_plugin(tmp_path: Path) -> Non
             a, b = (Api(s.base_url, token) for s in services)
             run_jobs_across_instances(tmp_path, broker, services, a, b, agents)
             disable_through_the_other_instance(broker, a, b)
+            flip_through_both_at_once(broker, a, b)
             assert a.ok("GET", "/v1/health")["BrokerConnected"] and b.ok("GET", "/v1/health")["BrokerConnected"]
             for name in INSTANCES:  # one connection per login, each its own user, never taken over
                 logins = InstanceLogins.of(name)
@@ -109,3 +116,15 @@ def disable_through_the_other_instance(broker: Mosquitto, a: Api, b: Api) -> Non
     assert not logs_in(broker.port, "victim", password)
     a.ok("PATCH", "/v1/device/victim", {"Enabled": True})
     assert logs_in(broker.port, "victim", password)
+
+
+def flip_through_both_at_once(broker: Mosquitto, a: Api, b: Api) -> None:
+    """Enables and disables of one device through both instances at once: whatever order the plugin
+    applies them in, the broker ends as the registry says."""
+    password = b.device("flipper")
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda n: (a, b)[n % 2].request("PATCH", "/v1/device/flipper",
+                                                                 {"Enabled": n % 3 != 0}), range(12)))
+    assert [r.status for r in answers] == [200] * 12, [r.body for r in answers]
+    enabled = a.ok("GET", "/v1/device/flipper")["Enabled"]
+    assert logs_in(broker.port, "flipper", password) == enabled
