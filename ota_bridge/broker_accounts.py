@@ -40,10 +40,12 @@ from .mosquitto_dynsec import (
     instance_commands,
 )
 from .store import Store, chunks, devices
+from .store.account_locks import AccountLocks
 
 log = logging.getLogger(__name__)
 
 CONVERGE_ROUNDS = 5  # an enable or disable sends what the registry says again, at most this often
+SLOW_SECONDS = 1.0  # failpoint slow-broker-accounts: between a committed change and the broker hearing of it
 
 SERVICE_PASSWORD_FILE = "mqtt-service-password"  # in the data dir: the service's own broker password
 OPERATOR_PASSWORD_FILE = "mqtt-operator-password"  # in the data dir: user "api", read-only watchers
@@ -199,9 +201,11 @@ class BrokerAccounts:
 
     def __init__(self, db: Store, topics: Topics, data_dir: Path, *,
                  embedded: EmbeddedBroker | None = None, mosquitto_dir: Path | None = None,
-                 dynsec: DynsecClient | None = None) -> None:
+                 dynsec: DynsecClient | None = None, locks: AccountLocks | None = None, slow: bool = False) -> None:
         self.db, self.topics, self.data_dir = db, topics, data_dir
         self.embedded, self.mosquitto_dir, self.dynsec = embedded, mosquitto_dir, dynsec
+        self.locks = locks  # cluster mode: a device's new password goes to the plugin under its lock
+        self.delay = SLOW_SECONDS if slow else 0.0  # for tests: another instance's change may overtake this one
         self._rewrite_lock = asyncio.Lock()  # one rewrite at a time
         self._changes = self._written = 0  # changes counted; how many of them the files show
 
@@ -237,6 +241,7 @@ class BrokerAccounts:
         last reads the registry after every commit that came before, so the broker ends as the registry.
         """
         await self._apply(None if enabled else device_id)
+        await asyncio.sleep(self.delay)
         for _ in range(CONVERGE_ROUNDS):
             command = {"command": "enableClient" if enabled else "disableClient", "username": device_id}
             if not await self._device_change([command], device_id):
@@ -246,11 +251,23 @@ class BrokerAccounts:
                 return
             enabled = now
 
-    async def rotated(self, device_id: str, password: str) -> None:
-        """The device has a new password; the old one stops working and its connection is dropped."""
+    async def rotated(self, device_id: str, password: str, password_hash: str) -> None:
+        """The device has a new password (stored as password_hash); the old one stops working and its
+        connection is dropped.
+
+        In cluster mode two instances may re-key one device at once, and the plugin could apply the
+        older password last. So each sends its password under the device's lock, and only if the
+        registry still holds its hash: a newer one was committed before its own sender took the lock.
+        """
         await self._apply(device_id)
-        await self._device_change([{"command": "setClientPassword", "username": device_id, "password": password}],
-                                  device_id)
+        command = {"command": "setClientPassword", "username": device_id, "password": password}
+        await asyncio.sleep(self.delay)
+        if self.locks is None or self.dynsec is None:
+            await self._device_change([command], device_id)
+            return
+        async with self.locks.holding(device_id):
+            if await self.db.call(devices.password_hash, device_id) == password_hash:
+                await self._device_change([command], device_id)
 
     async def _device_change(self, commands: list[dict[str, object]], device_id: str) -> bool:
         """Send a change of a registered device; False if the plugin no longer has it because it was

@@ -53,6 +53,7 @@ from .mqtt_link import BrokerLink
 from .roles import Role
 from .settings import OPTIONS_BY_NAME, SQLITE_FILE, HostPort, Settings, named
 from .store import Store, devices, queues, serialize_writes, tokens
+from .store.account_locks import AccountLocks
 from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,9 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
         link, embedded = await _broker_link(settings, db, dispatcher, stack)
         dispatcher.attach(link)
         accounts = BrokerAccounts(db, dispatcher.topics, settings.data_dir, embedded=embedded,
-                                  mosquitto_dir=settings.mosquitto_dir, dynsec=_dynsec(settings, stack))
+                                  mosquitto_dir=settings.mosquitto_dir, dynsec=_dynsec(settings, stack),
+                                  locks=_account_locks(settings, stack),
+                                  slow="slow-broker-accounts" in settings.failpoints)
         await accounts.start()
         tasks = [dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts(), WebhookSender(db).run()]
         if cluster is None:
@@ -263,6 +266,15 @@ def _dynsec(settings: Settings, stack: contextlib.AsyncExitStack) -> DynsecClien
     client.start()
     stack.callback(client.close)
     return client
+
+
+def _account_locks(settings: Settings, stack: contextlib.AsyncExitStack) -> AccountLocks | None:
+    """Cluster mode with the plugin: the devices' locks for the changes that must reach it in order."""
+    if settings.instance_id is None or not settings.mosquitto_dynsec:
+        return None
+    locks = AccountLocks(settings.database_url)
+    stack.callback(locks.close)
+    return locks
 
 
 def _service_login(settings: Settings) -> tuple[str, str]:

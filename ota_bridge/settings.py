@@ -137,7 +137,7 @@ def parse_seconds(value: str) -> float:
     return seconds
 
 
-FAILPOINTS = frozenset({"exit-after-store"})
+FAILPOINTS = frozenset({"exit-after-store", "slow-broker-accounts"})
 
 
 def parse_failpoints(value: str) -> frozenset[str]:
@@ -235,7 +235,9 @@ OPTIONS = (
            "cluster mode: this instance's name, unique among the instances that share one PostgreSQL "
            "--database and one --mqtt-url broker (docs/scale.md)", metavar="NAME"),
     Option("failpoints", "", parse_failpoints,
-           "for fault-injection tests only: exit-after-store kills the service right after it stores a result",
+           "for fault-injection tests only: exit-after-store kills the service right after it stores a result; "
+           "slow-broker-accounts waits a second between committing a device's enable, disable or new password "
+           "and telling the broker",
            hidden=True),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}

@@ -11,6 +11,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Mapping
 
 import psycopg2
 import pytest
@@ -61,13 +62,15 @@ def test_cluster_mode_settings() -> None:
 
 
 def start_instances(tmp_path: Path, database: str, broker_url: str, names: str = INSTANCES,
-                    extra: tuple[str, ...] = ()) -> list[Service]:
-    """Instances (data dir tmp_path/NAME/service-data), one after another; the first makes the job-signing
-    key, the others are given the same one."""
+                    extra: tuple[str, ...] = (),
+                    extra_for: Mapping[str, tuple[str, ...]] | None = None) -> list[Service]:
+    """Instances (data dir tmp_path/NAME/service-data), one after another, with flags `extra` (and
+    extra_for[NAME]); the first makes the job-signing key, the others are given the same one."""
     services = []
     for name in names:
         (tmp_path / name).mkdir(exist_ok=True)
-        service = Service(tmp_path / name, broker_url, database, ("--instance-id", name, *extra))
+        own = (extra_for or {}).get(name, ())
+        service = Service(tmp_path / name, broker_url, database, ("--instance-id", name, *extra, *own))
         if services:
             service.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             for key_file in signing.key_files(services[0].data_dir):

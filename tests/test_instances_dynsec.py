@@ -4,8 +4,10 @@ and any instance's API call changes the devices' broker accounts.
 
 Devices registered through one instance log in and run jobs submitted through the other; a device
 disabled through the instance that did not register it is dropped by the broker and refused, and
-enabled again through the first; the instances never take over each other's sessions (the broker's
-own log of connections says so).
+enabled again through the first; when one instance's change reaches the broker after another's
+newer one (instance a waits a second before telling the broker: a failpoint), the broker still ends
+as the registry says; the instances never take over each other's sessions (the broker's own log of
+connections says so).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import psycopg2
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from ota_bridge import credentials
 from ota_bridge.broker_accounts import DYNSEC_ADMIN_PASSWORD_FILE
 from ota_bridge.mosquitto_dynsec import InstanceLogins
 
@@ -62,14 +66,16 @@ def test_two_instances_keep_device_accounts_in_the_plugin(tmp_path: Path) -> Non
         wrong.write_text("not-the-admin-password\n")
         refused = set_up_instance(tmp_path, broker, "c", wrong)
         assert refused.returncode == 2 and "refused the login" in refused.stderr, refused.stderr
-        services = start_instances(tmp_path, database, broker.url, INSTANCES, ("--mosquitto-dynsec",))
+        services = start_instances(tmp_path, database, broker.url, INSTANCES, ("--mosquitto-dynsec",),
+                                   {"a": ("--failpoints", "slow-broker-accounts")})
         agents: list[Agent] = []
         try:
             token = (services[0].data_dir / "admin-token").read_text().strip()
             a, b = (Api(s.base_url, token) for s in services)
             run_jobs_across_instances(tmp_path, broker, services, a, b, agents)
             disable_through_the_other_instance(broker, a, b)
-            flip_through_both_at_once(broker, a, b)
+            overtaken_disable(broker, a, b)
+            overtaken_rotation(broker, database, a, b)
             assert a.ok("GET", "/v1/health")["BrokerConnected"] and b.ok("GET", "/v1/health")["BrokerConnected"]
             for name in INSTANCES:  # one connection per login, each its own user, never taken over
                 logins = InstanceLogins.of(name)
@@ -118,13 +124,37 @@ def disable_through_the_other_instance(broker: Mosquitto, a: Api, b: Api) -> Non
     assert logs_in(broker.port, "victim", password)
 
 
-def flip_through_both_at_once(broker: Mosquitto, a: Api, b: Api) -> None:
-    """Enables and disables of one device through both instances at once: whatever order the plugin
-    applies them in, the broker ends as the registry says."""
+
+def stored_hash(database: str, device_id: str) -> str:
+    with psycopg2.connect(database) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT password_hash FROM device WHERE device_id = %s", (device_id,))
+        [(stored,)] = cursor.fetchall()
+    return str(stored)
+
+
+def overtaken_disable(broker: Mosquitto, a: Api, b: Api) -> None:
+    """a disables (and tells the broker a second after committing: its failpoint), b enables meanwhile:
+    the plugin gets b's enable first, a's disable last, and still the broker ends as the registry says."""
     password = b.device("flipper")
-    with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda n: (a, b)[n % 2].request("PATCH", "/v1/device/flipper",
-                                                                 {"Enabled": n % 3 != 0}), range(12)))
-    assert [r.status for r in answers] == [200] * 12, [r.body for r in answers]
-    enabled = a.ok("GET", "/v1/device/flipper")["Enabled"]
-    assert logs_in(broker.port, "flipper", password) == enabled
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(a.request, "PATCH", "/v1/device/flipper", {"Enabled": False})
+        wait_until(lambda: not b.ok("GET", "/v1/device/flipper")["Enabled"], 10, "a's disable to be committed")
+        b.ok("PATCH", "/v1/device/flipper", {"Enabled": True})
+        assert slow.result().status == 200
+    assert b.ok("GET", "/v1/device/flipper")["Enabled"] is True
+    assert logs_in(broker.port, "flipper", password)
+
+
+def overtaken_rotation(broker: Mosquitto, database: str, a: Api, b: Api) -> None:
+    """a re-keys (slow, as above), b re-keys meanwhile: the broker takes b's password, the one the registry
+    kept, not a's, which the plugin would have got last."""
+    b.device("spinner")
+    before = stored_hash(database, "spinner")
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(a.ok, "POST", "/v1/device/spinner/credentials")
+        wait_until(lambda: stored_hash(database, "spinner") != before, 10, "a's new password to be committed")
+        newest = b.ok("POST", "/v1/device/spinner/credentials")["MqttPassword"]
+        overtaken = slow.result()["MqttPassword"]
+    assert credentials.verify_password(newest, stored_hash(database, "spinner"))
+    assert logs_in(broker.port, "spinner", newest)
+    assert not logs_in(broker.port, "spinner", overtaken)
