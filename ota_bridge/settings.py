@@ -213,7 +213,8 @@ OPTIONS = (
            metavar="DIR"),
     Option("mosquitto_dynsec", "", parse_switch,
            "keep Mosquitto's accounts in step with the device registry through its dynamic security plugin, "
-           "at run time, as the admin `ota-bridge mosquitto-dynsec-config` made (with --mqtt-url)", switch=True,
+           "at run time, as the admin `ota-bridge mosquitto-dynsec-config` made (with --mqtt-url; in cluster mode "
+           "as this instance's own logins, made by `ota-bridge mosquitto-dynsec-instance`)", switch=True,
            metavar="true|false"),
     Option("tls_cert", "", parse_optional_path,
            "PEM certificate (chain) of this server: serves the REST API over HTTPS, with --tls-key", metavar="FILE"),
