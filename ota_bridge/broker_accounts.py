@@ -139,13 +139,20 @@ def instance_password_files(instance_id: str) -> InstanceLogins:
 
 async def set_up_instance(admin: DynsecClient, topics: Topics, data_dir: Path, instance_id: str) -> InstanceLogins:
     """Give a cluster instance its own service and admin logins on the plugin, their passwords kept in
-    (or, set up before, read from) its data dir; safe to run again. Returns the usernames."""
+    (or, set up before, read from) its data dir; safe to run again. Returns the usernames.
+
+    New passwords are written only once the plugin took them: after a failed set-up the instance
+    still has none, and says which command makes them, rather than failing to log in."""
     logins, files = InstanceLogins.of(instance_id), instance_password_files(instance_id)
-    passwords = InstanceLogins(broker_secret(data_dir, files.service), broker_secret(data_dir, files.admin))
+    paths = [data_dir / files.service, data_dir / files.admin]
+    secrets = [path.read_text().strip() if path.exists() else credentials.new_secret() for path in paths]
     try:
-        await admin.run(instance_commands(topics, logins, passwords), exists_ok=True)
+        await admin.run(instance_commands(topics, logins, InstanceLogins(*secrets)), exists_ok=True)
     except DynsecError as e:
         raise AccountsNotWritten(e.detail) from e
+    for path, secret in zip(paths, secrets, strict=True):
+        if not path.exists():
+            write_atomically(path, (secret + "\n").encode(), 0o600)
     return logins
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ import psycopg2
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ota_bridge import credentials
+from ota_bridge import credentials, signing
 from ota_bridge.broker_accounts import DYNSEC_ADMIN_PASSWORD_FILE
 from ota_bridge.mosquitto_dynsec import InstanceLogins
 
@@ -66,6 +67,7 @@ def test_two_instances_keep_device_accounts_in_the_plugin(tmp_path: Path) -> Non
         wrong.write_text("not-the-admin-password\n")
         refused = set_up_instance(tmp_path, broker, "c", wrong)
         assert refused.returncode == 2 and "refused the login" in refused.stderr, refused.stderr
+        assert not list((tmp_path / "c" / "service-data").iterdir())  # no password the broker never took
         services = start_instances(tmp_path, database, broker.url, INSTANCES, ("--mosquitto-dynsec",),
                                    {"a": ("--failpoints", "slow-broker-accounts")})
         agents: list[Agent] = []
@@ -77,6 +79,7 @@ def test_two_instances_keep_device_accounts_in_the_plugin(tmp_path: Path) -> Non
             overtaken_disable(broker, a, b)
             overtaken_rotation(broker, database, a, b)
             assert a.ok("GET", "/v1/health")["BrokerConnected"] and b.ok("GET", "/v1/health")["BrokerConnected"]
+            assert_refused_without_set_up(tmp_path, broker, database, services[0])
             for name in INSTANCES:  # one connection per login, each its own user, never taken over
                 logins = InstanceLogins.of(name)
                 for login in (logins.service, logins.admin):
@@ -85,6 +88,16 @@ def test_two_instances_keep_device_accounts_in_the_plugin(tmp_path: Path) -> Non
         finally:
             for process in [*agents, *services]:
                 process.stop()
+
+
+def assert_refused_without_set_up(tmp_path: Path, broker: Mosquitto, database: str, first: Service) -> None:
+    """An instance given no logins of its own (and the cluster's signing key) stops, naming the set-up."""
+    not_set_up = Service(tmp_path / "c", broker.url, database, ("--instance-id", "c", "--mosquitto-dynsec"))
+    not_set_up.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the refused set-up made it, and no more
+    for key_file in signing.key_files(first.data_dir):
+        shutil.copy2(key_file, not_set_up.data_dir / key_file.name)
+    with pytest.raises(AssertionError, match="mosquitto-dynsec-instance --instance-id c"):
+        not_set_up.start(timeout=20)
 
 
 def run_jobs_across_instances(tmp_path: Path, broker: Mosquitto, services: list[Service], a: Api, b: Api,
