@@ -16,22 +16,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import OPERATOR_USERNAME, Topics, encode, format_time, parse_time, utc_now
 from tests.conftest import Launcher
+from tests.support.fake_device import FakeDevice
 from tests.support.processes import Api, Service, wait_until
 
 
-class RolloutDevice:
+class RolloutDevice(FakeDevice):
     """A device played by a paho client: it answers each head it gets (FAILED if `fails`)."""
 
     def __init__(self, broker_url: str, device_id: str, password: str, fails: bool = False) -> None:
-        self.device_id, self.fails, self.topics = device_id, fails, Topics()
+        self.fails = fails
         self.ran: list[str] = []
-        host, port = broker_url.removeprefix("mqtt://").rsplit(":", 1)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id)
-        self.client.username_pw_set(device_id, password)
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *_: c.subscribe(self.topics.job(device_id), qos=1)
-        self.client.connect(host, int(port))
-        self.client.loop_start()
+        super().__init__(broker_url, device_id, password)
 
     def _on_message(self, _client: Any, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         head = json.loads(msg.payload) if msg.payload else {}
@@ -43,10 +38,6 @@ class RolloutDevice:
         self.client.publish(self.topics.status(self.device_id), encode({
             "JobId": job_id, "Status": "FAILED" if self.fails else "SUCCEEDED", "ExitCode": 1 if self.fails else 0,
             "StartTime": now, "EndTime": now}), qos=1)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 class QueueWatcher:
@@ -145,12 +136,16 @@ def at(api: Api, job_id: str, clock_file: Path, when: str) -> dict[str, Any]:
     return wait_until(decided, 20, f"the rollout to decide at {when}")
 
 
+def rate_job(api: Api, group: str, devices: int, per_minute: int) -> str:
+    register(api, [f"{group}{i}" for i in range(devices)], group)
+    return api.ok("POST", "/v1/job", {"WorkflowId": api.workflow("true"), "DeviceGroup": group,
+                                      "Rollout": {"MaxPerMinute": per_minute}})["JobId"]
+
+
 def test_a_rate_limited_rollout_releases_no_faster_than_its_rate_and_pauses(clocked: Any) -> None:
     service, clock_file = clocked
     api = service.api
-    register(api, [f"r{i}" for i in range(7)], "rated")
-    job_id = api.ok("POST", "/v1/job", {"WorkflowId": api.workflow("true"), "DeviceGroup": "rated",
-                                        "Rollout": {"MaxPerMinute": 3}})["JobId"]
+    job_id = rate_job(api, "rated", 7, 3)
     released = [at(api, job_id, clock_file, when)["Rollout"]["Released"]
                 for when in ("2026-03-14T00:30:00Z", "2026-03-14T00:30:59Z")]
     api.ok("POST", f"/v1/job/{job_id}/pause")
@@ -199,9 +194,7 @@ def test_a_held_job_keeps_its_place_until_its_maintenance_window_opens(clocked: 
 def test_a_rollout_resumes_where_it_was_after_a_restart(clocked: Any) -> None:
     service, clock_file = clocked
     api = service.api
-    register(api, [f"s{i}" for i in range(5)], "restarted")
-    job_id = api.ok("POST", "/v1/job", {"WorkflowId": api.workflow("true"), "DeviceGroup": "restarted",
-                                        "Rollout": {"MaxPerMinute": 2}})["JobId"]
+    job_id = rate_job(api, "restarted", 5, 2)
     assert at(api, job_id, clock_file, "2026-03-14T05:00:00Z")["Rollout"]["Released"] == 2
     service.stop()
     service.start()

@@ -21,7 +21,8 @@ from ..models import ChildJob, Device, DeviceTag, Job, Rollout, db, now
 from ..rollout_plan import Plan, Progress, abort_reason, allowed
 from . import PENDING, chunks, devices, finalize, idempotent, jobs, write_transaction
 
-RELEASE_BATCH = 500  # children per release transaction
+RELEASE_BATCH = 500  # children per release transaction of release_due
+ROLLOUT_BATCH = 2000  # children per decision of a rollout (one transaction)
 SCHEDULED = JobStatus.SCHEDULED.value
 
 
@@ -119,12 +120,14 @@ def _release(row: Rollout, plan: Plan, counts: dict[str, int], current: datetime
     wanted = allowed(plan, progress, counts, current)
     if progress.wave != wave:  # a new wave opened: its children are those it releases from now on
         row.wave_from_seq = None
-    batch = min(wanted, counts.get(SCHEDULED, 0), RELEASE_BATCH)
-    children = list(ChildJob.select(ChildJob.seq, ChildJob.device_id)
-                    .where(ChildJob.parent == row.job_id, ChildJob.status == SCHEDULED,
-                           ChildJob.release_at.is_null())
+    batch = min(wanted, counts.get(SCHEDULED, 0), ROLLOUT_BATCH)
+    held = (ChildJob.parent == row.job_id, ChildJob.status == SCHEDULED, ChildJob.release_at.is_null())
+    children = list(ChildJob.select(ChildJob.seq, ChildJob.device_id).where(*held)
                     .order_by(ChildJob.seq).limit(batch).tuples()) if batch > 0 else []
-    devices = release_children(children)
+    if children:  # the first `batch` held children in Seq order: one UPDATE by range, no list of ids
+        (ChildJob.update(status=JobStatus.QUEUED.value, reason=None, updated=now())
+         .where(*held, ChildJob.seq <= children[-1][0]).execute())
+    devices = sorted({device for _, device in children})
     if plan.waves and children and row.wave_from_seq is None:
         row.wave_from_seq = children[0][0]
     progress.released += len(children)
@@ -132,7 +135,7 @@ def _release(row: Rollout, plan: Plan, counts: dict[str, int], current: datetime
     (row.wave, row.wave_ready_at, row.wave_base, row.released, row.rate, row.rate_successes, row.window_start,
      row.window_released) = (progress.wave, progress.wave_ready_at, progress.wave_base, progress.released,
                              progress.rate, progress.rate_successes, progress.window_start, progress.window_released)
-    return devices, len(children) == RELEASE_BATCH
+    return devices, len(children) == ROLLOUT_BATCH
 
 
 def _progress(row: Rollout) -> Progress:

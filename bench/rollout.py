@@ -1,0 +1,128 @@
+"""A waves rollout against a plain group job of the same size: the release bookkeeping's cost.
+
+    .venv/bin/python bench/rollout.py [--devices 10000] [--database sqlite|postgres]
+
+No broker, no HTTP: the service's own store functions, on the store's thread, as the service
+calls them. Both runs do the same device work: submit a group job over N devices, read every
+device's queue as the publisher does before it publishes a head (batches of 500), store every
+device's SUCCEEDED report (batches of 500, as the inbox does) and read the queues again. The
+rollout (Waves 1, 10, 50, 100 %, WaveSuccessPercent 100, AbortOn FAILED 10 %) also holds every
+child at submission and is released by the release loop's rounds (`release_due`,
+`active_rollouts`, `advance` until the rollout is done), each device's queue being read when it
+is released. The figures, best of 3 each: rollout / plain in all (goal: at most 1.10), and the
+release bookkeeping alone (the release loop's rounds: `release_due`, `active_rollouts` and
+`advance`) as a share of the plain job's time. The rest of the difference is the held children's
+queue lists, read once more at submission so the devices' queue topics show them SCHEDULED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import fleet  # noqa: F401 - first: puts the repo on sys.path
+
+from agent.protocol import JobStatus
+from ota_bridge.models import ChildJob, Device
+from ota_bridge.rollout_plan import parse
+from ota_bridge.store import Store, jobs, queues, workflows, write_transaction
+from ota_bridge.store import rollouts as held
+from ota_bridge.store.updates import Update, record_device_messages
+from tests.support.databases import database_url
+
+BATCH = 500  # the publisher's queue reads and the inbox's update batches (dispatch.BATCH)
+RUNS = 3
+WAVES = {"Rollout": {"Waves": [1, 10, 50, 100], "WaveSuccessPercent": 100},
+         "AbortOn": [{"Status": "FAILED", "ThresholdPercent": 10, "MinFinished": 10}]}
+
+
+def _insert_devices(count: int) -> None:
+    with write_transaction():
+        rows = [{"device_id": f"roll-{i:06d}", "group": "roll", "password_hash": "x"} for i in range(count)]
+        for start in range(0, count, 500):
+            Device.insert_many(rows[start:start + 500]).execute()
+
+
+def _clear_jobs() -> None:
+    with write_transaction():
+        ChildJob.delete().execute()
+
+
+def _run_devices(store: Store, job_id: str, device_ids: list[str]) -> None:
+    """What the service does for these devices' heads: read their queues, store their results, read again."""
+    for i in range(0, len(device_ids), BATCH):
+        batch = device_ids[i:i + BATCH]
+        heads = store.call_sync(queues.device_queues, batch)
+        updates = [Update(q.device_id, q.head.job_id, JobStatus.SUCCEEDED) for q in heads if q.head is not None]
+        assert len(updates) == len(batch)
+        store.call_sync(record_device_messages, updates, [])
+        store.call_sync(queues.device_queues, batch)
+
+
+def plain(store: Store, workflow_id: str) -> float:
+    store.call_sync(_clear_jobs)
+    start = time.perf_counter()
+    job, device_ids = store.call_sync(jobs.submit_job, "plain", workflow_id, "DeviceGroup", "roll", None)
+    _run_devices(store, job.job_id, device_ids)
+    return time.perf_counter() - start
+
+
+def rollout(store: Store, workflow_id: str) -> tuple[float, float, int]:
+    """The waves rollout, to its end: its time, the release loop's part of it, and its rounds."""
+    store.call_sync(_clear_jobs)
+    plan = parse(WAVES, "DeviceGroup")
+    assert plan is not None
+    clock = datetime(2026, 3, 14, 2, 0)
+    start = time.perf_counter()
+    job, device_ids = store.call_sync(held.submit_job, "waves", workflow_id, "DeviceGroup", "roll", None, plan)
+    for i in range(0, len(device_ids), BATCH):  # the held children's queue lists, published at submission
+        store.call_sync(queues.device_queues, device_ids[i:i + BATCH])
+    rounds, bookkeeping = 0, 0.0
+    while True:
+        decided = time.perf_counter()
+        if job.job_id not in store.call_sync(held.active_rollouts):
+            bookkeeping += time.perf_counter() - decided
+            break
+        rounds += 1
+        clock += timedelta(seconds=1)
+        store.call_sync(held.release_due, clock)
+        released = store.call_sync(held.advance, job.job_id, clock).device_ids
+        bookkeeping += time.perf_counter() - decided
+        _run_devices(store, job.job_id, released)
+    elapsed = time.perf_counter() - start
+    summary = store.call_sync(jobs.get_job, job.job_id)
+    assert summary.counts == {JobStatus.SUCCEEDED.value: len(device_ids)}, summary.counts
+    return elapsed, bookkeeping, rounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=10000, help="devices in the group (default 10000)")
+    parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite",
+                        help="sqlite (a temporary file) or postgres (a fresh database on the test server)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ota-bench-") as workdir, \
+            database_url(args.database, Path(workdir)) as url:
+        store = Store(url)
+        try:
+            store.call_sync(_insert_devices, args.devices)
+            workflow_id = store.call_sync(workflows.create_workflow, "roll", "true", None, False).workflow_id
+            plain_times, rollout_runs = [], []
+            for _ in range(RUNS):  # interleaved, so that a slower moment of the machine hits both
+                plain_times.append(plain(store, workflow_id))
+                rollout_runs.append(rollout(store, workflow_id))
+        finally:
+            store.close()
+    best_plain, (best_rollout, bookkeeping, rounds) = min(plain_times), min(rollout_runs)
+    print(f"{args.devices} devices ({args.database}): plain group job {best_plain * 1000:.0f} ms, "
+          f"waves rollout {best_rollout * 1000:.0f} ms in {rounds} release rounds, of which the release loop "
+          f"{bookkeeping * 1000:.0f} ms (best of {RUNS})")
+    print(f"ratio rollout / plain: {best_rollout / best_plain:.3f} (goal: at most 1.10); "
+          f"release bookkeeping / plain: {bookkeeping / best_plain:.3f}")
+
+
+if __name__ == "__main__":
+    main()
