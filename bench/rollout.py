@@ -17,33 +17,23 @@ queue lists, read once more at submission so the devices' queue topics show them
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import time
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import fleet  # noqa: F401 - first: puts the repo on sys.path
+from store_fanout import fleet_store, parse_args
 
 from agent.protocol import JobStatus
-from ota_bridge.models import ChildJob, Device
+from ota_bridge.models import ChildJob
 from ota_bridge.rollout_plan import parse
-from ota_bridge.store import Store, jobs, queues, workflows, write_transaction
+from ota_bridge.store import Store, jobs, queues, write_transaction
 from ota_bridge.store import rollouts as held
 from ota_bridge.store.updates import Update, record_device_messages
-from tests.support.databases import database_url
 
 BATCH = 500  # the publisher's queue reads and the inbox's update batches (dispatch.BATCH)
 RUNS = 3
 WAVES = {"Rollout": {"Waves": [1, 10, 50, 100], "WaveSuccessPercent": 100},
          "AbortOn": [{"Status": "FAILED", "ThresholdPercent": 10, "MinFinished": 10}]}
-
-
-def _insert_devices(count: int) -> None:
-    with write_transaction():
-        rows = [{"device_id": f"roll-{i:06d}", "group": "roll", "password_hash": "x"} for i in range(count)]
-        for start in range(0, count, 500):
-            Device.insert_many(rows[start:start + 500]).execute()
 
 
 def _clear_jobs() -> None:
@@ -65,7 +55,7 @@ def _run_devices(store: Store, job_id: str, device_ids: list[str]) -> None:
 def plain(store: Store, workflow_id: str) -> float:
     store.call_sync(_clear_jobs)
     start = time.perf_counter()
-    job, device_ids = store.call_sync(jobs.submit_job, "plain", workflow_id, "DeviceGroup", "roll", None)
+    job, device_ids = store.call_sync(jobs.submit_job, "plain", workflow_id, "DeviceGroup", "fan", None)
     _run_devices(store, job.job_id, device_ids)
     return time.perf_counter() - start
 
@@ -77,7 +67,7 @@ def rollout(store: Store, workflow_id: str) -> tuple[float, float, int]:
     assert plan is not None
     clock = datetime(2026, 3, 14, 2, 0)
     start = time.perf_counter()
-    job, device_ids = store.call_sync(held.submit_job, "waves", workflow_id, "DeviceGroup", "roll", None, plan)
+    job, device_ids = store.call_sync(held.submit_job, "waves", workflow_id, "DeviceGroup", "fan", None, plan)
     for i in range(0, len(device_ids), BATCH):  # the held children's queue lists, published at submission
         store.call_sync(queues.device_queues, device_ids[i:i + BATCH])
     rounds, bookkeeping = 0, 0.0
@@ -99,23 +89,12 @@ def rollout(store: Store, workflow_id: str) -> tuple[float, float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=10000, help="devices in the group (default 10000)")
-    parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite",
-                        help="sqlite (a temporary file) or postgres (a fresh database on the test server)")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ota-bench-") as workdir, \
-            database_url(args.database, Path(workdir)) as url:
-        store = Store(url)
-        try:
-            store.call_sync(_insert_devices, args.devices)
-            workflow_id = store.call_sync(workflows.create_workflow, "roll", "true", None, False).workflow_id
-            plain_times, rollout_runs = [], []
-            for _ in range(RUNS):  # interleaved, so that a slower moment of the machine hits both
-                plain_times.append(plain(store, workflow_id))
-                rollout_runs.append(rollout(store, workflow_id))
-        finally:
-            store.close()
+    args = parse_args(__doc__)
+    plain_times, rollout_runs = [], []
+    with fleet_store(args.database, args.devices) as (store, workflow_id):
+        for _ in range(RUNS):  # interleaved, so that a slower moment of the machine hits both
+            plain_times.append(plain(store, workflow_id))
+            rollout_runs.append(rollout(store, workflow_id))
     best_plain, (best_rollout, bookkeeping, rounds) = min(plain_times), min(rollout_runs)
     print(f"{args.devices} devices ({args.database}): plain group job {best_plain * 1000:.0f} ms, "
           f"waves rollout {best_rollout * 1000:.0f} ms in {rounds} release rounds, of which the release loop "
