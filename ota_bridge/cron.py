@@ -77,7 +77,7 @@ def _number(text: str, name: str) -> int:
 def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as e:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as e:
         raise CronError(f"{name!r} is not a time zone this machine knows (IANA names like Europe/Berlin)") from e
 
 
