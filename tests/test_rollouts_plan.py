@@ -3,6 +3,7 @@ and the decisions on a real SQLite file (store/rollouts.py) driven by a clock th
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta
 
 import pytest
@@ -14,6 +15,7 @@ from ota_bridge.rollout_plan import Plan, PlanError, parse
 from ota_bridge.store import Store, devices, jobs, workflows
 from ota_bridge.store import rollouts as held
 from ota_bridge.store.updates import Update, record_device_messages
+from tests.support.databases import database_url
 
 T0 = datetime(2026, 3, 14, 1, 0)
 
@@ -165,3 +167,28 @@ def test_a_continuous_job_reaches_a_device_that_joins_later_behind_its_earlier_j
     db.call_sync(held.register_devices, [devices.NewDevice("later", "g", (), "x")])
     assert "later" not in {c.device_id for c in db.call_sync(jobs.child_jobs, job_id)}
     assert db.call_sync(lambda: ChildJob.select().where(ChildJob.device_id == "later").count()) == 0
+
+
+@pytest.mark.postgres
+def test_two_instances_deciding_at_once_release_no_device_twice(tmp_path) -> None:
+    """Two stores (two connections, as two instances have) decide the same rollout at the same
+    moment, over and over: the rollout's row lock makes them take turns, so the rate holds."""
+    with database_url("postgres", tmp_path) as url:
+        first, second = Store(url), Store(url)
+        try:
+            job_id = rollout_job(first, 12, {"Rollout": {"MaxPerMinute": 5}})
+
+            def decide(store: Store) -> None:
+                for _ in range(10):
+                    store.call_sync(held.advance, job_id, T0)
+
+            threads = [threading.Thread(target=decide, args=(s,)) for s in (first, second)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert len(released(first, job_id)) == 5
+            assert first.call_sync(jobs.get_job, job_id).rollout.released == 5
+        finally:
+            second.close()
+            first.close()
