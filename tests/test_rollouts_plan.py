@@ -139,10 +139,14 @@ def test_waves_open_on_success_after_the_soak_and_abort_cancels_the_rest(db: Sto
 def test_pause_stops_releases_and_the_state_survives_a_reopen(db: Store, tmp_path) -> None:
     job_id = rollout_job(db, 6, {"Rollout": {"MaxPerMinute": 2}})
     db.call_sync(held.advance, job_id, T0)
-    db.call_sync(held.set_paused, job_id, True)
+    assert db.call_sync(held.set_paused, job_id, True) == ["d02", "d03", "d04", "d05"]
     db.call_sync(held.advance, job_id, T0 + timedelta(minutes=5))
     assert len(released(db, job_id)) == 2
+    reasons = {c.reason for c in db.call_sync(jobs.child_jobs, job_id) if c.status == "SCHEDULED"}
+    assert reasons == {"rollout paused; rollout: waiting for its turn at 2 a minute"}
     db.call_sync(held.set_paused, job_id, False)
+    reasons = {c.reason for c in db.call_sync(jobs.child_jobs, job_id) if c.status == "SCHEDULED"}
+    assert reasons == {"rollout: waiting for its turn at 2 a minute"}
     db.call_sync(held.advance, job_id, T0 + timedelta(minutes=6))
     assert len(released(db, job_id)) == 4
     reopened = Store(db.url)

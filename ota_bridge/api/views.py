@@ -128,7 +128,7 @@ async def resume_job(request: web.Request) -> web.Response:
 
 async def _pause(request: web.Request, paused: bool) -> web.Response:
     job_id = request.match_info["id"]
-    await _store(request).call(rollouts.set_paused, job_id, paused)
+    request.app[DISPATCHER].mark(await _store(request).call(rollouts.set_paused, job_id, paused))
     return web.json_response(serialize.job(await _store(request).read(jobs.get_job, job_id)))
 
 

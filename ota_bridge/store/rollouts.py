@@ -171,17 +171,30 @@ def _end(row: Rollout, plan: Plan) -> list[str]:
     return devices
 
 
-def set_paused(job_id: str, paused: bool) -> Rollout:
-    """Pause or resume a job's rollout: a paused one releases nothing (released children go on)."""
+PAUSED = "rollout paused; "  # put before a held child's reason while its rollout is paused
+
+
+def set_paused(job_id: str, paused: bool) -> list[str]:
+    """Pause or resume a job's rollout: a paused one releases nothing (released children go on).
+    Its held children's reasons say so; returns their devices (their queue lists change)."""
     with write_transaction():
         row = _locked(job_id)
         if row is None:
             if not Job.select().where(Job.job_id == job_id).exists():
                 raise JobNotFound(job_id)
             raise NoRollout(job_id)
+        if row.paused == paused:
+            return []
         row.paused = paused
         row.save()
-        return row
+        held = (ChildJob.parent == job_id, ChildJob.status == SCHEDULED, ChildJob.release_at.is_null())
+        devices = sorted({d for (d,) in ChildJob.select(ChildJob.device_id).where(*held).tuples()})
+        if paused:
+            ChildJob.update(reason=pw.Value(PAUSED).concat(pw.fn.COALESCE(ChildJob.reason, ""))).where(*held).execute()
+        else:
+            (ChildJob.update(reason=pw.fn.SUBSTR(ChildJob.reason, len(PAUSED) + 1))
+             .where(*held, ChildJob.reason.startswith(PAUSED)).execute())
+        return devices
 
 
 # --- continuous jobs ------------------------------------------------------------------------------
