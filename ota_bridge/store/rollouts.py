@@ -101,6 +101,17 @@ def advance(job_id: str, current: datetime) -> Round:
         return Round(devices, more)
 
 
+def _own(job_id: str) -> tuple[Any, ...]:
+    """The children a rollout counts and releases: its job's. (Another subject's children of the
+    same job, held for reasons of their own, would be left out here.)"""
+    return (ChildJob.parent == job_id,)
+
+
+def _held(job_id: str) -> tuple[Any, ...]:
+    """Its children held by the rollout itself: SCHEDULED without a release time."""
+    return (*_own(job_id), ChildJob.status == SCHEDULED, ChildJob.release_at.is_null())
+
+
 def _locked(job_id: str) -> Rollout | None:
     query = Rollout.select().where(Rollout.job == job_id)
     if not isinstance(db.obj, pw.SqliteDatabase):  # SQLite's write lock is the whole database already
@@ -109,7 +120,7 @@ def _locked(job_id: str) -> Rollout | None:
 
 
 def _counts(job_id: str) -> dict[str, int]:
-    rows = (ChildJob.select(ChildJob.status, pw.fn.COUNT(ChildJob.seq)).where(ChildJob.parent == job_id)
+    rows = (ChildJob.select(ChildJob.status, pw.fn.COUNT(ChildJob.seq)).where(*_own(job_id))
             .group_by(ChildJob.status).tuples())
     return dict(rows)
 
@@ -135,7 +146,7 @@ def _release_first(job_id: str, count: int) -> list[tuple[int, str]]:
     UPDATE by Seq range (no list of ids). Returns their (seq, device id)."""
     if count <= 0:
         return []
-    held = (ChildJob.parent == job_id, ChildJob.status == SCHEDULED, ChildJob.release_at.is_null())
+    held = _held(job_id)
     query = ChildJob.select(ChildJob.seq, ChildJob.device_id).where(*held).order_by(ChildJob.seq).limit(count)
     children = db.execute_sql(*query.sql()).fetchall()  # the driver's rows: a third of peewee's time
     if children:
@@ -154,7 +165,7 @@ def _progress(row: Rollout) -> Progress:
     """The row's state, and how many children of its last wave succeeded (one count, waves only)."""
     succeeded = 0
     if row.wave_from_seq is not None:
-        succeeded = (ChildJob.select().where(ChildJob.parent == row.job_id, ChildJob.seq >= row.wave_from_seq,
+        succeeded = (ChildJob.select().where(*_own(row.job_id), ChildJob.seq >= row.wave_from_seq,
                                              ChildJob.status == JobStatus.SUCCEEDED.value).count())
     return Progress(row.wave, row.wave_ready_at, row.wave_base, succeeded, row.released, row.rate,
                     row.rate_successes, row.window_start, row.window_released)
@@ -172,7 +183,7 @@ def _abort(row: Rollout, why: str) -> list[str]:
 
 def _end(row: Rollout, plan: Plan) -> list[str]:
     """The schedule's EndTime came: CANCEL ends the children still held; LEAVE leaves them held."""
-    where = (ChildJob.parent == row.job_id, ChildJob.status == SCHEDULED, ChildJob.release_at.is_null())
+    where = _held(row.job_id)
     devices = sorted({d for (d,) in ChildJob.select(ChildJob.device_id).where(*where).tuples()})
     if plan.end_behavior == "CANCEL":
         finalize(JobStatus.CANCELED, f"schedule: ended at {plan.end_time}", *where)
@@ -199,7 +210,7 @@ def set_paused(job_id: str, paused: bool) -> list[str]:
             return []
         row.paused = paused
         row.save()
-        held = (ChildJob.parent == job_id, ChildJob.status == SCHEDULED, ChildJob.release_at.is_null())
+        held = _held(job_id)
         devices = sorted({d for (d,) in ChildJob.select(ChildJob.device_id).where(*held).tuples()})
         if paused:
             ChildJob.update(reason=pw.Value(PAUSED).concat(pw.fn.COALESCE(ChildJob.reason, ""))).where(*held).execute()
