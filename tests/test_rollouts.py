@@ -146,18 +146,23 @@ def test_a_rate_limited_rollout_releases_no_faster_than_its_rate_and_pauses(cloc
     service, clock_file = clocked
     api = service.api
     job_id = rate_job(api, "rated", 7, 3)
-    released = [at(api, job_id, clock_file, when)["Rollout"]["Released"]
-                for when in ("2026-03-14T00:30:00Z", "2026-03-14T00:30:59Z")]
-    api.ok("POST", f"/v1/job/{job_id}/pause")
-    paused = at(api, job_id, clock_file, "2026-03-14T00:32:00Z")["Rollout"]
-    assert paused["Paused"] is True
-    released.append(paused["Released"])
+
+    def released_at(when: str) -> int:
+        """Set the clock, wait for the rollout's decision on it, count the children no longer held."""
+        state = at(api, job_id, clock_file, when)["Rollout"]
+        out_of_hold = sum(c["Status"] != "SCHEDULED" for c in children(api, job_id).values())
+        assert state["Released"] == out_of_hold
+        return out_of_hold
+
+    released = [released_at(when) for when in ("2026-03-14T00:30:00Z", "2026-03-14T00:30:59Z")]
+    assert api.ok("POST", f"/v1/job/{job_id}/pause")["Rollout"]["Paused"] is True
+    released.append(released_at("2026-03-14T00:32:00Z"))
+    assert {c["Reason"] for c in children(api, job_id).values() if c["Status"] == "SCHEDULED"} == {
+        "rollout paused; rollout: waiting for its turn at 3 a minute"}
     assert api.ok("POST", f"/v1/job/{job_id}/resume")["Rollout"]["Paused"] is False
-    released += [at(api, job_id, clock_file, when)["Rollout"]["Released"]
-                 for when in ("2026-03-14T00:32:01Z", "2026-03-14T00:32:30Z", "2026-03-14T00:33:01Z")]
+    released += [released_at(when) for when in ("2026-03-14T00:32:01Z", "2026-03-14T00:32:30Z",
+                                                 "2026-03-14T00:33:01Z")]
     assert released == [3, 3, 3, 6, 6, 7]
-    statuses = {c["Status"] for c in children(api, job_id).values()}
-    assert "SCHEDULED" not in statuses
 
 
 def test_a_held_job_keeps_its_place_until_its_maintenance_window_opens(clocked: Any, tmp_path: Path) -> None:
