@@ -67,6 +67,7 @@ class Settings:
     mqtt_key: Path | None
     new_signing_key: bool = False  # make a new job-signing key even though the database has devices or jobs
     instance_id: str | None = None  # cluster mode: this instance's name among several on one database and broker
+    test_clock: Path | None = None  # tests only: the file the service's clock reads (ota_bridge/clock.py)
 
     @property
     def database_url(self) -> str:
@@ -240,6 +241,9 @@ OPTIONS = (
            "slow-broker-accounts waits a second between committing a device's enable, disable or new password "
            "and telling the broker",
            hidden=True),
+    Option("test_clock", "", parse_optional_path,
+           "for tests only: the service's clock for rollouts, schedules and release delays is the ISO 8601 time "
+           "in this file (real time while it is missing or empty)", metavar="FILE", hidden=True),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
