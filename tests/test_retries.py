@@ -9,7 +9,8 @@ from typing import Any
 
 from agent.protocol import JobStatus
 from ota_bridge.models import ChildJob, now
-from ota_bridge.store import Store, devices, jobs, queues, workflows, write_transaction
+from ota_bridge.rollout_plan import parse
+from ota_bridge.store import Store, devices, jobs, queues, rollouts, workflows, write_transaction
 from ota_bridge.store.job_options import JobOptions, Retries
 from ota_bridge.store.updates import Update, record_device_messages
 from tests.conftest import Launcher
@@ -99,7 +100,7 @@ def _retried_job(db: Store, max_retries: int = 1) -> tuple[ChildJob, str]:
     db.call_sync(devices.register_devices, [devices.NewDevice("d1", None, (), "x")])
     workflow = db.call_sync(workflows.create_workflow, "w", "false", 10, False)
     options = JobOptions(retries=Retries(max_retries, 0, ("FAILED", "TIMED_OUT")))
-    job, _ = db.call_sync(jobs.submit_job, None, workflow.workflow_id, "DeviceId", "d1", None, options)
+    job, _ = db.call_sync(jobs.submit_job, None, workflow.workflow_id, "DeviceId", "d1", None, options=options)
     [child] = db.call_sync(jobs.child_jobs, job.job_id)
     return child, job.job_id
 
@@ -152,10 +153,24 @@ def test_a_rollback_child_whose_partner_another_path_ended_is_settled_with_the_t
     db.call_sync(devices.register_devices, [devices.NewDevice("d1", None, (), "x")])
     workflow = db.call_sync(workflows.create_workflow, "w", "true", 10, False)
     job, _ = db.call_sync(jobs.submit_job, None, workflow.workflow_id, "DeviceId", "d1", None,
-                          JobOptions(on_failure=workflow.workflow_id))
+                          options=JobOptions(on_failure=workflow.workflow_id))
     partner, rollback = db.call_sync(jobs.child_jobs, job.job_id)
     assert (partner.on_failure_of, rollback.on_failure_of, rollback.status) == (None, partner.job_id, "SCHEDULED")
     _set(db, partner.seq, status="CANCELED")  # as a rollout's abort would, knowing nothing of rollbacks
     assert db.call_sync(jobs.expire_silent_jobs, 60) == ["d1"]
     settled = db.call_sync(jobs.get_child, rollback.job_id)
     assert settled.status == "CANCELED" and settled.reason.startswith("not needed")
+
+
+def test_a_rollout_neither_counts_nor_releases_rollback_children(db: Store) -> None:
+    db.call_sync(devices.register_devices, [devices.NewDevice(d, "g", (), "x") for d in ("d1", "d2")])
+    workflow = db.call_sync(workflows.create_workflow, "w", "true", 10, False)
+    plan = parse({"Rollout": {"Waves": [50, 100]}}, "DeviceGroup")
+    job, _ = db.call_sync(rollouts.submit_job, None, workflow.workflow_id, "DeviceGroup", "g", None, plan,
+                          JobOptions(on_failure=workflow.workflow_id))
+    db.call_sync(rollouts.advance, job.job_id, now())
+    children = db.call_sync(jobs.child_jobs, job.job_id)
+    assert sorted((c.on_failure_of is None, c.status) for c in children) == [
+        (False, "SCHEDULED"), (False, "SCHEDULED"), (True, "QUEUED"), (True, "SCHEDULED")]  # wave 1: one device
+    summary = db.call_sync(jobs.get_job, job.job_id)
+    assert summary.rollout.released == 1 and summary.counts == {"QUEUED": 1, "SCHEDULED": 1}

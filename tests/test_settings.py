@@ -115,3 +115,12 @@ def test_tls_contexts_require_tls_1_2_and_check_the_brokers_name(tmp_path: Path)
     assert server.minimum_version == client.minimum_version == ssl.TLSVersion.TLSv1_2
     assert client.check_hostname and client.verify_mode == ssl.CERT_REQUIRED
     assert tls.server_context(parse([])) is None and tls.broker_client_context(parse([])) is None
+
+
+def test_cluster_mode_takes_the_dynamic_security_plugin_from_variables_too() -> None:
+    env = {"OTA_BRIDGE_INSTANCE_ID": "web-1", "OTA_BRIDGE_DATABASE": "postgresql://u@db:5432/ota",
+           "OTA_BRIDGE_MQTT_URL": "mqtt://broker:1883", "OTA_BRIDGE_MOSQUITTO_DYNSEC": "true"}
+    s = parse([], env)
+    assert s.instance_id == "web-1" and s.mosquitto_dynsec
+    with pytest.raises(ConfigError, match="one password file.*--mosquitto-dynsec / OTA_BRIDGE_MOSQUITTO_DYNSEC"):
+        parse(["--mosquitto-dir", "/var/lib/ota-bridge/mosquitto"], {**env, "OTA_BRIDGE_MOSQUITTO_DYNSEC": "false"})

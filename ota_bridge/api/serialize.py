@@ -7,7 +7,8 @@ from typing import Any
 
 from agent.protocol import JobStatus, format_time
 
-from ..models import AttemptResult, ChildJob, Workflow
+from ..models import AttemptResult, ChildJob, Rollout, Workflow
+from ..rollout_plan import Plan
 from ..store.attempts import ChildView
 from ..store.devices import DeviceView
 from ..store.jobs import JobSummary
@@ -41,6 +42,26 @@ def job(s: JobSummary) -> dict[str, Any]:
         "Result": s.single.stdout if s.single is not None else counts(s.counts),
         **({"ExitCode": s.single.exit_code} if s.single is not None else {}),
         **job_options(s),
+        **({"Rollout": rollout(s.rollout, s.counts)} if s.rollout is not None else {}),
+    }
+
+
+def rollout(r: Rollout, by_status: dict[str, int]) -> dict[str, Any]:
+    """A job's rollout state: how far it got, and why it stopped if it did."""
+    plan = Plan.from_json(r.plan)
+    return {
+        "Kind": plan.kind,
+        "Wave": r.wave if plan.waves else None,
+        "Waves": len(plan.waves) if plan.waves else None,
+        "Released": r.released,
+        "Pending": by_status.get(JobStatus.SCHEDULED.value, 0),
+        "RatePerMinute": r.rate,
+        "Paused": r.paused,
+        "Aborted": r.aborted,
+        "AbortReason": r.abort_reason,
+        "Active": r.active,
+        "Continuous": r.continuous,
+        "CheckedAt": format_time(r.checked_at),
     }
 
 

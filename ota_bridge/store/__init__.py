@@ -390,6 +390,16 @@ def finalize(status: JobStatus, reason: str, *where: Any) -> int:
                             finalized_by_service=True).where(*where).execute())
 
 
+def release_children(children: list[tuple[int, str]]) -> list[str]:
+    """Inside the caller's transaction: these (seq, device id) children, if still SCHEDULED, become
+    QUEUED (a release: by their release_at, a rollout, or a rollback's partner failing); returns
+    their devices, sorted."""
+    for chunk in chunks([seq for seq, _ in children]):
+        (ChildJob.update(status=JobStatus.QUEUED.value, reason=None, release_at=None, updated=now())
+         .where(ChildJob.seq.in_(chunk), ChildJob.status == JobStatus.SCHEDULED.value).execute())
+    return sorted({device for _, device in children})
+
+
 def chunks(items: list[T], size: int = CHUNK) -> Iterable[list[T]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]

@@ -26,8 +26,7 @@ from agent.protocol import FINAL_STATUSES, JobStatus, can_transition, format_tim
 
 from .. import clock
 from ..models import AttemptResult, ChildJob, Job, now
-from . import chunks, finalize, pieces
-from .rollouts import release_children
+from . import chunks, finalize, pieces, release_children
 
 if TYPE_CHECKING:
     from .updates import Update
@@ -134,14 +133,17 @@ def settle_stray_rollbacks() -> list[str]:
     return sorted({p.device_id for p in partners})
 
 
-def insert_with_rollbacks(parent_id: str, device_ids: list[str]) -> None:
-    """Per device, a QUEUED child and its SCHEDULED rollback child, in that order (consecutive Seqs)."""
+def insert_with_rollbacks(parent_id: str, device_ids: list[str], held: list[str] | None = None) -> None:
+    """Per device, a child (QUEUED, or with `held` SCHEDULED with held[i] as its reason: a rollout's)
+    and its SCHEDULED rollback child, in that order (consecutive Seqs)."""
     created = now()
+    reasons = iter(held or [])
+    status = JobStatus.QUEUED if held is None else JobStatus.SCHEDULED
     for piece in pieces(device_ids, largest=128):
         rows = []
         for device_id in piece:
             partner = str(uuid.uuid4())
-            rows.append(_row(partner, parent_id, device_id, JobStatus.QUEUED, created, None, None))
+            rows.append(_row(partner, parent_id, device_id, status, created, next(reasons, None), None))
             rows.append(_row(str(uuid.uuid4()), parent_id, device_id, JobStatus.SCHEDULED, created,
                              ROLLBACK_WAITS.format(partner), partner))
         ChildJob.insert_many(rows).execute()
