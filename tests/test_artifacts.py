@@ -17,6 +17,8 @@ import pytest
 
 from agent import job_signature
 from agent.protocol import SIGNATURE_DOMAIN_V3, ArtifactKey, Key
+from ota_bridge.client import render
+from ota_bridge.client.watch import Snapshot
 from tests.conftest import Launcher
 from tests.support.artifact_http import get, send, upload, uploaded
 from tests.support.fake_device import FakeDevice
@@ -292,6 +294,11 @@ def test_downloading_progress_shows_in_the_child_and_the_parent_counts(svc: Serv
         parent = svc.api.ok("GET", f"/v1/job/{job_id}")
         assert parent["Result"]["DOWNLOADING"] == 1 and parent["Result"]["QUEUED"] == 1
         assert parent["Status"] == "IN_PROGRESS"
+        children = svc.api.ok("GET", f"/v1/job/{job_id}/childjobs")  # as `job watch` and `job children` show them
+        fetching = next(c for c in children if c["Status"] == "DOWNLOADING")
+        assert render.outcome(fetching) == "downloading 244.1 KiB of 293.0 KiB (83%)"
+        assert Snapshot(parent, children).summary() == ("1 queued, 1 downloading; "
+                                                        "downloading 244.1 KiB of 293.0 KiB (83%)")
 
 
 def test_the_silence_clock_starts_at_in_progress_not_while_downloading(svc: Service, device: FakeDevice) -> None:

@@ -31,7 +31,8 @@ def send(url: str, method: str = "GET", data: bytes | None = None, headers: dict
         with urllib.request.urlopen(req, timeout=30) as resp:
             return Answer(resp.status, resp.read(), resp.headers)
     except urllib.error.HTTPError as e:
-        return Answer(e.code, e.read(), e.headers)
+        with e:
+            return Answer(e.code, e.read(), e.headers)
 
 
 def multipart(parts: list[tuple[str, bytes, str | None]]) -> tuple[bytes, str]:
