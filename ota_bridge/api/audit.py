@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 CALLER = web.RequestKey("caller", TokenIdentity)  # set by the auth middleware for a valid token
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-CREATED_ID_FIELDS = ("WorkflowId", "JobId", "DeviceId", "WebhookId")  # what a POST without {id} made
+CREATED_ID_FIELDS = ("WorkflowId", "JobId", "DeviceId", "WebhookId", "ArtifactId")  # what a POST without {id} made
 
 
 @web.middleware
