@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
@@ -119,6 +122,29 @@ def test_a_bad_name_or_version_is_400_naming_it_and_stores_nothing(svc: Service,
     answer = upload(svc.api, name, version, b"some bytes", raw=raw, file_first=True)
     assert answer.status == 400 and named in answer.json["Detail"], answer
     assert stored_files(svc) == before
+
+
+def curl(*args: str) -> bytes:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    done = subprocess.run(["curl", "-sS", "--fail-with-body", *args], check=True, capture_output=True, timeout=30)
+    return done.stdout
+
+
+def test_curl_uploads_as_the_docs_show_and_resumes_a_cut_download(svc: Service, device: FakeDevice,
+                                                                   tmp_path: Path) -> None:
+    data = os.urandom(150_000)
+    (tmp_path / "fw.bin").write_bytes(data)
+    auth = f"Authorization: Bearer {svc.api.token}"
+    form = json.loads(curl("-H", auth, "-F", "Name=fw.bin", "-F", "Version=1.2", "-F", f"File=@{tmp_path / 'fw.bin'}",
+                           f"{svc.base_url}/v1/artifact"))
+    raw = json.loads(curl("-H", auth, "-H", "Content-Type: application/octet-stream", "--data-binary",
+                          f"@{tmp_path / 'fw.bin'}", f"{svc.base_url}/v1/artifact?Name=fw.bin&Version=1.2"))
+    assert form["Sha256"] == raw["Sha256"] == hashlib.sha256(data).hexdigest() and form["Size"] == len(data)
+    url, _ = artifact_url(svc, device, data)
+    (tmp_path / "got.bin").write_bytes(data[:40_000])  # a download cut after 40,000 bytes
+    curl("-C", "-", "-o", str(tmp_path / "got.bin"), url)  # continues with Range: bytes=40000-
+    assert (tmp_path / "got.bin").read_bytes() == data
 
 
 def test_an_upload_without_a_file_or_with_another_type_is_400(svc: Service) -> None:

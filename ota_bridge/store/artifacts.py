@@ -13,11 +13,9 @@ from typing import Callable, Iterable
 
 import peewee as pw
 
-from agent.protocol import JobStatus
-
 from ..errors import ArtifactInUse, ArtifactNotFound, InvalidRequest
 from ..models import Artifact, ChildJob, JobArtifact, WorkflowArtifact
-from . import PENDING, args, chunks, padded, prepared, write_transaction
+from . import PENDING, arg, args, chunks, padded, prepared, write_transaction
 
 MAX_ARTIFACTS_PER_WORKFLOW = 16
 
@@ -141,8 +139,12 @@ def _job_artifacts(count: int) -> pw.Query:
 
 
 def device_may_fetch(device_id: str, child_job_id: str, sha256: str) -> bool:
-    """Whether this child job is the device's, not yet final, and its job names a file with this SHA-256."""
-    child = ChildJob.get_or_none(ChildJob.job_id == child_job_id)
-    if child is None or child.device_id != device_id or JobStatus(child.status).is_final:
-        return False
-    return JobArtifact.select().where(JobArtifact.job == child.parent_id, JobArtifact.sha256 == sha256).exists()
+    """Whether this child job is the device's, not yet final, and its job names a file with this SHA-256:
+    one query over two indexes (the child's job id, the copy's job and position)."""
+    return bool(list(prepared("device_may_fetch", _may_fetch, child_job_id, device_id, sha256)))
+
+
+def _may_fetch(_: int) -> pw.Query:
+    return (ChildJob.select(ChildJob.seq).join(JobArtifact, on=(JobArtifact.job == ChildJob.parent))
+            .where(ChildJob.job_id == arg(0), ChildJob.device_id == arg(1), ChildJob.status.in_(PENDING),
+                   JobArtifact.sha256 == arg(2)).limit(1).tuples())
