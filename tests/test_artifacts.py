@@ -17,13 +17,17 @@ from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from playhouse.db_url import connect
 
 from agent import job_signature
 from agent.protocol import SIGNATURE_DOMAIN_V3, ArtifactKey, Key
 from ota_bridge.client import render
 from ota_bridge.client.watch import Snapshot
+from ota_bridge.models import Artifact, JobArtifact, WorkflowArtifact, db
+from ota_bridge.store import Store, artifacts
 from tests.conftest import Launcher
 from tests.support.artifact_http import get, send, upload, uploaded
+from tests.support.databases import database_url
 from tests.support.fake_device import FakeDevice
 from tests.support.processes import Service, wait_until
 
@@ -338,3 +342,27 @@ def test_the_silence_clock_starts_at_in_progress_not_while_downloading(svc: Serv
     assert child_of(svc, child_id)["Status"] == "DOWNLOADING"
     device.report(child_id, "IN_PROGRESS")
     wait_until(lambda: child_of(svc, child_id)["Status"] == "TIMED_OUT", 20, "the silent device's job to time out")
+
+
+# --- a database made before artifacts -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_database_made_before_artifacts_gets_their_tables_and_columns(kind: str, tmp_path: Path) -> None:
+    with database_url(kind, tmp_path) as url:
+        Store(url).close()
+        old = connect(url)  # take away what this change added
+        for column in NEW_COLUMNS:
+            old.execute_sql(f'ALTER TABLE child_job DROP COLUMN "{column}"')
+        old.drop_tables([JobArtifact, WorkflowArtifact, Artifact])
+        assert not NEW_COLUMNS & {c.name for c in old.get_columns("child_job")}
+        old.close()
+        store = Store(url)
+        try:
+            assert NEW_COLUMNS <= store.call_sync(lambda: {c.name for c in db.get_columns("child_job")})
+            assert store.call_sync(artifacts.list_artifacts, 10, 0) == ([], 0)
+        finally:
+            store.close()
+
+
+NEW_COLUMNS = {"download_bytes", "download_total"}
