@@ -105,6 +105,29 @@ def test_uploads_multipart_either_order_and_raw_keep_the_same_bytes_once(svc: Se
     assert not [f for f in stored_files(svc) if f.startswith(".upload-")]
 
 
+def peak_rss(service: Service) -> int:
+    """The service process's peak resident memory so far (VmHWM), in bytes."""
+    assert service.proc is not None
+    status = Path(f"/proc/{service.proc.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+def test_uploads_are_streamed_to_disk_not_held_in_memory(launch: Launcher, tmp_path: Path) -> None:
+    service = launch.service()
+    size = 32 * 2**20
+    (tmp_path / "big.bin").write_bytes(os.urandom(size))
+    uploaded(service.api, "warm-up.bin", os.urandom(2 * 2**20))  # the upload path's code, buffers and threads
+    before = peak_rss(service)
+    auth = f"Authorization: Bearer {service.api.token}"
+    for how in (["-F", "Name=big.bin", "-F", "Version=1", "-F", f"File=@{tmp_path / 'big.bin'}"],
+                ["-H", "Content-Type: application/octet-stream", "--data-binary", f"@{tmp_path / 'big.bin'}"]):
+        answer = json.loads(curl("-H", auth, *how, f"{service.base_url}/v1/artifact?"
+                                 + ("Name=big.bin&Version=1" if "--data-binary" in how else "")))
+        assert answer["Size"] == size
+    grown = peak_rss(service) - before
+    assert grown < size // 4, f"the service's peak memory grew by {grown} bytes during the uploads"
+
+
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "multipart"])
 def test_an_upload_over_the_limit_is_413_naming_it_and_leaves_nothing(svc: Service, raw: bool) -> None:
     before = stored_files(svc)
