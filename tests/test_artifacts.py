@@ -314,6 +314,10 @@ def test_a_link_fetches_nothing_for_another_device_job_or_token(svc: Service) ->
             assert answer.status == 403, (bad, answer)
             assert token not in answer.body.decode()
         assert send(url).status == 200
+        svc.api.ok("PATCH", f"/v1/device/{first.device_id}", {"Enabled": False})
+        assert send(url).status == 403  # a disabled device's links stop working
+        svc.api.ok("PATCH", f"/v1/device/{first.device_id}", {"Enabled": True})
+        assert send(url).status == 200
         svc.api.ok("POST", f"/v1/job/{job_id}/cancel")
         assert send(url).status == 403  # the job is final
         assert token not in svc.log()
@@ -361,7 +365,7 @@ def test_the_silence_clock_starts_at_in_progress_not_while_downloading(svc: Serv
     device.head_for(child_id)
     device.report(child_id, "DOWNLOADING", Progress={"Bytes": 1, "TotalBytes": 4})
     wait_until(lambda: child_of(svc, child_id)["Status"] == "DOWNLOADING", 15, "DOWNLOADING")
-    time.sleep(4)  # past the timeout (1 s) plus the grace (1 s), twice over
+    time.sleep(3)  # past the timeout (1 s) plus the grace (1 s), and the checks every 0.5 s
     assert child_of(svc, child_id)["Status"] == "DOWNLOADING"
     device.report(child_id, "IN_PROGRESS")
     wait_until(lambda: child_of(svc, child_id)["Status"] == "TIMED_OUT", 20, "the silent device's job to time out")
