@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +30,7 @@ from tests.conftest import Launcher
 from tests.support.artifact_http import get, send, upload, uploaded
 from tests.support.databases import database_url
 from tests.support.fake_device import FakeDevice
-from tests.support.processes import Service, wait_until
+from tests.support.processes import REPO, Service, wait_until
 
 LIMIT = 1024 * 1024  # the module's service takes artifacts up to 1 MiB
 PAYLOAD = os.urandom(300_000)
@@ -393,3 +394,14 @@ def test_a_database_made_before_artifacts_gets_their_tables_and_columns(kind: st
 
 
 NEW_COLUMNS = {"download_bytes", "download_total"}
+
+
+def test_the_cli_defines_a_workflow_with_artifacts(svc: Service) -> None:
+    artifact = uploaded(svc.api, "cli.bin", b"cli")
+    argv = ["workflow", "create", "--name", "cli", "--command", "true", "--artifact", artifact["ArtifactId"], "--json",
+            "--server", svc.base_url, "--token", svc.api.token]
+    done = subprocess.run([sys.executable, "-m", "ota_bridge", *argv], capture_output=True, text=True, timeout=30,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    workflow = svc.api.ok("GET", f"/v1/workflow/{json.loads(done.stdout)['WorkflowId']}")
+    assert workflow["Artifacts"] == [artifact["ArtifactId"]]
