@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -138,6 +139,17 @@ def test_an_upload_over_the_limit_is_413_naming_it_and_leaves_nothing(svc: Servi
     assert str(LIMIT) in answer.json["Detail"] and "--max-artifact-size" in answer.json["Detail"]
     assert stored_files(svc) == before
     assert get(svc.api, "/v1/artifact").headers["X-Total-Count"] == total
+
+
+def test_an_upload_cut_off_by_its_client_leaves_nothing(svc: Service) -> None:
+    before = stored_files(svc)
+    with socket.create_connection(("127.0.0.1", svc.http_port), timeout=10) as conn:
+        conn.sendall(f"POST /v1/artifact?Name=cut.bin&Version=1 HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {svc.api.token}\r\nContent-Type: application/octet-stream\r\n"
+                     f"Content-Length: {LIMIT}\r\n\r\n".encode() + os.urandom(LIMIT // 2))
+        wait_until(lambda: [f for f in stored_files(svc) if f.startswith(".upload-")], 15, "the upload to begin")
+    wait_until(lambda: stored_files(svc) == before, 15, "the cut upload's temporary file to go")
+    assert not [a for a in get(svc.api, "/v1/artifact?Limit=1000").json if a["Name"] == "cut.bin"]
 
 
 @pytest.mark.parametrize("name, version, raw, named", [
