@@ -1,4 +1,4 @@
-"""The client's commands: `ota-bridge workflow|job|device ACTION`, each one or two API requests."""
+"""The client's commands: `ota-bridge workflow|job|device|artifact ACTION`, each one or two API requests."""
 
 from __future__ import annotations
 
