@@ -242,6 +242,15 @@ def test_a_workflow_names_artifacts_that_exist(svc: Service) -> None:
     too_many = svc.api.request("POST", "/v1/workflow", {"Name": "w", "Command": "true",
                                                         "Artifacts": [artifact["ArtifactId"]] * 17})
     assert too_many.status == 400 and "Artifacts" in too_many.body["Detail"]
+    same_file = svc.api.request("POST", "/v1/workflow", {"Name": "w", "Command": "true", "Artifacts": [
+        artifact["ArtifactId"], uploaded(svc.api, "w.bin", b"another w")["ArtifactId"]]})
+    assert same_file.status == 400 and "'w.bin'" in same_file.body["Detail"]
+    svc.api.device("names-artifacts")
+    svc.api.ok("DELETE", f"/v1/artifact/{artifact['ArtifactId']}")  # no job needs it
+    gone = svc.api.request("POST", "/v1/job", {"WorkflowId": workflow, "DeviceId": "names-artifacts"})
+    assert gone.status == 400 and artifact["ArtifactId"] in gone.body["Detail"] and "deleted" in gone.body["Detail"]
+    assert svc.api.ok("GET", "/v1/device/names-artifacts")["PendingJobs"] == 0  # nothing half-written
+    svc.api.ok("DELETE", f"/v1/workflow/{workflow}")  # its list of artifacts goes with it
 
 
 def test_the_head_carries_the_artifacts_signed_and_a_job_keeps_its_copy(svc: Service, device: FakeDevice) -> None:
