@@ -47,6 +47,7 @@ JOB_ID_PATTERN = r"[A-Za-z0-9-]{1,64}"
 class JobStatus(str, enum.Enum):
     """The state of one child job (one command on one device)."""
 
+    SCHEDULED = "SCHEDULED"  # held by the service: its rollout, schedule or a retry delay has not released it yet
     QUEUED = "QUEUED"  # waiting in the device's queue
     DOWNLOADING = "DOWNLOADING"  # the device is fetching the job's artifacts (the command has not started)
     IN_PROGRESS = "IN_PROGRESS"  # the device has started the command
@@ -66,11 +67,17 @@ FINAL_STATUSES = frozenset(
     {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELED, JobStatus.INTERRUPTED,
      JobStatus.REJECTED}
 )
+# Released and not final: what a device may be sent (QUEUED) or is running.
 PENDING_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS})
+# Not final: the pending ones and the held ones. A SCHEDULED job keeps its place in its device's
+# queue (later jobs wait behind it), but while it is the first of them the device is sent nothing.
+UNFINISHED_STATUSES = PENDING_STATUSES | {JobStatus.SCHEDULED}
 
 # The allowed transitions of a child job; the service and the tests both read this table.
 # A final state has no way out: a duplicate or late update never moves a job backwards.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    # Only the service moves a held job: it releases it, or an operator (or an abort) cancels it.
+    JobStatus.SCHEDULED: frozenset({JobStatus.QUEUED, JobStatus.CANCELED}),
     JobStatus.QUEUED: frozenset({JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS} | FINAL_STATUSES),
     # DOWNLOADING repeats: each report carries the download's progress.
     JobStatus.DOWNLOADING: frozenset({JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS} | FINAL_STATUSES),
@@ -79,7 +86,7 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 # The states a device may report about its own job (CANCELED is reported when the
-# head moved past a running job and the agent killed it).
+# head moved past a running job and the agent killed it). Never SCHEDULED, nor about a SCHEDULED job.
 DEVICE_REPORTABLE = frozenset({JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS} | FINAL_STATUSES)
 
 

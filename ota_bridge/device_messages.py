@@ -76,7 +76,8 @@ def _artifacts(device_id: str, entry: QueueEntry, artifact_url: ArtifactUrl | No
 
 
 def queue_message(queue: DeviceQueue) -> bytes:
-    """The retained pending list, head first; empty when nothing is pending."""
+    """The retained pending list, head first; empty when nothing is pending. A held job shows as
+    SCHEDULED with its Reason (the head is then the idle head: see DeviceQueue.head)."""
     if not queue.entries:
         return b""
     return encode({
@@ -88,6 +89,7 @@ def queue_message(queue: DeviceQueue) -> bytes:
             Key.COMMAND: e.command[:QUEUE_COMMAND_PREVIEW],
             **({Key.COMMAND_TRUNCATED: True} if len(e.command) > QUEUE_COMMAND_PREVIEW else {}),
             Key.STATUS: e.status,
+            **({Key.REASON: e.reason} if e.held else {}),
             Key.SEQ: e.seq,
         } for e in queue.entries],
     })

@@ -66,6 +66,15 @@ class Conflict(OtaBridgeError):
     title = "Conflict"
 
 
+class NoRollout(Conflict):
+    """Pause or resume of a job that has no Rollout, Schedule, AbortOn or Continuous."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id!r} has no rollout to pause or resume (it has no Rollout, Schedule, "
+                         f"AbortOn or Continuous)")
+        self.job_id = job_id
+
+
 class DevicesExist(Conflict):
     """One or more devices of a registration are registered already; none of the request was."""
 

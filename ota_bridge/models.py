@@ -133,7 +133,10 @@ class ChildJob(BaseModel):
     stderr = pw.TextField(default="")
     stdout_truncated = pw.BooleanField(default=False)
     stderr_truncated = pw.BooleanField(default=False)
-    reason = pw.TextField(null=True)
+    reason = pw.TextField(null=True)  # why it ended, or while SCHEDULED why it is held
+    # SCHEDULED only: when the service releases it by itself (a retry's delay); None: only a
+    # rollout's decision releases it. Read on the service's clock (ota_bridge/clock.py).
+    release_at = pw.DateTimeField(null=True)
     download_bytes = pw.BigIntegerField(null=True)  # DOWNLOADING: the artifacts' bytes the device has so far
     download_total = pw.BigIntegerField(null=True)  # ... of all of them (both in ADDED_COLUMNS)
     # True when the service, not the device, made the job final (a timeout, a cancel): the
@@ -188,6 +191,29 @@ class JobArtifact(BaseModel):
         primary_key = pw.CompositeKey("job", "position")
 
 
+class Rollout(BaseModel):
+    """A job's rollout: its plan (rollout_plan.Plan as JSON) and how far it got. Decisions read and
+    write it in one transaction with the children they release (store/rollouts.py)."""
+
+    job = pw.ForeignKeyField(Job, primary_key=True, on_delete="CASCADE", column_name="job_id")
+    plan = pw.TextField()
+    continuous = pw.BooleanField(default=False)
+    active = pw.BooleanField(default=True, index=True)  # False: done, aborted or canceled: nothing to decide
+    paused = pw.BooleanField(default=False)
+    aborted = pw.BooleanField(default=False)
+    abort_reason = pw.TextField(null=True)
+    wave = pw.IntegerField(default=0)  # waves opened so far
+    wave_ready_at = pw.DateTimeField(null=True)  # when the last wave reached WaveSuccessPercent (soak from here)
+    wave_base = pw.IntegerField(default=0)  # children released before the last wave opened
+    wave_from_seq = pw.BigIntegerField(null=True)  # the first Seq the last wave released: its children are at or above
+    released = pw.IntegerField(default=0)  # children the rollout released
+    rate = pw.FloatField(null=True)  # MaxPerMinute now (it grows with Growth)
+    rate_successes = pw.IntegerField(default=0)
+    window_start = pw.DateTimeField(null=True)  # the rate limit's current minute, on the service's clock
+    window_released = pw.IntegerField(default=0)
+    checked_at = pw.DateTimeField(null=True)  # the service's clock at the last decision
+
+
 class Webhook(BaseModel):
     """A URL that receives a signed POST when a job or child job ends (ota_bridge/webhooks.py)."""
 
@@ -222,10 +248,11 @@ class WebhookCursor(BaseModel):
 
 
 TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webhook, WebhookDelivery, WebhookCursor,
-          Artifact, WorkflowArtifact, JobArtifact)
+          Rollout, Artifact, WorkflowArtifact, JobArtifact)
 # Columns added after a table was first released: (table, column, DDL), added at open when missing.
 ADDED_COLUMNS = (
     ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin
+    ("child_job", "release_at", "TIMESTAMP"),
     ("child_job", "download_bytes", "BIGINT"),
     ("child_job", "download_total", "BIGINT"),
 )

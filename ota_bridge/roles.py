@@ -40,6 +40,8 @@ NEEDS: dict[tuple[str, str], Role] = {
     ("GET", "/v1/job/{id}/childjobs"): Role.VIEWER,
     ("POST", "/v1/job"): Role.OPERATOR,
     ("POST", "/v1/job/{id}/cancel"): Role.OPERATOR,
+    ("POST", "/v1/job/{id}/pause"): Role.OPERATOR,
+    ("POST", "/v1/job/{id}/resume"): Role.OPERATOR,
     ("DELETE", "/v1/job/{id}"): Role.OPERATOR,
     ("GET", "/v1/device"): Role.VIEWER,
     ("GET", "/v1/device/{id}"): Role.VIEWER,

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from agent.protocol import OPERATOR_USERNAME, RESERVED_DEVICE_IDS, SERVICE_CLIENT_ID, Topics
 
-from . import credentials, signing, tls
+from . import clock, credentials, signing, tls
 from .api import make_app
 from .api.artifacts import ARTIFACT_FILES, ARTIFACT_LINKS
 from .api.views import ACCOUNTS
@@ -54,6 +54,7 @@ from .models import PRIVATE_DIR_MODE
 from .mosquitto_dynsec import ADMIN_USERNAME, DynsecClient, InstanceLogins
 from .mqtt_link import BrokerLink
 from .roles import Role
+from .rollouts import Releaser
 from .settings import OPTIONS_BY_NAME, SQLITE_FILE, HostPort, Settings, named
 from .store import Store, devices, queues, serialize_writes, tokens
 from .store.account_locks import AccountLocks
@@ -200,6 +201,7 @@ async def serve(settings: Settings) -> None:
 @contextlib.asynccontextmanager
 async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
     https = tls.server_context(settings)  # first: a bad certificate file stops the start at once
+    clock.use_file(settings.test_clock)
     may_create = settings.new_signing_key or not db.call_sync(queues.has_history)
     signer = signing.load_or_create(settings.data_dir, may_create)
     cluster = await _join_cluster(settings, db)
@@ -218,7 +220,8 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
                                   locks=_account_locks(settings, stack),
                                   slow="slow-broker-accounts" in settings.failpoints)
         await accounts.start()
-        tasks = [dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts(), WebhookSender(db).run()]
+        tasks = [dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts(), WebhookSender(db).run(),
+                 Releaser(db, dispatcher).run()]
         if cluster is None:
             await db.call(devices.forget_presence)  # no device is online before it says so in this run
         else:

@@ -75,6 +75,7 @@ class Settings:
     artifact_base_url: str | None = None  # devices fetch artifacts here (a CDN, nginx) instead of from the service
     artifact_dir: Path | None = None  # None: <data_dir>/artifacts
     max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE
+    test_clock: Path | None = None  # tests only: the file the service's clock reads (ota_bridge/clock.py)
 
     @property
     def database_url(self) -> str:
@@ -298,6 +299,9 @@ OPTIONS = (
            "slow-broker-accounts waits a second between committing a device's enable, disable or new password "
            "and telling the broker",
            hidden=True),
+    Option("test_clock", "", parse_optional_path,
+           "for tests only: the service's clock for rollouts, schedules and release delays is the ISO 8601 time "
+           "in this file (real time while it is missing or empty)", metavar="FILE", hidden=True),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 

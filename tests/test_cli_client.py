@@ -143,6 +143,23 @@ def test_submit_watch_exits_0_when_every_device_succeeds(fleet: Service) -> None
     assert "ok-1  SUCCEEDED  exit 0  fine" in done.stdout.splitlines()
 
 
+def test_a_rollout_from_the_cli_aborts_and_watch_says_why_then_pause_and_resume(fleet: Service) -> None:
+    workflow = fleet.api.workflow(COMMAND, name="rolled")
+    rollout = json.dumps({"Rollout": {"Waves": [50, 100]},  # bad-3 and ok-1 first: bad-3 fails, so ok-2 never runs
+                          "AbortOn": [{"Status": "FAILED", "ThresholdPercent": 50, "MinFinished": 2}]})
+    done = run(fleet, "job", "submit", "--workflow", workflow, "--group", "fleet", "--rollout", rollout, "--watch",
+               "--interval", "0.2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "rollout: wave 1 of 2, 2 released, 0 held, ABORTED: rollout aborted: 1 of 2 finished devices ended " \
+           "FAILED" in done.stdout, done.stdout
+    job_id = done.stderr.split()[-1]
+    assert ok(fleet, "job", "pause", job_id).strip() == f"paused job {job_id}"
+    assert as_json(fleet, "job", "show", job_id)["Rollout"]["Paused"] is True
+    assert as_json(fleet, "job", "resume", job_id)["Rollout"]["Paused"] is False
+    assert "not a JSON object" in run(fleet, "job", "submit", "--workflow", workflow, "--group", "fleet",
+                                      "--rollout", "{").stderr
+
+
 def test_cancel_delete_and_interrupted_watch(fleet: Service) -> None:
     fleet.api.device("asleep")  # no agent: its job stays queued
     job_id = as_json(fleet, "job", "submit", "--workflow", fleet.api.workflow("true"), "--device", "asleep",

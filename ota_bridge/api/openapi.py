@@ -79,7 +79,18 @@ WEBHOOK = {"WebhookId": UUID, "Url": STRING, "CreatedTime": TIME, "PendingDelive
 
 
 def job_kind(name: str, target: str, result: Schema, description: str, **more: Schema) -> Schema:
-    return record({**JOB, target: STRING, "Result": result, **more}, title=name, description=description)
+    return record({**JOB, target: STRING, "Result": result, **more}, {"Rollout": ref("RolloutState")},
+                  title=name, description=description)
+
+
+ROLLOUT_STATE = record(
+    {"Kind": nullable({"type": "string", "enum": ["Waves", "MaxPerMinute"]}),
+     "Wave": nullable(INTEGER), "Waves": nullable(INTEGER), "Released": INTEGER, "Pending": INTEGER,
+     "RatePerMinute": nullable({"type": "number"}), "Paused": BOOLEAN, "Aborted": BOOLEAN,
+     "AbortReason": nullable(STRING), "Active": BOOLEAN, "Continuous": BOOLEAN, "CheckedAt": nullable(TIME)},
+    description="a job's rollout (only a job with Rollout, AbortOn, Schedule or Continuous): Wave = waves "
+                "released so far, Pending = children still held (SCHEDULED), CheckedAt = the service's clock at "
+                "its last decision (docs/rollouts.md)")
 
 
 def jobs() -> dict[str, Schema]:
@@ -117,6 +128,7 @@ ANSWERS: dict[str, Schema] = {
     "WorkflowDeleted": deleted("WorkflowId"),
     "JobCreated": record({"JobId": UUID}),
     "Counts": COUNTS,
+    "RolloutState": ROLLOUT_STATE,
     **jobs(),
     "ChildJob": record(
         {"JobId": UUID, "ParentJobId": UUID, "DeviceId": STRING, "Command": STRING, "Status": STATUS,
@@ -141,7 +153,8 @@ ANSWERS: dict[str, Schema] = {
                           description="a device's pending child jobs in the order it runs them, head first "
                                       "(the first 100), and how many are pending in all"),
     "QueuedJob": record({"JobId": UUID, "ParentJobId": UUID, "JobName": STRING, "Command": STRING,
-                         "Status": STATUS, "Seq": INTEGER, "CreatedTime": TIME}),
+                         "Status": STATUS, "Seq": INTEGER, "CreatedTime": TIME},
+                        {"Reason": STRING}, description="Reason: only on a SCHEDULED job, why it is held"),
     "EventTicket": record({"Ticket": STRING, "ExpiresInSeconds": INTEGER},
                           description="opens GET /v1/events once, within ExpiresInSeconds"),
     "AuditEntry": record(
@@ -251,6 +264,10 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", "/v1/job/{id}"): Op("getJob", "One job's summary, or one child job", GET_JOB),
     ("get", "/v1/job/{id}/childjobs"): Op("listChildJobs", "A job's child jobs, one per device",
                                           listing("ChildJob")),
+    ("post", "/v1/job/{id}/pause"): Op("pauseJob", "Stop the job's rollout releasing devices; released ones go on",
+                                       ref("Job"), also=(409,)),
+    ("post", "/v1/job/{id}/resume"): Op("resumeJob", "Let the job's rollout release devices again", ref("Job"),
+                                        also=(409,)),
     ("post", "/v1/job/{id}/cancel"): Op("cancelJob", "Cancel the children not yet final; keeps the record",
                                         ref("Job")),
     ("delete", "/v1/job/{id}"): Op("deleteJob", "Delete a job; queued children leave their queues",

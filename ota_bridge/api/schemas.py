@@ -10,6 +10,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from agent.protocol import DEVICE_ID_PATTERN, MAX_COMMAND_CHARS, NEW_DEVICE_ID_PATTERN, RESERVED_DEVICE_IDS
 
+from ..errors import InvalidRequest
+from ..rollout_plan import ROLLOUT_FIELDS, Plan, PlanError, parse
 from ..store.artifacts import MAX_ARTIFACTS_PER_WORKFLOW
 from ..store.jobs import TARGET_FIELDS
 
@@ -67,6 +69,42 @@ class WorkflowIn(Strict):
                                                "command runs (docs/api.md#artifacts)")
 
 
+class GrowthIn(Strict):
+    Factor: float = Field(description="the rate is multiplied by this (1.01 to 100) ...")
+    AfterSucceeded: int = Field(description="... each time this many more devices succeeded")
+
+
+class RolloutIn(Strict):
+    """Either MaxPerMinute (optionally with Growth) or Waves (docs/rollouts.md)."""
+
+    MaxPerMinute: Optional[int] = Field(default=None, description="release at most this many devices a minute")
+    Growth: Optional[GrowthIn] = None
+    Waves: Optional[list[float]] = Field(default=None, description="increasing percentages of the target ending "
+                                                                   "at 100, e.g. [1, 10, 50, 100]")
+    WaveSuccessPercent: Optional[float] = Field(default=None, description="the next wave goes once this share of "
+                                                                          "the released devices succeeded (100)")
+    SoakSeconds: Optional[int] = Field(default=None, description="and this long after that (0)")
+
+
+class AbortIn(Strict):
+    Status: str = Field(description="FAILED, TIMED_OUT, REJECTED or ANY (any of the three)")
+    ThresholdPercent: float = Field(description="abort when at least this share of the finished devices ...")
+    MinFinished: Optional[int] = Field(default=None, description="... once at least this many finished (1)")
+
+
+class WindowIn(Strict):
+    Cron: str = Field(description="five-field cron expression of each window's start, e.g. '0 2 * * *'")
+    DurationMinutes: int
+    TimeZone: Optional[str] = Field(default=None, description="IANA time zone of the cron expression (UTC)")
+
+
+class ScheduleIn(Strict):
+    StartTime: Optional[str] = Field(default=None, description="ISO 8601: nothing is released before")
+    EndTime: Optional[str] = Field(default=None, description="ISO 8601: nothing is released after")
+    EndBehavior: Optional[str] = Field(default=None, description="LEAVE (held devices stay held) or CANCEL")
+    MaintenanceWindows: Optional[list[WindowIn]] = Field(default=None, description="release only inside one")
+
+
 class JobIn(Strict):
     Name: Optional[NameText] = None
     WorkflowId: Ident
@@ -74,6 +112,11 @@ class JobIn(Strict):
     DeviceGroup: Optional[Label] = None
     TagId: Optional[Label] = None
     TimeoutSeconds: Optional[Timeout] = None
+    Rollout: Optional[RolloutIn] = None
+    AbortOn: Optional[list[AbortIn]] = None
+    Schedule: Optional[ScheduleIn] = None
+    Continuous: Optional[bool] = Field(default=None, description="a group or tag job: devices that join later "
+                                                                 "get their own child, until the job is canceled")
 
     @model_validator(mode="after")
     def one_target(self) -> "JobIn":
@@ -87,6 +130,13 @@ class JobIn(Strict):
     def target(self) -> tuple[str, str]:
         field = next(f for f in TARGET_FIELDS if getattr(self, f) is not None)
         return field, getattr(self, field)
+
+    def plan(self) -> Plan | None:
+        """The rollout plan of the job's Rollout, AbortOn, Schedule and Continuous; a 400 naming a bad field."""
+        try:
+            return parse(self.model_dump(include=set(ROLLOUT_FIELDS), exclude_none=True), self.target[0])
+        except PlanError as e:
+            raise InvalidRequest(str(e)) from e
 
 
 class DeviceIn(Strict):

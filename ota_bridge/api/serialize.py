@@ -6,7 +6,8 @@ from typing import Any
 
 from agent.protocol import JobStatus, format_time
 
-from ..models import ChildJob
+from ..models import ChildJob, Rollout
+from ..rollout_plan import Plan
 from ..store.devices import DeviceView
 from ..store.jobs import JobSummary
 from ..store.workflows import WorkflowView
@@ -40,6 +41,26 @@ def job(s: JobSummary) -> dict[str, Any]:
         "EndTime": format_time(s.end_time),
         "Result": s.single.stdout if s.single is not None else counts(s.counts),
         **({"ExitCode": s.single.exit_code} if s.single is not None else {}),
+        **({"Rollout": rollout(s.rollout, s.counts)} if s.rollout is not None else {}),
+    }
+
+
+def rollout(r: Rollout, by_status: dict[str, int]) -> dict[str, Any]:
+    """A job's rollout state: how far it got, and why it stopped if it did."""
+    plan = Plan.from_json(r.plan)
+    return {
+        "Kind": plan.kind,
+        "Wave": r.wave if plan.waves else None,
+        "Waves": len(plan.waves) if plan.waves else None,
+        "Released": r.released,
+        "Pending": by_status.get(JobStatus.SCHEDULED.value, 0),
+        "RatePerMinute": r.rate,
+        "Paused": r.paused,
+        "Aborted": r.aborted,
+        "AbortReason": r.abort_reason,
+        "Active": r.active,
+        "Continuous": r.continuous,
+        "CheckedAt": format_time(r.checked_at),
     }
 
 

@@ -14,7 +14,7 @@ from ..broker_accounts import BrokerAccounts
 from ..dispatch import Dispatcher
 from ..errors import JobNotFound
 from ..signing import JobSigner
-from ..store import Store, devices, jobs, workflows
+from ..store import Store, devices, jobs, rollouts, workflows
 from . import params, serialize
 from .body import read_model
 from .schemas import DeviceIn, DevicePatch, DevicesIn, JobIn, WorkflowIn
@@ -77,8 +77,13 @@ async def delete_workflow(request: web.Request) -> web.Response:
 async def submit_job(request: web.Request) -> web.Response:
     body = await read_model(request, JobIn)
     field, value = body.target
-    job, device_ids = await _store(request).call(jobs.submit_job, body.Name, body.WorkflowId, field, value,
-                                                 body.TimeoutSeconds)
+    plan = body.plan()
+    if plan is None:
+        job, device_ids = await _store(request).call(jobs.submit_job, body.Name, body.WorkflowId, field, value,
+                                                     body.TimeoutSeconds)
+    else:
+        job, device_ids = await _store(request).call(rollouts.submit_job, body.Name, body.WorkflowId, field, value,
+                                                     body.TimeoutSeconds, plan)
     request.app[DISPATCHER].mark(device_ids)
     return web.json_response({"JobId": job.job_id})
 
@@ -112,6 +117,23 @@ async def delete_job(request: web.Request) -> web.Response:
     device_ids = await _store(request).call(jobs.delete_job, job_id)
     request.app[DISPATCHER].mark(device_ids)
     return web.json_response({"JobId": job_id, "Deleted": True})
+
+
+@routes.post("/v1/job/{id}/pause")
+async def pause_job(request: web.Request) -> web.Response:
+    """Stop the job's rollout releasing devices; those released already go on."""
+    return await _pause(request, True)
+
+
+@routes.post("/v1/job/{id}/resume")
+async def resume_job(request: web.Request) -> web.Response:
+    return await _pause(request, False)
+
+
+async def _pause(request: web.Request, paused: bool) -> web.Response:
+    job_id = request.match_info["id"]
+    request.app[DISPATCHER].mark(await _store(request).call(rollouts.set_paused, job_id, paused))
+    return web.json_response(serialize.job(await _store(request).read(jobs.get_job, job_id)))
 
 
 @routes.post("/v1/job/{id}/cancel")
@@ -150,7 +172,7 @@ async def _register(request: web.Request, wanted: list[DeviceIn]) -> list[dict[s
     pairs = await _new_credentials(len(wanted))
     new = [devices.NewDevice(d.DeviceId, d.DeviceGroup, tuple(d.Tags), hashed)
            for d, (_, hashed) in zip(wanted, pairs, strict=True)]
-    views = await _store(request).call(devices.register_devices, new)
+    views = await _store(request).call(rollouts.register_devices, new)
     accounts = [(d.DeviceId, password) for d, (password, _) in zip(wanted, pairs, strict=True)]
     await request.app[ACCOUNTS].registered(accounts)
     request.app[DISPATCHER].mark(device_id for device_id, _ in accounts)  # a signed idle head: agents wait for one
@@ -185,7 +207,9 @@ async def update_device(request: web.Request) -> web.Response:
     unset = object()
     group = body.DeviceGroup if "DeviceGroup" in body.model_fields_set else unset
     device_id = request.match_info["id"]
-    view = await _store(request).call(devices.update_device, device_id, group, body.Tags, body.Enabled, unset)
+    view, joined = await _store(request).call(rollouts.update_device, device_id, group, body.Tags, body.Enabled,
+                                              unset)
+    request.app[DISPATCHER].mark(joined)  # a continuous job's new child
     if body.Enabled is not None:
         await request.app[ACCOUNTS].enabled(device_id, body.Enabled)
     return web.json_response(serialize.device(view))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -101,6 +102,11 @@ def _job_commands(actions: Actions) -> None:
     target.add_argument("--tag", metavar="TAG", help="every device with the tag, as it is now")
     submit.add_argument("--name", help="the job's name (default: the workflow's)")
     submit.add_argument("--timeout", type=int, metavar="SECONDS", help="overrides the workflow's timeout")
+    submit.add_argument("--rollout", type=_rollout_fields, metavar="JSON|@FILE",
+                        help="a JSON object of the job's Rollout, AbortOn, Schedule and Continuous fields "
+                             "(docs/rollouts.md), or @ and a file holding one")
+    submit.add_argument("--continuous", action="store_true",
+                        help="with --group or --tag: devices that join later get the job too, until it is canceled")
     _watch_flags(submit, "then follow it as `job watch` does")
     _paged(_action(actions, "list", "list jobs, newest first", _job_list))
     _by_id(actions, "show", "show a job (or one child job) and its result",
@@ -109,6 +115,10 @@ def _job_commands(actions: Actions) -> None:
            lambda a, c: _show(a, c.get(path("job", a.id, "childjobs")), render.children))
     _by_id(actions, "cancel", "cancel a job's queued and running child jobs (the record stays)",
            lambda a, c: _said(a, c.post(path("job", a.id, "cancel")), f"canceled job {a.id}"))
+    _by_id(actions, "pause", "stop a job's rollout releasing devices (those released go on)",
+           lambda a, c: _said(a, c.post(path("job", a.id, "pause")), f"paused job {a.id}"))
+    _by_id(actions, "resume", "let a paused rollout release devices again",
+           lambda a, c: _said(a, c.post(path("job", a.id, "resume")), f"resumed job {a.id}"))
     _by_id(actions, "delete", "delete a job and its record", lambda a, c: _deleted(a, c.delete(path("job", a.id))))
     _watch_flags(_by_id(actions, "watch", "follow a job until every device has answered; exits 0 only if "
                         "every device succeeded", lambda a, c: watch(c, a.id, a.interval, a.json)), None)
@@ -123,7 +133,8 @@ def _watch_flags(parser: argparse.ArgumentParser, switch: str | None) -> None:
 
 def _job_submit(args: argparse.Namespace, client: ServiceClient) -> int:
     body = {"WorkflowId": args.workflow, "DeviceId": args.device, "DeviceGroup": args.group, "TagId": args.tag,
-            "Name": args.name, "TimeoutSeconds": args.timeout}
+            "Name": args.name, "TimeoutSeconds": args.timeout, **(args.rollout or {}),
+            **({"Continuous": True} if args.continuous else {})}
     answer = client.post(path("job"), {k: v for k, v in body.items() if v is not None})
     if args.watch:
         if not args.json:
@@ -279,6 +290,21 @@ def _said(args: argparse.Namespace, answer: Any, line: str) -> int:
 def _deleted(args: argparse.Namespace, answer: dict[str, Any]) -> int:
     kind, ident = next((k.removesuffix("Id").lower(), v) for k, v in answer.items() if k.endswith("Id"))
     return _said(args, answer, f"deleted {kind} {ident}")
+
+
+ROLLOUT_KEYS = ("Rollout", "AbortOn", "Schedule", "Continuous")
+
+
+def _rollout_fields(value: str) -> dict[str, Any]:
+    """--rollout: a JSON object (or @file) with only the rollout fields of a job."""
+    try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        fields = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object or a readable @file: {e}") from e
+    if not isinstance(fields, dict) or not set(fields) <= set(ROLLOUT_KEYS):
+        raise argparse.ArgumentTypeError(f"a JSON object with only {', '.join(ROLLOUT_KEYS)}")
+    return fields
 
 
 def _seconds(value: str) -> float:

@@ -16,9 +16,10 @@ from agent.protocol import JobStatus
 
 LOG_WIDTH = 160  # when stdout is a file or a pipe (CI logs), rich would otherwise squeeze tables into 80 columns
 STATUS_STYLES = {
-    JobStatus.QUEUED.value: "dim", JobStatus.DOWNLOADING.value: "blue", JobStatus.IN_PROGRESS.value: "cyan",
-    JobStatus.SUCCEEDED.value: "green", JobStatus.FAILED.value: "bold red", JobStatus.TIMED_OUT.value: "red",
-    JobStatus.CANCELED.value: "yellow", JobStatus.INTERRUPTED.value: "yellow", JobStatus.REJECTED.value: "magenta",
+    JobStatus.SCHEDULED.value: "dim italic", JobStatus.QUEUED.value: "dim", JobStatus.DOWNLOADING.value: "blue",
+    JobStatus.IN_PROGRESS.value: "cyan", JobStatus.SUCCEEDED.value: "green",
+    JobStatus.FAILED.value: "bold red", JobStatus.TIMED_OUT.value: "red", JobStatus.CANCELED.value: "yellow",
+    JobStatus.INTERRUPTED.value: "yellow", JobStatus.REJECTED.value: "magenta",
 }
 TARGETS = {"DeviceId": "device", "DeviceGroup": "group", "TagId": "tag"}
 
@@ -121,6 +122,22 @@ def progress(job: dict[str, Any]) -> Text:
         return cell(None if job.get("ExitCode") is None else f"exit {job['ExitCode']}")
     done = [f"{n} {s.lower().replace('_', ' ')}" for s, n in result.items() if s != "Total" and n]
     return Text(f"{', '.join(done) or 'none yet'} of {result.get('Total', 0)}")
+
+
+def rollout(job: dict[str, Any]) -> str:
+    """A job's rollout in one line ('wave 2 of 4, 10 released, 30 held'); empty without one."""
+    state = job.get("Rollout")
+    if not isinstance(state, dict):
+        return ""
+    parts = [f"wave {state['Wave']} of {state['Waves']}"] if state.get("Waves") else []
+    if state.get("Kind") == "MaxPerMinute":
+        parts.append(f"{state['RatePerMinute']:g} a minute")
+    parts += [f"{state['Released']} released", f"{state['Pending']} held"]
+    parts += ["paused"] if state.get("Paused") else []
+    parts += ["continuous"] if state.get("Continuous") and state.get("Active") else []
+    if state.get("Aborted"):
+        parts.append(f"ABORTED: {state.get('AbortReason')}")
+    return "rollout: " + ", ".join(parts)
 
 
 def jobs(items: list[dict[str, Any]]) -> Table:

@@ -136,22 +136,22 @@ def result_line(child: dict[str, Any]) -> Text:
 
 
 def counts_markup(snap: Snapshot) -> str:
-    parts = [f"[{render.STATUS_STYLES[s]}]{snap.counts[s]} {s.lower().replace('_', ' ')}[/]"
+    parts = [f"[{render.STATUS_STYLES.get(s, '')}]{snap.counts[s]} {s.lower().replace('_', ' ')}[/]"
              for s in ORDER if snap.counts[s]]
     return ", ".join(parts)
 
 
 def watch_live(watcher: Watcher, console: Console) -> Snapshot:
     columns = (TextColumn("job {task.fields[job]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[counts]}"), TimeElapsedColumn())
+               TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("{task.fields[rollout]}"))
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("", total=None, job=watcher.job_id[:8], counts="")
+        task = bar.add_task("", total=None, job=watcher.job_id[:8], counts="", rollout="")
 
         def show(snap: Snapshot, fresh: list[dict[str, Any]]) -> None:
             for child in fresh:
                 bar.console.print(result_line(child))
             bar.update(task, total=snap.total, completed=snap.finished,
-                       counts=counts_markup(snap) + escape(snap.downloading()))
+                       counts=counts_markup(snap) + escape(snap.downloading()), rollout=render.rollout(snap.job))
 
         return watcher.follow(show)
 
@@ -163,6 +163,8 @@ def watch_plain(watcher: Watcher, console: Console) -> Snapshot:
         for child in fresh:
             console.print(result_line(child))
         line = f"job {watcher.job_id}: {snap.finished}/{snap.total} done ({snap.summary()})"
+        rollout = render.rollout(snap.job)
+        line += f"; {rollout}" if rollout else ""
         if line != last[0]:
             console.print(line)
             last[0] = line
@@ -187,6 +189,8 @@ def watch(client: ServiceClient, job_id: str, interval: float, as_json: bool) ->
         return INTERRUPTED
     if as_json:
         render.print_json({"Job": snap.job, "Children": snap.children})
+    elif snap.job.get("Rollout", {}).get("Aborted"):
+        out.print(Text(render.rollout(snap.job), style="red"))
     else:
         verdict = Text("all succeeded", style="green") if snap.succeeded else Text("not all succeeded", style="red")
         out.print(Text(f"job {job_id} {snap.job.get('Status')}: {snap.summary()} of {snap.total} "

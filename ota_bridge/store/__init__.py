@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import peewee as pw
 
-from agent.protocol import PENDING_STATUSES, JobStatus
+from agent.protocol import UNFINISHED_STATUSES, JobStatus
 
 from ..errors import StoreUnavailable
 from ..models import (
@@ -56,7 +56,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
-PENDING = [s.value for s in PENDING_STATUSES]
+# Not final, held (SCHEDULED) jobs included: every query that orders, blocks, counts or cancels a
+# device's queue reads these. Only the head the dispatcher publishes skips a held job (queues.py).
+PENDING = [s.value for s in UNFINISHED_STATUSES]
 CHUNK = 500  # rows per INSERT: under SQLite's bound-variable limit for every table here
 PROBE_SECONDS = 3.0  # how long the health check waits for the database's answer
 WRITE_FAILURE_SECONDS = 30.0  # a failed write (a full disk) counts as unavailable this long, unless a write succeeds

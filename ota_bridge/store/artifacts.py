@@ -13,11 +13,14 @@ from typing import Callable, Iterable
 
 import peewee as pw
 
+from agent.protocol import PENDING_STATUSES
+
 from ..errors import ArtifactInUse, ArtifactNotFound, InvalidRequest
 from ..models import Artifact, ChildJob, Device, JobArtifact, WorkflowArtifact
 from . import PENDING, arg, args, chunks, padded, prepared, write_transaction
 
 MAX_ARTIFACTS_PER_WORKFLOW = 16
+FETCHING = [s.value for s in PENDING_STATUSES]  # a device may fetch for these; not for a held (SCHEDULED) job
 
 
 @dataclass(frozen=True)
@@ -149,5 +152,5 @@ def _may_fetch(_: int) -> pw.Query:
     return (ChildJob.select(ChildJob.seq)
             .join(JobArtifact, on=(JobArtifact.job == ChildJob.parent))
             .join(Device, on=(Device.device_id == ChildJob.device_id), src=ChildJob)
-            .where(ChildJob.job_id == arg(0), ChildJob.device_id == arg(1), ChildJob.status.in_(PENDING),
+            .where(ChildJob.job_id == arg(0), ChildJob.device_id == arg(1), ChildJob.status.in_(FETCHING),
                    JobArtifact.sha256 == arg(2), Device.enabled == True).limit(1).tuples())  # noqa: E712

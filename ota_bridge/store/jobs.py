@@ -5,14 +5,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 import peewee as pw
 
 from agent.protocol import DEFAULT_TIMEOUT_SECONDS, PENDING_STATUSES, JobStatus
 
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
-from ..models import ChildJob, Device, DeviceTag, Job, now
+from ..models import ChildJob, Device, DeviceTag, Job, Rollout, now
 from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
 from .artifacts import snapshot_for_job
 from .devices import device_exists
@@ -24,15 +24,20 @@ TARGET_FIELDS = ("DeviceId", "DeviceGroup", "TagId")
 # --- submission -----------------------------------------------------------------------------------
 
 
+Holds = Callable[[int], list[str]]  # the reason each of n new children is held (rollout_plan.Plan.hold_reasons)
+
+
 def submit_job(name: str | None, workflow_id: str, target_field: str, target_value: str,
-               timeout_seconds: int | None) -> tuple[Job, list[str]]:
-    """Create a parent job and one child per target device in one transaction.
+               timeout_seconds: int | None, hold: Holds | None = None,
+               may_be_empty: bool = False) -> tuple[Job, list[str]]:
+    """Create a parent job and one child per target device in one transaction: QUEUED, or with
+    `hold` SCHEDULED with its reason. `may_be_empty`: a group or tag without devices yet is no error.
 
     Returns the parent and the device ids whose queues changed.
     """
     with write_transaction():
         workflow = get_workflow(workflow_id)
-        device_ids = _target_devices(target_field, target_value)
+        device_ids = _target_devices(target_field, target_value, may_be_empty)
         job = Job.create(
             job_id=str(uuid.uuid4()), name=name or workflow.name, workflow_id=workflow.workflow_id,
             command=workflow.command,
@@ -40,20 +45,23 @@ def submit_job(name: str | None, workflow_id: str, target_field: str, target_val
             success_on_restart=workflow.success_on_restart, target_field=target_field, target_value=target_value,
         )
         snapshot_for_job(job.job_id, workflow.workflow_id)
-        _insert_children(job.job_id, device_ids)
+        insert_children(job.job_id, device_ids, None if hold is None else hold(len(device_ids)))
     return job, device_ids
 
 
-CHILD_COLUMNS = (ChildJob.job_id, ChildJob.parent, ChildJob.device_id, ChildJob.status, ChildJob.stdout,
-                 ChildJob.stderr, ChildJob.stdout_truncated, ChildJob.stderr_truncated,
+CHILD_COLUMNS = (ChildJob.job_id, ChildJob.parent, ChildJob.device_id, ChildJob.status, ChildJob.reason,
+                 ChildJob.stdout, ChildJob.stderr, ChildJob.stdout_truncated, ChildJob.stderr_truncated,
                  ChildJob.finalized_by_service, ChildJob.updated)  # every column a new child sets
 
 
-def _insert_children(parent_id: str, device_ids: list[str]) -> None:
-    """One QUEUED child per device, as multi-row INSERTs prepared once per row count."""
+def insert_children(parent_id: str, device_ids: list[str], held: list[str] | None = None) -> None:
+    """One child per device, QUEUED, or SCHEDULED with held[i] as its reason, as multi-row INSERTs
+    prepared once per row count. In the order given: each gets a higher Seq than every job before."""
     created = now()
+    status = JobStatus.QUEUED.value if held is None else JobStatus.SCHEDULED.value
+    reasons = iter(held or [])
     for piece in pieces(device_ids):
-        values = [v for d in piece for v in (str(uuid.uuid4()), parent_id, d, JobStatus.QUEUED.value, "", "",
+        values = [v for d in piece for v in (str(uuid.uuid4()), parent_id, d, status, next(reasons, None), "", "",
                                              False, False, False, created)]
         prepared("insert_children", _children_insert, *values)
 
@@ -64,7 +72,7 @@ def _children_insert(count: int) -> pw.Query:
                                  for row in range(0, count, width)])
 
 
-def _target_devices(target_field: str, value: str) -> list[str]:
+def _target_devices(target_field: str, value: str, may_be_empty: bool = False) -> list[str]:
     if target_field == "DeviceId":
         if not device_exists(value):
             raise DeviceNotFound(value)
@@ -76,7 +84,7 @@ def _target_devices(target_field: str, value: str) -> list[str]:
     else:
         raise InvalidRequest(f"unknown target field {target_field!r}")
     device_ids = sorted(d for (d,) in query.tuples())
-    if not device_ids:
+    if not device_ids and not may_be_empty:
         raise EmptyTarget(target_field, value)
     return device_ids
 
@@ -91,6 +99,7 @@ class JobSummary:
     start_time: datetime | None
     end_time: datetime | None
     single: ChildJob | None  # the one child of a single-device job
+    rollout: Rollout | None = None  # its rollout's state, if it has one
 
     @property
     def status(self) -> JobStatus:
@@ -98,8 +107,9 @@ class JobSummary:
 
 
 def derive_status(counts: dict[str, int]) -> JobStatus:
-    """A parent's status from its children's: see docs/protocol.md, 'Parent status'."""
-    present = {JobStatus(s) for s, n in counts.items() if n}
+    """A parent's status from its children's: see docs/protocol.md, 'Parent status'. A held
+    (SCHEDULED) child counts as QUEUED: pending."""
+    present = {JobStatus.QUEUED if s == JobStatus.SCHEDULED.value else JobStatus(s) for s, n in counts.items() if n}
     if not present:
         return JobStatus.CANCELED
     if len(present) == 1:
@@ -130,7 +140,18 @@ def _summaries(jobs: list[Job]) -> list[JobSummary]:
     for job_id, child in singles.items():  # a single-device job's one child is all its counts and times
         counts[job_id] = {child.status: 1}
         times[job_id] = [(child.start_time, child.end_time)]
-    return [_summary(j, counts.get(j.job_id, {}), times.get(j.job_id, []), singles.get(j.job_id)) for j in jobs]
+    rollouts = _rollouts([j.job_id for j in jobs])
+    return [_summary(j, counts.get(j.job_id, {}), times.get(j.job_id, []), singles.get(j.job_id),
+                     rollouts.get(j.job_id)) for j in jobs]
+
+
+def _rollouts(ids: list[str]) -> dict[str, Rollout]:
+    found: dict[str, Rollout] = {}
+    for chunk in chunks(ids):
+        chunk = padded(chunk)
+        for row in prepared("rollouts_of", lambda n: Rollout.select().where(Rollout.job.in_(args(n))), *chunk):
+            found[row.job_id] = row
+    return found
 
 
 def _child_counts(ids: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, list[Any]]]:
@@ -149,11 +170,13 @@ def _child_counts(ids: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, 
     return counts, times
 
 
-def _summary(job: Job, counts: dict[str, int], times: list[Any], single: ChildJob | None) -> JobSummary:
+def _summary(job: Job, counts: dict[str, int], times: list[Any], single: ChildJob | None,
+             rollout: Rollout | None) -> JobSummary:
     starts = [s for s, _ in times if s is not None]
     ends = [e for _, e in times if e is not None]
     done = derive_status(counts).is_final
-    return JobSummary(job, counts, min(starts, default=None), max(ends, default=None) if done else None, single)
+    return JobSummary(job, counts, min(starts, default=None), max(ends, default=None) if done else None, single,
+                      rollout)
 
 
 def _single_children(jobs: list[Job]) -> dict[str, ChildJob]:
@@ -200,6 +223,7 @@ def cancel_job(job_id: str) -> list[str]:
         devices = _pending_devices(job_id)
         finalize(JobStatus.CANCELED, "canceled by an operator", ChildJob.parent == job_id,
                   ChildJob.status.in_(PENDING))
+        Rollout.update(active=False).where(Rollout.job == job_id).execute()  # a continuous job takes no new device
     return devices
 
 

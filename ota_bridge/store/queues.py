@@ -1,5 +1,9 @@
 """Device queues: each device's pending jobs, head first, and their floor, as the dispatcher publishes them.
 
+A held (SCHEDULED) job keeps its place: while it is the first job not yet final, the device's
+head is the idle head (nothing to run) and every later job waits behind it; the pending list
+shows it with its Reason.
+
 The floor of a queue is a Seq at or below which every job of the device is final (done,
 canceled or deleted): the Seq before the head's, or, with nothing pending, the highest Seq the
 database ever handed out. Agents never run a job at or below a floor they have verified, so a
@@ -15,7 +19,7 @@ from typing import Any, Iterable
 
 import peewee as pw
 
-from agent.protocol import QUEUE_LIST_LIMIT
+from agent.protocol import QUEUE_LIST_LIMIT, JobStatus
 
 from ..models import ChildJob, Device, Job, db
 from . import PENDING, args, chunks, padded, prepared
@@ -33,19 +37,25 @@ class QueueEntry:
     seq: int
     status: str
     submitted: datetime
+    reason: str | None = None  # why a SCHEDULED job is held
     artifacts: tuple[ArtifactRef, ...] = ()  # filled in for a queue's head only (the head carries them)
+
+    @property
+    def held(self) -> bool:
+        return self.status == JobStatus.SCHEDULED.value
 
 
 @dataclass(frozen=True)
 class DeviceQueue:
     device_id: str
-    entries: tuple[QueueEntry, ...]  # the first QUEUE_LIST_LIMIT pending jobs, in order
+    entries: tuple[QueueEntry, ...]  # the first QUEUE_LIST_LIMIT jobs not yet final, in order
     total: int
     floor: int = 0  # every job of the device at or below it is final
 
     @property
     def head(self) -> QueueEntry | None:
-        return self.entries[0] if self.entries else None
+        """The job the device must run next: none while the first one is held (SCHEDULED)."""
+        return self.entries[0] if self.entries and not self.entries[0].held else None
 
 
 def device_queues(device_ids: list[str]) -> list[DeviceQueue]:
@@ -94,12 +104,13 @@ def _queue_rows(device_ids: list[str]) -> Iterable[tuple[Any, ...]]:
 
 def _queue_query(count: int) -> pw.Query:
     ranked = (ChildJob.select(
-        ChildJob.device_id, ChildJob.job_id, ChildJob.parent, ChildJob.seq, ChildJob.status,
+        ChildJob.device_id, ChildJob.job_id, ChildJob.parent, ChildJob.seq, ChildJob.status, ChildJob.reason,
         pw.fn.ROW_NUMBER().over(partition_by=[ChildJob.device_id], order_by=[ChildJob.seq]).alias("position"),
         pw.fn.COUNT(ChildJob.seq).over(partition_by=[ChildJob.device_id]).alias("total"))
         .where(ChildJob.device_id.in_(args(count)), ChildJob.status.in_(PENDING)).alias("ranked"))
     return (Job.select(ranked.c.device_id, ranked.c.total, ranked.c.job_id, Job.job_id, Job.name, Job.command,
-                       Job.timeout_seconds, Job.success_on_restart, ranked.c.seq, ranked.c.status, Job.created)
+                       Job.timeout_seconds, Job.success_on_restart, ranked.c.seq, ranked.c.status, Job.created,
+                       ranked.c.reason)
             .join(ranked, on=(ranked.c.parent_id == Job.job_id))
             .where(ranked.c.position <= QUEUE_LIST_LIMIT)
             .order_by(ranked.c.device_id, ranked.c.seq).tuples())

@@ -119,6 +119,8 @@ def _apply_one(update: Update, view: _BatchView) -> str | None:
         return LATE
     if current.is_final:
         return f"the job is already {current.value}"
+    if current is JobStatus.SCHEDULED:  # never sent to the device: only the service moves it
+        return "the job is held by the service (SCHEDULED)"
     if view.head(update.device_id) != child.seq:
         return "the job is not the device's current job"
     if not can_transition(current, update.status):
