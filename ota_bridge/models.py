@@ -153,6 +153,8 @@ class ChildJob(Outcome):
     # SCHEDULED only: when the service releases it by itself (a retry's delay); None: only a
     # rollout's decision releases it. Read on the service's clock (ota_bridge/clock.py).
     release_at = pw.DateTimeField(null=True)
+    download_bytes = pw.BigIntegerField(null=True)  # DOWNLOADING: the artifacts' bytes the device has so far
+    download_total = pw.BigIntegerField(null=True)  # ... of all of them (both in ADDED_COLUMNS)
     # True when the service, not the device, made the job final (a timeout, a cancel): the
     # device's own final report, if it comes, is then stored once beside it.
     finalized_by_service = pw.BooleanField(default=False)
@@ -180,6 +182,46 @@ class AttemptResult(Outcome):
 
     class Meta:
         indexes = ((("child", "number"), True),)
+
+
+class Artifact(BaseModel):
+    """An uploaded file: its bytes live once per SHA-256 in the artifact directory (artifact_files.py)."""
+
+    artifact_id = pw.CharField(max_length=36, primary_key=True)
+    name = pw.CharField(max_length=200)  # the file's name on the device (ARTIFACT_NAME_PATTERN)
+    version = pw.CharField(max_length=100)
+    sha256 = pw.CharField(max_length=64, index=True)
+    size = pw.BigIntegerField()
+    created = pw.DateTimeField(default=now, index=True)
+
+
+class WorkflowArtifact(BaseModel):
+    """The artifacts a workflow names, in order. No foreign key to the artifact: a job is refused
+    (400) if one was deleted since."""
+
+    workflow = pw.ForeignKeyField(Workflow, backref="artifact_rows", on_delete="CASCADE", column_name="workflow_id")
+    position = pw.IntegerField()
+    artifact_id = pw.CharField(max_length=36, index=True)
+
+    class Meta:
+        primary_key = pw.CompositeKey("workflow", "position")
+
+
+class JobArtifact(BaseModel):
+    """A job's copy of its workflow's artifacts, taken at submission like its command: later edits of
+    the workflow or the artifact records change no job."""
+
+    job = pw.ForeignKeyField(Job, backref="artifact_rows", on_delete="CASCADE", column_name="job_id")
+    position = pw.IntegerField()
+    artifact_id = pw.CharField(max_length=36, index=True)
+    name = pw.CharField(max_length=200)
+    sha256 = pw.CharField(max_length=64)
+    size = pw.BigIntegerField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("job", "position")
+
+
 class Rollout(BaseModel):
     """A job's rollout: its plan (rollout_plan.Plan as JSON) and how far it got. Decisions read and
     write it in one transaction with the children they release (store/rollouts.py)."""
@@ -237,7 +279,7 @@ class WebhookCursor(BaseModel):
 
 
 TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webhook, WebhookDelivery, WebhookCursor,
-          AttemptResult, Rollout)
+          AttemptResult, Rollout, Artifact, WorkflowArtifact, JobArtifact)
 # Columns added after a table was first released: (table, column, DDL), added at open when missing.
 ADDED_COLUMNS = (
     ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin
@@ -252,6 +294,8 @@ ADDED_COLUMNS = (
     ("job", "on_failure_success_on_restart", "BOOLEAN NOT NULL DEFAULT FALSE"),
     ("child_job", "attempt", "INTEGER NOT NULL DEFAULT 1"),
     ("child_job", "on_failure_of", "VARCHAR(36)"),
+    ("child_job", "download_bytes", "BIGINT"),
+    ("child_job", "download_total", "BIGINT"),
 )
 PRIVATE_MODE = 0o600  # the database files: job output, commands, credential hashes
 PRIVATE_DIR_MODE = 0o700

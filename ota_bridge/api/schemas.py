@@ -13,6 +13,7 @@ from agent.protocol import DEVICE_ID_PATTERN, MAX_COMMAND_CHARS, NEW_DEVICE_ID_P
 from .. import parameters
 from ..errors import InvalidRequest
 from ..rollout_plan import ROLLOUT_FIELDS, Plan, PlanError, parse
+from ..store.artifacts import MAX_ARTIFACTS_PER_WORKFLOW
 from ..store.job_options import MAX_RETRIES, MAX_RETRY_DELAY_SECONDS, RETRYABLE, JobOptions, Retries
 from ..store.jobs import TARGET_FIELDS
 
@@ -65,6 +66,9 @@ class WorkflowIn(Strict):
     Command: CommandText
     TimeoutSeconds: Optional[Timeout] = None
     SuccessOnRestart: bool = False
+    Artifacts: list[Ident] = Field(default_factory=list, max_length=MAX_ARTIFACTS_PER_WORKFLOW,
+                                   description="ArtifactIds: the files each device fetches and checks before the "
+                                               "command runs (docs/api.md#artifacts)")
 
 
 class RetriesIn(Strict):
@@ -78,6 +82,8 @@ class RetriesIn(Strict):
 
     def policy(self) -> Retries:
         return Retries(self.Max, self.DelaySeconds, tuple(dict.fromkeys(self.On)))
+
+
 class GrowthIn(Strict):
     Factor: float = Field(description="the rate is multiplied by this (1.01 to 100) ...")
     AfterSucceeded: int = Field(description="... each time this many more devices succeeded")

@@ -7,20 +7,23 @@ from typing import Any
 
 from agent.protocol import JobStatus, format_time
 
-from ..models import AttemptResult, ChildJob, Rollout, Workflow
+from ..models import AttemptResult, ChildJob, Rollout
 from ..rollout_plan import Plan
 from ..store.attempts import ChildView
 from ..store.devices import DeviceView
 from ..store.jobs import JobSummary
+from ..store.workflows import WorkflowView
 
 
-def workflow(w: Workflow) -> dict[str, Any]:
+def workflow(view: WorkflowView) -> dict[str, Any]:
+    w = view.workflow
     return {
         "WorkflowId": w.workflow_id,
         "Name": w.name,
         "Command": w.command,
         "TimeoutSeconds": w.timeout_seconds,
         "SuccessOnRestart": w.success_on_restart,
+        "Artifacts": list(view.artifact_ids),
         "CreatedTime": format_time(w.created),
     }
 
@@ -95,6 +98,7 @@ def child(view: ChildView) -> dict[str, Any]:
         **attempt_fields(c),
         "Reason": c.reason,
         "Result": c.stdout,
+        "Download": download(c),
         "Attempt": c.attempt,
         "Attempts": [attempt_fields(a, a.number) for a in view.earlier] + [attempt_fields(c, c.attempt)],
         **({"OnFailureOf": c.on_failure_of} if rollback else {}),
@@ -115,6 +119,13 @@ def attempt_fields(a: ChildJob | AttemptResult, number: int | None = None) -> di
         "StderrTruncated": a.stderr_truncated,
         **({"Reason": a.reason} if number is not None else {}),
     }
+
+
+def download(c: ChildJob) -> dict[str, int] | None:
+    """The latest progress a DOWNLOADING report gave (kept once the command runs); None before any."""
+    if c.download_total is None:
+        return None
+    return {"Bytes": c.download_bytes, "TotalBytes": c.download_total}
 
 
 def device(d: DeviceView) -> dict[str, Any]:

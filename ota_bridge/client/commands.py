@@ -1,4 +1,4 @@
-"""The client's commands: `ota-bridge workflow|job|device ACTION`, each one or two API requests."""
+"""The client's commands: `ota-bridge workflow|job|device|artifact ACTION`, each one or two API requests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlencode
 
 from .. import settings
 from . import ClientError, render
@@ -21,6 +22,7 @@ def add_commands(commands: Actions) -> None:
     _workflow_commands(_group(commands, "workflow", "define, list and delete workflows (the commands jobs run)"))
     _job_commands(_group(commands, "job", "submit jobs to a device, group or tag; follow and cancel them"))
     _device_commands(_group(commands, "device", "register devices, change their group and tags, rotate passwords"))
+    _artifact_commands(_group(commands, "artifact", "upload, list and delete artifacts (the files jobs deliver)"))
 
 
 def _group(commands: Actions, name: str, text: str) -> Actions:
@@ -47,6 +49,8 @@ def _workflow_commands(actions: Actions) -> None:
     create.add_argument("--timeout", type=int, metavar="SECONDS", help="kill the command after this long")
     create.add_argument("--success-on-restart", action="store_true",
                         help="count the job as succeeded when the agent restarts while it runs (a reboot, an update)")
+    create.add_argument("--artifact", action="append", default=[], metavar="ARTIFACT_ID",
+                        help="a file each device fetches and checks before the command runs (repeatable, in order)")
     _action(actions, "list", "list workflows", lambda a, c: _show(a, c.get(path("workflow")), render.workflows))
     _by_id(actions, "show", "show one workflow", lambda a, c: _show(a, c.get(path("workflow", a.id)), render.record))
     _by_id(actions, "delete", "delete a workflow", lambda a, c: _deleted(a, c.delete(path("workflow", a.id))))
@@ -54,9 +58,36 @@ def _workflow_commands(actions: Actions) -> None:
 
 def _workflow_create(args: argparse.Namespace, client: ServiceClient) -> int:
     body = {"Name": args.name, "Command": args.command, "TimeoutSeconds": args.timeout,
-            "SuccessOnRestart": args.success_on_restart}
+            "SuccessOnRestart": args.success_on_restart, "Artifacts": args.artifact or None}
     answer = client.post(path("workflow"), {k: v for k, v in body.items() if v is not None})
     return _said(args, answer, f"created workflow {answer['WorkflowId']}")
+
+
+# --- artifacts ------------------------------------------------------------------------------
+
+
+def _artifact_commands(actions: Actions) -> None:
+    upload = _action(actions, "upload", "upload a file, streamed; workflows name it by its ArtifactId",
+                     _artifact_upload)
+    upload.add_argument("file", type=Path, metavar="FILE")
+    upload.add_argument("--version", required=True, help="any version text, up to 100 characters")
+    upload.add_argument("--name", help="the file's name on the devices (default: FILE's own name)")
+    _paged(_action(actions, "list", "list artifacts, newest first", _artifact_list))
+    _by_id(actions, "show", "show one artifact's record",
+           lambda a, c: _show(a, c.get(path("artifact", a.id)), render.record))
+    _by_id(actions, "delete", "delete an artifact (refused while a pending job needs it)",
+           lambda a, c: _deleted(a, c.delete(path("artifact", a.id))))
+
+
+def _artifact_upload(args: argparse.Namespace, client: ServiceClient) -> int:
+    query = urlencode({"Name": args.name or args.file.name, "Version": args.version})
+    answer = client.upload(f"{path('artifact')}?{query}", args.file)
+    return _said(args, answer, f"uploaded artifact {answer['ArtifactId']} ({answer['Name']} {answer['Version']}, "
+                               f"{render.size(answer['Size'])}, SHA-256 {answer['Sha256']})")
+
+
+def _artifact_list(args: argparse.Namespace, client: ServiceClient) -> int:
+    return _show(args, client.get(path("artifact"), Limit=args.limit, Offset=args.offset), render.artifacts)
 
 
 # --- jobs -----------------------------------------------------------------------------------
@@ -78,9 +109,7 @@ def _job_commands(actions: Actions) -> None:
     submit.add_argument("--continuous", action="store_true",
                         help="with --group or --tag: devices that join later get the job too, until it is canceled")
     _watch_flags(submit, "then follow it as `job watch` does")
-    listing = _action(actions, "list", "list jobs, newest first", _job_list)
-    listing.add_argument("--limit", type=int, help="at most this many (default 100, at most 1000)")
-    listing.add_argument("--offset", type=int, help="skip this many")
+    _paged(_action(actions, "list", "list jobs, newest first", _job_list))
     _by_id(actions, "show", "show a job (or one child job) and its result",
            lambda a, c: _show(a, c.get(path("job", a.id)), render.record))
     _by_id(actions, "children", "show a job's child jobs: one per device, with its result",
@@ -264,6 +293,11 @@ def _write_secret(file: Path, secret: str) -> None:
 
 
 # --- shared ---------------------------------------------------------------------------------
+
+
+def _paged(listing: argparse.ArgumentParser) -> None:
+    listing.add_argument("--limit", type=int, help="at most this many (default 100, at most 1000)")
+    listing.add_argument("--offset", type=int, help="skip this many")
 
 
 def _by_id(actions: Actions, name: str, text: str, handler: Handler) -> argparse.ArgumentParser:

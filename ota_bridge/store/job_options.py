@@ -12,7 +12,9 @@ from typing import Any
 from agent.protocol import DEFAULT_TIMEOUT_SECONDS, JobStatus
 
 from .. import parameters
+from ..errors import InvalidRequest
 from ..models import Workflow
+from .artifacts import workflow_artifact_ids
 from .workflows import get_workflow
 
 MAX_RETRIES = 10
@@ -39,8 +41,12 @@ NO_OPTIONS = JobOptions()  # a job as before: the workflow's command, no retries
 
 def job_columns(workflow: Workflow, options: JobOptions) -> dict[str, Any]:
     """The Job columns the options set: the commands with their parameters filled in, the retry
-    policy, the rollback workflow's snapshot. Raises BadParameters, WorkflowNotFound."""
+    policy, the rollback workflow's snapshot. Raises BadParameters, WorkflowNotFound,
+    InvalidRequest (a rollback workflow that names artifacts)."""
     rollback = get_workflow(options.on_failure) if options.on_failure is not None else None
+    if rollback is not None and workflow_artifact_ids([rollback.workflow_id]).get(rollback.workflow_id):
+        raise InvalidRequest(f"OnFailure: workflow {rollback.workflow_id!r} names artifacts; a rollback runs its "
+                             f"command without fetching any, so name a workflow without Artifacts")
     commands = {"the workflow's command": workflow.command}
     if rollback is not None:
         commands["the OnFailure workflow's command"] = rollback.command

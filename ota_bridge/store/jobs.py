@@ -9,11 +9,12 @@ from typing import Any, Callable
 
 import peewee as pw
 
-from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
+from agent.protocol import DEFAULT_TIMEOUT_SECONDS, PENDING_STATUSES, JobStatus
 
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
 from ..models import ChildJob, Device, DeviceTag, Job, Rollout, now
 from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
+from .artifacts import snapshot_for_job
 from .attempts import ChildView, child_views, end_silent, insert_with_rollbacks, rollback_counts, settle_stray_rollbacks
 from .devices import device_exists
 from .job_options import NO_OPTIONS, JobOptions, job_columns
@@ -47,6 +48,7 @@ def submit_job(name: str | None, workflow_id: str, target_field: str, target_val
             success_on_restart=workflow.success_on_restart, target_field=target_field, target_value=target_value,
             **columns,
         )
+        snapshot_for_job(job.job_id, workflow.workflow_id)
         add_children(job, device_ids, None if hold is None else hold(len(device_ids)))
     return job, device_ids
 
@@ -124,10 +126,10 @@ def derive_status(counts: dict[str, int]) -> JobStatus:
     present = {JobStatus.QUEUED if s == JobStatus.SCHEDULED.value else JobStatus(s) for s, n in counts.items() if n}
     if not present:
         return JobStatus.CANCELED
-    if JobStatus.IN_PROGRESS in present or (JobStatus.QUEUED in present and present & FINAL_STATUSES):
-        return JobStatus.IN_PROGRESS
     if len(present) == 1:
         return present.pop()
+    if present & PENDING_STATUSES:
+        return JobStatus.IN_PROGRESS
     if present <= {JobStatus.SUCCEEDED, JobStatus.CANCELED}:
         return JobStatus.CANCELED
     return JobStatus.FAILED

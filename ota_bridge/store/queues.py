@@ -13,7 +13,7 @@ makes the floor exact: no job is added between reading the queue and reading the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Iterable
 
@@ -23,6 +23,7 @@ from agent.protocol import QUEUE_LIST_LIMIT, JobStatus
 
 from ..models import ChildJob, Device, Job, db
 from . import PENDING, args, chunks, padded, prepared
+from .artifacts import ArtifactRef, job_artifacts
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class QueueEntry:
     submitted: datetime
     reason: str | None = None  # why a SCHEDULED job is held
     attempt: int = 1  # the attempt the head asks for (Retries: store/attempts.py)
+    rollback: bool = False  # an OnFailure child: it runs the rollback workflow's command, without artifacts
+    artifacts: tuple[ArtifactRef, ...] = ()  # filled in for a queue's head only (the head carries them)
 
     @property
     def held(self) -> bool:
@@ -67,14 +70,24 @@ def device_queues(device_ids: list[str]) -> list[DeviceQueue]:
             found[device_id].append(_entry(*entry))
             totals[device_id] = total
     idle_floor = highest_seq_ever() if len(totals) < len(device_ids) else 0
+    _add_head_artifacts(found)
     return [DeviceQueue(d, tuple(found[d]), totals.get(d, 0), found[d][0].seq - 1 if found[d] else idle_floor)
             for d in device_ids]
 
 
 def _entry(job_id: str, parent_id: str, name: str, command: str, timeout: int, success_on_restart: Any,
-           *rest: Any) -> QueueEntry:
-    """A QueueEntry from a row; the CASE that picks a rollback's SuccessOnRestart gives SQLite's 0 or 1."""
-    return QueueEntry(job_id, parent_id, name, command, timeout, bool(success_on_restart), *rest)
+           seq: int, status: str, submitted: datetime, reason: str | None, attempt: int, rollback: Any) -> QueueEntry:
+    """A QueueEntry from a row; SQLite gives 0 or 1 for the booleans (a CASE, an IS NOT NULL)."""
+    return QueueEntry(job_id, parent_id, name, command, timeout, bool(success_on_restart), seq, status, submitted,
+                      reason, attempt, bool(rollback))
+
+
+def _add_head_artifacts(found: dict[str, list[QueueEntry]]) -> None:
+    heads = [entries[0] for entries in found.values() if entries]
+    refs = job_artifacts(h.parent_id for h in heads if not h.rollback)
+    for entries in found.values():
+        if entries and not entries[0].rollback and entries[0].parent_id in refs:
+            entries[0] = replace(entries[0], artifacts=refs[entries[0].parent_id])
 
 
 def highest_seq_ever() -> int:
@@ -110,7 +123,8 @@ def _queue_query(count: int) -> pw.Query:
                        pw.Case(None, [(own, Job.command)], Job.on_failure_command),
                        pw.Case(None, [(own, Job.timeout_seconds)], Job.on_failure_timeout_seconds),
                        pw.Case(None, [(own, Job.success_on_restart)], Job.on_failure_success_on_restart),
-                       ranked.c.seq, ranked.c.status, Job.created, ranked.c.reason, ranked.c.attempt)
+                       ranked.c.seq, ranked.c.status, Job.created, ranked.c.reason, ranked.c.attempt,
+                       ranked.c.on_failure_of.is_null(False))
             .join(ranked, on=(ranked.c.parent_id == Job.job_id))
             .where(ranked.c.position <= QUEUE_LIST_LIMIT)
             .order_by(ranked.c.device_id, ranked.c.seq).tuples())
