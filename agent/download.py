@@ -292,10 +292,13 @@ class JobDownload:
         raise DownloadError(f"artifact {artifact.name}: {problem}; the file was deleted")
 
 
-def progress_message(job_id: str, progress: Progress) -> dict[str, Any]:
-    """A DOWNLOADING report for the status topic."""
-    return {Key.JOB_ID: job_id, Key.STATUS: JobStatus.DOWNLOADING.value,
-            Key.PROGRESS: {ProgressKey.BYTES: progress.done, ProgressKey.TOTAL_BYTES: progress.total}}
+def progress_message(job_id: str, progress: Progress, attempt: int | None = None) -> dict[str, Any]:
+    """A DOWNLOADING report for the status topic (with the head's Attempt, when it has one)."""
+    counts = {ProgressKey.BYTES: progress.done, ProgressKey.TOTAL_BYTES: progress.total}
+    message: dict[str, Any] = {Key.JOB_ID: job_id, Key.STATUS: JobStatus.DOWNLOADING.value, Key.PROGRESS: counts}
+    if attempt is not None:
+        message[Key.ATTEMPT] = attempt
+    return message
 
 
 def artifact_environment(job_dir: Path, paths: list[Path], artifacts: Iterable[Artifact]) -> dict[str, str]:
