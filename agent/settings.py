@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ota-agent",
         description="Run the jobs the ota-bridge service sends to this device. "
         f"Every flag also reads {ENV_PREFIX}<FLAG> from the environment (e.g. {env_name('device_id')}).",
+        epilog="Each command runs with sh -c, with OTA_DEVICE_ID and OTA_JOB_ID in its environment. A job whose "
+        "head names artifacts first has them fetched (resumed after a cut or a restart) and checked against their "
+        "signed size and SHA-256; its command then also gets OTA_ARTIFACT_DIR (a directory holding each file under "
+        "its name), OTA_ARTIFACT_COUNT and, for each artifact i from 1, OTA_ARTIFACT_<i>_PATH, OTA_ARTIFACT_<i>_NAME "
+        "and OTA_ARTIFACT_<i>_SHA256 (docs/artifacts.md).",
     )
     add = parser.add_argument
     add("--broker", metavar="mqtt[s]://HOST:PORT", help="the MQTT broker: mqtt://HOST:PORT (default port 1883; "
