@@ -24,11 +24,13 @@ Standard library only, like the rest of the agent.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.client
 import logging
 import shutil
+import socket
 import ssl
 import threading
 import time
@@ -120,11 +122,16 @@ class JobDownload:
         self._finished = 0  # bytes of the artifacts cached (before or by this download)
         self._current = 0  # bytes of the artifact being fetched that are in its part file
         self._reported_at: float | None = None
+        self._response: Any = None  # the response being read, for cancel() to interrupt
+        self._response_lock = threading.Lock()
 
     def cancel(self, reason: str) -> None:
-        """Stop at the next chunk (or retry wait); run() then raises DownloadCanceled."""
+        """Stop now: a read waiting on a quiet link is woken, a retry wait ends; run() then raises
+        DownloadCanceled."""
         self.cancel_reason = reason
         self._canceled.set()
+        with self._response_lock:
+            _interrupt(self._response)
 
     def run(self) -> None:
         """Fetch and check every artifact the cache lacks. Raises DownloadError or DownloadCanceled."""
@@ -210,13 +217,21 @@ class JobDownload:
         """Request the bytes from `offset` on and append them to the part file; raises _Cut when
         they end before the artifact's size."""
         start = offset
-        with self._open(artifact, offset) as response:
+        response = self._open(artifact, offset)
+        with self._response_lock:
+            self._response = response
+        try:
+            self._check_canceled()  # canceled while the request was on its way
             if offset and response.status == 200:  # the server ignored the Range: start over
                 log.info("job %s: artifact %s: the server sent the whole file (200), not the rest from byte "
                          "%d; starting over", self.job_id, artifact.name, offset)
                 hasher, offset, start, self._current = hashlib.sha256(), 0, 0, 0
             self._check_length(artifact, response, offset)
             offset = self._stream(artifact, response, hasher, offset, start)
+        finally:
+            with self._response_lock:  # cancel() never touches a connection once it is closed
+                self._response = None
+            response.close()
         if offset < artifact.size:
             raise _Cut(f"the body ended at byte {offset} of {artifact.size}", offset > start)
         return hasher, offset
@@ -312,6 +327,18 @@ def artifact_environment(job_dir: Path, paths: list[Path], artifacts: Iterable[A
         env[f"{ENV_ARTIFACT_PREFIX}{number}_SHA256"] = artifact.sha256
     env[ENV_ARTIFACT_COUNT] = str(len(artifacts))
     return env
+
+
+def _interrupt(response: Any) -> None:
+    """Shut the response's connection down from another thread: a read blocked on it returns at once.
+    Through a duplicate of its descriptor: shutdown acts on the connection, and the reader closes its
+    own. The caller holds the lock under which the reader drops the response before closing it."""
+    try:
+        sock = socket.fromfd(response.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+    except (AttributeError, OSError, ValueError):  # no response, or already closed
+        return
+    with sock, contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _distinct(artifacts: Iterable[Artifact]) -> list[Artifact]:

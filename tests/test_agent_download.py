@@ -185,10 +185,7 @@ def test_a_cache_of_size_zero_keeps_only_the_current_jobs_files(server, tmp_path
     assert list(cache.root.iterdir()) == []
 
 
-def test_cancel_stops_the_download_and_keeps_the_part_for_later(server, cache, tmp_path):
-    artifact, _ = served(server, tmp_path, "app.bin", 4 * MiB)
-    server.trickle = 0.02
-    job = JobDownload("job-1", [artifact], cache, retry=FAST, read_timeout=5)
+def start_in_thread(job: JobDownload) -> tuple[threading.Thread, list[BaseException]]:
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -199,10 +196,22 @@ def test_cancel_stops_the_download_and_keeps_the_part_for_later(server, cache, t
 
     thread = threading.Thread(target=run)
     thread.start()
-    while cache.part_size(artifact.sha256) < 200_000 and thread.is_alive():
+    return thread, errors
+
+
+@pytest.mark.parametrize("pause", [0.02, 120.0], ids=["flowing", "quiet link"])
+def test_cancel_stops_the_download_and_keeps_the_part_for_later(server, cache, tmp_path, pause):
+    """A quiet link (the server waits 2 minutes between chunks) does not hold a cancel up: the read is
+    woken, long before its 60 s read timeout."""
+    artifact, _ = served(server, tmp_path, "app.bin", 4 * MiB)
+    server.trickle = pause
+    job = JobDownload("job-1", [artifact], cache, retry=FAST, read_timeout=60)
+    thread, errors = start_in_thread(job)
+    while cache.part_size(artifact.sha256) < 64 * 1024 and thread.is_alive():
         thread.join(0.01)
     job.cancel("the head moved on")
-    thread.join(10)
+    thread.join(30)
+    assert not thread.is_alive()
     assert isinstance(errors[0], DownloadCanceled) and str(errors[0]) == "the head moved on"
     assert 0 < cache.part_size(artifact.sha256) < artifact.size
 
