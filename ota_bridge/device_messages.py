@@ -16,6 +16,7 @@ from agent.protocol import (
     MAX_STATUS_MESSAGE_BYTES,
     OUTPUT_CAP_BYTES,
     QUEUE_COMMAND_PREVIEW,
+    ArtifactKey,
     JobStatus,
     Key,
     MessageError,
@@ -35,10 +36,16 @@ MAX_REASON_CHARS = 2000
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
 
+ArtifactUrl = Callable[[str, str, str], str]  # (device id, child job id, sha256) -> where the device fetches it
+
+
 def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at: datetime,
-                 sign: Callable[[bytes], str] | None = None) -> bytes:
+                 sign: Callable[[bytes], str] | None = None, artifact_url: ArtifactUrl | None = None) -> bytes:
     """The retained job message, signed: the one job the device must run next, or (entry None)
-    the idle head that says nothing is pending. floor: every Seq of the device at or below it is final."""
+    the idle head that says nothing is pending. floor: every Seq of the device at or below it is final.
+
+    A job with artifacts carries them (SHA-256, size, name, URL), signed in the v3 form; a job
+    without stays the v2 head it always was, byte for byte."""
     head: dict[str, Any] = {Key.DEVICE_ID: device_id, Key.FLOOR: floor, Key.ISSUED_AT: format_time(issued_at)}
     if entry is not None:
         head = {
@@ -54,9 +61,18 @@ def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at
             Key.ISSUED_AT: format_time(issued_at),
             Key.SUBMITTED_TIME: format_time(entry.submitted),
         }
+        if entry.artifacts:
+            head[Key.ARTIFACTS] = _artifacts(device_id, entry, artifact_url)
     if sign is not None:
         head[Key.SIGNATURE] = sign(signing_bytes(head))
     return encode(head)
+
+
+def _artifacts(device_id: str, entry: QueueEntry, artifact_url: ArtifactUrl | None) -> list[dict[str, Any]]:
+    if artifact_url is None:
+        raise ValueError("a head with artifacts needs an artifact_url")
+    return [{ArtifactKey.SHA256: a.sha256, ArtifactKey.SIZE: a.size, ArtifactKey.NAME: a.name,
+             ArtifactKey.URL: artifact_url(device_id, entry.job_id, a.sha256)} for a in entry.artifacts]
 
 
 def queue_message(queue: DeviceQueue) -> bytes:
@@ -112,7 +128,21 @@ def parse_update(device_id: str, payload: bytes) -> Update:
         start_time=_time(message, Key.START_TIME),
         end_time=_time(message, Key.END_TIME),
         reason=_text(message, Key.REASON, MAX_REASON_CHARS).replace("\x00", "\ufffd") or None,
+        progress=_progress(message.get(Key.PROGRESS)) if status is JobStatus.DOWNLOADING else None,
     )
+
+
+def _progress(value: Any) -> tuple[int, int] | None:
+    """A DOWNLOADING report's {"Bytes": done, "TotalBytes": all}; None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise MessageError(f"{Key.PROGRESS} must be an object {{\"Bytes\": n, \"TotalBytes\": m}}")
+    done, total = value.get("Bytes"), value.get("TotalBytes")
+    for name, number in (("Bytes", done), ("TotalBytes", total)):
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 2**63:
+            raise MessageError(f"{Key.PROGRESS}.{name} must be a whole number of bytes")
+    return done, total
 
 
 def _status(value: Any) -> JobStatus:

@@ -19,11 +19,11 @@ import time
 from datetime import datetime
 from typing import Callable, Iterable, Optional
 
-from agent.protocol import MessageError, Topics
+from agent.protocol import JobStatus, MessageError, Topics
 
 from . import metrics
 from .coordination import Coordinator
-from .device_messages import head_message, parse_presence, parse_update, queue_message
+from .device_messages import ArtifactUrl, head_message, parse_presence, parse_update, queue_message
 from .errors import StoreUnavailable
 from .models import now
 from .mqtt_link import BrokerLink, Incoming
@@ -45,8 +45,9 @@ REFRESH_AFTER_SECONDS = 3600.0
 class Dispatcher:
     def __init__(self, db: Store, topics: Topics, sign: Callable[[bytes], str] | None = None,
                  timeout_grace: float = 60, failpoints: frozenset[str] = frozenset(),
-                 cluster: Coordinator | None = None) -> None:
+                 cluster: Coordinator | None = None, artifact_url: ArtifactUrl | None = None) -> None:
         self.store = db
+        self.artifact_url = artifact_url
         self.cluster = cluster
         self.topics = topics
         self.sign = sign
@@ -190,7 +191,8 @@ class Dispatcher:
             for queue in read:
                 if self.cluster is not None and not self.cluster.owns(queue.device_id):
                     continue  # the lease may run out: the next owner reads the queue again
-                head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue), self.sign)
+                head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue), self.sign,
+                                    self.artifact_url)
                 self._publish_changed(self.topics.job(queue.device_id), head)
                 self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
             metrics.published(len(read), time.perf_counter() - started)
@@ -277,8 +279,9 @@ class Dispatcher:
         metrics.device_updates(applied=len(outcomes.applied), late=len(outcomes.late), dropped=len(outcomes.dropped))
         for update, why in outcomes.dropped:
             log.warning("device %s: job %s: dropped %s: %s", update.device_id, update.job_id, update.status.value, why)
-        for update in outcomes.applied:
-            log.info("device %s: job %s is %s", update.device_id, update.job_id, update.status.value)
+        for update in outcomes.applied:  # a download reports its progress often: those only at DEBUG
+            log.log(logging.DEBUG if update.status is JobStatus.DOWNLOADING else logging.INFO,
+                    "device %s: job %s is %s", update.device_id, update.job_id, update.status.value)
         for update in outcomes.late:
             log.info("device %s: job %s reported %s late; result kept, state unchanged",
                      update.device_id, update.job_id, update.status.value)

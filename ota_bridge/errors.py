@@ -107,3 +107,35 @@ class ConfigError(OtaBridgeError):
     """A bad setting; the message names the flag and the environment variable."""
 
     title = "Configuration error"
+
+
+class ArtifactNotFound(NotFound):
+    def __init__(self, artifact_id: str) -> None:
+        super().__init__("artifact", artifact_id)
+
+
+class ArtifactInUse(Conflict):
+    """An artifact that pending jobs still need: deleting it would leave their devices nothing to fetch."""
+
+    def __init__(self, artifact_id: str, job_ids: list[str]) -> None:
+        shown = ", ".join(job_ids[:10]) + (f" and {len(job_ids) - 10} more" if len(job_ids) > 10 else "")
+        super().__init__(f"artifact {artifact_id!r} is needed by pending jobs: {shown}; cancel or delete them "
+                         f"first, or wait until they end")
+        self.job_ids = job_ids
+
+
+class ArtifactTooLarge(OtaBridgeError):
+    status = 413
+    title = "Artifact too large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the artifact is over the limit of {limit} bytes ({limit / 2**30:g} GiB) set by "
+                         f"--max-artifact-size / OTA_BRIDGE_MAX_ARTIFACT_SIZE; nothing was stored")
+        self.limit = limit
+
+
+class DownloadRefused(OtaBridgeError):
+    """A device download whose link does not verify, or names a job that does not need the file."""
+
+    status = 403
+    title = "Forbidden"

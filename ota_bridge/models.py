@@ -134,6 +134,8 @@ class ChildJob(BaseModel):
     stdout_truncated = pw.BooleanField(default=False)
     stderr_truncated = pw.BooleanField(default=False)
     reason = pw.TextField(null=True)
+    download_bytes = pw.BigIntegerField(null=True)  # DOWNLOADING: the artifacts' bytes the device has so far
+    download_total = pw.BigIntegerField(null=True)  # ... of all of them (both in ADDED_COLUMNS)
     # True when the service, not the device, made the job final (a timeout, a cancel): the
     # device's own final report, if it comes, is then stored once beside it.
     finalized_by_service = pw.BooleanField(default=False)
@@ -146,6 +148,44 @@ class ChildJob(BaseModel):
             (("status", "updated"), False),  # jobs IN_PROGRESS for too long
             (("end_time", "seq"), False),  # the jobs that ended since the webhooks' cursor
         )
+
+
+class Artifact(BaseModel):
+    """An uploaded file: its bytes live once per SHA-256 in the artifact directory (artifact_files.py)."""
+
+    artifact_id = pw.CharField(max_length=36, primary_key=True)
+    name = pw.CharField(max_length=200)  # the file's name on the device (ARTIFACT_NAME_PATTERN)
+    version = pw.CharField(max_length=100)
+    sha256 = pw.CharField(max_length=64, index=True)
+    size = pw.BigIntegerField()
+    created = pw.DateTimeField(default=now, index=True)
+
+
+class WorkflowArtifact(BaseModel):
+    """The artifacts a workflow names, in order. No foreign key to the artifact: a job is refused
+    (400) if one was deleted since."""
+
+    workflow = pw.ForeignKeyField(Workflow, backref="artifact_rows", on_delete="CASCADE", column_name="workflow_id")
+    position = pw.IntegerField()
+    artifact_id = pw.CharField(max_length=36, index=True)
+
+    class Meta:
+        primary_key = pw.CompositeKey("workflow", "position")
+
+
+class JobArtifact(BaseModel):
+    """A job's copy of its workflow's artifacts, taken at submission like its command: later edits of
+    the workflow or the artifact records change no job."""
+
+    job = pw.ForeignKeyField(Job, backref="artifact_rows", on_delete="CASCADE", column_name="job_id")
+    position = pw.IntegerField()
+    artifact_id = pw.CharField(max_length=36, index=True)
+    name = pw.CharField(max_length=200)
+    sha256 = pw.CharField(max_length=64)
+    size = pw.BigIntegerField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("job", "position")
 
 
 class Webhook(BaseModel):
@@ -181,10 +221,13 @@ class WebhookCursor(BaseModel):
     seq = pw.BigIntegerField()
 
 
-TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webhook, WebhookDelivery, WebhookCursor)
+TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webhook, WebhookDelivery, WebhookCursor,
+          Artifact, WorkflowArtifact, JobArtifact)
 # Columns added after a table was first released: (table, column, DDL), added at open when missing.
 ADDED_COLUMNS = (
     ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin
+    ("child_job", "download_bytes", "BIGINT"),
+    ("child_job", "download_total", "BIGINT"),
 )
 PRIVATE_MODE = 0o600  # the database files: job output, commands, credential hashes
 PRIVATE_DIR_MODE = 0o700

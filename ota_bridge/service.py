@@ -25,7 +25,10 @@ from agent.protocol import OPERATOR_USERNAME, RESERVED_DEVICE_IDS, SERVICE_CLIEN
 
 from . import credentials, signing, tls
 from .api import make_app
+from .api.artifacts import ARTIFACT_FILES, ARTIFACT_LINKS
 from .api.views import ACCOUNTS
+from .artifact_files import ArtifactFiles
+from .artifact_links import ArtifactLinks
 from .broker_accounts import (
     DYNSEC_ADMIN_PASSWORD_FILE,
     OPERATOR_PASSWORD_FILE,
@@ -196,8 +199,11 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
     may_create = settings.new_signing_key or not db.call_sync(queues.has_history)
     signer = signing.load_or_create(settings.data_dir, may_create)
     cluster = await _join_cluster(settings, db)
+    files = ArtifactFiles(settings.artifact_directory, settings.max_artifact_size)
+    files.prepare()
+    links = ArtifactLinks.for_signer(signer, settings.api_address, settings.artifact_base_url)
     dispatcher = Dispatcher(db, Topics(settings.prefix), signer.sign, settings.timeout_grace, settings.failpoints,
-                            cluster)
+                            cluster, links.url)
     loop = asyncio.get_running_loop()  # a change the store could not confirm may have moved queues: republish all
     db.on_doubt = lambda: loop.is_closed() or loop.call_soon_threadsafe(dispatcher.on_connected)
     async with contextlib.AsyncExitStack() as stack:
@@ -219,6 +225,7 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
         stack.push_async_callback(link.aclose)
         app = make_app(db, dispatcher, signer)
         app[ACCOUNTS] = accounts
+        app[ARTIFACT_FILES], app[ARTIFACT_LINKS] = files, links
         await stack.enter_async_context(_http(app, settings.http, https))
         yield
 

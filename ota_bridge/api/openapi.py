@@ -17,10 +17,11 @@ from typing import Any
 import pydantic
 from aiohttp import web
 
-from agent.protocol import JobStatus
+from agent.protocol import ARTIFACT_NAME_PATTERN, JobStatus
 
 from .. import __version__
 from ..roles import Role, needed_role
+from .artifacts import DEVICE_ARTIFACT_ROUTE
 from .health import ALIVE_PATH, HEALTH_PATH, LIVE_PATH, READY_PATH
 from .metrics import METRICS_PATH
 from .params import BODYLESS_METHODS, PATH_ID_SHAPES, id_kind
@@ -110,7 +111,9 @@ ANSWERS: dict[str, Schema] = {
     "SigningKey": record({"Algorithm": STRING, "PublicKey": STRING}),
     "WorkflowCreated": record({"WorkflowId": UUID}),
     "Workflow": record({"WorkflowId": UUID, "Name": STRING, "Command": STRING,
-                        "TimeoutSeconds": nullable(INTEGER), "SuccessOnRestart": BOOLEAN, "CreatedTime": TIME}),
+                        "TimeoutSeconds": nullable(INTEGER), "SuccessOnRestart": BOOLEAN,
+                        "Artifacts": {"type": "array", "items": UUID, "description": "the ArtifactIds it names"},
+                        "CreatedTime": TIME}),
     "WorkflowDeleted": deleted("WorkflowId"),
     "JobCreated": record({"JobId": UUID}),
     "Counts": COUNTS,
@@ -119,7 +122,14 @@ ANSWERS: dict[str, Schema] = {
         {"JobId": UUID, "ParentJobId": UUID, "DeviceId": STRING, "Command": STRING, "Status": STATUS,
          "StartTime": nullable(TIME), "EndTime": nullable(TIME), "ExitCode": nullable(INTEGER), "Stdout": STRING,
          "Stderr": STRING, "StdoutTruncated": BOOLEAN, "StderrTruncated": BOOLEAN, "Reason": nullable(STRING),
-         "Result": STRING}),
+         "Result": STRING, "Download": nullable(ref("DownloadProgress"))}),
+    "DownloadProgress": record({"Bytes": INTEGER, "TotalBytes": INTEGER},
+                               description="the latest DOWNLOADING report: bytes of the job's artifacts "
+                                           "fetched so far, and in all"),
+    "Artifact": record({"ArtifactId": UUID, "Name": {"type": "string", "pattern": f"^{ARTIFACT_NAME_PATTERN}$"},
+                        "Version": STRING, "Sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                        "Size": INTEGER, "Created": TIME}),
+    "ArtifactDeleted": deleted("ArtifactId"),
     "JobDeleted": deleted("JobId"),
     "Device": record(DEVICE),
     "RegisteredDevice": record({**DEVICE, **CREDENTIALS}),
@@ -163,6 +173,7 @@ class Op:
     public: bool = False
     headers: Schema | None = None
     media: str = "application/json"  # the success answer's content type
+    upload: Schema | None = None  # a request body that is not one JSON model: {content type: schema}
     unavailable: Schema | None = None  # a health check's answer with 503, instead of an Error
 
 
@@ -192,6 +203,26 @@ RETRY_AFTER = {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$
 
 TICKET_PARAM = {"name": "Ticket", "in": "query", "required": True, "schema": STRING,
                 "description": "from POST /v1/events/ticket; this operation takes no Authorization header"}
+BINARY: Schema = {"type": "string", "format": "binary"}
+OCTETS = "application/octet-stream"
+SHA256: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+UPLOAD_SUMMARY = ("Upload an artifact, streamed to disk: multipart/form-data with the parts Name, Version and File "
+                  "(curl -F Name=fw.bin -F Version=1.2 -F File=@fw.bin), or the raw bytes as "
+                  "application/octet-stream with Name and Version in the query")
+UPLOAD_FIELDS = (query_param("Name", {"type": "string", "pattern": f"^{ARTIFACT_NAME_PATTERN}$"},
+                             "the file's name on the device (or a multipart part)"),
+                 query_param("Version", STRING, "any version text, up to 100 characters (or a multipart part)"))
+UPLOAD: Schema = {
+    "multipart/form-data": {"type": "object", "required": ["Name", "Version", "File"], "properties": {
+        "Name": {"type": "string", "pattern": f"^{ARTIFACT_NAME_PATTERN}$"}, "Version": STRING, "File": BINARY}},
+    OCTETS: BINARY,
+}
+DEVICE_LINK = tuple({"name": name, "in": "query", "required": True, "schema": STRING, "description": meaning}
+                    for name, meaning in (("device", "the DeviceId the link was made for"),
+                                          ("job", "the child job's JobId"),
+                                          ("token", "the link's token (docs/security.md#artifacts)")))
+DEVICE_FETCH_SUMMARY = ("A device fetches an artifact of its pending job with the link in the job's signed head "
+                        "(no API token): ETag its SHA-256, a single Range honoured (206, 416)")
 EVENTS_SUMMARY = ("Server-sent events while open: `job` {JobId} for a new job, `child` {JobId, ParentJobId, "
                   "DeviceId, Status} for a child job that changed, `device` {DeviceId, Online, LastSeen}, "
                   "`resync` {} when too much changed at once to send row by row")
@@ -252,11 +283,23 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                listing("Webhook")),
     ("delete", "/v1/webhook/{id}"): Op("deleteWebhook", "Forget a webhook and its undelivered POSTs",
                                        ref("WebhookDeleted")),
+    ("post", "/v1/artifact"): Op("uploadArtifact", UPLOAD_SUMMARY, ref("Artifact"), status=201, upload=UPLOAD,
+                                 query=UPLOAD_FIELDS, also=(413,)),
+    ("get", "/v1/artifact"): Op("listArtifacts", "Artifacts, newest first", listing("Artifact"),
+                                query=page("artifacts"), headers=total("artifacts")),
+    ("get", "/v1/artifact/{id}"): Op("getArtifact", "One artifact's record", ref("Artifact")),
+    ("get", "/v1/artifact/{id}/content"): Op("getArtifactContent", "The artifact's bytes (ETag: its SHA-256; "
+                                             "a Range header is honoured)", BINARY, media=OCTETS),
+    ("delete", "/v1/artifact/{id}"): Op("deleteArtifact", "Delete an artifact; refused while a pending job needs it",
+                                        ref("ArtifactDeleted"), also=(409,)),
+    ("get", DEVICE_ARTIFACT_ROUTE): Op("fetchDeviceArtifact", DEVICE_FETCH_SUMMARY, BINARY, media=OCTETS,
+                                       query=DEVICE_LINK, public=True, also=(403, 404, 503)),
 }
 
 # Each operation's tag, by the first part of its path after /v1/; a generated client groups its functions so.
 TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "devices": "devices", "audit": "audit",
-        "webhook": "webhooks", "health": "service", "openapi.json": "service", "signing-key": "service",
+        "artifact": "artifacts", "device-artifact": "artifacts", "webhook": "webhooks", "health": "service",
+        "openapi.json": "service", "signing-key": "service",
         "readyz": "service", "livez": "service", "healthz": "service", "metrics": "service", "events": "events"}
 TAG_MEANINGS = {
     "workflows": "Named commands that jobs run",
@@ -264,6 +307,7 @@ TAG_MEANINGS = {
     "devices": "Registered devices, their groups, tags and MQTT credentials",
     "audit": "The log of state-changing requests",
     "webhooks": "URLs that receive a signed POST when a job or child job ends",
+    "artifacts": "Files that jobs deliver: uploaded once, fetched by each device with a link in its signed job",
     "events": "Live changes, as server-sent events (the web console's)",
     "service": "Health, metrics, this document and the key agents verify jobs with",
 }
@@ -277,10 +321,12 @@ def tag(path: str) -> str:
 ERROR_MEANINGS = {
     400: "bad input: the detail names the field, parameter or place in the JSON",
     401: "no API token, or not a valid one",
-    403: "the token's role may not do this; the detail names the role needed (docs/security.md#roles)",
+    403: "the token's role may not do this; the detail names the role needed (docs/security.md#roles); for a "
+         "device's artifact link: it does not verify, or its job is not pending or does not name the file",
     404: "no such id (or an id of the wrong shape, which the detail says)",
-    409: "the device is already registered (a bulk registration names every one, and registers none)",
-    413: "the body is over 1 MiB",
+    409: "the device is already registered (a bulk registration names every one, and registers none), or the "
+         "artifact is needed by pending jobs (the detail names them)",
+    413: "the body is over 1 MiB; an artifact, over --max-artifact-size (the detail names the limit)",
     503: "the database is unavailable; the request changed nothing unless the detail says it may have been saved",
 }
 
@@ -318,6 +364,8 @@ def operation(method: str, path: str, op: Op) -> Schema:
                       "parameters": [*path_params(path), *op.query]}
     if op.body is not None:
         result["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(op.body.__name__)}}}
+    if op.upload is not None:
+        result["requestBody"] = {"required": True, "content": {kind: {"schema": s} for kind, s in op.upload.items()}}
     if op.public:
         result["security"] = []
     else:
@@ -326,6 +374,9 @@ def operation(method: str, path: str, op: Op) -> Schema:
 
 
 def path_params(path: str) -> list[Schema]:
+    if "{sha256}" in path:
+        return [{"name": "sha256", "in": "path", "required": True, "schema": SHA256,
+                 "description": "the file's SHA-256, as the job's head names it"}]
     kind = id_kind(path)
     if kind is None:
         return []

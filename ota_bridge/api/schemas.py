@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from agent.protocol import DEVICE_ID_PATTERN, MAX_COMMAND_CHARS, NEW_DEVICE_ID_PATTERN, RESERVED_DEVICE_IDS
 
+from ..store.artifacts import MAX_ARTIFACTS_PER_WORKFLOW
 from ..store.jobs import TARGET_FIELDS
 
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
@@ -61,6 +62,9 @@ class WorkflowIn(Strict):
     Command: CommandText
     TimeoutSeconds: Optional[Timeout] = None
     SuccessOnRestart: bool = False
+    Artifacts: list[Ident] = Field(default_factory=list, max_length=MAX_ARTIFACTS_PER_WORKFLOW,
+                                   description="ArtifactIds: the files each device fetches and checks before the "
+                                               "command runs (docs/api.md#artifacts)")
 
 
 class JobIn(Strict):

@@ -6,18 +6,21 @@ from typing import Any
 
 from agent.protocol import JobStatus, format_time
 
-from ..models import ChildJob, Workflow
+from ..models import ChildJob
 from ..store.devices import DeviceView
 from ..store.jobs import JobSummary
+from ..store.workflows import WorkflowView
 
 
-def workflow(w: Workflow) -> dict[str, Any]:
+def workflow(view: WorkflowView) -> dict[str, Any]:
+    w = view.workflow
     return {
         "WorkflowId": w.workflow_id,
         "Name": w.name,
         "Command": w.command,
         "TimeoutSeconds": w.timeout_seconds,
         "SuccessOnRestart": w.success_on_restart,
+        "Artifacts": list(view.artifact_ids),
         "CreatedTime": format_time(w.created),
     }
 
@@ -63,7 +66,15 @@ def child(c: ChildJob) -> dict[str, Any]:
         "StderrTruncated": c.stderr_truncated,
         "Reason": c.reason,
         "Result": c.stdout,
+        "Download": download(c),
     }
+
+
+def download(c: ChildJob) -> dict[str, int] | None:
+    """The latest progress a DOWNLOADING report gave (kept once the command runs); None before any."""
+    if c.download_total is None:
+        return None
+    return {"Bytes": c.download_bytes, "TotalBytes": c.download_total}
 
 
 def device(d: DeviceView) -> dict[str, Any]:

@@ -34,6 +34,13 @@ def _store(request: web.Request) -> Store:
     return request.app[STORE]
 
 
+def page(request: web.Request) -> tuple[int, int]:
+    """(Limit, Offset) of a listing that pages, checked; no other query parameter is taken."""
+    query = params.query(request, ("Limit", "Offset"))
+    return (params.whole_number(query, "Limit", DEFAULT_PAGE, 1, MAX_PAGE),
+            params.whole_number(query, "Offset", 0, 0, MAX_OFFSET))
+
+
 # --- workflows ------------------------------------------------------------------------------
 
 
@@ -41,18 +48,18 @@ def _store(request: web.Request) -> Store:
 async def create_workflow(request: web.Request) -> web.Response:
     body = await read_model(request, WorkflowIn)
     w = await _store(request).call(workflows.create_workflow, body.Name, body.Command, body.TimeoutSeconds,
-                                   body.SuccessOnRestart)
+                                   body.SuccessOnRestart, tuple(body.Artifacts))
     return web.json_response({"WorkflowId": w.workflow_id}, status=200)
 
 
 @routes.get("/v1/workflow")
 async def list_workflows(request: web.Request) -> web.Response:
-    return web.json_response([serialize.workflow(w) for w in await _store(request).read(workflows.list_workflows)])
+    return web.json_response([serialize.workflow(w) for w in await _store(request).read(workflows.view_workflows)])
 
 
 @routes.get("/v1/workflow/{id}")
 async def get_workflow(request: web.Request) -> web.Response:
-    w = await _store(request).read(workflows.get_workflow, request.match_info["id"])
+    w = await _store(request).read(workflows.view_workflow, request.match_info["id"])
     return web.json_response(serialize.workflow(w))
 
 
@@ -78,10 +85,7 @@ async def submit_job(request: web.Request) -> web.Response:
 
 @routes.get("/v1/job")
 async def list_jobs(request: web.Request) -> web.Response:
-    query = params.query(request, ("Limit", "Offset"))
-    limit = params.whole_number(query, "Limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    offset = params.whole_number(query, "Offset", 0, 0, MAX_OFFSET)
-    summaries, total = await _store(request).read(jobs.list_jobs, limit, offset)
+    summaries, total = await _store(request).read(jobs.list_jobs, *page(request))
     headers = {"X-Total-Count": str(total)}
     return web.json_response([serialize.job(s) for s in summaries], headers=headers)
 

@@ -16,9 +16,9 @@ from agent.protocol import JobStatus
 
 LOG_WIDTH = 160  # when stdout is a file or a pipe (CI logs), rich would otherwise squeeze tables into 80 columns
 STATUS_STYLES = {
-    JobStatus.QUEUED.value: "dim", JobStatus.IN_PROGRESS.value: "cyan", JobStatus.SUCCEEDED.value: "green",
-    JobStatus.FAILED.value: "bold red", JobStatus.TIMED_OUT.value: "red", JobStatus.CANCELED.value: "yellow",
-    JobStatus.INTERRUPTED.value: "yellow", JobStatus.REJECTED.value: "magenta",
+    JobStatus.QUEUED.value: "dim", JobStatus.DOWNLOADING.value: "blue", JobStatus.IN_PROGRESS.value: "cyan",
+    JobStatus.SUCCEEDED.value: "green", JobStatus.FAILED.value: "bold red", JobStatus.TIMED_OUT.value: "red",
+    JobStatus.CANCELED.value: "yellow", JobStatus.INTERRUPTED.value: "yellow", JobStatus.REJECTED.value: "magenta",
 }
 TARGETS = {"DeviceId": "device", "DeviceGroup": "group", "TagId": "tag"}
 
@@ -130,9 +130,30 @@ def jobs(items: list[dict[str, Any]]) -> Table:
          when(j.get("CreatedTime"))) for j in items))
 
 
+def size(count: int) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, 20.0 MiB, 2.0 GiB."""
+    value, unit = float(count), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def download(progress: dict[str, Any] | None) -> str:
+    """A DOWNLOADING child's progress: '12.0 MiB of 50.0 MiB (24%)'."""
+    if not progress:
+        return ""
+    done, total = progress.get("Bytes", 0), progress.get("TotalBytes", 0)
+    share = f" ({100 * done // total}%)" if total else ""
+    return f"{size(done)} of {size(total)}{share}"
+
+
 def outcome(child: dict[str, Any]) -> str:
     """What a person wants to see of a child's result: the reason, else the first line of its output
-    (of stderr first when it did not succeed)."""
+    (of stderr first when it did not succeed); a download's progress while it fetches its artifacts."""
+    if child.get("Status") == JobStatus.DOWNLOADING.value and child.get("Download"):
+        return "downloading " + download(child["Download"])
     streams = ("Stdout", "Stderr") if child.get("Status") == JobStatus.SUCCEEDED.value else ("Stderr", "Stdout")
     return first_line(child.get("Reason")) or first_line(child.get(streams[0])) or first_line(child.get(streams[1]))
 
@@ -162,6 +183,8 @@ def record(data: dict[str, Any], hide: Iterable[str] = ()) -> Table:
             continue
         if key == "Result" and isinstance(value, dict):
             value = progress(data)
+        if key == "Download":
+            value = download(value) or None
         grid.add_row(key, status(value) if key == "Status" else cell(value))
     return grid
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
@@ -57,8 +58,17 @@ class Snapshot:
         return self.total > 0 and self.counts[JobStatus.SUCCEEDED.value] == self.total
 
     def summary(self) -> str:
-        return ", ".join(f"{self.counts[s]} {s.lower().replace('_', ' ')}" for s in ORDER if self.counts[s]) \
-            or "no devices"
+        counts = ", ".join(f"{self.counts[s]} {s.lower().replace('_', ' ')}" for s in ORDER if self.counts[s])
+        return (counts or "no devices") + self.downloading()
+
+    def downloading(self) -> str:
+        """'; downloading 12.0 MiB of 50.0 MiB (24%)' over the children fetching artifacts, as last fetched."""
+        fetching = [c["Download"] for c in self.children
+                    if c.get("Status") == JobStatus.DOWNLOADING.value and c.get("Download")]
+        if not fetching:
+            return ""
+        return "; downloading " + render.download({"Bytes": sum(d["Bytes"] for d in fetching),
+                                                   "TotalBytes": sum(d["TotalBytes"] for d in fetching)})
 
 
 @dataclass
@@ -140,7 +150,8 @@ def watch_live(watcher: Watcher, console: Console) -> Snapshot:
         def show(snap: Snapshot, fresh: list[dict[str, Any]]) -> None:
             for child in fresh:
                 bar.console.print(result_line(child))
-            bar.update(task, total=snap.total, completed=snap.finished, counts=counts_markup(snap))
+            bar.update(task, total=snap.total, completed=snap.finished,
+                       counts=counts_markup(snap) + escape(snap.downloading()))
 
         return watcher.follow(show)
 

@@ -9,11 +9,12 @@ from typing import Any
 
 import peewee as pw
 
-from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
+from agent.protocol import DEFAULT_TIMEOUT_SECONDS, PENDING_STATUSES, JobStatus
 
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
 from ..models import ChildJob, Device, DeviceTag, Job, now
 from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
+from .artifacts import snapshot_for_job
 from .devices import device_exists
 from .workflows import get_workflow
 
@@ -38,6 +39,7 @@ def submit_job(name: str | None, workflow_id: str, target_field: str, target_val
             timeout_seconds=timeout_seconds or workflow.timeout_seconds or DEFAULT_TIMEOUT_SECONDS,
             success_on_restart=workflow.success_on_restart, target_field=target_field, target_value=target_value,
         )
+        snapshot_for_job(job.job_id, workflow.workflow_id)
         _insert_children(job.job_id, device_ids)
     return job, device_ids
 
@@ -100,10 +102,10 @@ def derive_status(counts: dict[str, int]) -> JobStatus:
     present = {JobStatus(s) for s, n in counts.items() if n}
     if not present:
         return JobStatus.CANCELED
-    if JobStatus.IN_PROGRESS in present or (JobStatus.QUEUED in present and present & FINAL_STATUSES):
-        return JobStatus.IN_PROGRESS
     if len(present) == 1:
         return present.pop()
+    if present & PENDING_STATUSES:
+        return JobStatus.IN_PROGRESS
     if present <= {JobStatus.SUCCEEDED, JobStatus.CANCELED}:
         return JobStatus.CANCELED
     return JobStatus.FAILED

@@ -9,7 +9,7 @@ makes the floor exact: no job is added between reading the queue and reading the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Iterable
 
@@ -19,6 +19,7 @@ from agent.protocol import QUEUE_LIST_LIMIT
 
 from ..models import ChildJob, Device, Job, db
 from . import PENDING, args, chunks, padded, prepared
+from .artifacts import ArtifactRef, job_artifacts
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class QueueEntry:
     seq: int
     status: str
     submitted: datetime
+    artifacts: tuple[ArtifactRef, ...] = ()  # filled in for a queue's head only (the head carries them)
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,17 @@ def device_queues(device_ids: list[str]) -> list[DeviceQueue]:
             found[device_id].append(QueueEntry(*entry))
             totals[device_id] = total
     idle_floor = highest_seq_ever() if len(totals) < len(device_ids) else 0
+    _add_head_artifacts(found)
     return [DeviceQueue(d, tuple(found[d]), totals.get(d, 0), found[d][0].seq - 1 if found[d] else idle_floor)
             for d in device_ids]
+
+
+def _add_head_artifacts(found: dict[str, list[QueueEntry]]) -> None:
+    heads = [entries[0] for entries in found.values() if entries]
+    refs = job_artifacts(h.parent_id for h in heads)
+    for entries in found.values():
+        if entries and entries[0].parent_id in refs:
+            entries[0] = replace(entries[0], artifacts=refs[entries[0].parent_id])
 
 
 def highest_seq_ever() -> int:

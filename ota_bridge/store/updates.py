@@ -30,6 +30,7 @@ class Update:
     start_time: datetime | None = None
     end_time: datetime | None = None
     reason: str | None = None
+    progress: tuple[int, int] | None = None  # DOWNLOADING: (bytes so far, bytes in all)
 
 
 @dataclass
@@ -149,6 +150,9 @@ FINAL_COLUMNS = (ChildJob.end_time, ChildJob.exit_code, ChildJob.stdout, ChildJo
 def _write_update(child: ChildJob, update: Update) -> None:
     columns = [ChildJob.status, ChildJob.updated]
     values: list[Any] = [update.status.value, now()]
+    if update.progress is not None:
+        columns += [ChildJob.download_bytes, ChildJob.download_total]
+        values += list(update.progress)
     if update.start_time is not None:
         columns.append(ChildJob.start_time)
         values.append(update.start_time)
@@ -156,6 +160,6 @@ def _write_update(child: ChildJob, update: Update) -> None:
         columns += FINAL_COLUMNS
         values += [update.end_time or now(), update.exit_code, update.stdout, update.stderr, update.stdout_truncated,
                    update.stderr_truncated, update.reason]
-    shape = f"write_update/{update.start_time is not None}/{update.status.is_final}"
+    shape = f"write_update/{update.progress is not None}/{update.start_time is not None}/{update.status.is_final}"
     prepared(shape, lambda count: ChildJob.update({c: arg(i) for i, c in enumerate(columns)})
              .where(ChildJob.seq == arg(count - 1)), *values, child.seq)
