@@ -185,6 +185,7 @@ class JobDownload:
                     raise DownloadError(f"artifact {artifact.name}: gave up after {failures} tries in a row "
                                         f"without progress; the last: {cut}") from None
                 wait = self.retry.delay(failures)
+                self._report(force=True)  # how far it got before the cut, for the wait that follows
                 log.warning("job %s: artifact %s: %s; retrying in %g s from byte %d", self.job_id, artifact.name,
                             cut, wait, self.cache.part_size(artifact.sha256))
             if self._canceled.wait(wait):

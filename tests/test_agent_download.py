@@ -71,9 +71,11 @@ def test_a_download_is_checked_and_cached_by_its_sha256(server, cache, tmp_path)
 def test_a_cut_download_resumes_with_range_from_where_it_stopped(server, cache, tmp_path):
     artifact, source = served(server, tmp_path, "app.bin", 2 * MiB)
     server.cut_after, server.cuts = MiB + 5, 1
-    download(cache, artifact)
+    progress: list[Progress] = []
+    download(cache, artifact, progress=progress)
     assert [r.range for r in server.requests] == [None, f"bytes={MiB + 5}-"]
     assert cache.complete_path(artifact.sha256).read_bytes() == source.read_bytes()
+    assert Progress(MiB + 5, 2 * MiB) in progress  # reported as the link broke
 
 
 def test_a_part_file_left_by_a_dead_agent_is_resumed_after_hashing_it(server, cache, tmp_path):
