@@ -547,7 +547,7 @@ class Agent:
     def _on_download_progress(self, event: DownloadProgress) -> None:
         running = self._running
         if running is not None and running.head.job_id == event.job_id and not running.canceling:
-            attempt = getattr(running.head, "attempt", None)  # Head.attempt: parsed once heads carry an Attempt
+            attempt = getattr(running.head, "attempt", 1)  # Head.attempt comes with heads that carry an Attempt
             self.link.publish_status(progress_message(event.job_id, event.progress, attempt))
 
     def _on_download_done(self, event: DownloadDone) -> None:

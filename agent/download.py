@@ -308,11 +308,12 @@ class JobDownload:
         raise DownloadError(f"artifact {artifact.name}: {problem}; the file was deleted")
 
 
-def progress_message(job_id: str, progress: Progress, attempt: int | None = None) -> dict[str, Any]:
-    """A DOWNLOADING report for the status topic (with the head's Attempt, when it has one)."""
+def progress_message(job_id: str, progress: Progress, attempt: int = 1) -> dict[str, Any]:
+    """A DOWNLOADING report for the status topic; it names the head's Attempt from attempt 2 on
+    (a head without one is attempt 1)."""
     counts = {ProgressKey.BYTES: progress.done, ProgressKey.TOTAL_BYTES: progress.total}
     message: dict[str, Any] = {Key.JOB_ID: job_id, Key.STATUS: JobStatus.DOWNLOADING.value, Key.PROGRESS: counts}
-    if attempt is not None:
+    if attempt > 1:
         message[Key.ATTEMPT] = attempt
     return message
 
