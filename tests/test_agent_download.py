@@ -22,6 +22,7 @@ from agent.download import (
     Progress,
     RetryPolicy,
     artifact_environment,
+    progress_message,
 )
 from tests.support.artifact_server import artifact_server, make_file
 from tests.support.processes import REPO
@@ -227,6 +228,13 @@ def test_the_command_environment_names_each_artifact(tmp_path):
                    "OTA_ARTIFACT_1_SHA256": "a" * 64,
                    "OTA_ARTIFACT_2_PATH": str(job_dir / "two.deb"), "OTA_ARTIFACT_2_NAME": "two.deb",
                    "OTA_ARTIFACT_2_SHA256": "b" * 64}
+
+
+def test_a_downloading_report_names_the_attempt_from_the_second_on():
+    assert progress_message("j1", Progress(5, 10)) == {
+        "JobId": "j1", "Status": "DOWNLOADING", "Progress": {"Bytes": 5, "TotalBytes": 10}}
+    assert progress_message("j1", Progress(5, 10), attempt=1) == progress_message("j1", Progress(5, 10))
+    assert progress_message("j1", Progress(5, 10), attempt=3)["Attempt"] == 3
 
 
 def test_two_artifacts_of_one_name_are_refused(cache):
