@@ -192,14 +192,22 @@ class JobDownload:
                 self._check_canceled()
 
     def _try(self, artifact: Artifact) -> None:
-        """One request: resume (or start) the part file, then check and cache it. Raises _Cut."""
+        """One request: resume (or start) the part file, then check and cache it. Raises _Cut.
+
+        A file that fails its checksum after a resume is fetched once more whole before the job
+        fails: the part on disk may be what was wrong (a power cut can leave garbage at its end).
+        """
         hasher, offset = self._resume_point(artifact)
+        kept = offset  # bytes of the file that were on disk before this request
         self._report()
         if offset < artifact.size:
             if offset:
                 log.info("job %s: artifact %s: resuming at byte %d of %d (Range: bytes=%d-)", self.job_id,
                          artifact.name, offset, artifact.size, offset)
-            hasher, offset = self._receive(artifact, hasher, offset)
+            hasher, offset, kept = self._receive(artifact, hasher, offset)
+        if kept and hasher.hexdigest() != artifact.sha256:
+            self.cache.part_path(artifact.sha256).unlink(missing_ok=True)
+            raise _Cut(f"the file resumed at byte {kept} fails its checksum; fetching it whole", False)
         self._check_digest(artifact, hasher)
         self.cache.store(artifact.sha256)
         self._finished, self._current = self._finished + artifact.size, 0
@@ -214,9 +222,10 @@ class JobDownload:
         self._current = size
         return (file_sha256(part) if size else hashlib.sha256()), size
 
-    def _receive(self, artifact: Artifact, hasher: Any, offset: int) -> tuple[Any, int]:
-        """Request the bytes from `offset` on and append them to the part file; raises _Cut when
-        they end before the artifact's size."""
+    def _receive(self, artifact: Artifact, hasher: Any, offset: int) -> tuple[Any, int, int]:
+        """Request the bytes from `offset` on and append them to the part file: the hasher, the new
+        offset and where this response's bytes began (0 when the server sent the whole file).
+        Raises _Cut when they end before the artifact's size."""
         start = offset
         response = self._open(artifact, offset)
         with self._response_lock:
@@ -235,7 +244,7 @@ class JobDownload:
             response.close()
         if offset < artifact.size:
             raise _Cut(f"the body ended at byte {offset} of {artifact.size}", offset > start)
-        return hasher, offset
+        return hasher, offset, start
 
     def _stream(self, artifact: Artifact, response: Any, hasher: Any, offset: int, start: int) -> int:
         """Copy the body to the part file a chunk at a time; the new offset."""

@@ -108,6 +108,16 @@ def test_a_checksum_mismatch_deletes_the_file_and_fails_saying_both_sums(server,
     assert list(cache.root.iterdir()) == []
 
 
+def test_a_part_file_with_wrong_bytes_is_fetched_once_more_whole_and_then_right(server, cache, tmp_path):
+    """A power cut can leave garbage at the end of a part file: the resumed file fails its checksum,
+    so it is fetched again from the start rather than failing the job."""
+    artifact, source = served(server, tmp_path, "app.bin", MiB)
+    cache.part_path(artifact.sha256).write_bytes(b"\0" * 300_000)
+    download(cache, artifact)
+    assert [r.range for r in server.requests] == ["bytes=300000-", None]
+    assert cache.complete_path(artifact.sha256).read_bytes() == source.read_bytes()
+
+
 def test_a_size_the_server_disagrees_with_fails_before_the_body(server, cache, tmp_path):
     artifact, source = served(server, tmp_path, "app.bin", MiB)
     source.write_bytes(source.read_bytes()[:-1])
