@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from agent.protocol import ArtifactKey, JobStatus, Key, ProgressKey
+from agent.protocol import ArtifactKey, JobStatus, Key, Presence, ProgressKey
 from tests import test_agent_daemon as daemon_tests
 from tests.support.artifact_server import artifact_server, make_file
 from tests.test_agent_daemon import DEVICE, WAIT, job, ready_agent, runs
@@ -146,3 +146,41 @@ def test_an_agent_killed_mid_download_resumes_from_its_part_file(start_agent, se
     assert [entry[Key.JOB_ID] for entry in journal["Entries"]] == ["j1"]
     assert hashlib.sha256((state_dir(tmp_path) / "artifacts" / app[ArtifactKey.SHA256]).read_bytes()).hexdigest() \
         == app[ArtifactKey.SHA256]
+
+
+def test_sigterm_mid_download_exits_0_reports_nothing_and_the_restart_fetches_on(start_agent, service, files,
+                                                                                   tmp_path, ran, groups_file):
+    agent = ready_agent(start_agent, service)
+    files.trickle = 0.02
+    app = artifact(files, tmp_path, "app.bin", 6 * MiB)
+    service.publish_head("j1", job(ran, groups_file, "j1"), **{Key.ARTIFACTS: [app]})
+    part = state_dir(tmp_path) / "artifacts" / f"{app[ArtifactKey.SHA256]}.part"
+    deadline = time.monotonic() + WAIT
+    while not (part.exists() and part.stat().st_size >= MiB):
+        assert time.monotonic() < deadline, "the download never got 1 MiB in"
+        time.sleep(0.01)
+    assert agent.stop() == 0
+    assert "stopping its download; after a restart it fetches on" in agent.log()
+    while not service.statuses.empty():  # DOWNLOADING reports only: nothing final about the job
+        assert service.statuses.get()[Key.STATUS] == JobStatus.DOWNLOADING.value
+    offset = part.stat().st_size
+
+    files.trickle = 0
+    ready_agent(start_agent, service)
+    _, started = until_not_downloading(service, "j1")
+    assert started[Key.STATUS] == JobStatus.IN_PROGRESS.value
+    service.expect_status("j1", JobStatus.SUCCEEDED)
+    assert [r.range for r in files.requests] == [None, f"bytes={offset}-"]
+
+
+def test_a_cache_of_size_zero_keeps_nothing_after_the_job(start_agent, service, files, tmp_path, ran, groups_file):
+    agent = start_agent("--artifact-cache-size", "0")
+    service.expect_presence(Presence.ONLINE)
+    agent.wait_for_log("subscribed to")
+    app = artifact(files, tmp_path, "app.bin", MiB)
+    service.publish_head("j1", job(ran, groups_file, "j1", 'test -r "$OTA_ARTIFACT_1_PATH"'),
+                         **{Key.ARTIFACTS: [app]})
+    until_not_downloading(service, "j1")
+    service.expect_status("j1", JobStatus.SUCCEEDED)
+    assert list((state_dir(tmp_path) / "artifacts").iterdir()) == []
+    assert list((state_dir(tmp_path) / "jobs").iterdir()) == []
