@@ -474,6 +474,8 @@ class Agent:
         self._unjournaled.add(head.job_id)
         result = RunResult.without_output(head.job_id, JobStatus.FAILED, protocol.utc_now(), reason)
         self.link.publish_status(result.status_message())
+        if head.artifacts:
+            self.cache.remove_job(head.job_id)
 
     def _work(self, runner: Runner) -> None:
         """The worker thread: run the command, hand the result to the main loop."""
@@ -541,7 +543,8 @@ class Agent:
             failure = (JobStatus.FAILED, str(e))
         except Exception as e:  # a bug or a full disk must not leave the job DOWNLOADING forever
             log.exception("job %s: the download failed", download.job_id)
-            failure = (JobStatus.FAILED, f"the agent could not fetch the artifacts: {e}")
+            failure = (JobStatus.FAILED, f"the agent could not fetch the artifacts or put them in the job's "
+                                         f"directory: {e}")
         self.events.put(DownloadDone(download.job_id, env, failure))
 
     def _on_download_progress(self, event: DownloadProgress) -> None:
