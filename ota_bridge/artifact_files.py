@@ -17,15 +17,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, BinaryIO, Callable, TypeVar
 
-from .errors import ArtifactTooLarge, ConfigError
+from .errors import ArtifactNotWritten, ArtifactTooLarge, ConfigError
 
 TEMP_PREFIX = ".upload-"  # never a SHA-256, so never served
 STALE_TEMP_SECONDS = 24 * 3600  # a temporary file this old was left by a crash: removed at start
 WRITE_BYTES = 1 << 20  # bytes gathered before one write (and hash) on a worker thread
 DIR_MODE, FILE_MODE = 0o755, 0o644  # readable by a web server that serves the directory
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,11 @@ class ArtifactFiles:
         return self.directory / sha256
 
     async def receive(self, chunks: AsyncIterator[bytes]) -> Received:
-        """Write chunks to a temporary file, hashing them; ArtifactTooLarge (nothing left behind)
-        past max_size."""
+        """Write chunks to a temporary file, hashing them. ArtifactTooLarge past max_size,
+        ArtifactNotWritten when the disk refuses; either way, or when the client goes, nothing is left."""
         temp = self.directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
-        loop = asyncio.get_running_loop()
         digest, size, pending = hashlib.sha256(), 0, bytearray()
-        out = await loop.run_in_executor(None, _open_new, temp)
+        out = await self._on_disk(_open_new, temp)
         try:
             async for chunk in chunks:
                 size += len(chunk)
@@ -73,15 +73,22 @@ class ArtifactFiles:
                     raise ArtifactTooLarge(self.max_size)
                 pending += chunk
                 if len(pending) >= WRITE_BYTES:
-                    await loop.run_in_executor(None, _write, out, digest, bytes(pending))
+                    await self._on_disk(_write, out, digest, bytes(pending))
                     pending.clear()
-            await loop.run_in_executor(None, _write, out, digest, bytes(pending))
-            await loop.run_in_executor(None, _finish, out)
+            await self._on_disk(_write, out, digest, bytes(pending))
+            await self._on_disk(_finish, out)
         except BaseException:
             out.close()
             temp.unlink(missing_ok=True)
             raise
         return Received(temp, digest.hexdigest(), size)
+
+    async def _on_disk(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on a worker thread; the disk's refusal (full, read-only) as ArtifactNotWritten."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except OSError as e:
+            raise ArtifactNotWritten(str(self.directory), e.strerror or str(e)) from e
 
     def keep(self, received: Received) -> None:
         """Move an upload to its place; the same bytes already there stay, the copy goes."""
@@ -98,22 +105,19 @@ class ArtifactFiles:
     def remove(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
 
-    def exists(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
 
-
-def _open_new(path: Path):  # type: ignore[no-untyped-def]
+def _open_new(path: Path) -> BinaryIO:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     return os.fdopen(fd, "wb")
 
 
-def _finish(out) -> None:  # type: ignore[no-untyped-def]
+def _finish(out: BinaryIO) -> None:
     """On disk before its record is stored: a crash then leaves no record of bytes never written."""
     out.flush()
     os.fsync(out.fileno())
     out.close()
 
 
-def _write(out, digest, data: bytes) -> None:  # type: ignore[no-untyped-def]
+def _write(out: BinaryIO, digest: Any, data: bytes) -> None:
     out.write(data)
     digest.update(data)

@@ -134,6 +134,17 @@ class ArtifactTooLarge(OtaBridgeError):
         self.limit = limit
 
 
+class ArtifactNotWritten(OtaBridgeError):
+    """The artifact directory refused the upload's bytes: full, read-only, gone."""
+
+    status = 507
+    title = "Insufficient storage"
+
+    def __init__(self, directory: str, reason: str) -> None:
+        super().__init__(f"could not write the upload to the artifact directory {directory}: {reason}; "
+                         f"nothing was stored")
+
+
 class DownloadRefused(OtaBridgeError):
     """A device download whose link does not verify, or names a job that does not need the file."""
 

@@ -183,7 +183,7 @@ def parse_seconds(value: str) -> float:
     return seconds
 
 
-FAILPOINTS = frozenset({"exit-after-store"})
+FAILPOINTS = frozenset({"exit-after-store", "slow-broker-accounts"})
 
 
 def parse_failpoints(value: str) -> frozenset[str]:
@@ -259,7 +259,8 @@ OPTIONS = (
            metavar="DIR"),
     Option("mosquitto_dynsec", "", parse_switch,
            "keep Mosquitto's accounts in step with the device registry through its dynamic security plugin, "
-           "at run time, as the admin `ota-bridge mosquitto-dynsec-config` made (with --mqtt-url)", switch=True,
+           "at run time, as the admin `ota-bridge mosquitto-dynsec-config` made (with --mqtt-url; in cluster mode "
+           "as this instance's own logins, made by `ota-bridge mosquitto-dynsec-instance`)", switch=True,
            metavar="true|false"),
     Option("tls_cert", "", parse_optional_path,
            "PEM certificate (chain) of this server: serves the REST API over HTTPS, with --tls-key", metavar="FILE"),
@@ -293,7 +294,9 @@ OPTIONS = (
     Option("max_artifact_size", "2G", parse_size, "the largest artifact an upload may hold (K, M, G, T: powers "
            "of 1024)", metavar="SIZE"),
     Option("failpoints", "", parse_failpoints,
-           "for fault-injection tests only: exit-after-store kills the service right after it stores a result",
+           "for fault-injection tests only: exit-after-store kills the service right after it stores a result; "
+           "slow-broker-accounts waits a second between committing a device's enable, disable or new password "
+           "and telling the broker",
            hidden=True),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
@@ -362,12 +365,8 @@ def _check_cluster(s: Settings) -> None:
                           f"one instance's own")
     if s.mosquitto_dir is not None:
         raise ConfigError(f"{named('instance_id')} (cluster mode) cannot be used with {named('mosquitto_dir')}: "
-                          f"several instances would rewrite one password file, and share one broker identity; "
-                          f"give each instance its own broker user in --mqtt-url (docs/scale.md)")
-    if s.mosquitto_dynsec:
-        raise ConfigError(f"{named('instance_id')} (cluster mode) cannot be used with {named('mosquitto_dynsec')} "
-                          f"yet: the plugin's service account is one broker identity; give each instance its own "
-                          f"broker user in --mqtt-url and manage device accounts outside the cluster (docs/scale.md)")
+                          f"several instances would rewrite one password file; keep Mosquitto's accounts in its "
+                          f"dynamic security plugin with {named('mosquitto_dynsec')} instead (docs/scale.md)")
 
 
 def _pair(first: object, second: object, first_name: str, second_name: str) -> None:

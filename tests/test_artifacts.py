@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +31,7 @@ from tests.conftest import Launcher
 from tests.support.artifact_http import get, send, upload, uploaded
 from tests.support.databases import database_url
 from tests.support.fake_device import FakeDevice
-from tests.support.processes import Service, wait_until
+from tests.support.processes import REPO, Service, wait_until
 
 LIMIT = 1024 * 1024  # the module's service takes artifacts up to 1 MiB
 PAYLOAD = os.urandom(300_000)
@@ -137,6 +139,17 @@ def test_an_upload_over_the_limit_is_413_naming_it_and_leaves_nothing(svc: Servi
     assert str(LIMIT) in answer.json["Detail"] and "--max-artifact-size" in answer.json["Detail"]
     assert stored_files(svc) == before
     assert get(svc.api, "/v1/artifact").headers["X-Total-Count"] == total
+
+
+def test_an_upload_cut_off_by_its_client_leaves_nothing(svc: Service) -> None:
+    before = stored_files(svc)
+    with socket.create_connection(("127.0.0.1", svc.http_port), timeout=10) as conn:
+        conn.sendall(f"POST /v1/artifact?Name=cut.bin&Version=1 HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {svc.api.token}\r\nContent-Type: application/octet-stream\r\n"
+                     f"Content-Length: {LIMIT}\r\n\r\n".encode() + os.urandom(LIMIT // 2))
+        wait_until(lambda: [f for f in stored_files(svc) if f.startswith(".upload-")], 15, "the upload to begin")
+    wait_until(lambda: stored_files(svc) == before, 15, "the cut upload's temporary file to go")
+    assert not [a for a in get(svc.api, "/v1/artifact?Limit=1000").json if a["Name"] == "cut.bin"]
 
 
 @pytest.mark.parametrize("name, version, raw, named", [
@@ -314,6 +327,10 @@ def test_a_link_fetches_nothing_for_another_device_job_or_token(svc: Service) ->
             assert answer.status == 403, (bad, answer)
             assert token not in answer.body.decode()
         assert send(url).status == 200
+        svc.api.ok("PATCH", f"/v1/device/{first.device_id}", {"Enabled": False})
+        assert send(url).status == 403  # a disabled device's links stop working
+        svc.api.ok("PATCH", f"/v1/device/{first.device_id}", {"Enabled": True})
+        assert send(url).status == 200
         svc.api.ok("POST", f"/v1/job/{job_id}/cancel")
         assert send(url).status == 403  # the job is final
         assert token not in svc.log()
@@ -361,7 +378,7 @@ def test_the_silence_clock_starts_at_in_progress_not_while_downloading(svc: Serv
     device.head_for(child_id)
     device.report(child_id, "DOWNLOADING", Progress={"Bytes": 1, "TotalBytes": 4})
     wait_until(lambda: child_of(svc, child_id)["Status"] == "DOWNLOADING", 15, "DOWNLOADING")
-    time.sleep(4)  # past the timeout (1 s) plus the grace (1 s), twice over
+    time.sleep(3)  # past the timeout (1 s) plus the grace (1 s), and the checks every 0.5 s
     assert child_of(svc, child_id)["Status"] == "DOWNLOADING"
     device.report(child_id, "IN_PROGRESS")
     wait_until(lambda: child_of(svc, child_id)["Status"] == "TIMED_OUT", 20, "the silent device's job to time out")
@@ -389,3 +406,14 @@ def test_a_database_made_before_artifacts_gets_their_tables_and_columns(kind: st
 
 
 NEW_COLUMNS = {"download_bytes", "download_total"}
+
+
+def test_the_cli_defines_a_workflow_with_artifacts(svc: Service) -> None:
+    artifact = uploaded(svc.api, "cli.bin", b"cli")
+    argv = ["workflow", "create", "--name", "cli", "--command", "true", "--artifact", artifact["ArtifactId"], "--json",
+            "--server", svc.base_url, "--token", svc.api.token]
+    done = subprocess.run([sys.executable, "-m", "ota_bridge", *argv], capture_output=True, text=True, timeout=30,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    workflow = svc.api.ok("GET", f"/v1/workflow/{json.loads(done.stdout)['WorkflowId']}")
+    assert workflow["Artifacts"] == [artifact["ArtifactId"]]

@@ -141,3 +141,12 @@ def test_artifact_settings_and_the_public_url_the_heads_name() -> None:
 def test_bad_artifact_settings_name_flag_and_variable(argv: list[str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         parse(argv)
+
+
+def test_cluster_mode_takes_the_dynamic_security_plugin_from_variables_too() -> None:
+    env = {"OTA_BRIDGE_INSTANCE_ID": "web-1", "OTA_BRIDGE_DATABASE": "postgresql://u@db:5432/ota",
+           "OTA_BRIDGE_MQTT_URL": "mqtt://broker:1883", "OTA_BRIDGE_MOSQUITTO_DYNSEC": "true"}
+    s = parse([], env)
+    assert s.instance_id == "web-1" and s.mosquitto_dynsec
+    with pytest.raises(ConfigError, match="one password file.*--mosquitto-dynsec / OTA_BRIDGE_MOSQUITTO_DYNSEC"):
+        parse(["--mosquitto-dir", "/var/lib/ota-bridge/mosquitto"], {**env, "OTA_BRIDGE_MOSQUITTO_DYNSEC": "false"})

@@ -284,7 +284,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("delete", "/v1/webhook/{id}"): Op("deleteWebhook", "Forget a webhook and its undelivered POSTs",
                                        ref("WebhookDeleted")),
     ("post", "/v1/artifact"): Op("uploadArtifact", UPLOAD_SUMMARY, ref("Artifact"), status=201, upload=UPLOAD,
-                                 query=UPLOAD_FIELDS, also=(413,)),
+                                 query=UPLOAD_FIELDS, also=(413, 507)),
     ("get", "/v1/artifact"): Op("listArtifacts", "Artifacts, newest first", listing("Artifact"),
                                 query=page("artifacts"), headers=total("artifacts")),
     ("get", "/v1/artifact/{id}"): Op("getArtifact", "One artifact's record", ref("Artifact")),
@@ -327,6 +327,7 @@ ERROR_MEANINGS = {
     409: "the device is already registered (a bulk registration names every one, and registers none), or the "
          "artifact is needed by pending jobs (the detail names them)",
     413: "the body is over 1 MiB; an artifact, over --max-artifact-size (the detail names the limit)",
+    507: "the artifact directory refused the upload's bytes (full, read-only); nothing was stored",
     503: "the database is unavailable; the request changed nothing unless the detail says it may have been saved",
 }
 

@@ -197,7 +197,7 @@ async def rotate_credentials(request: web.Request) -> web.Response:
     device_id = request.match_info["id"]
     [(password, hashed)] = await _new_credentials(1)
     await _store(request).call(devices.set_password_hash, device_id, hashed)
-    await request.app[ACCOUNTS].rotated(device_id, password)
+    await request.app[ACCOUNTS].rotated(device_id, password, hashed)
     return web.json_response({"DeviceId": device_id, "MqttUsername": device_id, "MqttPassword": password})
 
 

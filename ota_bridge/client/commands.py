@@ -46,6 +46,8 @@ def _workflow_commands(actions: Actions) -> None:
     create.add_argument("--timeout", type=int, metavar="SECONDS", help="kill the command after this long")
     create.add_argument("--success-on-restart", action="store_true",
                         help="count the job as succeeded when the agent restarts while it runs (a reboot, an update)")
+    create.add_argument("--artifact", action="append", default=[], metavar="ARTIFACT_ID",
+                        help="a file each device fetches and checks before the command runs (repeatable, in order)")
     _action(actions, "list", "list workflows", lambda a, c: _show(a, c.get(path("workflow")), render.workflows))
     _by_id(actions, "show", "show one workflow", lambda a, c: _show(a, c.get(path("workflow", a.id)), render.record))
     _by_id(actions, "delete", "delete a workflow", lambda a, c: _deleted(a, c.delete(path("workflow", a.id))))
@@ -53,7 +55,7 @@ def _workflow_commands(actions: Actions) -> None:
 
 def _workflow_create(args: argparse.Namespace, client: ServiceClient) -> int:
     body = {"Name": args.name, "Command": args.command, "TimeoutSeconds": args.timeout,
-            "SuccessOnRestart": args.success_on_restart}
+            "SuccessOnRestart": args.success_on_restart, "Artifacts": args.artifact or None}
     answer = client.post(path("workflow"), {k: v for k, v in body.items() if v is not None})
     return _said(args, answer, f"created workflow {answer['WorkflowId']}")
 

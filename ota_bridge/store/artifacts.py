@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import peewee as pw
 
 from ..errors import ArtifactInUse, ArtifactNotFound, InvalidRequest
-from ..models import Artifact, ChildJob, JobArtifact, WorkflowArtifact
+from ..models import Artifact, ChildJob, Device, JobArtifact, WorkflowArtifact
 from . import PENDING, arg, args, chunks, padded, prepared, write_transaction
 
 MAX_ARTIFACTS_PER_WORKFLOW = 16
@@ -139,12 +139,15 @@ def _job_artifacts(count: int) -> pw.Query:
 
 
 def device_may_fetch(device_id: str, child_job_id: str, sha256: str) -> bool:
-    """Whether this child job is the device's, not yet final, and its job names a file with this SHA-256:
-    one query over two indexes (the child's job id, the copy's job and position)."""
+    """Whether this child job is the device's, not yet final, its job names a file with this SHA-256,
+    and the device is enabled: one query over three indexes (the child's job id, the copy's job and
+    position, the device's id)."""
     return bool(list(prepared("device_may_fetch", _may_fetch, child_job_id, device_id, sha256)))
 
 
 def _may_fetch(_: int) -> pw.Query:
-    return (ChildJob.select(ChildJob.seq).join(JobArtifact, on=(JobArtifact.job == ChildJob.parent))
+    return (ChildJob.select(ChildJob.seq)
+            .join(JobArtifact, on=(JobArtifact.job == ChildJob.parent))
+            .join(Device, on=(Device.device_id == ChildJob.device_id), src=ChildJob)
             .where(ChildJob.job_id == arg(0), ChildJob.device_id == arg(1), ChildJob.status.in_(PENDING),
-                   JobArtifact.sha256 == arg(2)).limit(1).tuples())
+                   JobArtifact.sha256 == arg(2), Device.enabled == True).limit(1).tuples())  # noqa: E712
