@@ -494,15 +494,15 @@ class Agent:
         self._finish(head, result)
 
     def _finish(self, head: Head, result: RunResult) -> None:
-        """Journal and report the job's result; drop its artifact directory, trim the cache."""
+        """Journal the job's result, drop its artifact directory and trim the cache, report the result."""
         message = result.status_message()
         self._record_result(result.job_id, message, head.seq)
-        log.info("job %s: %s exit=%s%s%s", result.job_id, result.status.value, result.exit_code,
-                 f" ({result.reason})" if result.reason else "", _about(head))
-        self.link.publish_status(message)
         if head.artifacts:
             self.cache.remove_job(result.job_id)
             self.cache.evict()
+        log.info("job %s: %s exit=%s%s%s", result.job_id, result.status.value, result.exit_code,
+                 f" ({result.reason})" if result.reason else "", _about(head))
+        self.link.publish_status(message)
 
     def _record_result(self, job_id: str, message: dict[str, Any], seq: int | None = None) -> None:
         try:
