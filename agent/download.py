@@ -64,7 +64,7 @@ class RetryPolicy:
 
     first_delay: float = 1.0  # seconds before the first retry; doubles with each failure in a row
     max_delay: float = 60.0
-    attempts: int = 10  # failures in a row without one new byte before the download is FAILED (about 6 min)
+    attempts: int = 10  # failures in a row without one new byte before the download is FAILED (~4 min of waits)
 
     def delay(self, failures: int) -> float:
         return min(self.first_delay * 2 ** max(0, failures - 1), self.max_delay)
