@@ -35,6 +35,7 @@ import ssl
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
@@ -290,7 +291,7 @@ class JobDownload:
             self.cache.part_path(artifact.sha256).unlink(missing_ok=True)
         elif 400 <= code < 500 and code not in _RETRIABLE_CLIENT_ERRORS:
             raise DownloadError(f"artifact {artifact.name}: the server refused the download: HTTP {code} "
-                                f"{shown(reason)} ({shown(artifact.url, cap=200)})")
+                                f"{shown(reason)} ({_without_query(artifact.url)})")
 
     def _check_length(self, artifact: Artifact, response: Any, offset: int) -> None:
         """The size the server says the file has must be the signed size."""
@@ -338,6 +339,12 @@ def artifact_environment(job_dir: Path, paths: list[Path], artifacts: Iterable[A
         env[f"{ENV_ARTIFACT_PREFIX}{number}_SHA256"] = artifact.sha256
     env[ENV_ARTIFACT_COUNT] = str(len(artifacts))
     return env
+
+
+def _without_query(url: str) -> str:
+    """The URL without its query, for a Reason: the service's links carry their token there."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def _interrupt(response: Any) -> None:

@@ -137,9 +137,11 @@ def test_not_enough_disk_space_fails_before_any_request(server, cache, tmp_path)
 def test_a_refusal_fails_at_once_with_the_status(server, cache, tmp_path):
     artifact, _ = served(server, tmp_path, "app.bin", 1000)
     server.refuse = 403
-    with pytest.raises(DownloadError, match="the server refused the download: HTTP 403"):
-        download(cache, artifact, retry=RetryPolicy(first_delay=5, attempts=10))
+    secret = Artifact(artifact.sha256, artifact.size, artifact.name, artifact.url + "?token=s3cret")
+    with pytest.raises(DownloadError, match="the server refused the download: HTTP 403") as refused:
+        download(cache, secret, retry=RetryPolicy(first_delay=5, attempts=10))
     assert len(server.requests) == 1
+    assert str(refused.value).endswith(f"({artifact.url})")  # the link's query (a token) stays out of the Reason
 
 
 def test_it_gives_up_after_the_tries_in_a_row_without_progress(cache, tmp_path):
