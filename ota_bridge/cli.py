@@ -2,7 +2,7 @@
 
 `serve` runs the service; `token`, `signing-key`, `mosquitto-config` and `mosquitto-dynsec-config` work on
 its data directory (`mosquitto-dynsec-instance` gives a cluster instance its own broker logins);
-`workflow`, `job` and `device` talk to a running service over its REST API
+`workflow`, `job`, `device` and `artifact` talk to a running service over its REST API
 (ota_bridge/client).
 """
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ota-bridge",
         description="Run commands and software updates on fleets of Linux devices over MQTT.",
         epilog="A flag whose help names an OTA_BRIDGE_* variable can be set with that variable instead. "
-               "workflow, job and device talk to a running service: docs/cli.md.",
+               "workflow, job, device and artifact talk to a running service: docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"ota-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -129,7 +129,9 @@ class ArtifactTooLarge(OtaBridgeError):
     title = "Artifact too large"
 
     def __init__(self, limit: int) -> None:
-        super().__init__(f"the artifact is over the limit of {limit} bytes ({limit / 2**30:g} GiB) set by "
+        unit, scale = next(((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if limit >= s),
+                           ("bytes", 1))
+        super().__init__(f"the artifact is over the limit of {limit} bytes ({limit / scale:.4g} {unit}) set by "
                          f"--max-artifact-size / OTA_BRIDGE_MAX_ARTIFACT_SIZE; nothing was stored")
         self.limit = limit
 

@@ -242,6 +242,15 @@ def test_a_workflow_names_artifacts_that_exist(svc: Service) -> None:
     too_many = svc.api.request("POST", "/v1/workflow", {"Name": "w", "Command": "true",
                                                         "Artifacts": [artifact["ArtifactId"]] * 17})
     assert too_many.status == 400 and "Artifacts" in too_many.body["Detail"]
+    same_file = svc.api.request("POST", "/v1/workflow", {"Name": "w", "Command": "true", "Artifacts": [
+        artifact["ArtifactId"], uploaded(svc.api, "w.bin", b"another w")["ArtifactId"]]})
+    assert same_file.status == 400 and "'w.bin'" in same_file.body["Detail"]
+    svc.api.device("names-artifacts")
+    svc.api.ok("DELETE", f"/v1/artifact/{artifact['ArtifactId']}")  # no job needs it
+    gone = svc.api.request("POST", "/v1/job", {"WorkflowId": workflow, "DeviceId": "names-artifacts"})
+    assert gone.status == 400 and artifact["ArtifactId"] in gone.body["Detail"] and "deleted" in gone.body["Detail"]
+    assert svc.api.ok("GET", "/v1/device/names-artifacts")["PendingJobs"] == 0  # nothing half-written
+    svc.api.ok("DELETE", f"/v1/workflow/{workflow}")  # its list of artifacts goes with it
 
 
 def test_the_head_carries_the_artifacts_signed_and_a_job_keeps_its_copy(svc: Service, device: FakeDevice) -> None:
@@ -408,12 +417,28 @@ def test_a_database_made_before_artifacts_gets_their_tables_and_columns(kind: st
 NEW_COLUMNS = {"download_bytes", "download_total"}
 
 
-def test_the_cli_defines_a_workflow_with_artifacts(svc: Service) -> None:
-    artifact = uploaded(svc.api, "cli.bin", b"cli")
-    argv = ["workflow", "create", "--name", "cli", "--command", "true", "--artifact", artifact["ArtifactId"], "--json",
-            "--server", svc.base_url, "--token", svc.api.token]
-    done = subprocess.run([sys.executable, "-m", "ota_bridge", *argv], capture_output=True, text=True, timeout=30,
-                          cwd=REPO)
+def cli(svc: Service, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ota_bridge", *argv, f"--server={svc.base_url}",
+                           f"--token={svc.api.token}"], capture_output=True, text=True, timeout=30, cwd=REPO)
+
+
+def test_the_cli_uploads_lists_and_deletes_artifacts_and_names_them_in_workflows(svc: Service,
+                                                                                 tmp_path: Path) -> None:
+    data = os.urandom(600 * 1024)
+    (tmp_path / "cli-fw.bin").write_bytes(data)
+    done = cli(svc, "artifact", "upload", str(tmp_path / "cli-fw.bin"), "--version", "3.1", "--json")
+    assert done.returncode == 0, done.stderr
+    artifact = json.loads(done.stdout)
+    assert (artifact["Name"], artifact["Version"], artifact["Size"]) == ("cli-fw.bin", "3.1", len(data))
+    assert artifact["Sha256"] == hashlib.sha256(data).hexdigest()
+    listed = cli(svc, "artifact", "list")
+    assert listed.returncode == 0 and artifact["ArtifactId"] in listed.stdout and "600.0 KiB" in listed.stdout
+    refused = cli(svc, "artifact", "upload", str(tmp_path / "cli-fw.bin"), "--version", "1", "--name", "../x")
+    assert refused.returncode != 0 and "Name" in refused.stderr
+    done = cli(svc, "workflow", "create", "--name", "cli", "--command", "true", "--artifact", artifact["ArtifactId"],
+               "--json")
     assert done.returncode == 0, done.stderr
     workflow = svc.api.ok("GET", f"/v1/workflow/{json.loads(done.stdout)['WorkflowId']}")
     assert workflow["Artifacts"] == [artifact["ArtifactId"]]
+    deleted = cli(svc, "artifact", "delete", artifact["ArtifactId"])
+    assert deleted.returncode == 0 and f"deleted artifact {artifact['ArtifactId']}" in deleted.stdout

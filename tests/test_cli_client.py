@@ -219,7 +219,7 @@ def test_token_from_the_flag_then_the_variable_then_the_data_dir(tmp_path: Path)
 def test_docs_cli_md_lists_every_client_command_and_its_flags() -> None:
     doc = (REPO / "docs" / "cli.md").read_text()
     groups = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for group in ("workflow", "job", "device"):
+    for group in ("workflow", "job", "device", "artifact"):
         actions = next(a for a in groups.choices[group]._actions if isinstance(a, argparse._SubParsersAction))
         for name, parser in actions.choices.items():
             assert f"`{group} {name}" in doc, f"docs/cli.md does not list {group} {name}"

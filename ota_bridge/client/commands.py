@@ -1,4 +1,4 @@
-"""The client's commands: `ota-bridge workflow|job|device ACTION`, each one or two API requests."""
+"""The client's commands: `ota-bridge workflow|job|device|artifact ACTION`, each one or two API requests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlencode
 
 from .. import settings
 from . import ClientError, render
@@ -20,6 +21,7 @@ def add_commands(commands: Actions) -> None:
     _workflow_commands(_group(commands, "workflow", "define, list and delete workflows (the commands jobs run)"))
     _job_commands(_group(commands, "job", "submit jobs to a device, group or tag; follow and cancel them"))
     _device_commands(_group(commands, "device", "register devices, change their group and tags, rotate passwords"))
+    _artifact_commands(_group(commands, "artifact", "upload, list and delete artifacts (the files jobs deliver)"))
 
 
 def _group(commands: Actions, name: str, text: str) -> Actions:
@@ -60,6 +62,33 @@ def _workflow_create(args: argparse.Namespace, client: ServiceClient) -> int:
     return _said(args, answer, f"created workflow {answer['WorkflowId']}")
 
 
+# --- artifacts ------------------------------------------------------------------------------
+
+
+def _artifact_commands(actions: Actions) -> None:
+    upload = _action(actions, "upload", "upload a file, streamed; workflows name it by its ArtifactId",
+                     _artifact_upload)
+    upload.add_argument("file", type=Path, metavar="FILE")
+    upload.add_argument("--version", required=True, help="any version text, up to 100 characters")
+    upload.add_argument("--name", help="the file's name on the devices (default: FILE's own name)")
+    _paged(_action(actions, "list", "list artifacts, newest first", _artifact_list))
+    _by_id(actions, "show", "show one artifact's record",
+           lambda a, c: _show(a, c.get(path("artifact", a.id)), render.record))
+    _by_id(actions, "delete", "delete an artifact (refused while a pending job needs it)",
+           lambda a, c: _deleted(a, c.delete(path("artifact", a.id))))
+
+
+def _artifact_upload(args: argparse.Namespace, client: ServiceClient) -> int:
+    query = urlencode({"Name": args.name or args.file.name, "Version": args.version})
+    answer = client.upload(f"{path('artifact')}?{query}", args.file)
+    return _said(args, answer, f"uploaded artifact {answer['ArtifactId']} ({answer['Name']} {answer['Version']}, "
+                               f"{render.size(answer['Size'])}, SHA-256 {answer['Sha256']})")
+
+
+def _artifact_list(args: argparse.Namespace, client: ServiceClient) -> int:
+    return _show(args, client.get(path("artifact"), Limit=args.limit, Offset=args.offset), render.artifacts)
+
+
 # --- jobs -----------------------------------------------------------------------------------
 
 
@@ -73,9 +102,7 @@ def _job_commands(actions: Actions) -> None:
     submit.add_argument("--name", help="the job's name (default: the workflow's)")
     submit.add_argument("--timeout", type=int, metavar="SECONDS", help="overrides the workflow's timeout")
     _watch_flags(submit, "then follow it as `job watch` does")
-    listing = _action(actions, "list", "list jobs, newest first", _job_list)
-    listing.add_argument("--limit", type=int, help="at most this many (default 100, at most 1000)")
-    listing.add_argument("--offset", type=int, help="skip this many")
+    _paged(_action(actions, "list", "list jobs, newest first", _job_list))
     _by_id(actions, "show", "show a job (or one child job) and its result",
            lambda a, c: _show(a, c.get(path("job", a.id)), render.record))
     _by_id(actions, "children", "show a job's child jobs: one per device, with its result",
@@ -221,6 +248,11 @@ def _write_secret(file: Path, secret: str) -> None:
 
 
 # --- shared ---------------------------------------------------------------------------------
+
+
+def _paged(listing: argparse.ArgumentParser) -> None:
+    listing.add_argument("--limit", type=int, help="at most this many (default 100, at most 1000)")
+    listing.add_argument("--offset", type=int, help="skip this many")
 
 
 def _by_id(actions: Actions, name: str, text: str, handler: Handler) -> argparse.ArgumentParser:

@@ -165,6 +165,13 @@ def children(items: list[dict[str, Any]]) -> Table:
          when(c.get("EndTime")), cell(c["JobId"])) for c in items))
 
 
+def artifacts(items: list[dict[str, Any]]) -> Table:
+    return table((Column("ArtifactId", "id"), Column("Name"), Column("Version"), Column("Size", "word"),
+                  Column("Sha256", "id", drop=2), Column("Created (UTC)", "time", drop=1)), (
+        (cell(a["ArtifactId"]), cell(a["Name"]), cell(a["Version"]), cell(size(a["Size"])), cell(a["Sha256"]),
+         when(a.get("Created"))) for a in items))
+
+
 def devices(items: list[dict[str, Any]]) -> Table:
     return table((Column("DeviceId", "id"), Column("Group"), Column("Tags", "free"), Column("Online", "word"),
                   Column("Enabled", drop=2), Column("Queued"), Column("Last seen (UTC)", "time", drop=1)), (
