@@ -17,7 +17,11 @@ payload is not a head and is ignored.
 
 Threads: paho's network thread only turns callbacks into events on a bounded queue
 (agent/link.py); the main thread reads that queue, decides, writes the journal and publishes;
-one worker thread runs the current command (and journals its process group as it starts). At
+one worker thread runs the current command (and journals its process group as it starts). A job
+whose head names Artifacts first has them fetched and checked by a download thread
+(agent/download.py): the journal's "started" entry is written only once every file is in the
+cache and in the job's directory, so an agent restarted mid-download fetches on from the part
+file. At
 start-up, before it connects, the agent kills any command an earlier agent left running
 (Agent.stop_leftovers). Stale heads the broker queued for this persistent session while the
 agent was away arrive before the SUBACK, so the agent acts on a head only once its subscription
@@ -39,6 +43,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from . import job_signature, jsonlog, protocol
+from .artifact_cache import ArtifactCache
+from .download import DownloadCanceled, DownloadError, JobDownload, Progress, artifact_environment, progress_message
 from .head import Head, parse_head
 from .journal import Entry, Journal, JournalError, UnsafeDirectory, check_private_dir
 from .link import BrokerLink, Connected, ConnectFailed, Disconnected, JobMessage, LinkEvent, Subscribed
@@ -82,7 +88,24 @@ class JobDone:
     result: RunResult
 
 
-Event = Union[LinkEvent, JobDone]
+@dataclass(frozen=True)
+class DownloadProgress:
+    """From the download thread: how far the job's artifacts are."""
+
+    job_id: str
+    progress: Progress
+
+
+@dataclass(frozen=True)
+class DownloadDone:
+    """From the download thread: the job's artifacts are in its directory (env), or cannot be (failure)."""
+
+    job_id: str
+    env: dict[str, str]
+    failure: tuple[JobStatus, str] | None = None
+
+
+Event = Union[LinkEvent, JobDone, DownloadProgress, DownloadDone]
 
 
 # --- the agent ------------------------------------------------------------------------------
@@ -91,9 +114,13 @@ Event = Union[LinkEvent, JobDone]
 @dataclass
 class _Running:
     head: Head
-    runner: Runner
+    runner: Runner | JobDownload  # the command, or before it the download of its artifacts
     thread: threading.Thread
     canceling: bool = False
+
+    @property
+    def downloading(self) -> bool:
+        return isinstance(self.runner, JobDownload)
 
 
 class Agent:
@@ -117,6 +144,7 @@ class Agent:
         self._head_due: float | None = None  # subscribed, no signed head yet: when to warn about it
         self._heard_service = False  # a head signed by the service came since the last connect
         self.keys = TrustedKeys(settings, KEY_FILE_CHECK_SECONDS)
+        self.cache = ArtifactCache(settings.journal_dir, settings.artifact_cache_size)
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """Signal handler: only sets a flag, the main loop notices it."""
@@ -186,6 +214,10 @@ class Agent:
             self._on_job_message(event)
         elif isinstance(event, JobDone):
             self._on_job_done(event.result)
+        elif isinstance(event, DownloadProgress):
+            self._on_download_progress(event)
+        elif isinstance(event, DownloadDone):
+            self._on_download_done(event)
         elif isinstance(event, Connected):
             self._on_connected(event)
         elif isinstance(event, Subscribed):
@@ -276,8 +308,9 @@ class Agent:
         if running.canceling:
             return  # the new head is taken once the canceled job is done
         running.canceling = True
-        reason = ("the job queue was cleared while the command ran" if head.is_idle
-                  else f"the head moved to job {head.job_id} while the command ran")
+        during = "its artifacts downloaded" if running.downloading else "the command ran"
+        reason = (f"the job queue was cleared while {during}" if head.is_idle
+                  else f"the head moved to job {head.job_id} while {during}")
         log.info("job %s: canceling: %s", running.head.job_id, reason)
         running.runner.cancel(reason)
 
@@ -307,6 +340,8 @@ class Agent:
         elif self._record_floor(head) and not head.is_idle:
             if (reason := self._rejection(head)) is not None:
                 self._reject(head, reason, journal=reason.startswith(OUTSIDE_POLICY))
+            elif head.artifacts:
+                self._start_download(head)
             else:
                 self._start(head)
 
@@ -408,11 +443,11 @@ class Agent:
         log.info("job %s: %s (resent from the journal)", head.job_id, result.get(Key.STATUS))
         self.link.publish_status(result)
 
-    def _start(self, head: Head) -> None:
+    def _start(self, head: Head, artifact_env: Mapping[str, str] | None = None) -> None:
         limits = RunLimits(timeout_seconds=head.timeout_seconds, output_cap=self.settings.output_cap,
                            kill_grace=self.settings.kill_grace)
-        runner = Runner(head.job_id, head.command, limits, {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id},
-                        on_started=functools.partial(self._record_process, head))
+        env = {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id, **(artifact_env or {})}
+        runner = Runner(head.job_id, head.command, limits, env, on_started=functools.partial(self._record_process, head))
         try:
             self.journal.record_started(head.job_id, head.seq, runner.start_time, head.attempt)
         except JournalError as e:
@@ -440,6 +475,8 @@ class Agent:
         self._unjournaled.add((head.job_id, head.attempt))
         result = RunResult.without_output(head.job_id, JobStatus.FAILED, protocol.utc_now(), reason)
         self.link.publish_status(_stamped(result.status_message(), head))
+        if head.artifacts:
+            self.cache.remove_job(head.job_id)
 
     def _work(self, runner: Runner) -> None:
         """The worker thread: run the command, hand the result to the main loop."""
@@ -455,17 +492,81 @@ class Agent:
         if self._running is None or self._running.head.job_id != result.job_id:
             return
         head, self._running = self._running.head, None
+        self._finish(head, result)
+
+    def _finish(self, head: Head, result: RunResult) -> None:
+        """Journal the job's result, drop its artifact directory and trim the cache, report the result."""
         message = _stamped(result.status_message(), head)
         self._record_result(head, message)
+        if head.artifacts:
+            self.cache.remove_job(result.job_id)
+            self.cache.evict()
         log.info("job %s: %s exit=%s%s%s", result.job_id, result.status.value, result.exit_code,
                  f" ({result.reason})" if result.reason else "", _about(head))
         self.link.publish_status(message)
 
     def _record_result(self, head: Head, message: dict[str, Any]) -> None:
+        """Journal a result; the head's Seq counts for a job that never started (its download failed)."""
         try:
-            self.journal.record_result(head.job_id, message, attempt=head.attempt)
+            self.journal.record_result(head.job_id, message, seq=head.seq, attempt=head.attempt)
         except JournalError as e:
             log.error("job %s: %s; publishing the result anyway", head.job_id, e)
+
+    # --- artifacts --------------------------------------------------------------------------
+
+    def _start_download(self, head: Head) -> None:
+        """Fetch the job's artifacts on a thread of their own; the command starts once they are checked."""
+        download = JobDownload(head.job_id, head.artifacts, self.cache, ca_file=self.settings.ca_file,
+                               on_progress=functools.partial(self._offer_progress, head.job_id))
+        log.info("job %s: %s %d artifact(s), %d bytes%s", head.job_id, JobStatus.DOWNLOADING.value,
+                 len(head.artifacts), sum(a.size for a in head.artifacts), _about(head))
+        thread = threading.Thread(target=self._download, args=(download,), name=f"download-{head.job_id}",
+                                  daemon=True)
+        self._running = _Running(head, download, thread)
+        thread.start()
+
+    def _offer_progress(self, job_id: str, progress: Progress) -> None:
+        """On the download thread: a progress report may be dropped when the loop is that far behind."""
+        try:
+            self.events.put_nowait(DownloadProgress(job_id, progress))
+        except queue.Full:
+            pass
+
+    def _download(self, download: JobDownload) -> None:
+        """The download thread: fetch, then link the files into the job's directory; tell the main loop."""
+        env: dict[str, str] = {}
+        failure: tuple[JobStatus, str] | None = None
+        try:
+            download.run()
+            env = artifact_environment(*self.cache.link_job(download.job_id, download.artifacts), download.artifacts)
+        except DownloadCanceled as e:
+            failure = (JobStatus.CANCELED, str(e))
+        except DownloadError as e:
+            failure = (JobStatus.FAILED, str(e))
+        except Exception as e:  # a bug or a full disk must not leave the job DOWNLOADING forever
+            log.exception("job %s: the download failed", download.job_id)
+            failure = (JobStatus.FAILED, f"the agent could not fetch the artifacts or put them in the job's "
+                                         f"directory: {e}")
+        self.events.put(DownloadDone(download.job_id, env, failure))
+
+    def _on_download_progress(self, event: DownloadProgress) -> None:
+        running = self._running
+        if running is not None and running.head.job_id == event.job_id and not running.canceling:
+            self.link.publish_status(progress_message(event.job_id, event.progress, running.head.attempt))
+
+    def _on_download_done(self, event: DownloadDone) -> None:
+        running = self._running
+        if running is None or running.head.job_id != event.job_id or not isinstance(running.runner, JobDownload):
+            return
+        self._running = None
+        failure = event.failure
+        if failure is None and running.canceling:  # the files came in as the head moved on
+            failure = (JobStatus.CANCELED, running.runner.cancel_reason or "canceled")
+        if failure is None:
+            self._start(running.head, event.env)
+            return
+        result = RunResult.without_output(event.job_id, failure[0], running.runner.start_time, failure[1])
+        self._finish(running.head, result)
 
     # --- stopping ---------------------------------------------------------------------------
 
@@ -474,7 +575,12 @@ class Agent:
         if self.stop_signal is not None:
             log.info("stopping on %s", signal.Signals(self.stop_signal).name)
         running = self._running
-        if running is not None:
+        if running is not None and isinstance(running.runner, JobDownload):
+            log.info("job %s: stopping its download; after a restart it fetches on from what is on disk",
+                     running.head.job_id)
+            running.runner.cancel("the agent is stopping")
+            running.thread.join(timeout=5)
+        elif running is not None:
             log.info("job %s: killing it; after a restart it reports %s", running.head.job_id,
                      JobStatus.INTERRUPTED.value)
             running.runner.cancel("the agent is stopping")
@@ -520,10 +626,11 @@ def main(argv: list[str] | None = None) -> int:
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_private_dir(settings.state_dir)
         journal = Journal.open(settings.journal_dir, seq_scope=settings.server_keys_b64)
+        agent = Agent(settings, journal, os.environ)
+        agent.cache.open()
     except (OSError, UnsafeDirectory) as e:
         log.error("cannot use the state directory %s: %s", settings.journal_dir, e)
         return 1
-    agent = Agent(settings, journal, os.environ)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
     return agent.run()

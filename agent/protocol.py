@@ -205,6 +205,13 @@ class ArtifactKey:
     URL = "Url"  # where the agent fetches it (http or https)
 
 
+class ProgressKey:
+    """JSON keys of a DOWNLOADING report's Progress object."""
+
+    BYTES = "Bytes"  # bytes of the job's artifacts on the device so far
+    TOTAL_BYTES = "TotalBytes"  # bytes of all the job's artifacts
+
+
 # --- signed jobs ----------------------------------------------------------------------------
 
 # The service signs every head with Ed25519; the agent verifies before it acts on anything.

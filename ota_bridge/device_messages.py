@@ -21,6 +21,7 @@ from agent.protocol import (
     Key,
     MessageError,
     Presence,
+    ProgressKey,
     decode,
     encode,
     format_time,
@@ -142,8 +143,8 @@ def _progress(value: Any) -> tuple[int, int] | None:
         return None
     if not isinstance(value, dict):
         raise MessageError(f"{Key.PROGRESS} must be an object {{\"Bytes\": n, \"TotalBytes\": m}}")
-    done, total = value.get("Bytes"), value.get("TotalBytes")
-    for name, number in (("Bytes", done), ("TotalBytes", total)):
+    done, total = value.get(ProgressKey.BYTES), value.get(ProgressKey.TOTAL_BYTES)
+    for name, number in ((ProgressKey.BYTES, done), (ProgressKey.TOTAL_BYTES, total)):
         if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 2**63:
             raise MessageError(f"{Key.PROGRESS}.{name} must be a whole number of bytes")
     return done, total
