@@ -447,7 +447,8 @@ class Agent:
         limits = RunLimits(timeout_seconds=head.timeout_seconds, output_cap=self.settings.output_cap,
                            kill_grace=self.settings.kill_grace)
         env = {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id, **(artifact_env or {})}
-        runner = Runner(head.job_id, head.command, limits, env, on_started=functools.partial(self._record_process, head))
+        runner = Runner(head.job_id, head.command, limits, env,
+                        on_started=functools.partial(self._record_process, head))
         try:
             self.journal.record_started(head.job_id, head.seq, runner.start_time, head.attempt)
         except JournalError as e:
