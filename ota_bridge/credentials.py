@@ -17,8 +17,12 @@ _SALT_BYTES = 12
 
 
 def new_secret() -> str:
-    """A new random secret, URL-safe, 43 characters."""
-    return secrets.token_urlsafe(32)
+    """A new random secret, URL-safe, 43 characters, never starting with "-": pasted after a flag
+    (`--token SECRET`, `-P SECRET`), such a secret would be read as an option."""
+    while True:
+        secret = secrets.token_urlsafe(32)
+        if not secret.startswith("-"):
+            return secret
 
 
 def token_hash(token: str) -> str:

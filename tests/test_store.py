@@ -249,3 +249,8 @@ def test_a_read_cannot_write(db: Store) -> None:
         asyncio.run(db.read(sneaky))
     assert db.call_sync(workflows.list_workflows) == []
     assert asyncio.run(db.read(jobs.list_jobs, 10, 0)) == ([], 0)  # the reader is still usable
+
+
+def test_a_new_secret_never_reads_as_a_command_line_option() -> None:
+    secrets = [credentials.new_secret() for _ in range(2000)]  # 1 in 64 would start with "-" by chance
+    assert not any(s.startswith("-") for s in secrets) and all(len(s) == 43 for s in secrets)
