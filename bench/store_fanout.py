@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-import fleet  # noqa: F401 - first: puts the repo on sys.path
+from fleet import result  # first: puts the repo on sys.path
 
 from ota_bridge.models import ChildJob, Device, Job, db, now
 from ota_bridge.store import Store, jobs, queues, workflows, write_transaction
@@ -86,6 +86,8 @@ def main() -> None:
           f"{service * 1000:.0f} ms (best of {RUNS})")
     print(f"raw: the driver's executemany of {args.devices} rows + one SELECT: {raw * 1000:.0f} ms")
     print(f"ratio store / raw: {service / raw:.2f}")
+    result(f"store-fanout-{args.database}", service * 1000, "ms", raw * 1000, service / raw, "ratio <= 1.5",
+           devices=args.devices)
 
 
 if __name__ == "__main__":
