@@ -135,7 +135,7 @@ def main() -> None:
     print(f"constant aiohttp handler, same client:  {raw:.0f} req/s")
     print(f"ratio service / constant: {served / raw:.2f}")
     result(f"read-api-{args.database}" + ("-writes" if args.writes else ""), served, "req/s", raw, served / raw,
-           "ratio >= 0.5", clients=args.clients)
+           "ratio >= 0.5", clients=args.clients, submits_per_s=write_rate if args.writes else None)
 
 
 def _answers(url: str) -> bool:
