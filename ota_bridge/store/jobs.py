@@ -12,7 +12,7 @@ import peewee as pw
 from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
 
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
-from ..models import ChildJob, Device, DeviceTag, Job, now
+from ..models import ChildJob, Device, DeviceTag, Job, db, now
 from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
 from .devices import device_exists
 from .workflows import get_workflow
@@ -73,7 +73,7 @@ def _target_devices(target_field: str, value: str) -> list[str]:
         query = DeviceTag.select(DeviceTag.device).where(DeviceTag.tag == value)
     else:
         raise InvalidRequest(f"unknown target field {target_field!r}")
-    device_ids = sorted(d for (d,) in query.tuples())
+    device_ids = sorted(d for (d,) in db.execute_sql(*query.sql()))  # ids as the driver gives them: str
     if not device_ids:
         raise EmptyTarget(target_field, value)
     return device_ids
