@@ -17,7 +17,11 @@ payload is not a head and is ignored.
 
 Threads: paho's network thread only turns callbacks into events on a bounded queue
 (agent/link.py); the main thread reads that queue, decides, writes the journal and publishes;
-one worker thread runs the current command (and journals its process group as it starts). At
+one worker thread runs the current command (and journals its process group as it starts). A job
+whose head names Artifacts first has them fetched and checked by a download thread
+(agent/download.py): the journal's "started" entry is written only once every file is in the
+cache and in the job's directory, so an agent restarted mid-download fetches on from the part
+file. At
 start-up, before it connects, the agent kills any command an earlier agent left running
 (Agent.stop_leftovers). Stale heads the broker queued for this persistent session while the
 agent was away arrive before the SUBACK, so the agent acts on a head only once its subscription
@@ -39,6 +43,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from . import job_signature, jsonlog, protocol
+from .artifact_cache import ArtifactCache
+from .download import DownloadCanceled, DownloadError, JobDownload, Progress, artifact_environment, progress_message
 from .head import Head, parse_head
 from .journal import Entry, Journal, JournalError, UnsafeDirectory, check_private_dir
 from .link import BrokerLink, Connected, ConnectFailed, Disconnected, JobMessage, LinkEvent, Subscribed
@@ -82,7 +88,24 @@ class JobDone:
     result: RunResult
 
 
-Event = Union[LinkEvent, JobDone]
+@dataclass(frozen=True)
+class DownloadProgress:
+    """From the download thread: how far the job's artifacts are."""
+
+    job_id: str
+    progress: Progress
+
+
+@dataclass(frozen=True)
+class DownloadDone:
+    """From the download thread: the job's artifacts are in its directory (env), or cannot be (failure)."""
+
+    job_id: str
+    env: dict[str, str]
+    failure: tuple[JobStatus, str] | None = None
+
+
+Event = Union[LinkEvent, JobDone, DownloadProgress, DownloadDone]
 
 
 # --- the agent ------------------------------------------------------------------------------
@@ -91,9 +114,13 @@ Event = Union[LinkEvent, JobDone]
 @dataclass
 class _Running:
     head: Head
-    runner: Runner
+    runner: Runner | JobDownload  # the command, or before it the download of its artifacts
     thread: threading.Thread
     canceling: bool = False
+
+    @property
+    def downloading(self) -> bool:
+        return isinstance(self.runner, JobDownload)
 
 
 class Agent:
@@ -110,13 +137,14 @@ class Agent:
         self._head_new = False  # a head arrived that the loop has not acted on yet
         self._ready_at: float | None = None  # when heads may be acted on (None: not subscribed)
         self._running: _Running | None = None
-        self._unjournaled: set[str] = set()  # jobs refused because the journal could not be written
+        self._unjournaled: set[tuple[str | None, int]] = set()  # (job, attempt)s the journal could not record
         self._connect_failures = 0
         self._checked: tuple[Head, str | None] | None = None  # the last head whose signature was checked
         self._retry_at: float | None = None  # when to look again at a head held back for its IssuedAt
         self._head_due: float | None = None  # subscribed, no signed head yet: when to warn about it
         self._heard_service = False  # a head signed by the service came since the last connect
         self.keys = TrustedKeys(settings, KEY_FILE_CHECK_SECONDS)
+        self.cache = ArtifactCache(settings.journal_dir, settings.artifact_cache_size)
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """Signal handler: only sets a flag, the main loop notices it."""
@@ -146,9 +174,9 @@ class Agent:
         """
         for entry in self.journal.entries():
             if entry.result is None and entry.process is not None:
-                self._stop_leftover(entry.job_id, entry.process)
+                self._stop_leftover(entry.job_id, entry.process, entry.attempt)
 
-    def _stop_leftover(self, job_id: str, group: ProcessGroup) -> None:
+    def _stop_leftover(self, job_id: str, group: ProcessGroup, attempt: int) -> None:
         log.info("job %s: checking whether its command (process group %d) outlived the last agent",
                  job_id, group.pgid)
         if not stop_leftovers(group, self.settings.kill_grace):
@@ -156,7 +184,7 @@ class Agent:
         log.warning("job %s: stopped the leftover processes of its command (process group %d), which "
                     "still ran after the agent restarted", job_id, group.pgid)
         try:
-            self.journal.record_leftovers_stopped(job_id)
+            self.journal.record_leftovers_stopped(job_id, attempt)
         except JournalError as e:
             log.error("job %s: %s", job_id, e)
 
@@ -186,6 +214,10 @@ class Agent:
             self._on_job_message(event)
         elif isinstance(event, JobDone):
             self._on_job_done(event.result)
+        elif isinstance(event, DownloadProgress):
+            self._on_download_progress(event)
+        elif isinstance(event, DownloadDone):
+            self._on_download_done(event)
         elif isinstance(event, Connected):
             self._on_connected(event)
         elif isinstance(event, Subscribed):
@@ -266,7 +298,7 @@ class Agent:
         """A head arrived while a job runs: a duplicate is ignored, and so is one that cannot be
         the service's word after the running job (unsigned, forged, another device's, not newer);
         a newer job head, or an idle head whose Floor covers the running job, cancels it."""
-        if head is None or head.job_id == running.head.job_id:
+        if head is None or (head.job_id, head.attempt) == (running.head.job_id, running.head.attempt):
             self._head_new = False  # the same head delivered again
             return
         if problem := self._why_not_next(head, running.head):
@@ -276,8 +308,9 @@ class Agent:
         if running.canceling:
             return  # the new head is taken once the canceled job is done
         running.canceling = True
-        reason = ("the job queue was cleared while the command ran" if head.is_idle
-                  else f"the head moved to job {head.job_id} while the command ran")
+        during = "its artifacts downloaded" if running.downloading else "the command ran"
+        reason = (f"the job queue was cleared while {during}" if head.is_idle
+                  else f"the head moved to job {head.job_id} while {during}")
         log.info("job %s: canceling: %s", running.head.job_id, reason)
         running.runner.cancel(reason)
 
@@ -289,9 +322,9 @@ class Agent:
         below the Floor. A head that is not signed by the service never changes or resends what
         the journal holds.
         """
-        if head.job_id in self._unjournaled:
+        if (head.job_id, head.attempt) in self._unjournaled:
             return
-        entry = None if head.job_id is None else self.journal.get(head.job_id)
+        entry = None if head.job_id is None else self.journal.get(head.job_id, head.attempt)
         unsigned = self._signature_problem(head)
         if unsigned is not None and (entry is not None or head.is_idle or unsigned == NO_ISSUE_TIME):
             log.warning("%s: ignored: %s; %s", head.name, unsigned, _IGNORED_BECAUSE[entry is not None])
@@ -305,10 +338,15 @@ class Agent:
             log.warning("%s: held back: %s; trying it again in %.0f s", head.name, late, TIME_RETRY_SECONDS)
             self._retry_at = time.monotonic() + TIME_RETRY_SECONDS
         elif self._record_floor(head, durable=head.is_idle) and not head.is_idle:
-            if (reason := self._rejection(head)) is None:
+            reason = self._rejection(head)
+            if reason is None and not head.artifacts:
                 self._start(head)  # its journal write makes the Floor durable with the start
-            elif self._flush_floor(head):
+            elif not self._flush_floor(head):
+                pass  # the Floor cannot be written: the head is not acted on
+            elif reason is not None:
                 self._reject(head, reason, journal=reason.startswith(OUTSIDE_POLICY))
+            else:
+                self._start_download(head)
 
     def _signature_problem(self, head: Head) -> str | None:
         """None when the service signed this head with a key this agent trusts; each head
@@ -365,8 +403,8 @@ class Agent:
         floor = self.journal.floor
         if floor is not None and head.seq is not None and head.seq <= floor:
             return BELOW_FLOOR
-        highest = self.journal.highest_seq
-        if highest is not None and head.seq is not None and head.seq < highest:
+        highest = self.journal.highest_run  # (Seq, Attempt): a retry runs the same Seq again
+        if highest is not None and head.seq is not None and (head.seq, head.attempt) < highest:
             return STALE
         if (refused := self.settings.policy.refusal(head.command)) is not None:
             return f"{OUTSIDE_POLICY}: {refused}"
@@ -381,7 +419,7 @@ class Agent:
                                                  or head.floor < running.seq):
             problem = "its floor is below the running job: it is older than that job"
         if problem is None and not head.is_idle and (head.seq is None or running.seq is None
-                                                     or head.seq <= running.seq):
+                                                     or (head.seq, head.attempt) <= (running.seq, running.attempt)):
             problem = "it is not newer than the running job"
         return problem
 
@@ -400,10 +438,11 @@ class Agent:
         replayer chose would let them push real entries out of the journal.
         """
         log.warning("job %s: %s: %s%s", shown(head.job_id), JobStatus.REJECTED.value, reason, _about(head))
-        message = RunResult.without_output(head.job_id, JobStatus.REJECTED, protocol.utc_now(), reason).status_message()
+        message = _stamped(RunResult.without_output(head.job_id, JobStatus.REJECTED, protocol.utc_now(),
+                                                    reason).status_message(), head)
         if journal:
             try:
-                self.journal.record_result(head.job_id, message, seq=head.seq)
+                self.journal.record_result(head.job_id, message, seq=head.seq, attempt=head.attempt)
             except JournalError as e:
                 log.error("job %s: %s; publishing the rejection anyway", head.job_id, e)
         self.link.publish_status(message)
@@ -411,32 +450,34 @@ class Agent:
     def _resend(self, head: Head, entry: Entry) -> None:
         result = entry.result
         if result is None:
-            result = RunResult.interrupted(head.job_id, entry.start_datetime, head.success_on_restart,
-                                           entry.leftovers_stopped).status_message()
-            self._record_result(head.job_id, result)
+            result = _stamped(RunResult.interrupted(head.job_id, entry.start_datetime, head.success_on_restart,
+                                                    entry.leftovers_stopped).status_message(), head)
+            self._record_result(head, result)
         log.info("job %s: %s (resent from the journal)", head.job_id, result.get(Key.STATUS))
         self.link.publish_status(result)
 
-    def _start(self, head: Head) -> None:
+    def _start(self, head: Head, artifact_env: Mapping[str, str] | None = None) -> None:
         limits = RunLimits(timeout_seconds=head.timeout_seconds, output_cap=self.settings.output_cap,
                            kill_grace=self.settings.kill_grace)
-        runner = Runner(head.job_id, head.command, limits, {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id},
-                        on_started=functools.partial(self._record_process, head.job_id))
+        env = {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id, **(artifact_env or {})}
+        runner = Runner(head.job_id, head.command, limits, env,
+                        on_started=functools.partial(self._record_process, head))
         try:
-            self.journal.record_started(head.job_id, head.seq, runner.start_time)
+            self.journal.record_started(head.job_id, head.seq, runner.start_time, head.attempt)
         except JournalError as e:
             self._refuse(head, str(e))
             return
         log.info("job %s: %s%s", head.job_id, JobStatus.IN_PROGRESS.value, _about(head))
-        self.link.publish_status(in_progress_message(head.job_id, runner.start_time))
+        self.link.publish_status(_stamped(in_progress_message(head.job_id, runner.start_time), head))
         thread = threading.Thread(target=self._work, args=(runner,), name=f"job-{head.job_id}", daemon=True)
         self._running = _Running(head, runner, thread)
         thread.start()
 
-    def _record_process(self, job_id: str, group: ProcessGroup) -> None:
+    def _record_process(self, head: Head, group: ProcessGroup) -> None:
         """On the worker thread, as the command starts: journal its group, for a restart to stop it."""
+        job_id = head.job_id
         try:
-            self.journal.record_process(job_id, group)
+            self.journal.record_process(job_id, group, head.attempt)
         except JournalError as e:
             log.error("job %s: %s; if the agent dies now, its command runs on", job_id, e)
             return
@@ -445,9 +486,11 @@ class Agent:
     def _refuse(self, head: Head, reason: str) -> None:
         """The journal cannot record the job, so it must not run: report FAILED instead."""
         log.error("job %s: not run: %s", head.job_id, reason)
-        self._unjournaled.add(head.job_id)
+        self._unjournaled.add((head.job_id, head.attempt))
         result = RunResult.without_output(head.job_id, JobStatus.FAILED, protocol.utc_now(), reason)
-        self.link.publish_status(result.status_message())
+        self.link.publish_status(_stamped(result.status_message(), head))
+        if head.artifacts:
+            self.cache.remove_job(head.job_id)
 
     def _work(self, runner: Runner) -> None:
         """The worker thread: run the command, hand the result to the main loop."""
@@ -463,17 +506,81 @@ class Agent:
         if self._running is None or self._running.head.job_id != result.job_id:
             return
         head, self._running = self._running.head, None
-        message = result.status_message()
-        self._record_result(result.job_id, message)
+        self._finish(head, result)
+
+    def _finish(self, head: Head, result: RunResult) -> None:
+        """Journal the job's result, drop its artifact directory and trim the cache, report the result."""
+        message = _stamped(result.status_message(), head)
+        self._record_result(head, message)
+        if head.artifacts:
+            self.cache.remove_job(result.job_id)
+            self.cache.evict()
         log.info("job %s: %s exit=%s%s%s", result.job_id, result.status.value, result.exit_code,
                  f" ({result.reason})" if result.reason else "", _about(head))
         self.link.publish_status(message)
 
-    def _record_result(self, job_id: str, message: dict[str, Any]) -> None:
+    def _record_result(self, head: Head, message: dict[str, Any]) -> None:
+        """Journal a result; the head's Seq counts for a job that never started (its download failed)."""
         try:
-            self.journal.record_result(job_id, message)
+            self.journal.record_result(head.job_id, message, seq=head.seq, attempt=head.attempt)
         except JournalError as e:
-            log.error("job %s: %s; publishing the result anyway", job_id, e)
+            log.error("job %s: %s; publishing the result anyway", head.job_id, e)
+
+    # --- artifacts --------------------------------------------------------------------------
+
+    def _start_download(self, head: Head) -> None:
+        """Fetch the job's artifacts on a thread of their own; the command starts once they are checked."""
+        download = JobDownload(head.job_id, head.artifacts, self.cache, ca_file=self.settings.ca_file,
+                               on_progress=functools.partial(self._offer_progress, head.job_id))
+        log.info("job %s: %s %d artifact(s), %d bytes%s", head.job_id, JobStatus.DOWNLOADING.value,
+                 len(head.artifacts), sum(a.size for a in head.artifacts), _about(head))
+        thread = threading.Thread(target=self._download, args=(download,), name=f"download-{head.job_id}",
+                                  daemon=True)
+        self._running = _Running(head, download, thread)
+        thread.start()
+
+    def _offer_progress(self, job_id: str, progress: Progress) -> None:
+        """On the download thread: a progress report may be dropped when the loop is that far behind."""
+        try:
+            self.events.put_nowait(DownloadProgress(job_id, progress))
+        except queue.Full:
+            pass
+
+    def _download(self, download: JobDownload) -> None:
+        """The download thread: fetch, then link the files into the job's directory; tell the main loop."""
+        env: dict[str, str] = {}
+        failure: tuple[JobStatus, str] | None = None
+        try:
+            download.run()
+            env = artifact_environment(*self.cache.link_job(download.job_id, download.artifacts), download.artifacts)
+        except DownloadCanceled as e:
+            failure = (JobStatus.CANCELED, str(e))
+        except DownloadError as e:
+            failure = (JobStatus.FAILED, str(e))
+        except Exception as e:  # a bug or a full disk must not leave the job DOWNLOADING forever
+            log.exception("job %s: the download failed", download.job_id)
+            failure = (JobStatus.FAILED, f"the agent could not fetch the artifacts or put them in the job's "
+                                         f"directory: {e}")
+        self.events.put(DownloadDone(download.job_id, env, failure))
+
+    def _on_download_progress(self, event: DownloadProgress) -> None:
+        running = self._running
+        if running is not None and running.head.job_id == event.job_id and not running.canceling:
+            self.link.publish_status(progress_message(event.job_id, event.progress, running.head.attempt))
+
+    def _on_download_done(self, event: DownloadDone) -> None:
+        running = self._running
+        if running is None or running.head.job_id != event.job_id or not isinstance(running.runner, JobDownload):
+            return
+        self._running = None
+        failure = event.failure
+        if failure is None and running.canceling:  # the files came in as the head moved on
+            failure = (JobStatus.CANCELED, running.runner.cancel_reason or "canceled")
+        if failure is None:
+            self._start(running.head, event.env)
+            return
+        result = RunResult.without_output(event.job_id, failure[0], running.runner.start_time, failure[1])
+        self._finish(running.head, result)
 
     # --- stopping ---------------------------------------------------------------------------
 
@@ -482,7 +589,12 @@ class Agent:
         if self.stop_signal is not None:
             log.info("stopping on %s", signal.Signals(self.stop_signal).name)
         running = self._running
-        if running is not None:
+        if running is not None and isinstance(running.runner, JobDownload):
+            log.info("job %s: stopping its download; after a restart it fetches on from what is on disk",
+                     running.head.job_id)
+            running.runner.cancel("the agent is stopping")
+            running.thread.join(timeout=5)
+        elif running is not None:
             log.info("job %s: killing it; after a restart it reports %s", running.head.job_id,
                      JobStatus.INTERRUPTED.value)
             running.runner.cancel("the agent is stopping")
@@ -491,12 +603,19 @@ class Agent:
         self.link.stop()
 
 
+def _stamped(message: dict[str, Any], head: Head) -> dict[str, Any]:
+    """A status message about the head's attempt: it says which, from attempt 2 on (the service
+    drops a report about another attempt than the job's current one)."""
+    return {**message, Key.ATTEMPT: head.attempt} if head.attempt > 1 else message
+
+
 def _about(head: Head) -> str:
     """What a person matches a job's log lines with: its parent job and name (unsigned labels),
     and the first line of its (signed) command."""
     lines = head.command.splitlines() or [""]
     more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
     labels = f"; {head.labels}" if head.labels else ""
+    labels += f"; attempt {head.attempt}" if head.attempt > 1 else ""
     return f"{labels}; command {shown(lines[0], cap=200)}{more}"
 
 
@@ -521,10 +640,11 @@ def main(argv: list[str] | None = None) -> int:
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_private_dir(settings.state_dir)
         journal = Journal.open(settings.journal_dir, seq_scope=settings.server_keys_b64)
+        agent = Agent(settings, journal, os.environ)
+        agent.cache.open()
     except (OSError, UnsafeDirectory) as e:
         log.error("cannot use the state directory %s: %s", settings.journal_dir, e)
         return 1
-    agent = Agent(settings, journal, os.environ)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
     return agent.run()

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from . import job_signature, protocol
+from .artifact_cache import Artifact
 from .protocol import Key, MessageError
 from .untrusted import shown
 
@@ -36,6 +37,8 @@ class Head:
     signature: Any = None  # the head's Signature, as it came
     signed_content: bytes | None = field(default=None, repr=False)  # what the signature must sign
     labels: str = ""  # the unsigned ParentJobId and JobName, quoted and capped, only for logs
+    attempt: int = 1  # which attempt of the job (Retries); signed (the v3 form) when above 1
+    artifacts: tuple[Artifact, ...] = ()  # fetched and checked before the command runs (agent/download.py)
 
     @property
     def is_idle(self) -> bool:
@@ -78,9 +81,17 @@ def parse_head(payload: bytes, default_timeout: float) -> Head:
         issued_at=protocol.parse_time(message.get(Key.ISSUED_AT)),
         device_id=message.get(Key.DEVICE_ID),
         signature=message.get(Key.SIGNATURE),
-        signed_content=job_signature.signed_content(message),
+        signed_content=(signed := job_signature.signed_content(message)),
         labels=_labels(message),
+        attempt=_whole(message.get(Key.ATTEMPT)) or 1,  # a bad Attempt leaves the head unsigned: refused
+        artifacts=_artifacts(message) if signed is not None else (),
     )
+
+
+def _artifacts(message: dict[str, object]) -> tuple[Artifact, ...]:
+    """The head's Artifacts, once signed_content has found each well formed (else the head is refused)."""
+    raw = message.get(Key.ARTIFACTS)
+    return tuple(Artifact.from_json(entry) for entry in raw) if isinstance(raw, list) else ()
 
 
 def _labels(message: dict[str, object]) -> str:

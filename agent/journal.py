@@ -3,8 +3,13 @@
 One JSON file, `journal.json`, in the agent's state directory:
 
     {"Version": 1, "Entries": [{"JobId": ..., "Seq": ..., "StartTime": ..., "Result": {...} | null,
-                                "Process": {"Pgid": ..., "BootId": ..., "StartTicks": ...}}],
-     "HighestSeq": 17, "Floor": 16, "SeqScope": ["<a service public key, base64>", ...]}
+                                "Process": {"Pgid": ..., "BootId": ..., "StartTicks": ...},
+                                "Attempt": 2}],
+     "HighestSeq": 17, "HighestAttempt": 2, "Floor": 16, "SeqScope": ["<a service public key, base64>", ...]}
+
+Entries are kept per attempt of a job: (JobId, Attempt), Attempt 1 when absent (the service
+retries a failed attempt with a head that carries the next Attempt: docs/protocol.md). Attempt 2
+of a job whose attempt 1 ran is a new entry, and runs; attempt 1 again finds its entry.
 
 An entry is written ("started", Result null) before its command runs, gets the command's
 process group (Process) right after the command started, and is completed with the full final
@@ -22,9 +27,10 @@ The agent refuses (UnsafeDirectory) a state or journal directory that is a symbo
 by another user than the agent's, or that group or others may write: whoever could change the
 journal could make a job run twice or hide one. It creates them with mode 0700.
 
-HighestSeq is the highest Seq of a job the agent started (or refused by its local policy); it
-survives the pruning of entries, so a replay of an old signed head is refused even once its entry
-is gone. Floor is the highest Floor of a verified head: every Seq at or below it is done or
+HighestSeq is the highest Seq of a job the agent started (or refused by its local policy), and
+HighestAttempt (1 when absent) the highest attempt of that Seq: the agent never runs a (Seq,
+Attempt) below them. They survive the pruning of entries, so a replay of an old signed head is
+refused even once its entry is gone. Floor is the highest Floor of a verified head: every Seq at or below it is done or
 canceled on the service, so it never runs. An agent with a Floor "has state": it no longer
 needs a head's IssuedAt to be recent. Both hold for the service whose keys are in SeqScope: they
 are kept while the keys the agent trusts overlap SeqScope (a key rotation), and forgotten when
@@ -68,6 +74,8 @@ _PGID = "Pgid"
 _BOOT_ID = "BootId"
 _START_TICKS = "StartTicks"
 _LEFTOVERS_STOPPED = "LeftoversStopped"
+_HIGHEST_ATTEMPT = "HighestAttempt"
+EntryKey = tuple[str, int]  # (JobId, Attempt)
 
 
 class JournalError(Exception):
@@ -119,6 +127,11 @@ class Entry:
     result: dict[str, Any] | None = None
     process: ProcessGroup | None = None
     leftovers_stopped: bool = False
+    attempt: int = 1
+
+    @property
+    def key(self) -> EntryKey:
+        return self.job_id, self.attempt
 
     @property
     def start_datetime(self) -> datetime:
@@ -131,6 +144,8 @@ class Entry:
             raw[_PROCESS] = {_PGID: p.pgid, _BOOT_ID: p.boot_id, _START_TICKS: p.start_ticks}
         if self.leftovers_stopped:
             raw[_LEFTOVERS_STOPPED] = True
+        if self.attempt != 1:
+            raw[Key.ATTEMPT] = self.attempt
         return raw
 
     @classmethod
@@ -142,7 +157,11 @@ class Entry:
             raise _Unreadable(f"entry {job_id!r} lacks {Key.JOB_ID} or {Key.START_TIME}")
         if not (seq is None or isinstance(seq, int)) or not (result is None or isinstance(result, dict)):
             raise _Unreadable(f"entry {job_id!r} has a bad {Key.SEQ} or {_RESULT}")
-        return cls(job_id, seq, start, result, _process(raw.get(_PROCESS), job_id), raw.get(_LEFTOVERS_STOPPED) is True)
+        attempt = raw.get(Key.ATTEMPT, 1)
+        if not _whole(attempt) or attempt < 1:
+            raise _Unreadable(f"entry {job_id!r} has a bad {Key.ATTEMPT}")
+        return cls(job_id, seq, start, result, _process(raw.get(_PROCESS), job_id), raw.get(_LEFTOVERS_STOPPED) is True,
+                   attempt)
 
     def without_output(self) -> Entry:
         """The same entry with its result's Stdout/Stderr dropped (flagged as truncated)."""
@@ -180,10 +199,11 @@ class Journal:
         self.path = self.state_dir / JOURNAL_FILE
         self.max_entries = max_entries
         self.seq_scope = _scope(seq_scope)  # what Seq and Floor belong to: the service's signing keys
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[EntryKey, Entry] = {}
         self._highest_seq: int | None = None
+        self._highest_attempt = 1  # of the job at HighestSeq
         self._floor: int | None = None
-        self._encoding: dict[str, tuple[Entry, bytes]] = {}  # job id -> (entry, its JSON), see _encoded
+        self._encoding: dict[EntryKey, tuple[Entry, bytes]] = {}  # entry key -> (entry, its JSON), see _encoded
         self._lock = threading.Lock()
 
     @classmethod
@@ -199,6 +219,11 @@ class Journal:
         journal._remove_temp_files()
         journal._entries, journal._highest_seq, journal._floor = journal._load()
         return journal
+
+    @property
+    def highest_run(self) -> tuple[int, int] | None:
+        """(HighestSeq, HighestAttempt): no job below it runs; None: none yet."""
+        return None if self._highest_seq is None else (self._highest_seq, self._highest_attempt)
 
     @property
     def highest_seq(self) -> int | None:
@@ -245,9 +270,10 @@ class Journal:
             log.warning("journal %s: %s; forgetting the highest Seq run (%s) and the Floor (%s)",
                         self.path, why, self._highest_seq, self._floor)
         self._highest_seq = self._floor = None
+        self._highest_attempt = 1
 
-    def get(self, job_id: str) -> Entry | None:
-        return self._entries.get(job_id)
+    def get(self, job_id: str, attempt: int = 1) -> Entry | None:
+        return self._entries.get((job_id, attempt))
 
     def entries(self) -> list[Entry]:
         return list(self._entries.values())
@@ -255,67 +281,71 @@ class Journal:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def record_started(self, job_id: str, seq: int | None, start_time: datetime) -> Entry:
-        """Record (durably) that the job is about to run, with a Floor raised in memory before. Raises JournalError."""
-        entry = Entry(job_id, seq, protocol.format_time(start_time) or "")
+    def record_started(self, job_id: str, seq: int | None, start_time: datetime, attempt: int = 1) -> Entry:
+        """Record (durably) that the job's attempt is about to run, with a Floor raised in memory
+        before. Raises JournalError."""
+        entry = Entry(job_id, seq, protocol.format_time(start_time) or "", attempt=attempt)
         with self._lock:
-            self._entries.pop(job_id, None)
-            self._entries[job_id] = entry
-            self._raise_highest_seq(seq)
+            self._entries.pop(entry.key, None)
+            self._entries[entry.key] = entry
+            self._raise_highest_seq(seq, attempt)
             self._prune()
             self._save()
         return entry
 
-    def record_process(self, job_id: str, group: ProcessGroup) -> None:
+    def record_process(self, job_id: str, group: ProcessGroup, attempt: int = 1) -> None:
         """Record (durably) the process group of the started job's command. Raises JournalError."""
-        self._update_started(job_id, process=group)
+        self._update_started((job_id, attempt), process=group)
 
-    def record_leftovers_stopped(self, job_id: str) -> None:
+    def record_leftovers_stopped(self, job_id: str, attempt: int = 1) -> None:
         """Record (durably) that a restarted agent stopped what the job's command left running."""
-        self._update_started(job_id, process=None, leftovers_stopped=True)
+        self._update_started((job_id, attempt), process=None, leftovers_stopped=True)
 
-    def _update_started(self, job_id: str, **changes: Any) -> None:
+    def _update_started(self, key: EntryKey, **changes: Any) -> None:
         with self._lock:
-            entry = self._entries.get(job_id)
+            entry = self._entries.get(key)
             if entry is None or entry.result is not None:
                 return
-            self._entries[job_id] = replace(entry, **changes)
+            self._entries[key] = replace(entry, **changes)
             self._save()
 
-    def record_result(self, job_id: str, message: dict[str, Any], seq: int | None = None) -> Entry:
-        """Record (durably) the job's final status message. Raises JournalError.
+    def record_result(self, job_id: str, message: dict[str, Any], seq: int | None = None,
+                      attempt: int = 1) -> Entry:
+        """Record (durably) the final status message of the job's attempt. Raises JournalError.
 
         A job never started (refused) takes `seq` as its Seq, which also raises HighestSeq.
         """
         with self._lock:
-            old = self._entries.get(job_id)
+            old = self._entries.get((job_id, attempt))
             start = old.start_time if old else str(message.get(Key.START_TIME) or "")
             if old is None:
-                self._raise_highest_seq(seq)
-            entry = Entry(job_id, old.seq if old else seq, start, dict(message))
-            self._entries[job_id] = entry
+                self._raise_highest_seq(seq, attempt)
+            entry = Entry(job_id, old.seq if old else seq, start, dict(message), attempt=attempt)
+            self._entries[entry.key] = entry
             self._prune()
             self._save()
         return entry
 
-    def _raise_highest_seq(self, seq: int | None) -> None:
-        if seq is not None and (self._highest_seq is None or seq > self._highest_seq):
-            self._highest_seq = seq
+    def _raise_highest_seq(self, seq: int | None, attempt: int) -> None:
+        if seq is not None and (self.highest_run is None or (seq, attempt) > self.highest_run):
+            self._highest_seq, self._highest_attempt = seq, attempt
 
     # --- the file ---------------------------------------------------------------------------
 
     def _prune(self) -> None:
-        ids = list(self._entries)
-        for job_id in ids[: max(0, len(ids) - self.max_entries)]:
-            del self._entries[job_id]
-        for job_id in list(self._entries)[: max(0, len(self._entries) - FULL_OUTPUT_ENTRIES)]:
-            self._entries[job_id] = self._entries[job_id].without_output()
+        keys = list(self._entries)
+        for key in keys[: max(0, len(keys) - self.max_entries)]:
+            del self._entries[key]
+        for key in list(self._entries)[: max(0, len(self._entries) - FULL_OUTPUT_ENTRIES)]:
+            self._entries[key] = self._entries[key].without_output()
 
     def _save(self) -> None:
         """Write the whole journal; each entry's JSON is encoded once and reused while it is unchanged."""
         tail: dict[str, Any] = {}
         if self._highest_seq is not None:
             tail[_HIGHEST_SEQ] = self._highest_seq
+            if self._highest_attempt != 1:
+                tail[_HIGHEST_ATTEMPT] = self._highest_attempt
         if self._floor is not None:
             tail[_FLOOR] = self._floor
         if self._highest_seq is not None or self._floor is not None:
@@ -330,17 +360,17 @@ class Journal:
 
     def _encoded(self, entry: Entry) -> bytes:
         """The entry as JSON, from the cache when this very entry was encoded before (entries are frozen)."""
-        cached = self._encoding.get(entry.job_id)
+        cached = self._encoding.get(entry.key)
         if cached is None or cached[0] is not entry:
             cached = (entry, _dumps(entry.to_json()))
-            self._encoding[entry.job_id] = cached
+            self._encoding[entry.key] = cached
         if len(self._encoding) > 2 * self.max_entries:  # drop what pruning removed
-            self._encoding = {job_id: self._encoding[job_id] for job_id in self._entries if job_id in self._encoding}
+            self._encoding = {key: self._encoding[key] for key in self._entries if key in self._encoding}
         return cached[1]
 
-    def _load(self) -> tuple[dict[str, Entry], int | None, int | None]:
+    def _load(self) -> tuple[dict[EntryKey, Entry], int | None, int | None]:
         try:
-            entries, self._highest_seq, self._floor, scope = _parse(_read_no_follow(self.path))
+            entries, (self._highest_seq, self._highest_attempt), self._floor, scope = _parse(_read_no_follow(self.path))
         except FileNotFoundError:
             return {}, None, None
         except (OSError, _Unreadable) as e:
@@ -348,7 +378,7 @@ class Journal:
             return {}, None, None
         if not _same_service(_scope(scope), self.seq_scope):
             self._forget_seqs("the service's signing key changed")
-        return {entry.job_id: entry for entry in entries[-self.max_entries:]}, self._highest_seq, self._floor
+        return {entry.key: entry for entry in entries[-self.max_entries:]}, self._highest_seq, self._floor
 
     def _move_aside(self, why: Exception) -> None:
         stamp = protocol.utc_now().strftime("%Y%m%dT%H%M%S.%fZ")
@@ -388,8 +418,8 @@ def _same_service(one: tuple[str, ...], other: tuple[str, ...]) -> bool:
     return bool(set(one) & set(other)) or set(one) == set(other)
 
 
-def _parse(data: bytes) -> tuple[list[Entry], int | None, int | None, Any]:
-    """The entries, the HighestSeq and Floor (None when absent) and their SeqScope."""
+def _parse(data: bytes) -> tuple[list[Entry], tuple[int | None, int], int | None, Any]:
+    """The entries, (HighestSeq, HighestAttempt), the Floor (None when absent) and their SeqScope."""
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -399,11 +429,11 @@ def _parse(data: bytes) -> tuple[list[Entry], int | None, int | None, Any]:
     raw_entries = document.get(_ENTRIES)
     if not isinstance(raw_entries, list):
         raise _Unreadable(f"{_ENTRIES} is not a list")
-    highest, floor = document.get(_HIGHEST_SEQ), document.get(_FLOOR)
-    for name, value in ((_HIGHEST_SEQ, highest), (_FLOOR, floor)):
+    highest, attempt, floor = document.get(_HIGHEST_SEQ), document.get(_HIGHEST_ATTEMPT, 1), document.get(_FLOOR)
+    for name, value in ((_HIGHEST_SEQ, highest), (_HIGHEST_ATTEMPT, attempt), (_FLOOR, floor)):
         if value is not None and not _whole(value):
             raise _Unreadable(f"{name} is not a whole number")
-    return [Entry.from_json(raw) for raw in raw_entries], highest, floor, document.get(_SEQ_SCOPE)
+    return [Entry.from_json(raw) for raw in raw_entries], (highest, attempt), floor, document.get(_SEQ_SCOPE)
 
 
 def _dumps(value: Any) -> bytes:

@@ -47,6 +47,7 @@ JOB_ID_PATTERN = r"[A-Za-z0-9-]{1,64}"
 class JobStatus(str, enum.Enum):
     """The state of one child job (one command on one device)."""
 
+    SCHEDULED = "SCHEDULED"  # held by the service: its rollout, schedule or a retry delay has not released it yet
     QUEUED = "QUEUED"  # waiting in the device's queue
     DOWNLOADING = "DOWNLOADING"  # the device is fetching the job's artifacts (the command has not started)
     IN_PROGRESS = "IN_PROGRESS"  # the device has started the command
@@ -66,20 +67,32 @@ FINAL_STATUSES = frozenset(
     {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELED, JobStatus.INTERRUPTED,
      JobStatus.REJECTED}
 )
+# Released and not final: what a device may be sent (QUEUED) or is running.
 PENDING_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS})
+# Not final: the pending ones and the held ones. A SCHEDULED job keeps its place in its device's
+# queue (later jobs wait behind it), but while it is the first of them the device is sent nothing.
+UNFINISHED_STATUSES = PENDING_STATUSES | {JobStatus.SCHEDULED}
 
 # The allowed transitions of a child job; the service and the tests both read this table.
 # A final state has no way out: a duplicate or late update never moves a job backwards.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS} | FINAL_STATUSES),
+    # Only the service moves a held job: it releases it, or an operator (or an abort) cancels it.
+    JobStatus.SCHEDULED: frozenset({JobStatus.QUEUED, JobStatus.CANCELED}),
+    # -> SCHEDULED: only the service, when an attempt ended FAILED or TIMED_OUT and the job's
+    # Retries allow another: the child keeps its place (its Seq) and waits for its retry delay.
+    JobStatus.QUEUED: frozenset({JobStatus.SCHEDULED, JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS}
+                                | FINAL_STATUSES),
     # DOWNLOADING repeats: each report carries the download's progress.
-    JobStatus.DOWNLOADING: frozenset({JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS} | FINAL_STATUSES),
-    JobStatus.IN_PROGRESS: FINAL_STATUSES,
+    JobStatus.DOWNLOADING: frozenset({JobStatus.SCHEDULED, JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS}
+                                     | FINAL_STATUSES),
+    JobStatus.IN_PROGRESS: frozenset({JobStatus.SCHEDULED} | FINAL_STATUSES),
     **{status: frozenset() for status in FINAL_STATUSES},
 }
+# The transitions only the service makes; a device's report never asks for them.
+SERVICE_ONLY = frozenset({(current, JobStatus.SCHEDULED) for current in PENDING_STATUSES})
 
 # The states a device may report about its own job (CANCELED is reported when the
-# head moved past a running job and the agent killed it).
+# head moved past a running job and the agent killed it). Never SCHEDULED, nor about a SCHEDULED job.
 DEVICE_REPORTABLE = frozenset({JobStatus.DOWNLOADING, JobStatus.IN_PROGRESS} | FINAL_STATUSES)
 
 
@@ -190,6 +203,13 @@ class ArtifactKey:
     SIZE = "Size"  # bytes
     NAME = "Name"  # the file's name in the command's artifact directory
     URL = "Url"  # where the agent fetches it (http or https)
+
+
+class ProgressKey:
+    """JSON keys of a DOWNLOADING report's Progress object."""
+
+    BYTES = "Bytes"  # bytes of the job's artifacts on the device so far
+    TOTAL_BYTES = "TotalBytes"  # bytes of all the job's artifacts
 
 
 # --- signed jobs ----------------------------------------------------------------------------

@@ -4,7 +4,8 @@
     ota-agent --broker mqtts://HOST:PORT [--ca-file FILE] [--cert-file FILE --key-file FILE] ...
 
 Over mqtts:// (TLS 1.2 or later) the broker's certificate must chain to --ca-file (default: the
-system's CAs) and name the broker's host; there is no way to turn that check off.
+system's CAs) and name the broker's host; there is no way to turn that check off. Artifacts fetched
+over https:// are checked against the system's CAs plus --ca-file's (agent/download.py).
 
 Every flag can also come from an environment variable OTA_AGENT_<FLAG> (e.g.
 OTA_AGENT_DEVICE_ID); a flag wins over its variable. A missing or bad value raises
@@ -18,6 +19,7 @@ import base64
 import functools
 import logging
 import os
+import re
 import ssl
 import stat
 import sys
@@ -38,6 +40,10 @@ DEFAULT_KILL_GRACE = 5.0
 # The service always publishes a signed head (an idle one when nothing is pending): without one this long
 # after subscribing, the agent is probably on another broker, and says so.
 DEFAULT_HEAD_WAIT = 30.0
+DEFAULT_ARTIFACT_CACHE_SIZE = 1024**3  # bytes of downloaded artifacts kept after their jobs (1 GiB)
+_SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+               "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
+_BYTE_SIZE_RE = re.compile(r"([0-9]+) ?([KMGT]i?)?B?", re.IGNORECASE)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 log = logging.getLogger("ota-agent")
 
@@ -119,6 +125,8 @@ class Settings:
     server_key_file: Path | None = None  # where server_keys came from; the agent re-reads it when it changes
     log_format: str = "text"  # or "json": one JSON object a line (agent/jsonlog.py)
     head_wait: float = DEFAULT_HEAD_WAIT  # seconds after subscribing without a signed head before it warns
+    ca_file: Path | None = None  # CA certificates trusted for mqtts:// and, beside the system's, for https:// downloads
+    artifact_cache_size: int = DEFAULT_ARTIFACT_CACHE_SIZE  # bytes of artifacts kept after their jobs
 
     @property
     def server_keys_b64(self) -> tuple[str, ...]:
@@ -138,12 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ota-agent",
         description="Run the jobs the ota-bridge service sends to this device. "
         f"Every flag also reads {ENV_PREFIX}<FLAG> from the environment (e.g. {env_name('device_id')}).",
+        epilog="Each command runs with sh -c, with OTA_DEVICE_ID and OTA_JOB_ID in its environment. A job whose "
+        "head names artifacts first has them fetched (resumed after a cut or a restart) and checked against their "
+        "signed size and SHA-256; its command then also gets OTA_ARTIFACT_DIR (a directory holding each file under "
+        "its name), OTA_ARTIFACT_COUNT and, for each artifact i from 1, OTA_ARTIFACT_<i>_PATH, OTA_ARTIFACT_<i>_NAME "
+        "and OTA_ARTIFACT_<i>_SHA256 (docs/artifacts.md).",
     )
     add = parser.add_argument
     add("--broker", metavar="mqtt[s]://HOST:PORT", help="the MQTT broker: mqtt://HOST:PORT (default port 1883; "
         "HOST:PORT also accepted) or, over TLS, mqtts://HOST:PORT (default port 8883)")
-    add("--ca-file", metavar="FILE", help="mqtts:// only: PEM CA certificates the broker's certificate must chain "
-        "to (default: the system's CAs); the certificate must also name the broker's host")
+    add("--ca-file", metavar="FILE", help="PEM CA certificates: an mqtts:// broker's certificate must chain to them "
+        "(default: the system's CAs) and name the broker's host; https:// artifact downloads trust them besides "
+        "the system's CAs")
     add("--cert-file", metavar="FILE", help="mqtts:// only: a PEM client certificate, for a broker that asks "
         "for one (with --key-file)")
     add("--key-file", metavar="FILE", help="the unencrypted PEM private key of --cert-file")
@@ -185,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         "words after PREFIX may be options: only for a program no option can make run other commands")
     add("--allow-scripts-dir", metavar="DIR", help="run only commands that are the absolute path of a script "
         "inside DIR, with plain-word arguments")
+    add("--artifact-cache-size", metavar="BYTES", help="bytes of downloaded artifacts kept (by SHA-256, in "
+        "<state-dir>/<device-id>/artifacts) after their jobs, so that the same artifact is not fetched twice; the "
+        "least recently used go first (default 1GiB; suffixes K, M, G, KiB, MiB, GiB; 0: keep none). A job's "
+        "command finds its artifacts in $OTA_ARTIFACT_DIR (docs/artifacts.md)")
     add("--head-wait", metavar="SECONDS", help=argparse.SUPPRESS)  # for tests: see Settings.head_wait
     add("--version", action="version", version=f"ota-agent {agent_version()}")
     return parser
@@ -194,6 +212,7 @@ _SETTING_NAMES = (
     "broker", "device_id", "username", "password", "password_file", "state_dir", "prefix",
     "output_cap", "default_timeout", "kill_grace", "log_level", "log_format", "server_key", "server_key_file",
     "allow_scripts_dir", "allow_commands_file", "ca_file", "cert_file", "key_file", "head_wait",
+    "artifact_cache_size",
 )
 # Repeatable flags; their variable holds a list.
 _LIST_SETTING_NAMES = ("allow_prefix", "allow_prefix_with_options", "allow_command")
@@ -228,6 +247,8 @@ def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Setting
         ),
         tls=_broker_tls(raw, tls),
         head_wait=_positive_number(raw, "head_wait", DEFAULT_HEAD_WAIT),
+        ca_file=Path(raw["ca_file"]) if raw["ca_file"] else None,
+        artifact_cache_size=_byte_size(raw, "artifact_cache_size", DEFAULT_ARTIFACT_CACHE_SIZE),
     )
 
 
@@ -278,13 +299,26 @@ def parse_broker(value: str) -> tuple[str, int, bool]:
 
 
 def _broker_tls(raw: dict[str, str | None], tls: bool) -> ssl.SSLContext | None:
-    """The TLS context for an mqtts:// broker; None for mqtt://, which takes no TLS files."""
+    """The TLS context for an mqtts:// broker; None for mqtt://, which takes no client certificate
+    (a --ca-file is still checked: https:// downloads use it)."""
     if tls:
         return tls_context(raw)
-    for name in ("ca_file", "cert_file", "key_file"):
+    for name in ("cert_file", "key_file"):
         if raw[name] is not None:
             raise SettingsError(name, "is for a TLS broker: give --broker mqtts://HOST:PORT")
+    _check_ca_file(raw)
     return None
+
+
+def _check_ca_file(raw: dict[str, str | None]) -> None:
+    """Refuse a --ca-file without a PEM CA certificate (without loading the system's CAs: that waits
+    for the first https:// download)."""
+    cafile = _readable(raw, "ca_file")
+    if cafile is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cafile)
+        except ssl.SSLError as e:
+            raise SettingsError("ca_file", f"names a file with no usable PEM CA certificate: {e}") from e
 
 
 def tls_context(raw: dict[str, str | None]) -> ssl.SSLContext:
@@ -508,6 +542,18 @@ def _positive_number(raw: dict[str, str | None], name: str, default: float) -> f
     if not 0 < number < float("inf"):
         raise SettingsError(name, f"is {value!r}, expected a number of seconds above 0")
     return number
+
+
+def _byte_size(raw: dict[str, str | None], name: str, default: int) -> int:
+    """A number of bytes, 0 or more, with an optional unit: K, M, G, T (powers of 1000) or KiB, MiB, GiB, TiB."""
+    value = raw[name]
+    if value is None:
+        return default
+    match = _BYTE_SIZE_RE.fullmatch(value.strip())
+    if match is None:
+        raise SettingsError(name, f"is {value!r}, expected a number of bytes (0 or more), e.g. 500M or 2GiB")
+    number, unit = match.groups()
+    return int(number) * _SIZE_UNITS[(unit or "").upper()]
 
 
 def _log_level(value: str) -> str:

@@ -14,10 +14,12 @@ transaction (executemany) and reading them back with one SELECT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from fleet import result  # first: puts the repo on sys.path
 
@@ -66,22 +68,32 @@ def _raw(count: int) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """--devices and --database, as every store benchmark takes them."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--devices", type=int, default=10000, help="devices in the group (default 10000)")
     parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite",
                         help="sqlite (a temporary file) or postgres (a fresh database on the test server)")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ota-bench-") as workdir, \
-            database_url(args.database, Path(workdir)) as url:
+    return parser.parse_args()
+
+
+@contextlib.contextmanager
+def fleet_store(database: str, devices: int) -> Iterator[tuple[Store, str]]:
+    """A store on a fresh database with `devices` devices in the group 'fan', and a workflow's id."""
+    with tempfile.TemporaryDirectory(prefix="ota-bench-") as workdir, database_url(database, Path(workdir)) as url:
         store = Store(url)
         try:
-            store.call_sync(_insert_devices, args.devices)
-            workflow_id = store.call_sync(workflows.create_workflow, "fan", "true", None, False).workflow_id
-            service = min(_service_side(store, workflow_id, args.devices) for _ in range(RUNS))
-            raw = min(store.call_sync(_raw, args.devices) for _ in range(RUNS))
+            store.call_sync(_insert_devices, devices)
+            yield store, store.call_sync(workflows.create_workflow, "fan", "true", None, False).workflow_id
         finally:
             store.close()
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    with fleet_store(args.database, args.devices) as (store, workflow_id):
+        service = min(_service_side(store, workflow_id, args.devices) for _ in range(RUNS))
+        raw = min(store.call_sync(_raw, args.devices) for _ in range(RUNS))
     print(f"store fan-out to {args.devices} devices ({args.database}): submit + read every queue "
           f"{service * 1000:.0f} ms (best of {RUNS})")
     print(f"raw: the driver's executemany of {args.devices} rows + one SELECT: {raw * 1000:.0f} ms")

@@ -5,7 +5,9 @@ seconds; a change drops the device's connection and session at once (disabled, r
 deleted). Mosquitto: the service writes a password file and an ACL file from the registry
 into the accounts directory, one rewrite at a time and keeping the files' owner, group and
 mode, and sends Mosquitto SIGHUP (its pid from `mosquitto.pid` there, once that pid is checked
-to be Mosquitto's) to reload them.
+to be Mosquitto's) to reload them. Dynamic security plugin: the service sends each change as it is
+committed; in cluster mode any instance may, so each change is applied so that the broker ends as
+the registry is, whichever instance's command the plugin applies last.
 """
 
 from __future__ import annotations
@@ -31,13 +33,19 @@ from .mosquitto_dynsec import (
     Account,
     DynsecClient,
     DynsecError,
+    InstanceLogins,
     create_commands,
     delete_commands,
     initial_config,
+    instance_commands,
 )
 from .store import Store, chunks, devices
+from .store.account_locks import AccountLocks
 
 log = logging.getLogger(__name__)
+
+CONVERGE_ROUNDS = 5  # an enable or disable sends what the registry says again, at most this often
+SLOW_SECONDS = 1.0  # failpoint slow-broker-accounts: between a committed change and the broker hearing of it
 
 SERVICE_PASSWORD_FILE = "mqtt-service-password"  # in the data dir: the service's own broker password
 OPERATOR_PASSWORD_FILE = "mqtt-operator-password"  # in the data dir: user "api", read-only watchers
@@ -123,6 +131,31 @@ def write_dynsec_config(out: Path, accounts: list[tuple[str, str, bool]], data_d
         raise AccountsNotWritten(f"could not write {out}: {e}") from e
 
 
+def instance_password_files(instance_id: str) -> InstanceLogins:
+    """Cluster mode: the files, in the instance's data dir, of its own logins' passwords (named per
+    instance, so that instances may share one data dir); `ota-bridge mosquitto-dynsec-instance` makes them."""
+    return InstanceLogins(f"mqtt-service-password-{instance_id}", f"mqtt-dynsec-admin-password-{instance_id}")
+
+
+async def set_up_instance(admin: DynsecClient, topics: Topics, data_dir: Path, instance_id: str) -> InstanceLogins:
+    """Give a cluster instance its own service and admin logins on the plugin, their passwords kept in
+    (or, set up before, read from) its data dir; safe to run again. Returns the usernames.
+
+    New passwords are written only once the plugin took them: after a failed set-up the instance
+    still has none, and says which command makes them, rather than failing to log in."""
+    logins, files = InstanceLogins.of(instance_id), instance_password_files(instance_id)
+    paths = [data_dir / files.service, data_dir / files.admin]
+    secrets = [path.read_text().strip() if path.exists() else credentials.new_secret() for path in paths]
+    try:
+        await admin.run(instance_commands(topics, logins, InstanceLogins(*secrets)), exists_ok=True)
+    except DynsecError as e:
+        raise AccountsNotWritten(e.detail) from e
+    for path, secret in zip(paths, secrets, strict=True):
+        if not path.exists():
+            write_atomically(path, (secret + "\n").encode(), 0o600)
+    return logins
+
+
 def reload_mosquitto(pid_file: Path) -> bool:
     """Send SIGHUP to the Mosquitto named by pid_file; False (and a warning) if there is none.
 
@@ -175,9 +208,11 @@ class BrokerAccounts:
 
     def __init__(self, db: Store, topics: Topics, data_dir: Path, *,
                  embedded: EmbeddedBroker | None = None, mosquitto_dir: Path | None = None,
-                 dynsec: DynsecClient | None = None) -> None:
+                 dynsec: DynsecClient | None = None, locks: AccountLocks | None = None, slow: bool = False) -> None:
         self.db, self.topics, self.data_dir = db, topics, data_dir
         self.embedded, self.mosquitto_dir, self.dynsec = embedded, mosquitto_dir, dynsec
+        self.locks = locks  # cluster mode: a device's new password goes to the plugin under its lock
+        self.delay = SLOW_SECONDS if slow else 0.0  # for tests: another instance's change may overtake this one
         self._rewrite_lock = asyncio.Lock()  # one rewrite at a time
         self._changes = self._written = 0  # changes counted; how many of them the files show
 
@@ -205,14 +240,52 @@ class BrokerAccounts:
         raise AccountsNotWritten(f"{e.detail}; {named} not registered") from e
 
     async def enabled(self, device_id: str, enabled: bool) -> None:
-        """The device may (no longer) connect; disabled, it is dropped at once."""
-        await self._apply(None if enabled else device_id)
-        await self._dynsec([{"command": "enableClient" if enabled else "disableClient", "username": device_id}])
+        """The device may (no longer) connect; disabled, it is dropped at once.
 
-    async def rotated(self, device_id: str, password: str) -> None:
-        """The device has a new password; the old one stops working and its connection is dropped."""
+        Another instance may change the same device at the same time, and the plugin may apply the
+        two commands in either order: once the plugin has answered, the registry is read again and,
+        if it says otherwise, what it says is sent. The instance whose command the plugin applied
+        last reads the registry after every commit that came before, so the broker ends as the registry.
+        """
+        await self._apply(None if enabled else device_id)
+        await asyncio.sleep(self.delay)
+        for _ in range(CONVERGE_ROUNDS):
+            command = {"command": "enableClient" if enabled else "disableClient", "username": device_id}
+            if not await self._device_change([command], device_id):
+                return
+            now = await self.db.call(devices.device_enabled, device_id)
+            if now is None or now == enabled:
+                return
+            enabled = now
+
+    async def rotated(self, device_id: str, password: str, password_hash: str) -> None:
+        """The device has a new password (stored as password_hash); the old one stops working and its
+        connection is dropped.
+
+        In cluster mode two instances may re-key one device at once, and the plugin could apply the
+        older password last. So each sends its password under the device's lock, and only if the
+        registry still holds its hash: a newer one was committed before its own sender took the lock.
+        """
         await self._apply(device_id)
-        await self._dynsec([{"command": "setClientPassword", "username": device_id, "password": password}])
+        command = {"command": "setClientPassword", "username": device_id, "password": password}
+        await asyncio.sleep(self.delay)
+        if self.locks is None or self.dynsec is None:
+            await self._device_change([command], device_id)
+            return
+        async with self.locks.holding(device_id):
+            if await self.db.call(devices.password_hash, device_id) == password_hash:
+                await self._device_change([command], device_id)
+
+    async def _device_change(self, commands: list[dict[str, object]], device_id: str) -> bool:
+        """Send a change of a registered device; False if the plugin no longer has it because it was
+        deleted meanwhile (by another request, maybe on another instance: nothing left to change)."""
+        try:
+            await self._dynsec(commands)
+        except AccountsNotWritten:
+            if await self.db.call(devices.device_exists, device_id):
+                raise
+            return False
+        return self.dynsec is not None
 
     async def deleted(self, device_id: str) -> None:
         await self._apply(device_id)

@@ -1,7 +1,8 @@
 """The `ota-bridge` command.
 
 `serve` runs the service; `token`, `signing-key`, `mosquitto-config` and `mosquitto-dynsec-config` work on
-its data directory; `workflow`, `job` and `device` talk to a running service over its REST API
+its data directory (`mosquitto-dynsec-instance` gives a cluster instance its own broker logins);
+`workflow`, `job`, `device` and `artifact` talk to a running service over its REST API
 (ota_bridge/client).
 """
 
@@ -19,7 +20,7 @@ from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, format_time
 from . import __version__, logs, settings
 from .client import ClientError
 from .client.commands import add_commands as add_client_commands
-from .errors import OtaBridgeError
+from .errors import ConfigError, OtaBridgeError
 from .roles import DEFAULT_CLI_ROLE, Role
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ota-bridge",
         description="Run commands and software updates on fleets of Linux devices over MQTT.",
         epilog="A flag whose help names an OTA_BRIDGE_* variable can be set with that variable instead. "
-               "workflow, job and device talk to a running service: docs/cli.md.",
+               "workflow, job, device and artifact talk to a running service: docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"ota-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -70,9 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "first: the plugin writes its accounts there)")
     settings.add_arguments(dynsec, names=("database", "data_dir", "prefix"))
     dynsec.set_defaults(handler=_dynsec_config)
+    _add_dynsec_instance_command(commands)
     _add_signing_key_commands(commands)
     add_client_commands(commands)
     return parser
+
+
+def _add_dynsec_instance_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    instance = commands.add_parser("mosquitto-dynsec-instance", help="once per cluster instance: give it its own "
+                                   "service and admin logins on Mosquitto's dynamic security plugin, their "
+                                   "passwords in its data dir (see docs/scale.md); safe to run again")
+    instance.add_argument("--instance-id", dest="instance", required=True, type=_instance_id, metavar="NAME",
+                          help="the instance's --instance-id")
+    instance.add_argument("--admin-password-file", metavar="FILE", help="the password of the plugin's first admin "
+                          "'ota-bridge-dynsec' (default: mqtt-dynsec-admin-password in the data dir, where "
+                          "`mosquitto-dynsec-config` writes it)")
+    settings.add_arguments(instance, names=("mqtt_url", "data_dir", "prefix", "mqtt_ca_file", "mqtt_cert", "mqtt_key"))
+    instance.set_defaults(handler=_dynsec_instance)
+
+
+def _instance_id(value: str) -> str:
+    try:
+        return settings.parse_instance_id(value) or ""
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_signing_key_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -182,6 +204,42 @@ def _dynsec_config(args: argparse.Namespace) -> int:
               f"as {OPERATOR_USERNAME!r} (password in {config.data_dir / OPERATOR_PASSWORD_FILE})")
 
     return _with_store(args, write, existing=False)
+
+
+def _dynsec_instance(args: argparse.Namespace) -> int:
+    from agent.protocol import Topics
+
+    from . import tls
+    from .broker_accounts import DYNSEC_ADMIN_PASSWORD_FILE, instance_password_files, set_up_instance
+    from .mosquitto_dynsec import DynsecClient
+    from .service import make_data_dir
+
+    config = settings.resolve(args)
+    if config.mqtt_url is None or not args.instance:
+        raise ConfigError(f"give the instance's --instance-id and the broker's {settings.named('mqtt_url')}")
+    admin_file = Path(args.admin_password_file or config.data_dir / DYNSEC_ADMIN_PASSWORD_FILE)
+    try:
+        admin_password = admin_file.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read the plugin admin's password ({e.strerror or e}): give "
+                          f"--admin-password-file, the file `mosquitto-dynsec-config` wrote") from e
+    make_data_dir(config.data_dir)
+    client = DynsecClient(config.mqtt_url.host, config.mqtt_url.port, admin_password,
+                          tls.broker_client_context(config))
+
+    async def set_up() -> None:
+        client.start()
+        try:
+            logins = await set_up_instance(client, Topics(config.prefix), config.data_dir, args.instance)
+        finally:
+            client.close()
+        files = instance_password_files(args.instance)
+        print(f"instance {args.instance!r} logs in as {logins.service!r} (password in "
+              f"{config.data_dir / files.service}) and changes accounts as {logins.admin!r} (password in "
+              f"{config.data_dir / files.admin})")
+
+    asyncio.run(set_up())
+    return 0
 
 
 def _key_data_dir(args: argparse.Namespace) -> Path:

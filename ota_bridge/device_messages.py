@@ -16,10 +16,12 @@ from agent.protocol import (
     MAX_STATUS_MESSAGE_BYTES,
     OUTPUT_CAP_BYTES,
     QUEUE_COMMAND_PREVIEW,
+    ArtifactKey,
     JobStatus,
     Key,
     MessageError,
     Presence,
+    ProgressKey,
     decode,
     encode,
     format_time,
@@ -35,10 +37,16 @@ MAX_REASON_CHARS = 2000
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
 
+ArtifactUrl = Callable[[str, str, str], str]  # (device id, child job id, sha256) -> where the device fetches it
+
+
 def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at: datetime,
-                 sign: Callable[[bytes], str] | None = None) -> bytes:
+                 sign: Callable[[bytes], str] | None = None, artifact_url: ArtifactUrl | None = None) -> bytes:
     """The retained job message, signed: the one job the device must run next, or (entry None)
-    the idle head that says nothing is pending. floor: every Seq of the device at or below it is final."""
+    the idle head that says nothing is pending. floor: every Seq of the device at or below it is final.
+
+    A job with artifacts carries them (SHA-256, size, name, URL), signed in the v3 form; a job
+    without stays the v2 head it always was, byte for byte."""
     head: dict[str, Any] = {Key.DEVICE_ID: device_id, Key.FLOOR: floor, Key.ISSUED_AT: format_time(issued_at)}
     if entry is not None:
         head = {
@@ -53,14 +61,25 @@ def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at
             Key.FLOOR: floor,
             Key.ISSUED_AT: format_time(issued_at),
             Key.SUBMITTED_TIME: format_time(entry.submitted),
+            **({Key.ATTEMPT: entry.attempt} if entry.attempt > 1 else {}),  # attempt 1 stays the v2 head
         }
+        if entry.artifacts:
+            head[Key.ARTIFACTS] = _artifacts(device_id, entry, artifact_url)
     if sign is not None:
         head[Key.SIGNATURE] = sign(signing_bytes(head))
     return encode(head)
 
 
+def _artifacts(device_id: str, entry: QueueEntry, artifact_url: ArtifactUrl | None) -> list[dict[str, Any]]:
+    if artifact_url is None:
+        raise ValueError("a head with artifacts needs an artifact_url")
+    return [{ArtifactKey.SHA256: a.sha256, ArtifactKey.SIZE: a.size, ArtifactKey.NAME: a.name,
+             ArtifactKey.URL: artifact_url(device_id, entry.job_id, a.sha256)} for a in entry.artifacts]
+
+
 def queue_message(queue: DeviceQueue) -> bytes:
-    """The retained pending list, head first; empty when nothing is pending."""
+    """The retained pending list, head first; empty when nothing is pending. A held job shows as
+    SCHEDULED with its Reason (the head is then the idle head: see DeviceQueue.head)."""
     if not queue.entries:
         return b""
     return encode({
@@ -72,6 +91,7 @@ def queue_message(queue: DeviceQueue) -> bytes:
             Key.COMMAND: e.command[:QUEUE_COMMAND_PREVIEW],
             **({Key.COMMAND_TRUNCATED: True} if len(e.command) > QUEUE_COMMAND_PREVIEW else {}),
             Key.STATUS: e.status,
+            **({Key.REASON: e.reason} if e.held else {}),
             Key.SEQ: e.seq,
         } for e in queue.entries],
     })
@@ -112,7 +132,22 @@ def parse_update(device_id: str, payload: bytes) -> Update:
         start_time=_time(message, Key.START_TIME),
         end_time=_time(message, Key.END_TIME),
         reason=_text(message, Key.REASON, MAX_REASON_CHARS).replace("\x00", "\ufffd") or None,
+        attempt=_attempt(message.get(Key.ATTEMPT)),
+        progress=_progress(message.get(Key.PROGRESS)) if status is JobStatus.DOWNLOADING else None,
     )
+
+
+def _progress(value: Any) -> tuple[int, int] | None:
+    """A DOWNLOADING report's {"Bytes": done, "TotalBytes": all}; None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise MessageError(f"{Key.PROGRESS} must be an object {{\"Bytes\": n, \"TotalBytes\": m}}")
+    done, total = value.get(ProgressKey.BYTES), value.get(ProgressKey.TOTAL_BYTES)
+    for name, number in ((ProgressKey.BYTES, done), (ProgressKey.TOTAL_BYTES, total)):
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 2**63:
+            raise MessageError(f"{Key.PROGRESS}.{name} must be a whole number of bytes")
+    return done, total
 
 
 def _status(value: Any) -> JobStatus:
@@ -151,6 +186,15 @@ def _exit_code(value: Any) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not -(2**31) <= value < 2**31:
         raise MessageError(f"{Key.EXIT_CODE} must be an integer or null")
+    return value
+
+
+def _attempt(value: Any) -> int | None:
+    """The attempt a report is about; None when absent (attempt 1, or an agent that knows no attempts)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+        raise MessageError(f"{Key.ATTEMPT} must be a whole number of at least 1, or absent")
     return value
 
 

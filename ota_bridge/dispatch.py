@@ -20,11 +20,11 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Callable, Iterable, Optional
 
-from agent.protocol import MessageError, Topics
+from agent.protocol import JobStatus, MessageError, Topics
 
 from . import metrics
 from .coordination import Coordinator
-from .device_messages import head_message, parse_presence, parse_update, queue_message
+from .device_messages import ArtifactUrl, head_message, parse_presence, parse_update, queue_message
 from .errors import StoreUnavailable
 from .models import now
 from .mqtt_link import BrokerLink, Incoming
@@ -50,8 +50,9 @@ REMEMBER_ENTRIES = 50_000
 class Dispatcher:
     def __init__(self, db: Store, topics: Topics, sign: Callable[[bytes], str] | None = None,
                  timeout_grace: float = 60, failpoints: frozenset[str] = frozenset(),
-                 cluster: Coordinator | None = None) -> None:
+                 cluster: Coordinator | None = None, artifact_url: ArtifactUrl | None = None) -> None:
         self.store = db
+        self.artifact_url = artifact_url
         self.cluster = cluster
         self.topics = topics
         self.sign = sign
@@ -199,7 +200,8 @@ class Dispatcher:
             for queue in read:
                 if self.cluster is not None and not self.cluster.owns(queue.device_id):
                     continue  # the lease may run out: the next owner reads the queue again
-                head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue), self.sign)
+                head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue), self.sign,
+                                    self.artifact_url)
                 self._publish_changed(self.topics.job(queue.device_id), head)
                 self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
                 self._remember_queue(queue)
@@ -248,7 +250,8 @@ class Dispatcher:
 
     def _issue_time(self, queue: queues.DeviceQueue) -> datetime:
         """The head's IssuedAt: kept while its content is unchanged and it is recent, else now."""
-        content = hash((queue.head.job_id if queue.head else None, queue.floor))
+        content = hash((queue.head.job_id if queue.head else None, queue.head.attempt if queue.head else 0,
+                        queue.floor))
         current = now()
         kept = self._issued.get(queue.device_id)
         if kept is not None and kept[0] == content and (current - kept[1]).total_seconds() < REFRESH_AFTER_SECONDS:
@@ -324,8 +327,9 @@ class Dispatcher:
         metrics.device_updates(applied=len(outcomes.applied), late=len(outcomes.late), dropped=len(outcomes.dropped))
         for update, why in outcomes.dropped:
             log.warning("device %s: job %s: dropped %s: %s", update.device_id, update.job_id, update.status.value, why)
-        for update in outcomes.applied:
-            log.info("device %s: job %s is %s", update.device_id, update.job_id, update.status.value)
+        for update in outcomes.applied:  # a download reports its progress often: those only at DEBUG
+            log.log(logging.DEBUG if update.status is JobStatus.DOWNLOADING else logging.INFO,
+                    "device %s: job %s is %s", update.device_id, update.job_id, update.status.value)
         for update in outcomes.late:
             log.info("device %s: job %s reported %s late; result kept, state unchanged",
                      update.device_id, update.job_id, update.status.value)

@@ -66,6 +66,15 @@ class Conflict(OtaBridgeError):
     title = "Conflict"
 
 
+class NoRollout(Conflict):
+    """Pause or resume of a job that has no Rollout, Schedule, AbortOn or Continuous."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id!r} has no rollout to pause or resume (it has no Rollout, Schedule, "
+                         f"AbortOn or Continuous)")
+        self.job_id = job_id
+
+
 class DevicesExist(Conflict):
     """One or more devices of a registration are registered already; none of the request was."""
 
@@ -107,3 +116,48 @@ class ConfigError(OtaBridgeError):
     """A bad setting; the message names the flag and the environment variable."""
 
     title = "Configuration error"
+
+
+class ArtifactNotFound(NotFound):
+    def __init__(self, artifact_id: str) -> None:
+        super().__init__("artifact", artifact_id)
+
+
+class ArtifactInUse(Conflict):
+    """An artifact that pending jobs still need: deleting it would leave their devices nothing to fetch."""
+
+    def __init__(self, artifact_id: str, job_ids: list[str]) -> None:
+        shown = ", ".join(job_ids[:10]) + (f" and {len(job_ids) - 10} more" if len(job_ids) > 10 else "")
+        super().__init__(f"artifact {artifact_id!r} is needed by pending jobs: {shown}; cancel or delete them "
+                         f"first, or wait until they end")
+        self.job_ids = job_ids
+
+
+class ArtifactTooLarge(OtaBridgeError):
+    status = 413
+    title = "Artifact too large"
+
+    def __init__(self, limit: int) -> None:
+        unit, scale = next(((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if limit >= s),
+                           ("bytes", 1))
+        super().__init__(f"the artifact is over the limit of {limit} bytes ({limit / scale:.4g} {unit}) set by "
+                         f"--max-artifact-size / OTA_BRIDGE_MAX_ARTIFACT_SIZE; nothing was stored")
+        self.limit = limit
+
+
+class ArtifactNotWritten(OtaBridgeError):
+    """The artifact directory refused the upload's bytes: full, read-only, gone."""
+
+    status = 507
+    title = "Insufficient storage"
+
+    def __init__(self, directory: str, reason: str) -> None:
+        super().__init__(f"could not write the upload to the artifact directory {directory}: {reason}; "
+                         f"nothing was stored")
+
+
+class DownloadRefused(OtaBridgeError):
+    """A device download whose link does not verify, or names a job that does not need the file."""
+
+    status = 403
+    title = "Forbidden"

@@ -118,10 +118,12 @@ class FleetCollector(Collector):
             return
         yield labelled("jobs", "Child jobs (one per device and job) by state", "state", r.stats.jobs)
         yield labelled("devices", "Registered devices: online, offline, or disabled", "state", r.stats.devices)
-        yield gauge("queue_pending_jobs", "QUEUED and IN_PROGRESS jobs in all device queues", r.stats.pending_jobs)
-        yield gauge("queue_devices_with_pending", "Devices with at least one QUEUED or IN_PROGRESS job",
+        yield gauge("queue_pending_jobs", "SCHEDULED, QUEUED and IN_PROGRESS jobs in all device queues",
+                    r.stats.pending_jobs)
+        yield gauge("queue_devices_with_pending", "Devices with at least one SCHEDULED, QUEUED or IN_PROGRESS job",
                     r.stats.devices_with_pending)
-        yield gauge("queue_depth_max", "The most QUEUED and IN_PROGRESS jobs one device has", r.stats.deepest_queue)
+        yield gauge("queue_depth_max", "The most SCHEDULED, QUEUED and IN_PROGRESS jobs one device has",
+                    r.stats.deepest_queue)
 
 
 def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -104,6 +104,17 @@ class Job(BaseModel):
     target_field = pw.CharField(max_length=16)  # "DeviceId", "DeviceGroup" or "TagId"
     target_value = pw.CharField(max_length=200)
     created = pw.DateTimeField(default=now, index=True)
+    parameters = pw.TextField(null=True)  # the job's Parameters as JSON; command holds them filled in
+    # Retries (store/attempts.py): up to retry_max more attempts, retry_delay_seconds apart, of a child
+    # whose attempt ended in one of retry_on (comma-separated states).
+    retry_max = pw.IntegerField(default=0)
+    retry_delay_seconds = pw.IntegerField(default=0)
+    retry_on = pw.CharField(max_length=64, default="")
+    # OnFailure: the rollback workflow's command, snapshotted like command, run by the rollback children.
+    on_failure_workflow_id = pw.CharField(max_length=36, null=True)
+    on_failure_command = pw.TextField(null=True)
+    on_failure_timeout_seconds = pw.IntegerField(null=True)
+    on_failure_success_on_restart = pw.BooleanField(default=False)
 
 
 class SeqField(pw.AutoField):
@@ -118,14 +129,9 @@ class SeqField(pw.AutoField):
         return pw.NodeList((node, pw.SQL("AUTOINCREMENT"))) if isinstance(db.obj, pw.SqliteDatabase) else node
 
 
-class ChildJob(BaseModel):
-    """One job on one device. seq orders every device's queue: lower runs first."""
+class Outcome(BaseModel):
+    """How an attempt went: the columns a child job and each of its earlier attempts share (no table)."""
 
-    seq = SeqField()
-    job_id = pw.CharField(max_length=36, unique=True)
-    parent = pw.ForeignKeyField(Job, backref="children", on_delete="CASCADE", column_name="parent_id")
-    device_id = pw.CharField(max_length=128)  # no foreign key: history outlives the device
-    status = pw.CharField(max_length=16, default=JobStatus.QUEUED.value)
     start_time = pw.DateTimeField(null=True)
     end_time = pw.DateTimeField(null=True)
     exit_code = pw.IntegerField(null=True)
@@ -133,11 +139,29 @@ class ChildJob(BaseModel):
     stderr = pw.TextField(default="")
     stdout_truncated = pw.BooleanField(default=False)
     stderr_truncated = pw.BooleanField(default=False)
-    reason = pw.TextField(null=True)
+    reason = pw.TextField(null=True)  # why it ended, or while SCHEDULED why it is held
+
+
+class ChildJob(Outcome):
+    """One job on one device. seq orders every device's queue: lower runs first."""
+
+    seq = SeqField()
+    job_id = pw.CharField(max_length=36, unique=True)
+    parent = pw.ForeignKeyField(Job, backref="children", on_delete="CASCADE", column_name="parent_id")
+    device_id = pw.CharField(max_length=128)  # no foreign key: history outlives the device
+    status = pw.CharField(max_length=16, default=JobStatus.QUEUED.value)
+    # SCHEDULED only: when the service releases it by itself (a retry's delay); None: only a
+    # rollout's decision releases it. Read on the service's clock (ota_bridge/clock.py).
+    release_at = pw.DateTimeField(null=True)
+    download_bytes = pw.BigIntegerField(null=True)  # DOWNLOADING: the artifacts' bytes the device has so far
+    download_total = pw.BigIntegerField(null=True)  # ... of all of them (both in ADDED_COLUMNS)
     # True when the service, not the device, made the job final (a timeout, a cancel): the
     # device's own final report, if it comes, is then stored once beside it.
     finalized_by_service = pw.BooleanField(default=False)
     updated = pw.DateTimeField(default=now)  # the service's clock: when the row last changed
+    attempt = pw.IntegerField(default=1)  # the current attempt; earlier ones are AttemptResult rows
+    # A rollback child: the job_id of the child whose final failure releases it (OnFailure); else None.
+    on_failure_of = pw.CharField(max_length=36, null=True)  # found through the device's queue index
 
     class Meta:
         indexes = (
@@ -146,6 +170,79 @@ class ChildJob(BaseModel):
             (("status", "updated"), False),  # jobs IN_PROGRESS for too long
             (("end_time", "seq"), False),  # the jobs that ended since the webhooks' cursor
         )
+
+
+class AttemptResult(Outcome):
+    """An earlier attempt of a retried child job, as it ended; the child's own fields hold the latest."""
+
+    id = pw.BigAutoField()
+    child = pw.ForeignKeyField(ChildJob, backref="attempt_rows", on_delete="CASCADE", column_name="child_seq")
+    number = pw.IntegerField()
+    status = pw.CharField(max_length=16)
+
+    class Meta:
+        indexes = ((("child", "number"), True),)
+
+
+class Artifact(BaseModel):
+    """An uploaded file: its bytes live once per SHA-256 in the artifact directory (artifact_files.py)."""
+
+    artifact_id = pw.CharField(max_length=36, primary_key=True)
+    name = pw.CharField(max_length=200)  # the file's name on the device (ARTIFACT_NAME_PATTERN)
+    version = pw.CharField(max_length=100)
+    sha256 = pw.CharField(max_length=64, index=True)
+    size = pw.BigIntegerField()
+    created = pw.DateTimeField(default=now, index=True)
+
+
+class WorkflowArtifact(BaseModel):
+    """The artifacts a workflow names, in order. No foreign key to the artifact: a job is refused
+    (400) if one was deleted since."""
+
+    workflow = pw.ForeignKeyField(Workflow, backref="artifact_rows", on_delete="CASCADE", column_name="workflow_id")
+    position = pw.IntegerField()
+    artifact_id = pw.CharField(max_length=36, index=True)
+
+    class Meta:
+        primary_key = pw.CompositeKey("workflow", "position")
+
+
+class JobArtifact(BaseModel):
+    """A job's copy of its workflow's artifacts, taken at submission like its command: later edits of
+    the workflow or the artifact records change no job."""
+
+    job = pw.ForeignKeyField(Job, backref="artifact_rows", on_delete="CASCADE", column_name="job_id")
+    position = pw.IntegerField()
+    artifact_id = pw.CharField(max_length=36, index=True)
+    name = pw.CharField(max_length=200)
+    sha256 = pw.CharField(max_length=64)
+    size = pw.BigIntegerField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("job", "position")
+
+
+class Rollout(BaseModel):
+    """A job's rollout: its plan (rollout_plan.Plan as JSON) and how far it got. Decisions read and
+    write it in one transaction with the children they release (store/rollouts.py)."""
+
+    job = pw.ForeignKeyField(Job, primary_key=True, on_delete="CASCADE", column_name="job_id")
+    plan = pw.TextField()
+    continuous = pw.BooleanField(default=False)
+    active = pw.BooleanField(default=True, index=True)  # False: done, aborted or canceled: nothing to decide
+    paused = pw.BooleanField(default=False)
+    aborted = pw.BooleanField(default=False)
+    abort_reason = pw.TextField(null=True)
+    wave = pw.IntegerField(default=0)  # waves opened so far
+    wave_ready_at = pw.DateTimeField(null=True)  # when the last wave reached WaveSuccessPercent (soak from here)
+    wave_base = pw.IntegerField(default=0)  # children released before the last wave opened
+    wave_from_seq = pw.BigIntegerField(null=True)  # the first Seq the last wave released: its children are at or above
+    released = pw.IntegerField(default=0)  # children the rollout released
+    rate = pw.FloatField(null=True)  # MaxPerMinute now (it grows with Growth)
+    rate_successes = pw.IntegerField(default=0)
+    window_start = pw.DateTimeField(null=True)  # the rate limit's current minute, on the service's clock
+    window_released = pw.IntegerField(default=0)
+    checked_at = pw.DateTimeField(null=True)  # the service's clock at the last decision
 
 
 class Webhook(BaseModel):
@@ -181,10 +278,24 @@ class WebhookCursor(BaseModel):
     seq = pw.BigIntegerField()
 
 
-TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webhook, WebhookDelivery, WebhookCursor)
+TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webhook, WebhookDelivery, WebhookCursor,
+          AttemptResult, Rollout, Artifact, WorkflowArtifact, JobArtifact)
 # Columns added after a table was first released: (table, column, DDL), added at open when missing.
 ADDED_COLUMNS = (
     ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin
+    ("child_job", "release_at", "TIMESTAMP"),
+    ("job", "parameters", "TEXT"),
+    ("job", "retry_max", "INTEGER NOT NULL DEFAULT 0"),
+    ("job", "retry_delay_seconds", "INTEGER NOT NULL DEFAULT 0"),
+    ("job", "retry_on", "VARCHAR(64) NOT NULL DEFAULT ''"),
+    ("job", "on_failure_workflow_id", "VARCHAR(36)"),
+    ("job", "on_failure_command", "TEXT"),
+    ("job", "on_failure_timeout_seconds", "INTEGER"),
+    ("job", "on_failure_success_on_restart", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    ("child_job", "attempt", "INTEGER NOT NULL DEFAULT 1"),
+    ("child_job", "on_failure_of", "VARCHAR(36)"),
+    ("child_job", "download_bytes", "BIGINT"),
+    ("child_job", "download_total", "BIGINT"),
 )
 PRIVATE_MODE = 0o600  # the database files: job output, commands, credential hashes
 PRIVATE_DIR_MODE = 0o700

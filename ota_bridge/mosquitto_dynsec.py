@@ -14,6 +14,12 @@ has the measured figures).
 `initial_config` writes the plugin's first configuration file (before Mosquitto starts): the admin,
 the service, the read-only operator `api`, and every device already registered, with the hash the
 registry keeps (the same PBKDF2-SHA512 the plugin uses).
+
+In cluster mode every instance has two broker identities of its own, made once by
+`instance_commands` (`ota-bridge mosquitto-dynsec-instance`, as the first admin): its service login
+`ota-bridge-service-<id>` and its admin login `ota-bridge-dynsec-<id>`. With
+`use_username_as_clientid`, a client id is its username, so two instances sharing a login would
+take over each other's connection (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.protocol import OPERATOR_USERNAME, SERVICE_CLIENT_ID, Topics
 
+from .dispatch import SHARE_GROUP
 from .errors import OtaBridgeError
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,7 @@ DEVICE_ROLE_PREFIX = "ota-device-"
 DEVICES_PER_MESSAGE = 50  # per control message: each answers well within ANSWER_SECONDS, even at large fleets
 ANSWER_SECONDS = 60.0  # a control message's answer, the plugin having saved its file after each command
 NOT_FOUND = ("Client not found", "Role not found")
+EXISTS = ("Client already exists", "ACL with this topic already exists")
 
 
 class DynsecError(OtaBridgeError):
@@ -58,6 +66,18 @@ class Account:
 
     device_id: str
     password: str
+
+
+@dataclass(frozen=True)
+class InstanceLogins:
+    """A cluster instance's own broker identities: its service link and its dynsec admin connection."""
+
+    service: str
+    admin: str
+
+    @classmethod
+    def of(cls, instance_id: str) -> InstanceLogins:
+        return cls(f"{SERVICE_CLIENT_ID}-{instance_id}", f"{ADMIN_USERNAME}-{instance_id}")
 
 
 def device_role(device_id: str) -> str:
@@ -84,6 +104,25 @@ def create_commands(topics: Topics, account: Account) -> list[dict[str, Any]]:
     return [{"command": "createRole", "rolename": role, "acls": device_acls(topics, account.device_id)},
             {"command": "createClient", "username": account.device_id, "clientid": account.device_id,
              "password": account.password, "roles": [{"rolename": role}]}]
+
+
+def shared_subscriptions_acl(topics: Topics) -> dict[str, Any]:
+    """The plugin checks a subscription with its `$share/GROUP/` in front: the service role needs it to
+    subscribe to the device messages in cluster mode."""
+    return _acl("subscribePattern", f"{SHARE_GROUP}/{topics.prefix}/#")
+
+
+def instance_commands(topics: Topics, logins: InstanceLogins, passwords: InstanceLogins) -> list[dict[str, Any]]:
+    """Make (or, run again, re-key) one instance's two clients; give the service role the shared
+    subscriptions. Run with exists_ok: each command's effect is there whether it made it or found it."""
+    commands: list[dict[str, Any]] = [{"command": "addRoleACL", "rolename": SERVICE_ROLE,
+                                       **shared_subscriptions_acl(topics)}]
+    for username, password, role in ((logins.service, passwords.service, SERVICE_ROLE),
+                                     (logins.admin, passwords.admin, ADMIN_ROLE)):
+        client = {"username": username, "password": password, "roles": [{"rolename": role}]}
+        commands += [{"command": "createClient", **client, "clientid": username},
+                     {"command": "modifyClient", **client}]
+    return commands
 
 
 def delete_commands(device_id: str) -> list[dict[str, Any]]:
@@ -114,7 +153,8 @@ def initial_config(topics: Topics, hashes: dict[str, str], devices: Iterable[tup
                ("publishClientSend", "publishClientReceive", "subscribePattern")]
     everything = f"{topics.prefix}/#"
     roles = [{"rolename": ADMIN_ROLE, "acls": control},
-             {"rolename": SERVICE_ROLE, "acls": [_acl("publishClientSend", everything), *_reads(everything)]},
+             {"rolename": SERVICE_ROLE, "acls": [_acl("publishClientSend", everything), *_reads(everything),
+                                                 shared_subscriptions_acl(topics)]},
              {"rolename": OPERATOR_ROLE, "acls": _reads(everything)}]
     clients = [_stored_client(ADMIN_USERNAME, hashes[ADMIN_USERNAME], [ADMIN_ROLE]),
                _stored_client(SERVICE_CLIENT_ID, hashes[SERVICE_CLIENT_ID], [SERVICE_ROLE], clientid=SERVICE_CLIENT_ID),
@@ -130,19 +170,23 @@ def initial_config(topics: Topics, hashes: dict[str, str], devices: Iterable[tup
 
 
 class DynsecClient:
-    """One MQTT connection as the plugin's admin; `run` sends commands and waits for their answers."""
+    """One MQTT connection as a plugin admin (its client id its username); `run` sends commands and waits
+    for their answers."""
 
-    def __init__(self, host: str, port: int, password: str, tls: ssl.SSLContext | None = None) -> None:
-        self.host, self.port = host, port
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=ADMIN_USERNAME)
-        self._client.username_pw_set(ADMIN_USERNAME, password)
+    def __init__(self, host: str, port: int, password: str, tls: ssl.SSLContext | None = None,
+                 username: str = ADMIN_USERNAME) -> None:
+        self.host, self.port, self.username = host, port, username
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username)
+        self._client.username_pw_set(username, password)
         if tls is not None:
             self._client.tls_set_context(tls)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
-        self._client.on_disconnect = lambda *_args: self._ready.clear()
+        self._client.on_disconnect = self._on_disconnect
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()  # subscribed to the answers
+        self._settled = threading.Event()  # the last login was answered: ready, or refused
+        self._refused: str | None = None  # why the last login was refused
         self._waiting: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
         self._numbers = itertools.count(1)
 
@@ -155,12 +199,15 @@ class DynsecClient:
         self._client.disconnect()
         self._client.loop_stop()
 
-    async def run(self, commands: Sequence[dict[str, Any]], *, missing_ok: bool = False) -> None:
+    async def run(self, commands: Sequence[dict[str, Any]], *, missing_ok: bool = False,
+                  exists_ok: bool = False) -> None:
         """Send the commands in one message; raise DynsecError naming each one refused (with
-        missing_ok, 'not found' answers count as done)."""
-        if not await asyncio.to_thread(self._ready.wait, ANSWER_SECONDS):
+        missing_ok, 'not found' answers count as done; with exists_ok, 'already exists')."""
+        await asyncio.to_thread(self._settled.wait, ANSWER_SECONDS)
+        if not self._ready.is_set():
+            why = f"it refused the login: {self._refused}" if self._refused else f"within {ANSWER_SECONDS:.0f} s"
             raise DynsecError(f"could not reach Mosquitto's dynamic security plugin at {self.host}:{self.port} "
-                              f"as {ADMIN_USERNAME!r} within {ANSWER_SECONDS:.0f} s")
+                              f"as {self.username!r}: {why}")
         number = str(next(self._numbers))
         tagged = [{**c, "correlationData": f"{number}:{i}"} for i, c in enumerate(commands)]
         assert self._loop is not None
@@ -174,17 +221,26 @@ class DynsecClient:
                               f"{ANSWER_SECONDS:.0f} s") from e
         finally:
             self._waiting.pop(number, None)
+        tolerated = (NOT_FOUND if missing_ok else ()) + (EXISTS if exists_ok else ())
         refused = [f"{r.get('command')} {_subject(c)}: {r['error']}" for r, c in zip(responses, commands, strict=False)
-                   if r.get("error") and not (missing_ok and r["error"] in NOT_FOUND)]
+                   if r.get("error") and r["error"] not in tolerated]
         if refused:
             raise DynsecError("Mosquitto's dynamic security plugin refused " + "; ".join(refused))
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, code: Any, _props: Any) -> None:
         if code.is_failure:
-            log.warning("Mosquitto refused the dynamic security admin %r: %s", ADMIN_USERNAME, code)
-            return
-        client.subscribe(RESPONSE_TOPIC, qos=1)
-        self._ready.set()
+            log.warning("Mosquitto refused the dynamic security admin %r: %s", self.username, code)
+            self._refused = str(code)
+        else:
+            client.subscribe(RESPONSE_TOPIC, qos=1)
+            self._refused = None
+            self._ready.set()
+        self._settled.set()
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        self._ready.clear()
+        if self._refused is None:  # a refused login stays settled: waiting for the next attempt would not help
+            self._settled.clear()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

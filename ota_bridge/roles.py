@@ -40,6 +40,8 @@ NEEDS: dict[tuple[str, str], Role] = {
     ("GET", "/v1/job/{id}/childjobs"): Role.VIEWER,
     ("POST", "/v1/job"): Role.OPERATOR,
     ("POST", "/v1/job/{id}/cancel"): Role.OPERATOR,
+    ("POST", "/v1/job/{id}/pause"): Role.OPERATOR,
+    ("POST", "/v1/job/{id}/resume"): Role.OPERATOR,
     ("DELETE", "/v1/job/{id}"): Role.OPERATOR,
     ("GET", "/v1/device"): Role.VIEWER,
     ("GET", "/v1/device/{id}"): Role.VIEWER,
@@ -53,6 +55,11 @@ NEEDS: dict[tuple[str, str], Role] = {
     ("GET", "/v1/webhook"): Role.ADMIN,  # a URL may hold a password
     ("DELETE", "/v1/webhook/{id}"): Role.ADMIN,
     ("GET", "/v1/device/{id}/queue"): Role.VIEWER,
+    ("POST", "/v1/artifact"): Role.OPERATOR,  # like workflows: what jobs deliver
+    ("DELETE", "/v1/artifact/{id}"): Role.OPERATOR,
+    ("GET", "/v1/artifact"): Role.VIEWER,
+    ("GET", "/v1/artifact/{id}"): Role.VIEWER,
+    ("GET", "/v1/artifact/{id}/content"): Role.VIEWER,
     ("POST", "/v1/events/ticket"): Role.VIEWER,  # a one-use ticket to open the event stream with
     ("GET", "/v1/events"): Role.VIEWER,  # the role of the token that asked for the ticket
 }

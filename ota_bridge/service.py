@@ -23,15 +23,19 @@ from aiohttp import web
 
 from agent.protocol import OPERATOR_USERNAME, RESERVED_DEVICE_IDS, SERVICE_CLIENT_ID, Topics
 
-from . import credentials, signing, tls
+from . import clock, credentials, signing, tls
 from .api import make_app
+from .api.artifacts import ARTIFACT_FILES, ARTIFACT_LINKS
 from .api.views import ACCOUNTS
+from .artifact_files import ArtifactFiles
+from .artifact_links import ArtifactLinks
 from .broker_accounts import (
     DYNSEC_ADMIN_PASSWORD_FILE,
     OPERATOR_PASSWORD_FILE,
     SERVICE_PASSWORD_FILE,
     BrokerAccounts,
     broker_secret,
+    instance_password_files,
 )
 from .coordination import Coordinator
 from .dispatch import Dispatcher
@@ -47,11 +51,13 @@ from .embedded_broker import (
 from .errors import ConfigError
 from .files import write_atomically
 from .models import PRIVATE_DIR_MODE
-from .mosquitto_dynsec import DynsecClient
+from .mosquitto_dynsec import ADMIN_USERNAME, DynsecClient, InstanceLogins
 from .mqtt_link import BrokerLink
 from .roles import Role
+from .rollouts import Releaser
 from .settings import OPTIONS_BY_NAME, SQLITE_FILE, HostPort, Settings, named
 from .store import Store, devices, queues, serialize_writes, tokens
+from .store.account_locks import AccountLocks
 from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -113,6 +119,8 @@ def watch_options(db: Store, settings: Settings) -> Path | None:
     if settings.mqtt_url is None:
         password = db.call_sync(tokens.create_token, WATCH_TOKEN_NAME, Role.VIEWER)
     elif settings.mosquitto_dir is not None or settings.mosquitto_dynsec:
+        if settings.instance_id is not None and not (settings.data_dir / OPERATOR_PASSWORD_FILE).exists():
+            return None  # the set-up's data dir has it; a new one here would be a password the broker never had
         password = broker_secret(settings.data_dir, OPERATOR_PASSWORD_FILE)
     else:
         return None
@@ -193,20 +201,27 @@ async def serve(settings: Settings) -> None:
 @contextlib.asynccontextmanager
 async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
     https = tls.server_context(settings)  # first: a bad certificate file stops the start at once
+    clock.use_file(settings.test_clock)
     may_create = settings.new_signing_key or not db.call_sync(queues.has_history)
     signer = signing.load_or_create(settings.data_dir, may_create)
     cluster = await _join_cluster(settings, db)
+    files = ArtifactFiles(settings.artifact_directory, settings.max_artifact_size)
+    files.prepare()
+    links = ArtifactLinks.for_signer(signer, settings.api_address, settings.artifact_base_url)
     dispatcher = Dispatcher(db, Topics(settings.prefix), signer.sign, settings.timeout_grace, settings.failpoints,
-                            cluster)
+                            cluster, links.url)
     loop = asyncio.get_running_loop()  # a change the store could not confirm may have moved queues: republish all
     db.on_doubt = lambda: loop.is_closed() or loop.call_soon_threadsafe(dispatcher.on_connected)
     async with contextlib.AsyncExitStack() as stack:
         link, embedded = await _broker_link(settings, db, dispatcher, stack)
         dispatcher.attach(link)
         accounts = BrokerAccounts(db, dispatcher.topics, settings.data_dir, embedded=embedded,
-                                  mosquitto_dir=settings.mosquitto_dir, dynsec=_dynsec(settings, stack))
+                                  mosquitto_dir=settings.mosquitto_dir, dynsec=_dynsec(settings, stack),
+                                  locks=_account_locks(settings, stack),
+                                  slow="slow-broker-accounts" in settings.failpoints)
         await accounts.start()
-        tasks = [dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts(), WebhookSender(db).run()]
+        tasks = [dispatcher.run_publisher(), dispatcher.run_inbox(), dispatcher.run_timeouts(), WebhookSender(db).run(),
+                 Releaser(db, dispatcher).run()]
         if cluster is None:
             await db.call(devices.forget_presence)  # no device is online before it says so in this run
         else:
@@ -219,6 +234,7 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
         stack.push_async_callback(link.aclose)
         app = make_app(db, dispatcher, signer)
         app[ACCOUNTS] = accounts
+        app[ARTIFACT_FILES], app[ARTIFACT_LINKS] = files, links
         await stack.enter_async_context(_http(app, settings.http, https))
         yield
 
@@ -241,7 +257,7 @@ async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
     if url is not None:
         username, password = url.username, url.password
         if username is None and (settings.mosquitto_dir is not None or settings.mosquitto_dynsec):  # its own
-            username, password = SERVICE_USERNAME, broker_secret(settings.data_dir, SERVICE_PASSWORD_FILE)
+            username, password = _service_login(settings)
         return _link(url.host, url.port, username, password, dispatcher, tls.broker_client_context(settings)), None
     secret = credentials.new_secret()
     broker = await _start_embedded(settings, BrokerLogins(db, secret))
@@ -254,15 +270,51 @@ def _dynsec(settings: Settings, stack: contextlib.AsyncExitStack) -> DynsecClien
     """The dynamic security plugin's admin connection, with --mosquitto-dynsec."""
     if not settings.mosquitto_dynsec or settings.mqtt_url is None:
         return None
+    username, password = _admin_login(settings)
+    client = DynsecClient(settings.mqtt_url.host, settings.mqtt_url.port, password,
+                          tls.broker_client_context(settings), username)
+    client.start()
+    stack.callback(client.close)
+    return client
+
+
+def _account_locks(settings: Settings, stack: contextlib.AsyncExitStack) -> AccountLocks | None:
+    """Cluster mode with the plugin: the devices' locks for the changes that must reach it in order."""
+    if settings.instance_id is None or not settings.mosquitto_dynsec:
+        return None
+    locks = AccountLocks(settings.database_url)
+    stack.callback(locks.close)
+    return locks
+
+
+def _service_login(settings: Settings) -> tuple[str, str]:
+    """The service's own broker login when ota-bridge keeps Mosquitto's accounts; in cluster mode the instance's."""
+    if settings.instance_id is not None:
+        return _instance_login(settings, "service")
+    return SERVICE_USERNAME, broker_secret(settings.data_dir, SERVICE_PASSWORD_FILE)
+
+
+def _admin_login(settings: Settings) -> tuple[str, str]:
+    """The plugin admin the service changes accounts as; in cluster mode the instance's own."""
+    if settings.instance_id is not None:
+        return _instance_login(settings, "admin")
     path = settings.data_dir / DYNSEC_ADMIN_PASSWORD_FILE
     if not path.exists():
         raise ConfigError(f"{named('mosquitto_dynsec')} needs {path}: make it, and Mosquitto's first dynamic "
                           "security file, with `ota-bridge mosquitto-dynsec-config` (docs/operations.md)")
-    client = DynsecClient(settings.mqtt_url.host, settings.mqtt_url.port, path.read_text().strip(),
-                          tls.broker_client_context(settings))
-    client.start()
-    stack.callback(client.close)
-    return client
+    return ADMIN_USERNAME, path.read_text().strip()
+
+
+def _instance_login(settings: Settings, which: str) -> tuple[str, str]:
+    """A cluster instance's own login (`which`: service or admin), set up once per instance: a login
+    shared by two instances would be one client id, each connection taking over the other's."""
+    assert settings.instance_id is not None
+    path = settings.data_dir / getattr(instance_password_files(settings.instance_id), which)
+    if not path.exists():
+        raise ConfigError(f"cluster mode with {named('mosquitto_dynsec')} needs {path}: give this instance its own "
+                          f"broker logins first, with `ota-bridge mosquitto-dynsec-instance --instance-id "
+                          f"{settings.instance_id}` (docs/scale.md)")
+    return getattr(InstanceLogins.of(settings.instance_id), which), path.read_text().strip()
 
 
 async def _start_embedded(settings: Settings, logins: BrokerLogins) -> EmbeddedBroker:

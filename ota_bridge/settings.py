@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -20,6 +21,9 @@ from .errors import ConfigError
 
 ENV_PREFIX = "OTA_BRIDGE_"
 SQLITE_FILE = "ota-bridge.db"  # the default database, in the data directory
+ARTIFACT_DIR = "artifacts"  # the default artifact directory, in the data directory
+DEFAULT_MAX_ARTIFACT_SIZE = 2 * 2**30
+SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,29 @@ class Settings:
     mqtt_key: Path | None
     new_signing_key: bool = False  # make a new job-signing key even though the database has devices or jobs
     instance_id: str | None = None  # cluster mode: this instance's name among several on one database and broker
+    public_url: str | None = None  # the API's address as devices reach it; None: derived from http (api_address)
+    artifact_base_url: str | None = None  # devices fetch artifacts here (a CDN, nginx) instead of from the service
+    artifact_dir: Path | None = None  # None: <data_dir>/artifacts
+    max_artifact_size: int = DEFAULT_MAX_ARTIFACT_SIZE
+    test_clock: Path | None = None  # tests only: the file the service's clock reads (ota_bridge/clock.py)
 
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{self.data_dir / SQLITE_FILE}"
+
+    @property
+    def artifact_directory(self) -> Path:
+        return self.artifact_dir or self.data_dir / ARTIFACT_DIR
+
+    @property
+    def api_address(self) -> str:
+        """--public-url, or the API's own: https with --tls-cert, its host (this machine's name when
+        it listens on every address) and port."""
+        if self.public_url is not None:
+            return self.public_url
+        host = socket.gethostname() if self.http.host in {"0.0.0.0", "::", ""} else self.http.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls_cert is not None else 'http'}://{host}:{self.http.port}"
 
 
 def parse_host_port(value: str) -> HostPort:
@@ -130,6 +153,30 @@ def parse_prefix(value: str) -> str:
     return Topics(value).prefix
 
 
+def parse_size(value: str) -> int:
+    """Bytes, or a number with K, M, G or T (powers of 1024; KiB, MB ... mean the same)."""
+    match = re.fullmatch(r"\s*([0-9]{1,15})\s*([kmgt]?)(?:i?b)?\s*", value.lower())
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError("expected a size in bytes, more than 0, or with K, M, G or T (like 2G or 500MiB)")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
+
+
+def parse_optional_url(value: str) -> str | None:
+    """An http(s) URL with a host and no query, fragment or spaces; its trailing '/' dropped."""
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected http[s]://HOST[:PORT][/PATH]")
+    if parts.query or parts.fragment or any(c.isspace() for c in value):
+        raise ValueError("the URL may hold no query, fragment or spaces")
+    try:
+        _ = parts.port
+    except ValueError as e:
+        raise ValueError(f"bad port: {e}") from e
+    return value.rstrip("/")
+
+
 def parse_seconds(value: str) -> float:
     seconds = float(value)
     if not 0 < seconds <= 86400:
@@ -137,7 +184,7 @@ def parse_seconds(value: str) -> float:
     return seconds
 
 
-FAILPOINTS = frozenset({"exit-after-store"})
+FAILPOINTS = frozenset({"exit-after-store", "slow-broker-accounts"})
 
 
 def parse_failpoints(value: str) -> frozenset[str]:
@@ -213,7 +260,8 @@ OPTIONS = (
            metavar="DIR"),
     Option("mosquitto_dynsec", "", parse_switch,
            "keep Mosquitto's accounts in step with the device registry through its dynamic security plugin, "
-           "at run time, as the admin `ota-bridge mosquitto-dynsec-config` made (with --mqtt-url)", switch=True,
+           "at run time, as the admin `ota-bridge mosquitto-dynsec-config` made (with --mqtt-url; in cluster mode "
+           "as this instance's own logins, made by `ota-bridge mosquitto-dynsec-instance`)", switch=True,
            metavar="true|false"),
     Option("tls_cert", "", parse_optional_path,
            "PEM certificate (chain) of this server: serves the REST API over HTTPS, with --tls-key", metavar="FILE"),
@@ -234,9 +282,26 @@ OPTIONS = (
     Option("instance_id", "", parse_instance_id,
            "cluster mode: this instance's name, unique among the instances that share one PostgreSQL "
            "--database and one --mqtt-url broker (docs/scale.md)", metavar="NAME"),
+    Option("public_url", "", parse_optional_url,
+           "the REST API's address as devices reach it, for the artifact links in their jobs (default: from "
+           "--http, https with --tls-cert, this machine's name when listening on 0.0.0.0 or ::)",
+           metavar="http[s]://HOST:PORT"),
+    Option("artifact_base_url", "", parse_optional_url,
+           "devices fetch artifact files from URL/<sha256> (a CDN, nginx or bucket serving the artifact "
+           "directory as is) instead of from the service; the signed SHA-256 and size still protect them",
+           metavar="URL"),
+    Option("artifact_dir", "", parse_optional_path,
+           "where uploaded artifacts are kept, one file per SHA-256 (default: <data-dir>/artifacts)", metavar="DIR"),
+    Option("max_artifact_size", "2G", parse_size, "the largest artifact an upload may hold (K, M, G, T: powers "
+           "of 1024)", metavar="SIZE"),
     Option("failpoints", "", parse_failpoints,
-           "for fault-injection tests only: exit-after-store kills the service right after it stores a result",
+           "for fault-injection tests only: exit-after-store kills the service right after it stores a result; "
+           "slow-broker-accounts waits a second between committing a device's enable, disable or new password "
+           "and telling the broker",
            hidden=True),
+    Option("test_clock", "", parse_optional_path,
+           "for tests only: the service's clock for rollouts, schedules and release delays is the ISO 8601 time "
+           "in this file (real time while it is missing or empty)", metavar="FILE", hidden=True),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -304,12 +369,8 @@ def _check_cluster(s: Settings) -> None:
                           f"one instance's own")
     if s.mosquitto_dir is not None:
         raise ConfigError(f"{named('instance_id')} (cluster mode) cannot be used with {named('mosquitto_dir')}: "
-                          f"several instances would rewrite one password file, and share one broker identity; "
-                          f"give each instance its own broker user in --mqtt-url (docs/scale.md)")
-    if s.mosquitto_dynsec:
-        raise ConfigError(f"{named('instance_id')} (cluster mode) cannot be used with {named('mosquitto_dynsec')} "
-                          f"yet: the plugin's service account is one broker identity; give each instance its own "
-                          f"broker user in --mqtt-url and manage device accounts outside the cluster (docs/scale.md)")
+                          f"several instances would rewrite one password file; keep Mosquitto's accounts in its "
+                          f"dynamic security plugin with {named('mosquitto_dynsec')} instead (docs/scale.md)")
 
 
 def _pair(first: object, second: object, first_name: str, second_name: str) -> None:

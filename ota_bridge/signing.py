@@ -16,6 +16,7 @@ given beside the old one; activating it makes it the active key and keeps the ol
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 from pathlib import Path
 
@@ -39,6 +40,13 @@ class JobSigner:
     def sign(self, data: bytes) -> str:
         """The signature of data, base64."""
         return base64.b64encode(self._key.sign(data)).decode("ascii")
+
+    def derived_key(self, label: str) -> bytes:
+        """A secret for another use, SHA-256(label + the raw 32-byte private key): every instance that
+        holds the signing key derives the same one, and it tells nothing of the key."""
+        raw = self._key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                      serialization.NoEncryption())
+        return hashlib.sha256(label.encode() + raw).digest()
 
 
 def key_files(data_dir: Path, which: str = ACTIVE) -> tuple[Path, Path]:

@@ -7,6 +7,8 @@ from typing import Iterator
 
 import pytest
 
+from ota_bridge.store import Store
+from tests.support.databases import database_url
 from tests.support.processes import Agent, Process, Service
 
 
@@ -58,3 +60,14 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         yield service
     finally:
         service.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The same store code on a SQLite file and on a fresh PostgreSQL database."""
+    with database_url(request.param, tmp_path) as url:
+        s = Store(url)
+        try:
+            yield s
+        finally:
+            s.close()

@@ -131,7 +131,11 @@ def test_a_client_certificate_that_is_not_one_is_refused(tmp_path):
     ([], {"OTA_AGENT_DEVICE_ID": "d"}, ("--broker", "OTA_AGENT_BROKER", "required")),
     (["--broker", "h:1"], {}, ("--device-id", "OTA_AGENT_DEVICE_ID", "required")),
     (["--broker", "http://h", "--device-id", "d"], {}, ("--broker", "expected mqtt://HOST:PORT")),
-    (["--broker", "h:1", "--device-id", "d", "--ca-file", "/x"], {}, ("--ca-file", "OTA_AGENT_CA_FILE", "mqtts://")),
+    (["--broker", "h:1", "--device-id", "d", "--cert-file", "/x"], {}, ("--cert-file", "OTA_AGENT_CERT_FILE", "mqtts://")),
+    (["--broker", "h:1", "--device-id", "d", "--ca-file", "/x"], {},
+     ("--ca-file", "OTA_AGENT_CA_FILE", "cannot be read")),
+    (["--broker", "h:1", "--device-id", "d"], {"OTA_AGENT_ARTIFACT_CACHE_SIZE": "1.5G"},
+     ("--artifact-cache-size", "OTA_AGENT_ARTIFACT_CACHE_SIZE", "number of bytes")),
     (["--broker", "mqtts://h", "--device-id", "d", "--ca-file", "/nonexistent/ca.crt"], {},
      ("--ca-file", "cannot be read")),
     (["--broker", "mqtts://h", "--device-id", "d"], {"OTA_AGENT_CERT_FILE": "/x"}, ("--cert-file", "--key-file")),
@@ -742,3 +746,41 @@ def test_each_job_is_logged_with_its_parent_name_and_first_command_line(start_ag
     assert any("IN_PROGRESS; " + about in line and "(+1 more lines)" in line for line in lines), lines
     assert any("SUCCEEDED exit=0; " + about in line for line in lines), lines
     assert "no head signed" not in agent.log()  # the signed head came before the wait was over
+
+
+@pytest.mark.mosquitto
+def test_a_retry_runs_the_same_seq_again_and_a_replayed_first_attempt_does_not(
+        start_agent, service, ran, groups_file):
+    ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "exit 3"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    first = service.expect_status("j1", JobStatus.FAILED)
+    assert Key.ATTEMPT not in first
+
+    service.publish_head("j1", job(ran, groups_file, "j1", "exit 3"), **{Key.ATTEMPT: 2})  # same Seq, signed v3
+    assert service.expect_status("j1", JobStatus.IN_PROGRESS)[Key.ATTEMPT] == 2
+    second = service.expect_status("j1", JobStatus.FAILED)
+    assert second[Key.ATTEMPT] == 2 and runs(ran) == ["j1", "j1"]
+
+    service.publish_head("j1", job(ran, groups_file, "j1", "exit 3"))  # attempt 1 replayed: its result again
+    assert service.next_status() == first
+    service.publish_head("j1", job(ran, groups_file, "j1", "exit 3"), **{Key.ATTEMPT: 2})
+    assert service.next_status() == second
+    assert runs(ran) == ["j1", "j1"]
+
+
+@pytest.mark.mosquitto
+def test_the_next_attempt_of_the_running_job_cancels_it_and_runs(start_agent, service, ran, groups_file):
+    """The service timed a silent attempt out and retries it: the head of attempt 2 has the same Seq."""
+    ready_agent(start_agent, service)
+    service.publish_head("j1", job(ran, groups_file, "j1", "sleep 300"))
+    service.expect_status("j1", JobStatus.IN_PROGRESS)
+    wait_until_running(ran, "j1")
+    service.publish_head("j1", job(ran, groups_file, "j1", "sleep 300"))  # attempt 1 again: a duplicate
+    service.publish_head("j1", job(ran, groups_file, "j1"), **{Key.ATTEMPT: 2})
+
+    canceled = service.expect_status("j1", JobStatus.CANCELED)
+    assert Key.ATTEMPT not in canceled  # about attempt 1
+    assert service.expect_status("j1", JobStatus.IN_PROGRESS)[Key.ATTEMPT] == 2
+    assert service.expect_status("j1", JobStatus.SUCCEEDED)[Key.ATTEMPT] == 2
+    assert runs(ran) == ["j1", "j1"]

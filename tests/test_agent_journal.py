@@ -13,7 +13,7 @@ import pytest
 
 from agent import journal as journal_module
 from agent.journal import FULL_OUTPUT_ENTRIES, JOURNAL_FILE, Journal, JournalError, UnsafeDirectory
-from agent.protocol import Key
+from agent.protocol import Key, utc_now
 from agent.runner import ProcessGroup
 
 START = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -256,6 +256,30 @@ def test_a_bad_process_group_makes_the_journal_unreadable(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert len(Journal.open(tmp_path)) == 0
     assert "bad Process" in caplog.text
+
+
+def test_each_attempt_of_a_job_has_its_own_entry_and_the_highest_run_counts_attempts(tmp_path):
+    journal = Journal.open(tmp_path)
+    journal.record_started("j1", 5, utc_now())
+    journal.record_result("j1", result_message("j1", "FAILED"))
+    assert journal.get("j1", 2) is None  # attempt 2 of a job that ran is runnable
+    journal.record_started("j1", 5, utc_now(), attempt=2)
+    journal.record_result("j1", {**result_message("j1"), "Attempt": 2}, attempt=2)
+
+    reloaded = Journal.open(tmp_path)
+    assert reloaded.get("j1").result[Key.STATUS] == "FAILED"  # a replayed attempt 1 finds its own result
+    assert reloaded.get("j1", 2).result == {**result_message("j1"), "Attempt": 2}
+    assert reloaded.highest_run == (5, 2)
+
+
+def test_the_highest_attempt_outlives_pruning(tmp_path):
+    journal = Journal.open(tmp_path, max_entries=1)
+    journal.record_started("j1", 5, utc_now(), attempt=1)
+    journal.record_started("j1", 5, utc_now(), attempt=3)
+    journal.record_started("j0", 4, utc_now())  # an older Seq does not lower it
+    reloaded = Journal.open(tmp_path, max_entries=1)
+    assert reloaded.get("j1") is None and reloaded.get("j1", 3) is None
+    assert reloaded.highest_run == (5, 3)
 
 
 def test_a_floor_raised_in_memory_is_written_with_the_start_or_by_flush(tmp_path):

@@ -143,6 +143,37 @@ def test_submit_watch_exits_0_when_every_device_succeeds(fleet: Service) -> None
     assert "ok-1  SUCCEEDED  exit 0  fine" in done.stdout.splitlines()
 
 
+def test_submit_with_parameters_and_retries_then_show_each_attempt(fleet: Service) -> None:
+    workflow = as_json(fleet, "workflow", "create", "--name", "p", "--command",
+                       'printf "%s|" {{v}}; [ "$OTA_DEVICE_ID" = ok-1 ]')["WorkflowId"]
+    submitted = as_json(fleet, "job", "submit", "--workflow", workflow, "--device", "bad-3", "--param", "v=a b;c",
+                        "--retries", "1")
+    job = fleet.api.wait_job(submitted["JobId"])
+    assert job["Status"] == "FAILED" and job["Retries"]["Max"] == 1 and job["Parameters"] == {"v": "a b;c"}
+    [child] = fleet.api.ok("GET", f"/v1/job/{job['JobId']}/childjobs")
+    shown = ok(fleet, "job", "show", child["JobId"])
+    assert "#1 FAILED exit 1" in shown and "#2 FAILED exit 1" in shown and "a b;c|" in shown
+    refused = run(fleet, "job", "submit", "--workflow", workflow, "--device", "ok-1", "--retry-delay", "5")
+    assert refused.returncode != 0 and "--retry-delay and --retry-on need --retries" in refused.stderr
+
+
+def test_a_rollout_from_the_cli_aborts_and_watch_says_why_then_pause_and_resume(fleet: Service) -> None:
+    workflow = fleet.api.workflow(COMMAND, name="rolled")
+    rollout = json.dumps({"Rollout": {"Waves": [50, 100]},  # bad-3 and ok-1 first: bad-3 fails, so ok-2 never runs
+                          "AbortOn": [{"Status": "FAILED", "ThresholdPercent": 50, "MinFinished": 2}]})
+    done = run(fleet, "job", "submit", "--workflow", workflow, "--group", "fleet", "--rollout", rollout, "--watch",
+               "--interval", "0.2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "rollout: wave 1 of 2, 2 released, 0 held, ABORTED: rollout aborted: 1 of 2 finished devices ended " \
+           "FAILED" in done.stdout, done.stdout
+    job_id = done.stderr.split()[-1]
+    assert ok(fleet, "job", "pause", job_id).strip() == f"paused job {job_id}"
+    assert as_json(fleet, "job", "show", job_id)["Rollout"]["Paused"] is True
+    assert as_json(fleet, "job", "resume", job_id)["Rollout"]["Paused"] is False
+    assert "not a JSON object" in run(fleet, "job", "submit", "--workflow", workflow, "--group", "fleet",
+                                      "--rollout", "{").stderr
+
+
 def test_cancel_delete_and_interrupted_watch(fleet: Service) -> None:
     fleet.api.device("asleep")  # no agent: its job stays queued
     job_id = as_json(fleet, "job", "submit", "--workflow", fleet.api.workflow("true"), "--device", "asleep",
@@ -219,7 +250,7 @@ def test_token_from_the_flag_then_the_variable_then_the_data_dir(tmp_path: Path)
 def test_docs_cli_md_lists_every_client_command_and_its_flags() -> None:
     doc = (REPO / "docs" / "cli.md").read_text()
     groups = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for group in ("workflow", "job", "device"):
+    for group in ("workflow", "job", "device", "artifact"):
         actions = next(a for a in groups.choices[group]._actions if isinstance(a, argparse._SubParsersAction))
         for name, parser in actions.choices.items():
             assert f"`{group} {name}" in doc, f"docs/cli.md does not list {group} {name}"

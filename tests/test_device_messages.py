@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
 
 from agent.protocol import OUTPUT_CAP_BYTES, JobStatus, MessageError, encode
+from ota_bridge.artifact_links import ArtifactLinks
 from ota_bridge.device_messages import head_message, parse_presence, parse_update, queue_message
+from ota_bridge.store.artifacts import ArtifactRef
 from ota_bridge.store.queues import DeviceQueue, QueueEntry
 
 ENTRY = QueueEntry("c1", "p1", "job", "date", 60, False, 7, "QUEUED", datetime(2026, 1, 1))
@@ -100,3 +103,47 @@ def test_worst_case_output_fits_the_status_message_limit() -> None:
     worst = "\x01" * OUTPUT_CAP_BYTES  # each control byte becomes \u0001: six bytes
     payload = encode({"JobId": "c1", "Status": "SUCCEEDED", "Stdout": worst, "Stderr": worst})
     assert parse_update("dev1", payload).stdout == worst
+
+
+# --- artifacts -------------------------------------------------------------------------------------
+
+FW = ArtifactRef("fw.bin", "ab" * 32, 1234)
+
+
+def test_a_head_with_artifacts_carries_each_with_its_link_and_signs_them_in_the_v3_form() -> None:
+    links = ArtifactLinks(b"k" * 32, "https://ota.example.com")
+    entry = replace(ENTRY, artifacts=(FW,))
+    head = json.loads(head_message("dev1", entry, 6, ISSUED, sign=lambda data: data.decode(), artifact_url=links.url))
+    [artifact] = head["Artifacts"]
+    token = links.token("dev1", "c1", FW.sha256)
+    assert artifact == {"Sha256": FW.sha256, "Size": 1234, "Name": "fw.bin",
+                        "Url": f"https://ota.example.com/v1/device-artifact/{FW.sha256}?device=dev1&job=c1&token={token}"}
+    assert head["Signature"].splitlines() == [
+        "ota-bridge job v3", "dev1", "c1", "7", "6", "2026-01-02T03:04:05.678Z", "60", "0", "1", "1",
+        f"{FW.sha256} 1234 fw.bin {artifact['Url']}", "date"]
+
+
+def test_artifact_links_verify_only_their_own_device_job_and_file() -> None:
+    links = ArtifactLinks(b"k" * 32, "http://h:1")
+    token = links.token("dev1", "c1", FW.sha256)
+    assert len(token) == 64 and links.verify("dev1", "c1", FW.sha256, token)
+    assert not links.verify("dev2", "c1", FW.sha256, token) and not links.verify("dev1", "c2", FW.sha256, token)
+    assert not links.verify("dev1", "c1", "cd" * 32, token) and not links.verify("dev1", "c1", FW.sha256, "x")
+    assert not ArtifactLinks(b"j" * 32, "http://h:1").verify("dev1", "c1", FW.sha256, token)  # another key
+    assert ArtifactLinks(b"k" * 32, "http://h:1", "https://cdn/a/").url("dev1", "c1", FW.sha256) == \
+        f"https://cdn/a/{FW.sha256}"
+
+
+def test_downloading_reports_carry_their_progress() -> None:
+    update = parse_update("dev1", encode({"JobId": "c1", "Status": "DOWNLOADING",
+                                          "Progress": {"Bytes": 10, "TotalBytes": 20}, "Attempt": 1}))
+    assert update.status is JobStatus.DOWNLOADING and update.progress == (10, 20)
+    assert parse_update("dev1", encode({"JobId": "c1", "Status": "DOWNLOADING"})).progress is None
+    assert parse_update("dev1", encode({"JobId": "c1", "Status": "IN_PROGRESS", "Progress": "x"})).progress is None
+
+
+@pytest.mark.parametrize("progress", [5, {"Bytes": -1, "TotalBytes": 2}, {"Bytes": 1}, {"Bytes": True, "TotalBytes": 2},
+                                      {"Bytes": 1.5, "TotalBytes": 2}])
+def test_a_downloading_report_with_a_bad_progress_is_refused_naming_it(progress: object) -> None:
+    with pytest.raises(MessageError, match="Progress"):
+        parse_update("dev1", encode({"JobId": "c1", "Status": "DOWNLOADING", "Progress": progress}))

@@ -11,6 +11,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Mapping
 
 import psycopg2
 import pytest
@@ -43,8 +44,7 @@ def parse(argv: list[str]) -> settings.Settings:
     (["--mqtt-url", MQTT], "PostgreSQL"),
     (["--database", "sqlite:///x.db", "--mqtt-url", MQTT], "PostgreSQL"),
     (["--database", PG], "external broker"),
-    (["--database", PG, "--mqtt-url", MQTT, "--mosquitto-dir", "/tmp/m"], "mosquitto-dir"),
-    (["--database", PG, "--mqtt-url", MQTT, "--mosquitto-dynsec"], "mosquitto-dynsec"),
+    (["--database", PG, "--mqtt-url", MQTT, "--mosquitto-dir", "/tmp/m"], "password file.*--mosquitto-dynsec"),
 ])
 def test_cluster_mode_refuses_what_instances_cannot_share(argv: list[str], needs: str) -> None:
     with pytest.raises(ConfigError, match=needs) as error:
@@ -55,18 +55,24 @@ def test_cluster_mode_refuses_what_instances_cannot_share(argv: list[str], needs
 def test_cluster_mode_settings() -> None:
     assert parse(["--instance-id", "web-1", "--database", PG, "--mqtt-url", MQTT]).instance_id == "web-1"
     assert parse([]).instance_id is None
+    with_dynsec = parse(["--instance-id", "a", "--database", PG, "--mqtt-url", MQTT, "--mosquitto-dynsec"])
+    assert with_dynsec.mosquitto_dynsec and with_dynsec.instance_id == "a"  # tests/test_instances_dynsec.py
     with pytest.raises(ConfigError, match="--instance-id"):
         parse(["--instance-id", "a b", "--database", PG, "--mqtt-url", MQTT])
 
 
-def start_instances(tmp_path: Path, database: str, broker_url: str) -> list[Service]:
-    """Three instances; the first makes the job-signing key, the others are given the same one."""
+def start_instances(tmp_path: Path, database: str, broker_url: str, names: str = INSTANCES,
+                    extra: tuple[str, ...] = (),
+                    extra_for: Mapping[str, tuple[str, ...]] | None = None) -> list[Service]:
+    """Instances (data dir tmp_path/NAME/service-data), one after another, with flags `extra` (and
+    extra_for[NAME]); the first makes the job-signing key, the others are given the same one."""
     services = []
-    for name in INSTANCES:
-        (tmp_path / name).mkdir()
-        service = Service(tmp_path / name, broker_url, database, ("--instance-id", name))
+    for name in names:
+        (tmp_path / name).mkdir(exist_ok=True)
+        own = (extra_for or {}).get(name, ())
+        service = Service(tmp_path / name, broker_url, database, ("--instance-id", name, *extra, *own))
         if services:
-            service.data_dir.mkdir(mode=0o700, parents=True)
+            service.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             for key_file in signing.key_files(services[0].data_dir):
                 shutil.copy2(key_file, service.data_dir / key_file.name)
         service.start()

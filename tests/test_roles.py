@@ -29,7 +29,7 @@ from tests.support.mosquitto import logs_in
 from tests.support.processes import REPO, Api, Service
 
 UNKNOWN_IDS = {"workflow": str(uuid.uuid4()), "job": str(uuid.uuid4()), "device": "no-such-device",
-               "webhook": str(uuid.uuid4())}
+               "webhook": str(uuid.uuid4()), "artifact": str(uuid.uuid4())}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import socket
 import ssl
 from pathlib import Path
 
@@ -115,3 +116,37 @@ def test_tls_contexts_require_tls_1_2_and_check_the_brokers_name(tmp_path: Path)
     assert server.minimum_version == client.minimum_version == ssl.TLSVersion.TLSv1_2
     assert client.check_hostname and client.verify_mode == ssl.CERT_REQUIRED
     assert tls.server_context(parse([])) is None and tls.broker_client_context(parse([])) is None
+
+
+def test_artifact_settings_and_the_public_url_the_heads_name() -> None:
+    s = parse([])
+    assert s.artifact_directory == Path("ota-bridge-data/artifacts") and s.max_artifact_size == 2 * 2**30
+    assert s.api_address == "http://127.0.0.1:8080" and s.artifact_base_url is None
+    assert parse(["--http", "0.0.0.0:9000"]).api_address == f"http://{socket.gethostname()}:9000"
+    assert parse(["--http", "[::1]:9000"]).api_address == "http://[::1]:9000"
+    assert parse(["--tls-cert", "c.pem", "--tls-key", "k.pem"]).api_address == "https://127.0.0.1:8080"
+    given = parse(["--public-url", "https://ota.example.com/", "--artifact-base-url", "https://cdn.example.com/a/",
+                   "--artifact-dir", "/srv/artifacts", "--max-artifact-size", "500MiB"])
+    assert given.api_address == "https://ota.example.com" and given.artifact_base_url == "https://cdn.example.com/a"
+    assert given.artifact_directory == Path("/srv/artifacts") and given.max_artifact_size == 500 * 2**20
+    assert parse([], {"OTA_BRIDGE_MAX_ARTIFACT_SIZE": "1048576"}).max_artifact_size == 2**20
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--public-url", "ota.example.com"], "--public-url / OTA_BRIDGE_PUBLIC_URL"),
+    (["--artifact-base-url", "https://cdn.example.com/a?x=1"], "--artifact-base-url / OTA_BRIDGE_ARTIFACT_BASE_URL"),
+    (["--max-artifact-size", "2 lots"], "--max-artifact-size / OTA_BRIDGE_MAX_ARTIFACT_SIZE"),
+    (["--max-artifact-size", "0"], "--max-artifact-size / OTA_BRIDGE_MAX_ARTIFACT_SIZE"),
+])
+def test_bad_artifact_settings_name_flag_and_variable(argv: list[str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        parse(argv)
+
+
+def test_cluster_mode_takes_the_dynamic_security_plugin_from_variables_too() -> None:
+    env = {"OTA_BRIDGE_INSTANCE_ID": "web-1", "OTA_BRIDGE_DATABASE": "postgresql://u@db:5432/ota",
+           "OTA_BRIDGE_MQTT_URL": "mqtt://broker:1883", "OTA_BRIDGE_MOSQUITTO_DYNSEC": "true"}
+    s = parse([], env)
+    assert s.instance_id == "web-1" and s.mosquitto_dynsec
+    with pytest.raises(ConfigError, match="one password file.*--mosquitto-dynsec / OTA_BRIDGE_MOSQUITTO_DYNSEC"):
+        parse(["--mosquitto-dir", "/var/lib/ota-bridge/mosquitto"], {**env, "OTA_BRIDGE_MOSQUITTO_DYNSEC": "false"})

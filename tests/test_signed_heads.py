@@ -24,7 +24,6 @@ from agent.link import JobMessage
 from agent.protocol import HEAD_VALIDITY_SECONDS, SERVICE_CLIENT_ID, Key, Topics, utc_now
 from ota_bridge.store import Store, devices, jobs, queues, workflows
 from tests import test_agent_signing as signing
-from tests import test_store
 from tests.conftest import Launcher
 from tests.support.mosquitto import start_mosquitto
 from tests.support.processes import REPO, Agent, wait_until
@@ -136,7 +135,7 @@ def test_during_a_rotation_the_agent_trusts_both_keys(deciding):
 # --- the floor the service publishes (SQLite and PostgreSQL) --------------------------------
 
 
-db = test_store.db  # the same store code on a SQLite file and on a fresh PostgreSQL database
+# `db` (tests/conftest.py): the same store code on a SQLite file and on a fresh PostgreSQL database
 
 
 def test_the_floor_covers_every_canceled_or_deleted_job_of_the_device(db: Store) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from datetime import timedelta
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -27,18 +25,6 @@ from ota_bridge.store import (
 )
 from ota_bridge.store.jobs import derive_status
 from ota_bridge.store.updates import Update
-from tests.support.databases import database_url
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """The same store code on a SQLite file and on a fresh PostgreSQL database."""
-    with database_url(request.param, tmp_path) as url:
-        s = Store(url)
-        try:
-            yield s
-        finally:
-            s.close()
 
 
 @pytest.mark.parametrize("counts, expected", [

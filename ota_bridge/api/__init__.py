@@ -13,6 +13,8 @@ from ..roles import Role, needed_role
 from ..signing import JobSigner
 from ..store import Store
 from ..store.tokens import TokenIdentity
+from .artifacts import DEVICE_ARTIFACT_ROUTE
+from .artifacts import routes as artifact_routes
 from .audit import CALLER, audit_middleware, list_audit
 from .body import MAX_BODY_BYTES
 from .console import CONSOLE_PATHS
@@ -32,7 +34,9 @@ from .webhooks import routes as webhook_routes
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({HEALTH_PATH, READY_PATH, LIVE_PATH, ALIVE_PATH, OPENAPI_PATH, *CONSOLE_PATHS})
+# Routes that take no API token (by their canonical path): a device's artifact link is its own credential.
+PUBLIC_PATHS = frozenset({HEALTH_PATH, READY_PATH, LIVE_PATH, ALIVE_PATH, OPENAPI_PATH, DEVICE_ARTIFACT_ROUTE,
+                          *CONSOLE_PATHS})
 TOKENS = web.AppKey("tokens", TokenCache)
 MAX_TOKEN_CHARS = 1024  # tokens made here have 43; a longer one is refused before it is hashed
 TOKEN_CHARS = re.compile(r"[!-~]+")  # printable ASCII, no spaces or control characters
@@ -41,7 +45,7 @@ TOKEN_CHARS = re.compile(r"[!-~]+")  # printable ASCII, no spaces or control cha
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """401 without a valid token; 403 when the token's role may not call the route (roles.NEEDS)."""
-    if request.path not in PUBLIC_PATHS:
+    if request.path not in PUBLIC_PATHS and _route(request) not in PUBLIC_PATHS:
         caller = await _identify(request)
         if caller is None:
             log.warning("refused an unknown API token from %s for %s %s", request.remote, request.method, request.path)
@@ -49,6 +53,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request[CALLER] = caller
         _check_role(request, caller.name, caller.role)
     return await handler(request)
+
+
+def _route(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
 
 
 async def _identify(request: web.Request) -> TokenIdentity | None:
@@ -104,6 +113,7 @@ def make_app(db: Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Applic
     app.router.add_get("/v1/audit", list_audit)
     app.add_routes(routes)
     app.add_routes(webhook_routes)
+    app.add_routes(artifact_routes)
     add_event_routes(app)
     add_console_routes(app)
     return app

@@ -20,15 +20,14 @@ from agent.protocol import format_time
 from ..store import audit
 from ..store.audit import AuditRecord, AuditView
 from ..store.tokens import TokenIdentity
-from . import params
 from .errors import Handler
-from .views import DEFAULT_PAGE, MAX_OFFSET, MAX_PAGE, STORE
+from .views import STORE, page
 
 log = logging.getLogger(__name__)
 
 CALLER = web.RequestKey("caller", TokenIdentity)  # set by the auth middleware for a valid token
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-CREATED_ID_FIELDS = ("WorkflowId", "JobId", "DeviceId", "WebhookId")  # what a POST without {id} made
+CREATED_ID_FIELDS = ("WorkflowId", "JobId", "DeviceId", "WebhookId", "ArtifactId")  # what a POST without {id} made
 
 
 @web.middleware
@@ -80,10 +79,7 @@ def _json_body(response: web.StreamResponse) -> dict[str, Any]:
 
 async def list_audit(request: web.Request) -> web.Response:
     """GET /v1/audit: the log, newest first, paged like GET /v1/job."""
-    query = params.query(request, ("Limit", "Offset"))
-    limit = params.whole_number(query, "Limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    offset = params.whole_number(query, "Offset", 0, 0, MAX_OFFSET)
-    entries, total = await request.app[STORE].call(audit.list_entries, limit, offset)
+    entries, total = await request.app[STORE].call(audit.list_entries, *page(request))
     return web.json_response([_entry(e) for e in entries], headers={"X-Total-Count": str(total)})
 
 

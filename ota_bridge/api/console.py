@@ -51,7 +51,8 @@ async def device_queue(request: web.Request) -> web.Response:
         raise DeviceNotFound(device_id)
     (queue,) = await db.call(queues.device_queues, [device_id])
     jobs = [{"JobId": e.job_id, "ParentJobId": e.parent_id, "JobName": e.name, "Command": e.command,
-             "Status": e.status, "Seq": e.seq, "CreatedTime": format_time(e.submitted)} for e in queue.entries]
+             "Status": e.status, "Seq": e.seq, "CreatedTime": format_time(e.submitted),
+             **({"Reason": e.reason} if e.held else {})} for e in queue.entries]
     return web.json_response({"DeviceId": device_id, "Total": queue.total, "Jobs": jobs})
 
 

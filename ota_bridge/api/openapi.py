@@ -17,10 +17,11 @@ from typing import Any
 import pydantic
 from aiohttp import web
 
-from agent.protocol import JobStatus
+from agent.protocol import ARTIFACT_NAME_PATTERN, JobStatus
 
 from .. import __version__
 from ..roles import Role, needed_role
+from .artifacts import DEVICE_ARTIFACT_ROUTE
 from .health import ALIVE_PATH, HEALTH_PATH, LIVE_PATH, READY_PATH
 from .metrics import METRICS_PATH
 from .params import BODYLESS_METHODS, PATH_ID_SHAPES, id_kind
@@ -77,8 +78,32 @@ WEBHOOK = {"WebhookId": UUID, "Url": STRING, "CreatedTime": TIME, "PendingDelive
            "FailedDeliveries": INTEGER, "LastError": nullable(STRING)}
 
 
+# What a job shows only when it was submitted with them (docs/rollouts-attempts.md).
+JOB_OPTIONS = {
+    "Parameters": {"type": "object", "additionalProperties": STRING,
+                   "description": "the values given; Command holds them filled in, shell-quoted"},
+    "Retries": ref("JobRetries"),
+    "OnFailure": ref("JobOnFailure"),
+}
+ATTEMPT = record({"Attempt": INTEGER, "Status": STATUS, "StartTime": nullable(TIME), "EndTime": nullable(TIME),
+                  "ExitCode": nullable(INTEGER), "Stdout": STRING, "Stderr": STRING, "StdoutTruncated": BOOLEAN,
+                  "StderrTruncated": BOOLEAN, "Reason": nullable(STRING)},
+                 description="one attempt of a child job; the last is the child's own fields")
+
+
 def job_kind(name: str, target: str, result: Schema, description: str, **more: Schema) -> Schema:
-    return record({**JOB, target: STRING, "Result": result, **more}, title=name, description=description)
+    return record({**JOB, target: STRING, "Result": result, **more}, {**JOB_OPTIONS, "Rollout": ref("RolloutState")},
+                  title=name, description=description)
+
+
+ROLLOUT_STATE = record(
+    {"Kind": nullable({"type": "string", "enum": ["Waves", "MaxPerMinute"]}),
+     "Wave": nullable(INTEGER), "Waves": nullable(INTEGER), "Released": INTEGER, "Pending": INTEGER,
+     "RatePerMinute": nullable({"type": "number"}), "Paused": BOOLEAN, "Aborted": BOOLEAN,
+     "AbortReason": nullable(STRING), "Active": BOOLEAN, "Continuous": BOOLEAN, "CheckedAt": nullable(TIME)},
+    description="a job's rollout (only a job with Rollout, AbortOn, Schedule or Continuous): Wave = waves "
+                "released so far, Pending = children still held (SCHEDULED), CheckedAt = the service's clock at "
+                "its last decision (docs/rollouts.md)")
 
 
 def jobs() -> dict[str, Schema]:
@@ -110,16 +135,35 @@ ANSWERS: dict[str, Schema] = {
     "SigningKey": record({"Algorithm": STRING, "PublicKey": STRING}),
     "WorkflowCreated": record({"WorkflowId": UUID}),
     "Workflow": record({"WorkflowId": UUID, "Name": STRING, "Command": STRING,
-                        "TimeoutSeconds": nullable(INTEGER), "SuccessOnRestart": BOOLEAN, "CreatedTime": TIME}),
+                        "TimeoutSeconds": nullable(INTEGER), "SuccessOnRestart": BOOLEAN,
+                        "Artifacts": {"type": "array", "items": UUID, "description": "the ArtifactIds it names"},
+                        "CreatedTime": TIME}),
     "WorkflowDeleted": deleted("WorkflowId"),
     "JobCreated": record({"JobId": UUID}),
     "Counts": COUNTS,
+    "RolloutState": ROLLOUT_STATE,
     **jobs(),
     "ChildJob": record(
         {"JobId": UUID, "ParentJobId": UUID, "DeviceId": STRING, "Command": STRING, "Status": STATUS,
          "StartTime": nullable(TIME), "EndTime": nullable(TIME), "ExitCode": nullable(INTEGER), "Stdout": STRING,
          "Stderr": STRING, "StdoutTruncated": BOOLEAN, "StderrTruncated": BOOLEAN, "Reason": nullable(STRING),
-         "Result": STRING}),
+         "Result": STRING, "Download": nullable(ref("DownloadProgress")), "Attempt": INTEGER,
+         "Attempts": {"type": "array", "items": ref("Attempt")}},
+        {"OnFailureOf": UUID, "OnFailureJobId": UUID},
+        description="OnFailureOf: this is the rollback child of that child job; OnFailureJobId: this child's "
+                    "rollback child"),
+    "Attempt": ATTEMPT,
+    "JobRetries": record({"Max": INTEGER, "DelaySeconds": INTEGER, "On": {"type": "array", "items": STATUS}},
+                         description="retries of a device's failed attempt (docs/rollouts-attempts.md)"),
+    "JobOnFailure": record({"WorkflowId": UUID, "Command": STRING, "Result": ref("Counts")},
+                           description="the rollback workflow and its child jobs per state (not in Result)"),
+    "DownloadProgress": record({"Bytes": INTEGER, "TotalBytes": INTEGER},
+                               description="the latest DOWNLOADING report: bytes of the job's artifacts "
+                                           "fetched so far, and in all"),
+    "Artifact": record({"ArtifactId": UUID, "Name": {"type": "string", "pattern": f"^{ARTIFACT_NAME_PATTERN}$"},
+                        "Version": STRING, "Sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                        "Size": INTEGER, "Created": TIME}),
+    "ArtifactDeleted": deleted("ArtifactId"),
     "JobDeleted": deleted("JobId"),
     "Device": record(DEVICE),
     "RegisteredDevice": record({**DEVICE, **CREDENTIALS}),
@@ -131,7 +175,8 @@ ANSWERS: dict[str, Schema] = {
                           description="a device's pending child jobs in the order it runs them, head first "
                                       "(the first 100), and how many are pending in all"),
     "QueuedJob": record({"JobId": UUID, "ParentJobId": UUID, "JobName": STRING, "Command": STRING,
-                         "Status": STATUS, "Seq": INTEGER, "CreatedTime": TIME}),
+                         "Status": STATUS, "Seq": INTEGER, "CreatedTime": TIME},
+                        {"Reason": STRING}, description="Reason: only on a SCHEDULED job, why it is held"),
     "EventTicket": record({"Ticket": STRING, "ExpiresInSeconds": INTEGER},
                           description="opens GET /v1/events once, within ExpiresInSeconds"),
     "AuditEntry": record(
@@ -163,6 +208,7 @@ class Op:
     public: bool = False
     headers: Schema | None = None
     media: str = "application/json"  # the success answer's content type
+    upload: Schema | None = None  # a request body that is not one JSON model: {content type: schema}
     unavailable: Schema | None = None  # a health check's answer with 503, instead of an Error
 
 
@@ -192,6 +238,26 @@ RETRY_AFTER = {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$
 
 TICKET_PARAM = {"name": "Ticket", "in": "query", "required": True, "schema": STRING,
                 "description": "from POST /v1/events/ticket; this operation takes no Authorization header"}
+BINARY: Schema = {"type": "string", "format": "binary"}
+OCTETS = "application/octet-stream"
+SHA256: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+UPLOAD_SUMMARY = ("Upload an artifact, streamed to disk: multipart/form-data with the parts Name, Version and File "
+                  "(curl -F Name=fw.bin -F Version=1.2 -F File=@fw.bin), or the raw bytes as "
+                  "application/octet-stream with Name and Version in the query")
+UPLOAD_FIELDS = (query_param("Name", {"type": "string", "pattern": f"^{ARTIFACT_NAME_PATTERN}$"},
+                             "the file's name on the device (or a multipart part)"),
+                 query_param("Version", STRING, "any version text, up to 100 characters (or a multipart part)"))
+UPLOAD: Schema = {
+    "multipart/form-data": {"type": "object", "required": ["Name", "Version", "File"], "properties": {
+        "Name": {"type": "string", "pattern": f"^{ARTIFACT_NAME_PATTERN}$"}, "Version": STRING, "File": BINARY}},
+    OCTETS: BINARY,
+}
+DEVICE_LINK = tuple({"name": name, "in": "query", "required": True, "schema": STRING, "description": meaning}
+                    for name, meaning in (("device", "the DeviceId the link was made for"),
+                                          ("job", "the child job's JobId"),
+                                          ("token", "the link's token (docs/security.md#artifacts)")))
+DEVICE_FETCH_SUMMARY = ("A device fetches an artifact of its pending job with the link in the job's signed head "
+                        "(no API token): ETag its SHA-256, a single Range honoured (206, 416)")
 EVENTS_SUMMARY = ("Server-sent events while open: `job` {JobId} for a new job, `child` {JobId, ParentJobId, "
                   "DeviceId, Status} for a child job that changed, `device` {DeviceId, Online, LastSeen}, "
                   "`resync` {} when too much changed at once to send row by row")
@@ -220,6 +286,10 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("get", "/v1/job/{id}"): Op("getJob", "One job's summary, or one child job", GET_JOB),
     ("get", "/v1/job/{id}/childjobs"): Op("listChildJobs", "A job's child jobs, one per device",
                                           listing("ChildJob")),
+    ("post", "/v1/job/{id}/pause"): Op("pauseJob", "Stop the job's rollout releasing devices; released ones go on",
+                                       ref("Job"), also=(409,)),
+    ("post", "/v1/job/{id}/resume"): Op("resumeJob", "Let the job's rollout release devices again", ref("Job"),
+                                        also=(409,)),
     ("post", "/v1/job/{id}/cancel"): Op("cancelJob", "Cancel the children not yet final; keeps the record",
                                         ref("Job")),
     ("delete", "/v1/job/{id}"): Op("deleteJob", "Delete a job; queued children leave their queues",
@@ -252,11 +322,23 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                listing("Webhook")),
     ("delete", "/v1/webhook/{id}"): Op("deleteWebhook", "Forget a webhook and its undelivered POSTs",
                                        ref("WebhookDeleted")),
+    ("post", "/v1/artifact"): Op("uploadArtifact", UPLOAD_SUMMARY, ref("Artifact"), status=201, upload=UPLOAD,
+                                 query=UPLOAD_FIELDS, also=(413, 507)),
+    ("get", "/v1/artifact"): Op("listArtifacts", "Artifacts, newest first", listing("Artifact"),
+                                query=page("artifacts"), headers=total("artifacts")),
+    ("get", "/v1/artifact/{id}"): Op("getArtifact", "One artifact's record", ref("Artifact")),
+    ("get", "/v1/artifact/{id}/content"): Op("getArtifactContent", "The artifact's bytes (ETag: its SHA-256; "
+                                             "a Range header is honoured)", BINARY, media=OCTETS),
+    ("delete", "/v1/artifact/{id}"): Op("deleteArtifact", "Delete an artifact; refused while a pending job needs it",
+                                        ref("ArtifactDeleted"), also=(409,)),
+    ("get", DEVICE_ARTIFACT_ROUTE): Op("fetchDeviceArtifact", DEVICE_FETCH_SUMMARY, BINARY, media=OCTETS,
+                                       query=DEVICE_LINK, public=True, also=(403, 404, 503)),
 }
 
 # Each operation's tag, by the first part of its path after /v1/; a generated client groups its functions so.
 TAGS = {"workflow": "workflows", "job": "jobs", "device": "devices", "devices": "devices", "audit": "audit",
-        "webhook": "webhooks", "health": "service", "openapi.json": "service", "signing-key": "service",
+        "artifact": "artifacts", "device-artifact": "artifacts", "webhook": "webhooks", "health": "service",
+        "openapi.json": "service", "signing-key": "service",
         "readyz": "service", "livez": "service", "healthz": "service", "metrics": "service", "events": "events"}
 TAG_MEANINGS = {
     "workflows": "Named commands that jobs run",
@@ -264,6 +346,7 @@ TAG_MEANINGS = {
     "devices": "Registered devices, their groups, tags and MQTT credentials",
     "audit": "The log of state-changing requests",
     "webhooks": "URLs that receive a signed POST when a job or child job ends",
+    "artifacts": "Files that jobs deliver: uploaded once, fetched by each device with a link in its signed job",
     "events": "Live changes, as server-sent events (the web console's)",
     "service": "Health, metrics, this document and the key agents verify jobs with",
 }
@@ -277,10 +360,13 @@ def tag(path: str) -> str:
 ERROR_MEANINGS = {
     400: "bad input: the detail names the field, parameter or place in the JSON",
     401: "no API token, or not a valid one",
-    403: "the token's role may not do this; the detail names the role needed (docs/security.md#roles)",
+    403: "the token's role may not do this; the detail names the role needed (docs/security.md#roles); for a "
+         "device's artifact link: it does not verify, or its job is not pending or does not name the file",
     404: "no such id (or an id of the wrong shape, which the detail says)",
-    409: "the device is already registered (a bulk registration names every one, and registers none)",
-    413: "the body is over 1 MiB",
+    409: "the device is already registered (a bulk registration names every one, and registers none), or the "
+         "artifact is needed by pending jobs (the detail names them)",
+    413: "the body is over 1 MiB; an artifact, over --max-artifact-size (the detail names the limit)",
+    507: "the artifact directory refused the upload's bytes (full, read-only); nothing was stored",
     503: "the database is unavailable; the request changed nothing unless the detail says it may have been saved",
 }
 
@@ -318,6 +404,8 @@ def operation(method: str, path: str, op: Op) -> Schema:
                       "parameters": [*path_params(path), *op.query]}
     if op.body is not None:
         result["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(op.body.__name__)}}}
+    if op.upload is not None:
+        result["requestBody"] = {"required": True, "content": {kind: {"schema": s} for kind, s in op.upload.items()}}
     if op.public:
         result["security"] = []
     else:
@@ -326,6 +414,9 @@ def operation(method: str, path: str, op: Op) -> Schema:
 
 
 def path_params(path: str) -> list[Schema]:
+    if "{sha256}" in path:
+        return [{"name": "sha256", "in": "path", "required": True, "schema": SHA256,
+                 "description": "the file's SHA-256, as the job's head names it"}]
     kind = id_kind(path)
     if kind is None:
         return []

@@ -22,6 +22,7 @@ PATH_ID_SHAPES: dict[str, tuple[str, str]] = {
     "workflow": (UUID_PATTERN, f"UUIDs in lowercase hex, like {UUID_EXAMPLE}"),
     "job": (UUID_PATTERN, f"UUIDs in lowercase hex, like {UUID_EXAMPLE}"),
     "webhook": (UUID_PATTERN, f"UUIDs in lowercase hex, like {UUID_EXAMPLE}"),
+    "artifact": (UUID_PATTERN, f"UUIDs in lowercase hex, like {UUID_EXAMPLE}"),
     "device": (f"^{DEVICE_ID_PATTERN}$", "1 to 128 of A-Z a-z 0-9 . _ : -, starting with a letter or digit"),
 }
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE"})

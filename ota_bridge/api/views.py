@@ -10,11 +10,12 @@ from aiohttp import web
 
 from agent.protocol import SIGNATURE_ALGORITHM
 
+from .. import parameters
 from ..broker_accounts import BrokerAccounts
 from ..dispatch import Dispatcher
 from ..errors import JobNotFound
 from ..signing import JobSigner
-from ..store import Store, devices, jobs, workflows
+from ..store import Store, devices, jobs, rollouts, workflows
 from . import params, serialize
 from .body import read_model
 from .schemas import DeviceIn, DevicePatch, DevicesIn, JobIn, WorkflowIn
@@ -34,25 +35,33 @@ def _store(request: web.Request) -> Store:
     return request.app[STORE]
 
 
+def page(request: web.Request) -> tuple[int, int]:
+    """(Limit, Offset) of a listing that pages, checked; no other query parameter is taken."""
+    query = params.query(request, ("Limit", "Offset"))
+    return (params.whole_number(query, "Limit", DEFAULT_PAGE, 1, MAX_PAGE),
+            params.whole_number(query, "Offset", 0, 0, MAX_OFFSET))
+
+
 # --- workflows ------------------------------------------------------------------------------
 
 
 @routes.post("/v1/workflow")
 async def create_workflow(request: web.Request) -> web.Response:
     body = await read_model(request, WorkflowIn)
+    parameters.check_syntax(body.Command)
     w = await _store(request).call(workflows.create_workflow, body.Name, body.Command, body.TimeoutSeconds,
-                                   body.SuccessOnRestart)
+                                   body.SuccessOnRestart, tuple(body.Artifacts))
     return web.json_response({"WorkflowId": w.workflow_id}, status=200)
 
 
 @routes.get("/v1/workflow")
 async def list_workflows(request: web.Request) -> web.Response:
-    return web.json_response([serialize.workflow(w) for w in await _store(request).read(workflows.list_workflows)])
+    return web.json_response([serialize.workflow(w) for w in await _store(request).read(workflows.view_workflows)])
 
 
 @routes.get("/v1/workflow/{id}")
 async def get_workflow(request: web.Request) -> web.Response:
-    w = await _store(request).read(workflows.get_workflow, request.match_info["id"])
+    w = await _store(request).read(workflows.view_workflow, request.match_info["id"])
     return web.json_response(serialize.workflow(w))
 
 
@@ -70,18 +79,20 @@ async def delete_workflow(request: web.Request) -> web.Response:
 async def submit_job(request: web.Request) -> web.Response:
     body = await read_model(request, JobIn)
     field, value = body.target
-    job, device_ids = await _store(request).call(jobs.submit_job, body.Name, body.WorkflowId, field, value,
-                                                 body.TimeoutSeconds)
+    plan = body.plan()
+    if plan is None:
+        job, device_ids = await _store(request).call(jobs.submit_job, body.Name, body.WorkflowId, field, value,
+                                                     body.TimeoutSeconds, options=body.options)
+    else:
+        job, device_ids = await _store(request).call(rollouts.submit_job, body.Name, body.WorkflowId, field, value,
+                                                     body.TimeoutSeconds, plan, body.options)
     request.app[DISPATCHER].mark(device_ids)
     return web.json_response({"JobId": job.job_id})
 
 
 @routes.get("/v1/job")
 async def list_jobs(request: web.Request) -> web.Response:
-    query = params.query(request, ("Limit", "Offset"))
-    limit = params.whole_number(query, "Limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    offset = params.whole_number(query, "Offset", 0, 0, MAX_OFFSET)
-    summaries, total = await _store(request).read(jobs.list_jobs, limit, offset)
+    summaries, total = await _store(request).read(jobs.list_jobs, *page(request))
     headers = {"X-Total-Count": str(total)}
     return web.json_response([serialize.job(s) for s in summaries], headers=headers)
 
@@ -92,13 +103,13 @@ async def get_job(request: web.Request) -> web.Response:
     try:
         summary = await _store(request).read(jobs.get_job, job_id)
     except JobNotFound:
-        return web.json_response(serialize.child(await _store(request).read(jobs.get_child, job_id)))
+        return web.json_response(serialize.child(await _store(request).read(jobs.child_shown, job_id)))
     return web.json_response(serialize.job(summary))
 
 
 @routes.get("/v1/job/{id}/childjobs")
 async def child_jobs(request: web.Request) -> web.Response:
-    children = await _store(request).read(jobs.child_jobs, request.match_info["id"])
+    children = await _store(request).read(jobs.child_jobs_shown, request.match_info["id"])
     return web.json_response([serialize.child(c) for c in children])
 
 
@@ -108,6 +119,23 @@ async def delete_job(request: web.Request) -> web.Response:
     device_ids = await _store(request).call(jobs.delete_job, job_id)
     request.app[DISPATCHER].mark(device_ids)
     return web.json_response({"JobId": job_id, "Deleted": True})
+
+
+@routes.post("/v1/job/{id}/pause")
+async def pause_job(request: web.Request) -> web.Response:
+    """Stop the job's rollout releasing devices; those released already go on."""
+    return await _pause(request, True)
+
+
+@routes.post("/v1/job/{id}/resume")
+async def resume_job(request: web.Request) -> web.Response:
+    return await _pause(request, False)
+
+
+async def _pause(request: web.Request, paused: bool) -> web.Response:
+    job_id = request.match_info["id"]
+    request.app[DISPATCHER].mark(await _store(request).call(rollouts.set_paused, job_id, paused))
+    return web.json_response(serialize.job(await _store(request).read(jobs.get_job, job_id)))
 
 
 @routes.post("/v1/job/{id}/cancel")
@@ -146,7 +174,7 @@ async def _register(request: web.Request, wanted: list[DeviceIn]) -> list[dict[s
     pairs = await _new_credentials(len(wanted))
     new = [devices.NewDevice(d.DeviceId, d.DeviceGroup, tuple(d.Tags), hashed)
            for d, (_, hashed) in zip(wanted, pairs, strict=True)]
-    views = await _store(request).call(devices.register_devices, new)
+    views = await _store(request).call(rollouts.register_devices, new)
     accounts = [(d.DeviceId, password) for d, (password, _) in zip(wanted, pairs, strict=True)]
     await request.app[ACCOUNTS].registered(accounts)
     request.app[DISPATCHER].mark(device_id for device_id, _ in accounts)  # a signed idle head: agents wait for one
@@ -181,7 +209,9 @@ async def update_device(request: web.Request) -> web.Response:
     unset = object()
     group = body.DeviceGroup if "DeviceGroup" in body.model_fields_set else unset
     device_id = request.match_info["id"]
-    view = await _store(request).call(devices.update_device, device_id, group, body.Tags, body.Enabled, unset)
+    view, joined = await _store(request).call(rollouts.update_device, device_id, group, body.Tags, body.Enabled,
+                                              unset)
+    request.app[DISPATCHER].mark(joined)  # a continuous job's new child
     if body.Enabled is not None:
         await request.app[ACCOUNTS].enabled(device_id, body.Enabled)
     return web.json_response(serialize.device(view))
@@ -193,7 +223,7 @@ async def rotate_credentials(request: web.Request) -> web.Response:
     device_id = request.match_info["id"]
     [(password, hashed)] = await _new_credentials(1)
     await _store(request).call(devices.set_password_hash, device_id, hashed)
-    await request.app[ACCOUNTS].rotated(device_id, password)
+    await request.app[ACCOUNTS].rotated(device_id, password, hashed)
     return web.json_response({"DeviceId": device_id, "MqttUsername": device_id, "MqttPassword": password})
 
 

@@ -1,4 +1,4 @@
-"""The CLI client: `ota-bridge workflow|job|device ...` against a running service, over its REST API only.
+"""The CLI client: `ota-bridge workflow|job|device|artifact ...` against a running service, over its REST API only.
 
 http.py is the one place that talks HTTP; render.py draws tables with rich; watch.py follows a job;
 commands.py builds the argparse commands and runs them. Nothing here imports the store or the API.

@@ -1,11 +1,13 @@
-"""The client's commands: `ota-bridge workflow|job|device ACTION`, each one or two API requests."""
+"""The client's commands: `ota-bridge workflow|job|device|artifact ACTION`, each one or two API requests."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlencode
 
 from .. import settings
 from . import ClientError, render
@@ -20,6 +22,7 @@ def add_commands(commands: Actions) -> None:
     _workflow_commands(_group(commands, "workflow", "define, list and delete workflows (the commands jobs run)"))
     _job_commands(_group(commands, "job", "submit jobs to a device, group or tag; follow and cancel them"))
     _device_commands(_group(commands, "device", "register devices, change their group and tags, rotate passwords"))
+    _artifact_commands(_group(commands, "artifact", "upload, list and delete artifacts (the files jobs deliver)"))
 
 
 def _group(commands: Actions, name: str, text: str) -> Actions:
@@ -46,6 +49,8 @@ def _workflow_commands(actions: Actions) -> None:
     create.add_argument("--timeout", type=int, metavar="SECONDS", help="kill the command after this long")
     create.add_argument("--success-on-restart", action="store_true",
                         help="count the job as succeeded when the agent restarts while it runs (a reboot, an update)")
+    create.add_argument("--artifact", action="append", default=[], metavar="ARTIFACT_ID",
+                        help="a file each device fetches and checks before the command runs (repeatable, in order)")
     _action(actions, "list", "list workflows", lambda a, c: _show(a, c.get(path("workflow")), render.workflows))
     _by_id(actions, "show", "show one workflow", lambda a, c: _show(a, c.get(path("workflow", a.id)), render.record))
     _by_id(actions, "delete", "delete a workflow", lambda a, c: _deleted(a, c.delete(path("workflow", a.id))))
@@ -53,9 +58,36 @@ def _workflow_commands(actions: Actions) -> None:
 
 def _workflow_create(args: argparse.Namespace, client: ServiceClient) -> int:
     body = {"Name": args.name, "Command": args.command, "TimeoutSeconds": args.timeout,
-            "SuccessOnRestart": args.success_on_restart}
+            "SuccessOnRestart": args.success_on_restart, "Artifacts": args.artifact or None}
     answer = client.post(path("workflow"), {k: v for k, v in body.items() if v is not None})
     return _said(args, answer, f"created workflow {answer['WorkflowId']}")
+
+
+# --- artifacts ------------------------------------------------------------------------------
+
+
+def _artifact_commands(actions: Actions) -> None:
+    upload = _action(actions, "upload", "upload a file, streamed; workflows name it by its ArtifactId",
+                     _artifact_upload)
+    upload.add_argument("file", type=Path, metavar="FILE")
+    upload.add_argument("--version", required=True, help="any version text, up to 100 characters")
+    upload.add_argument("--name", help="the file's name on the devices (default: FILE's own name)")
+    _paged(_action(actions, "list", "list artifacts, newest first", _artifact_list))
+    _by_id(actions, "show", "show one artifact's record",
+           lambda a, c: _show(a, c.get(path("artifact", a.id)), render.record))
+    _by_id(actions, "delete", "delete an artifact (refused while a pending job needs it)",
+           lambda a, c: _deleted(a, c.delete(path("artifact", a.id))))
+
+
+def _artifact_upload(args: argparse.Namespace, client: ServiceClient) -> int:
+    query = urlencode({"Name": args.name or args.file.name, "Version": args.version})
+    answer = client.upload(f"{path('artifact')}?{query}", args.file)
+    return _said(args, answer, f"uploaded artifact {answer['ArtifactId']} ({answer['Name']} {answer['Version']}, "
+                               f"{render.size(answer['Size'])}, SHA-256 {answer['Sha256']})")
+
+
+def _artifact_list(args: argparse.Namespace, client: ServiceClient) -> int:
+    return _show(args, client.get(path("artifact"), Limit=args.limit, Offset=args.offset), render.artifacts)
 
 
 # --- jobs -----------------------------------------------------------------------------------
@@ -70,16 +102,24 @@ def _job_commands(actions: Actions) -> None:
     target.add_argument("--tag", metavar="TAG", help="every device with the tag, as it is now")
     submit.add_argument("--name", help="the job's name (default: the workflow's)")
     submit.add_argument("--timeout", type=int, metavar="SECONDS", help="overrides the workflow's timeout")
+    _attempt_flags(submit)
+    submit.add_argument("--rollout", type=_rollout_fields, metavar="JSON|@FILE",
+                        help="a JSON object of the job's Rollout, AbortOn, Schedule and Continuous fields "
+                             "(docs/rollouts.md), or @ and a file holding one")
+    submit.add_argument("--continuous", action="store_true",
+                        help="with --group or --tag: devices that join later get the job too, until it is canceled")
     _watch_flags(submit, "then follow it as `job watch` does")
-    listing = _action(actions, "list", "list jobs, newest first", _job_list)
-    listing.add_argument("--limit", type=int, help="at most this many (default 100, at most 1000)")
-    listing.add_argument("--offset", type=int, help="skip this many")
+    _paged(_action(actions, "list", "list jobs, newest first", _job_list))
     _by_id(actions, "show", "show a job (or one child job) and its result",
            lambda a, c: _show(a, c.get(path("job", a.id)), render.record))
     _by_id(actions, "children", "show a job's child jobs: one per device, with its result",
            lambda a, c: _show(a, c.get(path("job", a.id, "childjobs")), render.children))
     _by_id(actions, "cancel", "cancel a job's queued and running child jobs (the record stays)",
            lambda a, c: _said(a, c.post(path("job", a.id, "cancel")), f"canceled job {a.id}"))
+    _by_id(actions, "pause", "stop a job's rollout releasing devices (those released go on)",
+           lambda a, c: _said(a, c.post(path("job", a.id, "pause")), f"paused job {a.id}"))
+    _by_id(actions, "resume", "let a paused rollout release devices again",
+           lambda a, c: _said(a, c.post(path("job", a.id, "resume")), f"resumed job {a.id}"))
     _by_id(actions, "delete", "delete a job and its record", lambda a, c: _deleted(a, c.delete(path("job", a.id))))
     _watch_flags(_by_id(actions, "watch", "follow a job until every device has answered; exits 0 only if "
                         "every device succeeded", lambda a, c: watch(c, a.id, a.interval, a.json)), None)
@@ -92,9 +132,43 @@ def _watch_flags(parser: argparse.ArgumentParser, switch: str | None) -> None:
                         help="how often to ask the service while watching (default 0.5)")
 
 
+def _attempt_flags(submit: argparse.ArgumentParser) -> None:
+    """Parameters, Retries and OnFailure (docs/rollouts-attempts.md)."""
+    submit.add_argument("--param", action="append", type=_parameter, metavar="NAME=VALUE",
+                        help="a value for the workflow's {{NAME}} placeholder, passed as one shell word (repeatable)")
+    submit.add_argument("--retries", type=int, metavar="N", help="run a failed or timed-out attempt again, up to N "
+                        "times (1 to 10)")
+    submit.add_argument("--retry-delay", type=int, metavar="SECONDS", help="wait this long before each retry "
+                        "(default 0)")
+    submit.add_argument("--retry-on", action="append", choices=("FAILED", "TIMED_OUT"),
+                        help="retry only attempts that ended so (repeatable; default both)")
+    submit.add_argument("--on-failure", metavar="WORKFLOW_ID", help="run this workflow (a rollback) on a device "
+                        "whose attempts all failed, before its next job")
+
+
+def _parameter(value: str) -> tuple[str, str]:
+    name, equals, text = value.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError("expected NAME=VALUE")
+    return name, text
+
+
+def _attempt_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"OnFailure": args.on_failure}
+    if args.param:
+        body["Parameters"] = dict(args.param)
+    if args.retries is not None:
+        retries = {"Max": args.retries, "DelaySeconds": args.retry_delay, "On": args.retry_on}
+        body["Retries"] = {k: v for k, v in retries.items() if v is not None}
+    elif args.retry_delay is not None or args.retry_on:
+        raise ClientError("--retry-delay and --retry-on need --retries")
+    return body
+
+
 def _job_submit(args: argparse.Namespace, client: ServiceClient) -> int:
     body = {"WorkflowId": args.workflow, "DeviceId": args.device, "DeviceGroup": args.group, "TagId": args.tag,
-            "Name": args.name, "TimeoutSeconds": args.timeout}
+            "Name": args.name, "TimeoutSeconds": args.timeout, **(args.rollout or {}),
+            **({"Continuous": True} if args.continuous else {}), **_attempt_body(args)}
     answer = client.post(path("job"), {k: v for k, v in body.items() if v is not None})
     if args.watch:
         if not args.json:
@@ -221,6 +295,11 @@ def _write_secret(file: Path, secret: str) -> None:
 # --- shared ---------------------------------------------------------------------------------
 
 
+def _paged(listing: argparse.ArgumentParser) -> None:
+    listing.add_argument("--limit", type=int, help="at most this many (default 100, at most 1000)")
+    listing.add_argument("--offset", type=int, help="skip this many")
+
+
 def _by_id(actions: Actions, name: str, text: str, handler: Handler) -> argparse.ArgumentParser:
     parser = _action(actions, name, text, handler)
     kind = parser.prog.split()[1]  # ota-bridge KIND ACTION
@@ -245,6 +324,21 @@ def _said(args: argparse.Namespace, answer: Any, line: str) -> int:
 def _deleted(args: argparse.Namespace, answer: dict[str, Any]) -> int:
     kind, ident = next((k.removesuffix("Id").lower(), v) for k, v in answer.items() if k.endswith("Id"))
     return _said(args, answer, f"deleted {kind} {ident}")
+
+
+ROLLOUT_KEYS = ("Rollout", "AbortOn", "Schedule", "Continuous")
+
+
+def _rollout_fields(value: str) -> dict[str, Any]:
+    """--rollout: a JSON object (or @file) with only the rollout fields of a job."""
+    try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        fields = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object or a readable @file: {e}") from e
+    if not isinstance(fields, dict) or not set(fields) <= set(ROLLOUT_KEYS):
+        raise argparse.ArgumentTypeError(f"a JSON object with only {', '.join(ROLLOUT_KEYS)}")
+    return fields
 
 
 def _seconds(value: str) -> float:

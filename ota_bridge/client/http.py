@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import ssl
 import urllib.error
@@ -60,9 +61,21 @@ class ServiceClient:
 
     def request(self, method: str, url: str, body: Any = None) -> Answer:
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
+        return self._send(method, url, data, {"Content-Type": "application/json"} if data is not None else {})
+
+    def upload(self, url: str, file: Path) -> Any:
+        """POST a file's bytes as they are read (never whole in memory), as application/octet-stream."""
+        try:
+            data = file.open("rb")
+        except OSError as e:
+            raise ClientError(f"cannot read {file}: {e.strerror or e}") from None
+        with data:
+            size = os.fstat(data.fileno()).st_size
+            return self._send("POST", url, data, {"Content-Type": "application/octet-stream",
+                                                  "Content-Length": str(size)}).body
+
+    def _send(self, method: str, url: str, data: Any, headers: dict[str, str]) -> Answer:
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json", **headers}
         req = urllib.request.Request(self.server + url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=TIMEOUT_SECONDS, context=self.context) as resp:

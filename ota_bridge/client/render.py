@@ -16,7 +16,8 @@ from agent.protocol import JobStatus
 
 LOG_WIDTH = 160  # when stdout is a file or a pipe (CI logs), rich would otherwise squeeze tables into 80 columns
 STATUS_STYLES = {
-    JobStatus.QUEUED.value: "dim", JobStatus.IN_PROGRESS.value: "cyan", JobStatus.SUCCEEDED.value: "green",
+    JobStatus.SCHEDULED.value: "dim italic", JobStatus.QUEUED.value: "dim", JobStatus.DOWNLOADING.value: "blue",
+    JobStatus.IN_PROGRESS.value: "cyan", JobStatus.SUCCEEDED.value: "green",
     JobStatus.FAILED.value: "bold red", JobStatus.TIMED_OUT.value: "red", JobStatus.CANCELED.value: "yellow",
     JobStatus.INTERRUPTED.value: "yellow", JobStatus.REJECTED.value: "magenta",
 }
@@ -123,6 +124,22 @@ def progress(job: dict[str, Any]) -> Text:
     return Text(f"{', '.join(done) or 'none yet'} of {result.get('Total', 0)}")
 
 
+def rollout(job: dict[str, Any]) -> str:
+    """A job's rollout in one line ('wave 2 of 4, 10 released, 30 held'); empty without one."""
+    state = job.get("Rollout")
+    if not isinstance(state, dict):
+        return ""
+    parts = [f"wave {state['Wave']} of {state['Waves']}"] if state.get("Waves") else []
+    if state.get("Kind") == "MaxPerMinute":
+        parts.append(f"{state['RatePerMinute']:g} a minute")
+    parts += [f"{state['Released']} released", f"{state['Pending']} held"]
+    parts += ["paused"] if state.get("Paused") else []
+    parts += ["continuous"] if state.get("Continuous") and state.get("Active") else []
+    if state.get("Aborted"):
+        parts.append(f"ABORTED: {state.get('AbortReason')}")
+    return "rollout: " + ", ".join(parts)
+
+
 def jobs(items: list[dict[str, Any]]) -> Table:
     return table((Column("JobId", "id"), Column("Name"), Column("Target"), Column("Status", "word"),
                   Column("Progress", "free"), Column("Created (UTC)", "time", drop=1)), (
@@ -130,11 +147,40 @@ def jobs(items: list[dict[str, Any]]) -> Table:
          when(j.get("CreatedTime"))) for j in items))
 
 
+def size(count: int) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, 20.0 MiB, 2.0 GiB."""
+    value, unit = float(count), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def download(progress: dict[str, Any] | None) -> str:
+    """A DOWNLOADING child's progress: '12.0 MiB of 50.0 MiB (24%)'."""
+    if not progress:
+        return ""
+    done, total = progress.get("Bytes", 0), progress.get("TotalBytes", 0)
+    share = f" ({100 * done // total}%)" if total else ""
+    return f"{size(done)} of {size(total)}{share}"
+
+
 def outcome(child: dict[str, Any]) -> str:
     """What a person wants to see of a child's result: the reason, else the first line of its output
-    (of stderr first when it did not succeed)."""
+    (of stderr first when it did not succeed); a download's progress while it fetches its artifacts."""
+    if child.get("Status") == JobStatus.DOWNLOADING.value and child.get("Download"):
+        return "downloading " + download(child["Download"])
     streams = ("Stdout", "Stderr") if child.get("Status") == JobStatus.SUCCEEDED.value else ("Stderr", "Stdout")
     return first_line(child.get("Reason")) or first_line(child.get(streams[0])) or first_line(child.get(streams[1]))
+
+
+def attempt_line(a: dict[str, Any]) -> str:
+    """One attempt of a child job: its number, state, exit code, end and what it said."""
+    exit_code = f" exit {a['ExitCode']}" if a.get("ExitCode") is not None else ""
+    ended = f" ended {a['EndTime']}" if a.get("EndTime") else ""
+    said = outcome(a)
+    return f"#{a.get('Attempt')} {a.get('Status')}{exit_code}{ended}" + (f": {said}" if said else "")
 
 
 def children(items: list[dict[str, Any]]) -> Table:
@@ -142,6 +188,13 @@ def children(items: list[dict[str, Any]]) -> Table:
                   Column("Ended (UTC)", "time", drop=1), Column("JobId", "id", drop=2)), (
         (cell(c["DeviceId"]), status(c.get("Status")), cell(c.get("ExitCode")), cell(outcome(c)),
          when(c.get("EndTime")), cell(c["JobId"])) for c in items))
+
+
+def artifacts(items: list[dict[str, Any]]) -> Table:
+    return table((Column("ArtifactId", "id"), Column("Name"), Column("Version"), Column("Size", "word"),
+                  Column("Sha256", "id", drop=2), Column("Created (UTC)", "time", drop=1)), (
+        (cell(a["ArtifactId"]), cell(a["Name"]), cell(a["Version"]), cell(size(a["Size"])), cell(a["Sha256"]),
+         when(a.get("Created"))) for a in items))
 
 
 def devices(items: list[dict[str, Any]]) -> Table:
@@ -162,6 +215,10 @@ def record(data: dict[str, Any], hide: Iterable[str] = ()) -> Table:
             continue
         if key == "Result" and isinstance(value, dict):
             value = progress(data)
+        elif key == "Attempts" and isinstance(value, list):
+            value = "\n".join(attempt_line(a) for a in value)
+        if key == "Download":
+            value = download(value) or None
         grid.add_row(key, status(value) if key == "Status" else cell(value))
     return grid
 

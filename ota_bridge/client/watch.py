@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
@@ -57,8 +58,17 @@ class Snapshot:
         return self.total > 0 and self.counts[JobStatus.SUCCEEDED.value] == self.total
 
     def summary(self) -> str:
-        return ", ".join(f"{self.counts[s]} {s.lower().replace('_', ' ')}" for s in ORDER if self.counts[s]) \
-            or "no devices"
+        counts = ", ".join(f"{self.counts[s]} {s.lower().replace('_', ' ')}" for s in ORDER if self.counts[s])
+        return (counts or "no devices") + self.downloading()
+
+    def downloading(self) -> str:
+        """'; downloading 12.0 MiB of 50.0 MiB (24%)' over the children fetching artifacts, as last fetched."""
+        fetching = [c["Download"] for c in self.children
+                    if c.get("Status") == JobStatus.DOWNLOADING.value and c.get("Download")]
+        if not fetching:
+            return ""
+        return "; downloading " + render.download({"Bytes": sum(d["Bytes"] for d in fetching),
+                                                   "TotalBytes": sum(d["TotalBytes"] for d in fetching)})
 
 
 @dataclass
@@ -126,21 +136,22 @@ def result_line(child: dict[str, Any]) -> Text:
 
 
 def counts_markup(snap: Snapshot) -> str:
-    parts = [f"[{render.STATUS_STYLES[s]}]{snap.counts[s]} {s.lower().replace('_', ' ')}[/]"
+    parts = [f"[{render.STATUS_STYLES.get(s, '')}]{snap.counts[s]} {s.lower().replace('_', ' ')}[/]"
              for s in ORDER if snap.counts[s]]
     return ", ".join(parts)
 
 
 def watch_live(watcher: Watcher, console: Console) -> Snapshot:
     columns = (TextColumn("job {task.fields[job]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[counts]}"), TimeElapsedColumn())
+               TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("{task.fields[rollout]}"))
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("", total=None, job=watcher.job_id[:8], counts="")
+        task = bar.add_task("", total=None, job=watcher.job_id[:8], counts="", rollout="")
 
         def show(snap: Snapshot, fresh: list[dict[str, Any]]) -> None:
             for child in fresh:
                 bar.console.print(result_line(child))
-            bar.update(task, total=snap.total, completed=snap.finished, counts=counts_markup(snap))
+            bar.update(task, total=snap.total, completed=snap.finished,
+                       counts=counts_markup(snap) + escape(snap.downloading()), rollout=render.rollout(snap.job))
 
         return watcher.follow(show)
 
@@ -152,6 +163,8 @@ def watch_plain(watcher: Watcher, console: Console) -> Snapshot:
         for child in fresh:
             console.print(result_line(child))
         line = f"job {watcher.job_id}: {snap.finished}/{snap.total} done ({snap.summary()})"
+        rollout = render.rollout(snap.job)
+        line += f"; {rollout}" if rollout else ""
         if line != last[0]:
             console.print(line)
             last[0] = line
@@ -176,6 +189,8 @@ def watch(client: ServiceClient, job_id: str, interval: float, as_json: bool) ->
         return INTERRUPTED
     if as_json:
         render.print_json({"Job": snap.job, "Children": snap.children})
+    elif snap.job.get("Rollout", {}).get("Aborted"):
+        out.print(Text(render.rollout(snap.job), style="red"))
     else:
         verdict = Text("all succeeded", style="green") if snap.succeeded else Text("not all succeeded", style="red")
         out.print(Text(f"job {job_id} {snap.job.get('Status')}: {snap.summary()} of {snap.total} "

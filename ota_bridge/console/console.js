@@ -159,6 +159,20 @@ function statusCell(status) {
   return el("td", { class: `status ${status}`, text: status });
 }
 
+function childStatus(child) {  // a device fetching its artifacts: how far it is
+  const cell = statusCell(child.Status);
+  const d = child.Download;
+  if (child.Status !== "DOWNLOADING" || !d) return cell;
+  const share = d.TotalBytes ? Math.floor((100 * d.Bytes) / d.TotalBytes) : 0;
+  const bar = el("progress", { max: d.TotalBytes || 1, value: d.Bytes, "aria-label": `Download of ${child.DeviceId}` });
+  cell.append(" ", bar, ` ${mebibytes(d.Bytes)} of ${mebibytes(d.TotalBytes)} MiB (${share}%)`);
+  return cell;
+}
+
+function mebibytes(bytes) {
+  return (bytes / 1048576).toFixed(1);
+}
+
 async function devicesPage() {
   let filter = $("device-filter");
   if (!filter) {  // built once per visit, so a live refresh leaves what is typed, and the focus, alone
@@ -196,8 +210,9 @@ function progress(job) {
   const total = counts ? counts.Total : 1;
   const done = counts ? FINAL.reduce((n, s) => n + counts[s], 0) : (FINAL.includes(job.Status) ? 1 : 0);
   const succeeded = counts ? counts.SUCCEEDED : Number(job.Status === "SUCCEEDED");
+  const downloading = counts && counts.DOWNLOADING ? `, ${counts.DOWNLOADING} downloading` : "";
   return el("td", {}, el("progress", { max: total || 1, value: done, "aria-label": `Progress of ${job.JobName}` }),
-    " ", `${done} of ${total} done, ${succeeded} succeeded`);
+    " ", `${done} of ${total} done, ${succeeded} succeeded${downloading}`);
 }
 
 function target(job) {
@@ -218,7 +233,7 @@ async function jobPage(id) {
   const [job, children] = await Promise.all([api("GET", `/v1/job/${id}`), api("GET", `/v1/job/${id}/childjobs`)]);
   const rows = children.map((c) => el("tr", { "data-child": c.DeviceId },
     el("td", {}, el("a", { href: `#device/${encodeURIComponent(c.DeviceId)}`, text: c.DeviceId })),
-    statusCell(c.Status), el("td", { text: c.ExitCode ?? "" }),
+    childStatus(c), el("td", { text: c.ExitCode ?? "" }),
     el("td", {}, el("pre", { class: "stdout", text: c.Stdout })),
     el("td", {}, el("pre", { class: "stderr", text: c.Stderr || c.Reason || "" }))));
   place(el("h2", { text: `Job ${job.JobName}` }),

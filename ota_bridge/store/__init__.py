@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import peewee as pw
 
-from agent.protocol import PENDING_STATUSES, JobStatus
+from agent.protocol import UNFINISHED_STATUSES, JobStatus
 
 from ..errors import StoreUnavailable
 from ..models import (
@@ -57,7 +57,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
-PENDING = [s.value for s in PENDING_STATUSES]
+# Not final, held (SCHEDULED) jobs included: every query that orders, blocks, counts or cancels a
+# device's queue reads these. Only the head the dispatcher publishes skips a held job (queues.py).
+PENDING = [s.value for s in UNFINISHED_STATUSES]
 CHUNK = 500  # rows per INSERT: under SQLite's bound-variable limit for every table here
 PROBE_SECONDS = 3.0  # how long the health check waits for the database's answer
 WRITE_FAILURE_SECONDS = 30.0  # a failed write (a full disk) counts as unavailable this long, unless a write succeeds
@@ -428,6 +430,16 @@ def finalize(status: JobStatus, reason: str, *where: Any) -> int:
     """The service makes jobs final itself; a device's later report is kept beside (see updates._apply_late)."""
     return (ChildJob.update(status=status.value, end_time=now(), updated=now(), reason=reason,
                             finalized_by_service=True).where(*where).execute())
+
+
+def release_children(children: list[tuple[int, str]]) -> list[str]:
+    """Inside the caller's transaction: these (seq, device id) children, if still SCHEDULED, become
+    QUEUED (a release: by their release_at, a rollout, or a rollback's partner failing); returns
+    their devices, sorted."""
+    for chunk in chunks([seq for seq, _ in children]):
+        (ChildJob.update(status=JobStatus.QUEUED.value, reason=None, release_at=None, updated=now())
+         .where(ChildJob.seq.in_(chunk), ChildJob.status == JobStatus.SCHEDULED.value).execute())
+    return sorted({device for _, device in children})
 
 
 def chunks(items: list[T], size: int = CHUNK) -> Iterable[list[T]]:

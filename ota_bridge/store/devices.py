@@ -162,6 +162,18 @@ def delete_devices(device_ids: list[str]) -> None:
                      ChildJob.device_id.in_(chunk), ChildJob.status.in_(PENDING))
 
 
+def password_hash(device_id: str) -> str | None:
+    """The device's stored password hash; None if it is not registered."""
+    row = Device.select(Device.password_hash).where(Device.device_id == device_id).tuples().first()
+    return None if row is None else str(row[0])
+
+
+def device_enabled(device_id: str) -> bool | None:
+    """Whether the device may connect; None if it is not registered."""
+    row = Device.select(Device.enabled).where(Device.device_id == device_id).tuples().first()
+    return None if row is None else bool(row[0])
+
+
 def device_exists(device_id: str) -> bool:
     return Device.select().where(Device.device_id == device_id).exists()
 

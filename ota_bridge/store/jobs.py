@@ -5,16 +5,19 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 import peewee as pw
 
-from agent.protocol import DEFAULT_TIMEOUT_SECONDS, FINAL_STATUSES, JobStatus
+from agent.protocol import DEFAULT_TIMEOUT_SECONDS, PENDING_STATUSES, JobStatus
 
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
-from ..models import ChildJob, Device, DeviceTag, Job, db, now
+from ..models import ChildJob, Device, DeviceTag, Job, Rollout, db, now
 from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
+from .artifacts import snapshot_for_job
+from .attempts import ChildView, child_views, end_silent, insert_with_rollbacks, rollback_counts, settle_stray_rollbacks
 from .devices import device_exists
+from .job_options import NO_OPTIONS, JobOptions, job_columns
 from .workflows import get_workflow
 
 TARGET_FIELDS = ("DeviceId", "DeviceGroup", "TagId")
@@ -23,35 +26,55 @@ TARGET_FIELDS = ("DeviceId", "DeviceGroup", "TagId")
 # --- submission -----------------------------------------------------------------------------------
 
 
+Holds = Callable[[int], list[str]]  # the reason each of n new children is held (rollout_plan.Plan.hold_reasons)
+
+
 def submit_job(name: str | None, workflow_id: str, target_field: str, target_value: str,
-               timeout_seconds: int | None) -> tuple[Job, list[str]]:
-    """Create a parent job and one child per target device in one transaction.
+               timeout_seconds: int | None, hold: Holds | None = None,
+               may_be_empty: bool = False, options: JobOptions = NO_OPTIONS) -> tuple[Job, list[str]]:
+    """Create a parent job and one child per target device in one transaction: QUEUED, or with
+    `hold` SCHEDULED with its reason (with OnFailure, a rollback child right after each: see
+    store/attempts.py). `may_be_empty`: a group or tag without devices yet is no error.
 
     Returns the parent and the device ids whose queues changed.
     """
     with write_transaction():
         workflow = get_workflow(workflow_id)
-        device_ids = _target_devices(target_field, target_value)
+        columns = job_columns(workflow, options)
+        device_ids = _target_devices(target_field, target_value, may_be_empty)
         job = Job.create(
             job_id=str(uuid.uuid4()), name=name or workflow.name, workflow_id=workflow.workflow_id,
-            command=workflow.command,
             timeout_seconds=timeout_seconds or workflow.timeout_seconds or DEFAULT_TIMEOUT_SECONDS,
             success_on_restart=workflow.success_on_restart, target_field=target_field, target_value=target_value,
+            **columns,
         )
-        _insert_children(job.job_id, device_ids)
+        snapshot_for_job(job.job_id, workflow.workflow_id)
+        add_children(job, device_ids, None if hold is None else hold(len(device_ids)))
     return job, device_ids
 
 
-CHILD_COLUMNS = (ChildJob.job_id, ChildJob.parent, ChildJob.device_id, ChildJob.status, ChildJob.stdout,
-                 ChildJob.stderr, ChildJob.stdout_truncated, ChildJob.stderr_truncated,
+CHILD_COLUMNS = (ChildJob.job_id, ChildJob.parent, ChildJob.device_id, ChildJob.status, ChildJob.reason,
+                 ChildJob.stdout, ChildJob.stderr, ChildJob.stdout_truncated, ChildJob.stderr_truncated,
                  ChildJob.finalized_by_service, ChildJob.updated)  # every column a new child sets
 
 
-def _insert_children(parent_id: str, device_ids: list[str]) -> None:
-    """One QUEUED child per device, as multi-row INSERTs prepared once per row count."""
+def add_children(job: Job, device_ids: list[str], held: list[str] | None = None) -> None:
+    """The job's children for these devices: with OnFailure each with its rollback child right after
+    it (store/attempts.py), else one each (insert_children)."""
+    if job.on_failure_command is None:
+        insert_children(job.job_id, device_ids, held)
+    else:
+        insert_with_rollbacks(job.job_id, device_ids, held)
+
+
+def insert_children(parent_id: str, device_ids: list[str], held: list[str] | None = None) -> None:
+    """One child per device, QUEUED, or SCHEDULED with held[i] as its reason, as multi-row INSERTs
+    prepared once per row count. In the order given: each gets a higher Seq than every job before."""
     created = now()
+    status = JobStatus.QUEUED.value if held is None else JobStatus.SCHEDULED.value
+    reasons = iter(held or [])
     for piece in pieces(device_ids):
-        values = [v for d in piece for v in (str(uuid.uuid4()), parent_id, d, JobStatus.QUEUED.value, "", "",
+        values = [v for d in piece for v in (str(uuid.uuid4()), parent_id, d, status, next(reasons, None), "", "",
                                              False, False, False, created)]
         prepared("insert_children", _children_insert, *values)
 
@@ -62,7 +85,7 @@ def _children_insert(count: int) -> pw.Query:
                                  for row in range(0, count, width)])
 
 
-def _target_devices(target_field: str, value: str) -> list[str]:
+def _target_devices(target_field: str, value: str, may_be_empty: bool = False) -> list[str]:
     if target_field == "DeviceId":
         if not device_exists(value):
             raise DeviceNotFound(value)
@@ -74,7 +97,7 @@ def _target_devices(target_field: str, value: str) -> list[str]:
     else:
         raise InvalidRequest(f"unknown target field {target_field!r}")
     device_ids = sorted(d for (d,) in db.execute_sql(*query.sql()))  # ids as the driver gives them: str
-    if not device_ids:
+    if not device_ids and not may_be_empty:
         raise EmptyTarget(target_field, value)
     return device_ids
 
@@ -89,6 +112,8 @@ class JobSummary:
     start_time: datetime | None
     end_time: datetime | None
     single: ChildJob | None  # the one child of a single-device job
+    rollout: Rollout | None = None  # its rollout's state, if it has one
+    rollbacks: dict[str, int] | None = None  # OnFailure: the rollback children per state (not in counts)
 
     @property
     def status(self) -> JobStatus:
@@ -96,14 +121,15 @@ class JobSummary:
 
 
 def derive_status(counts: dict[str, int]) -> JobStatus:
-    """A parent's status from its children's: see docs/protocol.md, 'Parent status'."""
-    present = {JobStatus(s) for s, n in counts.items() if n}
+    """A parent's status from its children's: see docs/protocol.md, 'Parent status'. A held
+    (SCHEDULED) child counts as QUEUED: pending."""
+    present = {JobStatus.QUEUED if s == JobStatus.SCHEDULED.value else JobStatus(s) for s, n in counts.items() if n}
     if not present:
         return JobStatus.CANCELED
-    if JobStatus.IN_PROGRESS in present or (JobStatus.QUEUED in present and present & FINAL_STATUSES):
-        return JobStatus.IN_PROGRESS
     if len(present) == 1:
         return present.pop()
+    if present & PENDING_STATUSES:
+        return JobStatus.IN_PROGRESS
     if present <= {JobStatus.SUCCEEDED, JobStatus.CANCELED}:
         return JobStatus.CANCELED
     return JobStatus.FAILED
@@ -128,7 +154,19 @@ def _summaries(jobs: list[Job]) -> list[JobSummary]:
     for job_id, child in singles.items():  # a single-device job's one child is all its counts and times
         counts[job_id] = {child.status: 1}
         times[job_id] = [(child.start_time, child.end_time)]
-    return [_summary(j, counts.get(j.job_id, {}), times.get(j.job_id, []), singles.get(j.job_id)) for j in jobs]
+    rollouts = _rollouts([j.job_id for j in jobs])
+    rollbacks = rollback_counts([j.job_id for j in jobs if j.on_failure_command is not None])
+    return [_summary(j, counts.get(j.job_id, {}), times.get(j.job_id, []), singles.get(j.job_id),
+                     rollouts.get(j.job_id), rollbacks.get(j.job_id)) for j in jobs]
+
+
+def _rollouts(ids: list[str]) -> dict[str, Rollout]:
+    found: dict[str, Rollout] = {}
+    for chunk in chunks(ids):
+        chunk = padded(chunk)
+        for row in prepared("rollouts_of", lambda n: Rollout.select().where(Rollout.job.in_(args(n))), *chunk):
+            found[row.job_id] = row
+    return found
 
 
 def _child_counts(ids: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, list[Any]]]:
@@ -140,25 +178,29 @@ def _child_counts(ids: list[str]) -> tuple[dict[str, dict[str, int]], dict[str, 
         rows = prepared("job_counts", lambda n: (
             ChildJob.select(ChildJob.parent, ChildJob.status, pw.fn.COUNT(ChildJob.seq),
                             pw.fn.MIN(ChildJob.start_time), pw.fn.MAX(ChildJob.end_time))
-            .where(ChildJob.parent.in_(args(n))).group_by(ChildJob.parent, ChildJob.status).tuples()), *chunk)
+            .where(ChildJob.parent.in_(args(n)), ChildJob.on_failure_of.is_null())
+            .group_by(ChildJob.parent, ChildJob.status).tuples()), *chunk)
         for parent, status, n, start, end in rows:
             counts.setdefault(parent, {})[status] = n
             times.setdefault(parent, []).append((start, end))
     return counts, times
 
 
-def _summary(job: Job, counts: dict[str, int], times: list[Any], single: ChildJob | None) -> JobSummary:
+def _summary(job: Job, counts: dict[str, int], times: list[Any], single: ChildJob | None,
+             rollout: Rollout | None, rollbacks: dict[str, int] | None) -> JobSummary:
     starts = [s for s, _ in times if s is not None]
     ends = [e for _, e in times if e is not None]
     done = derive_status(counts).is_final
-    return JobSummary(job, counts, min(starts, default=None), max(ends, default=None) if done else None, single)
+    return JobSummary(job, counts, min(starts, default=None), max(ends, default=None) if done else None, single,
+                      rollout, rollbacks)
 
 
 def _single_children(jobs: list[Job]) -> dict[str, ChildJob]:
     found: dict[str, ChildJob] = {}
     for chunk in chunks([j.job_id for j in jobs]):
         chunk = padded(chunk)
-        for child in prepared("children_of", lambda n: ChildJob.select().where(ChildJob.parent.in_(args(n))), *chunk):
+        for child in prepared("children_of", lambda n: ChildJob.select().where(
+                ChildJob.parent.in_(args(n)), ChildJob.on_failure_of.is_null()), *chunk):
             found[child.parent_id] = child
     return found
 
@@ -167,7 +209,7 @@ def child_jobs(job_id: str) -> list[ChildJob]:
     if not Job.select().where(Job.job_id == job_id).exists():
         raise JobNotFound(job_id)
     query = ChildJob.select(ChildJob, Job).join(Job).where(ChildJob.parent == job_id)
-    return list(query.order_by(ChildJob.device_id))
+    return list(query.order_by(ChildJob.device_id, ChildJob.seq))
 
 
 def get_child(job_id: str) -> ChildJob:
@@ -175,6 +217,15 @@ def get_child(job_id: str) -> ChildJob:
     if child is None:
         raise JobNotFound(job_id)
     return child
+
+
+def child_jobs_shown(job_id: str) -> list[ChildView]:
+    """A job's children as the API shows them: with their earlier attempts and rollback links."""
+    return child_views(child_jobs(job_id))
+
+
+def child_shown(job_id: str) -> ChildView:
+    return child_views([get_child(job_id)])[0]
 
 
 # --- removing and timing out ----------------------------------------------------------------------
@@ -198,26 +249,29 @@ def cancel_job(job_id: str) -> list[str]:
         devices = _pending_devices(job_id)
         finalize(JobStatus.CANCELED, "canceled by an operator", ChildJob.parent == job_id,
                   ChildJob.status.in_(PENDING))
+        Rollout.update(active=False).where(Rollout.job == job_id).execute()  # a continuous job takes no new device
     return devices
 
 
 @idempotent
 def expire_silent_jobs(grace_seconds: float) -> list[str]:
-    """Jobs IN_PROGRESS past their timeout plus grace, with no word from the device, become TIMED_OUT.
+    """Jobs IN_PROGRESS past their timeout plus grace, with no word from the device, become TIMED_OUT
+    (or, when the job's Retries allow, go on to their next attempt: store/attempts.py).
 
-    The clock is the service's: how long ago the IN_PROGRESS report was stored. Returns the
-    devices whose queues move on.
+    The clock is the service's: how long ago the IN_PROGRESS report was stored. Also settles the
+    rollback children a path that knows no rollbacks left waiting (attempts.settle_stray_rollbacks).
+    Returns the devices whose queues move on.
     """
     with write_transaction():
-        running = (ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.updated, Job.timeout_seconds)
+        running = (ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.updated, _own_timeout())
                    .join(Job).where(ChildJob.status == JobStatus.IN_PROGRESS.value).tuples())
         current = now()
         expired = [(seq, device) for seq, device, since, timeout in running
                    if (current - since).total_seconds() > timeout + grace_seconds]
         reason = f"the device sent no result within the job's timeout plus {grace_seconds:g} s"
-        for chunk in chunks([seq for seq, _ in expired]):
-            finalize(JobStatus.TIMED_OUT, reason, ChildJob.seq.in_(chunk))
-    return sorted({device for _, device in expired})
+        end_silent([seq for seq, _ in expired], JobStatus.TIMED_OUT, reason)
+        settled = settle_stray_rollbacks()
+    return sorted({device for _, device in expired} | set(settled))
 
 
 @idempotent
@@ -230,6 +284,11 @@ def restart_silence_clocks() -> int:
     with write_transaction():
         return (ChildJob.update(updated=now())
                 .where(ChildJob.status == JobStatus.IN_PROGRESS.value).execute())
+
+
+def _own_timeout() -> pw.Node:
+    """A child's timeout: its job's, or for a rollback child (OnFailure) the rollback workflow's."""
+    return pw.Case(None, [(ChildJob.on_failure_of.is_null(), Job.timeout_seconds)], Job.on_failure_timeout_seconds)
 
 
 def _pending_devices(job_id: str) -> list[str]:

@@ -1,5 +1,9 @@
 """Device queues: each device's pending jobs, head first, and their floor, as the dispatcher publishes them.
 
+A held (SCHEDULED) job keeps its place: while it is the first job not yet final, the device's
+head is the idle head (nothing to run) and every later job waits behind it; the pending list
+shows it with its Reason.
+
 The floor of a queue is a Seq at or below which every job of the device is final (done,
 canceled or deleted): the Seq before the head's, or, with nothing pending, the highest Seq the
 database ever handed out. Agents never run a job at or below a floor they have verified, so a
@@ -9,16 +13,17 @@ makes the floor exact: no job is added between reading the queue and reading the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Iterable
 
 import peewee as pw
 
-from agent.protocol import QUEUE_LIST_LIMIT
+from agent.protocol import QUEUE_LIST_LIMIT, JobStatus
 
 from ..models import ChildJob, Device, Job, db
 from . import PENDING, args, chunks, padded, prepared, prepared_rows
+from .artifacts import ArtifactRef, job_artifacts
 
 
 @dataclass(frozen=True)
@@ -32,18 +37,27 @@ class QueueEntry:
     seq: int
     status: str
     submitted: datetime
+    reason: str | None = None  # why a SCHEDULED job is held
+    attempt: int = 1  # the attempt the head asks for (Retries: store/attempts.py)
+    rollback: bool = False  # an OnFailure child: it runs the rollback workflow's command, without artifacts
+    artifacts: tuple[ArtifactRef, ...] = ()  # filled in for a queue's head only (the head carries them)
+
+    @property
+    def held(self) -> bool:
+        return self.status == JobStatus.SCHEDULED.value
 
 
 @dataclass(frozen=True)
 class DeviceQueue:
     device_id: str
-    entries: tuple[QueueEntry, ...]  # the first QUEUE_LIST_LIMIT pending jobs, in order
+    entries: tuple[QueueEntry, ...]  # the first QUEUE_LIST_LIMIT jobs not yet final, in order
     total: int
     floor: int = 0  # every job of the device at or below it is final
 
     @property
     def head(self) -> QueueEntry | None:
-        return self.entries[0] if self.entries else None
+        """The job the device must run next: none while the first one is held (SCHEDULED)."""
+        return self.entries[0] if self.entries and not self.entries[0].held else None
 
 
 def device_queues(device_ids: list[str]) -> list[DeviceQueue]:
@@ -53,11 +67,27 @@ def device_queues(device_ids: list[str]) -> list[DeviceQueue]:
     totals: dict[str, int] = {}
     for chunk in chunks(device_ids):
         for device_id, total, *entry in _queue_rows(chunk):
-            found[device_id].append(QueueEntry(*entry))
+            found[device_id].append(_entry(*entry))
             totals[device_id] = total
     idle_floor = highest_seq_ever() if len(totals) < len(device_ids) else 0
+    _add_head_artifacts(found)
     return [DeviceQueue(d, tuple(found[d]), totals.get(d, 0), found[d][0].seq - 1 if found[d] else idle_floor)
             for d in device_ids]
+
+
+def _entry(job_id: str, parent_id: str, name: str, command: str, timeout: int, success_on_restart: Any,
+           seq: int, status: str, submitted: datetime, reason: str | None, attempt: int, rollback: Any) -> QueueEntry:
+    """A QueueEntry from a row; SQLite gives 0 or 1 for the booleans (a CASE, an IS NOT NULL)."""
+    return QueueEntry(job_id, parent_id, name, command, timeout, bool(success_on_restart), seq, status, submitted,
+                      reason, attempt, bool(rollback))
+
+
+def _add_head_artifacts(found: dict[str, list[QueueEntry]]) -> None:
+    heads = [entries[0] for entries in found.values() if entries]
+    refs = job_artifacts(h.parent_id for h in heads if not h.rollback)
+    for entries in found.values():
+        if entries and not entries[0].rollback and entries[0].parent_id in refs:
+            entries[0] = replace(entries[0], artifacts=refs[entries[0].parent_id])
 
 
 def highest_seq_ever() -> int:
@@ -83,12 +113,18 @@ def _queue_rows(device_ids: list[str]) -> Iterable[tuple[Any, ...]]:
 
 def _queue_query(count: int) -> pw.Query:
     ranked = (ChildJob.select(
-        ChildJob.device_id, ChildJob.job_id, ChildJob.parent, ChildJob.seq, ChildJob.status,
+        ChildJob.device_id, ChildJob.job_id, ChildJob.parent, ChildJob.seq, ChildJob.status, ChildJob.reason,
+        ChildJob.attempt, ChildJob.on_failure_of,
         pw.fn.ROW_NUMBER().over(partition_by=[ChildJob.device_id], order_by=[ChildJob.seq]).alias("position"),
         pw.fn.COUNT(ChildJob.seq).over(partition_by=[ChildJob.device_id]).alias("total"))
         .where(ChildJob.device_id.in_(args(count)), ChildJob.status.in_(PENDING)).alias("ranked"))
-    return (Job.select(ranked.c.device_id, ranked.c.total, ranked.c.job_id, Job.job_id, Job.name, Job.command,
-                       Job.timeout_seconds, Job.success_on_restart, ranked.c.seq, ranked.c.status, Job.created)
+    own = ranked.c.on_failure_of.is_null()  # else a rollback child (OnFailure): it runs the rollback workflow
+    return (Job.select(ranked.c.device_id, ranked.c.total, ranked.c.job_id, Job.job_id, Job.name,
+                       pw.Case(None, [(own, Job.command)], Job.on_failure_command),
+                       pw.Case(None, [(own, Job.timeout_seconds)], Job.on_failure_timeout_seconds),
+                       pw.Case(None, [(own, Job.success_on_restart)], Job.on_failure_success_on_restart),
+                       ranked.c.seq, ranked.c.status, Job.created, ranked.c.reason, ranked.c.attempt,
+                       ranked.c.on_failure_of.is_null(False))
             .join(ranked, on=(ranked.c.parent_id == Job.job_id))
             .where(ranked.c.position <= QUEUE_LIST_LIMIT)
             .order_by(ranked.c.device_id, ranked.c.seq).tuples())

@@ -16,8 +16,8 @@ from . import PENDING
 class FleetStats:
     jobs: dict[str, int] = field(default_factory=dict)  # child jobs per JobStatus value, every state present
     devices: dict[str, int] = field(default_factory=dict)  # "online", "offline", "disabled"
-    devices_with_pending: int = 0  # devices with a QUEUED or IN_PROGRESS job
-    pending_jobs: int = 0  # QUEUED and IN_PROGRESS jobs in all queues
+    devices_with_pending: int = 0  # devices with a SCHEDULED, QUEUED or IN_PROGRESS job
+    pending_jobs: int = 0  # SCHEDULED, QUEUED and IN_PROGRESS jobs in all queues
     deepest_queue: int = 0  # the most pending jobs any one device has
 
 

@@ -12,6 +12,7 @@ from agent.protocol import JobStatus, can_transition
 
 from ..models import ChildJob, Device, now
 from . import PENDING, arg, args, chunks, idempotent, padded, prepared, write_transaction
+from .attempts import Attempts
 from .devices import set_presence
 
 
@@ -30,6 +31,8 @@ class Update:
     start_time: datetime | None = None
     end_time: datetime | None = None
     reason: str | None = None
+    attempt: int | None = None  # which attempt of the job the report is about; None: not said (1)
+    progress: tuple[int, int] | None = None  # DOWNLOADING: (bytes so far, bytes in all)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class _BatchView:
         self.children = {c.job_id: c for chunk in chunks(job_ids)
                          for c in prepared("batch_children", _children, *padded(chunk))}
         self.enabled = {d for chunk in chunks(devices) for (d,) in prepared("batch_enabled", _enabled, *padded(chunk))}
+        self.attempts = Attempts()  # retries and rollbacks, with the jobs' policies read once per batch
         self._heads: dict[str, int | None] = {}
         for chunk in chunks(devices):
             self._heads.update(dict.fromkeys(chunk))
@@ -111,6 +115,8 @@ def _apply_one(update: Update, view: _BatchView) -> str | None:
         return f"the job belongs to device {child.device_id!r}"
     if update.device_id not in view.enabled:
         return "the device is disabled or deleted"
+    if not _current_attempt(update, child):
+        return f"it is about attempt {update.attempt or 1}, and the job is at attempt {child.attempt}"
     current = JobStatus(child.status)
     if current.is_final and child.finalized_by_service and update.status.is_final:
         _apply_late(child, update)
@@ -118,16 +124,31 @@ def _apply_one(update: Update, view: _BatchView) -> str | None:
         return LATE
     if current.is_final:
         return f"the job is already {current.value}"
+    if current is JobStatus.SCHEDULED:  # never sent to the device: only the service moves it
+        return "the job is held by the service (SCHEDULED)"
     if view.head(update.device_id) != child.seq:
         return "the job is not the device's current job"
     if not can_transition(current, update.status):
         return f"{current.value} cannot become {update.status.value}"
+    if update.status.is_final and view.attempts.retried(child, update):
+        view.applied(child, JobStatus.SCHEDULED)
+        return None
     _write_update(child, update)
     view.applied(child, update.status)
+    if update.status.is_final:
+        view.attempts.ended(child, update.status)
     return None
 
 
 LATE = "late"
+
+
+def _current_attempt(update: Update, child: ChildJob) -> bool:
+    """Whether the report is about the child's current attempt. A REJECTED that names no attempt is:
+    an agent that knows only v2 heads cannot verify the v3 head of a retry, and says so without one."""
+    if update.attempt is None and update.status is JobStatus.REJECTED:
+        return True
+    return (update.attempt or 1) == child.attempt
 
 
 def _apply_late(child: ChildJob, update: Update) -> None:
@@ -149,6 +170,9 @@ FINAL_COLUMNS = (ChildJob.end_time, ChildJob.exit_code, ChildJob.stdout, ChildJo
 def _write_update(child: ChildJob, update: Update) -> None:
     columns = [ChildJob.status, ChildJob.updated]
     values: list[Any] = [update.status.value, now()]
+    if update.progress is not None:
+        columns += [ChildJob.download_bytes, ChildJob.download_total]
+        values += list(update.progress)
     if update.start_time is not None:
         columns.append(ChildJob.start_time)
         values.append(update.start_time)
@@ -156,6 +180,6 @@ def _write_update(child: ChildJob, update: Update) -> None:
         columns += FINAL_COLUMNS
         values += [update.end_time or now(), update.exit_code, update.stdout, update.stderr, update.stdout_truncated,
                    update.stderr_truncated, update.reason]
-    shape = f"write_update/{update.start_time is not None}/{update.status.is_final}"
+    shape = f"write_update/{update.progress is not None}/{update.start_time is not None}/{update.status.is_final}"
     prepared(shape, lambda count: ChildJob.update({c: arg(i) for i, c in enumerate(columns)})
              .where(ChildJob.seq == arg(count - 1)), *values, child.seq)

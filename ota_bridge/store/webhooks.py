@@ -158,7 +158,8 @@ def _counts(parent_ids: list[str]) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {p: {} for p in parent_ids}
     for chunk in chunks(parent_ids):
         rows = (ChildJob.select(ChildJob.parent, ChildJob.status, pw.fn.COUNT(ChildJob.seq))
-                .where(ChildJob.parent.in_(chunk)).group_by(ChildJob.parent, ChildJob.status).tuples())
+                .where(ChildJob.parent.in_(chunk), ChildJob.on_failure_of.is_null())  # rollbacks apart, as the API
+                .group_by(ChildJob.parent, ChildJob.status).tuples())
         for parent_id, status, n in rows:
             counts[parent_id][status] = n
     return counts

@@ -61,3 +61,4 @@ class FakeDevice:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.client._reset_sockets(sockpair_only=True)  # paho 2 leaves its wake-up socket pair open

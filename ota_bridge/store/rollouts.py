@@ -1,0 +1,272 @@
+"""Held jobs and their release: SCHEDULED children become QUEUED, one transaction per batch;
+rollouts (waves, rates, aborts, schedules), their pause and continuous jobs.
+
+A release is a conditional UPDATE (`... WHERE status = 'SCHEDULED'`), so two instances that
+release the same child at once release it once: the second finds it QUEUED and changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterable, Sequence
+
+import peewee as pw
+
+from agent.protocol import JobStatus
+
+from .. import clock
+from ..errors import JobNotFound, NoRollout
+from ..models import ChildJob, Device, DeviceTag, Job, Rollout, db, now
+from ..rollout_plan import Plan, Progress, abort_reason, allowed
+from . import PENDING, attempts, chunks, devices, finalize, idempotent, jobs, release_children, write_transaction
+from .job_options import NO_OPTIONS, JobOptions
+
+RELEASE_BATCH = 500  # children per release transaction of release_due
+ROLLOUT_BATCH = 2000  # children per decision of a rollout (one transaction)
+SCHEDULED = JobStatus.SCHEDULED.value
+
+
+@idempotent
+def release_due(current: datetime, limit: int = RELEASE_BATCH) -> list[str]:
+    """Release the held children whose release_at is at or before `current` (the service's clock),
+    the oldest first, at most `limit`; returns the devices whose queues changed."""
+    with write_transaction():
+        due = (ChildJob.select(ChildJob.seq, ChildJob.device_id)
+               .where(ChildJob.status == SCHEDULED, ChildJob.release_at.is_null(False),
+                      ChildJob.release_at <= current)
+               .order_by(ChildJob.seq).limit(limit).tuples())
+        return release_children(list(due))
+
+
+# --- rollouts -------------------------------------------------------------------------------------
+# A job with a Rollout or Schedule starts with every child SCHEDULED (release_at NULL: only the
+# rollout releases it). Each round of the release loop decides, per active rollout, in one
+# transaction that locks the rollout's row (PostgreSQL: FOR UPDATE, so instances decide one after
+# another): abort if an AbortOn criterion is met, end at the schedule's EndTime, else release as
+# many children, in Seq order, as the waves or the rate allow now.
+
+
+def submit_job(name: str | None, workflow_id: str, target_field: str, target_value: str,
+               timeout_seconds: int | None, plan: Plan,
+               options: JobOptions = NO_OPTIONS) -> tuple[Job, list[str]]:
+    """jobs.submit_job with a rollout: its children held if the plan decides when they go, and its
+    rollout row, in one transaction."""
+    with write_transaction():
+        current = clock.now()
+        hold = (lambda n: plan.hold_reasons(n, current)) if plan.holds else None
+        job, device_ids = jobs.submit_job(name, workflow_id, target_field, target_value, timeout_seconds, hold,
+                                          may_be_empty=plan.continuous, options=options)
+        Rollout.create(job=job.job_id, plan=plan.to_json(), continuous=plan.continuous,
+                       rate=plan.max_per_minute and float(plan.max_per_minute))
+    return job, device_ids
+
+
+def active_rollouts() -> list[str]:
+    """The jobs whose rollout still has decisions to make."""
+    return [job_id for (job_id,) in Rollout.select(Rollout.job).where(Rollout.active == True).tuples()]  # noqa: E712
+
+
+@dataclass(frozen=True)
+class Round:
+    device_ids: list[str]  # queues that changed
+    more: bool  # more children could go now: decide again at once (a batch was full)
+
+
+def advance(job_id: str, current: datetime) -> Round:
+    """One decision of one rollout on the service's clock, in one transaction."""
+    with write_transaction():
+        row = _locked(job_id)
+        if row is None or not row.active:
+            return Round([], False)
+        plan = Plan.from_json(row.plan)
+        counts = _counts(job_id)
+        row.checked_at = current
+        why = abort_reason(plan, counts)
+        if why is not None:
+            return Round(_abort(row, why), False)
+        if plan.ended(current):
+            return Round(_end(row, plan), False)
+        devices, more = ([], False) if row.paused else _release(row, plan, counts, current)
+        if not plan.continuous and not any(counts.get(s, 0) for s in PENDING) and not devices:
+            row.active = False
+        row.save()
+        return Round(devices, more)
+
+
+def _own(job_id: str) -> tuple[Any, ...]:
+    """The children a rollout counts and releases: its job's, but its rollback children (OnFailure,
+    store/attempts.py): those are held for their partner's end, not for the rollout."""
+    return (ChildJob.parent == job_id, ChildJob.on_failure_of.is_null())
+
+
+def _held(job_id: str) -> tuple[Any, ...]:
+    """Its children held by the rollout itself: SCHEDULED without a release time."""
+    return (*_own(job_id), ChildJob.status == SCHEDULED, ChildJob.release_at.is_null())
+
+
+def _locked(job_id: str) -> Rollout | None:
+    query = Rollout.select().where(Rollout.job == job_id)
+    if not isinstance(db.obj, pw.SqliteDatabase):  # SQLite's write lock is the whole database already
+        query = query.for_update()
+    return query.first()
+
+
+def _counts(job_id: str) -> dict[str, int]:
+    rows = (ChildJob.select(ChildJob.status, pw.fn.COUNT(ChildJob.seq)).where(*_own(job_id))
+            .group_by(ChildJob.status).tuples())
+    return dict(rows)
+
+
+def _release(row: Rollout, plan: Plan, counts: dict[str, int], current: datetime) -> tuple[list[str], bool]:
+    """Release what the plan allows now; returns the devices and whether the batch was full."""
+    progress = _progress(row)
+    wave = progress.wave
+    wanted = allowed(plan, progress, counts, current)
+    if progress.wave != wave:  # a new wave opened: its children are those it releases from now on
+        row.wave_from_seq = None
+    children = _release_first(row.job_id, min(wanted, counts.get(SCHEDULED, 0), ROLLOUT_BATCH))
+    if plan.waves and children and row.wave_from_seq is None:
+        row.wave_from_seq = children[0][0]
+    progress.released += len(children)
+    progress.window_released += len(children)
+    _keep(row, progress)
+    return sorted({device for _, device in children}), len(children) == ROLLOUT_BATCH
+
+
+def _release_first(job_id: str, count: int) -> list[tuple[int, str]]:
+    """The job's first `count` children held by its rollout, in Seq order, become QUEUED: one
+    UPDATE by Seq range (no list of ids). Returns their (seq, device id)."""
+    if count <= 0:
+        return []
+    held = _held(job_id)
+    query = ChildJob.select(ChildJob.seq, ChildJob.device_id).where(*held).order_by(ChildJob.seq).limit(count)
+    children = db.execute_sql(*query.sql()).fetchall()  # the driver's rows: a third of peewee's time
+    if children:
+        (ChildJob.update(status=JobStatus.QUEUED.value, reason=None, updated=now())
+         .where(*held, ChildJob.seq <= children[-1][0]).execute())
+    return children
+
+
+def _keep(row: Rollout, progress: Progress) -> None:
+    (row.wave, row.wave_ready_at, row.wave_base, row.released, row.rate, row.rate_successes, row.window_start,
+     row.window_released) = (progress.wave, progress.wave_ready_at, progress.wave_base, progress.released,
+                             progress.rate, progress.rate_successes, progress.window_start, progress.window_released)
+
+
+def _progress(row: Rollout) -> Progress:
+    """The row's state, and how many children of its last wave succeeded (one count, waves only)."""
+    succeeded = 0
+    if row.wave_from_seq is not None:
+        succeeded = (ChildJob.select().where(*_own(row.job_id), ChildJob.seq >= row.wave_from_seq,
+                                             ChildJob.status == JobStatus.SUCCEEDED.value).count())
+    return Progress(row.wave, row.wave_ready_at, row.wave_base, succeeded, row.released, row.rate,
+                    row.rate_successes, row.window_start, row.window_released)
+
+
+def _abort(row: Rollout, why: str) -> list[str]:
+    """End every child not yet released or still QUEUED: CANCELED with the reason. A rollback child
+    (OnFailure) waits for its partner: ended "not needed" if that was canceled here, run if it fails."""
+    where = (*_own(row.job_id), ChildJob.status.in_([SCHEDULED, JobStatus.QUEUED.value]))
+    devices = sorted({d for (d,) in ChildJob.select(ChildJob.device_id).where(*where).tuples()})
+    finalize(JobStatus.CANCELED, why, *where)
+    devices = sorted({*devices, *attempts.settle_stray_rollbacks()})  # those canceled need no rollback
+    row.active, row.aborted, row.abort_reason = False, True, why
+    row.save()
+    return devices
+
+
+def _end(row: Rollout, plan: Plan) -> list[str]:
+    """The schedule's EndTime came: CANCEL ends the children still held; LEAVE leaves them held."""
+    where = _held(row.job_id)
+    devices = sorted({d for (d,) in ChildJob.select(ChildJob.device_id).where(*where).tuples()})
+    if plan.end_behavior == "CANCEL":
+        finalize(JobStatus.CANCELED, f"schedule: ended at {plan.end_time}", *where)
+        devices = sorted({*devices, *attempts.settle_stray_rollbacks()})
+    else:
+        ChildJob.update(reason=f"schedule: ended at {plan.end_time}; not released").where(*where).execute()
+    row.active = False
+    row.save()
+    return devices
+
+
+PAUSED = "rollout paused; "  # put before a held child's reason while its rollout is paused
+
+
+def set_paused(job_id: str, paused: bool) -> list[str]:
+    """Pause or resume a job's rollout: a paused one releases nothing (released children go on).
+    Its held children's reasons say so; returns their devices (their queue lists change)."""
+    with write_transaction():
+        row = _locked(job_id)
+        if row is None:
+            if not Job.select().where(Job.job_id == job_id).exists():
+                raise JobNotFound(job_id)
+            raise NoRollout(job_id)
+        if row.paused == paused:
+            return []
+        row.paused = paused
+        row.save()
+        held = _held(job_id)
+        devices = sorted({d for (d,) in ChildJob.select(ChildJob.device_id).where(*held).tuples()})
+        if paused:
+            ChildJob.update(reason=pw.Value(PAUSED).concat(pw.fn.COALESCE(ChildJob.reason, ""))).where(*held).execute()
+        else:
+            (ChildJob.update(reason=pw.fn.SUBSTR(ChildJob.reason, len(PAUSED) + 1))
+             .where(*held, ChildJob.reason.startswith(PAUSED)).execute())
+        return devices
+
+
+# --- continuous jobs ------------------------------------------------------------------------------
+
+
+def register_devices(new: Sequence[devices.NewDevice]) -> list[devices.DeviceView]:
+    """devices.register_devices, and a child of every continuous job the new devices belong to."""
+    with write_transaction():
+        views = devices.register_devices(new)
+        join_continuous([d.device_id for d in new])
+    return views
+
+
+def update_device(device_id: str, group: Any, tags: Iterable[str] | None, enabled: bool | None,
+                  unset: object) -> tuple[devices.DeviceView, list[str]]:
+    """devices.update_device, and a child of every continuous job the device now belongs to;
+    returns the device and whether its queue changed ([device_id] or [])."""
+    with write_transaction():
+        view = devices.update_device(device_id, group, tags, enabled, unset)
+        changed = join_continuous([device_id]) if group is not unset or tags is not None else []
+    return view, changed
+
+
+def join_continuous(device_ids: list[str]) -> list[str]:
+    """Inside the caller's transaction: each device that belongs to an active continuous job's
+    target and has no child of it yet gets one, appended to its queue (held, if the job's
+    rollout decides when). Returns the devices that got a job."""
+    joined: set[str] = set()
+    rows = list(Rollout.select(Rollout, Job).join(Job).where(Rollout.continuous == True,  # noqa: E712
+                                                             Rollout.active == True))  # noqa: E712
+    for row in rows:
+        new = _newcomers(row.job, device_ids)
+        if new:
+            plan = Plan.from_json(row.plan)
+            held = [JOINED_LATER] * len(new) if plan.holds else None
+            jobs.add_children(row.job, new, held)
+            joined.update(new)
+    return sorted(joined)
+
+
+JOINED_LATER = "rollout: joined the target after the start; not released yet"
+
+
+def _newcomers(job: Job, device_ids: list[str]) -> list[str]:
+    found: list[str] = []
+    for chunk in chunks(device_ids):
+        if job.target_field == "DeviceGroup":
+            members = Device.select(Device.device_id).where(Device.device_id.in_(chunk),
+                                                            Device.group == job.target_value)
+        else:
+            members = DeviceTag.select(DeviceTag.device).where(DeviceTag.device.in_(chunk),
+                                                               DeviceTag.tag == job.target_value)
+        have = ChildJob.select(ChildJob.device_id).where(ChildJob.parent == job.job_id, ChildJob.device_id.in_(chunk))
+        taken = {d for (d,) in have.tuples()}
+        found += sorted(d for (d,) in members.tuples() if d not in taken)
+    return found

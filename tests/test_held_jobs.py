@@ -1,0 +1,72 @@
+"""Held (SCHEDULED) jobs on a real SQLite file: the state table, their place in the queue, release."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+from agent.protocol import DEVICE_REPORTABLE, PENDING_STATUSES, SERVICE_ONLY, TRANSITIONS, JobStatus, Key
+from ota_bridge.device_messages import queue_message
+from ota_bridge.models import ChildJob, now
+from ota_bridge.store import Store, devices, jobs, queues, workflows, write_transaction
+from ota_bridge.store import rollouts as held
+from ota_bridge.store.jobs import derive_status
+from ota_bridge.store.updates import Update, record_device_messages
+
+
+def test_scheduled_is_held_by_the_service_only() -> None:
+    assert TRANSITIONS[JobStatus.SCHEDULED] == {JobStatus.QUEUED, JobStatus.CANCELED}
+    assert JobStatus.SCHEDULED not in DEVICE_REPORTABLE
+    assert not JobStatus.SCHEDULED.is_final
+    # a retry (store/attempts.py) is the only way back into SCHEDULED, and only the service takes it
+    assert {s for s, targets in TRANSITIONS.items() if JobStatus.SCHEDULED in targets} == PENDING_STATUSES
+    assert SERVICE_ONLY == {(s, JobStatus.SCHEDULED) for s in PENDING_STATUSES}
+
+
+def test_a_scheduled_child_counts_as_pending_in_its_parent() -> None:
+    assert derive_status({"SCHEDULED": 3}) is JobStatus.QUEUED
+    assert derive_status({"SCHEDULED": 1, "SUCCEEDED": 1}) is JobStatus.IN_PROGRESS
+
+
+def _hold(seq: int, reason: str, release_at: object = None) -> None:
+    with write_transaction():
+        ChildJob.update(status=JobStatus.SCHEDULED.value, reason=reason, release_at=release_at).where(
+            ChildJob.seq == seq).execute()
+
+
+def _two_jobs(db: Store) -> tuple[ChildJob, ChildJob]:
+    db.call_sync(devices.register_device, "d1", None, [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
+    first, _ = db.call_sync(jobs.submit_job, "first", wf.workflow_id, "DeviceId", "d1", None)
+    second, _ = db.call_sync(jobs.submit_job, "second", wf.workflow_id, "DeviceId", "d1", None)
+    return tuple(db.call_sync(jobs.child_jobs, job.job_id)[0] for job in (first, second))  # type: ignore[return-value]
+
+
+def test_a_held_job_keeps_its_place_and_the_queue_shows_why(db: Store) -> None:
+    first, second = _two_jobs(db)
+    db.call_sync(_hold, first.seq, "rollout: wave 2 of 4 not released")
+    [queue] = db.call_sync(queues.device_queues, ["d1"])
+    assert queue.head is None  # the idle head: nothing to run
+    assert queue.floor == first.seq - 1
+    message = json.loads(queue_message(queue))
+    assert [(j[Key.STATUS], j.get(Key.REASON)) for j in message[Key.JOBS]] == [
+        ("SCHEDULED", "rollout: wave 2 of 4 not released"), ("QUEUED", None)]
+    # The later job waits: a report about it is not the device's current job.
+    outcomes = db.call_sync(record_device_messages, [Update("d1", second.job_id, JobStatus.IN_PROGRESS)], [])
+    assert outcomes.dropped and "not the device's current job" in outcomes.dropped[0][1]
+    outcomes = db.call_sync(record_device_messages, [Update("d1", first.job_id, JobStatus.CANCELED)], [])
+    assert "held by the service" in outcomes.dropped[0][1]
+
+
+def test_a_held_job_is_released_when_due_and_canceled_like_a_queued_one(db: Store) -> None:
+    first, second = _two_jobs(db)
+    later = now() + timedelta(minutes=5)
+    db.call_sync(_hold, first.seq, "retry in 5 minutes", later)
+    assert db.call_sync(held.release_due, now()) == []
+    assert db.call_sync(held.release_due, later) == ["d1"]
+    assert db.call_sync(held.release_due, later) == []  # released once
+    [queue] = db.call_sync(queues.device_queues, ["d1"])
+    assert queue.head is not None and queue.head.job_id == first.job_id
+    db.call_sync(_hold, second.seq, "held")
+    assert db.call_sync(jobs.cancel_job, second.parent_id) == ["d1"]
+    assert db.call_sync(jobs.get_child, second.job_id).status == "CANCELED"
