@@ -54,11 +54,11 @@ def _raw(count: int) -> float:
                target_field="DeviceGroup", target_value="fan").execute()
     table, param = ChildJob._meta.table_name, db.obj.param
     columns = "job_id, parent_id, device_id, status, stdout, stderr, stdout_truncated, stderr_truncated, " \
-              "finalized_by_service, updated"
-    sql = f"INSERT INTO {table} ({columns}) VALUES ({', '.join([param] * 10)})"
+              "finalized_by_service, updated, attempt"  # every NOT NULL column without a database default
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({', '.join([param] * 11)})"
     start = time.perf_counter()
     current = now()
-    rows = [(str(uuid.uuid4()), parent, f"fan-{i:06d}", "QUEUED", "", "", False, False, False, current)
+    rows = [(str(uuid.uuid4()), parent, f"fan-{i:06d}", "QUEUED", "", "", False, False, False, current, 1)
             for i in range(count)]
     with write_transaction():
         db.obj.cursor().executemany(sql, rows)
