@@ -460,28 +460,21 @@ class Agent:
         limits = RunLimits(timeout_seconds=head.timeout_seconds, output_cap=self.settings.output_cap,
                            kill_grace=self.settings.kill_grace)
         env = {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id, **(artifact_env or {})}
-        runner = Runner(head.job_id, head.command, limits, env,
-                        on_started=functools.partial(self._record_process, head))
+        runner = Runner(head.job_id, head.command, limits, env)
+        group = runner.spawn()  # held at its gate: the start and its group go to disk in one write first
         try:
-            self.journal.record_started(head.job_id, head.seq, runner.start_time, head.attempt)
+            self.journal.record_started(head.job_id, head.seq, runner.start_time, head.attempt, process=group)
         except JournalError as e:
+            runner.discard()
             self._refuse(head, str(e))
             return
+        if group is not None:
+            log.info("job %s: its command runs as process group %d", head.job_id, group.pgid)
         log.info("job %s: %s%s", head.job_id, JobStatus.IN_PROGRESS.value, _about(head))
         self.link.publish_status(_stamped(in_progress_message(head.job_id, runner.start_time), head))
         thread = threading.Thread(target=self._work, args=(runner,), name=f"job-{head.job_id}", daemon=True)
         self._running = _Running(head, runner, thread)
         thread.start()
-
-    def _record_process(self, head: Head, group: ProcessGroup) -> None:
-        """On the worker thread, as the command starts: journal its group, for a restart to stop it."""
-        job_id = head.job_id
-        try:
-            self.journal.record_process(job_id, group, head.attempt)
-        except JournalError as e:
-            log.error("job %s: %s; if the agent dies now, its command runs on", job_id, e)
-            return
-        log.info("job %s: its command runs as process group %d", job_id, group.pgid)
 
     def _refuse(self, head: Head, reason: str) -> None:
         """The journal cannot record the job, so it must not run: report FAILED instead."""

@@ -11,8 +11,10 @@ Entries are kept per attempt of a job: (JobId, Attempt), Attempt 1 when absent (
 retries a failed attempt with a head that carries the next Attempt: docs/protocol.md). Attempt 2
 of a job whose attempt 1 ran is a new entry, and runs; attempt 1 again finds its entry.
 
-An entry is written ("started", Result null) before its command runs, gets the command's
-process group (Process) right after the command started, and is completed with the full final
+An entry is written ("started", Result null) before its command runs, with the command's
+process group (Process) in the same write (the runner spawns the command's shell held at a
+gate, and opens the gate only after this write; `record_process` adds it later for a caller
+that did not spawn first), and is completed with the full final
 status message after (which drops Process). A job with an entry is never run again. A restarted
 agent ends the group of a "started" entry that still runs, and marks the entry
 "LeftoversStopped": true. Every write replaces
@@ -281,10 +283,13 @@ class Journal:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def record_started(self, job_id: str, seq: int | None, start_time: datetime, attempt: int = 1) -> Entry:
+    def record_started(self, job_id: str, seq: int | None, start_time: datetime, attempt: int = 1,
+                       process: ProcessGroup | None = None) -> Entry:
         """Record (durably) that the job's attempt is about to run, with a Floor raised in memory
-        before. Raises JournalError."""
-        entry = Entry(job_id, seq, protocol.format_time(start_time) or "", attempt=attempt)
+        before, and its command's process group when it is already known (the runner spawns the
+        command held at a gate, so the group is journalled in the same write before the command
+        runs). Raises JournalError."""
+        entry = Entry(job_id, seq, protocol.format_time(start_time) or "", process=process, attempt=attempt)
         with self._lock:
             self._entries.pop(entry.key, None)
             self._entries[entry.key] = entry

@@ -4,9 +4,15 @@ The command runs in a new session, so it leads its own process group; a timeout,
 or leftover background children holding the output pipes end the WHOLE group: SIGTERM first,
 then SIGKILL once the grace period has passed.
 
-Right after the start the runner hands the command's ProcessGroup (its id plus the leader's
-start time and the boot id) to `on_started`, which journals it: an agent that died while the
-command ran can then end what is left of it after its restart (`stop_leftovers`).
+The command is started held at a gate (`spawn`): its shell exists, in its own session, but
+waits on a pipe before it runs anything. Its ProcessGroup (its id plus the leader's start time
+and the boot id) is known then, so the caller journals the start and the group in ONE durable
+write before `run` opens the gate: an agent that died while the command ran can end what is left
+of it after its restart (`stop_leftovers`), and an agent that dies before opening the gate
+closes the pipe with its death, so the held shell exits without running the command.
+`on_started` (for callers that do not spawn first) gets the group before the gate opens.
+
+One thread (the caller of `run`) waits for the command and reads both output pipes (select).
 
 A killed command (TIMED_OUT, CANCELED) reports ExitCode null: it did not exit on its own,
 and the Status and Reason say why it stopped. A command that dies of a signal it did not
@@ -113,34 +119,22 @@ def in_progress_message(job_id: str, start_time: datetime) -> dict[str, Any]:
     }
 
 
-class TailReader(threading.Thread):
-    """Reads one pipe to its end, keeping only the last `cap` bytes."""
+class _Tail:
+    """One output pipe's kept tail: only the last `cap` bytes."""
 
-    def __init__(self, stream: Any, cap: int, name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self._fd = stream.fileno()
+    def __init__(self, stream: Any, cap: int) -> None:
+        self.fd = stream.fileno()
         self._cap = cap
         self._tail = bytearray()
-        self._abandon = threading.Event()
         self.truncated = False
 
-    def run(self) -> None:
-        while not self._abandon.is_set():
-            ready, _, _ = select.select([self._fd], [], [], _POLL_SECONDS)
-            if ready and not self._keep(os.read(self._fd, _READ_CHUNK)):
-                return
-
-    def _keep(self, chunk: bytes) -> bool:
+    def keep(self, chunk: bytes) -> bool:
         """Append a chunk to the tail; False at end of file."""
         self._tail += chunk
         if len(self._tail) > self._cap:
             del self._tail[: len(self._tail) - self._cap]
             self.truncated = True
         return bool(chunk)
-
-    def abandon(self) -> None:
-        """Stop reading even though the pipe is still open (a process outside our group holds it)."""
-        self._abandon.set()
 
     def text(self) -> str:
         """The kept tail as text, starting at a character boundary when it was cut."""
@@ -227,11 +221,22 @@ def end_group(pgid: int, kill_grace: float, leader_reaped: Callable[[], bool] = 
         time.sleep(_POLL_SECONDS / 10)
 
 
-class Runner:
-    """Runs one command once. `run()` blocks; `cancel()` may be called from any thread.
+# The held shell: wait for the gate (its standard input) to say go, then become the command's
+# shell with the same pid (so the same process group and start time) and /dev/null as input.
+# End of file on the gate (the agent died, or did not journal the start): exit, nothing run.
+_GATE_SCRIPT = 'read _ || exit 125; exec /bin/sh -c "$1" </dev/null'
+_SHELL = "/bin/sh"
 
+
+class Runner:
+    """Runs one command once. `spawn()` then `run()` (or `run()` alone); `run()` blocks;
+    `cancel()` may be called from any thread.
+
+    `spawn()` starts the command held at its gate and returns its ProcessGroup (None without
+    /proc, or when it could not be started): journal it, then `run()` opens the gate; or
+    `discard()` if the start could not be journalled, and the command never runs.
     `on_started` is called (on the thread that runs `run()`) with the command's ProcessGroup
-    once it runs; not at all without /proc.
+    before the gate opens; not at all without /proc.
     """
 
     def __init__(
@@ -246,67 +251,116 @@ class Runner:
         self.start_time = protocol.utc_now()
         self._cancel = threading.Event()
         self._cancel_reason: str | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._gate: int | None = None  # the write end of the gate pipe, until opened or discarded
+        self._spawn_error: str | None = None
+        self.group: ProcessGroup | None = None
 
     def cancel(self, reason: str) -> None:
         """Kill the command's process group; the result becomes CANCELED with this reason."""
         self._cancel_reason = reason
         self._cancel.set()
 
-    def run(self) -> RunResult:
+    def spawn(self) -> ProcessGroup | None:
+        """Start the command's shell held at its gate; its group, or None (see the class)."""
+        if self._process is not None or self._spawn_error is not None:
+            return self.group
+        gate_read, self._gate = os.pipe()
         try:
-            process = self._start()
+            self._process = self._start(gate_read)
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in the command
-            reason = f"the command could not be started: {e}"
-            return RunResult.without_output(self.job_id, JobStatus.FAILED, self.start_time, reason)
-        readers = [
-            TailReader(process.stdout, self.limits.output_cap, f"stdout-{process.pid}"),
-            TailReader(process.stderr, self.limits.output_cap, f"stderr-{process.pid}"),
-        ]
-        for reader in readers:
-            reader.start()
-        self._announce(process.pid)
-        try:
-            stopped = self._wait(process)
-            self._drain(process, readers)
+            self._spawn_error = f"the command could not be started: {e}"
+            self._close_gate(b"")
+            return None
         finally:
-            process.stdout.close()
-            process.stderr.close()
-        return self._result(process, readers, stopped)
+            os.close(gate_read)
+        self.group = ProcessGroup.of(self._process.pid)  # our unreaped child: its pid is not reused yet
+        return self.group
 
-    def _announce(self, pid: int) -> None:
-        group = ProcessGroup.of(pid)  # the leader is our unreaped child: its pid is not reused yet
-        if group is not None and self._on_started is not None:
-            self._on_started(group)
+    def discard(self) -> None:
+        """Never run the spawned command: close its gate unopened and reap the held shell."""
+        self._close_gate(b"")
+        if self._process is not None:
+            self._process.wait()
+            self._close_pipes(self._process)
 
-    def _start(self) -> subprocess.Popen[bytes]:
+    def run(self) -> RunResult:
+        if self._process is None and self._spawn_error is None:
+            self.spawn()
+            if self.group is not None and self._on_started is not None:
+                self._on_started(self.group)
+        process = self._process
+        if process is None:
+            return RunResult.without_output(self.job_id, JobStatus.FAILED, self.start_time, self._spawn_error)
+        if self._cancel.is_set():  # canceled before it ran: it never runs
+            self.discard()
+            return RunResult.without_output(self.job_id, JobStatus.CANCELED, self.start_time,
+                                            self._cancel_reason or "canceled")
+        self._close_gate(b"go\n")
+        tails = [_Tail(process.stdout, self.limits.output_cap), _Tail(process.stderr, self.limits.output_cap)]
+        try:
+            stopped = self._collect(process, tails)
+        finally:
+            self._close_pipes(process)
+        return self._result(process, tails, stopped)
+
+    def _close_gate(self, word: bytes) -> None:
+        if self._gate is None:
+            return
+        try:
+            if word:
+                os.write(self._gate, word)
+        finally:
+            os.close(self._gate)
+            self._gate = None
+
+    @staticmethod
+    def _close_pipes(process: subprocess.Popen[bytes]) -> None:
+        process.stdout.close()
+        process.stderr.close()
+
+    def _start(self, gate_read: int) -> subprocess.Popen[bytes]:
         import subprocess  # noqa: PLC0415 - lazily, see the top of the module
 
         return subprocess.Popen(
-            self.command,
-            shell=True,
+            [_SHELL, "-c", _GATE_SCRIPT, _SHELL, self.command],
             start_new_session=True,
-            stdin=subprocess.DEVNULL,
+            stdin=gate_read,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             close_fds=True,
             env=self.env,
         )
 
-    def _wait(self, process: subprocess.Popen[bytes]) -> tuple[JobStatus, str] | None:
-        """Wait for the command; on timeout or cancel kill its group and say why."""
-        import subprocess  # noqa: PLC0415 - lazily, see the top of the module
+    def _collect(self, process: subprocess.Popen[bytes], tails: list[_Tail]) -> tuple[JobStatus, str] | None:
+        """Read both outputs and wait for the command; on timeout or cancel kill its group and say why.
 
+        Output still open after the command ended (background children holding the pipes) is read
+        for the pipe grace, then the group is killed and read for one more grace; what is still
+        open then is held by a process that left the group, and is abandoned.
+        """
         deadline = time.monotonic() + self.limits.timeout_seconds
+        open_tails = {tail.fd: tail for tail in tails}
         while True:
-            try:
-                process.wait(timeout=_POLL_SECONDS)
+            _read_ready(open_tails, _POLL_SECONDS)
+            if not open_tails:
+                if _reaped(process, _POLL_SECONDS):
+                    return None
+            elif process.poll() is not None:
+                self._drain(process, open_tails)
                 return None
-            except subprocess.TimeoutExpired:
-                pass
             stopped = self._stop_reason(deadline)
             if stopped is not None:
                 self._kill_group(process)
+                self._drain(process, open_tails)
                 return stopped
+
+    def _drain(self, process: subprocess.Popen[bytes], open_tails: dict[int, _Tail]) -> None:
+        """Read the output to its end; background children still holding the pipes get killed."""
+        _read_until(open_tails, self.limits.pipe_grace)
+        if open_tails:
+            self._kill_group(process)
+            _read_until(open_tails, self.limits.pipe_grace)
 
     def _stop_reason(self, deadline: float) -> tuple[JobStatus, str] | None:
         if self._cancel.is_set():
@@ -321,29 +375,46 @@ class Runner:
         end_group(process.pid, self.limits.kill_grace, lambda: process.poll() is not None)
         process.wait()
 
-    def _drain(self, process: subprocess.Popen[bytes], readers: list[TailReader]) -> None:
-        """Read the output to its end; background children holding the pipes get killed."""
-        _join_all(readers, self.limits.pipe_grace)
-        if any(reader.is_alive() for reader in readers):
-            self._kill_group(process)
-            _join_all(readers, self.limits.pipe_grace)
-        for reader in readers:  # still open: held by a process that left our group
-            reader.abandon()
-            reader.join()
-
     def _result(
-        self, process: subprocess.Popen[bytes], readers: list[TailReader], stopped: tuple[JobStatus, str] | None
+        self, process: subprocess.Popen[bytes], tails: list[_Tail], stopped: tuple[JobStatus, str] | None
     ) -> RunResult:
         exit_code: int | None = process.returncode
         if stopped is not None:
             status, reason, exit_code = stopped[0], stopped[1], None
         else:
             status, reason = _exit_status(process.returncode)
-        out, err = readers
+        out, err = tails
         return RunResult(
             self.job_id, status, exit_code, out.text(), err.text(), out.truncated, err.truncated,
             self.start_time, protocol.utc_now(), reason,
         )
+
+
+def _read_ready(open_tails: dict[int, _Tail], timeout: float) -> None:
+    """Read what the open pipes have within `timeout`; a pipe at its end leaves `open_tails`."""
+    if not open_tails:
+        return
+    ready, _, _ = select.select(list(open_tails), [], [], timeout)
+    for fd in ready:
+        if not open_tails[fd].keep(os.read(fd, _READ_CHUNK)):
+            del open_tails[fd]
+
+
+def _read_until(open_tails: dict[int, _Tail], timeout: float) -> None:
+    """Read the open pipes until all are at their end or `timeout` has passed."""
+    deadline = time.monotonic() + timeout
+    while open_tails and time.monotonic() < deadline:
+        _read_ready(open_tails, min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+
+
+def _reaped(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    import subprocess  # noqa: PLC0415 - lazily, see the top of the module
+
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _exit_status(returncode: int) -> tuple[JobStatus, str | None]:
@@ -427,9 +498,3 @@ def _group_exists(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _join_all(threads: list[TailReader], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))

@@ -3,6 +3,7 @@
 import os
 import shutil
 import signal
+import sys
 import subprocess
 import threading
 import time
@@ -251,3 +252,54 @@ def test_a_process_that_left_the_session_is_not_found(orphan_group, pidfile):
 def test_the_interrupted_reason_says_when_leftovers_were_stopped():
     result = RunResult.interrupted("job-1", datetime.now(timezone.utc), False, leftovers_stopped=True)
     assert result.reason == "the agent restarted while the command ran; its leftover processes were stopped"
+
+
+# --- the gate: the command is spawned held, and runs only once the caller opens the gate ---------
+
+
+def test_a_spawned_command_waits_for_run_and_a_discarded_one_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    runner = Runner("job-1", f"echo ran > {marker}", RunLimits(timeout_seconds=30, **FAST))
+    group = runner.spawn()
+    assert group is not None and group.still_running()  # the held shell exists, in its own group
+    time.sleep(0.2)
+    assert not marker.exists()
+    runner.discard()
+    assert not marker.exists() and not group.still_running()
+
+    ran = Runner("job-2", f"echo ran > {marker}", RunLimits(timeout_seconds=30, **FAST))
+    spawned = ran.spawn()
+    result = ran.run()
+    assert result.status is JobStatus.SUCCEEDED and marker.read_text() == "ran\n"
+    assert spawned.pgid > 0 and not spawned.still_running()
+
+
+def test_a_command_canceled_before_its_gate_opened_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    runner = Runner("job-1", f"echo ran > {marker}", RunLimits(timeout_seconds=30, **FAST))
+    runner.spawn()
+    runner.cancel("superseded")
+    result = runner.run()
+    assert (result.status, result.reason, result.exit_code) == (JobStatus.CANCELED, "superseded", None)
+    assert not marker.exists()
+
+
+def test_a_held_command_whose_agent_died_before_the_gate_opened_never_runs(tmp_path):
+    """The agent dies (SIGKILL) after spawning and journalling, before `run`: the gate pipe closes
+    with it, and the held shell exits without running the command."""
+    marker = tmp_path / "ran"
+    holder = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal, sys\n"
+         "from agent.runner import Runner, RunLimits\n"
+         f"group = Runner('job-1', 'echo ran > {marker}', RunLimits(timeout_seconds=30)).spawn()\n"
+         "print(group.pgid, flush=True)\n"
+         "os.kill(os.getpid(), signal.SIGKILL)\n"],
+        capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parent.parent)
+    assert holder.returncode == -signal.SIGKILL
+    pgid = int(holder.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while is_running(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not is_running(pgid)
+    assert not marker.exists()
