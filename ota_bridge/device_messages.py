@@ -79,13 +79,28 @@ def _artifacts(device_id: str, entry: QueueEntry, artifact_url: ArtifactUrl | No
 
 def queue_message(queue: DeviceQueue) -> bytes:
     """The retained pending list, head first; empty when nothing is pending. A held job shows as
-    SCHEDULED with its Reason (the head is then the idle head: see DeviceQueue.head)."""
+    SCHEDULED with its Reason (the head is then the idle head: see DeviceQueue.head).
+
+    The list is republished whole on every change of the device's queue (up to QUEUE_LIST_LIMIT
+    entries), while usually only its head changed: each entry's JSON is kept (_LIST_ENTRIES) and
+    joined, byte for byte what encoding the whole message at once gives."""
     if not queue.entries:
         return b""
-    return encode({
-        Key.DEVICE_ID: queue.device_id,
-        Key.TOTAL: queue.total,
-        Key.JOBS: [{
+    head = encode({Key.DEVICE_ID: queue.device_id, Key.TOTAL: queue.total, Key.JOBS: []})
+    return b"".join([head[:-2], b",".join(_list_entry(e) for e in queue.entries), b"]}"])
+
+
+_LIST_ENTRIES: dict[tuple[Any, ...], bytes] = {}  # what an entry shows -> its JSON in the list
+_LIST_ENTRIES_MAX = 65536  # then forgotten all at once: a cache, never needed for correctness
+
+
+def _list_entry(e: QueueEntry) -> bytes:
+    key = (e.job_id, e.name, e.command, e.status, e.reason if e.held else None, e.seq)
+    cached = _LIST_ENTRIES.get(key)
+    if cached is None:
+        if len(_LIST_ENTRIES) >= _LIST_ENTRIES_MAX:
+            _LIST_ENTRIES.clear()
+        cached = _LIST_ENTRIES[key] = encode({
             Key.JOB_ID: e.job_id,
             Key.JOB_NAME: e.name,
             Key.COMMAND: e.command[:QUEUE_COMMAND_PREVIEW],
@@ -93,8 +108,8 @@ def queue_message(queue: DeviceQueue) -> bytes:
             Key.STATUS: e.status,
             **({Key.REASON: e.reason} if e.held else {}),
             Key.SEQ: e.seq,
-        } for e in queue.entries],
-    })
+        })
+    return cached
 
 
 @dataclass(frozen=True)
