@@ -17,7 +17,8 @@ payload is not a head and is ignored.
 
 Threads: paho's network thread only turns callbacks into events on a bounded queue
 (agent/link.py); the main thread reads that queue, decides, writes the journal and publishes;
-one worker thread runs the current command (and journals its process group as it starts). A job
+one worker thread runs the current command (spawned held by the main thread, which journals the
+start with its process group before the worker lets it run: agent/runner.py). A job
 whose head names Artifacts first has them fetched and checked by a download thread
 (agent/download.py): the journal's "started" entry is written only once every file is in the
 cache and in the job's directory, so an agent restarted mid-download fetches on from the part

@@ -40,6 +40,17 @@ def test_queue_message_lists_pending_jobs_in_order() -> None:
     assert queue_message(DeviceQueue("dev1", (), 0)) == b""
 
 
+def test_queue_message_from_kept_entries_is_what_encoding_it_whole_gives() -> None:
+    held = QueueEntry("c3", "p3", "jöb3", "x" * 300, 60, False, 10, "SCHEDULED", datetime(2026, 1, 1), "a window")
+    running = replace(ENTRY, status="IN_PROGRESS")
+    for entries in [(ENTRY, held), (ENTRY, held), (running, held)]:  # the second and third reuse kept entries
+        message = queue_message(DeviceQueue("dev1", entries, 7))
+        whole = json.loads(message)
+        assert message == encode(whole)
+        assert [j["Status"] for j in whole["Jobs"]] == [entries[0].status, "SCHEDULED"]
+        assert whole["Jobs"][1]["Reason"] == "a window" and whole["Jobs"][1]["CommandTruncated"] is True
+
+
 def test_final_update_is_parsed_with_naive_utc_times() -> None:
     update = parse_update("dev1", encode({
         "JobId": "c1", "Status": "FAILED", "ExitCode": 3, "Stdout": "o", "Stderr": "e",
