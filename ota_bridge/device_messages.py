@@ -92,10 +92,12 @@ def queue_message(queue: DeviceQueue) -> bytes:
 
 _LIST_ENTRIES: dict[tuple[Any, ...], bytes] = {}  # what an entry shows -> its JSON in the list
 _LIST_ENTRIES_MAX = 65536  # then forgotten all at once: a cache, never needed for correctness
+_HELD = JobStatus.SCHEDULED.value
 
 
 def _list_entry(e: QueueEntry) -> bytes:
-    key = (e.job_id, e.name, e.command, e.status, e.reason if e.held else None, e.seq)
+    held = e.status == _HELD  # QueueEntry.held, without the property call: this runs 100 times per list
+    key = (e.job_id, e.name, e.command, e.status, e.reason if held else None, e.seq)
     cached = _LIST_ENTRIES.get(key)
     if cached is None:
         if len(_LIST_ENTRIES) >= _LIST_ENTRIES_MAX:
@@ -106,7 +108,7 @@ def _list_entry(e: QueueEntry) -> bytes:
             Key.COMMAND: e.command[:QUEUE_COMMAND_PREVIEW],
             **({Key.COMMAND_TRUNCATED: True} if len(e.command) > QUEUE_COMMAND_PREVIEW else {}),
             Key.STATUS: e.status,
-            **({Key.REASON: e.reason} if e.held else {}),
+            **({Key.REASON: e.reason} if held else {}),
             Key.SEQ: e.seq,
         })
     return cached
