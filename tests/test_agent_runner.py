@@ -3,8 +3,8 @@
 import os
 import shutil
 import signal
-import sys
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
