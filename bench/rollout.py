@@ -74,9 +74,12 @@ def rollout(store: Store, workflow_id: str) -> tuple[float, float, int]:
     assert plan is not None
     clock = datetime(2026, 3, 14, 2, 0)
     start = now()
-    job, device_ids = store.call_sync(held.submit_job, "waves", workflow_id, "DeviceGroup", "fan", None, plan)
-    for i in range(0, len(device_ids), BATCH):  # the held children's queue lists, published at submission
-        store.call_sync(queues.device_queues, device_ids[i:i + BATCH])
+    submitted = store.call_sync(held.submit_with_queues, "waves", workflow_id, "DeviceGroup", "fan", None, plan)
+    job, device_ids = submitted.job, submitted.device_ids
+    known = {q.device_id for q in submitted.queues}  # the held children's queues, built by the submission
+    unknown = [d for d in device_ids if d not in known]  # the publisher reads the others' (none here)
+    for i in range(0, len(unknown), BATCH):
+        store.call_sync(queues.device_queues, unknown[i:i + BATCH])
     rounds, bookkeeping = 0, 0.0
     while True:
         decided = now()
