@@ -7,7 +7,7 @@ release the same child at once release it once: the second finds it QUEUED and c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
@@ -25,7 +25,7 @@ from .job_options import NO_OPTIONS, JobOptions
 from .queues import DeviceQueue, QueueEntry
 
 RELEASE_BATCH = 500  # children per release transaction of release_due
-ROLLOUT_BATCH = 2000  # children per decision of a rollout (one transaction)
+ROLLOUT_BATCH = 5000  # children per decision of a rollout (one transaction: one UPDATE by Seq range)
 SCHEDULED = JobStatus.SCHEDULED.value
 
 
@@ -92,9 +92,9 @@ def _lone_held_queues(job: Job) -> list[DeviceQueue]:
              .where(ChildJob.parent == job.job_id, ChildJob.on_failure_of.is_null(), ChildJob.status == SCHEDULED,
                     alone))
     artifacts = job_artifacts([job.job_id]).get(job.job_id, ())
-    entry = QueueEntry(job.job_id, job.job_id, job.name, job.command, job.timeout_seconds,
-                       bool(job.success_on_restart), 0, SCHEDULED, job.created, artifacts=artifacts)
-    return [DeviceQueue(device_id, (replace(entry, job_id=child_id, seq=seq, reason=reason),), 1, seq - 1)
+    name, command, timeout, restart = job.name, job.command, job.timeout_seconds, bool(job.success_on_restart)
+    return [DeviceQueue(device_id, (QueueEntry(child_id, job.job_id, name, command, timeout, restart, seq, SCHEDULED,
+                                               job.created, reason, 1, False, artifacts),), 1, seq - 1)
             for device_id, child_id, seq, reason in db.execute_sql(*query.sql()).fetchall()]
 
 
