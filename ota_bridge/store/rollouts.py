@@ -180,7 +180,7 @@ def _release_first(job_id: str, count: int) -> list[tuple[int, str]]:
     children = db.execute_sql(*query.sql()).fetchall()  # the driver's rows: a third of peewee's time
     if children:
         (ChildJob.update(status=JobStatus.QUEUED.value, reason=None, updated=now())
-         .where(*held, ChildJob.seq <= children[-1][0]).execute())
+         .where(*held, ChildJob.seq.between(children[0][0], children[-1][0])).execute())
     return children
 
 
