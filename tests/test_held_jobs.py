@@ -8,10 +8,10 @@ from datetime import timedelta
 from agent.protocol import DEVICE_REPORTABLE, PENDING_STATUSES, SERVICE_ONLY, TRANSITIONS, JobStatus, Key
 from ota_bridge.device_messages import queue_message
 from ota_bridge.models import ChildJob, now
+from ota_bridge.rollout_plan import parse
 from ota_bridge.store import Store, devices, jobs, queues, workflows, write_transaction
 from ota_bridge.store import rollouts as held
 from ota_bridge.store.jobs import derive_status
-from ota_bridge.rollout_plan import parse
 from ota_bridge.store.updates import Update, record_device_messages
 
 
@@ -87,6 +87,7 @@ def test_a_rollout_submission_builds_the_queues_a_read_would_give(db: Store) -> 
     assert [q.device_id for q in submitted.queues] == ["d1", "d3"]
     read = db.call_sync(queues.device_queues, ["d1", "d3"])
     for built, fresh in zip(submitted.queues, read, strict=True):
-        assert (built.head, built.floor, built.total) == (fresh.head, fresh.floor, fresh.total) == (None, fresh.floor, 1)
+        assert built.head is None and built.total == 1
+        assert (built.head, built.floor, built.total) == (fresh.head, fresh.floor, fresh.total)
         assert queue_message(built) == queue_message(fresh)
         assert json.loads(queue_message(built))[Key.JOBS][0][Key.REASON].startswith("rollout: wave")
