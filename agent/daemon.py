@@ -337,13 +337,16 @@ class Agent:
         elif (late := self._too_old(head)) is not None:
             log.warning("%s: held back: %s; trying it again in %.0f s", head.name, late, TIME_RETRY_SECONDS)
             self._retry_at = time.monotonic() + TIME_RETRY_SECONDS
-        elif self._record_floor(head) and not head.is_idle:
-            if (reason := self._rejection(head)) is not None:
+        elif self._record_floor(head, durable=head.is_idle) and not head.is_idle:
+            reason = self._rejection(head)
+            if reason is None and not head.artifacts:
+                self._start(head)  # its journal write makes the Floor durable with the start
+            elif not self._flush_floor(head):
+                pass  # the Floor cannot be written: the head is not acted on
+            elif reason is not None:
                 self._reject(head, reason, journal=reason.startswith(OUTSIDE_POLICY))
-            elif head.artifacts:
-                self._start_download(head)
             else:
-                self._start(head)
+                self._start_download(head)
 
     def _signature_problem(self, head: Head) -> str | None:
         """None when the service signed this head with a key this agent trusts; each head
@@ -375,11 +378,21 @@ class Agent:
         return (f"it was issued at {when}, more than {protocol.HEAD_VALIDITY_SECONDS} s ahead of this device's "
                 "clock: set the clock (NTP)")
 
-    def _record_floor(self, head: Head) -> bool:
-        """Raise the journal's Floor to a verified head's; False when that cannot be written."""
+    def _record_floor(self, head: Head, durable: bool = True) -> bool:
+        """Raise the journal's Floor to a verified head's (durably, or for the next journal write
+        to make durable before the head is acted on); False when that cannot be written."""
         try:
-            if self.journal.raise_floor(head.floor):
+            if self.journal.raise_floor(head.floor, durable):
                 log.info("%s: the floor is now %d: no job at or below it ever runs here", head.name, head.floor)
+        except JournalError as e:
+            log.error("%s: %s; not acted on", head.name, e)
+            return False
+        return True
+
+    def _flush_floor(self, head: Head) -> bool:
+        """Write the Floor raised in memory; False (the head not acted on) when that fails."""
+        try:
+            self.journal.flush()
         except JournalError as e:
             log.error("%s: %s; not acted on", head.name, e)
             return False

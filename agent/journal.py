@@ -235,14 +235,25 @@ class Journal:
         """The highest Floor of a verified head; None: this agent has no state yet."""
         return self._floor
 
-    def raise_floor(self, floor: int | None) -> bool:
-        """Record (durably) a verified head's Floor if it is higher. Raises JournalError."""
+    def raise_floor(self, floor: int | None, durable: bool = True) -> bool:
+        """Record a verified head's Floor if it is higher. Raises JournalError.
+
+        durable=False keeps it in memory only: the caller's next write (`record_started`, which
+        then makes the Floor and the start durable together, or `flush`) must come before it acts
+        on the head, so the Floor is on disk before anything it guards happens.
+        """
         with self._lock:
             if floor is None or (self._floor is not None and floor <= self._floor):
                 return False
             self._floor = floor
-            self._save()
+            if durable:
+                self._save()
         return True
+
+    def flush(self) -> None:
+        """Write the journal as it stands (a Floor raised in memory). Raises JournalError."""
+        with self._lock:
+            self._save()
 
     def rescope(self, seq_scope: Iterable[str]) -> None:
         """The agent now trusts these keys: keep HighestSeq and Floor if one of the old keys is
@@ -271,7 +282,8 @@ class Journal:
         return len(self._entries)
 
     def record_started(self, job_id: str, seq: int | None, start_time: datetime, attempt: int = 1) -> Entry:
-        """Record (durably) that the job's attempt is about to run. Raises JournalError."""
+        """Record (durably) that the job's attempt is about to run, with a Floor raised in memory
+        before. Raises JournalError."""
         entry = Entry(job_id, seq, protocol.format_time(start_time) or "", attempt=attempt)
         with self._lock:
             self._entries.pop(entry.key, None)

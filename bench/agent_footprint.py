@@ -36,7 +36,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import fleet  # noqa: F401 - puts the repo on sys.path
+import fleet  # puts the repo on sys.path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -161,6 +161,9 @@ def report(results: dict[str, list[tuple[float, int, float]]]) -> None:
     print(f"ratio agent / bare: exec until online {med['agent'][0] / med['bare'][0]:.2f} (goal <= 1.2), "
           f"CPU until online {med['agent'][2] / med['bare'][2]:.2f}, "
           f"idle RSS {med['agent'][1] / med['bare'][1]:.3f} (goal <= 1.05)")
+    agent, bare = med["agent"], med["bare"]
+    fleet.result("agent-exec-until-online", agent[0] * 1000, "ms", bare[0] * 1000, agent[0] / bare[0], "ratio <= 1.2")
+    fleet.result("agent-idle-rss", agent[1] / 1024, "MiB", bare[1] / 1024, agent[1] / bare[1], "ratio <= 1.05")
     print(f"python {sys.version.split()[0]}, paho-mqtt {metadata.version('paho-mqtt')}, "
           f"load average {os.getloadavg()[0]:.2f}")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 import aiohttp
-from fleet import REPO, register_fleet  # first: puts the repo on sys.path
+from fleet import REPO, register_fleet, result  # first: puts the repo on sys.path
 
 from ota_bridge.artifact_links import ArtifactLinks
 from ota_bridge.signing import load_or_create
@@ -191,6 +191,9 @@ def report(best: dict[str, float], args: argparse.Namespace) -> None:
     for name, rate in best.items():
         print(f"  {name:<16} {rate / 1e6:8.0f} MB/s aggregate")
     print(f"ratio service / aiohttp static: {best['service'] / best['aiohttp static']:.2f} (goal >= 0.8)")
+    result("artifact-download", best["service"] / 1e6, "MB/s", best["aiohttp static"] / 1e6,
+           best["service"] / best["aiohttp static"], "ratio >= 0.8", raw_unit="MB/s (aiohttp static file)",
+           clients=args.clients, size_mb=args.size_mb, nginx_mb_s=best["nginx"] / 1e6 if "nginx" in best else None)
     if "nginx" in best:
         print(f"ratio service / nginx: {best['service'] / best['nginx']:.2f}")
     else:

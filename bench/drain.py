@@ -19,7 +19,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fleet import timed  # first: puts the repo on sys.path
+from fleet import result, timed  # first: puts the repo on sys.path
 from stack import BROKERS, agents, cpu_seconds, for_each_broker, job_final, raw_round_trips, service_on
 
 from tests.support.processes import wait_until
@@ -57,6 +57,8 @@ def run(kind: str, workdir: Path, jobs: int, timeout: float) -> None:
           f"service {cpu[1] / jobs * 1000:.1f} ms{broker_cpu}")
     print(f"[{kind}] raw:    {raw:.0f} round trips/s (bare paho QoS 1 publish -> delivery, Nagle off, {RAW_COUNT})")
     print(f"[{kind}] ratio drain / raw: {rate / raw:.3f}")
+    result(f"drain-{kind}", rate, "jobs/s", raw, rate / raw, "figure >= 150", raw_unit="round trips/s", jobs=jobs,
+           agent_cpu_ms=cpu[0] / jobs * 1000, service_cpu_ms=cpu[1] / jobs * 1000)
 
 
 def _seconds(stamp: str) -> float:

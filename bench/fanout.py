@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from fleet import GROUP, median_seconds, register_fleet, timed  # first: puts the repo on sys.path
+from fleet import GROUP, median_seconds, register_fleet, result, timed  # first: puts the repo on sys.path
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.protocol import JobStatus, Key, Topics, encode, format_time, utc_now
+from agent.protocol import JobStatus, Key, Topics, encode, format_time, is_idle_head, utc_now
 from tests.support.mosquitto import start_mosquitto
 from tests.support.processes import Api, Service
 
@@ -86,9 +86,10 @@ class Devices:
             self._answer(*item)
 
     def _answer(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return  # a cleared head: nothing to run
-        job_id = json.loads(payload)[Key.JOB_ID]
+        head = json.loads(payload) if payload else {}
+        if is_idle_head(head):
+            return  # a cleared or idle head: nothing to run
+        job_id = head[Key.JOB_ID]
         if job_id in self.answered:
             return
         self.answered.add(job_id)
@@ -201,6 +202,9 @@ def report(devices: int, jobs: int, done: int, took: float, raw: float, submits:
           f"(all {jobs}: {', '.join(f'{s * 1000:.0f}' for s in submits)} ms)")
     print(f"GET /livez:            {health * 1000:.2f} ms (median of 21)")
     print(f"ratio submit / health: {submits[0] / health:.0f}")
+    raw_seconds = children * MESSAGES_PER_CHILD / raw  # the raw messages the flow needs, at the raw rate
+    result("fanout-e2e", took, "s", raw_seconds, took / raw_seconds, "ratio <= 1.5", devices=devices, jobs=jobs,
+           final=done, children=children, submit_ms=submits[0] * 1000)
 
 
 def main() -> None:

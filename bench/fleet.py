@@ -6,6 +6,7 @@ scripts run as `.venv/bin/python bench/NAME.py` from any directory.
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -44,3 +45,14 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
     return statistics.median(timed(fn)[0] for _ in range(repeat))
+
+
+def result(name: str, figure: float, unit: str, raw: float | None = None, ratio: float | None = None,
+           goal: str | None = None, **extra: Any) -> None:
+    """Print the one machine-readable line per figure that bench/run reads: `RESULT {json}`.
+
+    `raw` is the limit measured in the same run (in `raw_unit`, given in `extra`, when it differs
+    from `unit`); `goal` is "figure|ratio OP NUMBER" (OP one of < <= > >=), e.g. "ratio <= 1.5".
+    """
+    record = {"name": name, "figure": figure, "unit": unit, "raw": raw, "ratio": ratio, "goal": goal, **extra}
+    print("RESULT " + json.dumps(record), flush=True)

@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from fleet import median_seconds  # first: puts the repo on sys.path
+from fleet import median_seconds, result  # first: puts the repo on sys.path
 from stack import BROKERS, agents, for_each_broker, job_final, median_ms, raw_round_trips, service_on, wait_subscribed
 
 GROUP = "latency"
@@ -39,6 +39,8 @@ def run(kind: str, workdir: Path, devices: int, runs: int) -> None:
     print(f"[{kind}] raw: one MQTT round trip {1000 / raw:.2f} ms (bare paho, Nagle off); "
           f"GET /livez {livez * 1000:.2f} ms")
     print(f"[{kind}] ratio job / MQTT round trip: {median_ms(took) * raw / 1000:.0f}")
+    result(f"group-latency-{kind}", median_ms(took), "ms", 1000 / raw, median_ms(took) * raw / 1000, "figure < 50",
+           devices=devices, runs=runs)
 
 
 def _one_job(api, workflow_id: str) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psycopg2
 from fanout import MESSAGES_PER_CHILD, RAW_RUNS, Devices, raw_rate, wait_children  # first: puts the repo on sys.path
-from fleet import GROUP, register_fleet, timed
+from fleet import GROUP, register_fleet, result, timed
 
 from agent.protocol import Key
 from ota_bridge import signing
@@ -134,6 +134,8 @@ def main() -> None:
               f"{rate * MESSAGES_PER_CHILD / raw:.3f}; CPU in the flow: instances "
               f"{', '.join(f'{c:.0%}' for c in cpu)}, Mosquitto {broker_cpu:.0%}, PostgreSQL {pg_cpu:.0%} "
               f"({time.monotonic() - started:.0f} s with set-up)", flush=True)
+        result(f"instances-{count or 'single'}", rate, "child jobs/s", raw, rate * MESSAGES_PER_CHILD / raw,
+               raw_unit="QoS 1 msgs/s", devices=args.devices, jobs=args.jobs, final=done)
     base = rates[counts[0]]
     print("speed-up over " + f"{counts[0]} instance(s): " +
           ", ".join(f"{c}: {rates[c] / base:.2f}x" for c in counts))

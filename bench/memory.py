@@ -16,7 +16,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from fleet import GROUP, register_fleet  # first: puts the repo on sys.path
+from fleet import GROUP, register_fleet, result  # first: puts the repo on sys.path
 
 from tests.support.mosquitto import start_mosquitto
 from tests.support.processes import Service
@@ -57,7 +57,7 @@ def start_service(workdir: Path, stack: ExitStack, mosquitto: bool) -> tuple[Ser
     return service, broker.process.pid if broker else None
 
 
-def measure(service: Service, broker_pid: int | None, devices: int) -> None:
+def measure(service: Service, broker_pid: int | None, devices: int, name: str) -> None:
     api, pid = service.api, service.proc.pid
     readings = {"0 devices": settled_rss(pid)}
     broker_before = settled_rss(broker_pid) if broker_pid else 0
@@ -67,12 +67,12 @@ def measure(service: Service, broker_pid: int | None, devices: int) -> None:
     for i in range(JOBS):
         api.submit(workflow_id, f"bench-{i}", DeviceGroup=GROUP)
     readings[f"+ {JOBS * devices} queued children"] = settled_rss(pid)
-    report(readings, devices, status_field(pid, "VmHWM"))
+    report(readings, devices, status_field(pid, "VmHWM"), name)
     if broker_pid:
         print(f"mosquitto RSS growth:  {(settled_rss(broker_pid) - broker_before) / MIB:.1f} MiB")
 
 
-def report(readings: dict[str, int], devices: int, peak: int) -> None:
+def report(readings: dict[str, int], devices: int, peak: int, name: str) -> None:
     baseline, registered, queued = readings.values()
     for label, rss in readings.items():
         print(f"service RSS, {label + ':':24} {rss / MIB:7.1f} MiB")
@@ -80,6 +80,9 @@ def report(readings: dict[str, int], devices: int, peak: int) -> None:
     print(f"bytes per device:          {(registered - baseline) / devices:8.0f}")
     print(f"bytes per queued child:    {(queued - registered) / (JOBS * devices):8.0f}")
     print(f"ratio RSS with {devices} devices and {JOBS} jobs / RSS with 0 devices: {queued / baseline:.2f}")
+    result(f"{name}-per-device", (registered - baseline) / devices, "B", ratio=registered / baseline, devices=devices)
+    result(f"{name}-per-queued-child", (queued - registered) / (JOBS * devices), "B", ratio=queued / baseline,
+           devices=devices)
 
 
 def main() -> None:
@@ -89,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ota-bench-") as workdir, ExitStack() as stack:
         service, broker_pid = start_service(Path(workdir), stack, args.mosquitto)
-        measure(service, broker_pid, args.devices)
+        measure(service, broker_pid, args.devices, "memory-mosquitto" if args.mosquitto else "memory-embedded")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from fleet import REPO  # first: puts the repo on sys.path
+from fleet import REPO, result  # first: puts the repo on sys.path
 
 from tests.support.databases import database_url
 from tests.support.mosquitto import free_port
@@ -134,6 +134,8 @@ def main() -> None:
           f"{served:.0f} req/s" + (f" with {write_rate:.0f} job submits/s meanwhile" if args.writes else ""))
     print(f"constant aiohttp handler, same client:  {raw:.0f} req/s")
     print(f"ratio service / constant: {served / raw:.2f}")
+    result(f"read-api-{args.database}" + ("-writes" if args.writes else ""), served, "req/s", raw, served / raw,
+           "ratio >= 0.5", clients=args.clients, submits_per_s=write_rate if args.writes else None)
 
 
 def _answers(url: str) -> bool:

@@ -21,7 +21,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from fleet import timed  # first: puts the repo on sys.path
+from fleet import result, timed  # first: puts the repo on sys.path
 
 from ota_bridge import credentials
 from tests.support.mosquitto import secure_mosquitto
@@ -81,6 +81,8 @@ def main() -> None:
             seconds = through_service(mode, args.devices, args.batch, workdir)
             print(f"[{mode}] {args.devices} devices in {seconds:.2f} s through POST /v1/devices "
                   f"(batches of {args.batch}); raw / service = {limit / seconds:.2f}", flush=True)
+            result(f"register-{mode}", seconds, "s", limit, limit / seconds, "ratio >= 0.8", devices=args.devices,
+                   batch=args.batch)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import statistics
 import time
 from datetime import datetime, timedelta
 
-import fleet  # noqa: F401 - first: puts the repo on sys.path
+import fleet  # first: puts the repo on sys.path
 from store_fanout import fleet_store, parse_args
 
 from agent.protocol import JobStatus
@@ -125,6 +125,8 @@ def main() -> None:
     print(f"ratios rollout / plain of the {RUNS} runs: {', '.join(f'{r:.2f}' for r in ratios)}")
     print(f"ratio rollout / plain: {statistics.median(ratios):.3f} (median; goal: at most 1.10); "
           f"release bookkeeping / plain: {statistics.median(shares):.3f}")
+    fleet.result(f"rollout-{args.database}", best_rollout * 1000, "ms", best_plain * 1000, statistics.median(ratios),
+                 "ratio <= 1.1", raw_unit="ms (a plain group job)", devices=args.devices, release_rounds=rounds)
 
 
 if __name__ == "__main__":

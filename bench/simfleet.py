@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fleet  # noqa: F401 - puts the repo on sys.path
+import fleet  # puts the repo on sys.path
 
 from agent import job_signature, protocol
 from agent.head import Head, parse_head
@@ -392,6 +392,8 @@ def run(args: argparse.Namespace, workdir: Path) -> Figures:
         devices = devices[:args.connect]
         figures.add(f"registered {args.devices} devices in {took:.1f} s ({args.devices / took:.0f}/s); "
                     f"service RSS {rss_mib(service.proc.pid):.0f} MiB")
+        fleet.result(f"simfleet-{args.devices}-register", took, "s", devices=args.devices,
+                     service_rss_mib=rss_mib(service.proc.pid))
         workers = Workers(workdir, broker.port, service.signing_key_file.read_text(), devices, args.processes)
         stack.callback(workers.stop)
         took = wait_for("connect", lambda: workers.total("subscribed") >= args.connect, workers, args.timeout)
@@ -420,6 +422,8 @@ def group_job(figures: Figures, service: Any, workflow_id: str, n: int, workers:
     figures.add(f"group job {n + 1} (`true`): POST {posted:.2f} s, POST until all {args.connect} children final "
                 f"{took:.2f} s ({args.connect / took:.0f} children/s); service RSS "
                 f"{rss_mib(service.proc.pid):.0f} MiB")
+    fleet.result(f"simfleet-{args.devices}-job-{n + 1}", took, "s", devices=args.devices, connected=args.connect,
+                 children_per_s=args.connect / took, service_rss_mib=rss_mib(service.proc.pid))
 
 
 def restart(figures: Figures, service: Any, workers: Workers, args: argparse.Namespace, port: int | None) -> None:
@@ -444,6 +448,8 @@ def restart(figures: Figures, service: Any, workers: Workers, args: argparse.Nam
     figures.add(f"service restart: up in {up:.1f} s, every connected device verified a republished head after "
                 f"{took:.1f} s" + (f", the broker carried all {args.devices} heads after {every:.1f} s"
                                    if heads else "") + f"; service RSS {rss_mib(service.proc.pid):.0f} MiB")
+    fleet.result(f"simfleet-{args.devices}-restart", took, "s", devices=args.devices, connected=args.connect,
+                 every_head_s=every if heads else None, service_rss_mib=rss_mib(service.proc.pid))
 
 
 class HeadCounter:

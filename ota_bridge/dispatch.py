@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Callable, Iterable, Optional
 
@@ -40,6 +41,10 @@ SHARE_GROUP = "$share/ota-bridge"  # cluster mode: the instances share the devic
 # a device that comes online with an older head gets it signed again with a fresh IssuedAt, so
 # an agent without state (which runs only heads issued within HEAD_VALIDITY_SECONDS) can run it.
 REFRESH_AFTER_SECONDS = 3600.0
+# The queues last published are remembered (single instance only) so that a device's report that
+# its head started changes the retained list without reading the queue again; at most this many
+# queue entries are held, the oldest queues forgotten first (they are then read, as before).
+REMEMBER_ENTRIES = 50_000
 
 
 class Dispatcher:
@@ -59,6 +64,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._published: dict[str, int] = {}  # topic -> hash of the payload last published
         self._issued: dict[str, tuple[int, datetime]] = {}  # device -> (hash of its head's content, IssuedAt)
+        self._last_queue: dict[str, queues.DeviceQueue] = {}  # device -> its queue as published, no change since
+        self._remembered_entries = 0
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=INBOX_LIMIT)
         self._in_sync = False
         self._resync_task: asyncio.Task[None] | None = None
@@ -87,6 +94,7 @@ class Dispatcher:
         others: list[str] = []
         for device_id in device_ids:
             self._known.pop(device_id, None)  # changed again: read it
+            self._forget_queue(device_id)
             if self.cluster is None or self.cluster.owns(device_id):
                 self._dirty[device_id] = None
             elif relay:
@@ -104,6 +112,7 @@ class Dispatcher:
             self.mark(q.device_id for q in read)
             return
         for queue in read:
+            self._forget_queue(queue.device_id)  # the remembered one is out of date
             self._dirty[queue.device_id] = None
             self._known[queue.device_id] = queue
         if read:
@@ -180,6 +189,7 @@ class Dispatcher:
         self._dirty.pop(device_id, None)
         self._known.pop(device_id, None)
         self._issued.pop(device_id, None)
+        self._forget_queue(device_id)
         for topic in (self.topics.job(device_id), self.topics.queue(device_id)):
             self._publish(topic, b"")
             self._published.pop(topic, None)
@@ -213,7 +223,45 @@ class Dispatcher:
                                     self.artifact_url)
                 self._publish_changed(self.topics.job(queue.device_id), head)
                 self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
+                self._remember_queue(queue)
             metrics.published(len(read), time.perf_counter() - started)
+
+    def _remember_queue(self, queue: queues.DeviceQueue) -> None:
+        """Keep the queue just published, unless it changed since it was read (the device is marked
+        again), it is empty, or several instances change queues (then only the database knows)."""
+        self._forget_queue(queue.device_id)
+        if self.cluster is not None or queue.head is None or queue.device_id in self._dirty:
+            return
+        self._last_queue[queue.device_id] = queue
+        self._remembered_entries += len(queue.entries)
+        while self._remembered_entries > REMEMBER_ENTRIES:
+            self._forget_queue(next(iter(self._last_queue)))
+
+    def _forget_queue(self, device_id: str) -> None:
+        forgotten = self._last_queue.pop(device_id, None)
+        if forgotten is not None:
+            self._remembered_entries -= len(forgotten.entries)
+
+    def _publish_head_progress(self, updates: list[Update]) -> list[str]:
+        """Publish the lists of devices whose one change in this batch is their head's progress
+        (e.g. IN_PROGRESS), from the queue remembered as published, without reading it: only the
+        head's status changed, so its head message, floor and other entries are as published.
+        Returns the devices that changed otherwise, whose queues must be read (`mark`)."""
+        changes: dict[str, list[Update]] = {}
+        for update in updates:
+            changes.setdefault(update.device_id, []).append(update)
+        others = []
+        for device_id, changed in changes.items():
+            queue = self._last_queue.get(device_id)
+            update = changed[0]
+            if (len(changed) > 1 or queue is None or queue.head is None or update.status.is_final
+                    or update.job_id != queue.head.job_id or device_id in self._dirty):
+                others.append(device_id)
+                continue
+            head = replace(queue.head, status=update.status.value)
+            self._remember_queue(replace(queue, entries=(head, *queue.entries[1:])))
+            self._publish_changed(self.topics.queue(device_id), queue_message(self._last_queue[device_id]))
+        return others
 
     @property
     def _read_queues(self) -> Callable[[list[str]], list[queues.DeviceQueue]]:
@@ -307,7 +355,9 @@ class Dispatcher:
         if "exit-after-store" in self.failpoints and any(u.status.is_final for u in outcomes.applied):
             log.error("failpoint exit-after-store: exiting before publishing the next heads")
             os._exit(137)
-        self.mark(outcomes.devices)
+        if self.link is not None:
+            await self.link.room()  # the head progress below publishes without the publisher
+        self.mark(self._publish_head_progress(outcomes.applied))
         self.refresh_old_heads(device for device, online, seen in presence if online and seen is not None)
 
     async def _store(self, updates: list[Update], presence: list[Presence]) -> UpdateOutcomes:

@@ -280,3 +280,16 @@ def test_the_highest_attempt_outlives_pruning(tmp_path):
     reloaded = Journal.open(tmp_path, max_entries=1)
     assert reloaded.get("j1") is None and reloaded.get("j1", 3) is None
     assert reloaded.highest_run == (5, 3)
+
+
+def test_a_floor_raised_in_memory_is_written_with_the_start_or_by_flush(tmp_path):
+    journal = Journal.open(tmp_path)
+    assert journal.raise_floor(4) and Journal.open(tmp_path).floor == 4
+    assert journal.raise_floor(7, durable=False) and journal.floor == 7
+    assert Journal.open(tmp_path).floor == 4  # not on disk yet: nothing acted on it
+    journal.record_started("job-8", 8, START)
+    reopened = Journal.open(tmp_path)
+    assert reopened.floor == 7 and reopened.get("job-8") is not None  # one write, both durable
+    journal.raise_floor(9, durable=False)
+    journal.flush()
+    assert Journal.open(tmp_path).floor == 9

@@ -88,10 +88,19 @@ def owners(database: str) -> dict[int, str]:
 
 
 def pick_devices(database: str) -> list[str]:
-    """Once every instance holds some buckets: device ids, DEVICES_PER_INSTANCE owned by each."""
-    wait_until(lambda: set(owners(database).values()) == set(INSTANCES) and len(owners(database)) == BUCKETS,
-               30, "every instance to hold leases")
-    held = owners(database)
+    """Once every instance holds some buckets: device ids, DEVICES_PER_INSTANCE owned by each.
+
+    One reading of the leases serves both the check and the picks: a bucket handed from one
+    instance to another is briefly held by none."""
+    snapshot: dict[int, str] = {}
+
+    def all_held() -> bool:
+        snapshot.clear()
+        snapshot.update(owners(database))
+        return set(snapshot.values()) == set(INSTANCES) and len(snapshot) == BUCKETS
+
+    wait_until(all_held, 30, "every instance to hold leases")
+    held = dict(snapshot)
     chosen: dict[str, list[str]] = {name: [] for name in INSTANCES}
     for device_id in (f"node-{n}" for n in range(1000)):
         picks = chosen[held[bucket_of(device_id)]]

@@ -3,15 +3,20 @@ a device runs its queued jobs one by one, in submission order, and every result 
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.protocol import Topics
 from tests.conftest import Launcher
-from tests.support.mosquitto import BROKERS, broker_url
+from tests.support.mosquitto import BROKERS, broker_url, start_mosquitto
 from tests.support.processes import REPO, free_port, wait_until
 
 
@@ -123,3 +128,54 @@ def test_tokens_can_be_made_listed_and_revoked(launch: Launcher) -> None:
     assert "revoked 1 token named 'ci'" in cli("revoke", "--name", "ci")
     wait_until(lambda: service.api.request("GET", "/v1/job", token=token).status == 401, 10, "the revocation")
     assert service.api.request("GET", "/v1/job").status == 200  # the admin token still works
+
+
+@pytest.mark.mosquitto
+def test_the_retained_queue_list_follows_progress_submits_and_cancels(launch: Launcher, tmp_path: Path) -> None:
+    """The list a device's queue topic retains: the head's IN_PROGRESS comes from the queue the
+    service last published (no read), so a submit or cancel since must show in it too."""
+    with start_mosquitto(tmp_path) as broker:
+        service = launch.service(mqtt_url=broker.url)
+        api = service.api
+        agent = launch.agent(service, "dev1", api.device("dev1"), start=False)
+        watcher = RetainedWatcher(broker.port, Topics().queue("dev1"))
+        try:
+            api.submit(api.workflow("sleep 3"), "first", DeviceId="dev1")
+            second = api.submit(api.workflow("true"), "second", DeviceId="dev1")
+            watcher.wait_for(lambda jobs: len(jobs) == 2, "both jobs listed")
+            third = api.submit(api.workflow("echo third"), "third", DeviceId="dev1")  # after the list was published
+            watcher.wait_for(lambda jobs: len(jobs) == 3, "the third job listed")
+            agent.start()
+            listed = watcher.wait_for(lambda jobs: jobs and jobs[0][1] == "IN_PROGRESS", "the head in progress")
+            assert listed == [("first", "IN_PROGRESS"), ("second", "QUEUED"), ("third", "QUEUED")]
+            api.ok("POST", f"/v1/job/{second}/cancel")
+            listed = watcher.wait_for(lambda jobs: len(jobs) == 2, "the canceled job gone")
+            assert listed == [("first", "IN_PROGRESS"), ("third", "QUEUED")]
+            assert api.wait_job(third)["Result"] == "third\n"
+            watcher.wait_for(lambda jobs: jobs == [], "an empty list")
+        finally:
+            watcher.stop()
+
+
+class RetainedWatcher:
+    """A paho client that keeps the latest queue list of one device, as (JobName, Status) pairs."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.jobs: list[tuple[str, str]] | None = None
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="queue-watcher")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(topic, qos=1)
+
+    def _on_message(self, _client: object, _userdata: object, message: mqtt.MQTTMessage) -> None:
+        listed = json.loads(message.payload)["Jobs"] if message.payload else []
+        self.jobs = [(job["JobName"], job["Status"]) for job in listed]
+
+    def wait_for(self, condition: Callable[[list], bool], what: str) -> list[tuple[str, str]]:
+        wait_until(lambda: self.jobs is not None and condition(self.jobs), 20, what)
+        return self.jobs
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

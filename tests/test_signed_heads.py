@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent import job_signature
-from agent.daemon import BELOW_FLOOR, NO_ISSUE_TIME
+from agent.daemon import BELOW_FLOOR, NO_ISSUE_TIME, STALE
 from agent.link import JobMessage
 from agent.protocol import HEAD_VALIDITY_SECONDS, SERVICE_CLIENT_ID, Key, Topics, utc_now
 from ota_bridge.store import Store, devices, jobs, queues, workflows
@@ -91,6 +91,14 @@ def test_a_job_head_raises_the_floor_to_the_seq_before_it(deciding):
     agent.deliver(head("j9", "true", 9))
     assert agent.journal.floor == 8 and agent.started == ["j9"]
     assert agent.deliver(idle(3)) == [] and agent.journal.floor == 8  # a floor never goes down
+    assert deciding().journal.floor == 8  # written with the start, in one journal write
+
+
+def test_the_floor_of_a_rejected_job_head_is_durable_too(deciding):
+    agent = deciding()
+    agent.journal.record_result("j9", {Key.JOB_ID: "j9", Key.STATUS: "REJECTED"}, seq=9)  # HighestSeq 9, no Floor
+    assert only_rejection(agent.deliver(head("j5", "true", 5)), "j5")[Key.REASON] == STALE
+    assert deciding().journal.floor == 4 and agent.started == []
 
 
 @pytest.mark.parametrize("issued", [OLD, utc_now() + timedelta(seconds=HEAD_VALIDITY_SECONDS + 3600)])

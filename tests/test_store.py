@@ -11,8 +11,18 @@ import pytest
 from agent.protocol import JobStatus
 from ota_bridge import credentials
 from ota_bridge.errors import EmptyTarget, WorkflowNotFound
-from ota_bridge.models import ChildJob, Device, Workflow, now
-from ota_bridge.store import Store, devices, jobs, queues, updates, workflows, write_transaction
+from ota_bridge.models import ChildJob, Device, Job, Workflow, now
+from ota_bridge.store import (
+    Store,
+    devices,
+    jobs,
+    prepared,
+    prepared_rows,
+    queues,
+    updates,
+    workflows,
+    write_transaction,
+)
 from ota_bridge.store.jobs import derive_status
 from ota_bridge.store.updates import Update
 
@@ -254,3 +264,17 @@ def test_a_read_cannot_write(db: Store) -> None:
 def test_a_new_secret_never_reads_as_a_command_line_option() -> None:
     secrets = [credentials.new_secret() for _ in range(2000)]  # 1 in 64 would start with "-" by chance
     assert not any(s.startswith("-") for s in secrets) and all(len(s) == 43 for s in secrets)
+
+
+def test_plain_rows_convert_as_peewee_does(db: Store) -> None:
+    """prepared_rows skips peewee's conversion only where the driver already gives the model's value."""
+    group_job(db, 2)
+
+    def select(count: int) -> object:
+        return (Job.select(Job.job_id, Job.timeout_seconds, Job.success_on_restart, Job.created, ChildJob.device_id)
+                .join(ChildJob, on=(ChildJob.parent == Job.job_id)).order_by(ChildJob.device_id).tuples())
+
+    converted = db.call_sync(lambda: list(prepared("rows_peewee", select)))
+    plain = db.call_sync(lambda: prepared_rows("rows_plain", select))
+    assert plain == converted and len(plain) == 2
+    assert isinstance(plain[0][2], bool) and plain[0][3].year >= 2024

@@ -12,7 +12,7 @@ import peewee as pw
 from agent.protocol import DEFAULT_TIMEOUT_SECONDS, PENDING_STATUSES, JobStatus
 
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
-from ..models import ChildJob, Device, DeviceTag, Job, Rollout, now
+from ..models import ChildJob, Device, DeviceTag, Job, Rollout, db, now
 from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
 from .artifacts import snapshot_for_job
 from .attempts import ChildView, child_views, end_silent, insert_with_rollbacks, rollback_counts, settle_stray_rollbacks
@@ -96,7 +96,7 @@ def _target_devices(target_field: str, value: str, may_be_empty: bool = False) -
         query = DeviceTag.select(DeviceTag.device).where(DeviceTag.tag == value)
     else:
         raise InvalidRequest(f"unknown target field {target_field!r}")
-    device_ids = sorted(d for (d,) in query.tuples())
+    device_ids = sorted(d for (d,) in db.execute_sql(*query.sql()))  # ids as the driver gives them: str
     if not device_ids and not may_be_empty:
         raise EmptyTarget(target_field, value)
     return device_ids

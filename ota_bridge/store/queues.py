@@ -22,7 +22,7 @@ import peewee as pw
 from agent.protocol import QUEUE_LIST_LIMIT, JobStatus
 
 from ..models import ChildJob, Device, Job, db
-from . import PENDING, args, chunks, padded, prepared
+from . import PENDING, args, chunks, padded, prepared, prepared_rows
 from .artifacts import ArtifactRef, job_artifacts
 
 
@@ -108,7 +108,7 @@ def highest_seq_ever() -> int:
 
 def _queue_rows(device_ids: list[str]) -> Iterable[tuple[Any, ...]]:
     """(device, pending count, QueueEntry fields...) for the first QUEUE_LIST_LIMIT pending jobs of each."""
-    return prepared("queue_rows", _queue_query, *padded(device_ids))
+    return prepared_rows("queue_rows", _queue_query, *padded(device_ids))
 
 
 def _queue_query(count: int) -> pw.Query:
