@@ -60,6 +60,7 @@ class Dispatcher:
         self.failpoints = failpoints
         self.link: BrokerLink | None = None
         self._dirty: dict[str, None] = {}  # an ordered set of device ids to publish
+        self._known: dict[str, queues.DeviceQueue] = {}  # dirty devices whose queue need not be read (mark_read)
         self._wake = asyncio.Event()
         self._published: dict[str, int] = {}  # topic -> hash of the payload last published
         self._issued: dict[str, tuple[int, datetime]] = {}  # device -> (hash of its head's content, IssuedAt)
@@ -92,6 +93,7 @@ class Dispatcher:
         (relay), unless the word came from another instance."""
         others: list[str] = []
         for device_id in device_ids:
+            self._known.pop(device_id, None)  # changed again: read it
             self._forget_queue(device_id)
             if self.cluster is None or self.cluster.owns(device_id):
                 self._dirty[device_id] = None
@@ -100,6 +102,20 @@ class Dispatcher:
         if others and self.cluster is not None:
             self.cluster.tell_owners(others)
         if self._dirty:
+            self._wake.set()
+
+    def mark_read(self, read: list[queues.DeviceQueue]) -> None:
+        """These queues changed and were read in the same transaction: publish them as they are,
+        unless they change again first (then `mark` makes the publisher read them). Call it as soon
+        as the store returns them, before anything else can mark those devices."""
+        if self.cluster is not None:  # the owners read them (consistent_queues)
+            self.mark(q.device_id for q in read)
+            return
+        for queue in read:
+            self._forget_queue(queue.device_id)  # the remembered one is out of date
+            self._dirty[queue.device_id] = None
+            self._known[queue.device_id] = queue
+        if read:
             self._wake.set()
 
     def _republish_buckets(self, buckets: frozenset[int] | None) -> None:
@@ -171,6 +187,7 @@ class Dispatcher:
     def forget(self, device_id: str) -> None:
         """A deleted device: clear its retained job and queue messages."""
         self._dirty.pop(device_id, None)
+        self._known.pop(device_id, None)
         self._issued.pop(device_id, None)
         self._forget_queue(device_id)
         for topic in (self.topics.job(device_id), self.topics.queue(device_id)):
@@ -190,8 +207,10 @@ class Dispatcher:
             if self.link is not None:
                 await self.link.room()  # a batch adds at most 2 x BATCH unacknowledged publishes
             started = time.perf_counter()
+            known = {d: q for d in batch if (q := self._known.pop(d, None)) is not None}
+            unknown = [d for d in batch if d not in known]
             try:
-                read = await self.store.call(self._read_queues, batch)
+                read = [*known.values(), *(await self.store.call(self._read_queues, unknown) if unknown else [])]
             except Exception:
                 log.exception("reading device queues failed; retrying")
                 self.mark(batch, relay=False)

@@ -117,14 +117,19 @@ class Plan:
         end = _naive(self.end_time)
         return end is not None and current >= end
 
+    def _wave_reasons(self, count: int, waiting: str | None) -> list[str]:
+        """Each child's wave, in Seq order: the children up to a wave's target are in it."""
+        targets, reasons = self.wave_targets(count), []
+        for k, target in enumerate(targets):
+            reason = waiting if k == 0 and waiting else f"rollout: wave {k + 1} of {len(targets)} not released"
+            reasons += [reason] * (target - len(reasons))
+        return reasons
+
     def hold_reasons(self, count: int, current: datetime) -> list[str]:
         """The reason each of `count` new children (in Seq order) is held at submission."""
         waiting = self.waiting_reason(current)
         if self.waves:
-            targets = self.wave_targets(count)
-            wave_of = [next(k for k, t in enumerate(targets) if i < t) for i in range(count)]
-            return [waiting if k == 0 and waiting else f"rollout: wave {k + 1} of {len(targets)} not released"
-                    for k in wave_of]
+            return self._wave_reasons(count, waiting)
         if self.max_per_minute:
             return [waiting or f"rollout: waiting for its turn at {self.max_per_minute} a minute"] * count
         return [waiting or "schedule: not released yet"] * count

@@ -8,6 +8,7 @@ from datetime import timedelta
 from agent.protocol import DEVICE_REPORTABLE, PENDING_STATUSES, SERVICE_ONLY, TRANSITIONS, JobStatus, Key
 from ota_bridge.device_messages import queue_message
 from ota_bridge.models import ChildJob, now
+from ota_bridge.rollout_plan import parse
 from ota_bridge.store import Store, devices, jobs, queues, workflows, write_transaction
 from ota_bridge.store import rollouts as held
 from ota_bridge.store.jobs import derive_status
@@ -70,3 +71,23 @@ def test_a_held_job_is_released_when_due_and_canceled_like_a_queued_one(db: Stor
     db.call_sync(_hold, second.seq, "held")
     assert db.call_sync(jobs.cancel_job, second.parent_id) == ["d1"]
     assert db.call_sync(jobs.get_child, second.job_id).status == "CANCELED"
+
+
+def test_a_rollout_submission_builds_the_queues_a_read_would_give(db: Store) -> None:
+    """The held children's queues come from the submission (Dispatcher.mark_read), not a read:
+    only for devices whose one pending job is the new child, and equal to what a read gives."""
+    for device_id in ("d1", "d2", "d3"):
+        db.call_sync(devices.register_device, device_id, "g", [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "echo hi", None, False)
+    db.call_sync(jobs.submit_job, "earlier", wf.workflow_id, "DeviceId", "d2", None)  # d2 has a job before
+    plan = parse({"Rollout": {"Waves": [50, 100]}}, "DeviceGroup")
+    assert plan is not None
+    submitted = db.call_sync(held.submit_with_queues, "waves", wf.workflow_id, "DeviceGroup", "g", None, plan)
+    assert submitted.device_ids == ["d1", "d2", "d3"]
+    assert [q.device_id for q in submitted.queues] == ["d1", "d3"]
+    read = db.call_sync(queues.device_queues, ["d1", "d3"])
+    for built, fresh in zip(submitted.queues, read, strict=True):
+        assert built.head is None and built.total == 1
+        assert (built.head, built.floor, built.total) == (fresh.head, fresh.floor, fresh.total)
+        assert queue_message(built) == queue_message(fresh)
+        assert json.loads(queue_message(built))[Key.JOBS][0][Key.REASON].startswith("rollout: wave")

@@ -80,14 +80,18 @@ async def submit_job(request: web.Request) -> web.Response:
     body = await read_model(request, JobIn)
     field, value = body.target
     plan = body.plan()
+    dispatcher = request.app[DISPATCHER]
     if plan is None:
         job, device_ids = await _store(request).call(jobs.submit_job, body.Name, body.WorkflowId, field, value,
                                                      body.TimeoutSeconds, options=body.options)
-    else:
-        job, device_ids = await _store(request).call(rollouts.submit_job, body.Name, body.WorkflowId, field, value,
-                                                     body.TimeoutSeconds, plan, body.options)
-    request.app[DISPATCHER].mark(device_ids)
-    return web.json_response({"JobId": job.job_id})
+        dispatcher.mark(device_ids)
+        return web.json_response({"JobId": job.job_id})
+    submitted = await _store(request).call(rollouts.submit_with_queues, body.Name, body.WorkflowId, field, value,
+                                           body.TimeoutSeconds, plan, body.options)
+    known = {q.device_id for q in submitted.queues}  # the held children's queues, read in the submission
+    dispatcher.mark(d for d in submitted.device_ids if d not in known)
+    dispatcher.mark_read(submitted.queues)
+    return web.json_response({"JobId": submitted.job.job_id})
 
 
 @routes.get("/v1/job")

@@ -20,10 +20,12 @@ from ..errors import JobNotFound, NoRollout
 from ..models import ChildJob, Device, DeviceTag, Job, Rollout, db, now
 from ..rollout_plan import Plan, Progress, abort_reason, allowed
 from . import PENDING, attempts, chunks, devices, finalize, idempotent, jobs, release_children, write_transaction
+from .artifacts import job_artifacts
 from .job_options import NO_OPTIONS, JobOptions
+from .queues import DeviceQueue, QueueEntry
 
 RELEASE_BATCH = 500  # children per release transaction of release_due
-ROLLOUT_BATCH = 2000  # children per decision of a rollout (one transaction)
+ROLLOUT_BATCH = 5000  # children per decision of a rollout (one transaction: one UPDATE by Seq range)
 SCHEDULED = JobStatus.SCHEDULED.value
 
 
@@ -60,6 +62,40 @@ def submit_job(name: str | None, workflow_id: str, target_field: str, target_val
         Rollout.create(job=job.job_id, plan=plan.to_json(), continuous=plan.continuous,
                        rate=plan.max_per_minute and float(plan.max_per_minute))
     return job, device_ids
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    device_ids: list[str]  # every target device: their queues changed
+    queues: list[DeviceQueue]  # those known without a read: devices whose only pending job is the new child
+
+
+def submit_with_queues(name: str | None, workflow_id: str, target_field: str, target_value: str,
+                       timeout_seconds: int | None, plan: Plan, options: JobOptions = NO_OPTIONS) -> Submitted:
+    """submit_job, and in the same transaction the queues of the devices whose only pending job is
+    the new held child, built from what the submission knows (one indexed read, not the queue
+    query): the dispatcher publishes them as they are (Dispatcher.mark_read)."""
+    with write_transaction():
+        job, device_ids = submit_job(name, workflow_id, target_field, target_value, timeout_seconds, plan, options)
+        known = _lone_held_queues(job) if plan.holds and device_ids else []
+    return Submitted(job, device_ids, known)
+
+
+def _lone_held_queues(job: Job) -> list[DeviceQueue]:
+    """What queues.device_queues would read for the devices whose one pending job is this job's
+    held child: that child alone, SCHEDULED with its reason; the floor is the Seq before it."""
+    other = ChildJob.alias("other")
+    alone = ~pw.fn.EXISTS(other.select(pw.SQL("1")).where(
+        other.device_id == ChildJob.device_id, other.status.in_(PENDING), other.seq != ChildJob.seq))
+    query = (ChildJob.select(ChildJob.device_id, ChildJob.job_id, ChildJob.seq, ChildJob.reason)
+             .where(ChildJob.parent == job.job_id, ChildJob.on_failure_of.is_null(), ChildJob.status == SCHEDULED,
+                    alone))
+    artifacts = job_artifacts([job.job_id]).get(job.job_id, ())
+    name, command, timeout, restart = job.name, job.command, job.timeout_seconds, bool(job.success_on_restart)
+    return [DeviceQueue(device_id, (QueueEntry(child_id, job.job_id, name, command, timeout, restart, seq, SCHEDULED,
+                                               job.created, reason, 1, False, artifacts),), 1, seq - 1)
+            for device_id, child_id, seq, reason in db.execute_sql(*query.sql()).fetchall()]
 
 
 def active_rollouts() -> list[str]:
@@ -144,7 +180,7 @@ def _release_first(job_id: str, count: int) -> list[tuple[int, str]]:
     children = db.execute_sql(*query.sql()).fetchall()  # the driver's rows: a third of peewee's time
     if children:
         (ChildJob.update(status=JobStatus.QUEUED.value, reason=None, updated=now())
-         .where(*held, ChildJob.seq <= children[-1][0]).execute())
+         .where(*held, ChildJob.seq.between(children[0][0], children[-1][0])).execute())
     return children
 
 
