@@ -39,8 +39,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Union
 
 from . import job_signature, jsonlog, protocol
 from .artifact_cache import ArtifactCache
@@ -83,23 +82,23 @@ COMMAND_ENV_DEVICE_ID = "OTA_DEVICE_ID"
 COMMAND_ENV_JOB_ID = "OTA_JOB_ID"
 
 
-@dataclass(frozen=True)
-class JobDone:
+# Events from the worker and download threads: immutable records, like agent/link.py's.
+
+
+class JobDone(NamedTuple):
     """From the worker thread: the current command is done."""
 
     result: RunResult
 
 
-@dataclass(frozen=True)
-class DownloadProgress:
+class DownloadProgress(NamedTuple):
     """From the download thread: how far the job's artifacts are."""
 
     job_id: str
     progress: Progress
 
 
-@dataclass(frozen=True)
-class DownloadDone:
+class DownloadDone(NamedTuple):
     """From the download thread: the job's artifacts are in its directory (env), or cannot be (failure)."""
 
     job_id: str
@@ -113,16 +112,18 @@ Event = Union[LinkEvent, JobDone, DownloadProgress, DownloadDone]
 # --- the agent ------------------------------------------------------------------------------
 
 
-@dataclass
 class _Running:
-    head: Head
-    runner: Runner | JobDownload  # the command, or before it the download of its artifacts
-    thread: threading.Thread
-    canceling: bool = False
+    """The job in hand: its head, what runs it, on which thread; `canceling` once it was told to stop."""
 
-    @property
-    def downloading(self) -> bool:
-        return not isinstance(self.runner, Runner)
+    __slots__ = ("head", "runner", "thread", "canceling", "downloading")
+
+    def __init__(self, head: Head, runner: Runner | JobDownload, thread: threading.Thread,
+                 canceling: bool = False, downloading: bool = False) -> None:
+        self.head = head
+        self.runner = runner  # the command, or before it (downloading) the download of its artifacts
+        self.thread = thread
+        self.canceling = canceling
+        self.downloading = downloading
 
 
 class Agent:
@@ -540,7 +541,7 @@ class Agent:
                  len(head.artifacts), sum(a.size for a in head.artifacts), _about(head))
         thread = threading.Thread(target=self._download, args=(download,), name=f"download-{head.job_id}",
                                   daemon=True)
-        self._running = _Running(head, download, thread)
+        self._running = _Running(head, download, thread, downloading=True)
         thread.start()
 
     def _offer_progress(self, job_id: str, progress: Progress) -> None:
