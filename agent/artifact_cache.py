@@ -19,9 +19,8 @@ import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from .protocol import ArtifactKey
 
@@ -33,9 +32,8 @@ PART_SUFFIX = ".part"
 HASH_CHUNK = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Artifact:
-    """One entry of a head's signed Artifacts list."""
+class Artifact(NamedTuple):
+    """One entry of a head's signed Artifacts list (an immutable record, like agent/head.py's Head)."""
 
     sha256: str  # 64 lowercase hex digits
     size: int  # bytes

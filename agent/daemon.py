@@ -40,12 +40,10 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Union
 
 from . import job_signature, jsonlog, protocol
 from .artifact_cache import ArtifactCache
-from .download import DownloadCanceled, DownloadError, JobDownload, Progress, artifact_environment, progress_message
 from .head import Head, parse_head
 from .journal import Entry, Journal, JournalError, UnsafeDirectory, check_private_dir
 from .link import BrokerLink, Connected, ConnectFailed, Disconnected, JobMessage, LinkEvent, Subscribed
@@ -53,6 +51,9 @@ from .protocol import JobStatus, Key, MessageError, Presence
 from .runner import ProcessGroup, RunLimits, Runner, RunResult, in_progress_message, stop_leftovers
 from .settings import ENV_PREFIX, Settings, SettingsError, TrustedKeys, agent_version, load_settings
 from .untrusted import shown
+
+if TYPE_CHECKING:  # agent/download.py is imported by the first job with Artifacts: an idle agent never needs it
+    from .download import JobDownload, Progress
 
 log = logging.getLogger("ota-agent")
 
@@ -82,23 +83,23 @@ COMMAND_ENV_DEVICE_ID = "OTA_DEVICE_ID"
 COMMAND_ENV_JOB_ID = "OTA_JOB_ID"
 
 
-@dataclass(frozen=True)
-class JobDone:
+# Events from the worker and download threads: immutable records, like agent/link.py's.
+
+
+class JobDone(NamedTuple):
     """From the worker thread: the current command is done."""
 
     result: RunResult
 
 
-@dataclass(frozen=True)
-class DownloadProgress:
+class DownloadProgress(NamedTuple):
     """From the download thread: how far the job's artifacts are."""
 
     job_id: str
     progress: Progress
 
 
-@dataclass(frozen=True)
-class DownloadDone:
+class DownloadDone(NamedTuple):
     """From the download thread: the job's artifacts are in its directory (env), or cannot be (failure)."""
 
     job_id: str
@@ -112,16 +113,18 @@ Event = Union[LinkEvent, JobDone, DownloadProgress, DownloadDone]
 # --- the agent ------------------------------------------------------------------------------
 
 
-@dataclass
 class _Running:
-    head: Head
-    runner: Runner | JobDownload  # the command, or before it the download of its artifacts
-    thread: threading.Thread
-    canceling: bool = False
+    """The job in hand: its head, what runs it, on which thread; `canceling` once it was told to stop."""
 
-    @property
-    def downloading(self) -> bool:
-        return isinstance(self.runner, JobDownload)
+    __slots__ = ("head", "runner", "thread", "canceling", "downloading")
+
+    def __init__(self, head: Head, runner: Runner | JobDownload, thread: threading.Thread,
+                 canceling: bool = False, downloading: bool = False) -> None:
+        self.head = head
+        self.runner = runner  # the command, or before it (downloading) the download of its artifacts
+        self.thread = thread
+        self.canceling = canceling
+        self.downloading = downloading
 
 
 class Agent:
@@ -524,13 +527,15 @@ class Agent:
 
     def _start_download(self, head: Head) -> None:
         """Fetch the job's artifacts on a thread of their own; the command starts once they are checked."""
+        from .download import JobDownload  # noqa: PLC0415 - lazily, see the imports at the top
+
         download = JobDownload(head.job_id, head.artifacts, self.cache, ca_file=self.settings.ca_file,
                                on_progress=functools.partial(self._offer_progress, head.job_id))
         log.info("job %s: %s %d artifact(s), %d bytes%s", head.job_id, JobStatus.DOWNLOADING.value,
                  len(head.artifacts), sum(a.size for a in head.artifacts), _about(head))
         thread = threading.Thread(target=self._download, args=(download,), name=f"download-{head.job_id}",
                                   daemon=True)
-        self._running = _Running(head, download, thread)
+        self._running = _Running(head, download, thread, downloading=True)
         thread.start()
 
     def _offer_progress(self, job_id: str, progress: Progress) -> None:
@@ -542,6 +547,8 @@ class Agent:
 
     def _download(self, download: JobDownload) -> None:
         """The download thread: fetch, then link the files into the job's directory; tell the main loop."""
+        from .download import DownloadCanceled, DownloadError, artifact_environment  # noqa: PLC0415 - lazily
+
         env: dict[str, str] = {}
         failure: tuple[JobStatus, str] | None = None
         try:
@@ -558,13 +565,15 @@ class Agent:
         self.events.put(DownloadDone(download.job_id, env, failure))
 
     def _on_download_progress(self, event: DownloadProgress) -> None:
+        from .download import progress_message  # noqa: PLC0415 - lazily, see the imports at the top
+
         running = self._running
         if running is not None and running.head.job_id == event.job_id and not running.canceling:
             self.link.publish_status(progress_message(event.job_id, event.progress, running.head.attempt))
 
     def _on_download_done(self, event: DownloadDone) -> None:
         running = self._running
-        if running is None or running.head.job_id != event.job_id or not isinstance(running.runner, JobDownload):
+        if running is None or running.head.job_id != event.job_id or not running.downloading:
             return
         self._running = None
         failure = event.failure
@@ -583,7 +592,7 @@ class Agent:
         if self.stop_signal is not None:
             log.info("stopping on %s", signal.Signals(self.stop_signal).name)
         running = self._running
-        if running is not None and isinstance(running.runner, JobDownload):
+        if running is not None and running.downloading:
             log.info("job %s: stopping its download; after a restart it fetches on from what is on disk",
                      running.head.job_id)
             running.runner.cancel("the agent is stopping")

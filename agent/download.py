@@ -37,10 +37,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from . import protocol
 from .artifact_cache import Artifact, ArtifactCache, file_sha256
@@ -59,8 +58,7 @@ ENV_ARTIFACT_COUNT = "OTA_ARTIFACT_COUNT"
 ENV_ARTIFACT_PREFIX = "OTA_ARTIFACT_"
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(NamedTuple):
     """How long to wait between tries, and when to give up."""
 
     first_delay: float = 1.0  # seconds before the first retry; doubles with each failure in a row
@@ -69,6 +67,9 @@ class RetryPolicy:
 
     def delay(self, failures: int) -> float:
         return min(self.first_delay * 2 ** max(0, failures - 1), self.max_delay)
+
+
+DEFAULT_RETRY = RetryPolicy()
 
 
 class DownloadError(Exception):
@@ -87,8 +88,7 @@ class _Cut(Exception):
         self.progressed = progressed
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(NamedTuple):
     done: int  # bytes of the job's artifacts on disk (cached, or fetched so far)
     total: int  # bytes of all the job's artifacts
 
@@ -108,7 +108,7 @@ class JobDownload:
 
     def __init__(self, job_id: str, artifacts: Iterable[Artifact], cache: ArtifactCache, *,
                  on_progress: Callable[[Progress], None] = lambda progress: None, ca_file: Path | None = None,
-                 retry: RetryPolicy = RetryPolicy(), read_timeout: float = READ_TIMEOUT_SECONDS) -> None:
+                 retry: RetryPolicy = DEFAULT_RETRY, read_timeout: float = READ_TIMEOUT_SECONDS) -> None:
         self.job_id = job_id
         self.artifacts = tuple(artifacts)
         self.cache = cache

@@ -9,9 +9,8 @@ device, recent enough and may run here is for the agent (daemon) to check before
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import job_signature, protocol
 from .artifact_cache import Artifact
@@ -22,9 +21,11 @@ HEAD_MAX_BYTES = 256 * 1024
 _JOB_ID_RE = re.compile(protocol.JOB_ID_PATTERN)
 
 
-@dataclass(frozen=True)
-class Head:
-    """What the service wants this device to do next: run job_id, or nothing (job_id None)."""
+class Head(NamedTuple):
+    """What the service wants this device to do next: run job_id, or nothing (job_id None).
+
+    An immutable record: a NamedTuple, not a dataclass, as the agent's records are (cheaper to
+    define at start-up: bench/profile_notes.md, agent-exec-until-online)."""
 
     job_id: str | None
     command: str
@@ -35,7 +36,7 @@ class Head:
     issued_at: datetime | None = None  # when the service signed it (its clock)
     device_id: Any = None  # the head's DeviceId, checked only once its signature verifies
     signature: Any = None  # the head's Signature, as it came
-    signed_content: bytes | None = field(default=None, repr=False)  # what the signature must sign
+    signed_content: bytes | None = None  # what the signature must sign
     labels: str = ""  # the unsigned ParentJobId and JobName, quoted and capped, only for logs
     attempt: int = 1  # which attempt of the job (Retries); signed (the v3 form) when above 1
     artifacts: tuple[Artifact, ...] = ()  # fetched and checked before the command runs (agent/download.py)

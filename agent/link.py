@@ -12,8 +12,7 @@ import logging
 import queue
 import socket
 import sys
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -37,33 +36,30 @@ _BAD_CREDENTIALS = frozenset({134, 135, 140})  # bad user name or password, not 
 
 
 # --- events from paho's thread --------------------------------------------------------------
+# Immutable records (NamedTuple, not dataclasses: cheaper at start-up, see bench/profile_notes.md,
+# agent-exec-until-online); the main loop tells them apart with isinstance, never by ==.
 
 
-@dataclass(frozen=True)
-class Connected:
+class Connected(NamedTuple):
     refused: str | None  # the broker's reason when it refused the connection
     bad_credentials: bool = False  # refused: the user name or password is wrong, or not authorised
     refusals: int = 0  # credential refusals in a row, this one included
     retry_in: float | None = None  # seconds until the next attempt, after a credential refusal
 
 
-@dataclass(frozen=True)
-class ConnectFailed:
+class ConnectFailed(NamedTuple):
     reason: str  # the network or TLS error, e.g. the broker's certificate did not verify
 
 
-@dataclass(frozen=True)
-class Disconnected:
+class Disconnected(NamedTuple):
     reason: str
 
 
-@dataclass(frozen=True)
-class Subscribed:
+class Subscribed(NamedTuple):
     refused: str | None
 
 
-@dataclass(frozen=True)
-class JobMessage:
+class JobMessage(NamedTuple):
     topic: str
     payload: bytes
 

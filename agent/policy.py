@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 # Characters a prefix-allowed command may not hold: they chain, substitute, redirect or
 # background commands (; & | ` $ ( ) < > and line breaks) or escape (\). Any other control
@@ -37,9 +37,10 @@ _BLANK = r"[ \t]"
 _SCRIPT_COMMAND = re.compile(rf"{_BLANK}*(/{_PLAIN})(?:{_BLANK}+{_PLAIN})*{_BLANK}*")
 
 
-@dataclass(frozen=True)
-class CommandPolicy:
-    """Which commands this device runs. Empty (the default): every signed command."""
+class CommandPolicy(NamedTuple):
+    """Which commands this device runs. Empty (the default): every signed command.
+
+    Part of the agent's Settings, immutable like them (agent/settings.py says why a NamedTuple)."""
 
     allow_prefixes: tuple[str, ...] = ()
     scripts_dir: Path | None = None
@@ -133,13 +134,15 @@ def prefix_problem(prefix: str, command: str, options: bool) -> str | None:
     return None
 
 
-@dataclass
 class Word:
     """One word of a command as /bin/sh splits it, for a command holding no $ ` or \\."""
 
-    text: str  # as written, quotes included
-    lead: str = ""  # its first character once quotes are removed ("" while none)
-    lead_quoted: bool = False
+    __slots__ = ("text", "lead", "lead_quoted")
+
+    def __init__(self, text: str) -> None:
+        self.text = text  # as written, quotes included; grows as shell_words reads on
+        self.lead = ""  # its first character once quotes are removed ("" while none)
+        self.lead_quoted = False
 
     @property
     def may_be_option(self) -> bool:

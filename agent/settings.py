@@ -24,9 +24,8 @@ import ssl
 import stat
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 from urllib.parse import urlsplit
 
 from . import job_signature, protocol
@@ -106,13 +105,18 @@ def env_name(dest: str) -> str:
     return ENV_PREFIX + dest.upper()
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
+    """The agent's settings, immutable once read.
+
+    A NamedTuple rather than a frozen dataclass: the dataclasses module (with inspect, ast and
+    dis) and the code it generates per class were most of what an agent loads and runs at start
+    beyond a bare paho device (bench/profile_notes.md, agent-idle-rss)."""
+
     broker_host: str
     broker_port: int
     device_id: str
     username: str
-    password: str | None = field(repr=False)
+    password: str | None  # never in repr (__repr__)
     state_dir: Path
     prefix: str
     output_cap: int
@@ -121,12 +125,16 @@ class Settings:
     log_level: str
     server_keys: tuple[bytes, ...]  # the service's Ed25519 public keys, raw: every head must be signed by one
     policy: CommandPolicy = CommandPolicy()
-    tls: ssl.SSLContext | None = field(default=None, repr=False, compare=False)  # None: plain mqtt://
+    tls: ssl.SSLContext | None = None  # None: plain mqtt://; not in repr
     server_key_file: Path | None = None  # where server_keys came from; the agent re-reads it when it changes
     log_format: str = "text"  # or "json": one JSON object a line (agent/jsonlog.py)
     head_wait: float = DEFAULT_HEAD_WAIT  # seconds after subscribing without a signed head before it warns
     ca_file: Path | None = None  # CA certificates trusted for mqtts:// and, beside the system's, for https:// downloads
     artifact_cache_size: int = DEFAULT_ARTIFACT_CACHE_SIZE  # bytes of artifacts kept after their jobs
+
+    def __repr__(self) -> str:
+        shown = (f"{name}={value!r}" for name, value in self._asdict().items() if name not in _NOT_IN_REPR)
+        return f"Settings({', '.join(shown)})"
 
     @property
     def server_keys_b64(self) -> tuple[str, ...]:
@@ -139,6 +147,9 @@ class Settings:
     @property
     def journal_dir(self) -> Path:
         return self.state_dir / self.device_id
+
+
+_NOT_IN_REPR = frozenset({"password", "tls"})  # a secret; a context that says nothing
 
 
 def build_parser() -> argparse.ArgumentParser:
