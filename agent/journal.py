@@ -48,10 +48,9 @@ import os
 import stat
 import tempfile
 import threading
-from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from . import protocol
 from .protocol import Key
@@ -115,8 +114,7 @@ class _Unreadable(Exception):
     """The journal file exists but is not a journal."""
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One job the agent has started; `result` is its final status message once it ended.
 
     `process`: the running command's group, until the result is recorded or the group is stopped
@@ -173,7 +171,7 @@ class Entry:
         for text, flag in ((Key.STDOUT, Key.STDOUT_TRUNCATED), (Key.STDERR, Key.STDERR_TRUNCATED)):
             if result.get(text):
                 result[text], result[flag] = "", True
-        return replace(self, result=result)
+        return self._replace(result=result)
 
 
 def _process(raw: Any, job_id: str) -> ProcessGroup | None:
@@ -311,7 +309,7 @@ class Journal:
             entry = self._entries.get(key)
             if entry is None or entry.result is not None:
                 return
-            self._entries[key] = replace(entry, **changes)
+            self._entries[key] = entry._replace(**changes)
             self._save()
 
     def record_result(self, job_id: str, message: dict[str, Any], seq: int | None = None,

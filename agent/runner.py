@@ -29,9 +29,8 @@ import select
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 from . import protocol
 from .protocol import JobStatus, Key
@@ -49,8 +48,7 @@ LEFTOVERS_STOPPED_REASON = "; its leftover processes were stopped"
 _BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 
 
-@dataclass(frozen=True)
-class RunLimits:
+class RunLimits(NamedTuple):
     """How long a command may run and how much of its output is kept."""
 
     timeout_seconds: float
@@ -59,8 +57,7 @@ class RunLimits:
     pipe_grace: float = 2.0  # seconds the output may stay open after the command exits
 
 
-@dataclass(frozen=True)
-class RunResult:
+class RunResult(NamedTuple):
     """The final outcome of one job, as the agent reports it."""
 
     job_id: str
@@ -152,8 +149,7 @@ def _skip_continuation(data: bytes) -> bytes:
     return data[start:]
 
 
-@dataclass(frozen=True)
-class ProcessGroup:
+class ProcessGroup(NamedTuple):
     """A command's process group, as journalled so that a restarted agent can end what is left of it.
 
     `pgid` is the pid of the group's leader, the shell. `boot_id` and `start_ticks` (the leader's
@@ -458,8 +454,7 @@ def _live_member(entry: os.DirEntry[str], pgid: int, session: int | None) -> boo
             and (session is None or stat.session == session))
 
 
-@dataclass(frozen=True)
-class _Stat:
+class _Stat(NamedTuple):
     """The fields of /proc/<pid>/stat the agent reads."""
 
     state: bytes  # field 3: Z zombie, X dead, anything else alive

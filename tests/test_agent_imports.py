@@ -121,8 +121,6 @@ def test_an_idle_agent_builds_no_ed25519_table(idle_agent):
 
 
 @pytest.mark.mosquitto
-@pytest.mark.xfail(strict=True, reason="agent/runner.py and agent/journal.py still define dataclasses: when they "
-                                       "become NamedTuples too, drop this mark (and see that the test passes)")
 def test_an_idle_agent_does_not_import_dataclasses(idle_agent):
     """dataclasses pulls in inspect, ast and dis (~0.8 MiB) and generates code for every class at start."""
     assert "dataclasses" not in idle_agent["modules"]

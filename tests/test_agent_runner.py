@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -213,7 +212,7 @@ def test_a_recorded_group_that_still_runs_is_stopped(orphan_group):
 
 def test_a_recorded_group_whose_leader_started_at_another_time_is_left_alone(orphan_group):
     process = orphan_group("sleep 300")
-    reused = replace(ProcessGroup.of(process.pid), start_ticks=ProcessGroup.of(process.pid).start_ticks + 1)
+    reused = ProcessGroup.of(process.pid)._replace(start_ticks=ProcessGroup.of(process.pid).start_ticks + 1)
     assert not reused.still_running()
     assert not stop_leftovers(reused, kill_grace=1.0)
     assert is_running(process.pid)
@@ -221,7 +220,7 @@ def test_a_recorded_group_whose_leader_started_at_another_time_is_left_alone(orp
 
 def test_a_recorded_group_from_another_boot_is_left_alone(orphan_group):
     process = orphan_group("sleep 300")
-    other_boot = replace(ProcessGroup.of(process.pid), boot_id="00000000-0000-0000-0000-000000000000")
+    other_boot = ProcessGroup.of(process.pid)._replace(boot_id="00000000-0000-0000-0000-000000000000")
     assert not stop_leftovers(other_boot, kill_grace=1.0)
     assert is_running(process.pid)
 
