@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, TypeVar
 
 import peewee as pw
 
@@ -27,6 +27,7 @@ from .queues import DeviceQueue, QueueEntry
 RELEASE_BATCH = 500  # children per release transaction of release_due
 ROLLOUT_BATCH = 5000  # children per decision of a rollout (one transaction: one UPDATE by Seq range)
 SCHEDULED = JobStatus.SCHEDULED.value
+F = TypeVar("F")  # a frozen dataclass (_alike)
 
 
 @idempotent
@@ -92,10 +93,22 @@ def _lone_held_queues(job: Job) -> list[DeviceQueue]:
              .where(ChildJob.parent == job.job_id, ChildJob.on_failure_of.is_null(), ChildJob.status == SCHEDULED,
                     alone))
     artifacts = job_artifacts([job.job_id]).get(job.job_id, ())
-    name, command, timeout, restart = job.name, job.command, job.timeout_seconds, bool(job.success_on_restart)
-    return [DeviceQueue(device_id, (QueueEntry(child_id, job.job_id, name, command, timeout, restart, seq, SCHEDULED,
-                                               job.created, reason, 1, False, artifacts),), 1, seq - 1)
+    entry = QueueEntry("", job.job_id, job.name, job.command, job.timeout_seconds, bool(job.success_on_restart), 0,
+                       SCHEDULED, job.created, None, 1, False, artifacts)
+    queue = DeviceQueue("", (), 1)
+    return [_alike(queue, device_id=device_id, entries=(_alike(entry, job_id=child_id, seq=seq, reason=reason),),
+                   floor=seq - 1)
             for device_id, child_id, seq, reason in db.execute_sql(*query.sql()).fetchall()]
+
+
+def _alike(proto: F, **fields: Any) -> F:
+    """dataclasses.replace(proto, **fields) for a frozen dataclass without __post_init__, three
+    times as fast: its generated __init__ sets each field through object.__setattr__ (13 for a
+    QueueEntry), which was a third of the submission's queue lists for 10,000 devices. The copy
+    is as frozen as the original."""
+    copy = object.__new__(type(proto))
+    copy.__dict__.update(proto.__dict__, **fields)
+    return copy
 
 
 def active_rollouts() -> list[str]:
@@ -116,14 +129,15 @@ def advance(job_id: str, current: datetime) -> Round:
         if row is None or not row.active:
             return Round([], False)
         plan = Plan.from_json(row.plan)
-        counts = _counts(job_id)
+        own = _counted(job_id)
+        counts = _counts(own)
         row.checked_at = current
         why = abort_reason(plan, counts)
         if why is not None:
             return Round(_abort(row, why), False)
         if plan.ended(current):
             return Round(_end(row, plan), False)
-        devices, more = ([], False) if row.paused else _release(row, plan, counts, current)
+        devices, more = ([], False) if row.paused else _release(row, plan, own, counts, current)
         if not plan.continuous and not any(counts.get(s, 0) for s in PENDING) and not devices:
             row.active = False
         row.save()
@@ -148,15 +162,22 @@ def _locked(job_id: str) -> Rollout | None:
     return query.first()
 
 
-def _counts(job_id: str) -> dict[str, int]:
-    rows = (ChildJob.select(ChildJob.status, pw.fn.COUNT(ChildJob.seq)).where(*_own(job_id))
-            .group_by(ChildJob.status).tuples())
-    return dict(rows)
+def _counted(job_id: str) -> tuple[Any, ...]:
+    """_own, as the counts read it: a job without OnFailure has no rollback children to leave out,
+    so its counts need only the (parent, status) index (no read of each child's row)."""
+    rollbacks = Job.select(Job.on_failure_command).where(Job.job_id == job_id).scalar() is not None
+    return _own(job_id) if rollbacks else (ChildJob.parent == job_id,)
 
 
-def _release(row: Rollout, plan: Plan, counts: dict[str, int], current: datetime) -> tuple[list[str], bool]:
+def _counts(own: tuple[Any, ...]) -> dict[str, int]:
+    rows = ChildJob.select(ChildJob.status, pw.fn.COUNT(ChildJob.seq)).where(*own).group_by(ChildJob.status)
+    return dict(db.execute_sql(*rows.sql()).fetchall())
+
+
+def _release(row: Rollout, plan: Plan, own: tuple[Any, ...], counts: dict[str, int],
+             current: datetime) -> tuple[list[str], bool]:
     """Release what the plan allows now; returns the devices and whether the batch was full."""
-    progress = _progress(row)
+    progress = _progress(row, own)
     wave = progress.wave
     wanted = allowed(plan, progress, counts, current)
     if progress.wave != wave:  # a new wave opened: its children are those it releases from now on
@@ -190,11 +211,11 @@ def _keep(row: Rollout, progress: Progress) -> None:
                              progress.rate, progress.rate_successes, progress.window_start, progress.window_released)
 
 
-def _progress(row: Rollout) -> Progress:
+def _progress(row: Rollout, own: tuple[Any, ...]) -> Progress:
     """The row's state, and how many children of its last wave succeeded (one count, waves only)."""
     succeeded = 0
     if row.wave_from_seq is not None:
-        succeeded = (ChildJob.select().where(*_own(row.job_id), ChildJob.seq >= row.wave_from_seq,
+        succeeded = (ChildJob.select().where(*own, ChildJob.seq >= row.wave_from_seq,
                                              ChildJob.status == JobStatus.SUCCEEDED.value).count())
     return Progress(row.wave, row.wave_ready_at, row.wave_base, succeeded, row.released, row.rate,
                     row.rate_successes, row.window_start, row.window_released)
