@@ -1,29 +1,58 @@
 """The agent's crash-safe memory of which jobs it has started and how they ended.
 
-One JSON file, `journal.json`, in the agent's state directory:
+One append-only file, `journal.log`, in the agent's state directory: a line per record,
 
-    {"Version": 1, "Entries": [{"JobId": ..., "Seq": ..., "StartTime": ..., "Result": {...} | null,
-                                "Process": {"Pgid": ..., "BootId": ..., "StartTicks": ...},
-                                "Attempt": 2}],
-     "HighestSeq": 17, "HighestAttempt": 2, "Floor": 16, "SeqScope": ["<a service public key, base64>", ...]}
+    <length> <crc32> <JSON object>\n
+
+`length` is the JSON's size in bytes (decimal), `crc32` its CRC-32 (8 lowercase hex digits);
+JSON escapes every newline inside strings, so a record is one line. Each change is ONE record,
+appended with one write and made durable with fdatasync before the call returns: an append of a
+few hundred bytes, not a rewrite of the file. A record counts only whole: its newline, its length
+and its checksum. A power cut can tear only the records after the last fdatasync, so bad records
+at the end (a torn tail) are ignored; a bad record with good ones after it cannot come from a
+power cut (each append is durable before the next one starts, and after a failed append the next
+write rewrites the file), so it is damage: it is skipped, the file is kept aside as
+`journal.log.damaged-<time>`, and the error logged.
+
+Records, replayed in order:
+
+    {"Version": 2, "Entries": N, "State": {...}}          the first record of a file: N entries follow
+    {"Op": "Start", "Entry": {...}, "State": {...}}       a job started: its entry moves to the end
+    {"Op": "Put", "Entry": {...}, "State": {...}}         an entry changed in place (or added at the end)
+    {"State": {...}}                                      the state alone (a Floor, a key rotation)
+
+An entry is {"JobId": ..., "Seq": ..., "StartTime": ..., "Result": {...} | null,
+"Process": {"Pgid": ..., "BootId": ..., "StartTicks": ...}, "Attempt": 2} (Process while its command
+runs, Attempt from 2 on). A State is {"HighestSeq": 17, "HighestAttempt": 2, "Floor": 16, "SeqScope":
+["<a service public key, base64>", ...]}, each key only when it has a value (HighestAttempt when
+above 1, SeqScope once there is a HighestSeq or a Floor): it replaces the state as a whole. Every
+appended record carries the whole state, so a skipped record's HighestSeq is in the next one.
+
+The file is compacted: the entries and the state written to a temp file as a header and one Put
+per entry, fsync, rename over the journal, fsync of the directory, so after a crash the file is
+the old journal or the new one, whole. That happens on the first write, once the appends since
+the last compaction reach COMPACT_RECORDS_PER_ENTRY x max_entries records or the compacted size
+(at least COMPACT_MIN_BYTES), on the next write after a failed one, and at start-up when the file
+ends in a torn tail, holds damaged records, is a version 1 journal or has grown that far: appends
+never follow a bad record, and start-up replays a bounded file. (A start-up with a sound file
+writes nothing, so an agent restart costs no fsync.) A version 1 journal, `journal.json` (one
+JSON document, each write a whole new file), is read once and compacted into `journal.log`, then
+removed.
 
 Entries are kept per attempt of a job: (JobId, Attempt), Attempt 1 when absent (the service
 retries a failed attempt with a head that carries the next Attempt: docs/protocol.md). Attempt 2
 of a job whose attempt 1 ran is a new entry, and runs; attempt 1 again finds its entry.
 
 An entry is written ("started", Result null) before its command runs, with the command's
-process group (Process) in the same write (the runner spawns the command's shell held at a
+process group (Process) in the same record (the runner spawns the command's shell held at a
 gate, and opens the gate only after this write; `record_process` adds it later for a caller
-that did not spawn first), and is completed with the full final
-status message after (which drops Process). A job with an entry is never run again. A restarted
-agent ends the group of a "started" entry that still runs, and marks the entry
-"LeftoversStopped": true. Every write replaces
-the whole file atomically (temp file, fsync, rename, fsync of the directory), so after a crash
-the file holds either the old or the new journal, never half of one.
+that did not spawn first), and is completed with the full final status message after (which
+drops Process). A job with an entry is never run again. A restarted agent ends the group of a
+"started" entry that still runs, and marks the entry "LeftoversStopped": true.
 
 The journal keeps the last MAX_ENTRIES entries; of those, only the newest FULL_OUTPUT_ENTRIES
 keep their Stdout/Stderr (older ones keep everything else, with the *Truncated flags set when
-output was dropped), so the file stays small even for chatty commands.
+output was dropped), so the compacted file stays small even for chatty commands.
 
 The agent refuses (UnsafeDirectory) a state or journal directory that is a symbolic link, is owned
 by another user than the agent's, or that group or others may write: whoever could change the
@@ -41,12 +70,12 @@ none is left (another service).
 
 from __future__ import annotations
 
+import binascii
 import errno
 import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -58,14 +87,25 @@ from .runner import ProcessGroup
 
 log = logging.getLogger(__name__)
 
-JOURNAL_FILE = "journal.json"
-FORMAT_VERSION = 1
+JOURNAL_FILE = "journal.log"
+OLD_JOURNAL_FILE = "journal.json"  # version 1: read once, on the upgrade
+FORMAT_VERSION = 2
+OLD_FORMAT_VERSION = 1
 MAX_ENTRIES = 200
 FULL_OUTPUT_ENTRIES = 10
+# Compact once this many records per kept entry were appended, or once the appends reach the
+# compacted size (at least COMPACT_MIN_BYTES): start-up reads little, the file stays small.
+COMPACT_RECORDS_PER_ENTRY = 2
+COMPACT_MIN_BYTES = 1024 * 1024
 
-# Keys of the journal file that are not message keys.
+# Keys of the journal's records that are not message keys.
 _VERSION = "Version"
 _ENTRIES = "Entries"
+_OP = "Op"
+_ENTRY = "Entry"
+_STATE = "State"
+_START = "Start"
+_PUT = "Put"
 _RESULT = "Result"
 _HIGHEST_SEQ = "HighestSeq"
 _SEQ_SCOPE = "SeqScope"
@@ -187,16 +227,49 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class _State(NamedTuple):
+    """What outlives the entries: HighestSeq and HighestAttempt, the Floor, and the keys they belong to."""
+
+    highest_seq: int | None = None
+    highest_attempt: int = 1
+    floor: int | None = None
+    seq_scope: Any = ()  # as read: a list of keys (an older journal's one key as a string)
+
+    def to_json(self) -> dict[str, Any]:
+        raw: dict[str, Any] = {}
+        if self.highest_seq is not None:
+            raw[_HIGHEST_SEQ] = self.highest_seq
+            if self.highest_attempt != 1:
+                raw[_HIGHEST_ATTEMPT] = self.highest_attempt
+        if self.floor is not None:
+            raw[_FLOOR] = self.floor
+        if self.highest_seq is not None or self.floor is not None:
+            raw[_SEQ_SCOPE] = list(_scope(self.seq_scope))
+        return raw
+
+    @classmethod
+    def from_json(cls, raw: Any) -> _State:
+        """The state of a version 2 State object, or of a version 1 document (the same keys)."""
+        if not isinstance(raw, dict):
+            raise _Unreadable(f"{_STATE} is not an object")
+        highest, attempt, floor = raw.get(_HIGHEST_SEQ), raw.get(_HIGHEST_ATTEMPT, 1), raw.get(_FLOOR)
+        for name, value in ((_HIGHEST_SEQ, highest), (_HIGHEST_ATTEMPT, attempt), (_FLOOR, floor)):
+            if value is not None and not _whole(value):
+                raise _Unreadable(f"{name} is not a whole number")
+        return cls(highest, attempt, floor, raw.get(_SEQ_SCOPE))
+
+
 class Journal:
-    """The entries of one device's journal, in insertion order, backed by one file.
+    """The entries of one device's journal, in insertion order, backed by one append-only file.
 
     Writes may come from two threads (the main loop, and the job's worker recording its process
-    group); a lock keeps each change and its save together.
+    group); a lock keeps each change and its record together.
     """
 
     def __init__(self, state_dir: Path, max_entries: int = MAX_ENTRIES, seq_scope: Iterable[str] = ()) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / JOURNAL_FILE
+        self.old_path = self.state_dir / OLD_JOURNAL_FILE
         self.max_entries = max_entries
         self.seq_scope = _scope(seq_scope)  # what Seq and Floor belong to: the service's signing keys
         self._entries: dict[EntryKey, Entry] = {}
@@ -204,21 +277,41 @@ class Journal:
         self._highest_attempt = 1  # of the job at HighestSeq
         self._floor: int | None = None
         self._encoding: dict[EntryKey, tuple[Entry, bytes]] = {}  # entry key -> (entry, its JSON), see _encoded
+        self._state_encoding: tuple[tuple[Any, ...], bytes] | None = None  # the state and its JSON
         self._lock = threading.Lock()
+        self._fd: int | None = None  # the journal file, open for appending; None: none yet
+        self._must_compact = False  # the next write rewrites the file (a failed write, a torn tail)
+        self._appended = (0, 0)  # records and bytes appended since the last compaction
+        self._compacted_bytes = 0
+        self._remove_old = False  # a version 1 journal was read: remove it once the new one is written
 
     @classmethod
     def open(cls, state_dir: Path, max_entries: int = MAX_ENTRIES, seq_scope: Iterable[str] = ()) -> Journal:
         """Create the state directory (mode 0700) if needed and load the journal in it.
 
         A HighestSeq and Floor recorded under keys none of which is in seq_scope are forgotten.
+        The file is compacted when it ends in a torn tail, holds damaged records, is a version 1
+        journal or has grown past the bound (see the module); if that fails, the next write does it.
         Raises UnsafeDirectory for a directory another user could change (check_private_dir).
         """
         journal = cls(state_dir, max_entries, seq_scope)
         journal.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_private_dir(journal.state_dir)
         journal._remove_temp_files()
-        journal._entries, journal._highest_seq, journal._floor = journal._load()
+        if journal._load():
+            with journal._lock:
+                try:
+                    journal._compact()
+                except JournalError as e:
+                    log.warning("%s; writing it again with the next record", e)
         return journal
+
+    def close(self) -> None:
+        """Close the file (the journal is not written again)."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     @property
     def highest_run(self) -> tuple[int, int] | None:
@@ -247,13 +340,13 @@ class Journal:
                 return False
             self._floor = floor
             if durable:
-                self._save()
+                self._write(None)
         return True
 
     def flush(self) -> None:
-        """Write the journal as it stands (a Floor raised in memory). Raises JournalError."""
+        """Write the state as it stands (a Floor raised in memory). Raises JournalError."""
         with self._lock:
-            self._save()
+            self._write(None)
 
     def rescope(self, seq_scope: Iterable[str]) -> None:
         """The agent now trusts these keys: keep HighestSeq and Floor if one of the old keys is
@@ -263,7 +356,7 @@ class Journal:
             if not _same_service(scope, self.seq_scope):
                 self._forget_seqs("none of the keys it trusted before is trusted now")
             self.seq_scope = scope
-            self._save()
+            self._write(None)
 
     def _forget_seqs(self, why: str) -> None:
         if self._highest_seq is not None or self._floor is not None:
@@ -289,11 +382,10 @@ class Journal:
         runs). Raises JournalError."""
         entry = Entry(job_id, seq, protocol.format_time(start_time) or "", process=process, attempt=attempt)
         with self._lock:
-            self._entries.pop(entry.key, None)
-            self._entries[entry.key] = entry
+            _start(self._entries, entry)
             self._raise_highest_seq(seq, attempt)
-            self._prune()
-            self._save()
+            self._prune(entry.key)
+            self._write(entry, _START)
         return entry
 
     def record_process(self, job_id: str, group: ProcessGroup, attempt: int = 1) -> None:
@@ -309,8 +401,8 @@ class Journal:
             entry = self._entries.get(key)
             if entry is None or entry.result is not None:
                 return
-            self._entries[key] = entry._replace(**changes)
-            self._save()
+            entry = self._entries[key] = entry._replace(**changes)
+            self._write(entry, _PUT)
 
     def record_result(self, job_id: str, message: dict[str, Any], seq: int | None = None,
                       attempt: int = 1) -> Entry:
@@ -325,41 +417,88 @@ class Journal:
                 self._raise_highest_seq(seq, attempt)
             entry = Entry(job_id, old.seq if old else seq, start, dict(message), attempt=attempt)
             self._entries[entry.key] = entry
-            self._prune()
-            self._save()
+            self._prune(entry.key)
+            entry = self._entries.get(entry.key, entry)
+            self._write(entry, _PUT)
         return entry
 
     def _raise_highest_seq(self, seq: int | None, attempt: int) -> None:
         if seq is not None and (self.highest_run is None or (seq, attempt) > self.highest_run):
             self._highest_seq, self._highest_attempt = seq, attempt
 
+    def _prune(self, changed: EntryKey) -> None:
+        """Keep the newest max_entries entries, and output only in the newest FULL_OUTPUT_ENTRIES. Only
+        the changed entry and the one it pushed past the newest FULL_OUTPUT_ENTRIES can hold output
+        beyond them: every other has lost it already."""
+        _cap(self._entries, self.max_entries)
+        newest = list(_newest_keys(self._entries, FULL_OUTPUT_ENTRIES + 1))
+        for key in {changed, *newest[FULL_OUTPUT_ENTRIES:]} - set(newest[:FULL_OUTPUT_ENTRIES]):
+            if key in self._entries:
+                self._entries[key] = self._entries[key].without_output()
+
     # --- the file ---------------------------------------------------------------------------
 
-    def _prune(self) -> None:
-        keys = list(self._entries)
-        for key in keys[: max(0, len(keys) - self.max_entries)]:
-            del self._entries[key]
-        for key in list(self._entries)[: max(0, len(self._entries) - FULL_OUTPUT_ENTRIES)]:
-            self._entries[key] = self._entries[key].without_output()
+    def _state(self) -> _State:
+        return _State(self._highest_seq, self._highest_attempt, self._floor, self.seq_scope)
 
-    def _save(self) -> None:
-        """Write the whole journal; each entry's JSON is encoded once and reused while it is unchanged."""
-        tail: dict[str, Any] = {}
-        if self._highest_seq is not None:
-            tail[_HIGHEST_SEQ] = self._highest_seq
-            if self._highest_attempt != 1:
-                tail[_HIGHEST_ATTEMPT] = self._highest_attempt
-        if self._floor is not None:
-            tail[_FLOOR] = self._floor
-        if self._highest_seq is not None or self._floor is not None:
-            tail[_SEQ_SCOPE] = list(self.seq_scope)
-        entries = b",".join(self._encoded(entry) for entry in self._entries.values())
-        data = b"".join([b'{"%s":%d,"%s":[' % (_VERSION.encode(), FORMAT_VERSION, _ENTRIES.encode()), entries, b"]",
-                         *(b"," + _dumps(key) + b":" + _dumps(value) for key, value in tail.items()), b"}"])
+    def _write(self, entry: Entry | None, op: str = _PUT) -> None:
+        """Append one record (an entry's change and the state, or the state alone) and fdatasync it;
+        compact instead when the file must be rewritten, and after it when it has grown enough."""
+        if self._must_compact or self._fd is None:
+            self._compact()
+            return
+        line = _frame(self._record(entry, op))
         try:
-            write_atomic(self.path, data)
+            if os.write(self._fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "a short write (the disk is full?)")
+            os.fdatasync(self._fd)
+        except OSError as e:
+            self._must_compact = True  # the file may end in part of this record: never append after it
+            raise JournalError(self.path, e) from e
+        self._appended = (self._appended[0] + 1, self._appended[1] + len(line))
+        if self._grown():
+            try:
+                self._compact()
+            except JournalError as e:  # the record is durable: compacting can wait for the next write
+                log.warning("%s; compacting it again with the next record", e)
+
+    def _grown(self) -> bool:
+        """Whether enough was appended since the last compaction to compact again."""
+        records, size = self._appended
+        return (records >= COMPACT_RECORDS_PER_ENTRY * self.max_entries
+                or size >= max(COMPACT_MIN_BYTES, self._compacted_bytes))
+
+    def _record(self, entry: Entry | None, op: str) -> bytes:
+        state = b'"%s":%s' % (_STATE.encode(), self._encoded_state())
+        if entry is None:
+            return b"{%s}" % state
+        return b'{"%s":"%s","%s":%s,%s}' % (_OP.encode(), op.encode(), _ENTRY.encode(), self._encoded(entry), state)
+
+    def _compact(self) -> None:
+        """Write the entries and the state to a new file, fsync it, rename it over the journal and
+        fsync the directory; later records are appended to it. Raises JournalError."""
+        header = b'{"%s":%d,"%s":%d,"%s":%s}' % (_VERSION.encode(), FORMAT_VERSION, _ENTRIES.encode(),
+                                                  len(self._entries), _STATE.encode(), self._encoded_state())
+        puts = (b'{"%s":"%s","%s":%s}' % (_OP.encode(), _PUT.encode(), _ENTRY.encode(), self._encoded(entry))
+                for entry in self._entries.values())
+        data = b"".join(_frame(body) for body in (header, *puts))
+        temp = self.path.with_name(f"{JOURNAL_FILE}.{os.urandom(6).hex()}.tmp")
+        try:
+            fd = _write_new(temp, data, self.path)
         except OSError as e:
             raise JournalError(self.path, e) from e
+        old, self._fd = self._fd, fd
+        if old is not None:
+            os.close(old)
+        self._must_compact = True  # until the new name is durable, nothing may be appended to it
+        try:
+            _fsync_dir(self.state_dir)
+        except OSError as e:
+            raise JournalError(self.path, e) from e
+        self._must_compact = False
+        self._appended, self._compacted_bytes = (0, 0), len(data)
+        if self._remove_old:
+            self._remove_old_format()
 
     def _encoded(self, entry: Entry) -> bytes:
         """The entry as JSON, from the cache when this very entry was encoded before (entries are frozen)."""
@@ -371,28 +510,212 @@ class Journal:
             self._encoding = {key: self._encoding[key] for key in self._entries if key in self._encoding}
         return cached[1]
 
-    def _load(self) -> tuple[dict[EntryKey, Entry], int | None, int | None]:
-        try:
-            entries, (self._highest_seq, self._highest_attempt), self._floor, scope = _parse(_read_no_follow(self.path))
-        except FileNotFoundError:
-            return {}, None, None
-        except (OSError, _Unreadable) as e:
-            self._move_aside(e)
-            return {}, None, None
-        if not _same_service(_scope(scope), self.seq_scope):
-            self._forget_seqs("the service's signing key changed")
-        return {entry.key: entry for entry in entries[-self.max_entries:]}, self._highest_seq, self._floor
+    def _encoded_state(self) -> bytes:
+        state = self._state()
+        if self._state_encoding is None or self._state_encoding[0] != state:
+            self._state_encoding = (state, _dumps(state.to_json()))
+        return self._state_encoding[1]
 
-    def _move_aside(self, why: Exception) -> None:
+    def _load(self) -> bool:
+        """Read the journal (or a version 1 journal); whether the file must be compacted."""
+        try:
+            loaded = _Loaded.read(self.path, self.max_entries)
+        except FileNotFoundError:
+            return self._load_old()
+        except (OSError, _Unreadable) as e:
+            self._move_aside(self.path, e)
+            return self._load_old()
+        if loaded.damaged:
+            aside = self._aside_name(self.path, "damaged")
+            os.link(self.path, aside)
+            log.error("journal %s: skipped %d damaged record(s) at byte(s) %s, followed by good ones (not a torn "
+                      "write: the disk or someone changed the file); kept the file as %s", self.path,
+                      len(loaded.damaged), ", ".join(map(str, loaded.damaged)), aside)
+        if loaded.torn is not None:
+            log.warning("journal %s: ignored the torn or corrupt record(s) at its end, from byte %d (a write a "
+                        "crash or power cut interrupted)", self.path, loaded.torn)
+        if self.old_path.exists():  # left by a crash between the upgrade's rename and its removal
+            self._remove_old = True
+        self._adopt(loaded.entries, loaded.state)
+        self._appended, self._compacted_bytes = loaded.appended, loaded.size - loaded.appended[1]
+        if loaded.torn is not None or loaded.damaged or self._remove_old or self._grown():
+            return True
+        self._open_for_append()
+        return False
+
+    def _load_old(self) -> bool:
+        """Read a version 1 journal, to be compacted into the new file (and then removed)."""
+        try:
+            entries, state = _parse_v1(_read_no_follow(self.old_path))
+        except FileNotFoundError:
+            return False
+        except (OSError, _Unreadable) as e:
+            self._move_aside(self.old_path, e)
+            return False
+        log.info("journal %s: upgrading the version 1 journal %s", self.path, self.old_path)
+        self._remove_old = True
+        self._adopt(entries, state)
+        return True
+
+    def _adopt(self, entries: dict[EntryKey, Entry], state: _State) -> None:
+        self._entries = entries
+        _cap(entries, self.max_entries)
+        for key in list(entries)[: max(0, len(entries) - FULL_OUTPUT_ENTRIES)]:
+            entries[key] = entries[key].without_output()
+        self._highest_seq, self._highest_attempt, self._floor = state.highest_seq, state.highest_attempt, state.floor
+        if not _same_service(_scope(state.seq_scope), self.seq_scope):
+            self._forget_seqs("the service's signing key changed")
+
+    def _open_for_append(self) -> None:
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("journal %s: cannot open it for appending (%s); writing it anew with the next record",
+                        self.path, e)
+
+    def _remove_old_format(self) -> None:
+        try:
+            self.old_path.unlink(missing_ok=True)
+            _fsync_dir(self.state_dir)
+        except OSError as e:
+            log.warning("journal %s: could not remove the version 1 journal %s: %s", self.path, self.old_path, e)
+            return
+        self._remove_old = False
+        log.info("journal %s: the version 1 journal %s is now in it, and removed", self.path, self.old_path)
+
+    def _aside_name(self, path: Path, why: str) -> Path:
         stamp = protocol.utc_now().strftime("%Y%m%dT%H%M%S.%fZ")
-        aside = self.path.with_name(f"{JOURNAL_FILE}.corrupt-{stamp}")
-        os.replace(self.path, aside)
-        log.error("journal %s is unreadable (%s); moved it to %s and started an empty journal", self.path, why, aside)
+        return path.with_name(f"{path.name}.{why}-{stamp}")
+
+    def _move_aside(self, path: Path, why: Exception) -> None:
+        aside = self._aside_name(path, "corrupt")
+        os.replace(path, aside)
+        log.error("journal %s is unreadable (%s); moved it to %s and started an empty journal", path, why, aside)
 
     def _remove_temp_files(self) -> None:
-        """Remove temp files left by a crash in the middle of a write."""
-        for leftover in self.state_dir.glob(f"{JOURNAL_FILE}.*.tmp"):
-            leftover.unlink(missing_ok=True)
+        """Remove temp files left by a crash in the middle of a compaction (or a version 1 write)."""
+        for name in (JOURNAL_FILE, OLD_JOURNAL_FILE):
+            for leftover in self.state_dir.glob(f"{name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
+
+
+class _Loaded(NamedTuple):
+    """A version 2 journal file as read: its entries and state, and what was wrong with it."""
+
+    entries: dict[EntryKey, Entry]
+    state: _State
+    size: int  # bytes
+    appended: tuple[int, int]  # records and bytes after the compacted ones (the header's Entries)
+    torn: int | None  # where the bad records at the end start, if any
+    damaged: list[int]  # where the bad records with good ones after them start
+
+    @classmethod
+    def read(cls, path: Path, max_entries: int) -> _Loaded:
+        """Replay the file's records, keeping the newest `max_entries` entries as the agent did;
+        raises _Unreadable for a file with no good record, or of another version, or with a good
+        record that is not one of the journal's."""
+        data = _read_no_follow(path)
+        entries: dict[EntryKey, Entry] = {}
+        state, compacted, records, bad, damaged = _State(), 0, 0, [], []
+        offset = compacted_end = 0
+        for line in data.split(b"\n")[:-1]:  # the part after the last newline, if any, is torn
+            body = _unframe(line)
+            if body is None:
+                bad.append(offset)
+            else:
+                damaged += bad
+                bad = []
+                records += 1
+                state, compacted = _replay(_loads(body), entries, state, compacted, records)
+                _cap(entries, max_entries)
+            offset += len(line) + 1
+            if records <= 1 + compacted:
+                compacted_end = offset
+        if offset < len(data):
+            bad.append(offset)
+        if records == 0:
+            raise _Unreadable("it holds no whole record" if data else "it is empty")
+        appended = (max(0, records - 1 - compacted), len(data) - compacted_end)
+        return cls(entries, state, len(data), appended, bad[0] if bad else None, damaged)
+
+
+def _replay(record: Any, entries: dict[EntryKey, Entry], state: _State, compacted: int,
+            number: int) -> tuple[_State, int]:
+    """Apply one record to the entries; the state after it, and the header's count of entries."""
+    if not isinstance(record, dict):
+        raise _Unreadable("a record is not an object")
+    if _VERSION in record:
+        if record[_VERSION] != FORMAT_VERSION or number != 1:
+            raise _Unreadable(f"not a version {FORMAT_VERSION} journal")
+        compacted = record.get(_ENTRIES)
+        if not _whole(compacted):
+            raise _Unreadable(f"the header's {_ENTRIES} is not a whole number")
+    if _STATE in record:
+        state = _State.from_json(record[_STATE])
+    op = record.get(_OP)
+    if op == _START:
+        _start(entries, Entry.from_json(record.get(_ENTRY)))
+    elif op == _PUT:
+        entry = Entry.from_json(record.get(_ENTRY))
+        entries[entry.key] = entry
+    elif op is not None or (_STATE not in record and _VERSION not in record):
+        raise _Unreadable(f"a record of an unknown kind ({_OP} {op!r})")
+    return state, compacted
+
+
+def _start(entries: dict[EntryKey, Entry], entry: Entry) -> None:
+    """A started entry goes to the end (the newest), even if its key was there before."""
+    entries.pop(entry.key, None)
+    entries[entry.key] = entry
+
+
+def _cap(entries: dict[EntryKey, Entry], limit: int) -> None:
+    """Drop the oldest entries beyond `limit`."""
+    while len(entries) > limit:
+        del entries[next(iter(entries))]
+
+
+def _newest_keys(entries: dict[EntryKey, Entry], count: int) -> Iterable[EntryKey]:
+    for n, key in enumerate(reversed(entries)):
+        if n == count:
+            return
+        yield key
+
+
+def _loads(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _Unreadable(f"a record is not UTF-8 JSON: {e}") from e
+
+
+def _frame(body: bytes) -> bytes:
+    """One record: its length, its CRC-32, the JSON, a newline."""
+    return b"%d %08x %s\n" % (len(body), binascii.crc32(body), body)
+
+
+def _unframe(line: bytes) -> bytes | None:
+    """The JSON of a whole record (without its newline); None when its length or checksum is wrong."""
+    length, _, rest = line.partition(b" ")
+    crc, _, body = rest.partition(b" ")
+    if length != b"%d" % len(body) or crc != b"%08x" % binascii.crc32(body):
+        return None
+    return body
+
+
+def read_entries(state_dir: Path) -> list[dict[str, Any]]:
+    """The entries of the journal in `state_dir` as JSON objects, oldest first, read without
+    changing anything (for tests and tools; a torn tail is ignored): [] when there is none."""
+    try:
+        loaded = _Loaded.read(Path(state_dir) / JOURNAL_FILE, MAX_ENTRIES)
+        return [entry.to_json() for entry in loaded.entries.values()]
+    except FileNotFoundError:
+        pass
+    try:
+        entries, _ = _parse_v1(_read_no_follow(Path(state_dir) / OLD_JOURNAL_FILE))
+    except FileNotFoundError:
+        return []
+    return [entry.to_json() for entry in entries.values()]
 
 
 def _read_no_follow(path: Path) -> bytes:
@@ -421,41 +744,43 @@ def _same_service(one: tuple[str, ...], other: tuple[str, ...]) -> bool:
     return bool(set(one) & set(other)) or set(one) == set(other)
 
 
-def _parse(data: bytes) -> tuple[list[Entry], tuple[int | None, int], int | None, Any]:
-    """The entries, (HighestSeq, HighestAttempt), the Floor (None when absent) and their SeqScope."""
+def _parse_v1(data: bytes) -> tuple[dict[EntryKey, Entry], _State]:
+    """A version 1 journal: one JSON document with the entries and the state's keys beside them."""
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise _Unreadable(f"not UTF-8 JSON: {e}") from e
-    if not isinstance(document, dict) or document.get(_VERSION) != FORMAT_VERSION:
-        raise _Unreadable(f"not a version {FORMAT_VERSION} journal")
+    if not isinstance(document, dict) or document.get(_VERSION) != OLD_FORMAT_VERSION:
+        raise _Unreadable(f"not a version {OLD_FORMAT_VERSION} journal")
     raw_entries = document.get(_ENTRIES)
     if not isinstance(raw_entries, list):
         raise _Unreadable(f"{_ENTRIES} is not a list")
-    highest, attempt, floor = document.get(_HIGHEST_SEQ), document.get(_HIGHEST_ATTEMPT, 1), document.get(_FLOOR)
-    for name, value in ((_HIGHEST_SEQ, highest), (_HIGHEST_ATTEMPT, attempt), (_FLOOR, floor)):
-        if value is not None and not _whole(value):
-            raise _Unreadable(f"{name} is not a whole number")
-    return [Entry.from_json(raw) for raw in raw_entries], (highest, attempt), floor, document.get(_SEQ_SCOPE)
+    entries = [Entry.from_json(raw) for raw in raw_entries]
+    return {entry.key: entry for entry in entries}, _State.from_json(document)
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves the old or the new file, whole."""
-    fd, temp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+def _write_new(path: Path, data: bytes, target: Path) -> int:
+    """Write `data` to a new file, fsync it and rename it to `target`; its descriptor, open for
+    appending. Nothing is left behind when it fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.replace(path, target)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        os.close(fd)
+        path.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    return fd
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -5,12 +5,12 @@ the service, as in test_agent_daemon.py), files from a real HTTP server (tests/s
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import time
 
 import pytest
 
+from agent.journal import read_entries
 from agent.protocol import ArtifactKey, JobStatus, Key, Presence, ProgressKey
 from tests import test_agent_daemon as daemon_tests
 from tests.support.artifact_server import artifact_server, make_file
@@ -142,8 +142,7 @@ def test_an_agent_killed_mid_download_resumes_from_its_part_file(start_agent, se
     assert [r.range for r in files.requests] == [None, f"bytes={offset}-"]
     assert f"resuming at byte {offset} of {app[ArtifactKey.SIZE]}" in restarted.log()
     assert runs(ran) == ["j1"]
-    journal = json.loads((state_dir(tmp_path) / "journal.json").read_text())
-    assert [entry[Key.JOB_ID] for entry in journal["Entries"]] == ["j1"]
+    assert [entry[Key.JOB_ID] for entry in read_entries(state_dir(tmp_path))] == ["j1"]
     assert hashlib.sha256((state_dir(tmp_path) / "artifacts" / app[ArtifactKey.SHA256]).read_bytes()).hexdigest() \
         == app[ArtifactKey.SHA256]
 

@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent import daemon, job_signature
 from agent.daemon import OUTSIDE_POLICY, STALE, Agent, _Running
 from agent.head import Head, parse_head
-from agent.journal import Journal
+from agent.journal import Journal, read_entries
 from agent.link import JobMessage
 from agent.protocol import SERVICE_CLIENT_ID, JobStatus, Key, Topics, encode, format_time, signing_bytes, utc_now
 from agent.settings import ENV_PREFIX, load_settings
@@ -375,8 +375,7 @@ class Wire:
 
 
 def journal_job_ids(agent: Any) -> list[str]:
-    document = json.loads((agent.state_dir / agent.device_id / "journal.json").read_text())
-    return [entry["JobId"] for entry in document["Entries"]]
+    return [entry["JobId"] for entry in read_entries(agent.state_dir / agent.device_id)]
 
 
 def forge(broker_url: str, device: str, message: dict[str, Any]) -> None:

@@ -11,7 +11,6 @@ gives the same plan; the processes' own timing still varies from run to run.
 from __future__ import annotations
 
 import enum
-import json
 import random
 import signal
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from agent.journal import JOURNAL_FILE
+from agent.journal import read_entries
 from agent.protocol import FINAL_STATUSES
 from tests.support.mosquitto import Mosquitto
 from tests.support.processes import Agent, Api, Process, Service, wait_until
@@ -298,8 +297,7 @@ class Fleet:
         return path.read_text().splitlines() if path.exists() else []
 
     def journal(self, device_id: str) -> list[dict[str, Any]]:
-        path = self.agents[device_id].state_dir / device_id / JOURNAL_FILE
-        return json.loads(path.read_text())["Entries"] if path.exists() else []
+        return read_entries(self.agents[device_id].state_dir / device_id)
 
 
 def _answers(api: Api) -> bool:
