@@ -12,7 +12,10 @@ of it after its restart (`stop_leftovers`), and an agent that dies before openin
 closes the pipe with its death, so the held shell exits without running the command.
 `on_started` (for callers that do not spawn first) gets the group before the gate opens.
 
-One thread (the caller of `run`) waits for the command and reads both output pipes (select).
+One thread (the caller of `run`) waits for the command and reads both output pipes (select). On
+Linux 5.3 and later it also selects on a pidfd of the command's shell, so its exit wakes the thread
+at once; elsewhere it polls the exit (Popen.wait's sleeps, 0.5 ms doubling, while the outputs are
+closed; every _POLL_SECONDS while they are open).
 
 A killed command (TIMED_OUT, CANCELED) reports ExitCode null: it did not exit on its own,
 and the Status and Reason say why it stopped. A command that dies of a signal it did not
@@ -337,19 +340,24 @@ class Runner:
         """
         deadline = time.monotonic() + self.limits.timeout_seconds
         open_tails = {tail.fd: tail for tail in tails}
-        while True:
-            _read_ready(open_tails, _POLL_SECONDS)
-            if not open_tails:
-                if _reaped(process, _POLL_SECONDS):
+        exit_fd = _pidfd(process.pid)  # readable once the shell has exited; None: poll for that
+        try:
+            while True:
+                _read_ready(open_tails, _POLL_SECONDS, exit_fd)
+                if not open_tails:
+                    if _reaped(process, _POLL_SECONDS, exit_fd):
+                        return None
+                elif process.poll() is not None:
+                    self._drain(process, open_tails)
                     return None
-            elif process.poll() is not None:
-                self._drain(process, open_tails)
-                return None
-            stopped = self._stop_reason(deadline)
-            if stopped is not None:
-                self._kill_group(process)
-                self._drain(process, open_tails)
-                return stopped
+                stopped = self._stop_reason(deadline)
+                if stopped is not None:
+                    self._kill_group(process)
+                    self._drain(process, open_tails)
+                    return stopped
+        finally:
+            if exit_fd is not None:
+                os.close(exit_fd)
 
     def _drain(self, process: subprocess.Popen[bytes], open_tails: dict[int, _Tail]) -> None:
         """Read the output to its end; background children still holding the pipes get killed."""
@@ -386,13 +394,15 @@ class Runner:
         )
 
 
-def _read_ready(open_tails: dict[int, _Tail], timeout: float) -> None:
-    """Read what the open pipes have within `timeout`; a pipe at its end leaves `open_tails`."""
+def _read_ready(open_tails: dict[int, _Tail], timeout: float, exit_fd: int | None = None) -> None:
+    """Read what the open pipes have within `timeout` (less if `exit_fd`, the command's pidfd, says
+    it exited); a pipe at its end leaves `open_tails`."""
     if not open_tails:
         return
-    ready, _, _ = select.select(list(open_tails), [], [], timeout)
+    watched = [*open_tails, exit_fd] if exit_fd is not None else list(open_tails)
+    ready, _, _ = select.select(watched, [], [], timeout)
     for fd in ready:
-        if not open_tails[fd].keep(os.read(fd, _READ_CHUNK)):
+        if fd in open_tails and not open_tails[fd].keep(os.read(fd, _READ_CHUNK)):
             del open_tails[fd]
 
 
@@ -403,7 +413,11 @@ def _read_until(open_tails: dict[int, _Tail], timeout: float) -> None:
         _read_ready(open_tails, min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
 
-def _reaped(process: subprocess.Popen[bytes], timeout: float) -> bool:
+def _reaped(process: subprocess.Popen[bytes], timeout: float, exit_fd: int | None = None) -> bool:
+    """Whether the command's shell has exited (and is reaped), waiting up to `timeout` for it."""
+    if exit_fd is not None:
+        select.select([exit_fd], [], [], timeout)
+        return process.poll() is not None
     import subprocess  # noqa: PLC0415 - lazily, see the top of the module
 
     try:
@@ -411,6 +425,18 @@ def _reaped(process: subprocess.Popen[bytes], timeout: float) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return True
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of our unreaped child `pid` (readable once it exits); None where there is none
+    (before Linux 5.3, or another system)."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        return pidfd_open(pid)
+    except OSError:
+        return None
 
 
 def _exit_status(returncode: int) -> tuple[JobStatus, str | None]:

@@ -135,6 +135,35 @@ def test_cancel_from_another_thread_kills_the_group_and_reports_canceled(tmp_pat
     assert not is_running(pid)
 
 
+@pytest.fixture(params=["pidfd", "polling"])
+def exit_wait(request, monkeypatch):
+    """How the runner learns that the command's shell exited: a pidfd (Linux 5.3+), or polling."""
+    if request.param == "pidfd":
+        assert hasattr(os, "pidfd_open")
+    else:
+        monkeypatch.delattr(os, "pidfd_open")
+    return request.param
+
+
+@pytest.mark.parametrize("command, status, exit_code, stdout", [
+    ("echo out; exit 5", JobStatus.FAILED, 5, "out\n"),
+    ("echo out; exec >&- 2>&-; sleep 0.3; exit 3", JobStatus.FAILED, 3, "out\n"),  # outputs closed first
+    ("exec 3>&1; (sleep 0.3; echo late >&3) & exec >&- 2>&- 3>&-", JobStatus.SUCCEEDED, 0, "late\n"),  # exits first
+])
+def test_the_exit_and_the_whole_output_are_seen_whichever_ends_first(exit_wait, command, status, exit_code, stdout):
+    result = run(command)
+    assert (result.status, result.exit_code, result.stdout) == (status, exit_code, stdout)
+
+
+@pytest.mark.parametrize("reason", ["ENOSYS", "EMFILE"])
+def test_without_a_pidfd_the_runner_polls_for_the_exit(monkeypatch, reason):
+    def no_pidfd(pid):
+        raise OSError(getattr(__import__("errno"), reason), reason)
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    assert (run("echo out; exit 4").exit_code, run("exec >&-; sleep 0.2").status) == (4, JobStatus.SUCCEEDED)
+
+
 def test_a_background_child_holding_the_pipes_does_not_hang_the_runner(tmp_path, pidfile):
     result = run(f"sleep 300 & echo $! > {pidfile}; echo done")
     assert (result.status, result.exit_code, result.stdout) == (JobStatus.SUCCEEDED, 0, "done\n")
