@@ -18,7 +18,9 @@ payload is not a head and is ignored.
 Threads: paho's network thread only turns callbacks into events on a bounded queue
 (agent/link.py); the main thread reads that queue, decides, writes the journal and publishes;
 one worker thread runs the current command (spawned held by the main thread, which journals the
-start with its process group before the worker lets it run: agent/runner.py). A job
+start with its process group before the worker lets it run: agent/runner.py; after each job the main
+thread starts the next job's shell, a runner.Standby, while the service handles the result, and
+drops it when the queue is empty). A job
 whose head names Artifacts first has them fetched and checked by a download thread
 (agent/download.py): the journal's "started" entry is written only once every file is in the
 cache and in the job's directory, so an agent restarted mid-download fetches on from the part
@@ -48,7 +50,7 @@ from .head import Head, parse_head
 from .journal import Entry, Journal, JournalError, UnsafeDirectory, check_private_dir
 from .link import BrokerLink, Connected, ConnectFailed, Disconnected, JobMessage, LinkEvent, Subscribed
 from .protocol import JobStatus, Key, MessageError, Presence
-from .runner import ProcessGroup, RunLimits, Runner, RunResult, in_progress_message, stop_leftovers
+from .runner import ProcessGroup, RunLimits, Runner, RunResult, Standby, in_progress_message, stop_leftovers
 from .settings import ENV_PREFIX, Settings, SettingsError, TrustedKeys, agent_version, load_settings
 from .untrusted import shown
 
@@ -141,6 +143,7 @@ class Agent:
         self._head_new = False  # a head arrived that the loop has not acted on yet
         self._ready_at: float | None = None  # when heads may be acted on (None: not subscribed)
         self._running: _Running | None = None
+        self._standby: Standby | None = None  # the next job's shell, started after the last job (runner.py)
         self._unjournaled: set[tuple[str | None, int]] = set()  # (job, attempt)s the journal could not record
         self._connect_failures = 0
         self._checked: tuple[Head, str | None] | None = None  # the last head whose signature was checked
@@ -326,6 +329,8 @@ class Agent:
         below the Floor. A head that is not signed by the service never changes or resends what
         the journal holds.
         """
+        if head.is_idle:
+            self._drop_standby()  # nothing queued: no shell waits for a job
         if (head.job_id, head.attempt) in self._unjournaled:
             return
         entry = None if head.job_id is None else self.journal.get(head.job_id, head.attempt)
@@ -465,7 +470,8 @@ class Agent:
                            kill_grace=self.settings.kill_grace)
         env = {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id, **(artifact_env or {})}
         runner = Runner(head.job_id, head.command, limits, env)
-        group = runner.spawn()  # held at its gate: the start and its group go to disk in one write first
+        standby, self._standby = self._standby, None
+        group = runner.spawn(standby)  # held at its gate: the start and its group go to disk in one write first
         try:
             self.journal.record_started(head.job_id, head.seq, runner.start_time, head.attempt, process=group)
         except JournalError as e:
@@ -515,6 +521,13 @@ class Agent:
         log.info("job %s: %s exit=%s%s%s", result.job_id, result.status.value, result.exit_code,
                  f" ({result.reason})" if result.reason else "", _about(head))
         self.link.publish_status(message)
+        if self._standby is None:  # the next job's shell, started while the service handles this result
+            self._standby = Standby.start(self.command_env, COMMAND_ENV_JOB_ID)
+
+    def _drop_standby(self) -> None:
+        if self._standby is not None:
+            self._standby.discard()
+            self._standby = None
 
     def _record_result(self, head: Head, message: dict[str, Any]) -> None:
         """Journal a result; the head's Seq counts for a job that never started (its download failed)."""
@@ -603,6 +616,7 @@ class Agent:
             running.runner.cancel("the agent is stopping")
             limits = running.runner.limits
             running.thread.join(timeout=limits.kill_grace + 2 * limits.pipe_grace + 5)
+        self._drop_standby()
         self.link.stop()
 
 

@@ -12,6 +12,13 @@ of it after its restart (`stop_leftovers`), and an agent that dies before openin
 closes the pipe with its death, so the held shell exits without running the command.
 `on_started` (for callers that do not spawn first) gets the group before the gate opens.
 
+Spawning the held shell (fork, exec, Popen's handshake: 1-2 ms on a small board's budget of a
+few) can be done before the job is known: a Standby shell, started between jobs, waits at its
+gate for the job itself (its id and its command, in one atomic pipe write after the journal
+write) and then becomes the command's shell as the held shell does, with the same environment.
+`Runner.spawn(standby)` takes it when the job fits (its environment is the standby's plus its job
+id, its command short: STANDBY_MAX_BYTES), else discards it and spawns as before.
+
 One thread (the caller of `run`) waits for the command and reads both output pipes (select). On
 Linux 5.3 and later it also selects on a pidfd of the command's shell, so its exit wakes the thread
 at once; elsewhere it polls the exit (Popen.wait's sleeps, 0.5 ms doubling, while the outputs are
@@ -28,6 +35,7 @@ Standard library only, like the rest of the agent.
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import threading
@@ -225,6 +233,71 @@ def end_group(pgid: int, kill_grace: float, leader_reaped: Callable[[], bool] = 
 # End of file on the gate (the agent died, or did not journal the start): exit, nothing run.
 _GATE_SCRIPT = 'read _ || exit 125; exec /bin/sh -c "$1" </dev/null'
 _SHELL = "/bin/sh"
+# The standby shell: read the job id (a line) and the command (the rest, to the end of file) from
+# the gate, export the id as VAR and become the command's shell, as the held shell does. It reads
+# into VAR alone (the command's shell gets VAR anyway) and keeps the command in its positional
+# parameters, so no other variable of the environment changes. Nothing on the gate: exit.
+_STANDBY_SCRIPT = ('IFS= read -r VAR || exit 125; set -- "$VAR" ""; '
+                   'while IFS= read -r VAR; do set -- "$1" "$2$VAR\n"; done; '
+                   'set -- "$1" "$2$VAR"; VAR=$1; export VAR; exec /bin/sh -c "$2" </dev/null')
+# The longest job a standby takes: its id, a newline and its command, in bytes. One pipe write of
+# at most PIPE_BUF bytes is atomic, so the shell gets the whole job or nothing; and the shell
+# reads it a byte at a time (the `read` builtin), so a longer command is quicker spawned anew.
+STANDBY_MAX_BYTES = min(1024, select.PIPE_BUF)
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class Standby:
+    """A shell started ahead of the next job, held at its gate until a Runner gives it a job.
+
+    `start` returns None when it cannot be started (the job then spawns its own). Its gate closed
+    without a job (`discard`, or the agent's death): it exits 125 without running anything.
+    """
+
+    def __init__(self, env: Mapping[str, str], job_id_variable: str, process: subprocess.Popen[bytes],
+                 gate: int) -> None:
+        self.env = dict(env)
+        self.job_id_variable = job_id_variable
+        self.process = process
+        self.gate: int | None = gate
+        self.group = ProcessGroup.of(process.pid)
+
+    @classmethod
+    def start(cls, env: Mapping[str, str], job_id_variable: str) -> Standby | None:
+        """A standby for jobs that run with `env` plus `job_id_variable` set to their id."""
+        if not _SHELL_NAME.fullmatch(job_id_variable):
+            raise ValueError(f"{job_id_variable!r} is not a shell variable name")
+        script = _STANDBY_SCRIPT.replace("VAR", job_id_variable)
+        gate_read, gate = os.pipe()
+        try:
+            process = _popen([_SHELL, "-c", script, _SHELL], gate_read, dict(env))
+        except (OSError, ValueError):
+            os.close(gate)
+            return None
+        finally:
+            os.close(gate_read)
+        return cls(env, job_id_variable, process, gate)
+
+    def fits(self, job_id: str, command: str, env: Mapping[str, str] | None) -> bool:
+        """Whether it can run this job exactly as a shell spawned for it would (and still waits)."""
+        return (self.gate is not None and self.process.poll() is None and "\0" not in command
+                and len(job_id.encode()) + 1 + len(command.encode()) <= STANDBY_MAX_BYTES
+                and "\n" not in job_id and env == {**self.env, self.job_id_variable: job_id})
+
+    def take(self) -> tuple[subprocess.Popen[bytes], int]:
+        """Its process and gate, now the caller's."""
+        gate, self.gate = self.gate, None
+        assert gate is not None
+        return self.process, gate
+
+    def discard(self) -> None:
+        """Close its gate with no job and reap it: it runs nothing."""
+        if self.gate is None:
+            return
+        os.close(self.gate)
+        self.gate = None
+        self.process.wait()
+        Runner._close_pipes(self.process)
 
 
 class Runner:
@@ -252,6 +325,7 @@ class Runner:
         self._cancel_reason: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._gate: int | None = None  # the write end of the gate pipe, until opened or discarded
+        self._go = b"go\n"  # what opens the gate (a standby reads the job from it)
         self._spawn_error: str | None = None
         self.group: ProcessGroup | None = None
 
@@ -260,10 +334,19 @@ class Runner:
         self._cancel_reason = reason
         self._cancel.set()
 
-    def spawn(self) -> ProcessGroup | None:
-        """Start the command's shell held at its gate; its group, or None (see the class)."""
+    def spawn(self, standby: Standby | None = None) -> ProcessGroup | None:
+        """Start the command's shell held at its gate, or take `standby` if it fits (else discard
+        it); its group, or None (see the class)."""
         if self._process is not None or self._spawn_error is not None:
+            if standby is not None:
+                standby.discard()
             return self.group
+        if standby is not None:
+            if standby.fits(self.job_id, self.command, self.env):
+                (self._process, self._gate), self.group = standby.take(), standby.group
+                self._go = b"%s\n%s" % (self.job_id.encode(), self.command.encode())
+                return self.group
+            standby.discard()
         gate_read, self._gate = os.pipe()
         try:
             self._process = self._start(gate_read)
@@ -295,7 +378,14 @@ class Runner:
             self.discard()
             return RunResult.without_output(self.job_id, JobStatus.CANCELED, self.start_time,
                                             self._cancel_reason or "canceled")
-        self._close_gate(b"go\n")
+        try:
+            self._close_gate(self._go)
+        except OSError as e:  # its shell is gone (killed?): the command did not run
+            self._process.wait()
+            self._close_pipes(self._process)
+            return RunResult.without_output(self.job_id, JobStatus.FAILED, self.start_time,
+                                            f"the command could not be started: its shell ended before it was "
+                                            f"let run ({e.strerror}, exit {self._process.returncode})")
         tails = [_Tail(process.stdout, self.limits.output_cap), _Tail(process.stderr, self.limits.output_cap)]
         try:
             stopped = self._collect(process, tails)
@@ -319,17 +409,7 @@ class Runner:
         process.stderr.close()
 
     def _start(self, gate_read: int) -> subprocess.Popen[bytes]:
-        import subprocess  # noqa: PLC0415 - lazily, see the top of the module
-
-        return subprocess.Popen(
-            [_SHELL, "-c", _GATE_SCRIPT, _SHELL, self.command],
-            start_new_session=True,
-            stdin=gate_read,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            close_fds=True,
-            env=self.env,
-        )
+        return _popen([_SHELL, "-c", _GATE_SCRIPT, _SHELL, self.command], gate_read, self.env)
 
     def _collect(self, process: subprocess.Popen[bytes], tails: list[_Tail]) -> tuple[JobStatus, str] | None:
         """Read both outputs and wait for the command; on timeout or cancel kill its group and say why.
@@ -392,6 +472,14 @@ class Runner:
             self.job_id, status, exit_code, out.text(), err.text(), out.truncated, err.truncated,
             self.start_time, protocol.utc_now(), reason,
         )
+
+
+def _popen(argv: list[str], gate_read: int, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+    """Start a held shell: its own session, the gate as its input, its outputs to pipes."""
+    import subprocess  # noqa: PLC0415 - lazily, see the top of the module
+
+    return subprocess.Popen(argv, start_new_session=True, stdin=gate_read, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, close_fds=True, env=env)
 
 
 def _read_ready(open_tails: dict[int, _Tail], timeout: float, exit_fd: int | None = None) -> None:

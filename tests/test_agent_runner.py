@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.protocol import JobStatus, Key
-from agent.runner import ProcessGroup, RunLimits, Runner, RunResult, in_progress_message, stop_leftovers
+from agent.runner import ProcessGroup, RunLimits, Runner, RunResult, Standby, in_progress_message, stop_leftovers
 
 FAST = dict(kill_grace=1.0, pipe_grace=0.5)
 
@@ -331,3 +331,110 @@ def test_a_held_command_whose_agent_died_before_the_gate_opened_never_runs(tmp_p
         time.sleep(0.02)
     assert not is_running(pgid)
     assert not marker.exists()
+
+
+# --- the standby: the next job's shell, started before the job is known ------------------------
+
+ENV = {"PATH": os.defpath, "LANG": "C.UTF-8", "X": "1"}
+JOB_ENV = {**ENV, "OTA_JOB_ID": "job-1"}
+
+
+def standby():
+    shell = Standby.start(ENV, "OTA_JOB_ID")
+    assert shell is not None and shell.group is not None and shell.group.still_running()
+    return shell
+
+
+@pytest.mark.parametrize("command", [
+    "echo hi; echo oops >&2",
+    'printf "%s|%s|%s|%s\\n" "$OTA_JOB_ID" "$#" "$0" "${X}"; env | sort | grep -v "^_=" | cksum',
+    "cat <<X\nline 1\n  back\\slash\tand tab\nX\nexit 3",
+    "echo é€😀\n\n",
+    "echo no newline at the end\necho two",
+    "nosuchcommand",
+    "if then",
+    "read line; echo \"read: $line\"",  # standard input is /dev/null, as for a spawned shell
+])
+def test_a_standby_runs_a_job_as_a_shell_spawned_for_it_would(command):
+    spawned = Runner("job-1", command, RunLimits(timeout_seconds=30, **FAST), env=JOB_ENV)
+    spawned.spawn()
+    expected = spawned.run()
+    shell = standby()
+    runner = Runner("job-1", command, RunLimits(timeout_seconds=30, **FAST), env=JOB_ENV)
+    assert runner.spawn(shell) == shell.group  # the job's group is the standby's: journalled before it runs
+    result = runner.run()
+    assert (result.status, result.exit_code, result.stdout, result.stderr, result.reason) == (
+        expected.status, expected.exit_code, expected.stdout, expected.stderr, expected.reason)
+    assert not shell.group.still_running()
+
+
+@pytest.mark.parametrize("why", ["other-env", "long-command", "dead", "inherited-env"])
+def test_a_standby_that_does_not_fit_is_discarded_and_the_job_spawns_its_own(tmp_path, why):
+    marker = tmp_path / "ran"
+    shell = standby()
+    command = f"echo ran > {marker}; echo $OTA_JOB_ID"
+    env = {**JOB_ENV, "OTA_ARTIFACTS_DIR": "/x"} if why == "other-env" else JOB_ENV
+    if why == "long-command":
+        command += " #" + "x" * 1024
+    if why == "dead":
+        os.kill(shell.process.pid, signal.SIGKILL)
+        shell.process.wait()
+    env = None if why == "inherited-env" else env
+    runner = Runner("job-1", command, RunLimits(timeout_seconds=30, **FAST), env=env)
+    group = runner.spawn(shell)
+    assert group != shell.group and shell.gate is None and shell.process.returncode is not None
+    if why != "dead":
+        assert shell.process.returncode == 125  # discarded: it ran nothing
+    result = runner.run()
+    assert (result.status, marker.read_text()) == (JobStatus.SUCCEEDED, "ran\n")
+
+
+def test_a_discarded_standby_runs_nothing():
+    shell = standby()
+    shell.discard()
+    assert shell.process.returncode == 125 and not shell.group.still_running()
+    shell.discard()  # twice: nothing
+
+
+def test_a_standby_killed_before_its_gate_opened_fails_the_job_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    shell = standby()
+    runner = Runner("job-1", f"echo ran > {marker}", RunLimits(timeout_seconds=30, **FAST), env=JOB_ENV)
+    runner.spawn(shell)
+    os.kill(shell.process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while is_running(shell.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    result = runner.run()
+    assert (result.status, result.exit_code) == (JobStatus.FAILED, None)
+    assert "its shell ended before it was let run" in result.reason and "exit -9" in result.reason
+    assert not marker.exists()
+
+
+def test_a_standby_whose_agent_died_before_the_gate_opened_runs_nothing(tmp_path):
+    """The agent gave the standby a job (spawn) and journalled it, then died before `run`: the gate
+    closes with it, and the standby exits without reading a job."""
+    marker = tmp_path / "ran"
+    holder = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal\n"
+         "from agent.runner import Runner, RunLimits, Standby\n"
+         "shell = Standby.start({'PATH': os.defpath}, 'OTA_JOB_ID')\n"
+         f"group = Runner('job-1', 'echo ran > {marker}', RunLimits(timeout_seconds=30),\n"
+         "                env={'PATH': os.defpath, 'OTA_JOB_ID': 'job-1'}).spawn(shell)\n"
+         "assert group == shell.group\n"
+         "print(group.pgid, flush=True)\n"
+         "os.kill(os.getpid(), signal.SIGKILL)\n"],
+        capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parent.parent)
+    assert holder.returncode == -signal.SIGKILL, holder.stderr
+    pgid = int(holder.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while is_running(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not is_running(pgid)
+    assert not marker.exists()
+
+
+def test_a_standby_refuses_a_variable_name_the_shell_would_not_take():
+    with pytest.raises(ValueError, match="not a shell variable name"):
+        Standby.start(ENV, "OTA JOB; rm -rf /")
