@@ -216,3 +216,32 @@ def test_more_keys_than_the_table_cache_holds_all_verify_and_the_cache_stays_bou
             assert ed25519.verify(raw_public(key), b"job", key.sign(b"job"))
             assert not ed25519.verify(raw_public(key), b"job", keys[0 if key is not keys[0] else 1].sign(b"job"))
     assert len(ed25519._KEY_TABLES) <= ed25519.MAX_KEY_TABLES
+
+
+def _double_and_add(point, n):
+    """[n]point the slow, obvious way: the reference for the tables."""
+    result = (0, 1, 1, 0)
+    for bit in reversed(range(n.bit_length())):
+        result = ed25519._double(result)
+        if n >> bit & 1:
+            result = ed25519._add(result, point)
+    return result
+
+
+def _same_point(one, other):
+    return ed25519.encode_point(one) == ed25519.encode_point(other)
+
+
+def test_the_signed_digit_tables_multiply_as_double_and_add_does():
+    """Every digit value, both signs, the carry out of the top digit, and a start point added."""
+    rng = random.Random(8032)
+    point = ed25519.decode_point(bytes.fromhex(TEST_2[1]))
+    table = ed25519._FixedBase(point)
+    scalars = [0, 1, 15, 16, 17, 31, 32, 33, ed25519.L - 1, ed25519.L, 2**252, 2**255, 2**256 - 1,
+               int("10" * 52, 2), int("1" * 256, 2) // 3, *(rng.randrange(2**256) for _ in range(20))]
+    for n in scalars:
+        assert _same_point(table.times(n), _double_and_add(point, n)), n
+    start = _double_and_add(ed25519.BASE, 7)
+    assert _same_point(table.times(12345, start), ed25519._add(start, _double_and_add(point, 12345)))
+    with pytest.raises(ValueError, match="too large"):
+        table.times(2**260)
