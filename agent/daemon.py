@@ -482,6 +482,7 @@ class Agent:
             log.info("job %s: its command runs as process group %d", head.job_id, group.pgid)
         log.info("job %s: %s%s", head.job_id, JobStatus.IN_PROGRESS.value, _about(head))
         self.link.publish_status(_stamped(in_progress_message(head.job_id, runner.start_time), head))
+        runner.open_gate()  # the command runs now; the worker thread, once started, waits for it
         thread = threading.Thread(target=self._work, args=(runner,), name=f"job-{head.job_id}", daemon=True)
         self._running = _Running(head, runner, thread)
         thread.start()

@@ -306,7 +306,8 @@ class Runner:
 
     `spawn()` starts the command held at its gate and returns its ProcessGroup (None without
     /proc, or when it could not be started): journal it, then `run()` opens the gate; or
-    `discard()` if the start could not be journalled, and the command never runs.
+    `discard()` if the start could not be journalled, and the command never runs. `open_gate()`
+    lets it run at once, before `run()` starts (on another thread) to wait for it.
     `on_started` is called (on the thread that runs `run()`) with the command's ProcessGroup
     before the gate opens; not at all without /proc.
     """
@@ -326,6 +327,8 @@ class Runner:
         self._process: subprocess.Popen[bytes] | None = None
         self._gate: int | None = None  # the write end of the gate pipe, until opened or discarded
         self._go = b"go\n"  # what opens the gate (a standby reads the job from it)
+        self._opened = False  # the gate was opened: the command runs
+        self._gate_error: OSError | None = None  # opening the gate failed: the shell is gone
         self._spawn_error: str | None = None
         self.group: ProcessGroup | None = None
 
@@ -374,24 +377,37 @@ class Runner:
         process = self._process
         if process is None:
             return RunResult.without_output(self.job_id, JobStatus.FAILED, self.start_time, self._spawn_error)
-        if self._cancel.is_set():  # canceled before it ran: it never runs
-            self.discard()
-            return RunResult.without_output(self.job_id, JobStatus.CANCELED, self.start_time,
-                                            self._cancel_reason or "canceled")
-        try:
-            self._close_gate(self._go)
-        except OSError as e:  # its shell is gone (killed?): the command did not run
-            self._process.wait()
-            self._close_pipes(self._process)
+        if not self._opened and self._gate_error is None:
+            if self._cancel.is_set():  # canceled before it ran: it never runs
+                self.discard()
+                return RunResult.without_output(self.job_id, JobStatus.CANCELED, self.start_time,
+                                                self._cancel_reason or "canceled")
+            self.open_gate()
+        if self._gate_error is not None:  # its shell is gone (killed?): the command did not run
+            process.wait()
+            self._close_pipes(process)
             return RunResult.without_output(self.job_id, JobStatus.FAILED, self.start_time,
                                             f"the command could not be started: its shell ended before it was "
-                                            f"let run ({e.strerror}, exit {self._process.returncode})")
+                                            f"let run ({self._gate_error.strerror}, exit {process.returncode})")
         tails = [_Tail(process.stdout, self.limits.output_cap), _Tail(process.stderr, self.limits.output_cap)]
         try:
             stopped = self._collect(process, tails)
         finally:
             self._close_pipes(process)
         return self._result(process, tails, stopped)
+
+    def open_gate(self) -> None:
+        """Let the spawned command run now (its start is journalled); `run`, on another thread, then
+        waits for it. Nothing when it is not spawned, already running, or canceled; a shell that is
+        gone is reported by `run` (FAILED)."""
+        if self._gate is None or self._cancel.is_set():
+            return
+        try:
+            self._close_gate(self._go)
+        except OSError as e:
+            self._gate_error = e
+            return
+        self._opened = True
 
     def _close_gate(self, word: bytes) -> None:
         if self._gate is None:

@@ -396,7 +396,8 @@ def test_a_discarded_standby_runs_nothing():
     shell.discard()  # twice: nothing
 
 
-def test_a_standby_killed_before_its_gate_opened_fails_the_job_without_running_it(tmp_path):
+@pytest.mark.parametrize("opener", ["open_gate", "run"])
+def test_a_standby_killed_before_its_gate_opened_fails_the_job_without_running_it(tmp_path, opener):
     marker = tmp_path / "ran"
     shell = standby()
     runner = Runner("job-1", f"echo ran > {marker}", RunLimits(timeout_seconds=30, **FAST), env=JOB_ENV)
@@ -405,6 +406,8 @@ def test_a_standby_killed_before_its_gate_opened_fails_the_job_without_running_i
     deadline = time.monotonic() + 10
     while is_running(shell.process.pid) and time.monotonic() < deadline:
         time.sleep(0.01)
+    if opener == "open_gate":
+        runner.open_gate()
     result = runner.run()
     assert (result.status, result.exit_code) == (JobStatus.FAILED, None)
     assert "its shell ended before it was let run" in result.reason and "exit -9" in result.reason
@@ -438,3 +441,34 @@ def test_a_standby_whose_agent_died_before_the_gate_opened_runs_nothing(tmp_path
 def test_a_standby_refuses_a_variable_name_the_shell_would_not_take():
     with pytest.raises(ValueError, match="not a shell variable name"):
         Standby.start(ENV, "OTA JOB; rm -rf /")
+
+
+def test_a_gate_opened_before_run_lets_the_command_run_and_run_waits_for_it(tmp_path):
+    marker = tmp_path / "ran"
+    runner = Runner("job-1", f"echo ran > {marker}; echo out", RunLimits(timeout_seconds=30, **FAST))
+    runner.spawn()
+    runner.open_gate()
+    wait_for_file(marker)  # it runs before anyone waits for it
+    result = runner.run()
+    assert (result.status, result.stdout) == (JobStatus.SUCCEEDED, "out\n")
+
+
+def test_a_command_canceled_after_its_gate_opened_is_killed_not_waited_for(tmp_path, pidfile):
+    runner = Runner("job-1", f"echo $$ > {pidfile}; exec sleep 300", RunLimits(timeout_seconds=30, **FAST))
+    runner.spawn()
+    runner.open_gate()
+    pid = int(wait_for_file(pidfile))
+    runner.cancel("superseded")
+    result = runner.run()
+    assert (result.status, result.reason, result.exit_code) == (JobStatus.CANCELED, "superseded", None)
+    assert not is_running(pid)
+
+
+def test_a_canceled_runners_gate_stays_shut(tmp_path):
+    marker = tmp_path / "ran"
+    runner = Runner("job-1", f"echo ran > {marker}", RunLimits(timeout_seconds=30, **FAST))
+    runner.spawn()
+    runner.cancel("superseded")
+    runner.open_gate()
+    assert runner.run().status is JobStatus.CANCELED
+    assert not marker.exists()
