@@ -527,10 +527,14 @@ class Journal:
             return self._load_old()
         if loaded.damaged:
             aside = self._aside_name(self.path, "damaged")
-            os.link(self.path, aside)
+            try:
+                os.link(self.path, aside)
+                kept = f"kept the file as {aside}"
+            except OSError as e:
+                kept = f"could not keep a copy as {aside}: {e}"
             log.error("journal %s: skipped %d damaged record(s) at byte(s) %s, followed by good ones (not a torn "
-                      "write: the disk or someone changed the file); kept the file as %s", self.path,
-                      len(loaded.damaged), ", ".join(map(str, loaded.damaged)), aside)
+                      "write: the disk or someone changed the file); %s", self.path,
+                      len(loaded.damaged), ", ".join(map(str, loaded.damaged)), kept)
         if loaded.torn is not None:
             log.warning("journal %s: ignored the torn or corrupt record(s) at its end, from byte %d (a write a "
                         "crash or power cut interrupted)", self.path, loaded.torn)

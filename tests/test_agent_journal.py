@@ -675,3 +675,13 @@ def test_read_entries_reads_either_format_without_changing_anything(tmp_path):
     path.write_bytes(data + b"12 torn")
     assert [e["JobId"] for e in read_entries(tmp_path / "v2")] == ["job-1", "job-2", "job-3"]
     assert path.read_bytes() == data + b"12 torn"
+
+
+def test_a_damaged_journal_that_cannot_be_copied_aside_still_loads(tmp_path, caplog, monkeypatch):
+    data, path = three_jobs(tmp_path)
+    path.write_bytes(flip(data, 3, b'"'))
+    monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(1, "Operation not permitted")))
+    with caplog.at_level(logging.ERROR, logger=journal_module.__name__):
+        journal = Journal.open(tmp_path, seq_scope="key")
+    assert summary(journal) == ([*DONE, ("job-3", 3, False, GROUP)], (3, 1), 2)
+    assert "could not keep a copy" in caplog.text
