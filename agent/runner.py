@@ -607,12 +607,20 @@ def _read_stat(pid: int) -> _Stat | None:
         return None
 
 
+_BOOT: list[str] = []  # this boot's id, once read: it cannot change while the agent runs
+
+
 def _boot_id() -> str | None:
+    if _BOOT:
+        return _BOOT[0]
     try:
         with open(_BOOT_ID_FILE, encoding="ascii") as f:
-            return f.read().strip() or None
+            boot_id = f.read().strip() or None
     except (OSError, ValueError):
         return None
+    if boot_id is not None:
+        _BOOT.append(boot_id)
+    return boot_id
 
 
 def _group_exists(pgid: int) -> bool:
