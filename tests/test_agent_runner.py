@@ -316,21 +316,29 @@ def test_a_held_command_whose_agent_died_before_the_gate_opened_never_runs(tmp_p
     """The agent dies (SIGKILL) after spawning and journalling, before `run`: the gate pipe closes
     with it, and the held shell exits without running the command."""
     marker = tmp_path / "ran"
-    holder = subprocess.run(
-        [sys.executable, "-c",
-         "import os, signal, sys\n"
-         "from agent.runner import Runner, RunLimits\n"
-         f"group = Runner('job-1', 'echo ran > {marker}', RunLimits(timeout_seconds=30)).spawn()\n"
-         "print(group.pgid, flush=True)\n"
-         "os.kill(os.getpid(), signal.SIGKILL)\n"],
-        capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parent.parent)
-    assert holder.returncode == -signal.SIGKILL
-    pgid = int(holder.stdout.split()[0])
-    deadline = time.monotonic() + 10
-    while is_running(pgid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not is_running(pgid)
+    pgid = group_of_a_killed_agent(
+        "from agent.runner import Runner, RunLimits\n"
+        f"group = Runner('job-1', 'echo ran > {marker}', RunLimits(timeout_seconds=30)).spawn()\n")
+    assert gone(pgid)
     assert not marker.exists()
+
+
+def group_of_a_killed_agent(code: str) -> int:
+    """Run `code`, which sets `group`, in a process that then prints the group's id and SIGKILLs itself."""
+    holder = subprocess.run(
+        [sys.executable, "-c", f"import os, signal\n{code}print(group.pgid, flush=True)\n"
+                               "os.kill(os.getpid(), signal.SIGKILL)\n"],
+        capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parent.parent)
+    assert holder.returncode == -signal.SIGKILL, holder.stderr
+    return int(holder.stdout.split()[0])
+
+
+def gone(pid: int, seconds: float = 10) -> bool:
+    """Whether the process ends (or is a zombie) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while is_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not is_running(pid)
 
 
 # --- the standby: the next job's shell, started before the job is known ------------------------
@@ -403,9 +411,7 @@ def test_a_standby_killed_before_its_gate_opened_fails_the_job_without_running_i
     runner = Runner("job-1", f"echo ran > {marker}", RunLimits(timeout_seconds=30, **FAST), env=JOB_ENV)
     runner.spawn(shell)
     os.kill(shell.process.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while is_running(shell.process.pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert gone(shell.process.pid)
     if opener == "open_gate":
         runner.open_gate()
     result = runner.run()
@@ -418,23 +424,13 @@ def test_a_standby_whose_agent_died_before_the_gate_opened_runs_nothing(tmp_path
     """The agent gave the standby a job (spawn) and journalled it, then died before `run`: the gate
     closes with it, and the standby exits without reading a job."""
     marker = tmp_path / "ran"
-    holder = subprocess.run(
-        [sys.executable, "-c",
-         "import os, signal\n"
-         "from agent.runner import Runner, RunLimits, Standby\n"
-         "shell = Standby.start({'PATH': os.defpath}, 'OTA_JOB_ID')\n"
-         f"group = Runner('job-1', 'echo ran > {marker}', RunLimits(timeout_seconds=30),\n"
-         "                env={'PATH': os.defpath, 'OTA_JOB_ID': 'job-1'}).spawn(shell)\n"
-         "assert group == shell.group\n"
-         "print(group.pgid, flush=True)\n"
-         "os.kill(os.getpid(), signal.SIGKILL)\n"],
-        capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parent.parent)
-    assert holder.returncode == -signal.SIGKILL, holder.stderr
-    pgid = int(holder.stdout.split()[0])
-    deadline = time.monotonic() + 10
-    while is_running(pgid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not is_running(pgid)
+    pgid = group_of_a_killed_agent(
+        "from agent.runner import Runner, RunLimits, Standby\n"
+        "shell = Standby.start({'PATH': os.defpath}, 'OTA_JOB_ID')\n"
+        f"group = Runner('job-1', 'echo ran > {marker}', RunLimits(timeout_seconds=30),\n"
+        "                env={'PATH': os.defpath, 'OTA_JOB_ID': 'job-1'}).spawn(shell)\n"
+        "assert group == shell.group\n")
+    assert gone(pgid)
     assert not marker.exists()
 
 
