@@ -16,6 +16,7 @@ from agent.protocol import (
     MAX_STATUS_MESSAGE_BYTES,
     OUTPUT_CAP_BYTES,
     QUEUE_COMMAND_PREVIEW,
+    QUEUE_LIST_LIMIT,
     ArtifactKey,
     JobStatus,
     Key,
@@ -87,7 +88,7 @@ def queue_message(queue: DeviceQueue) -> bytes:
     if not queue.entries:
         return b""
     head = encode({Key.DEVICE_ID: queue.device_id, Key.TOTAL: queue.total, Key.JOBS: []})
-    return b"".join([head[:-2], b",".join(_list_entry(e) for e in queue.entries), b"]}"])
+    return b"".join([head[:-2], b",".join(_list_entry(e) for e in queue.entries[:QUEUE_LIST_LIMIT]), b"]}"])
 
 
 _LIST_ENTRIES: dict[tuple[Any, ...], bytes] = {}  # what an entry shows -> its JSON in the list

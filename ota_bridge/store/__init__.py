@@ -73,6 +73,24 @@ def idempotent(fn: F) -> F:
     return fn
 
 
+def reports_queue_changes(fn: F) -> F:
+    """Mark a store function whose every change to a device's queue its caller learns from its
+    result (the dispatcher's queue reads and device updates): it leaves the epoch as it is."""
+    fn.reports_queue_changes = True
+    return fn
+
+
+# How many store calls so far may have changed device queues in ways the dispatcher does not see:
+# every call but those marked @reports_queue_changes. On one instance the store's one thread is the
+# only writer of child jobs, so a queue read while the epoch was E is still the database's as long as
+# the epoch is E (plus what the marked calls reported); several instances never rely on it.
+_epoch = 0
+
+
+def epoch() -> int:
+    return _epoch
+
+
 def ping() -> None:
     db.execute_sql("SELECT 1")
 
@@ -147,6 +165,9 @@ class Store:
     # The store's thread from here on.
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        global _epoch
+        if not getattr(fn, "reports_queue_changes", False):
+            _epoch += 1
         if connection_stale(self.database):
             log.info("the connection to the %s was closed while idle; opening a new one", self.where)
             discard_connection(self.database)

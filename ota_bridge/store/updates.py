@@ -11,9 +11,10 @@ import peewee as pw
 from agent.protocol import JobStatus, can_transition
 
 from ..models import ChildJob, Device, now
-from . import PENDING, arg, args, chunks, idempotent, padded, prepared, write_transaction
+from . import PENDING, arg, args, chunks, epoch, idempotent, padded, prepared, reports_queue_changes, write_transaction
 from .attempts import Attempts
 from .devices import set_presence
+from .queues import highest_seq_ever
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class UpdateOutcomes:
     applied: list[Update] = field(default_factory=list)
     late: list[Update] = field(default_factory=list)  # results kept beside a state the service set
     dropped: list[tuple[Update, str]] = field(default_factory=list)  # (update, why)
+    # What a caller that remembers device queues needs to move them along without reading them:
+    # the devices whose queue changed more than by their applied updates (a retry, a rollback child),
+    # the highest Seq ever when a job went final (an emptied queue's floor), and the store's epoch.
+    reshaped: set[str] = field(default_factory=set)
+    highest_seq: int = 0
+    epoch: int = -1
 
     @property
     def devices(self) -> list[str]:
@@ -47,11 +54,12 @@ class UpdateOutcomes:
 
 
 @idempotent
+@reports_queue_changes
 def record_device_messages(updates: list[Update], presence: list[tuple[str, bool, datetime | None]]) -> UpdateOutcomes:
     """Apply device updates and presence in one transaction; each update idempotently."""
-    outcomes = UpdateOutcomes()
+    outcomes = UpdateOutcomes(epoch=epoch())
     with write_transaction():
-        view = _BatchView(updates)
+        view = _BatchView(updates, outcomes.reshaped)
         for update in updates:
             why = _apply_one(update, view)
             if why is None:
@@ -61,13 +69,16 @@ def record_device_messages(updates: list[Update], presence: list[tuple[str, bool
             else:
                 outcomes.dropped.append((update, why))
         set_presence(presence)
+        if any(u.status.is_final for u in outcomes.applied):
+            outcomes.highest_seq = highest_seq_ever()
     return outcomes
 
 
 class _BatchView:
     """What a batch of updates reads: fetched once per batch, kept current as updates apply."""
 
-    def __init__(self, updates: list[Update]) -> None:
+    def __init__(self, updates: list[Update], reshaped: set[str]) -> None:
+        self.reshaped = reshaped  # devices whose queue changed more than their head's status
         job_ids = sorted({u.job_id for u in updates})
         devices = sorted({u.device_id for u in updates})
         self.children = {c.job_id: c for chunk in chunks(job_ids)
@@ -132,10 +143,13 @@ def _apply_one(update: Update, view: _BatchView) -> str | None:
         return f"{current.value} cannot become {update.status.value}"
     if update.status.is_final and view.attempts.retried(child, update):
         view.applied(child, JobStatus.SCHEDULED)
+        view.reshaped.add(child.device_id)
         return None
     _write_update(child, update)
     view.applied(child, update.status)
     if update.status.is_final:
+        if child.on_failure_of is None and view.attempts.policy(child.parent_id).has_rollback:
+            view.reshaped.add(child.device_id)  # its rollback child is released or ends
         view.attempts.ended(child, update.status)
     return None
 
