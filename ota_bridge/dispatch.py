@@ -224,11 +224,12 @@ class Dispatcher:
                 self.mark(batch, relay=False)
                 await asyncio.sleep(1)
                 continue
+            current = now()
             for queue in read:
                 if self.cluster is not None and not self.cluster.owns(queue.device_id):
                     continue  # the lease may run out: the next owner reads the queue again
-                head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue), self.sign,
-                                    self.artifact_url)
+                head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue, current),
+                                    self.sign, self.artifact_url)
                 self._publish_changed(self.topics.job(queue.device_id), head)
                 self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
                 self._remember_queue(queue)
@@ -254,7 +255,7 @@ class Dispatcher:
         if forgotten is not None:
             self._remembered_entries -= len(forgotten.entries)
 
-    def _publish_from_memory(self, outcomes: UpdateOutcomes) -> list[str]:
+    def _publish_from_memory(self, outcomes: UpdateOutcomes, current: datetime) -> list[str]:
         """Publish the queues of devices whose changes in this batch were only their head's, from
         the queue remembered as published, without reading it (single instance only: nothing is
         remembered in cluster mode). A head's progress (e.g. IN_PROGRESS) changes its status in the
@@ -276,7 +277,7 @@ class Dispatcher:
                 continue
             if (moved.floor, moved.head and moved.head.job_id) != (queue.floor, queue.head and queue.head.job_id):
                 self._publish_changed(self.topics.job(device_id), head_message(
-                    device_id, moved.head, moved.floor, self._issue_time(moved), self.sign, self.artifact_url))
+                    device_id, moved.head, moved.floor, self._issue_time(moved, current), self.sign, self.artifact_url))
             self._publish_changed(self.topics.queue(device_id), queue_message(moved))
             self._remember_queue(moved)
         return others
@@ -286,20 +287,19 @@ class Dispatcher:
             return await self.store.call(leases.consistent_queues, device_ids)
         return await self.store.call(queues.device_queues, device_ids, READ_WINDOW)
 
-    def _issue_time(self, queue: queues.DeviceQueue) -> datetime:
-        """The head's IssuedAt: kept while its content is unchanged and it is recent, else now."""
+    def _issue_time(self, queue: queues.DeviceQueue, current: datetime) -> datetime:
+        """The head's IssuedAt: kept while its content is unchanged and it is recent, else `current`
+        (now, taken once per batch: reading the clock costs more than the rest of this)."""
         content = hash((queue.head.job_id if queue.head else None, queue.head.attempt if queue.head else 0,
                         queue.floor))
-        current = now()
         kept = self._issued.get(queue.device_id)
         if kept is not None and kept[0] == content and (current - kept[1]).total_seconds() < REFRESH_AFTER_SECONDS:
             return kept[1]
         self._issued[queue.device_id] = (content, current)
         return current
 
-    def refresh_old_heads(self, device_ids: Iterable[str]) -> None:
+    def refresh_old_heads(self, device_ids: Iterable[str], current: datetime) -> None:
         """These devices came online: sign their head again if its IssuedAt is old."""
-        current = now()
         self.mark(d for d in device_ids if (kept := self._issued.get(d)) is not None
                   and (current - kept[1]).total_seconds() >= REFRESH_AFTER_SECONDS)
 
@@ -377,8 +377,9 @@ class Dispatcher:
             os._exit(137)
         if self.link is not None:
             await self.link.room()  # the head progress below publishes without the publisher
-        self.mark(self._publish_from_memory(outcomes))
-        self.refresh_old_heads(device for device, online, seen in presence if online and seen is not None)
+        current = now()
+        self.mark(self._publish_from_memory(outcomes, current))
+        self.refresh_old_heads((device for device, online, seen in presence if online and seen is not None), current)
 
     async def _store(self, updates: list[Update], presence: list[Presence]) -> UpdateOutcomes:
         """Store a batch. A database outage is waited out; a message the database refuses is dropped alone."""
@@ -414,6 +415,7 @@ class Dispatcher:
     def _parse(self, batch: list[Incoming]) -> tuple[list[Update], list[Presence]]:
         updates: list[Update] = []
         presence: list[Presence] = []
+        current = now()
         for message in batch:
             parsed = self.topics.parse(message.topic)
             if parsed is None:
@@ -422,10 +424,10 @@ class Dispatcher:
             try:
                 if leaf == Topics.STATUS:
                     updates.append(parse_update(device_id, message.payload))
-                    presence.append((device_id, True, now()))
+                    presence.append((device_id, True, current))
                 elif leaf == Topics.PRESENCE and message.payload:
                     report = parse_presence(device_id, message.payload)
-                    presence.append((device_id, report.online, None if message.retained else now()))
+                    presence.append((device_id, report.online, None if message.retained else current))
             except MessageError as e:
                 log.warning("ignored a bad message from device %s on %s: %s", device_id, leaf, e)
         latest = {entry[0]: entry for entry in presence}  # one presence write per device and batch: the last
