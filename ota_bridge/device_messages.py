@@ -88,16 +88,23 @@ def queue_message(queue: DeviceQueue) -> bytes:
     if not queue.entries:
         return b""
     head = encode({Key.DEVICE_ID: queue.device_id, Key.TOTAL: queue.total, Key.JOBS: []})
-    return b"".join([head[:-2], b",".join(_list_entry(e) for e in queue.entries[:QUEUE_LIST_LIMIT]), b"]}"])
+    return b"".join([head[:-2], b",".join(map(_list_entry, queue.entries[:QUEUE_LIST_LIMIT])), b"]}"])
 
 
 _LIST_ENTRIES: dict[tuple[Any, ...], bytes] = {}  # what an entry shows -> its JSON in the list
 _LIST_ENTRIES_MAX = 65536  # then forgotten all at once: a cache, never needed for correctness
 _HELD = JobStatus.SCHEDULED.value
+_JSON_KEPT = "_list_json"
 
 
 def _list_entry(e: QueueEntry) -> bytes:
-    held = e.status == _HELD  # QueueEntry.held, without the property call: this runs 100 times per list
+    # An entry object stays the same while a remembered queue moves along (only the head's changes):
+    # its JSON is kept on it too (a QueueEntry is frozen, so it cannot go stale), one lookup instead
+    # of building the key. This runs 100 times per list.
+    cached = e.__dict__.get(_JSON_KEPT)
+    if cached is not None:
+        return cached
+    held = e.status == _HELD  # QueueEntry.held, without the property call
     key = (e.job_id, e.name, e.command, e.status, e.reason if held else None, e.seq)
     cached = _LIST_ENTRIES.get(key)
     if cached is None:
@@ -112,6 +119,7 @@ def _list_entry(e: QueueEntry) -> bytes:
             **({Key.REASON: e.reason} if held else {}),
             Key.SEQ: e.seq,
         })
+    e.__dict__[_JSON_KEPT] = cached
     return cached
 
 
