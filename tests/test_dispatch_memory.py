@@ -13,6 +13,7 @@ from ota_bridge.dispatch import Dispatcher
 from ota_bridge.models import now
 from ota_bridge.mqtt_link import Incoming
 from ota_bridge.store import Store, devices, jobs, queues, workflows
+from ota_bridge.store.job_options import JobOptions, Retries
 
 TOPICS = Topics()
 
@@ -39,12 +40,13 @@ class FakeLink:
         return [p for t, p in self.sent if t == topic][-1]
 
 
-def _queued(db: Store, count: int) -> list[tuple[str, str]]:
-    """`count` jobs queued on device d0: (parent job id, child job id) of each, in order."""
+def _queued(db: Store, count: int, first: JobOptions = JobOptions()) -> list[tuple[str, str]]:
+    """`count` jobs queued on device d0 (the first with these options): (parent job id, child job
+    id) of each, in order."""
     db.call_sync(devices.register_device, "d0", None, [])
     wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
-    parents = [db.call_sync(jobs.submit_job, f"j{i}", wf.workflow_id, "DeviceId", "d0", None)[0].job_id
-               for i in range(count)]
+    parents = [db.call_sync(jobs.submit_job, f"j{i}", wf.workflow_id, "DeviceId", "d0", None,
+                            options=first if i == 0 else JobOptions())[0].job_id for i in range(count)]
     return [(p, db.call_sync(jobs.child_jobs, p)[0].job_id) for p in parents]
 
 
@@ -131,6 +133,28 @@ def test_the_last_final_publishes_the_idle_head_with_the_highest_seq_as_floor(db
             assert read.head is None and link.heads("d0")[-1] == {
                 Key.DEVICE_ID: "d0", Key.FLOOR: read.floor, Key.ISSUED_AT: link.heads("d0")[-1][Key.ISSUED_AT]}
             assert link.last(TOPICS.queue("d0")) == b""
+        finally:
+            publisher.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_final_that_starts_a_retry_keeps_the_head_on_the_retried_job(db: Store) -> None:
+    """The update's own outcome (FAILED) is not what the store did (a retry, SCHEDULED): the next job
+    must wait behind the retried one, so the queue is read, not moved along."""
+    queued = _queued(db, 2, JobOptions(retries=Retries(max=1, delay_seconds=3600)))
+    children = [c for _, c in queued]
+
+    async def scenario() -> None:
+        link = FakeLink()
+        dispatcher, publisher = await _started(db, link)
+        try:
+            await dispatcher._handle([_report(children[0], JobStatus.IN_PROGRESS)])
+            await dispatcher._handle([_report(children[0], JobStatus.FAILED)])
+            await _until(lambda: Key.JOB_ID not in link.heads("d0")[-1], "the idle head (the retry is held)")
+            (read,) = await db.call(queues.device_queues, ["d0"])
+            assert read.entries[0].job_id == children[0] and link.heads("d0")[-1][Key.FLOOR] == read.floor
+            assert children[1] not in [h.get(Key.JOB_ID) for h in link.heads("d0")]
         finally:
             publisher.cancel()
 
