@@ -13,7 +13,7 @@ from ota_bridge.dispatch import Dispatcher
 from ota_bridge.models import now
 from ota_bridge.mqtt_link import Incoming
 from ota_bridge.store import Store, devices, jobs, queues, workflows
-from ota_bridge.store.job_options import JobOptions, Retries
+from ota_bridge.store.job_options import NO_OPTIONS, JobOptions, Retries
 
 TOPICS = Topics()
 
@@ -40,13 +40,13 @@ class FakeLink:
         return [p for t, p in self.sent if t == topic][-1]
 
 
-def _queued(db: Store, count: int, first: JobOptions = JobOptions()) -> list[tuple[str, str]]:
+def _queued(db: Store, count: int, first: JobOptions = NO_OPTIONS) -> list[tuple[str, str]]:
     """`count` jobs queued on device d0 (the first with these options): (parent job id, child job
     id) of each, in order."""
     db.call_sync(devices.register_device, "d0", None, [])
     wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
     parents = [db.call_sync(jobs.submit_job, f"j{i}", wf.workflow_id, "DeviceId", "d0", None,
-                            options=first if i == 0 else JobOptions())[0].job_id for i in range(count)]
+                            options=first if i == 0 else NO_OPTIONS)[0].job_id for i in range(count)]
     return [(p, db.call_sync(jobs.child_jobs, p)[0].job_id) for p in parents]
 
 
