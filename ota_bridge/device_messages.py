@@ -5,6 +5,7 @@ Everything a device sends is checked here, at the boundary; deeper code gets fro
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,7 +49,7 @@ def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at
 
     A job with artifacts carries them (SHA-256, size, name, URL), signed in the v3 form; a job
     without stays the v2 head it always was, byte for byte."""
-    head: dict[str, Any] = {Key.DEVICE_ID: device_id, Key.FLOOR: floor, Key.ISSUED_AT: format_time(issued_at)}
+    head: dict[str, Any] = {Key.DEVICE_ID: device_id, Key.FLOOR: floor, Key.ISSUED_AT: _time_text(issued_at)}
     if entry is not None:
         head = {
             Key.JOB_ID: entry.job_id,
@@ -60,8 +61,8 @@ def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at
             Key.SUCCESS_ON_RESTART: entry.success_on_restart,
             Key.SEQ: entry.seq,
             Key.FLOOR: floor,
-            Key.ISSUED_AT: format_time(issued_at),
-            Key.SUBMITTED_TIME: format_time(entry.submitted),
+            Key.ISSUED_AT: _time_text(issued_at),
+            Key.SUBMITTED_TIME: _time_text(entry.submitted),
             **({Key.ATTEMPT: entry.attempt} if entry.attempt > 1 else {}),  # attempt 1 stays the v2 head
         }
         if entry.artifacts:
@@ -69,6 +70,12 @@ def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at
     if sign is not None:
         head[Key.SIGNATURE] = sign(signing_bytes(head))
     return encode(head)
+
+
+@functools.lru_cache(maxsize=4096)
+def _time_text(value: datetime) -> str | None:
+    """format_time, kept: a batch of heads shares its IssuedAt, a group job's heads their SubmittedTime."""
+    return format_time(value)
 
 
 def _artifacts(device_id: str, entry: QueueEntry, artifact_url: ArtifactUrl | None) -> list[dict[str, Any]]:

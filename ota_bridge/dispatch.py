@@ -290,8 +290,8 @@ class Dispatcher:
     def _issue_time(self, queue: queues.DeviceQueue, current: datetime) -> datetime:
         """The head's IssuedAt: kept while its content is unchanged and it is recent, else `current`
         (now, taken once per batch: reading the clock costs more than the rest of this)."""
-        content = hash((queue.head.job_id if queue.head else None, queue.head.attempt if queue.head else 0,
-                        queue.floor))
+        head = queue.head
+        content = hash((head.job_id if head else None, head.attempt if head else 0, queue.floor))
         kept = self._issued.get(queue.device_id)
         if kept is not None and kept[0] == content and (current - kept[1]).total_seconds() < REFRESH_AFTER_SECONDS:
             return kept[1]
