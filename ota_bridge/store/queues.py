@@ -22,7 +22,7 @@ import peewee as pw
 from agent.protocol import QUEUE_LIST_LIMIT, JobStatus
 
 from ..models import ChildJob, Device, Job, db
-from . import PENDING, args, chunks, epoch, padded, prepared, prepared_rows, reports_queue_changes
+from . import PENDING, args, chunks, epoch, padded, prepared_rows, reports_queue_changes
 from .artifacts import ArtifactRef, job_artifacts
 
 
@@ -103,11 +103,11 @@ def _add_artifacts(found: dict[str, list[QueueEntry]], every: bool) -> None:
 
 def highest_seq_ever() -> int:
     """The highest Seq handed out so far, the jobs deleted since included (0: none yet)."""
-    ((highest,),) = prepared("highest_seq", lambda _: ChildJob.select(pw.fn.MAX(ChildJob.seq)).tuples())
+    ((highest,),) = prepared_rows("highest_seq", lambda _: ChildJob.select(pw.fn.MAX(ChildJob.seq)).tuples())
     highest = highest or 0
     table = ChildJob._meta.table_name
     if isinstance(db.obj, pw.SqliteDatabase):  # AUTOINCREMENT keeps its counter in sqlite_sequence
-        if db.execute_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+        if _sqlite_sequence_exists():
             row = db.execute_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
         else:  # a table made before AUTOINCREMENT: it reuses numbers anyway
             row = None
@@ -115,6 +115,20 @@ def highest_seq_ever() -> int:
         row = db.execute_sql("SELECT pg_sequence_last_value(pg_get_serial_sequence(%s, 'seq')::regclass)",
                              (table,)).fetchone()
     return max(highest, int(row[0]) if row and row[0] is not None else 0)
+
+
+_sequence_seen: set[str] = set()  # SQLite files known to have sqlite_sequence (it is never dropped)
+
+
+def _sqlite_sequence_exists() -> bool:
+    """Whether the SQLite file has sqlite_sequence (made with the first AUTOINCREMENT table): asked
+    once per file, since the device updates ask for the highest Seq with every final."""
+    where = db.obj.database
+    if where not in _sequence_seen:
+        if not db.execute_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+            return False
+        _sequence_seen.add(where)
+    return True
 
 
 def _queue_rows(device_ids: list[str], window: int) -> Iterable[tuple[Any, ...]]:
