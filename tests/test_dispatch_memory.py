@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import peewee as pw
 
@@ -64,13 +64,22 @@ async def _until(condition: Callable[[], object], what: str) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _started(db: Store, link: FakeLink) -> tuple[Dispatcher, asyncio.Task[None]]:
-    dispatcher = Dispatcher(db, TOPICS)
-    dispatcher.attach(link)  # type: ignore[arg-type]
-    publisher = asyncio.get_running_loop().create_task(dispatcher.run_publisher())
-    dispatcher.mark(["d0"])
-    await _until(lambda: link.heads("d0"), "the first head")
-    return dispatcher, publisher
+def _run(db: Store, steps: Callable[[Dispatcher, FakeLink], Awaitable[None]]) -> None:
+    """Run steps against a dispatcher whose publisher runs and has published d0's first head."""
+
+    async def scenario() -> None:
+        link = FakeLink()
+        dispatcher = Dispatcher(db, TOPICS)
+        dispatcher.attach(link)  # type: ignore[arg-type]
+        publisher = asyncio.get_running_loop().create_task(dispatcher.run_publisher())
+        try:
+            dispatcher.mark(["d0"])
+            await _until(lambda: link.heads("d0"), "the first head")
+            await steps(dispatcher, link)
+        finally:
+            publisher.cancel()
+
+    asyncio.run(scenario())
 
 
 def _without_issue_time(head: bytes | dict) -> dict:
@@ -83,25 +92,20 @@ def test_a_final_moves_the_head_along_the_remembered_queue_as_a_read_would(db: S
     children = [c for _, c in _queued(db, QUEUE_LIST_LIMIT + 3)]  # more than the list shows: the list keeps its length
     sqlite = isinstance(db.database, pw.SqliteDatabase)  # elsewhere every call counts as a change
 
-    async def scenario() -> None:
-        link = FakeLink()
-        dispatcher, publisher = await _started(db, link)
-        try:
-            for i, done in enumerate(children[:3]):
-                await dispatcher._handle([_report(done, JobStatus.IN_PROGRESS)])
-                await db.call(devices.all_device_ids)  # a call that changes nothing: on SQLite the epoch stays
-                await dispatcher._handle([_report(done, JobStatus.SUCCEEDED)])
-                assert "d0" not in dispatcher._dirty or not sqlite  # published from memory, no read needed
-                await _until(lambda i=i: link.heads("d0")[-1][Key.JOB_ID] == children[i + 1], "the next head")
-                (read,) = await db.call(queues.device_queues, ["d0"])
-                assert _without_issue_time(link.heads("d0")[-1]) == _without_issue_time(
-                    head_message("d0", read.head, read.floor, now()))
-                assert link.last(TOPICS.queue("d0")) == queue_message(read)
-            assert [h[Key.JOB_ID] for h in link.heads("d0")] == children[:4]
-        finally:
-            publisher.cancel()
+    async def steps(dispatcher: Dispatcher, link: FakeLink) -> None:
+        for i, done in enumerate(children[:3]):
+            await dispatcher._handle([_report(done, JobStatus.IN_PROGRESS)])
+            await db.call(devices.all_device_ids)  # a call that changes nothing: on SQLite the epoch stays
+            await dispatcher._handle([_report(done, JobStatus.SUCCEEDED)])
+            assert "d0" not in dispatcher._dirty or not sqlite  # published from memory, no read needed
+            await _until(lambda i=i: link.heads("d0")[-1][Key.JOB_ID] == children[i + 1], "the next head")
+            (read,) = await db.call(queues.device_queues, ["d0"])
+            assert _without_issue_time(link.heads("d0")[-1]) == _without_issue_time(
+                head_message("d0", read.head, read.floor, now()))
+            assert link.last(TOPICS.queue("d0")) == queue_message(read)
+        assert [h[Key.JOB_ID] for h in link.heads("d0")] == children[:4]
 
-    asyncio.run(scenario())
+    _run(db, steps)
 
 
 def test_a_write_the_dispatcher_was_not_told_of_makes_it_read_the_queue(db: Store) -> None:
@@ -110,38 +114,28 @@ def test_a_write_the_dispatcher_was_not_told_of_makes_it_read_the_queue(db: Stor
     queued = _queued(db, 3)
     children = [c for _, c in queued]
 
-    async def scenario() -> None:
-        link = FakeLink()
-        dispatcher, publisher = await _started(db, link)
-        try:
-            await dispatcher._handle([_report(children[0], JobStatus.IN_PROGRESS)])
-            await db.call(jobs.cancel_job, queued[1][0])  # nobody calls dispatcher.mark
-            await dispatcher._handle([_report(children[0], JobStatus.SUCCEEDED)])
-            await _until(lambda: link.heads("d0")[-1].get(Key.JOB_ID) == children[2], "the third job's head")
-            assert children[1] not in [h.get(Key.JOB_ID) for h in link.heads("d0")]
-        finally:
-            publisher.cancel()
+    async def steps(dispatcher: Dispatcher, link: FakeLink) -> None:
+        await dispatcher._handle([_report(children[0], JobStatus.IN_PROGRESS)])
+        await db.call(jobs.cancel_job, queued[1][0])  # nobody calls dispatcher.mark
+        await dispatcher._handle([_report(children[0], JobStatus.SUCCEEDED)])
+        await _until(lambda: link.heads("d0")[-1].get(Key.JOB_ID) == children[2], "the third job's head")
+        assert children[1] not in [h.get(Key.JOB_ID) for h in link.heads("d0")]
 
-    asyncio.run(scenario())
+    _run(db, steps)
 
 
 def test_the_last_final_publishes_the_idle_head_with_the_highest_seq_as_floor(db: Store) -> None:
     ((_, child),) = _queued(db, 1)
 
-    async def scenario() -> None:
-        link = FakeLink()
-        dispatcher, publisher = await _started(db, link)
-        try:
-            await dispatcher._handle([_report(child, JobStatus.IN_PROGRESS), _report(child, JobStatus.FAILED)])
-            assert "d0" not in dispatcher._dirty
-            (read,) = await db.call(queues.device_queues, ["d0"])
-            assert read.head is None and link.heads("d0")[-1] == {
-                Key.DEVICE_ID: "d0", Key.FLOOR: read.floor, Key.ISSUED_AT: link.heads("d0")[-1][Key.ISSUED_AT]}
-            assert link.last(TOPICS.queue("d0")) == b""
-        finally:
-            publisher.cancel()
+    async def steps(dispatcher: Dispatcher, link: FakeLink) -> None:
+        await dispatcher._handle([_report(child, JobStatus.IN_PROGRESS), _report(child, JobStatus.FAILED)])
+        assert "d0" not in dispatcher._dirty
+        (read,) = await db.call(queues.device_queues, ["d0"])
+        assert read.head is None and link.heads("d0")[-1] == {
+            Key.DEVICE_ID: "d0", Key.FLOOR: read.floor, Key.ISSUED_AT: link.heads("d0")[-1][Key.ISSUED_AT]}
+        assert link.last(TOPICS.queue("d0")) == b""
 
-    asyncio.run(scenario())
+    _run(db, steps)
 
 
 def test_a_final_that_starts_a_retry_keeps_the_head_on_the_retried_job(db: Store) -> None:
@@ -150,17 +144,12 @@ def test_a_final_that_starts_a_retry_keeps_the_head_on_the_retried_job(db: Store
     queued = _queued(db, 2, JobOptions(retries=Retries(max=1, delay_seconds=3600)))
     children = [c for _, c in queued]
 
-    async def scenario() -> None:
-        link = FakeLink()
-        dispatcher, publisher = await _started(db, link)
-        try:
-            await dispatcher._handle([_report(children[0], JobStatus.IN_PROGRESS)])
-            await dispatcher._handle([_report(children[0], JobStatus.FAILED)])
-            await _until(lambda: Key.JOB_ID not in link.heads("d0")[-1], "the idle head (the retry is held)")
-            (read,) = await db.call(queues.device_queues, ["d0"])
-            assert read.entries[0].job_id == children[0] and link.heads("d0")[-1][Key.FLOOR] == read.floor
-            assert children[1] not in [h.get(Key.JOB_ID) for h in link.heads("d0")]
-        finally:
-            publisher.cancel()
+    async def steps(dispatcher: Dispatcher, link: FakeLink) -> None:
+        await dispatcher._handle([_report(children[0], JobStatus.IN_PROGRESS)])
+        await dispatcher._handle([_report(children[0], JobStatus.FAILED)])
+        await _until(lambda: Key.JOB_ID not in link.heads("d0")[-1], "the idle head (the retry is held)")
+        (read,) = await db.call(queues.device_queues, ["d0"])
+        assert read.entries[0].job_id == children[0] and link.heads("d0")[-1][Key.FLOOR] == read.floor
+        assert children[1] not in [h.get(Key.JOB_ID) for h in link.heads("d0")]
 
-    asyncio.run(scenario())
+    _run(db, steps)
