@@ -5,6 +5,7 @@ Everything a device sends is checked here, at the boundary; deeper code gets fro
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +17,7 @@ from agent.protocol import (
     MAX_STATUS_MESSAGE_BYTES,
     OUTPUT_CAP_BYTES,
     QUEUE_COMMAND_PREVIEW,
+    QUEUE_LIST_LIMIT,
     ArtifactKey,
     JobStatus,
     Key,
@@ -47,7 +49,7 @@ def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at
 
     A job with artifacts carries them (SHA-256, size, name, URL), signed in the v3 form; a job
     without stays the v2 head it always was, byte for byte."""
-    head: dict[str, Any] = {Key.DEVICE_ID: device_id, Key.FLOOR: floor, Key.ISSUED_AT: format_time(issued_at)}
+    head: dict[str, Any] = {Key.DEVICE_ID: device_id, Key.FLOOR: floor, Key.ISSUED_AT: _time_text(issued_at)}
     if entry is not None:
         head = {
             Key.JOB_ID: entry.job_id,
@@ -59,8 +61,8 @@ def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at
             Key.SUCCESS_ON_RESTART: entry.success_on_restart,
             Key.SEQ: entry.seq,
             Key.FLOOR: floor,
-            Key.ISSUED_AT: format_time(issued_at),
-            Key.SUBMITTED_TIME: format_time(entry.submitted),
+            Key.ISSUED_AT: _time_text(issued_at),
+            Key.SUBMITTED_TIME: _time_text(entry.submitted),
             **({Key.ATTEMPT: entry.attempt} if entry.attempt > 1 else {}),  # attempt 1 stays the v2 head
         }
         if entry.artifacts:
@@ -68,6 +70,12 @@ def head_message(device_id: str, entry: QueueEntry | None, floor: int, issued_at
     if sign is not None:
         head[Key.SIGNATURE] = sign(signing_bytes(head))
     return encode(head)
+
+
+@functools.lru_cache(maxsize=4096)
+def _time_text(value: datetime) -> str | None:
+    """format_time, kept: a batch of heads shares its IssuedAt, a group job's heads their SubmittedTime."""
+    return format_time(value)
 
 
 def _artifacts(device_id: str, entry: QueueEntry, artifact_url: ArtifactUrl | None) -> list[dict[str, Any]]:
@@ -87,16 +95,23 @@ def queue_message(queue: DeviceQueue) -> bytes:
     if not queue.entries:
         return b""
     head = encode({Key.DEVICE_ID: queue.device_id, Key.TOTAL: queue.total, Key.JOBS: []})
-    return b"".join([head[:-2], b",".join(_list_entry(e) for e in queue.entries), b"]}"])
+    return b"".join([head[:-2], b",".join(map(_list_entry, queue.entries[:QUEUE_LIST_LIMIT])), b"]}"])
 
 
 _LIST_ENTRIES: dict[tuple[Any, ...], bytes] = {}  # what an entry shows -> its JSON in the list
 _LIST_ENTRIES_MAX = 65536  # then forgotten all at once: a cache, never needed for correctness
 _HELD = JobStatus.SCHEDULED.value
+_JSON_KEPT = "_list_json"
 
 
 def _list_entry(e: QueueEntry) -> bytes:
-    held = e.status == _HELD  # QueueEntry.held, without the property call: this runs 100 times per list
+    # An entry object stays the same while a remembered queue moves along (only the head's changes):
+    # its JSON is kept on it too (a QueueEntry is frozen, so it cannot go stale), one lookup instead
+    # of building the key. This runs 100 times per list.
+    cached = e.__dict__.get(_JSON_KEPT)
+    if cached is not None:
+        return cached
+    held = e.status == _HELD  # QueueEntry.held, without the property call
     key = (e.job_id, e.name, e.command, e.status, e.reason if held else None, e.seq)
     cached = _LIST_ENTRIES.get(key)
     if cached is None:
@@ -111,6 +126,7 @@ def _list_entry(e: QueueEntry) -> bytes:
             **({Key.REASON: e.reason} if held else {}),
             Key.SEQ: e.seq,
         })
+    e.__dict__[_JSON_KEPT] = cached
     return cached
 
 

@@ -6,6 +6,11 @@ always the database's latest state, and a device's next job is published only on
 one is final (the head is the first job not yet final). Device updates are applied in batches,
 one transaction each, and acknowledged to the broker only after they are stored.
 
+On a single instance the queues last published are remembered, so that a batch that only moved
+heads (a job started, a job ended) publishes from memory instead of reading the queues again; a
+final moves the head along the remembered queue only when the store proves that queue current
+(its epoch: no other store call since the queue was read; store/__init__.py).
+
 In cluster mode (coordination.py) this instance publishes only the devices whose bucket it
 leases, and tells the owners of the others; device messages come through shared subscriptions.
 """
@@ -20,7 +25,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Callable, Iterable, Optional
 
-from agent.protocol import JobStatus, MessageError, Topics
+from agent.protocol import QUEUE_LIST_LIMIT, JobStatus, MessageError, Topics
 
 from . import metrics
 from .coordination import Coordinator
@@ -45,6 +50,9 @@ REFRESH_AFTER_SECONDS = 3600.0
 # its head started changes the retained list without reading the queue again; at most this many
 # queue entries are held, the oldest queues forgotten first (they are then read, as before).
 REMEMBER_ENTRIES = 50_000
+# The publisher reads this many of a device's pending jobs, twice what the list shows, so that the
+# queue it remembers can lose its head to a final this many times over before it runs short.
+READ_WINDOW = 2 * QUEUE_LIST_LIMIT
 
 
 class Dispatcher:
@@ -210,17 +218,18 @@ class Dispatcher:
             known = {d: q for d in batch if (q := self._known.pop(d, None)) is not None}
             unknown = [d for d in batch if d not in known]
             try:
-                read = [*known.values(), *(await self.store.call(self._read_queues, unknown) if unknown else [])]
+                read = [*known.values(), *(await self._read_queues(unknown) if unknown else [])]
             except Exception:
                 log.exception("reading device queues failed; retrying")
                 self.mark(batch, relay=False)
                 await asyncio.sleep(1)
                 continue
+            current = now()
             for queue in read:
                 if self.cluster is not None and not self.cluster.owns(queue.device_id):
                     continue  # the lease may run out: the next owner reads the queue again
-                head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue), self.sign,
-                                    self.artifact_url)
+                head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue, current),
+                                    self.sign, self.artifact_url)
                 self._publish_changed(self.topics.job(queue.device_id), head)
                 self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
                 self._remember_queue(queue)
@@ -237,50 +246,60 @@ class Dispatcher:
         while self._remembered_entries > REMEMBER_ENTRIES:
             self._forget_queue(next(iter(self._last_queue)))
 
+    def _forget_all_queues(self) -> None:
+        self._last_queue.clear()
+        self._remembered_entries = 0
+
     def _forget_queue(self, device_id: str) -> None:
         forgotten = self._last_queue.pop(device_id, None)
         if forgotten is not None:
             self._remembered_entries -= len(forgotten.entries)
 
-    def _publish_head_progress(self, updates: list[Update]) -> list[str]:
-        """Publish the lists of devices whose one change in this batch is their head's progress
-        (e.g. IN_PROGRESS), from the queue remembered as published, without reading it: only the
-        head's status changed, so its head message, floor and other entries are as published.
+    def _publish_from_memory(self, outcomes: UpdateOutcomes, current: datetime) -> list[str]:
+        """Publish the queues of devices whose changes in this batch were only their head's, from
+        the queue remembered as published, without reading it (single instance only: nothing is
+        remembered in cluster mode). A head's progress (e.g. IN_PROGRESS) changes its status in the
+        list; a final moves the head to the next entry, which needs proof that the remembered queue
+        is the database's: the store's epoch has not moved since it was read (no other write since),
+        and nothing but the head changed (no retry, no rollback child: `reshaped`).
         Returns the devices that changed otherwise, whose queues must be read (`mark`)."""
         changes: dict[str, list[Update]] = {}
-        for update in updates:
+        for update in outcomes.applied:
             changes.setdefault(update.device_id, []).append(update)
         others = []
         for device_id, changed in changes.items():
             queue = self._last_queue.get(device_id)
-            update = changed[0]
-            if (len(changed) > 1 or queue is None or queue.head is None or update.status.is_final
-                    or update.job_id != queue.head.job_id or device_id in self._dirty):
+            moved = None
+            if queue is not None and device_id not in self._dirty and device_id not in outcomes.reshaped:
+                moved = _moved_along(queue, changed, outcomes)
+            if moved is None:
                 others.append(device_id)
                 continue
-            head = replace(queue.head, status=update.status.value)
-            self._remember_queue(replace(queue, entries=(head, *queue.entries[1:])))
-            self._publish_changed(self.topics.queue(device_id), queue_message(self._last_queue[device_id]))
+            if (moved.floor, moved.head and moved.head.job_id) != (queue.floor, queue.head and queue.head.job_id):
+                self._publish_changed(self.topics.job(device_id), head_message(
+                    device_id, moved.head, moved.floor, self._issue_time(moved, current), self.sign, self.artifact_url))
+            self._publish_changed(self.topics.queue(device_id), queue_message(moved))
+            self._remember_queue(moved)
         return others
 
-    @property
-    def _read_queues(self) -> Callable[[list[str]], list[queues.DeviceQueue]]:
-        return queues.device_queues if self.cluster is None else leases.consistent_queues
+    async def _read_queues(self, device_ids: list[str]) -> list[queues.DeviceQueue]:
+        if self.cluster is not None:
+            return await self.store.call(leases.consistent_queues, device_ids)
+        return await self.store.call(queues.device_queues, device_ids, READ_WINDOW)
 
-    def _issue_time(self, queue: queues.DeviceQueue) -> datetime:
-        """The head's IssuedAt: kept while its content is unchanged and it is recent, else now."""
-        content = hash((queue.head.job_id if queue.head else None, queue.head.attempt if queue.head else 0,
-                        queue.floor))
-        current = now()
+    def _issue_time(self, queue: queues.DeviceQueue, current: datetime) -> datetime:
+        """The head's IssuedAt: kept while its content is unchanged and it is recent, else `current`
+        (now, taken once per batch: reading the clock costs more than the rest of this)."""
+        head = queue.head
+        content = hash((head.job_id if head else None, head.attempt if head else 0, queue.floor))
         kept = self._issued.get(queue.device_id)
         if kept is not None and kept[0] == content and (current - kept[1]).total_seconds() < REFRESH_AFTER_SECONDS:
             return kept[1]
         self._issued[queue.device_id] = (content, current)
         return current
 
-    def refresh_old_heads(self, device_ids: Iterable[str]) -> None:
+    def refresh_old_heads(self, device_ids: Iterable[str], current: datetime) -> None:
         """These devices came online: sign their head again if its IssuedAt is old."""
-        current = now()
         self.mark(d for d in device_ids if (kept := self._issued.get(d)) is not None
                   and (current - kept[1]).total_seconds() >= REFRESH_AFTER_SECONDS)
 
@@ -336,6 +355,7 @@ class Dispatcher:
                 metrics.dispatched(time.perf_counter() - started)
             except Exception:
                 log.exception("handling %d device messages failed; they are dropped", len(batch))
+                self._forget_all_queues()  # what was stored may not have reached them
             if self.link is not None:
                 for message in batch:
                     self.link.ack(message)
@@ -357,8 +377,9 @@ class Dispatcher:
             os._exit(137)
         if self.link is not None:
             await self.link.room()  # the head progress below publishes without the publisher
-        self.mark(self._publish_head_progress(outcomes.applied))
-        self.refresh_old_heads(device for device, online, seen in presence if online and seen is not None)
+        current = now()
+        self.mark(self._publish_from_memory(outcomes, current))
+        self.refresh_old_heads((device for device, online, seen in presence if online and seen is not None), current)
 
     async def _store(self, updates: list[Update], presence: list[Presence]) -> UpdateOutcomes:
         """Store a batch. A database outage is waited out; a message the database refuses is dropped alone."""
@@ -379,16 +400,22 @@ class Dispatcher:
 
     async def _store_one_by_one(self, updates: list[Update], presence: list[Presence]) -> UpdateOutcomes:
         outcomes = UpdateOutcomes()
+        epochs = set()  # other writes may come between these calls: one epoch for all, or none
         for one in [([u], []) for u in updates] + [([], [p]) for p in presence]:
             result = await self._store(*one)
             outcomes.applied += result.applied
             outcomes.late += result.late
             outcomes.dropped += result.dropped
+            outcomes.reshaped |= result.reshaped
+            outcomes.highest_seq = max(outcomes.highest_seq, result.highest_seq)
+            epochs.add(result.epoch)
+        outcomes.epoch = epochs.pop() if len(epochs) == 1 else -1
         return outcomes
 
     def _parse(self, batch: list[Incoming]) -> tuple[list[Update], list[Presence]]:
         updates: list[Update] = []
         presence: list[Presence] = []
+        current = now()
         for message in batch:
             parsed = self.topics.parse(message.topic)
             if parsed is None:
@@ -397,11 +424,31 @@ class Dispatcher:
             try:
                 if leaf == Topics.STATUS:
                     updates.append(parse_update(device_id, message.payload))
-                    presence.append((device_id, True, now()))
+                    presence.append((device_id, True, current))
                 elif leaf == Topics.PRESENCE and message.payload:
                     report = parse_presence(device_id, message.payload)
-                    presence.append((device_id, report.online, None if message.retained else now()))
+                    presence.append((device_id, report.online, None if message.retained else current))
             except MessageError as e:
                 log.warning("ignored a bad message from device %s on %s: %s", device_id, leaf, e)
         latest = {entry[0]: entry for entry in presence}  # one presence write per device and batch: the last
         return updates, list(latest.values())
+
+
+def _moved_along(queue: queues.DeviceQueue, changed: list[Update],
+                 outcomes: UpdateOutcomes) -> queues.DeviceQueue | None:
+    """The remembered queue after these applied updates of its head, in order; None when only a
+    read can tell (a report about another job, a held head, a final with the queue not proven current,
+    or a final that leaves fewer entries than the list shows while more are pending)."""
+    for update in changed:
+        head = queue.head
+        if head is None or update.job_id != head.job_id:
+            return None
+        if not update.status.is_final:
+            queue = replace(queue, entries=(replace(head, status=update.status.value), *queue.entries[1:]))
+            continue
+        rest = queue.entries[1:]
+        if queue.epoch == -1 or queue.epoch != outcomes.epoch or len(rest) < min(queue.total - 1, QUEUE_LIST_LIMIT):
+            return None
+        queue = replace(queue, entries=rest, total=queue.total - 1,
+                        floor=rest[0].seq - 1 if rest else outcomes.highest_seq)
+    return queue

@@ -73,6 +73,30 @@ def idempotent(fn: F) -> F:
     return fn
 
 
+def reports_queue_changes(fn: F) -> F:
+    """Mark a store function whose every change to a device's queue its caller learns from its
+    result (the dispatcher's queue reads and device updates): it leaves the epoch as it is."""
+    fn.reports_queue_changes = True
+    return fn
+
+
+# Store calls that may change device queues in ways the dispatcher does not see: every call but
+# those marked @reports_queue_changes. Each gets an id; the epoch is the id of the last one that
+# changed rows (on SQLite: the connection's count of changed rows moved; elsewhere: any such call).
+# On one instance the store's one thread is the only writer of child jobs, so a queue read while the
+# epoch was E is still the database's as long as the epoch is E (plus what the marked calls reported).
+# Several instances never rely on it.
+_epoch = 0
+_calls = 0  # ids handed out
+_running: int | None = None  # the id of the unmarked call running on the store's thread now
+
+
+def epoch() -> int:
+    """What a queue read now is stamped with, and what a device update compares it to: inside an
+    unmarked call its own id (the call's changes so far are in what it reads)."""
+    return _epoch if _running is None else _running
+
+
 def ping() -> None:
     db.execute_sql("SELECT 1")
 
@@ -147,6 +171,32 @@ class Store:
     # The store's thread from here on.
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        if getattr(fn, "reports_queue_changes", False):
+            return self._run_call(fn, args, kwargs)
+        global _calls, _running, _epoch
+        _calls += 1
+        _running = _calls
+        before = self._changes()
+        changed = True
+        try:
+            result = self._run_call(fn, args, kwargs)
+            changed = before is None or self._changes() != before
+            return result
+        finally:
+            if changed:
+                _epoch = _running
+            _running = None
+
+    def _changes(self) -> tuple[Any, int] | None:
+        """The store's SQLite connection and the rows it has changed so far; None where that cannot
+        be told (no connection open, PostgreSQL): a call then counts as a change."""
+        database = self.database
+        if isinstance(database, pw.SqliteDatabase) and not database.is_closed():
+            connection = database.connection()
+            return connection, connection.total_changes
+        return None
+
+    def _run_call(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         if connection_stale(self.database):
             log.info("the connection to the %s was closed while idle; opening a new one", self.where)
             discard_connection(self.database)

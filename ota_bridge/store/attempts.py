@@ -26,7 +26,7 @@ from agent.protocol import FINAL_STATUSES, JobStatus, can_transition, format_tim
 
 from .. import clock
 from ..models import AttemptResult, ChildJob, Job, now
-from . import chunks, finalize, pieces, release_children
+from . import arg, chunks, finalize, pieces, prepared_rows, release_children
 
 if TYPE_CHECKING:
     from .updates import Update
@@ -55,8 +55,7 @@ class Attempts:
 
     def policy(self, parent_id: str) -> Policy:
         if parent_id not in self._policies:
-            row = (Job.select(Job.retry_max, Job.retry_delay_seconds, Job.retry_on, Job.on_failure_command)
-                   .where(Job.job_id == parent_id).tuples().first()) or (0, 0, "", None)
+            row = next(iter(prepared_rows("job_policy", _policy, parent_id)), None) or (0, 0, "", None)
             self._policies[parent_id] = Policy(row[0], row[1], frozenset(filter(None, row[2].split(","))),
                                                row[3] is not None)
         return self._policies[parent_id]
@@ -106,6 +105,11 @@ class Attempts:
         elif rollbacks:
             finalize(JobStatus.CANCELED, f"not needed: child job {child.job_id} ended {status.value}",
                      ChildJob.seq.in_([seq for seq, _ in rollbacks]))
+
+
+def _policy(_: int) -> pw.Query:
+    return (Job.select(Job.retry_max, Job.retry_delay_seconds, Job.retry_on, Job.on_failure_command)
+            .where(Job.job_id == arg(0)).tuples())
 
 
 def end_silent(seqs: list[int], status: JobStatus, reason: str) -> None:

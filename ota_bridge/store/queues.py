@@ -22,7 +22,7 @@ import peewee as pw
 from agent.protocol import QUEUE_LIST_LIMIT, JobStatus
 
 from ..models import ChildJob, Device, Job, db
-from . import PENDING, args, chunks, padded, prepared, prepared_rows
+from . import PENDING, args, chunks, epoch, padded, prepared_rows, reports_queue_changes
 from .artifacts import ArtifactRef, job_artifacts
 
 
@@ -50,9 +50,10 @@ class QueueEntry:
 @dataclass(frozen=True)
 class DeviceQueue:
     device_id: str
-    entries: tuple[QueueEntry, ...]  # the first QUEUE_LIST_LIMIT jobs not yet final, in order
+    entries: tuple[QueueEntry, ...]  # the first jobs not yet final (the window read), in order
     total: int
     floor: int = 0  # every job of the device at or below it is final
+    epoch: int = -1  # the store's epoch when it was read (-1: unknown); see store.epoch
 
     @property
     def head(self) -> QueueEntry | None:
@@ -60,19 +61,25 @@ class DeviceQueue:
         return self.entries[0] if self.entries and not self.entries[0].held else None
 
 
-def device_queues(device_ids: list[str]) -> list[DeviceQueue]:
-    """The pending queue of each device, head first, and its floor: one query for the lot, and
-    one more for the Seq counter when a device has nothing pending."""
+@reports_queue_changes
+def device_queues(device_ids: list[str], window: int = QUEUE_LIST_LIMIT) -> list[DeviceQueue]:
+    """The pending queue of each device, its first `window` jobs head first, and its floor: one
+    query for the lot, and one more for the Seq counter when a device has nothing pending.
+
+    The head's artifacts are read; with a window longer than the list, every entry's (a dispatcher
+    that remembers the queue moves the head along it without reading it again)."""
     found: dict[str, list[QueueEntry]] = {d: [] for d in device_ids}
     totals: dict[str, int] = {}
     for chunk in chunks(device_ids):
-        for device_id, total, *entry in _queue_rows(chunk):
+        for device_id, total, *entry in _queue_rows(chunk, window):
             found[device_id].append(_entry(*entry))
             totals[device_id] = total
     idle_floor = highest_seq_ever() if len(totals) < len(device_ids) else 0
-    _add_head_artifacts(found)
-    return [DeviceQueue(d, tuple(found[d]), totals.get(d, 0), found[d][0].seq - 1 if found[d] else idle_floor)
-            for d in device_ids]
+    every = window > QUEUE_LIST_LIMIT
+    _add_artifacts(found, every)
+    read_at = epoch()  # -1 for a queue whose later entries lack their artifacts: it is not moved along
+    return [DeviceQueue(d, tuple(found[d]), totals.get(d, 0), found[d][0].seq - 1 if found[d] else idle_floor,
+                        read_at if every or len(found[d]) <= 1 else -1) for d in device_ids]
 
 
 def _entry(job_id: str, parent_id: str, name: str, command: str, timeout: int, success_on_restart: Any,
@@ -82,21 +89,25 @@ def _entry(job_id: str, parent_id: str, name: str, command: str, timeout: int, s
                       reason, attempt, bool(rollback))
 
 
-def _add_head_artifacts(found: dict[str, list[QueueEntry]]) -> None:
-    heads = [entries[0] for entries in found.values() if entries]
-    refs = job_artifacts(h.parent_id for h in heads if not h.rollback)
-    for entries in found.values():
-        if entries and not entries[0].rollback and entries[0].parent_id in refs:
-            entries[0] = replace(entries[0], artifacts=refs[entries[0].parent_id])
+def _add_artifacts(found: dict[str, list[QueueEntry]], every: bool) -> None:
+    """Fill in the artifacts of each head, or of every entry (a rollback child's command has none)."""
+    shown = [entries if every else entries[:1] for entries in found.values()]
+    refs = job_artifacts(e.parent_id for entries in shown for e in entries if not e.rollback)
+    if not refs:
+        return
+    for entries in shown:
+        for i, e in enumerate(entries):
+            if not e.rollback and e.parent_id in refs:
+                entries[i] = replace(e, artifacts=refs[e.parent_id])
 
 
 def highest_seq_ever() -> int:
     """The highest Seq handed out so far, the jobs deleted since included (0: none yet)."""
-    ((highest,),) = prepared("highest_seq", lambda _: ChildJob.select(pw.fn.MAX(ChildJob.seq)).tuples())
+    ((highest,),) = prepared_rows("highest_seq", lambda _: ChildJob.select(pw.fn.MAX(ChildJob.seq)).tuples())
     highest = highest or 0
     table = ChildJob._meta.table_name
     if isinstance(db.obj, pw.SqliteDatabase):  # AUTOINCREMENT keeps its counter in sqlite_sequence
-        if db.execute_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+        if _sqlite_sequence_exists():
             row = db.execute_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
         else:  # a table made before AUTOINCREMENT: it reuses numbers anyway
             row = None
@@ -106,12 +117,26 @@ def highest_seq_ever() -> int:
     return max(highest, int(row[0]) if row and row[0] is not None else 0)
 
 
-def _queue_rows(device_ids: list[str]) -> Iterable[tuple[Any, ...]]:
-    """(device, pending count, QueueEntry fields...) for the first QUEUE_LIST_LIMIT pending jobs of each."""
-    return prepared_rows("queue_rows", _queue_query, *padded(device_ids))
+_sequence_seen: set[str] = set()  # SQLite files known to have sqlite_sequence (it is never dropped)
 
 
-def _queue_query(count: int) -> pw.Query:
+def _sqlite_sequence_exists() -> bool:
+    """Whether the SQLite file has sqlite_sequence (made with the first AUTOINCREMENT table): asked
+    once per file, since the device updates ask for the highest Seq with every final."""
+    where = db.obj.database
+    if where not in _sequence_seen:
+        if not db.execute_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+            return False
+        _sequence_seen.add(where)
+    return True
+
+
+def _queue_rows(device_ids: list[str], window: int) -> Iterable[tuple[Any, ...]]:
+    """(device, pending count, QueueEntry fields...) for the first `window` pending jobs of each."""
+    return prepared_rows(f"queue_rows/{window}", lambda count: _queue_query(count, window), *padded(device_ids))
+
+
+def _queue_query(count: int, window: int) -> pw.Query:
     ranked = (ChildJob.select(
         ChildJob.device_id, ChildJob.job_id, ChildJob.parent, ChildJob.seq, ChildJob.status, ChildJob.reason,
         ChildJob.attempt, ChildJob.on_failure_of,
@@ -126,7 +151,7 @@ def _queue_query(count: int) -> pw.Query:
                        ranked.c.seq, ranked.c.status, Job.created, ranked.c.reason, ranked.c.attempt,
                        ranked.c.on_failure_of.is_null(False))
             .join(ranked, on=(ranked.c.parent_id == Job.job_id))
-            .where(ranked.c.position <= QUEUE_LIST_LIMIT)
+            .where(ranked.c.position <= window)
             .order_by(ranked.c.device_id, ranked.c.seq).tuples())
 
 

@@ -11,9 +11,22 @@ import peewee as pw
 from agent.protocol import JobStatus, can_transition
 
 from ..models import ChildJob, Device, now
-from . import PENDING, arg, args, chunks, idempotent, padded, prepared, write_transaction
+from . import (
+    PENDING,
+    arg,
+    args,
+    chunks,
+    epoch,
+    idempotent,
+    padded,
+    prepared,
+    prepared_rows,
+    reports_queue_changes,
+    write_transaction,
+)
 from .attempts import Attempts
 from .devices import set_presence
+from .queues import highest_seq_ever
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,12 @@ class UpdateOutcomes:
     applied: list[Update] = field(default_factory=list)
     late: list[Update] = field(default_factory=list)  # results kept beside a state the service set
     dropped: list[tuple[Update, str]] = field(default_factory=list)  # (update, why)
+    # What a caller that remembers device queues needs to move them along without reading them:
+    # the devices whose queue changed more than by their applied updates (a retry, a rollback child),
+    # the highest Seq ever when a job went final (an emptied queue's floor), and the store's epoch.
+    reshaped: set[str] = field(default_factory=set)
+    highest_seq: int = 0
+    epoch: int = -1
 
     @property
     def devices(self) -> list[str]:
@@ -47,11 +66,12 @@ class UpdateOutcomes:
 
 
 @idempotent
+@reports_queue_changes
 def record_device_messages(updates: list[Update], presence: list[tuple[str, bool, datetime | None]]) -> UpdateOutcomes:
     """Apply device updates and presence in one transaction; each update idempotently."""
-    outcomes = UpdateOutcomes()
+    outcomes = UpdateOutcomes(epoch=epoch())
     with write_transaction():
-        view = _BatchView(updates)
+        view = _BatchView(updates, outcomes.reshaped)
         for update in updates:
             why = _apply_one(update, view)
             if why is None:
@@ -61,28 +81,32 @@ def record_device_messages(updates: list[Update], presence: list[tuple[str, bool
             else:
                 outcomes.dropped.append((update, why))
         set_presence(presence)
+        if any(u.status.is_final for u in outcomes.applied):
+            outcomes.highest_seq = highest_seq_ever()
     return outcomes
 
 
 class _BatchView:
     """What a batch of updates reads: fetched once per batch, kept current as updates apply."""
 
-    def __init__(self, updates: list[Update]) -> None:
+    def __init__(self, updates: list[Update], reshaped: set[str]) -> None:
+        self.reshaped = reshaped  # devices whose queue changed more than their head's status
         job_ids = sorted({u.job_id for u in updates})
         devices = sorted({u.device_id for u in updates})
         self.children = {c.job_id: c for chunk in chunks(job_ids)
                          for c in prepared("batch_children", _children, *padded(chunk))}
-        self.enabled = {d for chunk in chunks(devices) for (d,) in prepared("batch_enabled", _enabled, *padded(chunk))}
+        self.enabled = {d for chunk in chunks(devices)
+                        for (d,) in prepared_rows("batch_enabled", _enabled, *padded(chunk))}
         self.attempts = Attempts()  # retries and rollbacks, with the jobs' policies read once per batch
         self._heads: dict[str, int | None] = {}
         for chunk in chunks(devices):
             self._heads.update(dict.fromkeys(chunk))
-            self._heads.update(prepared("batch_heads", _heads, *padded(chunk)))
+            self._heads.update(prepared_rows("batch_heads", _heads, *padded(chunk)))
 
     def head(self, device_id: str) -> int | None:
         """The seq of the device's current job: its first job not yet final."""
         if device_id not in self._heads:
-            self._heads[device_id] = next(iter(prepared("batch_heads", _heads, device_id)), (device_id, None))[1]
+            self._heads[device_id] = next(iter(prepared_rows("batch_heads", _heads, device_id)), (device_id, None))[1]
         return self._heads[device_id]
 
     def applied(self, child: ChildJob, status: JobStatus) -> None:
@@ -91,8 +115,14 @@ class _BatchView:
             self._heads.pop(child.device_id, None)
 
 
+# What applying an update reads of a child (updates and attempts use no other field): fewer
+# columns for peewee to convert (the outputs, the times, ...), which costs more than the query.
+_CHILD_READ = (ChildJob.seq, ChildJob.job_id, ChildJob.parent, ChildJob.device_id, ChildJob.status, ChildJob.attempt,
+               ChildJob.finalized_by_service, ChildJob.on_failure_of, ChildJob.start_time, ChildJob.reason)
+
+
 def _children(count: int) -> pw.Query:
-    return ChildJob.select().where(ChildJob.job_id.in_(args(count)))
+    return ChildJob.select(*_CHILD_READ).where(ChildJob.job_id.in_(args(count)))
 
 
 def _enabled(count: int) -> pw.Query:
@@ -132,10 +162,13 @@ def _apply_one(update: Update, view: _BatchView) -> str | None:
         return f"{current.value} cannot become {update.status.value}"
     if update.status.is_final and view.attempts.retried(child, update):
         view.applied(child, JobStatus.SCHEDULED)
+        view.reshaped.add(child.device_id)
         return None
     _write_update(child, update)
     view.applied(child, update.status)
     if update.status.is_final:
+        if child.on_failure_of is None and view.attempts.policy(child.parent_id).has_rollback:
+            view.reshaped.add(child.device_id)  # its rollback child is released or ends
         view.attempts.ended(child, update.status)
     return None
 
