@@ -63,6 +63,7 @@ def test_the_import_check_catches_a_third_party_import(tmp_path):
 LAZY_MODULES = {
     "agent.download": "the first job with Artifacts (agent/daemon.py, Agent._start_download)",
     "subprocess": "the first command (agent/runner.py, Runner.run)",
+    "argparse": "--help, --version or a command line only argparse reads (agent/settings.py, read_flags)",
 }
 # Runs the real agent (`python -m agent`'s main) and, as it exits, writes what it had loaded.
 IDLE_AGENT = """
