@@ -8,6 +8,7 @@ calls BrokerLink to subscribe and publish.
 from __future__ import annotations
 
 import contextlib
+import encodings.idna  # noqa: F401 - here, not on paho's thread: see the note below
 import logging
 import queue
 import socket
@@ -22,6 +23,11 @@ from .protocol import Key, Presence, Topics
 from .settings import Settings, agent_version
 
 log = logging.getLogger("ota-agent")
+
+# encodings.idna: socket.getaddrinfo encodes the broker's name with that codec. Imported first on
+# paho's thread, the codec's tables would fill a malloc arena of that thread's own, ~0.25 MiB
+# resident for good; imported at start with the rest, they fit the main heap (bench/profile_notes.md,
+# agent-idle-rss).
 
 _SHUTDOWN_PUBLISH_SECONDS = 3.0
 # Seconds between connection attempts: paho doubles them from the first to the last, and starts

@@ -125,3 +125,12 @@ def test_an_idle_agent_builds_no_ed25519_table(idle_agent):
 def test_an_idle_agent_does_not_import_dataclasses(idle_agent):
     """dataclasses pulls in inspect, ast and dis (~0.8 MiB) and generates code for every class at start."""
     assert "dataclasses" not in idle_agent["modules"]
+
+
+def test_the_idna_codec_is_loaded_before_paho_s_thread_resolves_the_broker():
+    """Loaded first on paho's thread, the codec's tables would keep a malloc arena of ~0.25 MiB for that
+    thread alone (bench/profile_notes.md, agent-idle-rss): agent/link.py imports it on the main thread."""
+    code = "import sys, agent.link; print('encodings.idna' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=AGENT_DIR.parent)
+    assert done.stdout.strip() == "True", done.stderr
