@@ -44,7 +44,7 @@ DEFAULT_HEAD_WAIT = 30.0
 DEFAULT_ARTIFACT_CACHE_SIZE = 1024**3  # bytes of downloaded artifacts kept after their jobs (1 GiB)
 _SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
                "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
-_BYTE_SIZE_RE = re.compile(r"([0-9]+) ?([KMGT]i?)?B?", re.IGNORECASE)
+_BYTE_SIZE = r"([0-9]+) ?([KMGT]i?)?B?"  # compiled by the first --artifact-cache-size read, not at every start
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 log = logging.getLogger("ota-agent")
 
@@ -60,20 +60,23 @@ def agent_version() -> str:
 
     Read from the first `ota_agent-*` / `ota_bridge-*` `.dist-info/METADATA` (or `.egg-info/PKG-INFO`) on sys.path,
     as importlib.metadata does, without importing it: that module (with zipfile, csv and the
-    rest) would add about 1 MiB to the resident size of an agent that idles for months.
+    rest) would add about 1 MiB to the resident size of an agent that idles for months. Each
+    directory is listed once, for both names.
     """
-    for distribution in DISTRIBUTIONS:
-        prefix = distribution.replace("-", "_") + "-"
-        for entry in sys.path:
-            try:
-                names = sorted(os.listdir(entry or "."))
-            except OSError:
-                continue
-            for name in names:
-                version = _metadata_version(Path(entry or ".", name)) if name.startswith(prefix) else None
-                if version:
-                    return version
-    return UNKNOWN_VERSION
+    prefixes = tuple(distribution.replace("-", "_") + "-" for distribution in DISTRIBUTIONS)
+    found: dict[str, str] = {}  # prefix: the version of its first distribution on sys.path
+    for entry in sys.path:
+        try:
+            names = sorted(name for name in os.listdir(entry or ".") if name.startswith(prefixes))
+        except OSError:
+            continue
+        for name in names:
+            prefix = next(prefix for prefix in prefixes if name.startswith(prefix))
+            if prefix not in found and (version := _metadata_version(Path(entry or ".", name))):
+                found[prefix] = version
+        if prefixes[0] in found:
+            break
+    return next((found[prefix] for prefix in prefixes if prefix in found), UNKNOWN_VERSION)
 
 
 def _metadata_version(info_dir: Path) -> str | None:
@@ -600,7 +603,7 @@ def _byte_size(raw: dict[str, str | None], name: str, default: int) -> int:
     value = raw[name]
     if value is None:
         return default
-    match = _BYTE_SIZE_RE.fullmatch(value.strip())
+    match = re.fullmatch(_BYTE_SIZE, value.strip(), re.IGNORECASE)
     if match is None:
         raise SettingsError(name, f"is {value!r}, expected a number of bytes (0 or more), e.g. 500M or 2GiB")
     number, unit = match.groups()

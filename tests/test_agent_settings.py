@@ -180,3 +180,32 @@ def test_reading_a_command_line_does_not_import_argparse():
             "print('argparse' in sys.modules, 'gettext' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert done.stdout.split() == ["False", "False"], done.stderr
+
+
+# --- the version ----------------------------------------------------------------------------
+
+
+def dist_info(directory: Path, name: str, version: str | None) -> None:
+    info = directory / f"{name}-{version or 'x'}.dist-info"
+    info.mkdir(parents=True)
+    headers = f"Metadata-Version: 2.1\nName: {name}\n" + (f"Version: {version}\n" if version else "")
+    (info / "METADATA").write_text(headers + "\nDescription body\nVersion: 9.9.9\n")  # the body is no header
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ({"a": [("ota_bridge", "1.0")]}, "1.0"),  # the agent with the service
+    ({"a": [("ota_bridge", "1.0")], "b": [("ota_agent", "2.0")]}, "2.0"),  # ota-agent wins wherever it is
+    ({"a": [("ota_agent", "2.0")], "b": [("ota_agent", "3.0")]}, "2.0"),  # the first on sys.path
+    ({"a": [("ota_agent", None)], "b": [("ota_agent", "3.0")]}, "3.0"),  # metadata without a Version
+    ({"a": [("other", "5.0")]}, settings.UNKNOWN_VERSION),
+])
+def test_the_version_is_the_installed_distribution_s(tmp_path, monkeypatch, layout, expected):
+    for directory, dists in layout.items():
+        for name, version in dists:
+            dist_info(tmp_path / directory, name, version)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "missing"), *(str(tmp_path / d) for d in layout)])
+    settings.agent_version.cache_clear()
+    try:
+        assert settings.agent_version() == expected
+    finally:
+        settings.agent_version.cache_clear()
