@@ -64,6 +64,7 @@ LAZY_MODULES = {
     "agent.download": "the first job with Artifacts (agent/daemon.py, Agent._start_download)",
     "subprocess": "the first command (agent/runner.py, Runner.run)",
     "argparse": "--help, --version or a command line only argparse reads (agent/settings.py, read_flags)",
+    "queue": "nothing: the agent's events go through agent/link.py's EventQueue",
 }
 # Runs the real agent (`python -m agent`'s main) and, as it exits, writes what it had loaded.
 IDLE_AGENT = """
