@@ -1,6 +1,6 @@
 """The agent's footprint beside a bare paho device's, same broker, same run (issue 8, goal 5).
 
-    .venv/bin/python bench/agent_footprint.py [--rounds 7] [--starts 3] [--settle 2]
+    .venv/bin/python bench/agent_footprint.py [--rounds 7] [--starts 3] [--settle 2] [--instructions]
 
 Starts Mosquitto (the repo's config, open to anonymous clients) and, round after round, real
 `ota-agent`s and bare paho devices (a script that imports paho, connects and publishes its
@@ -19,6 +19,10 @@ the rounds):
 - the median of the pairs' ratios (each agent start over the bare start beside it), a check on
   the ratio of the medians: on a busy machine the two should agree within a few percent.
 
+With --instructions (needs valgrind), each kind then runs once more under callgrind, until the broker
+acknowledges its "online" (PYTHONHASHSEED=0): the instructions of agent and bare, a ratio no load
+moves.
+
 Both run with bytecode caching on, into one cache directory of the run (PYTHONPYCACHEPREFIX;
 PYTHONDONTWRITEBYTECODE is dropped): the warm-up round compiles what each imports, as
 installing a package does. Without it, an agent run from a source tree compiles its own modules
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import re
 import statistics
 import subprocess
 import sys
@@ -66,6 +71,18 @@ client.loop_forever()
 """
 # The agent, started as the `ota-agent` script pip installs starts it (deploy/ota-agent.service runs that).
 AGENT = "import sys\nfrom agent.daemon import main\nsys.exit(main())"
+# For --instructions: both exit when the broker acknowledges their first publication, the "online".
+EXIT_AT_PUBACK = "client.on_publish = lambda *_: __import__('os')._exit(0)\n"
+BARE_UNTIL_ONLINE = BARE_DEVICE.replace("client.connect(", EXIT_AT_PUBACK + "client.connect(")
+AGENT_UNTIL_ONLINE = f"""
+from agent import link
+make_client = link.BrokerLink._make_client
+def exit_at_puback(self):
+    client = make_client(self)
+    {EXIT_AT_PUBACK}    return client
+link.BrokerLink._make_client = exit_at_puback
+{AGENT}
+"""
 
 
 def rss_kib(pid: int) -> int:
@@ -149,6 +166,8 @@ def main() -> None:
     parser.add_argument("--agent-root", type=Path, default=fleet.REPO,
                         help="run the agent from this directory (e.g. an export of an older commit)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds online before RSS is read")
+    parser.add_argument("--instructions", action="store_true",
+                        help="also count each kind's instructions until online (valgrind --tool=callgrind)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ota-bench-") as tmp, start_mosquitto(Path(tmp)) as broker:
         work = Path(tmp)
@@ -167,9 +186,30 @@ def main() -> None:
                                     settle, agent_first=(n * args.starts + s) % 2 == 1)
                     if n:
                         pairs.append(pair)
+            instructions = count_instructions(broker, key_file, work, env, args.agent_root) if args.instructions else {}
         finally:
             watcher.stop()
-    report(pairs)
+    report(pairs, instructions)
+
+
+def count_instructions(broker: Mosquitto, key_file: Path, work: Path, env: dict[str, str],
+                       agent_root: Path) -> dict[str, int]:
+    """Each kind's instructions from exec until its "online" is acknowledged, under callgrind."""
+    counts = {}
+    for kind, code, argv, cwd in [
+        ("agent", AGENT_UNTIL_ONLINE, ["--broker", broker.url, "--device-id", "agent-counted", "--password", "x",
+                                       "--state-dir", str(work / "agent-counted"), "--server-key-file", str(key_file)],
+         agent_root),
+        ("bare", BARE_UNTIL_ONLINE, [str(broker.port), "bare-counted", Topics().presence("bare-counted")], fleet.REPO),
+    ]:
+        done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c",
+                               code, *argv], cwd=cwd, env={**env, "PYTHONHASHSEED": "0"}, capture_output=True,
+                              text=True, timeout=600)
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if done.returncode != 0 or found is None:
+            raise RuntimeError(f"callgrind of the {kind} failed: {done.stderr[-2000:]}")
+        counts[kind] = int(found.group(1))
+    return counts
 
 
 def one_pair(broker: Mosquitto, key_file: Path, watcher: Watcher, work: Path, env: dict[str, str], agent_root: Path,
@@ -184,7 +224,7 @@ def one_pair(broker: Mosquitto, key_file: Path, watcher: Watcher, work: Path, en
             for kind, argv, device_id, cwd in (runs if agent_first else runs[::-1])}
 
 
-def report(pairs: list[dict[str, Start]]) -> None:
+def report(pairs: list[dict[str, Start]], instructions: dict[str, int]) -> None:
     med: dict[str, dict[str, float]] = {}
     for kind in ("agent", "bare"):
         starts = [pair[kind] for pair in pairs]
@@ -202,9 +242,14 @@ def report(pairs: list[dict[str, Start]]) -> None:
     print(f"ratio agent / bare: exec until online {time_ratio:.2f} (goal <= 1.2; median of the pairs' ratios "
           f"{pair_time:.2f}), CPU until online {cpu_ratio:.2f} (pairs {pair_cpu:.2f}), "
           f"idle RSS {rss_ratio:.3f} (goal <= 1.05)")
+    counted = {}
+    if instructions:
+        counted = {"instructions_ratio": round(instructions["agent"] / instructions["bare"], 3)}
+        print(f"instructions until online (callgrind): agent {instructions['agent'] / 1e6:.1f} M, "
+              f"bare {instructions['bare'] / 1e6:.1f} M, ratio {counted['instructions_ratio']:.3f}")
     fleet.result("agent-exec-until-online", agent["seconds"] * 1000, "ms", bare["seconds"] * 1000, time_ratio,
                  "ratio <= 1.2", starts=len(pairs), median_pair_ratio=round(pair_time, 3),
-                 cpu_ratio=round(cpu_ratio, 3))
+                 cpu_ratio=round(cpu_ratio, 3), **counted)
     fleet.result("agent-idle-rss", agent["kib"] / 1024, "MiB", bare["kib"] / 1024, rss_ratio, "ratio <= 1.05",
                  rounds=sum(p["agent"].kib is not None for p in pairs))
     print(f"python {sys.version.split()[0]}, paho-mqtt {metadata.version('paho-mqtt')}, "
