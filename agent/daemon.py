@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -48,7 +47,18 @@ from . import job_signature, jsonlog, protocol
 from .artifact_cache import ArtifactCache
 from .head import Head, parse_head
 from .journal import Entry, Journal, JournalError, UnsafeDirectory, check_private_dir
-from .link import BrokerLink, Connected, ConnectFailed, Disconnected, JobMessage, LinkEvent, Subscribed
+from .link import (
+    BrokerLink,
+    Connected,
+    ConnectFailed,
+    Disconnected,
+    EventQueue,
+    JobMessage,
+    LinkEvent,
+    QueueEmpty,
+    QueueFull,
+    Subscribed,
+)
 from .protocol import JobStatus, Key, MessageError, Presence
 from .runner import ProcessGroup, RunLimits, Runner, RunResult, Standby, in_progress_message, stop_leftovers
 from .settings import ENV_PREFIX, Settings, SettingsError, TrustedKeys, agent_version, load_settings
@@ -136,7 +146,7 @@ class Agent:
         self.settings = settings
         self.journal = journal
         self.command_env = command_environment(environ, settings.device_id)
-        self.events: queue.Queue[Event] = queue.Queue(maxsize=EVENT_QUEUE_SIZE)
+        self.events = EventQueue(EVENT_QUEUE_SIZE)  # of Events
         self.link = BrokerLink(settings, self.events)
         self.stop_signal: int | None = None
         self._head: Head | None = None  # the latest head received; None: the queue is empty
@@ -200,7 +210,7 @@ class Agent:
             self._handle(self.events.get(timeout=_POLL_SECONDS))
             while True:  # take every event already waiting, so a burst of heads coalesces
                 self._handle(self.events.get_nowait())
-        except queue.Empty:
+        except QueueEmpty:
             pass
         if self.keys.changed():
             self._on_keys_changed()
@@ -556,7 +566,7 @@ class Agent:
         """On the download thread: a progress report may be dropped when the loop is that far behind."""
         try:
             self.events.put_nowait(DownloadProgress(job_id, progress))
-        except queue.Full:
+        except QueueFull:
             pass
 
     def _download(self, download: JobDownload) -> None:

@@ -18,11 +18,14 @@ from __future__ import annotations
 import hashlib
 
 # The field, the curve -x^2 + y^2 = 1 + d*x^2*y^2, and the order of its prime subgroup (5.1).
+# d, sqrt(-1) and the base point B are written out (RFC 8032 gives d and B so): their modular
+# powers took ~5 million instructions of every agent start (bench/profile_notes.md,
+# agent-exec-until-online). tests/test_agent_ed25519.py computes them again.
 P = 2**255 - 19
-D = (-121665 * pow(121666, P - 2, P)) % P
+D = 37095705934669439343138083508754565189542113879843219016388785533085940283555  # -121665/121666 mod p
 L = 2**252 + 27742317777372353535851937790883648493
 _TWO_D = (2 * D) % P
-_SQRT_MINUS_ONE = pow(2, (P - 1) // 4, P)  # 2 is a non-square mod p, so this squares to -1
+_SQRT_MINUS_ONE = 19681161376707505956807079304988542015446066515923890162744021073123829784752  # 2^((p-1)/4)
 
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
@@ -100,17 +103,10 @@ def _recover_x(y: int) -> int | None:
     return None
 
 
-def _base_point() -> Point:
-    """B: y = 4/5 and x positive (even), RFC 8032, section 5.1."""
-    y = (4 * pow(5, P - 2, P)) % P
-    x = _recover_x(y)
-    assert x is not None
-    if x & 1:
-        x = P - x
-    return (x, y, 1, (x * y) % P)
-
-
-BASE = _base_point()
+# B: y = 4/5 and x positive (even), RFC 8032, section 5.1; T = x*y.
+_BASE_X = 15112221349535400772501151409588531511454012693041857206046113283949847762202
+_BASE_Y = 46316835694926478169428394003475163141307993866256225615783033603165251855960
+BASE: Point = (_BASE_X, _BASE_Y, 1, (_BASE_X * _BASE_Y) % P)
 
 
 # --- point arithmetic in extended coordinates (RFC 8032, section 5.1.4) -----------------------

@@ -19,7 +19,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FIELDS = {"job_id": "JobId", "device_id": "DeviceId"}  # record attributes set by extra=about(...)
 # The house style of lines about a job or a device: "device ID: job ID ...", "job ID: ..." (the id
 # may be quoted), "device ID: ...". Job ids are UUIDs.
-LEADING_IDS = re.compile(r"(?:device (?P<device_id>\S+): )?(?:job '?(?P<job_id>[0-9a-f]{8}-[0-9a-f-]{27})\b'?)?")
+# A pattern, compiled by the first JSON line (re caches it), not at every agent start.
+LEADING_IDS = r"(?:device (?P<device_id>\S+): )?(?:job '?(?P<job_id>[0-9a-f]{8}-[0-9a-f-]{27})\b'?)?"
 
 
 def about(job_id: str | None = None, device_id: str | None = None) -> dict[str, str]:
@@ -49,7 +50,7 @@ class JsonFormatter(logging.Formatter):
 
 def _leading_ids(message: str) -> dict[str, str]:
     """The ids a message names at its start, as in "device sensor-1: job 6f1c...: SUCCEEDED"."""
-    found = LEADING_IDS.match(message)
+    found = re.match(LEADING_IDS, message)
     return {k: v for k, v in found.groupdict().items() if v} if found else {}
 
 

@@ -1,17 +1,19 @@
 """The agent's one link to the MQTT broker (paho), and the events it hands the agent.
 
 paho's network thread only turns callbacks into events (Connected, ConnectFailed, Disconnected,
-Subscribed, JobMessage) on the agent's bounded queue; the agent's main thread reads them and
-calls BrokerLink to subscribe and publish.
+Subscribed, JobMessage) on the agent's bounded queue (EventQueue); the agent's main thread reads
+them and calls BrokerLink to subscribe and publish.
 """
 
 from __future__ import annotations
 
 import contextlib
+import encodings.idna  # noqa: F401 - here, not on paho's thread: see the note below
 import logging
-import queue
 import socket
 import sys
+import threading
+from collections import deque
 from typing import Any, NamedTuple, Union
 
 import paho.mqtt.client as mqtt
@@ -22,6 +24,11 @@ from .protocol import Key, Presence, Topics
 from .settings import Settings, agent_version
 
 log = logging.getLogger("ota-agent")
+
+# encodings.idna: socket.getaddrinfo encodes the broker's name with that codec. Imported first on
+# paho's thread, the codec's tables would fill a malloc arena of that thread's own, ~0.25 MiB
+# resident for good; imported at start with the rest, they fit the main heap (bench/profile_notes.md,
+# agent-idle-rss).
 
 _SHUTDOWN_PUBLISH_SECONDS = 3.0
 # Seconds between connection attempts: paho doubles them from the first to the last, and starts
@@ -67,6 +74,63 @@ class JobMessage(NamedTuple):
 LinkEvent = Union[Connected, ConnectFailed, Disconnected, Subscribed, JobMessage]
 
 
+class QueueFull(Exception):
+    """EventQueue.put_nowait: the queue already holds its maximum of events."""
+
+
+class QueueEmpty(Exception):
+    """EventQueue.get, get_nowait: no event came."""
+
+
+class EventQueue:
+    """A bounded first-in, first-out queue of events between threads: the part of queue.Queue the
+    agent uses, here so that an agent does not load the queue module and heapq for it (~70 KiB
+    resident and ~1% of its start-up: bench/profile_notes.md, agent-idle-rss)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._events: deque[Any] = deque()
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+
+    def put(self, event: Any) -> None:
+        """Add an event, waiting while the queue is full."""
+        with self._not_full:
+            self._not_full.wait_for(lambda: len(self._events) < self.maxsize)
+            self._append(event)
+
+    def put_nowait(self, event: Any) -> None:
+        """Add an event; raises QueueFull when the queue is full."""
+        with self._lock:
+            if len(self._events) >= self.maxsize:
+                raise QueueFull
+            self._append(event)
+
+    def get(self, timeout: float) -> Any:
+        """The oldest event, waiting up to `timeout` seconds for one; raises QueueEmpty if none came."""
+        with self._not_empty:
+            if not self._not_empty.wait_for(lambda: self._events, timeout):
+                raise QueueEmpty
+            return self._popleft()
+
+    def get_nowait(self) -> Any:
+        """The oldest event; raises QueueEmpty when there is none."""
+        with self._lock:
+            if not self._events:
+                raise QueueEmpty
+            return self._popleft()
+
+    def _append(self, event: Any) -> None:  # holding the lock
+        self._events.append(event)
+        self._not_empty.notify()
+
+    def _popleft(self) -> Any:  # holding the lock
+        event = self._events.popleft()
+        self._not_full.notify()
+        return event
+
+
 # --- the broker -----------------------------------------------------------------------------
 
 
@@ -78,7 +142,7 @@ def _not_reconnect_noise(record: logging.LogRecord) -> bool:
 class BrokerLink:
     """The one place that talks to the MQTT broker. Callbacks only queue events."""
 
-    def __init__(self, settings: Settings, events: queue.Queue[Any]) -> None:
+    def __init__(self, settings: Settings, events: EventQueue) -> None:
         """`events`: the agent's event queue, which the link puts only LinkEvents on."""
         self.settings = settings
         self.topics = Topics(settings.prefix)
@@ -127,7 +191,7 @@ class BrokerLink:
     def _offer(self, event: LinkEvent) -> None:
         try:
             self.events.put_nowait(event)
-        except queue.Full:
+        except QueueFull:
             log.warning("event queue full; dropped %s", type(event).__name__)
 
     def start(self) -> None:

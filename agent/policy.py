@@ -34,7 +34,8 @@ _BLANKS = " \t"
 # A plain word: what the shell passes on as it is (no quoting, globbing, expansion, escapes).
 _PLAIN = r"[A-Za-z0-9_@%+=:,./-]+"
 _BLANK = r"[ \t]"
-_SCRIPT_COMMAND = re.compile(rf"{_BLANK}*(/{_PLAIN})(?:{_BLANK}+{_PLAIN})*{_BLANK}*")
+# Compiled by its first use (--allow-scripts-dir only; re caches it), not at every agent start.
+_SCRIPT_COMMAND = rf"{_BLANK}*(/{_PLAIN})(?:{_BLANK}+{_PLAIN})*{_BLANK}*"
 
 
 class CommandPolicy(NamedTuple):
@@ -197,7 +198,7 @@ def command_is_usable(command: str) -> bool:
 
 def script_allowed(scripts_dir: Path, command: str) -> bool:
     """The --allow-scripts-dir rule (see CommandPolicy.refusal)."""
-    match = _SCRIPT_COMMAND.fullmatch(command)
+    match = re.fullmatch(_SCRIPT_COMMAND, command)
     if match is None:
         return False
     try:

@@ -269,8 +269,7 @@ def signing_bytes(head: dict[str, Any]) -> bytes:
 
 
 ARTIFACT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}"
-_ARTIFACT_NAME_RE = re.compile(ARTIFACT_NAME_PATTERN)
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_SHA256_PATTERN = r"[0-9a-f]{64}"  # both compiled by their first use (re caches them), not at every agent start
 
 
 def _count(value: Any, least: int) -> int:
@@ -284,9 +283,9 @@ def _artifact_line(artifact: Any) -> str:
     if not isinstance(artifact, dict):
         raise TypeError("an artifact must be an object")
     sha256, name, url = (artifact[ArtifactKey.SHA256], artifact[ArtifactKey.NAME], artifact[ArtifactKey.URL])
-    if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
+    if not isinstance(sha256, str) or not re.fullmatch(_SHA256_PATTERN, sha256):
         raise TypeError("an artifact's Sha256 must be 64 lowercase hex digits")
-    if not isinstance(name, str) or not _ARTIFACT_NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not re.fullmatch(ARTIFACT_NAME_PATTERN, name):
         raise TypeError("an artifact's Name must match " + ARTIFACT_NAME_PATTERN)
     if not isinstance(url, str) or not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
         raise TypeError("an artifact's Url must be an http(s) URL without spaces")

@@ -14,7 +14,6 @@ SettingsError, naming the flag and its variable (ota-agent then exits 2).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import functools
 import logging
@@ -25,13 +24,16 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 from urllib.parse import urlsplit
 
 from . import job_signature, protocol
 from .jsonlog import LOG_FORMATS
 from .policy import CommandPolicy, command_is_usable, normalize_command, prefix_is_usable
 from .protocol import Topics
+
+if TYPE_CHECKING:  # argparse is imported only for --help, --version and a command line it must judge
+    import argparse
 
 ENV_PREFIX = "OTA_AGENT_"
 SYSTEM_STATE_DIR = Path("/var/lib/ota-agent")
@@ -42,7 +44,7 @@ DEFAULT_HEAD_WAIT = 30.0
 DEFAULT_ARTIFACT_CACHE_SIZE = 1024**3  # bytes of downloaded artifacts kept after their jobs (1 GiB)
 _SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
                "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
-_BYTE_SIZE_RE = re.compile(r"([0-9]+) ?([KMGT]i?)?B?", re.IGNORECASE)
+_BYTE_SIZE = r"([0-9]+) ?([KMGT]i?)?B?"  # compiled by the first --artifact-cache-size read, not at every start
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 log = logging.getLogger("ota-agent")
 
@@ -58,20 +60,23 @@ def agent_version() -> str:
 
     Read from the first `ota_agent-*` / `ota_bridge-*` `.dist-info/METADATA` (or `.egg-info/PKG-INFO`) on sys.path,
     as importlib.metadata does, without importing it: that module (with zipfile, csv and the
-    rest) would add about 1 MiB to the resident size of an agent that idles for months.
+    rest) would add about 1 MiB to the resident size of an agent that idles for months. Each
+    directory is listed once, for both names.
     """
-    for distribution in DISTRIBUTIONS:
-        prefix = distribution.replace("-", "_") + "-"
-        for entry in sys.path:
-            try:
-                names = sorted(os.listdir(entry or "."))
-            except OSError:
-                continue
-            for name in names:
-                version = _metadata_version(Path(entry or ".", name)) if name.startswith(prefix) else None
-                if version:
-                    return version
-    return UNKNOWN_VERSION
+    prefixes = tuple(distribution.replace("-", "_") + "-" for distribution in DISTRIBUTIONS)
+    found: dict[str, str] = {}  # prefix: the version of its first distribution on sys.path
+    for entry in sys.path:
+        try:
+            names = sorted(name for name in os.listdir(entry or ".") if name.startswith(prefixes))
+        except OSError:
+            continue
+        for name in names:
+            prefix = next(prefix for prefix in prefixes if name.startswith(prefix))
+            if prefix not in found and (version := _metadata_version(Path(entry or ".", name))):
+                found[prefix] = version
+        if prefixes[0] in found:
+            break
+    return next((found[prefix] for prefix in prefixes if prefix in found), UNKNOWN_VERSION)
 
 
 def _metadata_version(info_dir: Path) -> str | None:
@@ -153,6 +158,10 @@ _NOT_IN_REPR = frozenset({"password", "tls"})  # a secret; a context that says n
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags as argparse reads them: for --help, --version, abbreviated flags and errors
+    (read_flags reads every other command line the same way without it)."""
+    import argparse  # noqa: PLC0415 - lazily: ~0.35 MiB an idle agent never needs (bench/profile_notes.md)
+
     parser = argparse.ArgumentParser(
         prog="ota-agent",
         description="Run the jobs the ota-bridge service sends to this device. "
@@ -227,12 +236,14 @@ _SETTING_NAMES = (
 )
 # Repeatable flags; their variable holds a list.
 _LIST_SETTING_NAMES = ("allow_prefix", "allow_prefix_with_options", "allow_command")
+# Every flag that takes a value, by its name on the command line.
+_FLAG_NAMES = {"--" + name.replace("_", "-"): name for name in (*_SETTING_NAMES, *_LIST_SETTING_NAMES)}
 
 
 def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Settings:
     """Settings from flags, then OTA_AGENT_* variables, then defaults. Raises SettingsError."""
-    args = build_parser().parse_args(_join_values(sys.argv[1:] if argv is None else argv))
-    raw = {name: _flag_or_env(getattr(args, name), environ.get(env_name(name))) for name in _SETTING_NAMES}
+    args = read_flags(sys.argv[1:] if argv is None else argv)
+    raw = {name: _flag_or_env(args.get(name), environ.get(env_name(name))) for name in _SETTING_NAMES}
     host, port, tls = parse_broker(_required(raw, "broker"))
     device_id = _device_id(_required(raw, "device_id"))
     return Settings(
@@ -251,9 +262,10 @@ def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Setting
         server_keys=_server_keys(raw["server_key"], raw["server_key_file"]),
         server_key_file=Path(raw["server_key_file"]) if raw["server_key_file"] else None,
         policy=CommandPolicy(
-            allow_prefixes=_allow_prefixes("allow_prefix", args.allow_prefix, environ),
-            option_prefixes=_allow_prefixes("allow_prefix_with_options", args.allow_prefix_with_options, environ),
-            allow_commands=_allow_commands(args.allow_command, environ, raw["allow_commands_file"]),
+            allow_prefixes=_allow_prefixes("allow_prefix", args.get("allow_prefix"), environ),
+            option_prefixes=_allow_prefixes("allow_prefix_with_options", args.get("allow_prefix_with_options"),
+                                            environ),
+            allow_commands=_allow_commands(args.get("allow_command"), environ, raw["allow_commands_file"]),
             scripts_dir=_scripts_dir(raw["allow_scripts_dir"]),
         ),
         tls=_broker_tls(raw, tls),
@@ -263,16 +275,47 @@ def load_settings(argv: list[str] | None, environ: Mapping[str, str]) -> Setting
     )
 
 
+def read_flags(argv: list[str]) -> dict[str, str | list[str]]:
+    """The flags given, by setting name: a string, or a list for a repeatable flag.
+
+    A command line of whole flag names, each `--flag VALUE` or `--flag=VALUE`, is read here;
+    anything else (--help, --version, an abbreviated or unknown flag, a missing value, `--`) goes
+    to argparse (build_parser), which prints and exits or reads it: both read every command line
+    the same way (tests/test_agent_settings.py compares them)."""
+    flags = _read_whole_flags(argv)
+    if flags is None:
+        args = vars(build_parser().parse_args(_join_values(argv)))
+        flags = {name: value for name, value in args.items() if value is not None}
+    return flags
+
+
+def _read_whole_flags(argv: list[str]) -> dict[str, str | list[str]] | None:
+    """`--flag VALUE` and `--flag=VALUE` of whole flag names; None at anything else."""
+    flags: dict[str, str | list[str]] = {}
+    args = iter(argv)
+    for arg in args:
+        flag, joined, value = arg.partition("=")
+        name = _FLAG_NAMES.get(flag)
+        if not joined:
+            value = next(args, None)
+        if name is None or value is None or value == "--":  # argparse drops a value "--": its way stands
+            return None
+        if name in _LIST_SETTING_NAMES:
+            flags[name] = [*flags.get(name, ()), value]
+        else:
+            flags[name] = value
+    return flags
+
+
 def _join_values(argv: list[str]) -> list[str]:
     """Turn `--flag VALUE` into `--flag=VALUE`, so a value may start with '-' (e.g. a password)."""
-    takes_value = {"--" + name.replace("_", "-") for name in (*_SETTING_NAMES, *_LIST_SETTING_NAMES)}
     joined: list[str] = []
     pending: str | None = None
     for arg in argv:
         if pending is not None:
             joined.append(f"{pending}={arg}")
             pending = None
-        elif arg in takes_value:
+        elif arg in _FLAG_NAMES:
             pending = arg
         else:
             joined.append(arg)
@@ -560,7 +603,7 @@ def _byte_size(raw: dict[str, str | None], name: str, default: int) -> int:
     value = raw[name]
     if value is None:
         return default
-    match = _BYTE_SIZE_RE.fullmatch(value.strip())
+    match = re.fullmatch(_BYTE_SIZE, value.strip(), re.IGNORECASE)
     if match is None:
         raise SettingsError(name, f"is {value!r}, expected a number of bytes (0 or more), e.g. 500M or 2GiB")
     number, unit = match.groups()

@@ -116,6 +116,17 @@ def test_the_base_point_encodes_as_the_rfc_says():
     assert ed25519.encode_point(ed25519.BASE) == bytes.fromhex("58" + "66" * 31)
 
 
+def test_the_written_out_constants_are_the_computed_ones():
+    p = ed25519.P
+    assert ed25519.D == (-121665 * pow(121666, p - 2, p)) % p
+    assert ed25519._SQRT_MINUS_ONE == pow(2, (p - 1) // 4, p) and pow(ed25519._SQRT_MINUS_ONE, 2, p) == p - 1
+    y = (4 * pow(5, p - 2, p)) % p  # B: y = 4/5, x even (RFC 8032, section 5.1)
+    x = ed25519._recover_x(y)
+    assert x is not None
+    x = p - x if x & 1 else x
+    assert ed25519.BASE == (x, y, 1, (x * y) % p)
+
+
 def test_signatures_by_the_cryptography_package_verify():
     rng = random.Random(8032)
     for size in [0, 1, 31, 32, 33, 64, 200, 1000, 5000] + [rng.randrange(0, 3000) for _ in range(30)]:

@@ -63,6 +63,8 @@ def test_the_import_check_catches_a_third_party_import(tmp_path):
 LAZY_MODULES = {
     "agent.download": "the first job with Artifacts (agent/daemon.py, Agent._start_download)",
     "subprocess": "the first command (agent/runner.py, Runner.run)",
+    "argparse": "--help, --version or a command line only argparse reads (agent/settings.py, read_flags)",
+    "queue": "nothing: the agent's events go through agent/link.py's EventQueue",
 }
 # Runs the real agent (`python -m agent`'s main) and, as it exits, writes what it had loaded.
 IDLE_AGENT = """
@@ -124,3 +126,12 @@ def test_an_idle_agent_builds_no_ed25519_table(idle_agent):
 def test_an_idle_agent_does_not_import_dataclasses(idle_agent):
     """dataclasses pulls in inspect, ast and dis (~0.8 MiB) and generates code for every class at start."""
     assert "dataclasses" not in idle_agent["modules"]
+
+
+def test_the_idna_codec_is_loaded_before_paho_s_thread_resolves_the_broker():
+    """Loaded first on paho's thread, the codec's tables would keep a malloc arena of ~0.25 MiB for that
+    thread alone (bench/profile_notes.md, agent-idle-rss): agent/link.py imports it on the main thread."""
+    code = "import sys, agent.link; print('encodings.idna' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=AGENT_DIR.parent)
+    assert done.stdout.strip() == "True", done.stderr
