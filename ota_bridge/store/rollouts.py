@@ -19,7 +19,20 @@ from .. import clock
 from ..errors import JobNotFound, NoRollout
 from ..models import ChildJob, Device, DeviceTag, Job, Rollout, db, now
 from ..rollout_plan import Plan, Progress, abort_reason, allowed
-from . import PENDING, attempts, chunks, devices, finalize, idempotent, jobs, release_children, write_transaction
+from . import (
+    PENDING,
+    arg,
+    attempts,
+    chunks,
+    devices,
+    finalize,
+    idempotent,
+    jobs,
+    prepared,
+    prepared_rows,
+    release_children,
+    write_transaction,
+)
 from .artifacts import job_artifacts
 from .job_options import NO_OPTIONS, JobOptions
 from .queues import DeviceQueue, QueueEntry
@@ -162,15 +175,15 @@ def advance(job_id: str, current: datetime) -> Round:
         if row is None or not row.active:
             return Round([], False)
         plan = Plan.from_json(row.plan)
-        own = _counted(job_id)
-        counts = _counts(own)
+        rollbacks = _has_rollbacks(job_id)
+        counts = _counts(job_id, rollbacks)
         row.checked_at = current
         why = abort_reason(plan, counts)
         if why is not None:
             return Round(_abort(row, why), False)
         if plan.ended(current):
             return Round(_end(row, plan), False)
-        devices, more = ([], False) if row.paused else _release(row, plan, own, counts, current)
+        devices, more = ([], False) if row.paused else _release(row, plan, rollbacks, counts, current)
         if not plan.continuous and not any(counts.get(s, 0) for s in PENDING) and not devices:
             row.active = False
         row.save()
@@ -188,34 +201,49 @@ def _held(job_id: str) -> tuple[Any, ...]:
     return (*_own(job_id), ChildJob.status == SCHEDULED, ChildJob.release_at.is_null())
 
 
+# The decisions' queries, prepared once (store.prepared), their job id arg(0). A job without
+# OnFailure has no rollback children to leave out (`rollbacks` False): its counts then need only the
+# (parent, status) index, no read of each child's row.
+
+def _mine(rollbacks: bool) -> tuple[Any, ...]:
+    """_own, for a prepared query."""
+    return (ChildJob.parent == arg(0), ChildJob.on_failure_of.is_null()) if rollbacks else (ChildJob.parent == arg(0),)
+
+
+def _held_now(rollbacks: bool) -> tuple[Any, ...]:
+    """_held, for a prepared query."""
+    return (*_mine(rollbacks), ChildJob.status == SCHEDULED, ChildJob.release_at.is_null())
+
+
 def _locked(job_id: str) -> Rollout | None:
-    query = Rollout.select().where(Rollout.job == job_id)
-    if not isinstance(db.obj, pw.SqliteDatabase):  # SQLite's write lock is the whole database already
-        query = query.for_update()
-    return query.first()
+    def build(_: int) -> pw.Query:
+        query = Rollout.select().where(Rollout.job == arg(0))
+        # SQLite's write lock is the whole database already; PostgreSQL: instances decide one after another
+        return query if isinstance(db.obj, pw.SqliteDatabase) else query.for_update()
+    return next(iter(prepared("rollout_row", build, job_id)), None)
 
 
-def _counted(job_id: str) -> tuple[Any, ...]:
-    """_own, as the counts read it: a job without OnFailure has no rollback children to leave out,
-    so its counts need only the (parent, status) index (no read of each child's row)."""
-    rollbacks = Job.select(Job.on_failure_command).where(Job.job_id == job_id).scalar() is not None
-    return _own(job_id) if rollbacks else (ChildJob.parent == job_id,)
+def _has_rollbacks(job_id: str) -> bool:
+    rows = prepared_rows("job_on_failure", lambda _: Job.select(Job.on_failure_command).where(Job.job_id == arg(0))
+                         .tuples(), job_id)
+    return bool(rows) and rows[0][0] is not None
 
 
-def _counts(own: tuple[Any, ...]) -> dict[str, int]:
-    rows = ChildJob.select(ChildJob.status, pw.fn.COUNT(ChildJob.seq)).where(*own).group_by(ChildJob.status)
-    return dict(db.execute_sql(*rows.sql()).fetchall())
+def _counts(job_id: str, rollbacks: bool) -> dict[str, int]:
+    return dict(prepared_rows(f"rollout_counts/{rollbacks}", lambda _: (
+        ChildJob.select(ChildJob.status, pw.fn.COUNT(ChildJob.seq)).where(*_mine(rollbacks))
+        .group_by(ChildJob.status).tuples()), job_id))
 
 
-def _release(row: Rollout, plan: Plan, own: tuple[Any, ...], counts: dict[str, int],
+def _release(row: Rollout, plan: Plan, rollbacks: bool, counts: dict[str, int],
              current: datetime) -> tuple[list[str], bool]:
     """Release what the plan allows now; returns the devices and whether the batch was full."""
-    progress = _progress(row, own)
+    progress = _progress(row, rollbacks)
     wave = progress.wave
     wanted = allowed(plan, progress, counts, current)
     if progress.wave != wave:  # a new wave opened: its children are those it releases from now on
         row.wave_from_seq = None
-    children = _release_first(row.job_id, min(wanted, counts.get(SCHEDULED, 0), ROLLOUT_BATCH))
+    children = _release_first(row.job_id, rollbacks, min(wanted, counts.get(SCHEDULED, 0), ROLLOUT_BATCH))
     if plan.waves and children and row.wave_from_seq is None:
         row.wave_from_seq = children[0][0]
     progress.released += len(children)
@@ -224,17 +252,19 @@ def _release(row: Rollout, plan: Plan, own: tuple[Any, ...], counts: dict[str, i
     return sorted({device for _, device in children}), len(children) == ROLLOUT_BATCH
 
 
-def _release_first(job_id: str, count: int) -> list[tuple[int, str]]:
+def _release_first(job_id: str, rollbacks: bool, count: int) -> list[tuple[int, str]]:
     """The job's first `count` children held by its rollout, in Seq order, become QUEUED: one
     UPDATE by Seq range (no list of ids). Returns their (seq, device id)."""
     if count <= 0:
         return []
-    held = _held(job_id)
-    query = ChildJob.select(ChildJob.seq, ChildJob.device_id).where(*held).order_by(ChildJob.seq).limit(count)
-    children = db.execute_sql(*query.sql()).fetchall()  # the driver's rows: a third of peewee's time
+    children = prepared_rows(f"rollout_held/{rollbacks}", lambda _: (
+        ChildJob.select(ChildJob.seq, ChildJob.device_id).where(*_held_now(rollbacks)).order_by(ChildJob.seq)
+        .limit(arg(1)).tuples()), job_id, count)
     if children:
-        (ChildJob.update(status=JobStatus.QUEUED.value, reason=None, updated=now())
-         .where(*held, ChildJob.seq.between(children[0][0], children[-1][0])).execute())
+        prepared(f"rollout_release/{rollbacks}", lambda _: (
+            ChildJob.update({ChildJob.status: JobStatus.QUEUED.value, ChildJob.reason: None, ChildJob.updated: arg(3)})
+            .where(*_held_now(rollbacks), ChildJob.seq.between(arg(1), arg(2)))),
+            job_id, children[0][0], children[-1][0], now())
     return children
 
 
@@ -244,12 +274,14 @@ def _keep(row: Rollout, progress: Progress) -> None:
                              progress.rate, progress.rate_successes, progress.window_start, progress.window_released)
 
 
-def _progress(row: Rollout, own: tuple[Any, ...]) -> Progress:
+def _progress(row: Rollout, rollbacks: bool) -> Progress:
     """The row's state, and how many children of its last wave succeeded (one count, waves only)."""
     succeeded = 0
     if row.wave_from_seq is not None:
-        succeeded = (ChildJob.select().where(*own, ChildJob.seq >= row.wave_from_seq,
-                                             ChildJob.status == JobStatus.SUCCEEDED.value).count())
+        ((succeeded,),) = prepared_rows(f"wave_succeeded/{rollbacks}", lambda _: (
+            ChildJob.select(pw.fn.COUNT(ChildJob.seq))
+            .where(*_mine(rollbacks), ChildJob.status == JobStatus.SUCCEEDED.value, ChildJob.seq >= arg(1))
+            .tuples()), row.job_id, row.wave_from_seq)
     return Progress(row.wave, row.wave_ready_at, row.wave_base, succeeded, row.released, row.rate,
                     row.rate_successes, row.window_start, row.window_released)
 
