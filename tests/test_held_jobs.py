@@ -127,3 +127,22 @@ def test_a_database_from_before_release_at_gets_the_column_and_its_index(tmp_pat
         assert store.call_sync(held.release_due, now()) == []
     finally:
         store.close()
+
+
+def test_a_release_builds_the_queues_a_read_would_give(db: Store) -> None:
+    """A rollout's decision gives the queues of the devices whose only pending job is the child it
+    released (the Releaser publishes them as they are): equal to a read, the child their head."""
+    for device_id in ("d1", "d2", "d3", "d4"):
+        db.call_sync(devices.register_device, device_id, "g", [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "echo hi", None, False)
+    plan = parse({"Rollout": {"Waves": [50, 100]}}, "DeviceGroup")
+    assert plan is not None
+    job, _ = db.call_sync(held.submit_job, "waves", wf.workflow_id, "DeviceGroup", "g", None, plan)
+    db.call_sync(jobs.submit_job, "later", wf.workflow_id, "DeviceId", "d2", None)  # waits behind d2's child
+    decided = db.call_sync(held.advance, job.job_id, now())
+    assert decided.device_ids == ["d1", "d2"]
+    assert [q.device_id for q in decided.queues] == ["d1"]
+    [built], [fresh] = decided.queues, db.call_sync(queues.device_queues, ["d1"])
+    assert built.head is not None and built.head.status == JobStatus.QUEUED.value
+    assert (built.head, built.floor, built.total) == (fresh.head, fresh.floor, fresh.total)
+    assert queue_message(built) == queue_message(fresh)

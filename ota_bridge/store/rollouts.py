@@ -7,7 +7,7 @@ release the same child at once release it once: the second finds it QUEUED and c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
@@ -135,7 +135,7 @@ def _lone_held_queues(job: Job, device_ids: list[str], child_ids: list[str], rea
     return _copies(DeviceQueue("", (), 1), entry, [row for row in rows if row[0] not in busy])
 
 
-def _copies(queue: DeviceQueue, entry: QueueEntry, rows: list[tuple[str, str, int, str]]) -> list[DeviceQueue]:
+def _copies(queue: DeviceQueue, entry: QueueEntry, rows: list[tuple[str, str, int, str | None]]) -> list[DeviceQueue]:
     """Per (device id, child job id, Seq, reason), a copy of the template queue holding a copy of
     the template entry with those, its floor the Seq before. dataclasses.replace for these frozen
     dataclasses (no __post_init__), without their generated __init__, which sets each field
@@ -166,6 +166,8 @@ def active_rollouts() -> list[str]:
 class Round:
     device_ids: list[str]  # queues that changed
     more: bool  # more children could go now: decide again at once (a batch was full)
+    # of those, the queues known without a read: devices whose only pending job is the child released
+    queues: list[DeviceQueue] = field(default_factory=list)
 
 
 def advance(job_id: str, current: datetime) -> Round:
@@ -183,11 +185,12 @@ def advance(job_id: str, current: datetime) -> Round:
             return Round(_abort(row, why), False)
         if plan.ended(current):
             return Round(_end(row, plan), False)
-        devices, more = ([], False) if row.paused else _release(row, plan, rollbacks, counts, current)
-        if not plan.continuous and not any(counts.get(s, 0) for s in PENDING) and not devices:
+        children = [] if row.paused else _release(row, plan, rollbacks, counts, current)
+        if not plan.continuous and not any(counts.get(s, 0) for s in PENDING) and not children:
             row.active = False
         row.save()
-        return Round(devices, more)
+        return Round(sorted({c[1] for c in children}), len(children) == ROLLOUT_BATCH,
+                     _released_queues(job_id, children))
 
 
 def _own(job_id: str) -> tuple[Any, ...]:
@@ -236,8 +239,8 @@ def _counts(job_id: str, rollbacks: bool) -> dict[str, int]:
 
 
 def _release(row: Rollout, plan: Plan, rollbacks: bool, counts: dict[str, int],
-             current: datetime) -> tuple[list[str], bool]:
-    """Release what the plan allows now; returns the devices and whether the batch was full."""
+             current: datetime) -> list[Released]:
+    """Release what the plan allows now; returns the children released."""
     progress = _progress(row, rollbacks)
     wave = progress.wave
     wanted = allowed(plan, progress, counts, current)
@@ -249,23 +252,48 @@ def _release(row: Rollout, plan: Plan, rollbacks: bool, counts: dict[str, int],
     progress.released += len(children)
     progress.window_released += len(children)
     _keep(row, progress)
-    return sorted({device for _, device in children}), len(children) == ROLLOUT_BATCH
+    return children
 
 
-def _release_first(job_id: str, rollbacks: bool, count: int) -> list[tuple[int, str]]:
+Released = tuple[int, str, str, int, Any]  # a child released: Seq, device id, job id, attempt, alone
+
+
+def _release_first(job_id: str, rollbacks: bool, count: int) -> list[Released]:
     """The job's first `count` children held by its rollout, in Seq order, become QUEUED: one
-    UPDATE by Seq range (no list of ids). Returns their (seq, device id)."""
+    UPDATE by Seq range (no list of ids). Returns them, each with whether it is its device's only
+    job not yet final (`alone`: then its queue is known without a read)."""
     if count <= 0:
         return []
     children = prepared_rows(f"rollout_held/{rollbacks}", lambda _: (
-        ChildJob.select(ChildJob.seq, ChildJob.device_id).where(*_held_now(rollbacks)).order_by(ChildJob.seq)
-        .limit(arg(1)).tuples()), job_id, count)
+        ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.job_id, ChildJob.attempt, _alone())
+        .where(*_held_now(rollbacks)).order_by(ChildJob.seq).limit(arg(1)).tuples()), job_id, count)
     if children:
         prepared(f"rollout_release/{rollbacks}", lambda _: (
             ChildJob.update({ChildJob.status: JobStatus.QUEUED.value, ChildJob.reason: None, ChildJob.updated: arg(3)})
             .where(*_held_now(rollbacks), ChildJob.seq.between(arg(1), arg(2)))),
             job_id, children[0][0], children[-1][0], now())
     return children
+
+
+def _alone() -> pw.Node:
+    """Whether a child is its device's only job not yet final: four probes of the device's queue index."""
+    other = ChildJob.alias("other")
+    return ~pw.fn.EXISTS(other.select(pw.SQL("1")).where(
+        other.device_id == ChildJob.device_id, other.status.in_(PENDING), other.seq != ChildJob.seq))
+
+
+def _released_queues(job_id: str, children: list[Released]) -> list[DeviceQueue]:
+    """What queues.device_queues would read for the devices whose only pending job is the child just
+    released: that child alone, QUEUED, the head; the floor is the Seq before it. A child on its
+    first attempt only (a rollout releases no other: a retry waits for its own time)."""
+    lone = [(device, job_id, seq, None) for seq, device, job_id, attempt, alone in children if alone and attempt == 1]
+    if not lone:
+        return []
+    job = next(iter(prepared("job", lambda _: Job.select().where(Job.job_id == arg(0)), job_id)))
+    artifacts = job_artifacts([job.job_id]).get(job.job_id, ())
+    entry = QueueEntry("", job.job_id, job.name, job.command, job.timeout_seconds, bool(job.success_on_restart), 0,
+                       JobStatus.QUEUED.value, job.created, None, 1, False, artifacts)
+    return _copies(DeviceQueue("", (), 1), entry, lone)
 
 
 def _keep(row: Rollout, progress: Progress) -> None:
