@@ -10,8 +10,10 @@ queues again. The rollout (Waves 1, 10, 50, 100 %, WaveSuccessPercent 100, Abort
 also holds every child at submission (`submit_with_queues`, which builds in the same transaction
 the queue lists of the devices whose only pending job is the held child, as the API does: the
 publisher reads the others'; none here) and is released by the release loop's rounds
-(`release_due`, `active_rollouts`, `advance` until the rollout is done), each device's queue
-being read when it is released, as the plain job's are at submission. Not counted, in either:
+(`release_due`, `active_rollouts`, `advance` until the rollout is done): the decision builds the
+queue lists of the devices whose only pending job is the child it released (the Releaser
+publishes them as they are: all of them here), the others' being read when they are released,
+as the plain job's are at submission. Not counted, in either:
 signing and publishing the messages (the dispatcher's; the rollout publishes each device's idle
 head and queue list once more, when it is held). Times are this process's CPU time with SQLite
 (all of the work is in it) and the wall clock with PostgreSQL. Seven pairs, interleaved, the
