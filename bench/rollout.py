@@ -10,8 +10,10 @@ queues again. The rollout (Waves 1, 10, 50, 100 %, WaveSuccessPercent 100, Abort
 also holds every child at submission (`submit_with_queues`, which builds in the same transaction
 the queue lists of the devices whose only pending job is the held child, as the API does: the
 publisher reads the others'; none here) and is released by the release loop's rounds
-(`release_due`, `active_rollouts`, `advance` until the rollout is done), each device's queue
-being read when it is released, as the plain job's are at submission. Not counted, in either:
+(`release_due`, `active_rollouts`, `advance` until the rollout is done): the decision builds the
+queue lists of the devices whose only pending job is the child it released (the Releaser
+publishes them as they are: all of them here), the others' being read when they are released,
+as the plain job's are at submission. Not counted, in either:
 signing and publishing the messages (the dispatcher's; the rollout publishes each device's idle
 head and queue list once more, when it is held). Times are this process's CPU time with SQLite
 (all of the work is in it) and the wall clock with PostgreSQL. Seven pairs, interleaved, the
@@ -81,11 +83,15 @@ class Calls:
         return sum(self.parts.values())
 
 
-def _run_devices(call: Calls, device_ids: list[str]) -> None:
-    """What the service does for these devices' heads: read their queues, store their results, read again."""
+def _run_devices(call: Calls, device_ids: list[str], known: list[queues.DeviceQueue] | None = None) -> None:
+    """What the service does for these devices' heads: read their queues (but those `known`, built
+    by the store call that changed them), store their results, read again."""
+    built = {q.device_id: q for q in known or []}
     for i in range(0, len(device_ids), BATCH):
         batch = device_ids[i:i + BATCH]
-        heads = call("queue reads", queues.device_queues, batch)
+        unread = [d for d in batch if d not in built]
+        read = {q.device_id: q for q in call("queue reads", queues.device_queues, unread)} if unread else {}
+        heads = [built.get(d) or read[d] for d in batch]
         updates = [Update(q.device_id, q.head.job_id, JobStatus.SUCCEEDED) for q in heads if q.head is not None]
         assert len(updates) == len(batch)
         call("results", record_device_messages, updates, [])
@@ -120,7 +126,8 @@ def rollout(store: Store, workflow_id: str) -> tuple[float, Calls, int]:
         rounds += 1
         clock += timedelta(seconds=1)
         call("release loop", held.release_due, clock)
-        _run_devices(call, call("release loop", held.advance, job.job_id, clock).device_ids)
+        decided = call("release loop", held.advance, job.job_id, clock)
+        _run_devices(call, decided.device_ids, decided.queues)
     elapsed = now() - start
     summary = store.call_sync(jobs.get_job, job.job_id)
     assert summary.counts == {JobStatus.SUCCEEDED.value: len(device_ids)}, summary.counts

@@ -297,6 +297,11 @@ ADDED_COLUMNS = (
     ("child_job", "download_bytes", "BIGINT"),
     ("child_job", "download_total", "BIGINT"),
 )
+# Indexes over columns of ADDED_COLUMNS, made after them at open when missing: (table, index, DDL).
+ADDED_INDEXES = (
+    # the children held until a time (a retry's delay), for the release loop's scan each second
+    ("child_job", "child_job_status_release_at", '("status", "release_at") WHERE "release_at" IS NOT NULL'),
+)
 PRIVATE_MODE = 0o600  # the database files: job output, commands, credential hashes
 PRIVATE_DIR_MODE = 0o700
 
@@ -313,6 +318,7 @@ def open_database(url: str) -> GuardedDatabase:
         database.connect(reuse_if_open=True)
         database.create_tables(TABLES, safe=True)
         _add_missing_columns(database)
+        _add_missing_indexes(database)
     except pw.ImproperlyConfigured as e:
         raise ConfigError(f"cannot open the {describe(url)}: {NO_POSTGRES_DRIVER}") from e
     except (pw.DatabaseError, pw.InterfaceError) as e:
@@ -332,6 +338,15 @@ def _add_missing_columns(database: pw.Database) -> None:
             database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {ddl}')
         except pw.DatabaseError:  # another process may have added it meanwhile
             if not _has_column(database, table, column):
+                raise
+
+
+def _add_missing_indexes(database: pw.Database) -> None:
+    for table, name, ddl in ADDED_INDEXES:
+        try:
+            database.execute_sql(f'CREATE INDEX IF NOT EXISTS "{name}" ON "{table}" {ddl}')
+        except pw.DatabaseError:  # another process may have made it meanwhile
+            if name not in {i.name for i in database.get_indexes(table)}:
                 raise
 
 

@@ -51,5 +51,7 @@ class Releaser:
         more = True
         while more:
             decided = await self.store.call(held.advance, job_id, current)
-            self.dispatcher.mark(decided.device_ids)
+            known = {q.device_id for q in decided.queues}  # built by the decision: published as they are
+            self.dispatcher.mark(d for d in decided.device_ids if d not in known)
+            self.dispatcher.mark_read(decided.queues)
             more = decided.more

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from datetime import timedelta
+from pathlib import Path
 
 from agent.protocol import DEVICE_REPORTABLE, PENDING_STATUSES, SERVICE_ONLY, TRANSITIONS, JobStatus, Key
+from ota_bridge import models
 from ota_bridge.device_messages import queue_message
 from ota_bridge.models import ChildJob, now
 from ota_bridge.rollout_plan import parse
@@ -91,3 +94,55 @@ def test_a_rollout_submission_builds_the_queues_a_read_would_give(db: Store) -> 
         assert (built.head, built.floor, built.total) == (fresh.head, fresh.floor, fresh.total)
         assert queue_message(built) == queue_message(fresh)
         assert json.loads(queue_message(built))[Key.JOBS][0][Key.REASON].startswith("rollout: wave")
+
+
+def test_the_built_queues_leave_out_every_device_with_a_pending_job(db: Store) -> None:
+    """More jobs pending than target devices (the submission then asks per device, not from the
+    pending jobs' devices): still only the devices without one get a built queue, equal to a read."""
+    for device_id in ("d1", "d2", "d3", "other"):
+        db.call_sync(devices.register_device, device_id, "g" if device_id != "other" else None, [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "echo hi", None, False)
+    for device_id in ("other", "other", "other", "other", "d3"):
+        db.call_sync(jobs.submit_job, "earlier", wf.workflow_id, "DeviceId", device_id, None)
+    plan = parse({"Rollout": {"MaxPerMinute": 1}}, "DeviceGroup")
+    assert plan is not None
+    submitted = db.call_sync(held.submit_with_queues, "rate", wf.workflow_id, "DeviceGroup", "g", None, plan)
+    assert [q.device_id for q in submitted.queues] == ["d1", "d2"]
+    for built, fresh in zip(submitted.queues, db.call_sync(queues.device_queues, ["d1", "d2"]), strict=True):
+        assert (built.head, built.floor, built.total) == (fresh.head, fresh.floor, fresh.total)
+        assert queue_message(built) == queue_message(fresh)
+
+
+def test_a_database_from_before_release_at_gets_the_column_and_its_index(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    Store(url).close()
+    with sqlite3.connect(tmp_path / "old.db") as old:  # as a database made before release_at was
+        old.execute("DROP INDEX child_job_status_release_at")
+        old.execute("ALTER TABLE child_job DROP COLUMN release_at")
+    store = Store(url)
+    try:
+        assert store.call_sync(lambda: "release_at" in {c.name for c in models.db.get_columns("child_job")})
+        assert "child_job_status_release_at" in store.call_sync(
+            lambda: {i.name for i in models.db.get_indexes("child_job")})
+        assert store.call_sync(held.release_due, now()) == []
+    finally:
+        store.close()
+
+
+def test_a_release_builds_the_queues_a_read_would_give(db: Store) -> None:
+    """A rollout's decision gives the queues of the devices whose only pending job is the child it
+    released (the Releaser publishes them as they are): equal to a read, the child their head."""
+    for device_id in ("d1", "d2", "d3", "d4"):
+        db.call_sync(devices.register_device, device_id, "g", [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "echo hi", None, False)
+    plan = parse({"Rollout": {"Waves": [50, 100]}}, "DeviceGroup")
+    assert plan is not None
+    job, _ = db.call_sync(held.submit_job, "waves", wf.workflow_id, "DeviceGroup", "g", None, plan)
+    db.call_sync(jobs.submit_job, "later", wf.workflow_id, "DeviceId", "d2", None)  # waits behind d2's child
+    decided = db.call_sync(held.advance, job.job_id, now())
+    assert decided.device_ids == ["d1", "d2"]
+    assert [q.device_id for q in decided.queues] == ["d1"]
+    [built], [fresh] = decided.queues, db.call_sync(queues.device_queues, ["d1"])
+    assert built.head is not None and built.head.status == JobStatus.QUEUED.value
+    assert (built.head, built.floor, built.total) == (fresh.head, fresh.floor, fresh.total)
+    assert queue_message(built) == queue_message(fresh)

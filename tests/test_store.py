@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -23,7 +24,7 @@ from ota_bridge.store import (
     workflows,
     write_transaction,
 )
-from ota_bridge.store.jobs import derive_status
+from ota_bridge.store.jobs import derive_status, new_ids
 from ota_bridge.store.updates import Update
 
 
@@ -278,3 +279,11 @@ def test_plain_rows_convert_as_peewee_does(db: Store) -> None:
     plain = db.call_sync(lambda: prepared_rows("rows_plain", select))
     assert plain == converted and len(plain) == 2
     assert isinstance(plain[0][2], bool) and plain[0][3].year >= 2024
+
+
+def test_new_child_ids_are_distinct_version_4_uuids_as_uuid4_writes_them() -> None:
+    ids = new_ids(1000)
+    assert len(set(ids)) == 1000 and new_ids(0) == []
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)

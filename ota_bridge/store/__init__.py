@@ -354,7 +354,7 @@ def arg(index: int) -> pw.Value:
     return pw.Value(Arg(index), converter=False)
 
 
-_PREPARED: dict[tuple[str, int, type], tuple[str, list[Any], Any]] = {}
+_PREPARED: dict[tuple[str, int, type], tuple[str, list[Any] | None, Any]] = {}
 
 
 def prepared(name: str, build: Callable[[int], Any], *values: Any) -> Any:
@@ -369,9 +369,12 @@ def prepared(name: str, build: Callable[[int], Any], *values: Any) -> Any:
     entry = _PREPARED.get(key)
     if entry is None:
         query = build(len(values))
-        entry = _PREPARED[key] = (*query.sql(), query)
+        sql, params = query.sql()
+        in_order = [p.index if isinstance(p, Arg) else None for p in params] == list(range(len(values)))
+        entry = _PREPARED[key] = (sql, None if in_order else params, query)  # None: the values as they come
     sql, params, query = entry
-    cursor = db.execute_sql(sql, [values[p.index] if isinstance(p, Arg) else p for p in params])
+    cursor = db.execute_sql(sql, values if params is None else
+                            [values[p.index] if isinstance(p, Arg) else p for p in params])
     if isinstance(query, pw.SelectBase):
         return query._get_cursor_wrapper(cursor)  # peewee's own conversion of the rows
     return cursor
