@@ -52,8 +52,10 @@ class _Wakeup:
     thread out of select(): a system call per message (~0.15 ms here on a busy machine), dozens per
     group job, on the event loop that also runs the API and the embedded broker. One unread byte
     wakes paho as well as many: its thread reads the pair, then writes every queued packet in the
-    same pass. `due` is cleared just before that read, so a packet queued after the clear sends a
-    byte of its own; one queued while a byte waits is appended before the clear, so that pass writes it.
+    same pass. `due` is cleared just after that read: a packet queued while `due` is set was queued
+    before the clear, so that pass writes it; once cleared, the next packet sends a byte again. (Cleared
+    before the read, a byte sent in between would be read with the old one and leave `due` set with
+    nothing to read: paho would then sleep in select() for up to a second with packets queued.)
     """
 
     def __init__(self, reader: socket.socket, writer: socket.socket) -> None:
@@ -82,8 +84,10 @@ class _WakeupReader:
         self._sock, self._wakeup = sock, wakeup
 
     def recv(self, size: int) -> bytes:
-        self._wakeup.due = False
-        return self._sock.recv(size)
+        try:
+            return self._sock.recv(size)
+        finally:
+            self._wakeup.due = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)

@@ -11,13 +11,14 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from ota_bridge import dispatch
 from ota_bridge.mqtt_link import MAX_OUTSTANDING
 from ota_bridge.mqtt_link import BrokerLink as ServiceLink
-from ota_bridge.mqtt_link import Incoming
+from ota_bridge.mqtt_link import Incoming, _Wakeup
 from tests.support.mosquitto import start_mosquitto
 
 pytestmark = pytest.mark.mosquitto
@@ -90,3 +91,41 @@ def test_a_burst_of_publishes_wakes_pahos_thread_a_few_times_and_every_message_a
 
     with start_mosquitto(tmp_path) as broker:
         asyncio.run(scenario(broker.port))
+
+
+class _Pipe:
+    """Both ends of a wake-up pair, in memory; `during_read` runs inside the reader's recv, as
+    another thread could."""
+
+    def __init__(self) -> None:
+        self.unread = 0
+        self.during_read: list[Callable[[], None]] = []
+
+    def send(self, data: bytes) -> int:
+        self.unread += len(data)
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        while self.during_read:
+            self.during_read.pop()()
+        taken, self.unread = self.unread, 0
+        return b"0" * taken
+
+
+def test_a_wakeup_is_never_due_with_nothing_left_to_read() -> None:
+    """`due` means a byte waits unread: else paho sleeps in select() with packets queued."""
+    pipe = _Pipe()
+    wakeup = _Wakeup(pipe, pipe)  # type: ignore[arg-type]
+    wakeup.writer.send(b"0")
+    wakeup.writer.send(b"0")
+    assert pipe.unread == 1 and wakeup.due  # one byte for both
+    pipe.during_read.append(lambda: wakeup.writer.send(b"0"))  # a publish while paho reads the pair
+    wakeup.reader.recv(10000)
+    assert not wakeup.due and pipe.unread == 0  # the publish was queued before paho's write pass
+    wakeup.writer.send(b"0")
+    assert wakeup.due and pipe.unread == 1
+    wakeup.reader.recv(10000)
+    pipe.during_read.append(lambda: wakeup.writer.send(b"0"))
+    wakeup.writer.send(b"0")
+    wakeup.reader.recv(10000)
+    assert wakeup.due == (pipe.unread > 0)
