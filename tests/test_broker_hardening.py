@@ -77,6 +77,7 @@ class BrokerThread:
         self.call(self.broker.shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()  # else its self-pipe is left for the garbage collector to warn about in another test
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +345,7 @@ def test_routes_are_the_holders_of_the_topic_and_of_the_wildcard_filters_matchin
         levels, wanted = topic.split("/"), topic_filter.split("/")
         if wanted[-1] == "#":
             return levels[:len(wanted) - 1] == wanted[:-1]
-        return len(levels) == len(wanted) and all(w in ("+", t) for t, w in zip(levels, wanted))
+        return len(levels) == len(wanted) and all(w in ("+", t) for t, w in zip(levels, wanted, strict=True))
 
     table = _Subscriptions()
     table["a/b/c"] = [("exact", 1)]

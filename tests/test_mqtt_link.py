@@ -16,9 +16,8 @@ from typing import Callable
 import pytest
 
 from ota_bridge import dispatch
-from ota_bridge.mqtt_link import MAX_OUTSTANDING
+from ota_bridge.mqtt_link import MAX_OUTSTANDING, Incoming, _Wakeup
 from ota_bridge.mqtt_link import BrokerLink as ServiceLink
-from ota_bridge.mqtt_link import Incoming, _Wakeup
 from tests.support.mosquitto import start_mosquitto
 
 pytestmark = pytest.mark.mosquitto
