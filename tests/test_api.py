@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -229,6 +230,27 @@ def test_a_get_with_wait_seconds_answers_the_job_unfinished_when_the_time_is_up(
     assert api.ok("GET", f"/v1/job/{job}?waitseconds=0")["Status"] == "QUEUED"
     api.ok("POST", f"/v1/job/{job}/cancel")
     assert api.ok("GET", f"/v1/job/{job}?WaitSeconds=60")["Status"] == "CANCELED"  # final: answered at once
+
+
+def test_a_held_get_is_answered_as_the_job_is_when_the_service_stops(tmp_path: Path) -> None:
+    service = Service(tmp_path)
+    service.start()
+    try:
+        api = service.api
+        dev = unique("dev")
+        api.device(dev)
+        job = api.submit(api.workflow("true"), DeviceId=dev)
+        answers: dict[str, Any] = {}
+        held = f"/v1/job/{job}?WaitSeconds=60"
+        waiter = threading.Thread(target=lambda: answers.update(held=api.request("GET", held)))
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive()
+        assert service.stop(timeout=30) == 0  # a clean exit, not killed after waiting for the held GET
+        waiter.join(10)
+        assert answers["held"].status == 200 and answers["held"].body["Status"] == "QUEUED"
+    finally:
+        service.stop()
 
 
 def test_cancel_keeps_the_record(api: Api) -> None:

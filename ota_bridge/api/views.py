@@ -35,6 +35,26 @@ _HASHING = ThreadPoolExecutor(HASHING_THREADS, thread_name_prefix="ota-hash")  #
 routes = web.RouteTableDef()
 
 
+class HeldGets:
+    """GET /v1/job/{id}?WaitSeconds= requests: answered at once, as they are, when the service stops
+    (else each would hold the shutdown for up to MAX_WAIT_SECONDS)."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    async def release(self, app: web.Application) -> None:
+        self.stopping = True
+        app[STORE].release_commit_waiters()
+
+
+HELD = web.AppKey("held_gets", HeldGets)
+
+
+def add_held_gets(app: web.Application) -> None:
+    app[HELD] = HeldGets()
+    app.on_shutdown.append(app[HELD].release)
+
+
 def _store(request: web.Request) -> Store:
     return request.app[STORE]
 
@@ -111,16 +131,17 @@ async def get_job(request: web.Request) -> web.Response:
 
     A waiting request reads the job again after each write this process commits, and at least every
     WAIT_RECHECK_SECONDS (a write of another instance is not heard of), so it answers as soon as a
-    read can see the job final; the answer is the one a plain GET gives at that moment."""
+    read can see the job final; the answer is the one a plain GET gives at that moment. When the
+    service stops, it answers at once."""
     job_id = request.match_info["id"]
     wait = params.whole_number(params.query(request, ("WaitSeconds",)), "WaitSeconds", 0, 0, MAX_WAIT_SECONDS)
-    store = _store(request)
+    store, held = _store(request), request.app[HELD]
     deadline = asyncio.get_running_loop().time() + wait
     while True:
         seen = store.commits
         shown = await _shown_job(store, job_id)
         left = deadline - asyncio.get_running_loop().time()
-        if shown["Status"] in FINAL_VALUES or left <= 0:
+        if shown["Status"] in FINAL_VALUES or left <= 0 or held.stopping:
             return web.json_response(shown)
         await store.committed_since(seen, min(left, WAIT_RECHECK_SECONDS))
 

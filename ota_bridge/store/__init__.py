@@ -134,14 +134,17 @@ class Store:
         finally:
             self._commit_waiters.discard(waiter)
 
-    def _wake_commit_waiters(self) -> None:
-        if self._commits == self._commits_heard:
-            return
-        self._commits_heard = self._commits
+    def release_commit_waiters(self) -> None:
+        """End every committed_since now (the service is stopping)."""
         waiters, self._commit_waiters = self._commit_waiters, set()
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _wake_commit_waiters(self) -> None:
+        if self._commits != self._commits_heard:
+            self._commits_heard = self._commits
+            self.release_commit_waiters()
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
