@@ -75,8 +75,10 @@ def wait_subscribed(started: list[Agent], timeout: float = 30) -> None:
         wait_until(lambda agent=agent: "subscribed to" in agent.log(), timeout, f"{agent.name} to subscribe")
 
 
-def job_final(api: Api, job_id: str) -> dict | None:
-    job = api.ok("GET", f"/v1/job/{job_id}")
+def job_final(api: Api, job_id: str, wait_seconds: int = 0) -> dict | None:
+    """The job if it is final, else None; with wait_seconds, the service holds the GET until it is
+    final or that many seconds passed (GET /v1/job/{id}?WaitSeconds=)."""
+    job = api.ok("GET", f"/v1/job/{job_id}" + (f"?WaitSeconds={wait_seconds}" if wait_seconds else ""))
     return job if job["Status"] in FINALS else None
 
 

@@ -45,6 +45,64 @@ def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class _Wakeup:
+    """paho's wake-up socket pair, sending its byte only while none waits unread.
+
+    Every publish and acknowledgement from the event loop writes a byte to the pair to break paho's
+    thread out of select(): a system call per message (~0.15 ms here on a busy machine), dozens per
+    group job, on the event loop that also runs the API and the embedded broker. One unread byte
+    wakes paho as well as many: its thread reads the pair, then writes every queued packet in the
+    same pass. `due` is cleared just after that read: a packet queued while `due` is set was queued
+    before the clear, so that pass writes it; once cleared, the next packet sends a byte again. (Cleared
+    before the read, a byte sent in between would be read with the old one and leave `due` set with
+    nothing to read: paho would then sleep in select() for up to a second with packets queued.)
+    """
+
+    def __init__(self, reader: socket.socket, writer: socket.socket) -> None:
+        self.due = False
+        self.sent = 0  # bytes written: wake-ups
+        self.reader, self.writer = _WakeupReader(reader, self), _WakeupWriter(writer, self)
+
+
+class _WakeupWriter:
+    def __init__(self, sock: socket.socket, wakeup: _Wakeup) -> None:
+        self._sock, self._wakeup = sock, wakeup
+
+    def send(self, data: bytes) -> int:
+        if self._wakeup.due:
+            return len(data)
+        self._wakeup.due = True
+        self._wakeup.sent += 1
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _WakeupReader:
+    def __init__(self, sock: socket.socket, wakeup: _Wakeup) -> None:
+        self._sock, self._wakeup = sock, wakeup
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return self._sock.recv(size)
+        finally:
+            self._wakeup.due = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _wake_once(client: mqtt.Client) -> _Wakeup | None:
+    """Wrap the wake-up pair paho's loop_start made (paho 2: `_sockpairR`, `_sockpairW`)."""
+    reader, writer = client._sockpairR, client._sockpairW
+    if not isinstance(reader, socket.socket) or not isinstance(writer, socket.socket):
+        return None
+    wakeup = _Wakeup(reader, writer)
+    client._sockpairR, client._sockpairW = wakeup.reader, wakeup.writer  # type: ignore[assignment]
+    return wakeup
+
+
 @dataclass(frozen=True)
 class Incoming:
     topic: str
@@ -69,6 +127,7 @@ class BrokerLink:
         self._on_connect = on_connect
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = asyncio.Event()
+        self.wakeup: _Wakeup | None = None  # paho's wake-up pair, once started
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                              protocol=mqtt.MQTTv311, manual_ack=True)
         if username:
@@ -91,6 +150,7 @@ class BrokerLink:
         self._loop = asyncio.get_running_loop()
         self._client.connect_async(self.host, self.port, keepalive=30)
         self._client.loop_start()
+        self.wakeup = _wake_once(self._client)
 
     def stop(self) -> None:
         self._client.disconnect()

@@ -5,7 +5,10 @@ No agent runs here, so jobs stay QUEUED; test_reference_flow.py runs them for re
 
 from __future__ import annotations
 
+import threading
 import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,6 +200,57 @@ def test_delete_job_takes_children_out_of_queues(api: Api) -> None:
     assert api.request("GET", f"/v1/job/{job}").status == 404
     assert api.request("GET", f"/v1/job/{job}/childjobs").status == 404
     assert api.ok("GET", f"/v1/device/{dev}")["PendingJobs"] == 0
+
+
+def test_a_get_with_wait_seconds_answers_once_the_job_is_final(api: Api) -> None:
+    dev = unique("dev")
+    api.device(dev)
+    job = api.submit(api.workflow("true"), DeviceId=dev)
+    child = api.ok("GET", f"/v1/job/{job}/childjobs")[0]["JobId"]
+    answers: dict[str, Any] = {}
+    waiters = [threading.Thread(target=lambda i=i: answers.update({i: api.ok("GET", f"/v1/job/{i}?WaitSeconds=60")}))
+               for i in (job, child)]
+    for waiter in waiters:
+        waiter.start()
+    waiters[0].join(1.0)
+    assert all(waiter.is_alive() for waiter in waiters)  # held: the job is QUEUED (no agent runs here)
+    api.ok("POST", f"/v1/job/{job}/cancel")
+    for waiter in waiters:
+        waiter.join(30)
+    assert answers[job]["Status"] == answers[child]["Status"] == "CANCELED"
+    assert answers[job] == api.ok("GET", f"/v1/job/{job}")
+    assert answers[child] == api.ok("GET", f"/v1/job/{child}")
+
+
+def test_a_get_with_wait_seconds_answers_the_job_unfinished_when_the_time_is_up(api: Api) -> None:
+    dev = unique("dev")
+    api.device(dev)
+    job = api.submit(api.workflow("true"), DeviceId=dev)
+    assert api.ok("GET", f"/v1/job/{job}?WaitSeconds=1") == api.ok("GET", f"/v1/job/{job}")
+    assert api.ok("GET", f"/v1/job/{job}?waitseconds=0")["Status"] == "QUEUED"
+    api.ok("POST", f"/v1/job/{job}/cancel")
+    assert api.ok("GET", f"/v1/job/{job}?WaitSeconds=60")["Status"] == "CANCELED"  # final: answered at once
+
+
+def test_a_held_get_is_answered_as_the_job_is_when_the_service_stops(tmp_path: Path) -> None:
+    service = Service(tmp_path)
+    service.start()
+    try:
+        api = service.api
+        dev = unique("dev")
+        api.device(dev)
+        job = api.submit(api.workflow("true"), DeviceId=dev)
+        answers: dict[str, Any] = {}
+        held = f"/v1/job/{job}?WaitSeconds=60"
+        waiter = threading.Thread(target=lambda: answers.update(held=api.request("GET", held)))
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive()
+        assert service.stop(timeout=30) == 0  # a clean exit, not killed after waiting for the held GET
+        waiter.join(10)
+        assert answers["held"].status == 200 and answers["held"].body["Status"] == "QUEUED"
+    finally:
+        service.stop()
 
 
 def test_cancel_keeps_the_record(api: Api) -> None:

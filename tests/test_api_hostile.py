@@ -220,6 +220,7 @@ def test_well_shaped_ids_that_name_nothing_are_plain_404s(service: Service) -> N
 
 # --- query parameters -----------------------------------------------------------------------
 
+SOME_JOB = "231ec702-5f6e-4b4d-9c1a-0d2c8e3f4a5b"  # the shape of a job id; no such job
 BAD_QUERIES = [
     ("/v1/job?Limit=-1", "Limit must be a whole number from 1 to 1000, got '-1'"),
     ("/v1/job?Limit=1e9", "got '1e9'"),
@@ -233,6 +234,9 @@ BAD_QUERIES = [
     ("/v1/job?Limt=5", "unknown query parameter 'Limt'"),
     ("/v1/device?DeviceGroup=a&DeviceGroup=b", "DeviceGroup is given more than once"),
     ("/v1/device?Group=a", "unknown query parameter 'Group'; this endpoint takes DeviceGroup, TagId"),
+    (f"/v1/job/{SOME_JOB}?WaitSeconds=61", "WaitSeconds must be a whole number from 0 to 60, got '61'"),
+    (f"/v1/job/{SOME_JOB}?WaitSeconds=0.5", "got '0.5'"),
+    (f"/v1/job/{SOME_JOB}?Wait=5", "unknown query parameter 'Wait'; this endpoint takes WaitSeconds"),
 ]
 
 

@@ -77,6 +77,7 @@ class BrokerThread:
         self.call(self.broker.shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()  # else its self-pipe is left for the garbage collector to warn about in another test
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +303,59 @@ def test_a_watcher_misses_nothing_while_others_subscribe(broker: BrokerThread, c
     for burst in bursts:
         burst.join()
     assert [payload for _, payload in watcher.messages(3)] == messages
+
+
+def test_messages_are_routed_as_they_are_published_without_amqtts_broadcast_loop() -> None:
+    """The broker routes each message when it is published (core._IsolatingBroker): live messages,
+    a will, and a message kept for a persistent session while it is away all arrive with amqtt's
+    own broadcast loop stopped. On plain amqtt 0.12 nothing would arrive."""
+    running = BrokerThread()
+    opened: list[RawClient] = []
+    try:
+        running.call(running.broker.core._broker._shutdown_broadcast_loop())  # amqtt's queue and loop: gone
+        service = the_service(running, opened)
+        assert service.subscribe(TOPICS.presence("+")) == 1
+        operator = running.login("watcher", OPERATOR_USERNAME, TOKEN)
+        opened.append(operator)
+        assert operator.subscribe(TOPICS.device("dev-a", "#")) == 1
+        dev_a = device(running, opened, "dev-a", will=Will(TOPICS.presence("dev-a"), b"gone", retain=True))
+        assert dev_a.subscribe(TOPICS.job("dev-a")) == 1
+        service.publish(TOPICS.job("dev-a"), b"head", qos=1)
+        assert dev_a.messages(QUIET) == [(TOPICS.job("dev-a"), b"head")]
+        dev_a.publish(TOPICS.status("dev-a"), b"result", qos=1)
+        assert (TOPICS.status("dev-a"), b"result") in service.messages(QUIET)
+        assert operator.messages(QUIET) == [(TOPICS.job("dev-a"), b"head"), (TOPICS.status("dev-a"), b"result")]
+        dev_a.sock.close()  # gone without a DISCONNECT: its will is published
+        assert (TOPICS.presence("dev-a"), b"gone") in service.messages(QUIET)
+        service.close()  # its session persists; what comes meanwhile is kept for it
+        device(running, opened, "dev-b").publish(TOPICS.status("dev-b"), b"while away", qos=1)
+        back = running.login(SERVICE_ID, SERVICE_USERNAME, SERVICE_SECRET, clean=False)
+        opened.append(back)
+        assert (TOPICS.status("dev-b"), b"while away") in back.messages(QUIET)
+    finally:
+        for client in opened:
+            client.close()
+        running.close()
+
+
+def test_routes_are_the_holders_of_the_topic_and_of_the_wildcard_filters_matching_it() -> None:
+    from ota_bridge.embedded_broker.core import _Subscriptions  # noqa: PLC0415 - the routing table itself
+
+    def matches(topic: str, topic_filter: str) -> bool:
+        levels, wanted = topic.split("/"), topic_filter.split("/")
+        if wanted[-1] == "#":
+            return levels[:len(wanted) - 1] == wanted[:-1]
+        return len(levels) == len(wanted) and all(w in ("+", t) for t, w in zip(levels, wanted, strict=True))
+
+    table = _Subscriptions()
+    table["a/b/c"] = [("exact", 1)]
+    table["a/+/c"] = [("plus", 1)]
+    table["x/#"] = [("elsewhere", 0)]
+    table["a/#"] = [("hash", 0), ("hash2", 1)]
+    assert table.routes("a/b/c", matches) == [("exact", 1), ("plus", 1), ("hash", 0), ("hash2", 1)]
+    assert table.routes("a/z", matches) == [("hash", 0), ("hash2", 1)]
+    assert table.routes("q", matches) == []
+    del table["a/#"]
+    assert list(table.wildcards) == ["a/+/c", "x/#"]
+    table.clear()
+    assert table.wildcards == {} and table.routes("a/b/c", matches) == []

@@ -29,7 +29,7 @@ from .metrics import metrics_middleware
 from .openapi import OPENAPI_PATH, serve_openapi
 from .params import request_shape_middleware
 from .tokens import TokenCache
-from .views import DISPATCHER, SIGNER, STORE, routes
+from .views import DISPATCHER, SIGNER, STORE, add_held_gets, routes
 from .webhooks import routes as webhook_routes
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def make_app(db: Store, dispatcher: Dispatcher, signer: JobSigner) -> web.Applic
     app.router.add_get(OPENAPI_PATH, serve_openapi)
     app.router.add_get("/v1/audit", list_audit)
     app.add_routes(routes)
+    add_held_gets(app)
     app.add_routes(webhook_routes)
     app.add_routes(artifact_routes)
     add_event_routes(app)

@@ -26,7 +26,7 @@ from .health import ALIVE_PATH, HEALTH_PATH, LIVE_PATH, READY_PATH
 from .metrics import METRICS_PATH
 from .params import BODYLESS_METHODS, PATH_ID_SHAPES, id_kind
 from .schemas import MAX_BULK_DEVICES, DeviceIn, DevicePatch, DevicesIn, JobIn, WebhookIn, WorkflowIn
-from .views import DEFAULT_PAGE, MAX_OFFSET, MAX_PAGE
+from .views import DEFAULT_PAGE, MAX_OFFSET, MAX_PAGE, MAX_WAIT_SECONDS
 
 OPENAPI_PATH = "/v1/openapi.json"
 Schema = dict[str, Any]
@@ -236,6 +236,9 @@ DEVICE_FILTERS = (query_param("DeviceGroup", STRING, "only devices of this group
 RETRY_AFTER = {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}, "required": True,
                                "description": "seconds to wait before trying again"}}
 
+WAIT_PARAM = query_param("WaitSeconds", {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_SECONDS, "default": 0},
+                         "if the job is not final, answer once it is, or after this many seconds (its Status "
+                         "says which); the answer is what a GET without it gives at that moment")
 TICKET_PARAM = {"name": "Ticket", "in": "query", "required": True, "schema": STRING,
                 "description": "from POST /v1/events/ticket; this operation takes no Authorization header"}
 BINARY: Schema = {"type": "string", "format": "binary"}
@@ -283,7 +286,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                             body=JobIn, also=(404,)),
     ("get", "/v1/job"): Op("listJobs", "Jobs, newest first", listing("Job"), query=page("jobs"),
                            headers=total("jobs")),
-    ("get", "/v1/job/{id}"): Op("getJob", "One job's summary, or one child job", GET_JOB),
+    ("get", "/v1/job/{id}"): Op("getJob", "One job's summary, or one child job", GET_JOB, query=(WAIT_PARAM,)),
     ("get", "/v1/job/{id}/childjobs"): Op("listChildJobs", "A job's child jobs, one per device",
                                           listing("ChildJob")),
     ("post", "/v1/job/{id}/pause"): Op("pauseJob", "Stop the job's rollout releasing devices; released ones go on",

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from aiohttp import web
 
-from agent.protocol import SIGNATURE_ALGORITHM
+from agent.protocol import FINAL_STATUSES, SIGNATURE_ALGORITHM
 
 from .. import parameters
 from ..broker_accounts import BrokerAccounts
@@ -25,10 +26,33 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SIGNER = web.AppKey("signer", JobSigner)
 ACCOUNTS = web.AppKey("accounts", BrokerAccounts)
 DEFAULT_PAGE, MAX_PAGE, MAX_OFFSET = 100, 1000, 2**31
+MAX_WAIT_SECONDS = 60  # GET /v1/job/{id}?WaitSeconds=: the longest a request is held
+WAIT_RECHECK_SECONDS = 0.5  # a held GET reads the job again at least this often
+FINAL_VALUES = frozenset(status.value for status in FINAL_STATUSES)
 HASHING_THREADS = os.cpu_count() or 2
 _HASHING = ThreadPoolExecutor(HASHING_THREADS, thread_name_prefix="ota-hash")  # device passwords' PBKDF2
 
 routes = web.RouteTableDef()
+
+
+class HeldGets:
+    """GET /v1/job/{id}?WaitSeconds= requests: answered at once, as they are, when the service stops
+    (else each would hold the shutdown for up to MAX_WAIT_SECONDS)."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    async def release(self, app: web.Application) -> None:
+        self.stopping = True
+        app[STORE].release_commit_waiters()
+
+
+HELD = web.AppKey("held_gets", HeldGets)
+
+
+def add_held_gets(app: web.Application) -> None:
+    app[HELD] = HeldGets()
+    app.on_shutdown.append(app[HELD].release)
 
 
 def _store(request: web.Request) -> Store:
@@ -103,12 +127,30 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 @routes.get("/v1/job/{id}")
 async def get_job(request: web.Request) -> web.Response:
+    """The job (or child job) as it is; with WaitSeconds, once it is final or that many seconds passed.
+
+    A waiting request reads the job again after each write this process commits, and at least every
+    WAIT_RECHECK_SECONDS (a write of another instance is not heard of), so it answers as soon as a
+    read can see the job final; the answer is the one a plain GET gives at that moment. When the
+    service stops, it answers at once."""
     job_id = request.match_info["id"]
+    wait = params.whole_number(params.query(request, ("WaitSeconds",)), "WaitSeconds", 0, 0, MAX_WAIT_SECONDS)
+    store, held = _store(request), request.app[HELD]
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        seen = store.commits
+        shown = await _shown_job(store, job_id)
+        left = deadline - asyncio.get_running_loop().time()
+        if shown["Status"] in FINAL_VALUES or left <= 0 or held.stopping:
+            return web.json_response(shown)
+        await store.committed_since(seen, min(left, WAIT_RECHECK_SECONDS))
+
+
+async def _shown_job(store: Store, job_id: str) -> dict[str, Any]:
     try:
-        summary = await _store(request).read(jobs.get_job, job_id)
+        return serialize.job(await store.read(jobs.get_job, job_id))
     except JobNotFound:
-        return web.json_response(serialize.child(await _store(request).read(jobs.child_shown, job_id)))
-    return web.json_response(serialize.job(summary))
+        return serialize.child(await store.read(jobs.child_shown, job_id))
 
 
 @routes.get("/v1/job/{id}/childjobs")

@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
 from .policy import Login, TopicPolicy
@@ -38,18 +39,26 @@ class AdmittedPlugin(BaseAuthPlugin):
         return bool(session.username)
 
 
+def policy_allows(policy: TopicPolicy, session: Any, topic: str | None, action: Action | None) -> bool:
+    """TopicPolicy on an amqtt session; a refused subscribe or publish is logged."""
+    allowed = session is not None and topic is not None and action is not None and policy.allows(
+        session.username or "", topic, action)
+    if not allowed and action != Action.RECEIVE:
+        log.warning("MQTT %s on %r refused for user %r", action, topic, session and session.username)
+    return allowed
+
+
 class TopicPolicyPlugin(BaseTopicPlugin):
+    """The policy as amqtt's plugin. _IsolatingBroker checks it without amqtt's plugin machinery;
+    the plugin stays, so a broker whose override no longer applies still enforces the policy."""
+
     @dataclass
     class Config:
         policy: Any = None
 
     async def topic_filtering(self, *, session: Any = None, topic: str | None = None,
                               action: Action | None = None) -> bool:
-        allowed = session is not None and topic is not None and self.config.policy.allows(
-            session.username or "", topic, action)
-        if not allowed and action != Action.RECEIVE:
-            log.warning("MQTT %s on %r refused for user %r", action, topic, session and session.username)
-        return allowed
+        return policy_allows(self.config.policy, session, topic, action)
 
 
 class _FrontReader(ReaderAdapter):
@@ -71,15 +80,39 @@ class _Holders(list):  # type: ignore[type-arg]
 
 
 class _Subscriptions(dict):  # type: ignore[type-arg]
-    """amqtt's filter -> holders map, iterated over a copy.
+    """amqtt's filter -> holders map, iterated over a copy, its filters with wildcards kept apart.
 
     amqtt 0.12 iterates its subscriptions across awaits (each delivery's topic check, the
     retained messages at a connect); a subscription added meanwhile raised "dictionary changed
     size during iteration" and the message never reached the filters after it (issue 12).
+    A message is routed to the holders of its own topic (one lookup) and of the wildcard filters
+    it matches, instead of every filter in the broker being matched against it.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wildcards: dict[str, None] = {}  # the filters holding + or #, in the order they came
 
     def __setitem__(self, key: str, value: list[Any]) -> None:
         super().__setitem__(key, _Holders(value))
+        if "+" in key or "#" in key:
+            self.wildcards[key] = None
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self.wildcards.pop(key, None)
+
+    def clear(self) -> None:
+        super().clear()
+        self.wildcards.clear()
+
+    def routes(self, topic: str, matches: Callable[[str, str], bool]) -> list[tuple[Any, int]]:
+        """(session, qos) of every subscription matching topic: once per matching filter, as amqtt."""
+        found = list(dict.get(self, topic, ()))
+        for topic_filter in list(self.wildcards):
+            if matches(topic, topic_filter):
+                found += dict.get(self, topic_filter, ())
+        return found
 
     def __iter__(self) -> Any:
         return iter(list(super().keys()))
@@ -95,15 +128,61 @@ class _Subscriptions(dict):  # type: ignore[type-arg]
 
 
 class _IsolatingBroker(Broker):
-    """amqtt's broker, delivering retained messages only for the client's own subscriptions, checked.
+    """amqtt's broker, delivering retained messages only for the client's own subscriptions, checked,
+    and routing each message as it comes in.
 
     amqtt 0.12 sends a connecting client the retained messages of every subscription in the
     broker, not its own, and without the delivery check.
+
+    amqtt 0.12 routes a message through a queue and a loop of its own (a task and a wait for each
+    message), matches it against every subscription in the broker, and asks its plugins about each
+    check in tasks of their own (the publish, then each receiver). Here the policy is asked
+    directly, and a message is routed when it is published (`_broadcast_message`): the holders of
+    its topic and of the wildcard filters matching it, each delivery started at once, in the order
+    amqtt's loop would start them. A device's messages therefore reach the service a few turns of
+    the event loop sooner, and heads reach devices likewise; what is delivered to whom is unchanged.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, policy: TopicPolicy, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._subscriptions = _Subscriptions()
+        self._policy = policy
+        self._deliveries: set[asyncio.Task[Any]] = set()
+
+    async def _topic_filtering(self, session: Any, topic: str, action: Action) -> bool:
+        return policy_allows(self._policy, session, topic, action)
+
+    async def _broadcast_message(self, session: Any, topic: str | None, data: bytes | bytearray | None,
+                                 force_qos: int | None = None) -> None:
+        if topic is None or data is None:
+            return
+        for target, subscribed_qos in self._subscriptions.routes(topic, self._matches):
+            qos = subscribed_qos if force_qos is None else force_qos  # as amqtt: the subscription's QoS
+            if not policy_allows(self._policy, target, topic, Action.RECEIVE):
+                continue
+            if target.transitions.state != "connected":
+                if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
+                    broadcast = {"session": session, "topic": topic, "data": data}
+                    await self._retain_broadcast_message(broadcast, qos, target)  # sent when it is back
+                continue
+            handler = self._get_handler(target)
+            if handler is not None:
+                self._deliver(handler.mqtt_publish(topic, data, qos, retain=False))
+
+    def _deliver(self, delivery: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(delivery)
+        self._deliveries.add(task)
+        task.add_done_callback(self._delivered)
+
+    def _delivered(self, task: asyncio.Task[Any]) -> None:
+        self._deliveries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("an MQTT delivery failed and is skipped: %r", task.exception())
+
+    async def shutdown(self) -> None:
+        for task in list(self._deliveries):
+            task.cancel()
+        await super().shutdown()
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
         topic_filter, qos = subscription
@@ -135,7 +214,7 @@ class AmqttCore:
             "listeners": {name: {"type": "external", "max_connections": -1} for name in ["default", *listeners]},
             "plugins": {f"{__name__}.AdmittedPlugin": {}, f"{__name__}.TopicPolicyPlugin": {"policy": policy}},
         }
-        self._broker = _IsolatingBroker(config, loop=asyncio.get_running_loop())
+        self._broker = _IsolatingBroker(config, loop=asyncio.get_running_loop(), policy=policy)
 
     async def start(self) -> None:
         await self._broker.start()

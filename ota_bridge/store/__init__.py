@@ -116,6 +116,9 @@ class Store:
         self._write_failure: tuple[float, str] | None = None  # (when, why) a write failed on a live connection
         self._probe: asyncio.Future[None] | None = None
         self._reads: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._commits = 0  # calls that committed a write (or may have): counted on the store's thread
+        self._commits_heard = 0  # the count the event loop last woke the waiters for
+        self._commit_waiters: set[asyncio.Future[None]] = set()
         self._readers = [threading.Thread(target=self._reader, name=f"ota-store-read_{i}", daemon=True)
                          for i in range(READERS)]
         for reader in self._readers:
@@ -127,11 +130,45 @@ class Store:
         Raises StoreUnavailable when the database cannot be reached or stays locked.
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(self._run, fn, args, kwargs))
+        try:
+            return await loop.run_in_executor(self._executor, partial(self._counted, fn, args, kwargs))
+        finally:
+            self._wake_commit_waiters()
 
     def call_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn on the store's thread from code that is not on the event loop (the CLI)."""
-        return self._executor.submit(partial(self._run, fn, args, kwargs)).result()
+        return self._executor.submit(partial(self._counted, fn, args, kwargs)).result()
+
+    @property
+    def commits(self) -> int:
+        """How many store calls have committed a write so far (read it before a read; see committed_since)."""
+        return self._commits
+
+    async def committed_since(self, seen: int, timeout: float) -> None:
+        """Return once a store call of this process commits a write after `commits` was `seen`, or after
+        timeout seconds (writes of other processes, such as other instances, are not heard of)."""
+        if self._commits != seen:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._commit_waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._commit_waiters.discard(waiter)
+
+    def release_commit_waiters(self) -> None:
+        """End every committed_since now (the service is stopping)."""
+        waiters, self._commit_waiters = self._commit_waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _wake_commit_waiters(self) -> None:
+        if self._commits != self._commits_heard:
+            self._commits_heard = self._commits
+            self.release_commit_waiters()
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
@@ -169,6 +206,13 @@ class Store:
         return None
 
     # The store's thread from here on.
+
+    def _counted(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        try:
+            return self._run(fn, args, kwargs)
+        finally:
+            if self.database.wrote:
+                self._commits += 1
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         if getattr(fn, "reports_queue_changes", False):
