@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -127,7 +128,13 @@ def test_the_agent_and_watch_commands_the_service_prints_run_a_job(kind: str, la
         xdg, watch = watch_line.split(" ", 1)
         watcher = subprocess.Popen(shlex.split(watch), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env={**_env(), xdg.split("=")[0]: xdg.split("=", 1)[1]})
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, "")), daemon=True)
+        reader.start()
         try:
+            # The registration's idle head is retained: once the watcher prints it, it has subscribed, so
+            # it cannot miss the job's status messages (not retained) however slowly it started.
+            wait_until(lambda: any("ota/v1/devices/dev1/" in line for line in lines), 30, "the watcher subscribed")
             argv = shlex.split(agent_line.replace("DEVICE-ID", "dev1"))
             agent = Process("printed agent", argv, tmp_path / "a.log")
             launch.started.append(agent)
@@ -137,8 +144,11 @@ def test_the_agent_and_watch_commands_the_service_prints_run_a_job(kind: str, la
             assert service.api.wait_job(job, 60)["Result"] == "tour\n"
         finally:
             watcher.terminate()
-            seen = watcher.communicate(timeout=10)[0]
+            watcher.wait(timeout=10)
+            reader.join(timeout=10)
+            watcher.stdout.close()
             service.stop()
+        seen = "".join(lines)
         assert "ota/v1/devices/dev1/status" in seen and '"Status":"SUCCEEDED"' in seen, seen
 
 
