@@ -28,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -65,6 +65,9 @@ PROBE_SECONDS = 3.0  # how long the health check waits for the database's answer
 WRITE_FAILURE_SECONDS = 30.0  # a failed write (a full disk) counts as unavailable this long, unless a write succeeds
 UNAVAILABLE = (pw.OperationalError, pw.InterfaceError)
 READERS = 4  # threads answering Store.read, each with its own connection
+# A read for a reader thread: the caller's loop, the future it awaits there, the work. The answer goes
+# back with one call_soon_threadsafe (no concurrent.futures.Future, its lock and its chaining).
+Read = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any]]
 
 
 def idempotent(fn: F) -> F:
@@ -91,7 +94,7 @@ class Store:
         self._failing: str | None = None  # why the last call failed, until one succeeds
         self._write_failure: tuple[float, str] | None = None  # (when, why) a write failed on a live connection
         self._probe: asyncio.Future[None] | None = None
-        self._reads: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._reads: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
         self._readers = [threading.Thread(target=self._reader, name=f"ota-store-read_{i}", daemon=True)
                          for i in range(READERS)]
         for reader in self._readers:
@@ -112,9 +115,10 @@ class Store:
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
         behind a write. Raises StoreUnavailable as `call` does."""
-        done: Future[T] = Future()
-        self._reads.put((done, partial(self._read, fn, args, kwargs)))
-        return await asyncio.wrap_future(done)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._reads.put((loop, done, partial(self._read, fn, args, kwargs)))
+        return await done
 
     def close(self) -> None:
         for _ in self._readers:
@@ -217,12 +221,15 @@ class Store:
     def _reader(self) -> None:
         try:
             while (work := self._reads.get()) is not None:
-                done, run = work
-                if done.set_running_or_notify_cancel():
-                    try:
-                        done.set_result(run())
-                    except BaseException as e:
-                        done.set_exception(e)
+                loop, done, run = work
+                if done.cancelled():  # its caller went away before it began (a benign race: it may still run)
+                    continue
+                try:
+                    answer = partial(_resolve, done, run(), None)
+                except BaseException as e:
+                    answer = partial(_resolve, done, None, e)
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                    loop.call_soon_threadsafe(answer)
         finally:
             _drop_connection(self.database)
 
@@ -249,6 +256,16 @@ class Store:
             _drop_connection(self.database)
         log.error("%s failed on the %s: %s", fn.__name__, self.where, reason)
         return StoreUnavailable(f"the database is unavailable: {reason}")
+
+
+def _resolve(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """On the event loop: a read's answer to its caller, unless the caller is gone."""
+    if done.cancelled():
+        return
+    if error is None:
+        done.set_result(result)
+    else:
+        done.set_exception(error)
 
 
 _READ_ONLY = threading.local()  # the reader thread's connection once it is made read-only
