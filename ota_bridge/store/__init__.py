@@ -272,14 +272,27 @@ _READ_ONLY = threading.local()  # the reader thread's connection once it is made
 
 
 def _snapshot(database: GuardedDatabase, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-    """fn in one read-only transaction on this thread's connection."""
-    sqlite = isinstance(database, pw.SqliteDatabase)
+    """fn in one read-only transaction on this thread's connection; a @single_statement fn without
+    one (it opens one itself, with `snapshot`, if it needs more than one statement)."""
     with pw.__exception_wrapper__:
         conn = database.connection()
         if getattr(_READ_ONLY, "conn", None) is not conn:
+            sqlite = isinstance(database, pw.SqliteDatabase)
             _raw(conn, "PRAGMA query_only = 1" if sqlite else "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
             _READ_ONLY.conn = conn
-        _raw(conn, "BEGIN" if sqlite else "BEGIN ISOLATION LEVEL REPEATABLE READ")
+    if not getattr(fn, "single_statement", False):
+        return _in_transaction(database, conn, fn, args, kwargs)
+    _READ_ONLY.lazy = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _READ_ONLY.lazy = False
+
+
+def _in_transaction(database: GuardedDatabase, conn: Any, fn: Callable[..., T], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> T:
+    with pw.__exception_wrapper__:
+        _raw(conn, "BEGIN" if isinstance(database, pw.SqliteDatabase) else "BEGIN ISOLATION LEVEL REPEATABLE READ")
     try:
         result = fn(*args, **kwargs)
     except BaseException:
@@ -291,6 +304,29 @@ def _snapshot(database: GuardedDatabase, fn: Callable[..., T], args: tuple[Any, 
     with pw.__exception_wrapper__:
         _raw(conn, "ROLLBACK")
     return result
+
+
+def single_statement(fn: F) -> F:
+    """Mark a reading function that makes one statement, or calls `snapshot` before it makes more.
+
+    One statement sees one moment by itself, so Store.read runs such a function without BEGIN and
+    ROLLBACK around it: one round trip instead of three on PostgreSQL.
+    """
+    fn.single_statement = True
+    return fn
+
+
+def snapshot(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in one read-only transaction, from a @single_statement function that Store.read
+    runs; anywhere else (the store's thread, a read already in one) fn(*args) as it is."""
+    if not getattr(_READ_ONLY, "lazy", False):
+        return fn(*args)
+    database = db.obj
+    _READ_ONLY.lazy = False
+    try:
+        return _in_transaction(database, database.connection(), fn, args, {})
+    finally:
+        _READ_ONLY.lazy = True
 
 
 def _raw(conn: Any, sql: str) -> None:
@@ -369,6 +405,32 @@ def prepared_rows(name: str, build: Callable[[int], Any], *values: Any) -> list[
             row[i] = convert(row[i])
         converted.append(tuple(row))
     return converted
+
+
+def as_models(row: tuple[Any, ...], *models: type[pw.Model]) -> list[Any]:
+    """A row of a select(*models) (each model's fields in its own order) as one instance per model,
+    None where the primary key is NULL (an outer join that found nothing). What peewee makes, without
+    matching the cursor's columns to fields again on every query. Convert the row first (prepared_rows)."""
+    found, start = [], 0
+    for model in models:
+        names, key = _LAYOUTS.get(model) or _LAYOUTS.setdefault(model, _layout(model))
+        values = row[start:start + len(names)]
+        start += len(names)
+        if values[key] is None:
+            found.append(None)
+            continue
+        instance = model.__new__(model)
+        instance.__data__, instance._dirty, instance.__rel__ = dict(zip(names, values, strict=True)), set(), {}
+        found.append(instance)
+    return found
+
+
+_LAYOUTS: dict[type[pw.Model], tuple[tuple[str, ...], int]] = {}
+
+
+def _layout(model: type[pw.Model]) -> tuple[tuple[str, ...], int]:
+    names = tuple(model._meta.sorted_field_names)
+    return names, names.index(model._meta.primary_key.name)
 
 
 def _converter(field: pw.Field) -> Callable[[Any], Any]:
