@@ -135,10 +135,13 @@ class JobSummary:
         return derive_status(self.counts)
 
 
+_AS_PARENT_SEES = {s.value: JobStatus.QUEUED if s is JobStatus.SCHEDULED else s for s in JobStatus}
+
+
 def derive_status(counts: dict[str, int]) -> JobStatus:
     """A parent's status from its children's: see docs/protocol.md, 'Parent status'. A held
     (SCHEDULED) child counts as QUEUED: pending."""
-    present = {JobStatus.QUEUED if s == JobStatus.SCHEDULED.value else JobStatus(s) for s, n in counts.items() if n}
+    present = {_AS_PARENT_SEES[s] for s, n in counts.items() if n}
     if not present:
         return JobStatus.CANCELED
     if len(present) == 1:
