@@ -286,6 +286,33 @@ def test_a_job_read_beside_the_writer_answers_as_on_the_stores_thread(db: Store)
     assert on_store_thread[3]["Rollout"]["Released"] == 0 and on_store_thread[4]["Rollout"]["Waves"] == 2
 
 
+def test_a_job_read_answers_while_a_write_is_open_and_sees_only_what_was_committed(db: Store) -> None:
+    """GET /v1/job/{id}'s read is one statement, on SQLite made on the event loop itself: it must not
+    wait for the writer (the write here stays open until the read has answered)."""
+    db.call_sync(devices.register_device, "d0", None, [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False).workflow_id
+    job_id = db.call_sync(jobs.submit_job, None, wf, "DeviceId", "d0", None)[0].job_id
+    open_write, release = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        with write_transaction():
+            ChildJob.update(status=JobStatus.IN_PROGRESS.value).where(ChildJob.parent == job_id).execute()
+            open_write.set()
+            release.wait(10)
+
+    async def scenario() -> tuple[str, str]:
+        writing = asyncio.ensure_future(db.call(slow_write))
+        try:
+            assert await asyncio.to_thread(open_write.wait, 10)
+            during = await db.read(jobs.get_job, job_id)
+        finally:
+            release.set()
+            await writing
+        return during.status.value, (await db.read(jobs.get_job, job_id)).status.value
+
+    assert asyncio.run(scenario()) == ("QUEUED", "IN_PROGRESS")
+
+
 def test_a_read_cannot_write(db: Store) -> None:
     def sneaky() -> None:
         Workflow.insert(workflow_id="sneaky", name="x", command="true").execute()

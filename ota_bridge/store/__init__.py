@@ -16,6 +16,9 @@ Functions that only read (the API's GETs) may run with `Store.read` instead, on 
 reader threads, each with its own connection, so they never queue behind writes: each read is one
 snapshot (a read-only transaction, SQLite's WAL lets it run beside the writer) that sees every
 write committed before it began. A reader whose connection was lost opens a new one and reads again.
+A function marked `@single_statement` makes one statement, which sees one moment by itself, so it
+runs without BEGIN and ROLLBACK (it opens a snapshot with `snapshot` if it needs more); on SQLite
+it runs on the event loop itself, which WAL never makes wait for the writer (`GET /v1/job/{id}`).
 
 This module holds only the Store and the helpers the subject modules share; it imports none of them.
 """
@@ -94,6 +97,10 @@ class Store:
         self._failing: str | None = None  # why the last call failed, until one succeeds
         self._write_failure: tuple[float, str] | None = None  # (when, why) a write failed on a live connection
         self._probe: asyncio.Future[None] | None = None
+        # SQLite: a @single_statement read runs on the caller's thread (the event loop), with its own
+        # connection. WAL never makes a reader wait for the writer, and one small statement costs less
+        # than handing it to a reader thread and back (two wake-ups, the GIL passed twice).
+        self._inline = isinstance(self.database, pw.SqliteDatabase)
         self._reads: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
         self._readers = [threading.Thread(target=self._reader, name=f"ota-store-read_{i}", daemon=True)
                          for i in range(READERS)]
@@ -115,6 +122,8 @@ class Store:
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
         behind a write. Raises StoreUnavailable as `call` does."""
+        if self._inline and getattr(fn, "single_statement", False):
+            return self._read(fn, args, kwargs)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         self._reads.put((loop, done, partial(self._read, fn, args, kwargs)))
@@ -125,6 +134,7 @@ class Store:
             self._reads.put(None)
         for reader in self._readers:
             reader.join()
+        _drop_connection(self.database)  # this thread's, if reads ran on it (SQLite, @single_statement)
         self._executor.submit(discard_connection, self.database).result()
         self._executor.shutdown(wait=True)
 
