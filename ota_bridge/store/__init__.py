@@ -378,16 +378,21 @@ def prepared(name: str, build: Callable[[int], Any], *values: Any) -> Any:
     builds it once per name, number of values and kind of database, then only binds new values.
     A query over a list is built once per length (`padded` keeps the lengths few).
     """
+    cursor, query = _run_prepared(name, build, values)
+    if isinstance(query, pw.SelectBase):
+        return query._get_cursor_wrapper(cursor)  # peewee's own conversion of the rows
+    return cursor
+
+
+def _run_prepared(name: str, build: Callable[[int], Any], values: tuple[Any, ...]) -> tuple[Any, Any]:
+    """The driver's cursor after running the prepared query (see `prepared`), and the query."""
     key = (name, len(values), type(db.obj))
     entry = _PREPARED.get(key)
     if entry is None:
         query = build(len(values))
         entry = _PREPARED[key] = (*query.sql(), query)
     sql, params, query = entry
-    cursor = db.execute_sql(sql, [values[p.index] if isinstance(p, Arg) else p for p in params])
-    if isinstance(query, pw.SelectBase):
-        return query._get_cursor_wrapper(cursor)  # peewee's own conversion of the rows
-    return cursor
+    return db.execute_sql(sql, [values[p.index] if isinstance(p, Arg) else p for p in params]), query
 
 
 _CONVERTERS: dict[tuple[str, int, type], list[tuple[int, Callable[[Any], Any]]]] = {}
@@ -400,12 +405,12 @@ def prepared_rows(name: str, build: Callable[[int], Any], *values: Any) -> list[
     conversion calls a function for every value of every row, which costs more than SQLite
     running the query when a read returns thousands of rows."""
     key = (name, len(values), type(db.obj))
-    rows = prepared(name, build, *values).cursor.fetchall()
+    cursor, query = _run_prepared(name, build, values)  # no peewee cursor wrapper: it is built per query
+    rows = cursor.fetchall()
     converters = _CONVERTERS.get(key)
     if converters is None:
-        columns = _PREPARED[key][2]._returning
-        converters = _CONVERTERS[key] = [(i, _converter(c)) for i, c in enumerate(columns)
-                                         if isinstance(c, pw.Field) and not isinstance(c, _AS_DRIVERS_GIVE)]
+        converters = _CONVERTERS[key] = [(i, _converter(c)) for i, c in enumerate(query._returning)
+                                         if isinstance(c, pw.Field) and not _as_driver_gives(c)]
     if not converters:
         return rows
     converted = []
@@ -415,6 +420,11 @@ def prepared_rows(name: str, build: Callable[[int], Any], *values: Any) -> list[
             row[i] = convert(row[i])
         converted.append(tuple(row))
     return converted
+
+
+def _as_driver_gives(field: pw.Field) -> bool:
+    """The driver gives this column's values as the model holds them (a key to a str or int column too)."""
+    return isinstance(field.rel_field if isinstance(field, pw.ForeignKeyField) else field, _AS_DRIVERS_GIVE)
 
 
 def as_models(row: tuple[Any, ...], *models: type[pw.Model]) -> list[Any]:
