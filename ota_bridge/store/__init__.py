@@ -417,7 +417,8 @@ def prepared_rows(name: str, build: Callable[[int], Any], *values: Any) -> list[
     for row in rows:
         row = list(row)
         for i, convert in converters:
-            row[i] = convert(row[i])
+            if row[i] is not None:  # NULL is None to every field (and most of an outer join's columns)
+                row[i] = convert(row[i])
         converted.append(tuple(row))
     return converted
 
