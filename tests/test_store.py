@@ -13,6 +13,7 @@ from ota_bridge import credentials
 from ota_bridge.api import serialize
 from ota_bridge.errors import EmptyTarget, WorkflowNotFound
 from ota_bridge.models import ChildJob, Device, Job, Workflow, now
+from ota_bridge.rollout_plan import parse
 from ota_bridge.store import (
     Store,
     devices,
@@ -25,7 +26,6 @@ from ota_bridge.store import (
     workflows,
     write_transaction,
 )
-from ota_bridge.rollout_plan import parse
 from ota_bridge.store import rollouts as held
 from ota_bridge.store.job_options import JobOptions, Retries
 from ota_bridge.store.jobs import derive_status
@@ -272,7 +272,8 @@ def test_a_job_read_beside_the_writer_answers_as_on_the_stores_thread(db: Store)
               for field, value, body in (("DeviceId", "d2", {"Rollout": {"MaxPerMinute": 1}}),
                                          ("DeviceGroup", "g", {"Rollout": {"Waves": [50, 100]}}))]
     [child] = db.call_sync(jobs.child_jobs, single)
-    db.call_sync(updates.record_device_messages, [Update("solo", child.job_id, JobStatus.IN_PROGRESS, start_time=now())], [])
+    started = Update("solo", child.job_id, JobStatus.IN_PROGRESS, start_time=now())
+    db.call_sync(updates.record_device_messages, [started], [])
     shown = [group_id, single, with_rollback, *rolled]
 
     async def on_readers() -> list[dict]:
