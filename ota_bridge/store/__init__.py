@@ -18,7 +18,8 @@ snapshot (a read-only transaction, SQLite's WAL lets it run beside the writer) t
 write committed before it began. A reader whose connection was lost opens a new one and reads again.
 A function marked `@single_statement` makes one statement, which sees one moment by itself, so it
 runs without BEGIN and ROLLBACK (it opens a snapshot with `snapshot` if it needs more); on SQLite
-it runs on the event loop itself, which WAL never makes wait for the writer (`GET /v1/job/{id}`).
+it runs on the event loop itself, which WAL never makes wait for the writer, and goes on to a
+reader thread only if it needs a snapshot after all (`GET /v1/job/{id}` of a group job).
 
 This module holds only the Store and the helpers the subject modules share; it imports none of them.
 """
@@ -121,9 +122,16 @@ class Store:
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
-        behind a write. Raises StoreUnavailable as `call` does."""
+        behind a write (on SQLite a @single_statement fn here, unless it needs a snapshot). Raises
+        StoreUnavailable as `call` does."""
         if self._inline and getattr(fn, "single_statement", False):
-            return self._read(fn, args, kwargs)
+            _READ_ONLY.on_loop = True
+            try:
+                return self._read(fn, args, kwargs)
+            except _NeedsSnapshot:
+                pass  # more than one statement (a group job's counts): not on the event loop
+            finally:
+                _READ_ONLY.on_loop = False
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         self._reads.put((loop, done, partial(self._read, fn, args, kwargs)))
@@ -326,9 +334,15 @@ def single_statement(fn: F) -> F:
     return fn
 
 
+class _NeedsSnapshot(Exception):
+    """A @single_statement read on the event loop needs more than one statement: a reader thread makes it."""
+
+
 def snapshot(fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) in one read-only transaction, from a @single_statement function that Store.read
     runs; anywhere else (the store's thread, a read already in one) fn(*args) as it is."""
+    if getattr(_READ_ONLY, "on_loop", False):
+        raise _NeedsSnapshot
     if not getattr(_READ_ONLY, "lazy", False):
         return fn(*args)
     database = db.obj
