@@ -309,8 +309,8 @@ def format_time(value: datetime | None) -> str | None:
     """ISO 8601 in UTC with millisecond precision and a 'Z' suffix."""
     if value is None:
         return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
+    if value.tzinfo is None:  # naive UTC, as the service stores times: no conversion to make
+        return value.isoformat(timespec="milliseconds") + "Z"
     return value.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

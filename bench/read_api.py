@@ -10,6 +10,7 @@ server, after a warm-up, in five rounds that alternate between them (so a change
 machine's load hits both); the figure is each one's best requests per second and the ratio
 service / constant. With --writes, a thread submits jobs back to back meanwhile (the reads then
 share the database with a busy writer; the constant server's rounds share the machine with it).
+It also prints each server's CPU time per GET (from /proc), which the machine's load moves least.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -45,19 +47,23 @@ WARM_UP = 300
 ROUNDS = 5
 
 
-async def _compare(targets: list[tuple[str, dict[str, str]]], clients: int, requests: int) -> list[float]:
-    """Best requests per second of each (url, headers): `requests` GETs from `clients` concurrent
-    tasks, the targets taking turns round after round, so a change in the machine's load hits both."""
+async def _compare(targets: list[tuple[str, dict[str, str], int]], clients: int,
+                   requests: int) -> tuple[list[float], list[float]]:
+    """Best requests per second of each (url, headers, server pid): `requests` GETs from `clients`
+    concurrent tasks, the targets taking turns round after round, so a change in the machine's load
+    hits both; and each server's CPU time per GET over all its rounds (what load moves least)."""
     sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), headers=headers)
-                for _, headers in targets]
+                for _, headers, _ in targets]
     try:
-        for session, (url, _) in zip(sessions, targets, strict=True):
+        for session, (url, _, _) in zip(sessions, targets, strict=True):
             await _round(session, url, clients, WARM_UP)
-        best = [0.0] * len(targets)
+        best, cpu = [0.0] * len(targets), [0.0] * len(targets)
         for _ in range(ROUNDS):
-            for i, (session, (url, _)) in enumerate(zip(sessions, targets, strict=True)):
+            for i, (session, (url, _, pid)) in enumerate(zip(sessions, targets, strict=True)):
+                before = _cpu_seconds(pid)
                 best[i] = max(best[i], await _round(session, url, clients, requests))
-        return best
+                cpu[i] += _cpu_seconds(pid) - before
+        return best, [seconds / (ROUNDS * requests) for seconds in cpu]
     finally:
         for session in sessions:
             await session.close()
@@ -77,6 +83,12 @@ async def _round(session: aiohttp.ClientSession, url: str, clients: int, request
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     return requests / (time.perf_counter() - start)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _writer(service: Service, workflow_id: str, device_id: str, stop: threading.Event) -> list[int]:
@@ -121,8 +133,10 @@ def main() -> None:
             writes = _writer(service, workflow_id, "reader-0", stop) if args.writes else [0]
             headers = {"Authorization": f"Bearer {api.token}"}
             started = time.perf_counter()
-            served, raw = asyncio.run(_compare([(f"{service.base_url}/v1/job/{job_id}", headers),
-                                                (f"{base}/v1/job/{job_id}", {})], args.clients, args.requests))
+            assert service.proc is not None
+            (served, raw), (cpu, raw_cpu) = asyncio.run(_compare(
+                [(f"{service.base_url}/v1/job/{job_id}", headers, service.proc.pid),
+                 (f"{base}/v1/job/{job_id}", {}, constant.pid)], args.clients, args.requests))
             stop.set()
             write_rate = writes[0] / (time.perf_counter() - started)
         finally:
@@ -134,8 +148,11 @@ def main() -> None:
           f"{served:.0f} req/s" + (f" with {write_rate:.0f} job submits/s meanwhile" if args.writes else ""))
     print(f"constant aiohttp handler, same client:  {raw:.0f} req/s")
     print(f"ratio service / constant: {served / raw:.2f}")
+    print(f"CPU per GET: service {cpu * 1e6:.0f} us, constant {raw_cpu * 1e6:.0f} us (constant / service "
+          f"{raw_cpu / cpu:.2f}: the ratio a CPU-bound service would reach)")
     result(f"read-api-{args.database}" + ("-writes" if args.writes else ""), served, "req/s", raw, served / raw,
-           "ratio >= 0.5", clients=args.clients, submits_per_s=write_rate if args.writes else None)
+           "ratio >= 0.5", clients=args.clients, submits_per_s=write_rate if args.writes else None,
+           cpu_us_per_get=round(cpu * 1e6), constant_cpu_us_per_get=round(raw_cpu * 1e6))
 
 
 def _answers(url: str) -> bool:

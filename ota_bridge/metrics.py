@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -74,8 +74,16 @@ def device_updates(applied: int = 0, late: int = 0, dropped: int = 0) -> None:
 
 
 def http_request(method: str, route: str, status: int, seconds: float) -> None:
-    HTTP_REQUESTS.labels(method, route, str(status)).inc()
-    HTTP_SECONDS.labels(method, route).observe(seconds)
+    key = (method, route, status)
+    children = _HTTP_CHILDREN.get(key)
+    if children is None:  # a few per route (methods, statuses): labels() looked up once each
+        children = _HTTP_CHILDREN[key] = (HTTP_REQUESTS.labels(method, route, str(status)),
+                                          HTTP_SECONDS.labels(method, route))
+    children[0].inc()
+    children[1].observe(seconds)
+
+
+_HTTP_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 
 def webhook_delivery(outcome: str) -> None:

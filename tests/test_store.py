@@ -11,8 +11,10 @@ import pytest
 
 from agent.protocol import JobStatus
 from ota_bridge import credentials
+from ota_bridge.api import serialize
 from ota_bridge.errors import EmptyTarget, WorkflowNotFound
 from ota_bridge.models import ChildJob, Device, Job, Workflow, now
+from ota_bridge.rollout_plan import parse
 from ota_bridge.store import (
     Store,
     devices,
@@ -20,10 +22,14 @@ from ota_bridge.store import (
     prepared,
     prepared_rows,
     queues,
+    single_statement,
     updates,
     workflows,
     write_transaction,
 )
+from ota_bridge.rollout_plan import parse
+from ota_bridge.store import rollouts as held
+from ota_bridge.store.job_options import JobOptions, Retries
 from ota_bridge.store.jobs import derive_status, new_ids
 from ota_bridge.store.updates import Update
 
@@ -252,12 +258,72 @@ def test_a_read_answers_while_a_write_is_open_and_sees_only_what_was_committed(d
     assert asyncio.run(scenario()) == (["before"], ["before", "during"])
 
 
+def test_a_job_read_beside_the_writer_answers_as_on_the_stores_thread(db: Store) -> None:
+    """A single-device job is one statement on a reader (no snapshot); a group job, one with OnFailure
+    or with a rollout reads its rows in a snapshot. Every one answers as the store's own thread does."""
+    group_id, _ = group_job(db, 3)
+    db.call_sync(devices.register_device, "solo", None, [])
+    wf = db.call_sync(workflows.create_workflow, "wf2", "echo {{V}}", None, False).workflow_id
+    rollback = db.call_sync(workflows.create_workflow, "undo", "true", None, False).workflow_id
+    single = db.call_sync(jobs.submit_job, None, wf, "DeviceId", "solo", None,
+                          options=JobOptions(parameters={"V": "x"}, retries=Retries(2)))[0].job_id
+    with_rollback = db.call_sync(jobs.submit_job, None, wf, "DeviceId", "d1", None,
+                                 options=JobOptions(parameters={"V": "y"}, on_failure=rollback))[0].job_id
+    rolled = [db.call_sync(held.submit_job, None, wf, field, value, None, parse(body, field),
+                           JobOptions(parameters={"V": "z"}))[0].job_id
+              for field, value, body in (("DeviceId", "d2", {"Rollout": {"MaxPerMinute": 1}}),
+                                         ("DeviceGroup", "g", {"Rollout": {"Waves": [50, 100]}}))]
+    [child] = db.call_sync(jobs.child_jobs, single)
+    started = Update("solo", child.job_id, JobStatus.IN_PROGRESS, start_time=now())
+    db.call_sync(updates.record_device_messages, [started], [])
+    shown = [group_id, single, with_rollback, *rolled]
+
+    async def on_readers() -> list[dict]:
+        return [serialize.job(s) for s in await asyncio.gather(*(db.read(jobs.get_job, j) for j in shown))]
+
+    on_store_thread = [serialize.job(db.call_sync(jobs.get_job, j)) for j in shown]
+    assert asyncio.run(on_readers()) == on_store_thread
+    assert [j["Status"] for j in on_store_thread] == ["QUEUED", "IN_PROGRESS", "QUEUED", "QUEUED", "QUEUED"]
+    assert on_store_thread[1]["Retries"]["Max"] == 2 and on_store_thread[1]["StartTime"] is not None
+    assert on_store_thread[2]["OnFailure"]["Result"]["SCHEDULED"] == 1
+    assert on_store_thread[3]["Rollout"]["Released"] == 0 and on_store_thread[4]["Rollout"]["Waves"] == 2
+
+
+def test_a_job_read_answers_while_a_write_is_open_and_sees_only_what_was_committed(db: Store) -> None:
+    """GET /v1/job/{id}'s read is one statement, on SQLite made on the event loop itself: it must not
+    wait for the writer (the write here stays open until the read has answered)."""
+    db.call_sync(devices.register_device, "d0", None, [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False).workflow_id
+    job_id = db.call_sync(jobs.submit_job, None, wf, "DeviceId", "d0", None)[0].job_id
+    open_write, release = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        with write_transaction():
+            ChildJob.update(status=JobStatus.IN_PROGRESS.value).where(ChildJob.parent == job_id).execute()
+            open_write.set()
+            release.wait(10)
+
+    async def scenario() -> tuple[str, str]:
+        writing = asyncio.ensure_future(db.call(slow_write))
+        try:
+            assert await asyncio.to_thread(open_write.wait, 10)
+            during = await db.read(jobs.get_job, job_id)
+        finally:
+            release.set()
+            await writing
+        return during.status.value, (await db.read(jobs.get_job, job_id)).status.value
+
+    assert asyncio.run(scenario()) == ("QUEUED", "IN_PROGRESS")
+
+
 def test_a_read_cannot_write(db: Store) -> None:
     def sneaky() -> None:
         Workflow.insert(workflow_id="sneaky", name="x", command="true").execute()
 
     with pytest.raises(Exception, match="(?i)read-?only"):
         asyncio.run(db.read(sneaky))
+    with pytest.raises(Exception, match="(?i)read-?only"):  # nor without a transaction around it
+        asyncio.run(db.read(single_statement(sneaky)))
     assert db.call_sync(workflows.list_workflows) == []
     assert asyncio.run(db.read(jobs.list_jobs, 10, 0)) == ([], 0)  # the reader is still usable
 

@@ -5,6 +5,7 @@ The OpenAPI document (openapi.py) reads the same patterns, so what it promises i
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Mapping
 
@@ -48,15 +49,25 @@ async def request_shape_middleware(request: web.Request, handler: Handler) -> we
     if request.method in BODYLESS_METHODS and request.body_exists:
         raise InvalidRequest(f"{request.method} requests take no body; send the request without one")
     resource = request.match_info.route.resource
-    kind = id_kind(resource.canonical) if resource is not None else None
-    if kind in PATH_ID_SHAPES:
+    kind = _shaped_kind(resource.canonical) if resource is not None else None
+    if kind is not None:
         _check_id(kind, request.match_info["id"])
     return await handler(request)
 
 
+@functools.cache
+def _shaped_kind(canonical_path: str) -> str | None:
+    """The kind of id a route's {id} holds, if PATH_ID_SHAPES has its shape; once per route."""
+    kind = id_kind(canonical_path)
+    return kind if kind in PATH_ID_SHAPES else None
+
+
+_ID_PATTERNS = {kind: re.compile(pattern) for kind, (pattern, _) in PATH_ID_SHAPES.items()}
+
+
 def _check_id(kind: str, value: str) -> None:
-    pattern, shape = PATH_ID_SHAPES[kind]
-    if not re.fullmatch(pattern, value):
+    _, shape = PATH_ID_SHAPES[kind]
+    if not _ID_PATTERNS[kind].fullmatch(value):
         raise MalformedId(f"{_shown(value)!r} is not a {kind} id, so no such {kind} exists: {kind} ids are {shape}")
 
 

@@ -31,7 +31,8 @@ class TokenCache:
     async def identify(self, token: str) -> TokenIdentity | None:
         """Whom the token stands for, or None when it is not valid."""
         digest = credentials.token_hash(token)
-        await self._refresh(older_than=REFRESH_SECONDS)
+        if time.monotonic() - self._read_at >= REFRESH_SECONDS:  # the usual case: no coroutine to await
+            await self._refresh(older_than=REFRESH_SECONDS)
         found = self._match(digest)
         if found is None:
             await self._refresh(older_than=MISS_REFRESH_SECONDS)

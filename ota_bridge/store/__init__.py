@@ -16,6 +16,10 @@ Functions that only read (the API's GETs) may run with `Store.read` instead, on 
 reader threads, each with its own connection, so they never queue behind writes: each read is one
 snapshot (a read-only transaction, SQLite's WAL lets it run beside the writer) that sees every
 write committed before it began. A reader whose connection was lost opens a new one and reads again.
+A function marked `@single_statement` makes one statement, which sees one moment by itself, so it
+runs without BEGIN and ROLLBACK (it opens a snapshot with `snapshot` if it needs more); on SQLite
+it runs on the event loop itself, which WAL never makes wait for the writer, and goes on to a
+reader thread only if it needs a snapshot after all (`GET /v1/job/{id}` of a group job).
 
 This module holds only the Store and the helpers the subject modules share; it imports none of them.
 """
@@ -28,7 +32,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -65,6 +69,9 @@ PROBE_SECONDS = 3.0  # how long the health check waits for the database's answer
 WRITE_FAILURE_SECONDS = 30.0  # a failed write (a full disk) counts as unavailable this long, unless a write succeeds
 UNAVAILABLE = (pw.OperationalError, pw.InterfaceError)
 READERS = 4  # threads answering Store.read, each with its own connection
+# A read for a reader thread: the caller's loop, the future it awaits there, the work. The answer goes
+# back with one call_soon_threadsafe (no concurrent.futures.Future, its lock and its chaining).
+Read = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any]]
 
 
 def idempotent(fn: F) -> F:
@@ -115,7 +122,11 @@ class Store:
         self._failing: str | None = None  # why the last call failed, until one succeeds
         self._write_failure: tuple[float, str] | None = None  # (when, why) a write failed on a live connection
         self._probe: asyncio.Future[None] | None = None
-        self._reads: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        # SQLite: a @single_statement read runs on the caller's thread (the event loop), with its own
+        # connection. WAL never makes a reader wait for the writer, and one small statement costs less
+        # than handing it to a reader thread and back (two wake-ups, the GIL passed twice).
+        self._inline = isinstance(self.database, pw.SqliteDatabase)
+        self._reads: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
         self._commits = 0  # calls that committed a write (or may have): counted on the store's thread
         self._commits_heard = 0  # the count the event loop last woke the waiters for
         self._commit_waiters: set[asyncio.Future[None]] = set()
@@ -172,16 +183,27 @@ class Store:
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
-        behind a write. Raises StoreUnavailable as `call` does."""
-        done: Future[T] = Future()
-        self._reads.put((done, partial(self._read, fn, args, kwargs)))
-        return await asyncio.wrap_future(done)
+        behind a write (on SQLite a @single_statement fn here, unless it needs a snapshot). Raises
+        StoreUnavailable as `call` does."""
+        if self._inline and getattr(fn, "single_statement", False):
+            _READ_ONLY.on_loop = True
+            try:
+                return self._read(fn, args, kwargs)
+            except _NeedsSnapshot:
+                pass  # more than one statement (a group job's counts): not on the event loop
+            finally:
+                _READ_ONLY.on_loop = False
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._reads.put((loop, done, partial(self._read, fn, args, kwargs)))
+        return await done
 
     def close(self) -> None:
         for _ in self._readers:
             self._reads.put(None)
         for reader in self._readers:
             reader.join()
+        _drop_connection(self.database)  # this thread's, if reads ran on it (SQLite, @single_statement)
         self._executor.submit(discard_connection, self.database).result()
         self._executor.shutdown(wait=True)
 
@@ -311,12 +333,15 @@ class Store:
     def _reader(self) -> None:
         try:
             while (work := self._reads.get()) is not None:
-                done, run = work
-                if done.set_running_or_notify_cancel():
-                    try:
-                        done.set_result(run())
-                    except BaseException as e:
-                        done.set_exception(e)
+                loop, done, run = work
+                if done.cancelled():  # its caller went away before it began (a benign race: it may still run)
+                    continue
+                try:
+                    answer = partial(_resolve, done, run(), None)
+                except BaseException as e:
+                    answer = partial(_resolve, done, None, e)
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                    loop.call_soon_threadsafe(answer)
         finally:
             _drop_connection(self.database)
 
@@ -345,18 +370,41 @@ class Store:
         return StoreUnavailable(f"the database is unavailable: {reason}")
 
 
+def _resolve(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """On the event loop: a read's answer to its caller, unless the caller is gone."""
+    if done.cancelled():
+        return
+    if error is None:
+        done.set_result(result)
+    else:
+        done.set_exception(error)
+
+
 _READ_ONLY = threading.local()  # the reader thread's connection once it is made read-only
 
 
 def _snapshot(database: GuardedDatabase, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-    """fn in one read-only transaction on this thread's connection."""
-    sqlite = isinstance(database, pw.SqliteDatabase)
+    """fn in one read-only transaction on this thread's connection; a @single_statement fn without
+    one (it opens one itself, with `snapshot`, if it needs more than one statement)."""
     with pw.__exception_wrapper__:
         conn = database.connection()
         if getattr(_READ_ONLY, "conn", None) is not conn:
+            sqlite = isinstance(database, pw.SqliteDatabase)
             _raw(conn, "PRAGMA query_only = 1" if sqlite else "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
             _READ_ONLY.conn = conn
-        _raw(conn, "BEGIN" if sqlite else "BEGIN ISOLATION LEVEL REPEATABLE READ")
+    if not getattr(fn, "single_statement", False):
+        return _in_transaction(database, conn, fn, args, kwargs)
+    _READ_ONLY.lazy = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _READ_ONLY.lazy = False
+
+
+def _in_transaction(database: GuardedDatabase, conn: Any, fn: Callable[..., T], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> T:
+    with pw.__exception_wrapper__:
+        _raw(conn, "BEGIN" if isinstance(database, pw.SqliteDatabase) else "BEGIN ISOLATION LEVEL REPEATABLE READ")
     try:
         result = fn(*args, **kwargs)
     except BaseException:
@@ -368,6 +416,35 @@ def _snapshot(database: GuardedDatabase, fn: Callable[..., T], args: tuple[Any, 
     with pw.__exception_wrapper__:
         _raw(conn, "ROLLBACK")
     return result
+
+
+def single_statement(fn: F) -> F:
+    """Mark a reading function that makes one statement, or calls `snapshot` before it makes more.
+
+    One statement sees one moment by itself, so Store.read runs such a function without BEGIN and
+    ROLLBACK around it: one round trip instead of three on PostgreSQL.
+    """
+    fn.single_statement = True
+    return fn
+
+
+class _NeedsSnapshot(Exception):
+    """A @single_statement read on the event loop needs more than one statement: a reader thread makes it."""
+
+
+def snapshot(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in one read-only transaction, from a @single_statement function that Store.read
+    runs; anywhere else (the store's thread, a read already in one) fn(*args) as it is."""
+    if getattr(_READ_ONLY, "on_loop", False):
+        raise _NeedsSnapshot
+    if not getattr(_READ_ONLY, "lazy", False):
+        return fn(*args)
+    database = db.obj
+    _READ_ONLY.lazy = False
+    try:
+        return _in_transaction(database, database.connection(), fn, args, {})
+    finally:
+        _READ_ONLY.lazy = True
 
 
 def _raw(conn: Any, sql: str) -> None:
@@ -409,6 +486,14 @@ def prepared(name: str, build: Callable[[int], Any], *values: Any) -> Any:
     builds it once per name, number of values and kind of database, then only binds new values.
     A query over a list is built once per length (`padded` keeps the lengths few).
     """
+    cursor, query = _run_prepared(name, build, values)
+    if isinstance(query, pw.SelectBase):
+        return query._get_cursor_wrapper(cursor)  # peewee's own conversion of the rows
+    return cursor
+
+
+def _run_prepared(name: str, build: Callable[[int], Any], values: tuple[Any, ...]) -> tuple[Any, Any]:
+    """The driver's cursor after running the prepared query (see `prepared`), and the query."""
     key = (name, len(values), type(db.obj))
     entry = _PREPARED.get(key)
     if entry is None:
@@ -417,11 +502,8 @@ def prepared(name: str, build: Callable[[int], Any], *values: Any) -> Any:
         in_order = [p.index if isinstance(p, Arg) else None for p in params] == list(range(len(values)))
         entry = _PREPARED[key] = (sql, None if in_order else params, query)  # None: the values as they come
     sql, params, query = entry
-    cursor = db.execute_sql(sql, values if params is None else
-                            [values[p.index] if isinstance(p, Arg) else p for p in params])
-    if isinstance(query, pw.SelectBase):
-        return query._get_cursor_wrapper(cursor)  # peewee's own conversion of the rows
-    return cursor
+    return db.execute_sql(sql, values if params is None else
+                          [values[p.index] if isinstance(p, Arg) else p for p in params]), query
 
 
 _CONVERTERS: dict[tuple[str, int, type], list[tuple[int, Callable[[Any], Any]]]] = {}
@@ -434,21 +516,53 @@ def prepared_rows(name: str, build: Callable[[int], Any], *values: Any) -> list[
     conversion calls a function for every value of every row, which costs more than SQLite
     running the query when a read returns thousands of rows."""
     key = (name, len(values), type(db.obj))
-    rows = prepared(name, build, *values).cursor.fetchall()
+    cursor, query = _run_prepared(name, build, values)  # no peewee cursor wrapper: it is built per query
+    rows = cursor.fetchall()
     converters = _CONVERTERS.get(key)
     if converters is None:
-        columns = _PREPARED[key][2]._returning
-        converters = _CONVERTERS[key] = [(i, _converter(c)) for i, c in enumerate(columns)
-                                         if isinstance(c, pw.Field) and not isinstance(c, _AS_DRIVERS_GIVE)]
+        converters = _CONVERTERS[key] = [(i, _converter(c)) for i, c in enumerate(query._returning)
+                                         if isinstance(c, pw.Field) and not _as_driver_gives(c)]
     if not converters:
         return rows
     converted = []
     for row in rows:
         row = list(row)
         for i, convert in converters:
-            row[i] = convert(row[i])
+            if row[i] is not None:  # NULL is None to every field (and most of an outer join's columns)
+                row[i] = convert(row[i])
         converted.append(tuple(row))
     return converted
+
+
+def _as_driver_gives(field: pw.Field) -> bool:
+    """The driver gives this column's values as the model holds them (a key to a str or int column too)."""
+    return isinstance(field.rel_field if isinstance(field, pw.ForeignKeyField) else field, _AS_DRIVERS_GIVE)
+
+
+def as_models(row: tuple[Any, ...], *models: type[pw.Model]) -> list[Any]:
+    """A row of a select(*models) (each model's fields in its own order) as one instance per model,
+    None where the primary key is NULL (an outer join that found nothing). What peewee makes, without
+    matching the cursor's columns to fields again on every query. Convert the row first (prepared_rows)."""
+    found, start = [], 0
+    for model in models:
+        names, key = _LAYOUTS.get(model) or _LAYOUTS.setdefault(model, _layout(model))
+        values = row[start:start + len(names)]
+        start += len(names)
+        if values[key] is None:
+            found.append(None)
+            continue
+        instance = model.__new__(model)
+        instance.__data__, instance._dirty, instance.__rel__ = dict(zip(names, values, strict=True)), set(), {}
+        found.append(instance)
+    return found
+
+
+_LAYOUTS: dict[type[pw.Model], tuple[tuple[str, ...], int]] = {}
+
+
+def _layout(model: type[pw.Model]) -> tuple[tuple[str, ...], int]:
+    names = tuple(model._meta.sorted_field_names)
+    return names, names.index(model._meta.primary_key.name)
 
 
 def _converter(field: pw.Field) -> Callable[[Any], Any]:

@@ -14,7 +14,22 @@ from agent.protocol import DEFAULT_TIMEOUT_SECONDS, PENDING_STATUSES, JobStatus
 
 from ..errors import DeviceNotFound, EmptyTarget, InvalidRequest, JobNotFound
 from ..models import ChildJob, Device, DeviceTag, Job, Rollout, db, now
-from . import PENDING, arg, args, chunks, finalize, idempotent, padded, pieces, prepared, write_transaction
+from . import (
+    PENDING,
+    arg,
+    args,
+    as_models,
+    chunks,
+    finalize,
+    idempotent,
+    padded,
+    pieces,
+    prepared,
+    prepared_rows,
+    single_statement,
+    snapshot,
+    write_transaction,
+)
 from .artifacts import snapshot_for_job
 from .attempts import ChildView, child_views, end_silent, insert_with_rollbacks, rollback_counts, settle_stray_rollbacks
 from .devices import device_exists
@@ -149,10 +164,13 @@ class JobSummary:
         return derive_status(self.counts)
 
 
+_AS_PARENT_SEES = {s.value: JobStatus.QUEUED if s is JobStatus.SCHEDULED else s for s in JobStatus}
+
+
 def derive_status(counts: dict[str, int]) -> JobStatus:
     """A parent's status from its children's: see docs/protocol.md, 'Parent status'. A held
     (SCHEDULED) child counts as QUEUED: pending."""
-    present = {JobStatus.QUEUED if s == JobStatus.SCHEDULED.value else JobStatus(s) for s, n in counts.items() if n}
+    present = {_AS_PARENT_SEES[s] for s, n in counts.items() if n}
     if not present:
         return JobStatus.CANCELED
     if len(present) == 1:
@@ -164,7 +182,30 @@ def derive_status(counts: dict[str, int]) -> JobStatus:
     return JobStatus.FAILED
 
 
+@single_statement
 def get_job(job_id: str) -> JobSummary:
+    """One job's summary. A single-device job without OnFailure (most jobs) takes one statement: the
+    job, its rollout and its one child joined; any other job's rows are read in one snapshot."""
+    rows = prepared_rows("job_row", _job_row, job_id)
+    if not rows:
+        raise JobNotFound(job_id)
+    job, rollout, child = as_models(rows[0], Job, Rollout, ChildJob)
+    if job.target_field != "DeviceId" or job.on_failure_command is not None:
+        return snapshot(_get_job, job_id)
+    times = [(child.start_time, child.end_time)] if child is not None else []
+    return _summary(job, {child.status: 1} if child is not None else {}, times, child, rollout, None)
+
+
+def _job_row(_: int) -> pw.Query:
+    """A job, its rollout if it has one, and its one child if it targets a device (not its rollback child)."""
+    single = (ChildJob.parent == Job.job_id) & (Job.target_field == "DeviceId") & ChildJob.on_failure_of.is_null()
+    return (Job.select(Job, Rollout, ChildJob)
+            .join_from(Job, Rollout, pw.JOIN.LEFT_OUTER, on=(Rollout.job == Job.job_id))
+            .join_from(Job, ChildJob, pw.JOIN.LEFT_OUTER, on=single)
+            .where(Job.job_id == arg(0)))
+
+
+def _get_job(job_id: str) -> JobSummary:
     job = next(iter(prepared("job", lambda _: Job.select().where(Job.job_id == arg(0)), job_id)), None)
     if job is None:
         raise JobNotFound(job_id)
