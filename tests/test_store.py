@@ -27,7 +27,6 @@ from ota_bridge.store import (
     workflows,
     write_transaction,
 )
-from ota_bridge.rollout_plan import parse
 from ota_bridge.store import rollouts as held
 from ota_bridge.store.job_options import JobOptions, Retries
 from ota_bridge.store.jobs import derive_status, new_ids
