@@ -266,7 +266,7 @@ def _release_first(job_id: str, rollbacks: bool, count: int, pending: int) -> li
     the job's own children the decision counted not yet final."""
     if count <= 0:
         return []
-    if count * PROBES_PER_ROW >= pending and _only_own_pending(job_id, pending + 1):
+    if count * ROWS_PER_PROBE >= pending and _only_own_pending(job_id, pending + 1):
         # every job not yet final is one of this job's own children, at most one a device: each is alone
         children = [(*c, True) for c in prepared_rows(f"rollout_held_lone/{rollbacks}", lambda _: (
             ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.job_id, ChildJob.attempt)
@@ -283,10 +283,12 @@ def _release_first(job_id: str, rollbacks: bool, count: int, pending: int) -> li
     return children
 
 
-# A child's probe (_alone) reads about as much as PROBES_PER_ROW rows of the scan of every job not
-# yet final (_only_own_pending; PostgreSQL, 10,000 devices: ~6 us a probe, ~1 us a row scanned): the
-# decision scans when it releases at least 1/PROBES_PER_ROW of its job's pending children.
-PROBES_PER_ROW = 4
+# A child's probe (_alone: four descents of the device's queue index, a heap fetch) costs what
+# reading about nine rows of the scan of every job not yet final costs (_only_own_pending;
+# PostgreSQL, 10,000 devices: ~6 us a probe, ~0.7 us a row). The decision scans when it releases
+# at least 1/ROWS_PER_PROBE of its job's pending children: 4, not 9, as a scan that finds another
+# job's child is wasted (the probes follow).
+ROWS_PER_PROBE = 4
 
 
 def _only_own_pending(job_id: str, limit: int) -> bool:
