@@ -146,3 +146,59 @@ def test_a_release_builds_the_queues_a_read_would_give(db: Store) -> None:
     assert built.head is not None and built.head.status == JobStatus.QUEUED.value
     assert (built.head, built.floor, built.total) == (fresh.head, fresh.floor, fresh.total)
     assert queue_message(built) == queue_message(fresh)
+
+
+def _waves_job(db: Store, waves: list[int], devices_: int = 4) -> str:
+    for i in range(1, devices_ + 1):
+        db.call_sync(devices.register_device, f"d{i}", "g", [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "echo hi", None, False)
+    plan = parse({"Rollout": {"Waves": waves}}, "DeviceGroup")
+    assert plan is not None
+    job, _ = db.call_sync(held.submit_job, "waves", wf.workflow_id, "DeviceGroup", "g", None, plan)
+    return job.job_id
+
+
+def _assert_read_alike(db: Store, built: list[queues.DeviceQueue]) -> None:
+    fresh = db.call_sync(queues.device_queues, [q.device_id for q in built])
+    for b, f in zip(built, fresh, strict=True):
+        assert (b.device_id, b.head, b.floor, b.total) == (f.device_id, f.head, f.floor, f.total)
+        assert queue_message(b) == queue_message(f)
+
+
+def test_a_release_of_a_jobs_only_pending_children_builds_every_queue(db: Store) -> None:
+    """Every job not yet final is the rollout's own child (one set-based read, no probe per child):
+    every device released gets its queue built, equal to a read; the next release too."""
+    job_id = _waves_job(db, [50, 100])
+    first = db.call_sync(held.advance, job_id, now())
+    assert first.device_ids == ["d1", "d2"]
+    assert [q.device_id for q in first.queues] == ["d1", "d2"]
+    _assert_read_alike(db, first.queues)
+    done = [Update(q.device_id, q.head.job_id, JobStatus.SUCCEEDED) for q in first.queues if q.head]
+    db.call_sync(record_device_messages, done, [])
+    second = db.call_sync(held.advance, job_id, now())
+    assert second.device_ids == ["d3", "d4"]
+    assert [q.device_id for q in second.queues] == ["d3", "d4"]
+    _assert_read_alike(db, second.queues)
+
+
+def test_another_jobs_pending_child_anywhere_makes_the_release_probe_each_device(db: Store) -> None:
+    """A job not yet final on a device that is not released this time: the set-based read cannot
+    tell, so every released device is probed: all still alone, all built."""
+    job_id = _waves_job(db, [50, 100])
+    wf = db.call_sync(workflows.create_workflow, "other", "echo hi", None, False)
+    db.call_sync(jobs.submit_job, "elsewhere", wf.workflow_id, "DeviceId", "d4", None)
+    decided = db.call_sync(held.advance, job_id, now())
+    assert decided.device_ids == ["d1", "d2"]
+    assert [q.device_id for q in decided.queues] == ["d1", "d2"]
+    _assert_read_alike(db, decided.queues)
+
+
+def test_a_small_release_probes_and_leaves_out_a_busy_device(db: Store) -> None:
+    """A release of few of the job's pending children probes each (no read of every pending job):
+    a device with another job waiting behind its child is left to the publisher's read."""
+    job_id = _waves_job(db, [10, 100], devices_=10)
+    wf = db.call_sync(workflows.create_workflow, "other", "echo hi", None, False)
+    db.call_sync(jobs.submit_job, "later", wf.workflow_id, "DeviceId", "d1", None)
+    decided = db.call_sync(held.advance, job_id, now())
+    assert decided.device_ids == ["d1"]
+    assert decided.queues == []

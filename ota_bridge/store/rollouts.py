@@ -246,7 +246,8 @@ def _release(row: Rollout, plan: Plan, rollbacks: bool, counts: dict[str, int],
     wanted = allowed(plan, progress, counts, current)
     if progress.wave != wave:  # a new wave opened: its children are those it releases from now on
         row.wave_from_seq = None
-    children = _release_first(row.job_id, rollbacks, min(wanted, counts.get(SCHEDULED, 0), ROLLOUT_BATCH))
+    pending = sum(counts.get(s, 0) for s in PENDING)
+    children = _release_first(row.job_id, rollbacks, min(wanted, counts.get(SCHEDULED, 0), ROLLOUT_BATCH), pending)
     if plan.waves and children and row.wave_from_seq is None:
         row.wave_from_seq = children[0][0]
     progress.released += len(children)
@@ -258,21 +259,51 @@ def _release(row: Rollout, plan: Plan, rollbacks: bool, counts: dict[str, int],
 Released = tuple[int, str, str, int, Any]  # a child released: Seq, device id, job id, attempt, alone
 
 
-def _release_first(job_id: str, rollbacks: bool, count: int) -> list[Released]:
+def _release_first(job_id: str, rollbacks: bool, count: int, pending: int) -> list[Released]:
     """The job's first `count` children held by its rollout, in Seq order, become QUEUED: one
     UPDATE by Seq range (no list of ids). Returns them, each with whether it is its device's only
-    job not yet final (`alone`: then its queue is known without a read)."""
+    job not yet final (`alone`: then its queue is known without a read). `pending`: how many of
+    the job's own children the decision counted not yet final."""
     if count <= 0:
         return []
-    children = prepared_rows(f"rollout_held/{rollbacks}", lambda _: (
-        ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.job_id, ChildJob.attempt, _alone())
-        .where(*_held_now(rollbacks)).order_by(ChildJob.seq).limit(arg(1)).tuples()), job_id, count)
+    if count * ROWS_PER_PROBE >= pending and _only_own_pending(job_id, pending + 1):
+        # every job not yet final is one of this job's own children, at most one a device: each is alone
+        children = [(*c, True) for c in prepared_rows(f"rollout_held_lone/{rollbacks}", lambda _: (
+            ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.job_id, ChildJob.attempt)
+            .where(*_held_now(rollbacks)).order_by(ChildJob.seq).limit(arg(1)).tuples()), job_id, count)]
+    else:
+        children = prepared_rows(f"rollout_held/{rollbacks}", lambda _: (
+            ChildJob.select(ChildJob.seq, ChildJob.device_id, ChildJob.job_id, ChildJob.attempt, _alone())
+            .where(*_held_now(rollbacks)).order_by(ChildJob.seq).limit(arg(1)).tuples()), job_id, count)
     if children:
         prepared(f"rollout_release/{rollbacks}", lambda _: (
             ChildJob.update({ChildJob.status: JobStatus.QUEUED.value, ChildJob.reason: None, ChildJob.updated: arg(3)})
             .where(*_held_now(rollbacks), ChildJob.seq.between(arg(1), arg(2)))),
             job_id, children[0][0], children[-1][0], now())
     return children
+
+
+# A child's probe (_alone: four descents of the device's queue index, a heap fetch) costs what
+# reading about nine rows of the scan of every job not yet final costs (_only_own_pending;
+# PostgreSQL, 10,000 devices: ~6 us a probe, ~0.7 us a row). The decision scans when it releases
+# at least 1/ROWS_PER_PROBE of its job's pending children: 4, not 9, as a scan that finds another
+# job's child is wasted (the probes follow).
+ROWS_PER_PROBE = 4
+
+
+def _only_own_pending(job_id: str, limit: int) -> bool:
+    """Whether every child job not yet final, of any job, is this job's own (not a rollback child):
+    one set-based read of the jobs not yet final, at most `limit` of them, instead of one probe of
+    the device's queue per child released. A job has one child a device (its rollback children
+    aside), so then each of its children is its device's only job not yet final. Both counts come
+    from one statement, so from one snapshot; False if `limit` rows were read (there may be more)."""
+    def build(_: int) -> pw.Query:
+        rows = (ChildJob.select(ChildJob.parent, ChildJob.on_failure_of).where(ChildJob.status.in_(PENDING))
+                .limit(arg(1)).alias("pending"))
+        own = pw.Case(None, [((rows.c.parent_id == arg(0)) & rows.c.on_failure_of.is_null(), 1)], 0)
+        return pw.Select([rows], [pw.fn.COUNT(pw.SQL("*")), pw.fn.SUM(own)]).bind(db).tuples()
+    ((read, own),) = prepared_rows("only_own_pending", build, job_id, limit)
+    return read < limit and read == (own or 0)
 
 
 def _alone() -> pw.Node:
