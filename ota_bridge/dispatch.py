@@ -379,6 +379,10 @@ class Dispatcher:
             await self.link.room()  # the head progress below publishes without the publisher
         current = now()
         self.mark(self._publish_from_memory(outcomes, current))
+        # A new device's first head, when it is first heard online (not at registration: see api/views.py);
+        # a device that reports on a job has had one.
+        reporting = {u.device_id for u in updates}
+        self.mark(d for d in outcomes.first_seen if d not in reporting)
         self.refresh_old_heads((device for device, online, seen in presence if online and seen is not None), current)
 
     async def _store(self, updates: list[Update], presence: list[Presence]) -> UpdateOutcomes:
@@ -408,6 +412,7 @@ class Dispatcher:
             outcomes.dropped += result.dropped
             outcomes.reshaped |= result.reshaped
             outcomes.highest_seq = max(outcomes.highest_seq, result.highest_seq)
+            outcomes.first_seen += result.first_seen
             epochs.add(result.epoch)
         outcomes.epoch = epochs.pop() if len(epochs) == 1 else -1
         return outcomes

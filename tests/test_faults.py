@@ -160,13 +160,3 @@ def test_bad_device_messages_do_not_stop_the_service(launch: Launcher) -> None:
         assert "ignored a bad message from device dev1" in service.log()
     finally:
         device.close()
-
-
-def test_a_newly_registered_device_gets_a_signed_idle_head(launch: Launcher) -> None:
-    service = launch.service()
-    device = FakeDevice(service.broker_url, "fresh", service.api.device("fresh"))  # registered while running
-    try:
-        head = device.next_head(timeout=15)  # before: nothing, so an agent warned it may be on the wrong broker
-        assert head is not None and "JobId" not in head and head["DeviceId"] == "fresh" and head["Signature"]
-    finally:
-        device.close()

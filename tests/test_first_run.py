@@ -132,14 +132,14 @@ def test_the_agent_and_watch_commands_the_service_prints_run_a_job(kind: str, la
         reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, "")), daemon=True)
         reader.start()
         try:
-            # The registration's idle head is retained: once the watcher prints it, it has subscribed, so
-            # it cannot miss the job's status messages (not retained) however slowly it started.
-            wait_until(lambda: any("ota/v1/devices/dev1/" in line for line in lines), 30, "the watcher subscribed")
             argv = shlex.split(agent_line.replace("DEVICE-ID", "dev1"))
             agent = Process("printed agent", argv, tmp_path / "a.log")
             launch.started.append(agent)
             monkeypatch.chdir(tmp_path)  # the printed --state-dir and --password-file are relative to where it runs
             agent.start()
+            # The device's first head is published (retained) when it first comes online: once the watcher
+            # prints it, it has subscribed, so it cannot miss the job's status messages (not retained).
+            wait_until(lambda: any("ota/v1/devices/dev1/job" in line for line in lines), 30, "the watcher subscribed")
             job = service.api.submit(service.api.workflow("echo tour"), DeviceId="dev1")
             assert service.api.wait_job(job, 60)["Result"] == "tour\n"
         finally:

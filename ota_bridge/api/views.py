@@ -223,7 +223,9 @@ async def _register(request: web.Request, wanted: list[DeviceIn]) -> list[dict[s
     views = await _store(request).call(rollouts.register_devices, new)
     accounts = [(d.DeviceId, password) for d, (password, _) in zip(wanted, pairs, strict=True)]
     await request.app[ACCOUNTS].registered(accounts)
-    request.app[DISPATCHER].mark(device_id for device_id, _ in accounts)  # a signed idle head: agents wait for one
+    # No head yet: a new device is given its first (signed, idle) head when it first comes online
+    # (Dispatcher._handle, first_seen), so registering a fleet costs hashing and inserting, not the
+    # signing and publishing of a head for every device that may not connect for days.
     return [{**serialize.device(view), "MqttUsername": device_id, "MqttPassword": password}
             for view, (device_id, password) in zip(views, accounts, strict=True)]
 

@@ -183,8 +183,12 @@ def check_device_password(device_id: str, password: str) -> bool:
     return bool(device and device.enabled and credentials.verify_password(password, device.password_hash))
 
 
-def set_presence(updates: list[tuple[str, bool, datetime | None]]) -> None:
-    """Record (device_id, online, seen at) per device; a None time keeps LastSeen as it was."""
+def set_presence(updates: list[tuple[str, bool, datetime | None]]) -> list[str]:
+    """Record (device_id, online, seen at) per device; a None time keeps LastSeen as it was.
+
+    Returns the devices heard online, live, for the first time ever (no LastSeen yet): a device is
+    given its first head then, not at registration (see Dispatcher._handle)."""
+    first = _never_seen([d for d, online, seen in updates if online and seen is not None])
     for device_id, online, seen in updates:
         if seen is None:
             prepared("presence", lambda _: Device.update({Device.online: arg(0)}).where(Device.device_id == arg(1)),
@@ -192,6 +196,14 @@ def set_presence(updates: list[tuple[str, bool, datetime | None]]) -> None:
         else:
             prepared("presence_seen", lambda _: Device.update({Device.online: arg(0), Device.last_seen: arg(1)})
                      .where(Device.device_id == arg(2)), online, seen, device_id)
+    return first
+
+
+def _never_seen(device_ids: list[str]) -> list[str]:
+    """Those of device_ids that have never been seen online (LastSeen is empty)."""
+    return [d for chunk in chunks(device_ids)
+            for (d,) in Device.select(Device.device_id).where(Device.device_id.in_(chunk),
+                                                               Device.last_seen.is_null()).tuples()]
 
 
 @idempotent

@@ -59,6 +59,7 @@ class UpdateOutcomes:
     reshaped: set[str] = field(default_factory=set)
     highest_seq: int = 0
     epoch: int = -1
+    first_seen: list[str] = field(default_factory=list)  # devices heard online for the first time ever
 
     @property
     def devices(self) -> list[str]:
@@ -80,7 +81,7 @@ def record_device_messages(updates: list[Update], presence: list[tuple[str, bool
                 outcomes.late.append(update)
             else:
                 outcomes.dropped.append((update, why))
-        set_presence(presence)
+        outcomes.first_seen = set_presence(presence)
         if any(u.status.is_final for u in outcomes.applied):
             outcomes.highest_seq = highest_seq_ever()
     return outcomes

@@ -52,6 +52,12 @@ class FakeDevice:
 
         return wait_until(found, timeout, f"the head {job_id} (saw {seen})")
 
+    def say_online(self) -> None:
+        """What an agent publishes once connected (retained): the service gives a new device its first head then."""
+        message = {"Presence": "online", "Time": format_time(utc_now()), "AgentVersion": "fake"}
+        self.client.publish(self.topics.presence(self.device_id), encode(message), qos=1,
+                            retain=True).wait_for_publish(10)
+
     def report(self, job_id: str, status: str, **fields: Any) -> None:
         message = {"JobId": job_id, "Status": status, "StartTime": format_time(utc_now()), **fields}
         if status != "IN_PROGRESS":
