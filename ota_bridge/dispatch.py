@@ -379,10 +379,7 @@ class Dispatcher:
             await self.link.room()  # the head progress below publishes without the publisher
         current = now()
         self.mark(self._publish_from_memory(outcomes, current))
-        # A new device's first head, when it is first heard online (not at registration: see api/views.py);
-        # a device that reports on a job has had one.
-        reporting = {u.device_id for u in updates}
-        self.mark(d for d in outcomes.first_seen if d not in reporting)
+        self.mark(outcomes.first_seen)  # a new device's first head (not at registration: see api/views.py)
         self.refresh_old_heads((device for device, online, seen in presence if online and seen is not None), current)
 
     async def _store(self, updates: list[Update], presence: list[Presence]) -> UpdateOutcomes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import peewee as pw
 
@@ -183,12 +183,13 @@ def check_device_password(device_id: str, password: str) -> bool:
     return bool(device and device.enabled and credentials.verify_password(password, device.password_hash))
 
 
-def set_presence(updates: list[tuple[str, bool, datetime | None]]) -> list[str]:
+def set_presence(updates: list[tuple[str, bool, datetime | None]], reporting: Collection[str] = ()) -> list[str]:
     """Record (device_id, online, seen at) per device; a None time keeps LastSeen as it was.
 
-    Returns the devices heard online, live, for the first time ever (no LastSeen yet): a device is
-    given its first head then, not at registration (see Dispatcher._handle)."""
-    first = _never_seen([d for d, online, seen in updates if online and seen is not None])
+    Returns the devices heard online, live, for the first time ever (no LastSeen yet), but for those
+    `reporting` on a job (they have had a head): a device is given its first head then, not at
+    registration (see Dispatcher._handle). A batch of job reports alone costs no query for it."""
+    first = _never_seen([d for d, online, seen in updates if online and seen is not None and d not in reporting])
     for device_id, online, seen in updates:
         if seen is None:
             prepared("presence", lambda _: Device.update({Device.online: arg(0)}).where(Device.device_id == arg(1)),

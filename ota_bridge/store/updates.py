@@ -81,7 +81,7 @@ def record_device_messages(updates: list[Update], presence: list[tuple[str, bool
                 outcomes.late.append(update)
             else:
                 outcomes.dropped.append((update, why))
-        outcomes.first_seen = set_presence(presence)
+        outcomes.first_seen = set_presence(presence, {u.device_id for u in updates})
         if any(u.status.is_final for u in outcomes.applied):
             outcomes.highest_seq = highest_seq_ever()
     return outcomes
