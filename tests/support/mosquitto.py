@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import shutil
 import socket
 import subprocess
@@ -56,8 +57,41 @@ def logs_in(port: int, username: str, password: str, client_id: str | None = Non
         client.loop_stop()
 
 
+# Ports handed to servers come from below the kernel's ephemeral range (32768-60999 here), so no
+# outgoing connection of this machine can take one between free_port() and the server's bind (a
+# port bound to 0 comes from that range, where every client socket also gets its port). Each xdist
+# worker has its own slice, and a process never hands out the same port twice.
+PORT_RANGE = (20_000, 32_000)
+_handed_out: set[int] = set()
+
+
+def _worker_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker) if worker.isdigit() else 0
+    width = (PORT_RANGE[1] - PORT_RANGE[0]) // max(count, 1)
+    low = PORT_RANGE[0] + (index % max(count, 1)) * width
+    return range(low, low + width)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago and that no other test of this run was given."""
+    ports = _worker_slice()
+    start = random.randrange(len(ports))
+    for step in range(len(ports)):
+        port = ports[(start + step) % len(ports)]
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
