@@ -89,6 +89,12 @@ class Dispatcher:
         topics = [self.topics.all_devices(Topics.STATUS), self.topics.all_devices(Topics.PRESENCE)]
         return [f"{SHARE_GROUP}/{t}" for t in topics] if self.cluster is not None else topics
 
+    @property
+    def read_window(self) -> int | None:
+        """How many pending jobs of each device a queue read handed to mark_read must hold (those the
+        publisher would read); None in cluster mode, where each device's owner reads its queue."""
+        return READ_WINDOW if self.cluster is None else None
+
     def attach(self, link: BrokerLink) -> None:
         self.link = link
 

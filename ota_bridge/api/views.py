@@ -105,6 +105,11 @@ async def submit_job(request: web.Request) -> web.Response:
     field, value = body.target
     plan = body.plan()
     dispatcher = request.app[DISPATCHER]
+    if plan is None and dispatcher.read_window is not None:  # the queues read in the submission
+        job, read = await _store(request).call(jobs.submit_job_with_queues, body.Name, body.WorkflowId, field, value,
+                                               body.TimeoutSeconds, dispatcher.read_window, options=body.options)
+        dispatcher.mark_read(read)
+        return web.json_response({"JobId": job.job_id})
     if plan is None:
         job, device_ids = await _store(request).call(jobs.submit_job, body.Name, body.WorkflowId, field, value,
                                                      body.TimeoutSeconds, options=body.options)

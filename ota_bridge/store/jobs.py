@@ -33,6 +33,7 @@ from . import (
 from .artifacts import snapshot_for_job
 from .attempts import ChildView, child_views, end_silent, insert_with_rollbacks, rollback_counts, settle_stray_rollbacks
 from .devices import device_exists
+from .queues import DeviceQueue, device_queues
 from .job_options import NO_OPTIONS, JobOptions, job_columns
 from .workflows import get_workflow
 
@@ -59,6 +60,18 @@ def submit_job(name: str | None, workflow_id: str, target_field: str, target_val
                                   options)
         add_children(job, device_ids, None if hold is None else hold(len(device_ids)))
     return job, device_ids
+
+
+def submit_job_with_queues(name: str | None, workflow_id: str, target_field: str, target_value: str,
+                           timeout_seconds: int | None, window: int,
+                           options: JobOptions = NO_OPTIONS) -> tuple[Job, list[DeviceQueue]]:
+    """submit_job, and in the same transaction the target devices' queues (their first `window`
+    pending jobs) read after the children were added: the dispatcher publishes them as they are
+    (Dispatcher.mark_read), with no store call of its own between the POST and the heads."""
+    with write_transaction():
+        job, device_ids = new_job(name, workflow_id, target_field, target_value, timeout_seconds, False, options)
+        add_children(job, device_ids)
+        return job, device_queues(device_ids, window)
 
 
 def new_job(name: str | None, workflow_id: str, target_field: str, target_value: str, timeout_seconds: int | None,
