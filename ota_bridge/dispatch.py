@@ -25,7 +25,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Callable, Iterable, Optional
 
-from agent.protocol import QUEUE_LIST_LIMIT, JobStatus, MessageError, Topics
+from agent.protocol import QUEUE_LIST_LIMIT, MessageError, Topics
 
 from . import metrics
 from .coordination import Coordinator

@@ -362,7 +362,8 @@ def test_a_submission_reads_its_devices_queues_as_the_publisher_would(db: Store)
     job, read = db.call_sync(jobs.submit_job_with_queues, "b", wf.workflow_id, "DeviceGroup", "g", None, 200)
     assert read[0].epoch == db.call_sync(store_epoch)  # current: a final may move the head along it
     assert [q.device_id for q in read] == ["d0", "d1"]
-    assert [e.parent_id for e in read[0].entries] == [earlier.job_id, job.job_id] and read[0].head.parent_id == earlier.job_id
+    assert [e.parent_id for e in read[0].entries] == [earlier.job_id, job.job_id]
+    assert read[0].head is not None and read[0].head.parent_id == earlier.job_id
     assert [e.parent_id for e in read[1].entries] == [job.job_id]
     fresh = db.call_sync(queues.device_queues, ["d0", "d1"], 200)
     assert [(q.entries, q.total, q.floor) for q in read] == [(q.entries, q.total, q.floor) for q in fresh]

@@ -33,8 +33,8 @@ from . import (
 from .artifacts import snapshot_for_job
 from .attempts import ChildView, child_views, end_silent, insert_with_rollbacks, rollback_counts, settle_stray_rollbacks
 from .devices import device_exists
-from .queues import DeviceQueue, device_queues
 from .job_options import NO_OPTIONS, JobOptions, job_columns
+from .queues import DeviceQueue, device_queues
 from .workflows import get_workflow
 
 TARGET_FIELDS = ("DeviceId", "DeviceGroup", "TagId")
