@@ -359,7 +359,9 @@ def test_a_submission_reads_its_devices_queues_as_the_publisher_would(db: Store)
         db.call_sync(devices.register_device, device, "g", ["t"])
     wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
     earlier = db.call_sync(jobs.submit_job, "a", wf.workflow_id, "DeviceId", "d0", None)[0]
-    job, read = db.call_sync(jobs.submit_job_with_queues, "b", wf.workflow_id, "DeviceGroup", "g", None, 200)
+    job, device_ids, read = db.call_sync(jobs.submit_job_with_queues, "b", wf.workflow_id, "DeviceGroup", "g", None,
+                                         200)
+    assert device_ids == ["d0", "d1"]
     assert read[0].epoch == db.call_sync(store_epoch)  # current: a final may move the head along it
     assert [q.device_id for q in read] == ["d0", "d1"]
     assert [e.parent_id for e in read[0].entries] == [earlier.job_id, job.job_id]
@@ -376,3 +378,16 @@ def store_epoch() -> int:
 
 
 store_epoch.reports_queue_changes = True  # type: ignore[attr-defined]
+
+
+def test_a_submission_reads_no_queues_for_a_large_target_or_without_a_window(db: Store,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    for device in ("d0", "d1"):
+        db.call_sync(devices.register_device, device, "g", ["t"])
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
+    assert db.call_sync(jobs.submit_job_with_queues, "a", wf.workflow_id, "DeviceGroup", "g", None, None)[2] == []
+    monkeypatch.setattr(jobs, "READ_WITH_SUBMISSION", 1)
+    job, device_ids, read = db.call_sync(jobs.submit_job_with_queues, "b", wf.workflow_id, "DeviceGroup", "g", None,
+                                         200)
+    assert device_ids == ["d0", "d1"] and read == []
+    assert [len(q.entries) for q in db.call_sync(queues.device_queues, device_ids, 200)] == [2, 2]
