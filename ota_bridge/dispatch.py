@@ -239,8 +239,8 @@ class Dispatcher:
 
     async def _publish_queues(self, read: list[queues.DeviceQueue]) -> None:
         """Publish these queues' heads and lists, letting the event loop run every PUBLISH_SLICE
-        queues, so that the API answers meanwhile (1,000 heads held a group job's POST ~0.5 s: its
-        audit write came back only after them). Nothing newer of these devices can be published
+        queues, so that the API answers meanwhile (a batch of 500 signed heads holds the loop tens of
+        ms; a POST that handed over its queues waited for all of them). Nothing newer of these devices can be published
         meanwhile: they are not remembered until published here, so a change marks them again and
         the next batch publishes it; a device deleted meanwhile (forget) is left out."""
         current = now()
