@@ -5,8 +5,11 @@
 One Mosquitto (ephemeral port) and one service (--mqtt-url pointing at it). One paho client
 stands in for every device: for each new head on ota/v1/devices/+/job it publishes IN_PROGRESS,
 then SUCCEEDED. K group jobs over N devices are submitted at once and timed until every child is
-final. The raw limit, on the same broker: a bare publisher -> subscriber QoS 1 round trip, for as
+final: each group job with one GET ?WaitSeconds, which the service answers once the job is final
+(a poll every 100 ms would add up to 100 ms), then one GET of every job to count its final
+children. The raw limit, on the same broker: a bare publisher -> subscriber QoS 1 round trip, for as
 many messages as the job flow needs (about 4 per child: head, queue list, IN_PROGRESS, final).
+The service's CPU time over the job phase is printed per child.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from fleet import GROUP, median_seconds, register_fleet, result, timed  # first: puts the repo on sys.path
 from paho.mqtt.enums import CallbackAPIVersion
+from stack import cpu_seconds
 
 from agent.protocol import JobStatus, Key, Topics, encode, format_time, is_idle_head, utc_now
 from tests.support.mosquitto import start_mosquitto
@@ -31,7 +35,7 @@ MESSAGES_PER_CHILD = 4
 RAW_WINDOW = 1000  # raw messages in flight at most, so the broker never drops any
 RAW_PAYLOAD = b"x" * 200  # about the size of a head or status message
 RAW_RUNS = 3  # the raw limit is the best of these
-POLL_SECONDS = 0.1
+WAIT_SECONDS = 5  # one held GET at most this long, then another, until the timeout
 FINALS = {s.value for s in JobStatus if s.is_final}
 
 
@@ -123,12 +127,15 @@ def final_children(api: Api, job_ids: list[str]) -> int:
     return sum(result[status] for result in results for status in FINALS)
 
 
-def wait_children(api: Api, job_ids: list[str], expected: int, timeout: float) -> int:
-    """Poll until `expected` children are final or the timeout passes; returns how many are."""
+def wait_children(api: Api, job_ids: list[str], timeout: float) -> int:
+    """Wait until every job is final (a held GET each) or the timeout passes; returns how many children are final."""
     deadline = time.monotonic() + timeout
-    while (done := final_children(api, job_ids)) < expected and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
-    return done
+    for job_id in job_ids:
+        while time.monotonic() < deadline:
+            wait = max(1, min(WAIT_SECONDS, int(deadline - time.monotonic())))
+            if api.ok("GET", f"/v1/job/{job_id}?WaitSeconds={wait}")["Status"] in FINALS:
+                break
+    return final_children(api, job_ids)
 
 
 # --- the raw limit ----------------------------------------------------------------------------
@@ -176,20 +183,22 @@ def measure(service: Service, port: int, devices: int, jobs: int, timeout: float
     print(f"registered {devices} devices in {register_fleet(api, devices):.1f} s")
     workflow_id = api.workflow("true", name="bench")
     health = median_seconds(lambda: api.request("GET", "/livez"), 21)  # a bare answer: no database, no broker
-    children = devices * jobs
     with Devices(port):
-        took, (done, submits) = timed(lambda: _flow(api, workflow_id, jobs, children, timeout))
-    raw = max(raw_rate(port, children * MESSAGES_PER_CHILD) for _ in range(RAW_RUNS))
-    report(devices, jobs, done, took, raw, submits, health)
+        cpu = cpu_seconds(service.proc.pid if service.proc else None)
+        took, (done, submits) = timed(lambda: _flow(api, workflow_id, jobs, timeout))
+        cpu = cpu_seconds(service.proc.pid if service.proc else None) - cpu
+    raw = max(raw_rate(port, devices * jobs * MESSAGES_PER_CHILD) for _ in range(RAW_RUNS))
+    report(devices, jobs, done, took, raw, submits, health, cpu)
 
 
-def _flow(api: Api, workflow_id: str, jobs: int, children: int, timeout: float) -> tuple[int, list[float]]:
+def _flow(api: Api, workflow_id: str, jobs: int, timeout: float) -> tuple[int, list[float]]:
     """Submit, wait; returns how many children are final and each submit's seconds."""
     job_ids, submits = submit_all(api, workflow_id, jobs)
-    return wait_children(api, job_ids, children, timeout), submits
+    return wait_children(api, job_ids, timeout), submits
 
 
-def report(devices: int, jobs: int, done: int, took: float, raw: float, submits: list[float], health: float) -> None:
+def report(devices: int, jobs: int, done: int, took: float, raw: float, submits: list[float], health: float,
+           cpu: float) -> None:
     children = devices * jobs
     rate = done / took
     late = "" if done >= children else " (TIMED OUT: the rate counts the children final by then)"
@@ -200,11 +209,13 @@ def report(devices: int, jobs: int, done: int, took: float, raw: float, submits:
     print(f"ratio (jobs/s x {MESSAGES_PER_CHILD}) / raw: {rate * MESSAGES_PER_CHILD / raw:.3f}")
     print(f"submit of one group job of {devices} devices: {submits[0] * 1000:.1f} ms "
           f"(all {jobs}: {', '.join(f'{s * 1000:.0f}' for s in submits)} ms)")
+    print(f"service CPU per child: {cpu / children * 1000:.3f} ms (the job phase: {cpu:.2f} s)")
     print(f"GET /livez:            {health * 1000:.2f} ms (median of 21)")
     print(f"ratio submit / health: {submits[0] / health:.0f}")
     raw_seconds = children * MESSAGES_PER_CHILD / raw  # the raw messages the flow needs, at the raw rate
     result("fanout-e2e", took, "s", raw_seconds, took / raw_seconds, "ratio <= 1.5", devices=devices, jobs=jobs,
-           final=done, children=children, submit_ms=submits[0] * 1000)
+           final=done, children=children, submit_ms=submits[0] * 1000,
+           service_cpu_ms_per_child=cpu / children * 1000)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Callable, Iterable, Optional
 
-from agent.protocol import QUEUE_LIST_LIMIT, JobStatus, MessageError, Topics
+from agent.protocol import QUEUE_LIST_LIMIT, MessageError, Topics
 
 from . import metrics
 from .coordination import Coordinator
@@ -53,6 +53,7 @@ REMEMBER_ENTRIES = 50_000
 # The publisher reads this many of a device's pending jobs, twice what the list shows, so that the
 # queue it remembers can lose its head to a final this many times over before it runs short.
 READ_WINDOW = 2 * QUEUE_LIST_LIMIT
+PUBLISH_SLICE = 100  # queues published between two turns of the event loop (API requests meanwhile)
 
 
 class Dispatcher:
@@ -74,6 +75,7 @@ class Dispatcher:
         self._issued: dict[str, tuple[int, datetime]] = {}  # device -> (hash of its head's content, IssuedAt)
         self._last_queue: dict[str, queues.DeviceQueue] = {}  # device -> its queue as published, no change since
         self._remembered_entries = 0
+        self._gone: set[str] = set()  # devices deleted since the publisher took its batch
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=INBOX_LIMIT)
         self._in_sync = False
         self._resync_task: asyncio.Task[None] | None = None
@@ -88,6 +90,12 @@ class Dispatcher:
         """Every device's status and presence; in cluster mode shared, so each goes to one instance."""
         topics = [self.topics.all_devices(Topics.STATUS), self.topics.all_devices(Topics.PRESENCE)]
         return [f"{SHARE_GROUP}/{t}" for t in topics] if self.cluster is not None else topics
+
+    @property
+    def read_window(self) -> int | None:
+        """How many pending jobs of each device a queue read handed to mark_read must hold (those the
+        publisher would read); None in cluster mode, where each device's owner reads its queue."""
+        return READ_WINDOW if self.cluster is None else None
 
     def attach(self, link: BrokerLink) -> None:
         self.link = link
@@ -197,6 +205,7 @@ class Dispatcher:
         self._dirty.pop(device_id, None)
         self._known.pop(device_id, None)
         self._issued.pop(device_id, None)
+        self._gone.add(device_id)  # the publisher's batch in hand, if it holds it, leaves it out
         self._forget_queue(device_id)
         for topic in (self.topics.job(device_id), self.topics.queue(device_id)):
             self._publish(topic, b"")
@@ -207,6 +216,7 @@ class Dispatcher:
             if not self._dirty:
                 await self._wake.wait()
             self._wake.clear()
+            self._gone.clear()
             batch = list(self._dirty)[:BATCH]
             for device_id in batch:
                 del self._dirty[device_id]
@@ -224,16 +234,28 @@ class Dispatcher:
                 self.mark(batch, relay=False)
                 await asyncio.sleep(1)
                 continue
-            current = now()
-            for queue in read:
-                if self.cluster is not None and not self.cluster.owns(queue.device_id):
-                    continue  # the lease may run out: the next owner reads the queue again
-                head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue, current),
-                                    self.sign, self.artifact_url)
-                self._publish_changed(self.topics.job(queue.device_id), head)
-                self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
-                self._remember_queue(queue)
+            await self._publish_queues(read)
             metrics.published(len(read), time.perf_counter() - started)
+
+    async def _publish_queues(self, read: list[queues.DeviceQueue]) -> None:
+        """Publish these queues' heads and lists, letting the event loop run every PUBLISH_SLICE
+        queues, so that the API answers meanwhile (a batch of 500 signed heads holds the loop tens of
+        ms; a POST that handed over its queues waited for all of them). Nothing newer of these devices can be published
+        meanwhile: they are not remembered until published here, so a change marks them again and
+        the next batch publishes it; a device deleted meanwhile (forget) is left out."""
+        current = now()
+        for i, queue in enumerate(read):
+            if i and i % PUBLISH_SLICE == 0:
+                await asyncio.sleep(0)
+            if queue.device_id in self._gone:
+                continue
+            if self.cluster is not None and not self.cluster.owns(queue.device_id):
+                continue  # the lease may run out: the next owner reads the queue again
+            head = head_message(queue.device_id, queue.head, queue.floor, self._issue_time(queue, current),
+                                self.sign, self.artifact_url)
+            self._publish_changed(self.topics.job(queue.device_id), head)
+            self._publish_changed(self.topics.queue(queue.device_id), queue_message(queue))
+            self._remember_queue(queue)
 
     def _remember_queue(self, queue: queues.DeviceQueue) -> None:
         """Keep the queue just published, unless it changed since it was read (the device is marked
@@ -366,9 +388,7 @@ class Dispatcher:
         metrics.device_updates(applied=len(outcomes.applied), late=len(outcomes.late), dropped=len(outcomes.dropped))
         for update, why in outcomes.dropped:
             log.warning("device %s: job %s: dropped %s: %s", update.device_id, update.job_id, update.status.value, why)
-        for update in outcomes.applied:  # a download reports its progress often: those only at DEBUG
-            log.log(logging.DEBUG if update.status is JobStatus.DOWNLOADING else logging.INFO,
-                    "device %s: job %s is %s", update.device_id, update.job_id, update.status.value)
+        _log_applied(outcomes.applied)
         for update in outcomes.late:
             log.info("device %s: job %s reported %s late; result kept, state unchanged",
                      update.device_id, update.job_id, update.status.value)
@@ -434,6 +454,16 @@ class Dispatcher:
                 log.warning("ignored a bad message from device %s on %s: %s", device_id, leaf, e)
         latest = {entry[0]: entry for entry in presence}  # one presence write per device and batch: the last
         return updates, list(latest.values())
+
+
+def _log_applied(applied: list[Update]) -> None:
+    """One INFO line per job result (a final); a job's progress (IN_PROGRESS, DOWNLOADING, ...) at
+    DEBUG: a line per report cost the service as much as parsing the report did."""
+    debug = log.isEnabledFor(logging.DEBUG)
+    for update in applied:
+        if debug or update.status.is_final:
+            log.log(logging.INFO if update.status.is_final else logging.DEBUG,
+                    "device %s: job %s is %s", update.device_id, update.job_id, update.status.value)
 
 
 def _moved_along(queue: queues.DeviceQueue, changed: list[Update],

@@ -50,7 +50,11 @@ def test_the_service_and_the_agent_log_json_lines(launch: Launcher) -> None:
     service_lines = json_lines(service.log())
     assert any(line["Message"].startswith("REST API listening") for line in service_lines)
     assert not [line for line in service.log().splitlines() if " INFO " in line]  # no text lines meanwhile
-    assert any(line.get("JobId") == child and line.get("DeviceId") == "json-logs-1" for line in service_lines)
+    about_the_child = [line for line in service_lines if line.get("JobId") == child]
+    assert all(line.get("DeviceId") == "json-logs-1" for line in about_the_child)
+    # one INFO line for the result; the job's progress (IN_PROGRESS) only at DEBUG
+    assert [line["Message"] for line in about_the_child if line["Level"] == "INFO"] == [
+        f"device json-logs-1: job {child} is SUCCEEDED"]
     agent_lines = json_lines(agent.log())
     assert all(line["DeviceId"] == "json-logs-1" for line in agent_lines)
     about_the_job = [line for line in agent_lines if child in line["Message"]]

@@ -79,3 +79,20 @@ def test_device_id_rule(value: str, ok: bool) -> None:
 def test_decode_refuses_deep_nesting_with_a_message_error() -> None:
     with pytest.raises(MessageError, match="nested too deeply"):
         protocol.decode(b"[" * 100_000, 1_000_000)
+
+
+@pytest.mark.parametrize("payload", [b'{"A": "\\ud800"}', b'{"A": "\\uDFFF"}', b'{"\\udc00": 1}',
+                                     b'{"A": ["x", {"B": "\\\\\\ud800"}]}', b'{"A": "\\ud83d"}'])
+def test_decode_refuses_an_escaped_lone_surrogate_anywhere(payload: bytes) -> None:
+    with pytest.raises(MessageError, match="not valid Unicode"):
+        protocol.decode(payload, 100)
+
+
+def test_decode_refuses_an_unescaped_surrogate_as_bad_utf8() -> None:
+    with pytest.raises(MessageError, match="not UTF-8 JSON"):
+        protocol.decode(b'{"A": "\xed\xa0\x80"}', 100)
+
+
+def test_decode_keeps_escaped_pairs_backslashes_and_plain_text() -> None:
+    assert protocol.decode(b'{"A": "\\ud83d\\ude00", "B": "\\\\ud800", "C": "\\u00e9"}', 100) == {
+        "A": "\U0001f600", "B": "\\ud800", "C": "\u00e9"}

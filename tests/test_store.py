@@ -352,3 +352,42 @@ def test_new_child_ids_are_distinct_version_4_uuids_as_uuid4_writes_them() -> No
     for text in ids:
         parsed = uuid.UUID(text)
         assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+
+
+def test_a_submission_reads_its_devices_queues_as_the_publisher_would(db: Store) -> None:
+    for device in ("d0", "d1"):
+        db.call_sync(devices.register_device, device, "g", ["t"])
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
+    earlier = db.call_sync(jobs.submit_job, "a", wf.workflow_id, "DeviceId", "d0", None)[0]
+    job, device_ids, read = db.call_sync(jobs.submit_job_with_queues, "b", wf.workflow_id, "DeviceGroup", "g", None,
+                                         200)
+    assert device_ids == ["d0", "d1"]
+    assert read[0].epoch == db.call_sync(store_epoch)  # current: a final may move the head along it
+    assert [q.device_id for q in read] == ["d0", "d1"]
+    assert [e.parent_id for e in read[0].entries] == [earlier.job_id, job.job_id]
+    assert read[0].head is not None and read[0].head.parent_id == earlier.job_id
+    assert [e.parent_id for e in read[1].entries] == [job.job_id]
+    fresh = db.call_sync(queues.device_queues, ["d0", "d1"], 200)
+    assert [(q.entries, q.total, q.floor) for q in read] == [(q.entries, q.total, q.floor) for q in fresh]
+
+
+def store_epoch() -> int:
+    """The store's epoch between calls (a call marked as reporting its changes gets no id of its own)."""
+    from ota_bridge import store
+    return store.epoch()
+
+
+store_epoch.reports_queue_changes = True  # type: ignore[attr-defined]
+
+
+def test_a_submission_reads_no_queues_for_a_large_target_or_without_a_window(db: Store,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    for device in ("d0", "d1"):
+        db.call_sync(devices.register_device, device, "g", ["t"])
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False)
+    assert db.call_sync(jobs.submit_job_with_queues, "a", wf.workflow_id, "DeviceGroup", "g", None, None)[2] == []
+    monkeypatch.setattr(jobs, "READ_WITH_SUBMISSION", 1)
+    job, device_ids, read = db.call_sync(jobs.submit_job_with_queues, "b", wf.workflow_id, "DeviceGroup", "g", None,
+                                         200)
+    assert device_ids == ["d0", "d1"] and read == []
+    assert [len(q.entries) for q in db.call_sync(queues.device_queues, device_ids, 200)] == [2, 2]
