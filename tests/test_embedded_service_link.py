@@ -170,3 +170,25 @@ def test_the_service_uses_the_in_process_link_to_its_embedded_broker(service: Se
         assert any(topic == TOPICS.job("linked-1") for topic, _ in device.messages(QUIET * 2))  # its first head
     finally:
         device.close()
+
+
+def test_a_service_failing_to_take_a_message_costs_the_device_nothing(running: Running) -> None:
+    def refuse(message: Incoming) -> None:
+        raise RuntimeError(f"cannot take {message.topic}")
+
+    async def start() -> ServiceLink:
+        link = ServiceLink(running.broker.core, SUBSCRIPTIONS, on_message=refuse, on_connect=lambda: None)
+        link.start()
+        return link
+
+    link = running.call(start())
+    dev_a = running.device("dev-a")
+    assert dev_a.subscribe(TOPICS.job("dev-a")) == 1
+    dev_a.publish(TOPICS.status("dev-a"), b"result", qos=1)
+    assert dev_a.alive()
+
+    async def publish() -> None:
+        link.publish(TOPICS.job("dev-a"), b"head", retain=True)
+
+    running.call(publish())
+    assert dev_a.messages(QUIET) == [(TOPICS.job("dev-a"), b"head")]

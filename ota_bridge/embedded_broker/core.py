@@ -181,7 +181,7 @@ class _IsolatingBroker(Broker):
                 self._deliver(handler.mqtt_publish(topic, data, qos, retain=False))
         for local in self._locals:
             if local.wants(topic, self._matches) and self._policy.allows(local.username, topic, Action.RECEIVE):
-                local.receive(topic, bytes(data), False)
+                local.hand_over(topic, bytes(data), False)
 
     def publish_local(self, local: LocalClient, topic: str, data: bytes, retain: bool, qos: int) -> None:
         """A local client's publish, checked and routed as amqtt handles a client's PUBLISH, then retained."""
@@ -259,6 +259,13 @@ class LocalClient:
 
     def __init__(self, broker: _IsolatingBroker, username: str, filters: list[str], receive: Receive) -> None:
         self._broker, self.username, self.filters, self.receive = broker, username, list(filters), receive
+
+    def hand_over(self, topic: str, data: bytes, retained: bool) -> None:
+        """receive(), its failure logged: it must not end the connection of the client that published."""
+        try:
+            self.receive(topic, data, retained)
+        except Exception:
+            log.exception("the local client %r failed to take a message on %r", self.username, topic)
 
     def wants(self, topic: str, matches: Callable[[str, str], bool]) -> bool:
         return any(matches(topic, topic_filter) for topic_filter in self.filters)

@@ -86,4 +86,4 @@ class ServiceLink:
         """After on_connect's first step, as a subscribe's retained messages come after the CONNACK."""
         if client is self._client:
             for topic, payload in client.retained():
-                self._receive(topic, payload, True)
+                client.hand_over(topic, payload, True)
