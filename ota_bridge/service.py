@@ -48,6 +48,7 @@ from .embedded_broker import (
     TopicPolicy,
     start_broker,
 )
+from .embedded_broker.service_link import ServiceLink
 from .errors import ConfigError
 from .files import write_atomically
 from .models import PRIVATE_DIR_MODE
@@ -251,19 +252,21 @@ async def _join_cluster(settings: Settings, db: Store) -> Coordinator | None:
 
 
 async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
-                       stack: contextlib.AsyncExitStack) -> tuple[BrokerLink, EmbeddedBroker | None]:
-    """The service's link to the broker, starting the embedded broker first unless --mqtt-url is set."""
+                       stack: contextlib.AsyncExitStack) -> tuple[BrokerLink | ServiceLink, EmbeddedBroker | None]:
+    """The service's link to the broker, starting the embedded broker first unless --mqtt-url is set;
+    to the embedded broker, in-process (no paho, no socket)."""
     url = settings.mqtt_url
     if url is not None:
         username, password = url.username, url.password
         if username is None and (settings.mosquitto_dir is not None or settings.mosquitto_dynsec):  # its own
             username, password = _service_login(settings)
         return _link(url.host, url.port, username, password, dispatcher, tls.broker_client_context(settings)), None
-    secret = credentials.new_secret()
+    secret = credentials.new_secret()  # for a client in the service's name over TCP; the service itself is in-process
     broker = await _start_embedded(settings, BrokerLogins(db, secret))
     stack.push_async_callback(broker.shutdown)
-    host, port = _broker_address(settings)
-    return _link(host, port, SERVICE_USERNAME, secret, dispatcher), broker  # plain: loopback or own host
+    link = ServiceLink(broker.core, dispatcher.subscriptions, on_message=dispatcher.deliver,
+                       on_connect=dispatcher.on_connected)
+    return link, broker
 
 
 def _dynsec(settings: Settings, stack: contextlib.AsyncExitStack) -> DynsecClient | None:

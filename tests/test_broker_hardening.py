@@ -11,6 +11,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Coroutine, Iterator, Sequence, TypeVar
 
 import pytest
@@ -235,6 +236,22 @@ def test_two_operators_watch_at_once(broker: BrokerThread, clients: list[RawClie
     device(broker, clients, "dev-a").publish(TOPICS.status("dev-a"), b"seen", qos=1)
     for watcher in watchers:
         assert (TOPICS.status("dev-a"), b"seen") in watcher.messages(QUIET)
+
+
+def test_a_silent_client_is_disconnected_after_one_and_a_half_keep_alives_and_its_will_sent(
+        broker: BrokerThread, clients: list[RawClient]) -> None:
+    """MQTT-3.1.2-24, enforced by the front. amqtt 0.12 only starts its read again when a client's
+    keep-alive runs out: a device cut off without a FIN stayed online, its will never sent."""
+    watcher = broker.login("watcher-keep-alive", OPERATOR_USERNAME, TOKEN)
+    clients.append(watcher)
+    assert watcher.subscribe(TOPICS.presence("dev-c")) == 1
+    pinging = device(broker, clients, "dev-b", keep_alive=2)
+    silent = device(broker, clients, "dev-c", keep_alive=1, will=Will(TOPICS.presence("dev-c"), b"gone", retain=False))
+    for _ in range(8):  # 4 s, a PINGREQ every half second: well within dev-b's 3 s
+        time.sleep(0.5)
+        assert pinging.alive()
+    assert silent.closed_by_broker(timeout=10)
+    assert watcher.messages(QUIET) == [(TOPICS.presence("dev-c"), b"gone")]
 
 
 # --- the real service: logins from its database, tokens revoked with its CLI ----------------

@@ -146,15 +146,20 @@ def test_cancel_a_queued_and_a_running_job(launch: Launcher, tmp_path: Path) -> 
 def test_bad_device_messages_do_not_stop_the_service(launch: Launcher) -> None:
     service = launch.service()
     api = service.api
-    device = FakeDevice(service.broker_url, "dev1", api.device("dev1"))
+    password = api.device("dev1")
+    device = FakeDevice(service.broker_url, "dev1", password)
     try:
         job = api.submit(api.workflow("true"), DeviceId="dev1")
         c1 = child(api, job)["JobId"]
         device.head_for(c1)
         status = device.topics.status("dev1")
         for junk in (b"not json", b"[]", b'{"JobId": "\\ud800", "Status": "FAILED"}', b"{" * 100_000,
-                     b'{"JobId": "x", "Status": "FAILED", "Stdout": "\\ud800"}', b"x" * (2 * 1024 * 1024)):
+                     b'{"JobId": "x", "Status": "FAILED", "Stdout": "\\ud800"}'):
             device.client.publish(status, junk, qos=1).wait_for_publish(10)
+        device.client.publish(status, b"x" * (2 * 1024 * 1024), qos=1)  # over the limit: the broker disconnects it
+        wait_until(lambda: "over the limit" in service.log(), 10, "the broker to refuse the oversized message")
+        device.close()  # a new client: paho would send that message again after every reconnect
+        device = FakeDevice(service.broker_url, "dev1", password)
         device.report(c1, "SUCCEEDED", ExitCode=0, Stdout="out\x00put")
         assert api.wait_job(job)["Result"] == "out\ufffdput"
         assert "ignored a bad message from device dev1" in service.log()

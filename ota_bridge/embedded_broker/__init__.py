@@ -3,8 +3,9 @@
 A front of our own (front.py) owns the sockets and checks every CONNECT whole before amqtt
 (core.py, the only place amqtt's internals are reached into) sees the connection; it also
 caps every packet's size. Every client authenticates: devices with the credentials from their
-registration, the service with a secret made at start-up, operators watching topics with
-username "api" and an API token as the password. Every few seconds the credentials of every
+registration, operators watching topics with username "api" and an API token as the password
+(the service's own name takes a secret made at start-up that no client is given: the service is
+attached to the broker inside its process, service_link.py). Every few seconds the credentials of every
 session are checked again, and the sessions of a revoked token or a disabled, rotated or
 deleted device are dropped. Every subscribe, publish and delivery is checked against
 TopicPolicy: a device sees and writes only its own topics.

@@ -6,6 +6,10 @@ What amqtt does with a CONNECT before its own login check (deleting a clean sess
 namesake, merging a will and credentials into an existing session, taking over a connected
 one, keeping a session for every refused client) therefore only ever happens to a client
 that passed the front.
+
+The service itself is a `LocalClient` (`AmqttCore.attach`): a client inside this process, with
+no socket and no packets, whose publishes are routed when made and to which device messages are
+handed as they are routed.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
@@ -30,6 +34,8 @@ TAKEOVER_WAIT_SECONDS = 5.0  # how long a replaced connection gets to wind down 
 
 # Reads up to n bytes of the client's stream ("" at its end), whole packets at a time.
 PacketSource = Callable[[int], Awaitable[bytes]]
+# What a LocalClient is handed for each message routed to it: topic, payload, retained.
+Receive = Callable[[str, bytes, bool], None]
 
 
 class AdmittedPlugin(BaseAuthPlugin):
@@ -148,26 +154,57 @@ class _IsolatingBroker(Broker):
         self._subscriptions = _Subscriptions()
         self._policy = policy
         self._deliveries: set[asyncio.Task[Any]] = set()
+        self._locals: list[LocalClient] = []
 
     async def _topic_filtering(self, session: Any, topic: str, action: Action) -> bool:
         return policy_allows(self._policy, session, topic, action)
 
     async def _broadcast_message(self, session: Any, topic: str | None, data: bytes | bytearray | None,
                                  force_qos: int | None = None) -> None:
-        if topic is None or data is None:
-            return
+        if topic is not None and data is not None:
+            self._route(session, topic, data, force_qos)
+
+    def _route(self, source: Any, topic: str, data: bytes | bytearray, force_qos: int | None = None) -> None:
+        """Hand a message to every subscriber allowed to receive it, now: a delivery task for each
+        connected client, the session's queue for an away persistent one, the call for a local one."""
         for target, subscribed_qos in self._subscriptions.routes(topic, self._matches):
             qos = subscribed_qos if force_qos is None else force_qos  # as amqtt: the subscription's QoS
             if not policy_allows(self._policy, target, topic, Action.RECEIVE):
                 continue
             if target.transitions.state != "connected":
                 if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
-                    broadcast = {"session": session, "topic": topic, "data": data}
-                    await self._retain_broadcast_message(broadcast, qos, target)  # sent when it is back
+                    kept = RetainedApplicationMessage(source, topic, data, qos)  # sent when it is back
+                    target.retained_messages.put_nowait(kept)  # amqtt's queue is unbounded
                 continue
             handler = self._get_handler(target)
             if handler is not None:
                 self._deliver(handler.mqtt_publish(topic, data, qos, retain=False))
+        for local in self._locals:
+            if local.wants(topic, self._matches) and self._policy.allows(local.username, topic, Action.RECEIVE):
+                local.hand_over(topic, bytes(data), False)
+
+    def publish_local(self, local: LocalClient, topic: str, data: bytes, retain: bool, qos: int) -> None:
+        """A local client's publish, checked and routed as amqtt handles a client's PUBLISH, then retained."""
+        if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
+            raise ValueError(f"cannot publish on {topic!r}: not a topic name")
+        if not self._policy.allows(local.username, topic, Action.PUBLISH):
+            log.warning("MQTT publish on %r refused for local user %r", topic, local.username)
+            return
+        self._route(None, topic, data)
+        if retain:
+            self._retain(topic, data, qos)
+
+    def _retain(self, topic: str, data: bytes, qos: int) -> None:
+        """amqtt's retain_message without its event (no plugin here listens): an empty payload clears."""
+        if data:
+            self._retained_messages[topic] = RetainedApplicationMessage(None, topic, data, qos)
+        else:
+            self._retained_messages.pop(topic, None)
+
+    def retained_for(self, local: LocalClient) -> list[tuple[str, bytes]]:
+        """The retained messages a local client's filters match and it may receive, as at a subscribe."""
+        return [(topic, bytes(retained.data)) for topic, retained in list(self._retained_messages.items())
+                if local.wants(topic, self._matches) and self._policy.allows(local.username, topic, Action.RECEIVE)]
 
     def _deliver(self, delivery: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(delivery)
@@ -197,6 +234,14 @@ class _IsolatingBroker(Broker):
                 await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
 
 
+def _valid_filter(topic_filter: str) -> bool:
+    """As amqtt's add_subscription: '#' only as the whole last level, '+' only as a whole level."""
+    levels = topic_filter.split("/")
+    return bool(topic_filter) and all(
+        ("#" not in level or (level == "#" and i == len(levels) - 1)) and ("+" not in level or level == "+")
+        for i, level in enumerate(levels))
+
+
 @dataclass(frozen=True)
 class SessionView:
     """What the front needs to know of a session amqtt keeps."""
@@ -204,6 +249,34 @@ class SessionView:
     login: Login
     connected: bool
     ref: object  # the session itself: drop() acts only if the id still names this one
+
+
+class LocalClient:
+    """A client inside the broker's process (the service's link): its publishes are routed when made,
+    messages matching its filters are handed to receive; no socket, no packet, no session in amqtt.
+
+    The topic policy applies to it as to any client: it publishes, and receives, as username."""
+
+    def __init__(self, broker: _IsolatingBroker, username: str, filters: list[str], receive: Receive) -> None:
+        self._broker, self.username, self.filters, self.receive = broker, username, list(filters), receive
+
+    def hand_over(self, topic: str, data: bytes, retained: bool) -> None:
+        """receive(), its failure logged: it must not end the connection of the client that published."""
+        try:
+            self.receive(topic, data, retained)
+        except Exception:
+            log.exception("the local client %r failed to take a message on %r", self.username, topic)
+
+    def wants(self, topic: str, matches: Callable[[str, str], bool]) -> bool:
+        return any(matches(topic, topic_filter) for topic_filter in self.filters)
+
+    def publish(self, topic: str, data: bytes, retain: bool, qos: int) -> None:
+        """Route a message now, and retain it if asked. Raises ValueError for a topic no client may publish on."""
+        self._broker.publish_local(self, topic, data, retain, qos)
+
+    def retained(self) -> list[tuple[str, bytes]]:
+        """The retained messages it would be sent on subscribing now: (topic, payload)."""
+        return self._broker.retained_for(self)
 
 
 class AmqttCore:
@@ -215,6 +288,7 @@ class AmqttCore:
             "plugins": {f"{__name__}.AdmittedPlugin": {}, f"{__name__}.TopicPolicyPlugin": {"policy": policy}},
         }
         self._broker = _IsolatingBroker(config, loop=asyncio.get_running_loop(), policy=policy)
+        self._policy = policy
 
     async def start(self) -> None:
         await self._broker.start()
@@ -225,6 +299,19 @@ class AmqttCore:
     async def serve(self, listener: str, source: PacketSource, writer: asyncio.StreamWriter) -> None:
         """Run an admitted client's connection to its end; source starts with its CONNECT."""
         await self._broker.external_connected(_FrontReader(source), StreamWriterAdapter(writer), listener)
+
+    def attach(self, username: str, filters: list[str], receive: Receive) -> LocalClient:
+        """A local client subscribed to filters; messages routed from now on are handed to receive."""
+        for topic_filter in filters:
+            if not _valid_filter(topic_filter) or not self._policy.allows(username, topic_filter, Action.SUBSCRIBE):
+                raise ValueError(f"user {username!r} cannot subscribe to {topic_filter!r}")
+        local = LocalClient(self._broker, username, filters, receive)
+        self._broker._locals.append(local)
+        return local
+
+    def detach(self, local: LocalClient) -> None:
+        if local in self._broker._locals:
+            self._broker._locals.remove(local)
 
     def sessions(self) -> dict[str, SessionView]:
         """Every session amqtt keeps, connected or not, by client id."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import socket
@@ -40,46 +41,59 @@ from .wire import (
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 10.0
+KEEP_ALIVE_FACTOR = 1.5  # a client silent this many times its keep-alive is disconnected (MQTT-3.1.2-24)
 
 
 class PacketReader:
-    """A client's stream, read a whole packet at a time (size checked first), handed out as asked.
+    """A client's stream, read a whole packet at a time (size checked first), handed out as asked,
+    and its keep-alive enforced: a client silent for one and a half times its keep-alive is
+    disconnected (MQTT-3.1.2-24), so its will is sent.
 
-    A read cancelled by amqtt's keep-alive timer leaves the packet being read intact: the read
-    itself runs in a task of its own, which the next read() waits for again.
+    amqtt is handed the CONNECT with a keep-alive of 0 (`Front._connection`). Its own keep-alive
+    timer cost a task and a timer for every packet read and a timer for every packet sent, and
+    enforced nothing: on a timeout amqtt 0.12's broker starts the read again. Here one timer per
+    connection looks at when the last packet came.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes, who: str) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes, who: str,
+                 keep_alive: int) -> None:
         self._reader, self._writer, self._who = reader, writer, who
-        self._buffer = bytearray(first)
-        self._pending: asyncio.Task[bytes | None] | None = None
+        self._packet, self._offset = first, 0
+        self._loop = asyncio.get_running_loop()
+        self._limit = keep_alive * KEEP_ALIVE_FACTOR
+        self._last = self._loop.time()
+        self._timer = self._loop.call_later(self._limit, self._check) if keep_alive > 0 else None
 
     async def read(self, n: int = -1) -> bytes:
-        if not self._buffer:
-            self._buffer += await self._next_packet()
-        size = len(self._buffer) if n < 0 else min(n, len(self._buffer))
-        chunk = bytes(self._buffer[:size])
-        del self._buffer[:size]
+        if self._offset >= len(self._packet):
+            self._packet, self._offset = await read_packet(self._reader, MAX_PACKET_BYTES) or b"", 0
+            self._last = self._loop.time()
+        end = len(self._packet) if n < 0 else min(self._offset + n, len(self._packet))
+        chunk, self._offset = self._packet[self._offset:end], end
         return chunk
-
-    async def _next_packet(self) -> bytes:
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(read_packet(self._reader, MAX_PACKET_BYTES))
-            self._pending.add_done_callback(lambda t: t.cancelled() or t.exception())
-        packet = await asyncio.shield(self._pending)  # raises what the read raised
-        self._pending = None
-        return packet or b""
 
     async def read_guarded(self, n: int = -1) -> bytes:
         """read(), ending the stream ("" and the connection closed) when the client breaks the rules."""
         try:
             return await self.read(n)
         except (WireError, asyncio.IncompleteReadError, ConnectionError) as e:
-            self._pending = None
             if isinstance(e, WireError):
                 log.warning("MQTT client %s disconnected: %s", self._who, e)
             self._writer.transport.abort()
             return b""
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _check(self) -> None:
+        silent = self._loop.time() - self._last
+        if silent < self._limit:
+            self._timer = self._loop.call_later(self._limit - silent, self._check)
+            return
+        self._timer = None
+        log.info("MQTT client %s disconnected: nothing from it for %.0f s, 1.5 times its keep-alive", self._who, silent)
+        self._writer.transport.abort()
 
 
 class Front:
@@ -112,8 +126,12 @@ class Front:
         except (WireError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError) as e:
             log.info("MQTT connection from %s closed before login: %s", peer, e or type(e).__name__)
             return
-        packets = PacketReader(reader, writer, connect.encode(), f"{connect.client_id!r} ({peer})")
-        await self.core.serve(listener, packets.read_guarded, writer)
+        amqtts = dataclasses.replace(connect, keep_alive=0).encode()  # the keep-alive is the PacketReader's
+        packets = PacketReader(reader, writer, amqtts, f"{connect.client_id!r} ({peer})", connect.keep_alive)
+        try:
+            await self.core.serve(listener, packets.read_guarded, writer)
+        finally:
+            packets.close()
 
     async def _admit(self, connect: Connect) -> None:
         """Raises Refused unless the client may connect; then makes room for its session."""

@@ -100,9 +100,9 @@ class RawClient:
         self.sock.sendall(data)
 
     def connect(self, client_id: str, username: str | None = None, password: str | None = None, *,
-                clean: bool = True, will: Will | None = None) -> int | None:
+                clean: bool = True, will: Will | None = None, keep_alive: int = 60) -> int | None:
         """Send a CONNECT; the CONNACK's return code, or None when the broker closed without one."""
-        self.send(connect_packet(client_id, username, password, clean=clean, will=will))
+        self.send(connect_packet(client_id, username, password, clean=clean, will=will, keep_alive=keep_alive))
         try:
             packet = self.read(CONNACK)
         except Closed:
