@@ -193,14 +193,15 @@ class Store:
         """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
         behind a write (on SQLite a @single_statement fn here, unless it needs a snapshot; on
         PostgreSQL a `reads_rows` fn's statement from here too). Raises StoreUnavailable as `call` does."""
-        if self._inline and getattr(fn, "single_statement", False):
+        if hasattr(fn, "statement") and not kwargs:  # @reads_rows: its rows read here, the answer made here
             try:
-                return _on_loop(self._read, fn, args, kwargs)
+                rows = self._inline_rows(fn, args) if self._inline else await self._rows_on_loop(fn, args)
+                return _on_loop(fn.from_rows, rows, *args)
             except _NeedsSnapshot:
                 pass  # more than one statement (a group job's counts): not on the event loop
-        elif self._on_loop is not None and hasattr(fn, "statement") and not kwargs:
+        elif self._inline and getattr(fn, "single_statement", False):
             try:
-                return _on_loop(fn.from_rows, await self._rows_on_loop(fn, args), *args)
+                return _on_loop(self._read, fn, args, kwargs)
             except _NeedsSnapshot:
                 pass
         loop = asyncio.get_running_loop()
@@ -208,9 +209,22 @@ class Store:
         self._reads.put((loop, done, partial(self._read, fn, args, kwargs)))
         return await done
 
-    async def _rows_on_loop(self, fn: Any, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    def _inline_rows(self, fn: Any, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """SQLite: a @reads_rows fn's rows, on the event loop's own read-only connection (the
+        driver's, without peewee's execute around it)."""
+        key, sql, bound, query = _bound(*fn.statement, args)
         try:
-            return await _loop_rows(self._on_loop, *fn.statement, args)
+            with pw.__exception_wrapper__:
+                rows = _read_only_connection(self.database).execute(sql, bound).fetchall()
+        except UNAVAILABLE as e:
+            raise self._read_failed(fn, e) from e
+        return _converted(key, query, rows)
+
+    async def _rows_on_loop(self, fn: Any, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """PostgreSQL: a @reads_rows fn's rows, sent by the event loop on its own connections (pg_async)."""
+        key, sql, bound, query = _bound(*fn.statement, args)
+        try:
+            return _converted(key, query, await self._on_loop.rows(f"{key[0]}_{key[1]}", sql, bound))
         except UNAVAILABLE as e:
             reason = explain(self.database, e)
             log.error("%s failed on the %s: %s", fn.__name__, self.where, reason)
@@ -416,11 +430,7 @@ def _snapshot(database: GuardedDatabase, fn: Callable[..., T], args: tuple[Any, 
     """fn in one read-only transaction on this thread's connection; a @single_statement fn without
     one (it opens one itself, with `snapshot`, if it needs more than one statement)."""
     with pw.__exception_wrapper__:
-        conn = database.connection()
-        if getattr(_READ_ONLY, "conn", None) is not conn:
-            sqlite = isinstance(database, pw.SqliteDatabase)
-            _raw(conn, "PRAGMA query_only = 1" if sqlite else "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-            _READ_ONLY.conn = conn
+        conn = _read_only_connection(database)
     if not getattr(fn, "single_statement", False):
         return _in_transaction(database, conn, fn, args, kwargs)
     _READ_ONLY.lazy = True
@@ -428,6 +438,16 @@ def _snapshot(database: GuardedDatabase, fn: Callable[..., T], args: tuple[Any, 
         return fn(*args, **kwargs)
     finally:
         _READ_ONLY.lazy = False
+
+
+def _read_only_connection(database: GuardedDatabase) -> Any:
+    """This thread's driver connection, made read-only the first time it is used for reads."""
+    conn = database.connection()
+    if getattr(_READ_ONLY, "conn", None) is not conn:
+        sqlite = isinstance(database, pw.SqliteDatabase)
+        _raw(conn, "PRAGMA query_only = 1" if sqlite else "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        _READ_ONLY.conn = conn
+    return conn
 
 
 def _in_transaction(database: GuardedDatabase, conn: Any, fn: Callable[..., T], args: tuple[Any, ...],
@@ -523,10 +543,8 @@ def prepared(name: str, build: Callable[[int], Any], *values: Any) -> Any:
 
 def _run_prepared(name: str, build: Callable[[int], Any], values: tuple[Any, ...]) -> tuple[Any, Any]:
     """The driver's cursor after running the prepared query (see `prepared`), and the query."""
-    key = (name, len(values), type(db.obj))
-    sql, params, query = _PREPARED.get(key) or _prepare(key, build)
-    return db.execute_sql(sql, values if params is None else
-                          [values[p.index] if isinstance(p, Arg) else p for p in params]), query
+    _, sql, bound, query = _bound(name, build, values)
+    return db.execute_sql(sql, bound), query
 
 
 def _prepare(key: tuple[str, int, type], build: Callable[[int], Any]) -> tuple[str, list[Any] | None, Any]:
@@ -583,13 +601,12 @@ def reads_rows(name: str, build: Callable[[int], Any]) -> Callable[[Callable[...
     return mark
 
 
-async def _loop_rows(reads: AsyncReads, name: str, build: Callable[[int], Any],
-                        values: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    """prepared_rows, its statement sent by the event loop's own connections (PostgreSQL)."""
+def _bound(name: str, build: Callable[[int], Any], values: tuple[Any, ...]) -> tuple[Any, str, list[Any], Any]:
+    """A prepared query's key, SQL, values in the order its placeholders take them, and the query (see `prepared`)."""
     key = (name, len(values), type(db.obj))
     sql, params, query = _PREPARED.get(key) or _prepare(key, build)
-    bound = values if params is None else [values[p.index] if isinstance(p, Arg) else p for p in params]
-    return _converted(key, query, await reads.rows(f"{name}_{len(values)}", sql, list(bound)))
+    return key, sql, list(values) if params is None else [values[p.index] if isinstance(p, Arg) else p
+                                                            for p in params], query
 
 
 def _as_driver_gives(field: pw.Field) -> bool:
