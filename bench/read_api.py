@@ -10,7 +10,8 @@ server, after a warm-up, in five rounds that alternate between them (so a change
 machine's load hits both); the figure is each one's best requests per second and the ratio
 service / constant. With --writes, a thread submits jobs back to back meanwhile (the reads then
 share the database with a busy writer; the constant server's rounds share the machine with it).
-It also prints each server's CPU time per GET (from /proc), which the machine's load moves least.
+It also prints each server's CPU time per GET (from /proc), which the machine's load moves least,
+and on PostgreSQL that of the server processes serving the service's connections (same machine).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 from fleet import REPO, result  # first: puts the repo on sys.path
@@ -47,23 +49,27 @@ WARM_UP = 300
 ROUNDS = 5
 
 
-async def _compare(targets: list[tuple[str, dict[str, str], int]], clients: int,
-                   requests: int) -> tuple[list[float], list[float]]:
+async def _compare(targets: list[tuple[str, dict[str, str], int]], clients: int, requests: int,
+                   backends: Callable[[], list[int]]) -> tuple[list[float], list[float], float]:
     """Best requests per second of each (url, headers, server pid): `requests` GETs from `clients`
     concurrent tasks, the targets taking turns round after round, so a change in the machine's load
-    hits both; and each server's CPU time per GET over all its rounds (what load moves least)."""
+    hits both; each server's CPU time per GET over all its rounds (what load moves least); and the
+    CPU time per GET of the first target's database server processes (`backends`, after the warm-up)."""
     sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), headers=headers)
                 for _, headers, _ in targets]
     try:
         for session, (url, _, _) in zip(sessions, targets, strict=True):
             await _round(session, url, clients, WARM_UP)
-        best, cpu = [0.0] * len(targets), [0.0] * len(targets)
+        database = backends()
+        best, cpu, database_cpu = [0.0] * len(targets), [0.0] * len(targets), 0.0
         for _ in range(ROUNDS):
             for i, (session, (url, _, pid)) in enumerate(zip(sessions, targets, strict=True)):
-                before = _cpu_seconds(pid)
+                before = _cpu_seconds([pid] + (database if i == 0 else []))
                 best[i] = max(best[i], await _round(session, url, clients, requests))
-                cpu[i] += _cpu_seconds(pid) - before
-        return best, [seconds / (ROUNDS * requests) for seconds in cpu]
+                after = _cpu_seconds([pid] + (database if i == 0 else []))
+                cpu[i] += after[0] - before[0]
+                database_cpu += after[1] - before[1]
+        return best, [seconds / (ROUNDS * requests) for seconds in cpu], database_cpu / (ROUNDS * requests)
     finally:
         for session in sessions:
             await session.close()
@@ -85,10 +91,34 @@ async def _round(session: aiohttp.ClientSession, url: str, clients: int, request
     return requests / (time.perf_counter() - start)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """User + system CPU time, all threads, from /proc (Linux): of the first process, and of the
+    others together (a process gone meanwhile counts as 0)."""
+    seconds = []
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            seconds.append(0.0)
+            continue
+        seconds.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return seconds[0], sum(seconds[1:])
+
+
+def _backends(url: str) -> Callable[[], list[int]]:
+    """The pids of the PostgreSQL server processes serving the service's connections to its database
+    (the server runs on this machine); none for SQLite (the service's own process reads it)."""
+    def pids() -> list[int]:
+        if not url.startswith("postgresql"):
+            return []
+        import psycopg2
+        with psycopg2.connect(url) as conn, conn.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND pid <> pg_backend_pid()")
+            found = [pid for (pid,) in cursor.fetchall()]
+        conn.close()
+        return found
+    return pids
 
 
 def _writer(service: Service, workflow_id: str, device_id: str, stop: threading.Event) -> list[int]:
@@ -134,9 +164,9 @@ def main() -> None:
             headers = {"Authorization": f"Bearer {api.token}"}
             started = time.perf_counter()
             assert service.proc is not None
-            (served, raw), (cpu, raw_cpu) = asyncio.run(_compare(
+            (served, raw), (cpu, raw_cpu), database_cpu = asyncio.run(_compare(
                 [(f"{service.base_url}/v1/job/{job_id}", headers, service.proc.pid),
-                 (f"{base}/v1/job/{job_id}", {}, constant.pid)], args.clients, args.requests))
+                 (f"{base}/v1/job/{job_id}", {}, constant.pid)], args.clients, args.requests, _backends(url)))
             stop.set()
             write_rate = writes[0] / (time.perf_counter() - started)
         finally:
@@ -150,9 +180,12 @@ def main() -> None:
     print(f"ratio service / constant: {served / raw:.2f}")
     print(f"CPU per GET: service {cpu * 1e6:.0f} us, constant {raw_cpu * 1e6:.0f} us (constant / service "
           f"{raw_cpu / cpu:.2f}: the ratio a CPU-bound service would reach)")
+    if args.database == "postgres":
+        print(f"CPU per GET of the PostgreSQL server processes serving the service: {database_cpu * 1e6:.0f} us")
     result(f"read-api-{args.database}" + ("-writes" if args.writes else ""), served, "req/s", raw, served / raw,
            "ratio >= 0.5", clients=args.clients, submits_per_s=write_rate if args.writes else None,
-           cpu_us_per_get=round(cpu * 1e6), constant_cpu_us_per_get=round(raw_cpu * 1e6))
+           cpu_us_per_get=round(cpu * 1e6), constant_cpu_us_per_get=round(raw_cpu * 1e6),
+           database_cpu_us_per_get=round(database_cpu * 1e6) if args.database == "postgres" else None)
 
 
 def _answers(url: str) -> bool:

@@ -1,7 +1,7 @@
 """Who may do what: the roles of API tokens, and the operations each role may call.
 
 Roles nest: an operator may do all a viewer may, an admin all an operator may. NEEDS names, for
-every route of the REST API, the least role that may call it; the auth middleware and the tests
+every route of the REST API, the least role that may call it; the auth check and the tests
 both read it, and a route missing from it needs admin. MQTT is not covered here: every role may
 log in to the embedded broker as `api`, which can only read.
 """

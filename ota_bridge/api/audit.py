@@ -1,4 +1,4 @@
-"""The audit log's two ends: a middleware that records every state-changing request, and GET /v1/audit.
+"""The audit log's two ends: what records every state-changing request, and GET /v1/audit.
 
 Each POST, PATCH, PUT or DELETE (anything but GET, HEAD and OPTIONS) is recorded once its answer
 is known, refusals (401, 403, any 4xx) included: the token's name and role, the client's address,
@@ -20,26 +20,23 @@ from agent.protocol import format_time
 from ..store import audit
 from ..store.audit import AuditRecord, AuditView
 from ..store.tokens import TokenIdentity
-from .errors import Handler
 from .views import STORE, page
 
 log = logging.getLogger(__name__)
 
-CALLER = web.RequestKey("caller", TokenIdentity)  # set by the auth middleware for a valid token
+CALLER = web.RequestKey("caller", TokenIdentity)  # set by the auth check (check_caller) for a valid token
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CREATED_ID_FIELDS = ("WorkflowId", "JobId", "DeviceId", "WebhookId", "ArtifactId")  # what a POST without {id} made
 
 
-@web.middleware
-async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
+async def audit_request(request: web.Request, response: web.StreamResponse) -> None:
+    """Record a request once its answer is known, if it is not read-only (the API middleware asks)."""
     if request.method not in READ_ONLY_METHODS:
         try:
             await request.app[STORE].call(audit.record, _record(request, response))
         except Exception:  # the change is made; the answer must still go out
             log.exception("could not write the audit log for %s %s (status %s)", request.method, request.path,
                           response.status)
-    return response
 
 
 def _record(request: web.Request, response: web.StreamResponse) -> AuditRecord:

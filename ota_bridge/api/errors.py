@@ -1,4 +1,4 @@
-"""One middleware turns every error into JSON {"Error": ..., "Detail": ...} with its status code."""
+"""Every error as JSON {"Error": ..., "Detail": ...} with its status code (the API middleware asks)."""
 
 from __future__ import annotations
 
@@ -19,21 +19,18 @@ def error_response(status: int, title: str, detail: Any, headers: dict[str, str]
     return web.json_response({"Error": title, "Detail": detail}, status=status, headers=headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except OtaBridgeError as e:
-        retry_after = getattr(e, "retry_after", None)
-        return error_response(e.status, e.title, e.detail, {"Retry-After": str(retry_after)} if retry_after else None)
-    except web.HTTPRequestEntityTooLarge:
+def error_answer(request: web.Request, error: Exception) -> web.Response:
+    """The JSON answer for an error a request met; an HTTPException under 400 (a redirect) is raised again."""
+    if isinstance(error, OtaBridgeError):
+        retry_after = getattr(error, "retry_after", None)
+        return error_response(error.status, error.title, error.detail,
+                              {"Retry-After": str(retry_after)} if retry_after else None)
+    if isinstance(error, web.HTTPRequestEntityTooLarge):
         return error_response(413, "Body too large", f"the request body is over the limit of {MAX_BODY_BYTES} "
                                                      f"bytes ({MAX_BODY_BYTES // 1024 // 1024} MiB)")
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        detail = f"{request.method} {request.path}: {e.reason}"
-        return error_response(e.status, e.reason, detail)
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "Internal error", "the server failed; its log has the details")
+    if isinstance(error, web.HTTPException):
+        if error.status < 400:
+            raise error
+        return error_response(error.status, error.reason, f"{request.method} {request.path}: {error.reason}")
+    log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
+    return error_response(500, "Internal error", "the server failed; its log has the details")

@@ -96,7 +96,7 @@ TICKETS = web.AppKey("event_tickets", Tickets)
 
 
 async def redeem_ticket(request: web.Request) -> TokenIdentity:
-    """The caller of GET /v1/events, by the ticket in its query (the auth middleware asks)."""
+    """The caller of GET /v1/events, by the ticket in its query (the auth check asks)."""
     ticket = query(request, ("Ticket",)).get("Ticket")
     if not ticket:
         raise Unauthorized(f"{EVENTS_PATH} takes no token: send ?Ticket= with a ticket from POST {TICKET_PATH}")

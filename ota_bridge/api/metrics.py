@@ -1,4 +1,4 @@
-"""GET /metrics (Prometheus text format, a viewer token), and the middleware that counts every request."""
+"""GET /metrics (Prometheus text format, a viewer token), and what counts every request."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from aiohttp import web
 
 from .. import metrics
 from ..store import stats
-from .errors import Handler
 from .views import DISPATCHER, STORE
 
 log = logging.getLogger(__name__)
@@ -19,22 +18,12 @@ READINGS = web.AppKey("readings", metrics.Readings)
 UNMATCHED = "unmatched"  # the route label of a request that matched no route: one label, whatever the path
 
 
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: counts every answer, errors and refusals included, by route (never by raw path)."""
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as e:
-        status = e.status
-        raise
-    finally:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else UNMATCHED
-        metrics.http_request(request.method, route, status, time.perf_counter() - started)
+def count_request(request: web.Request, status: int, started: float) -> None:
+    """Count an answer, errors and refusals included, by route (never by raw path); `started` is
+    time.perf_counter() when the request came (the API middleware asks, outermost)."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else UNMATCHED
+    metrics.http_request(request.method, route, status, time.perf_counter() - started)
 
 
 async def serve_metrics(request: web.Request) -> web.Response:

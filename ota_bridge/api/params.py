@@ -14,7 +14,6 @@ from aiohttp import web
 from agent.protocol import DEVICE_ID_PATTERN
 
 from ..errors import InvalidRequest, OtaBridgeError
-from .errors import Handler
 
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 UUID_EXAMPLE = "231ec702-5f6e-4b4d-9c1a-0d2c8e3f4a5b"
@@ -43,16 +42,14 @@ def id_kind(canonical_path: str) -> str | None:
     return parts[2] if "{id}" in parts and len(parts) > 2 else None
 
 
-@web.middleware
-async def request_shape_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse a body where the method takes none, and a path id of the wrong shape."""
+def check_request_shape(request: web.Request) -> None:
+    """Refuse a body where the method takes none, and a path id of the wrong shape (before the handler runs)."""
     if request.method in BODYLESS_METHODS and request.body_exists:
         raise InvalidRequest(f"{request.method} requests take no body; send the request without one")
     resource = request.match_info.route.resource
     kind = _shaped_kind(resource.canonical) if resource is not None else None
     if kind is not None:
         _check_id(kind, request.match_info["id"])
-    return await handler(request)
 
 
 @functools.cache

@@ -19,15 +19,20 @@ write committed before it began. A reader whose connection was lost opens a new 
 A function marked `@single_statement` makes one statement, which sees one moment by itself, so it
 runs without BEGIN and ROLLBACK (it opens a snapshot with `snapshot` if it needs more); on SQLite
 it runs on the event loop itself, which WAL never makes wait for the writer, and goes on to a
-reader thread only if it needs a snapshot after all (`GET /v1/job/{id}` of a group job).
+reader thread only if it needs a snapshot after all (`GET /v1/job/{id}` of a group job). On
+PostgreSQL a `@reads_rows` function's one statement is sent by the event loop itself on
+connections of its own (`pg_async`), prepared on the server, and its rows are turned into the
+answer there: no reader thread, no hand-off to one and back.
 
-This module holds only the Store and the helpers the subject modules share; it imports none of them.
+This module holds only the Store and the helpers the subject modules share; it imports none of them
+(`pg_async` is the Store's, not a subject).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -56,6 +61,7 @@ from ..models import (
     now,
     open_database,
 )
+from .pg_async import AsyncReads
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +132,8 @@ class Store:
         # connection. WAL never makes a reader wait for the writer, and one small statement costs less
         # than handing it to a reader thread and back (two wake-ups, the GIL passed twice).
         self._inline = isinstance(self.database, pw.SqliteDatabase)
+        # PostgreSQL: a `reads_rows` read's statement goes out from the event loop on its own connections.
+        self._on_loop = None if self._inline else AsyncReads(self.database)
         self._reads: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
         self._commits = 0  # calls that committed a write (or may have): counted on the store's thread
         self._commits_heard = 0  # the count the event loop last woke the waiters for
@@ -183,20 +191,44 @@ class Store:
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
-        behind a write (on SQLite a @single_statement fn here, unless it needs a snapshot). Raises
-        StoreUnavailable as `call` does."""
-        if self._inline and getattr(fn, "single_statement", False):
-            _READ_ONLY.on_loop = True
+        behind a write (on SQLite a @single_statement fn here, unless it needs a snapshot; on
+        PostgreSQL a `reads_rows` fn's statement from here too). Raises StoreUnavailable as `call` does."""
+        if hasattr(fn, "statement") and not kwargs:  # @reads_rows: its rows read here, the answer made here
             try:
-                return self._read(fn, args, kwargs)
+                rows = self._inline_rows(fn, args) if self._inline else await self._rows_on_loop(fn, args)
+                return _on_loop(fn.from_rows, rows, *args)
             except _NeedsSnapshot:
                 pass  # more than one statement (a group job's counts): not on the event loop
-            finally:
-                _READ_ONLY.on_loop = False
+        elif self._inline and getattr(fn, "single_statement", False):
+            try:
+                return _on_loop(self._read, fn, args, kwargs)
+            except _NeedsSnapshot:
+                pass
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         self._reads.put((loop, done, partial(self._read, fn, args, kwargs)))
         return await done
+
+    def _inline_rows(self, fn: Any, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """SQLite: a @reads_rows fn's rows, on the event loop's own read-only connection (the
+        driver's, without peewee's execute around it)."""
+        key, sql, bound, query = _bound(*fn.statement, args)
+        try:
+            with pw.__exception_wrapper__:
+                rows = _read_only_connection(self.database).execute(sql, bound).fetchall()
+        except UNAVAILABLE as e:
+            raise self._read_failed(fn, e) from e
+        return _converted(key, query, rows)
+
+    async def _rows_on_loop(self, fn: Any, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """PostgreSQL: a @reads_rows fn's rows, sent by the event loop on its own connections (pg_async)."""
+        key, sql, bound, query = _bound(*fn.statement, args)
+        try:
+            return _converted(key, query, await self._on_loop.rows(f"{key[0]}_{key[1]}", sql, bound))
+        except UNAVAILABLE as e:
+            reason = explain(self.database, e)
+            log.error("%s failed on the %s: %s", fn.__name__, self.where, reason)
+            raise StoreUnavailable(f"the database is unavailable: {reason}") from e
 
     def close(self) -> None:
         for _ in self._readers:
@@ -204,6 +236,8 @@ class Store:
         for reader in self._readers:
             reader.join()
         _drop_connection(self.database)  # this thread's, if reads ran on it (SQLite, @single_statement)
+        if self._on_loop is not None:
+            self._on_loop.close()
         self._executor.submit(discard_connection, self.database).result()
         self._executor.shutdown(wait=True)
 
@@ -370,6 +404,15 @@ class Store:
         return StoreUnavailable(f"the database is unavailable: {reason}")
 
 
+def _on_loop(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) on the event loop, where `snapshot` raises _NeedsSnapshot instead of blocking."""
+    _READ_ONLY.on_loop = True
+    try:
+        return fn(*args)
+    finally:
+        _READ_ONLY.on_loop = False
+
+
 def _resolve(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     """On the event loop: a read's answer to its caller, unless the caller is gone."""
     if done.cancelled():
@@ -387,11 +430,7 @@ def _snapshot(database: GuardedDatabase, fn: Callable[..., T], args: tuple[Any, 
     """fn in one read-only transaction on this thread's connection; a @single_statement fn without
     one (it opens one itself, with `snapshot`, if it needs more than one statement)."""
     with pw.__exception_wrapper__:
-        conn = database.connection()
-        if getattr(_READ_ONLY, "conn", None) is not conn:
-            sqlite = isinstance(database, pw.SqliteDatabase)
-            _raw(conn, "PRAGMA query_only = 1" if sqlite else "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-            _READ_ONLY.conn = conn
+        conn = _read_only_connection(database)
     if not getattr(fn, "single_statement", False):
         return _in_transaction(database, conn, fn, args, kwargs)
     _READ_ONLY.lazy = True
@@ -399,6 +438,16 @@ def _snapshot(database: GuardedDatabase, fn: Callable[..., T], args: tuple[Any, 
         return fn(*args, **kwargs)
     finally:
         _READ_ONLY.lazy = False
+
+
+def _read_only_connection(database: GuardedDatabase) -> Any:
+    """This thread's driver connection, made read-only the first time it is used for reads."""
+    conn = database.connection()
+    if getattr(_READ_ONLY, "conn", None) is not conn:
+        sqlite = isinstance(database, pw.SqliteDatabase)
+        _raw(conn, "PRAGMA query_only = 1" if sqlite else "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        _READ_ONLY.conn = conn
+    return conn
 
 
 def _in_transaction(database: GuardedDatabase, conn: Any, fn: Callable[..., T], args: tuple[Any, ...],
@@ -494,16 +543,16 @@ def prepared(name: str, build: Callable[[int], Any], *values: Any) -> Any:
 
 def _run_prepared(name: str, build: Callable[[int], Any], values: tuple[Any, ...]) -> tuple[Any, Any]:
     """The driver's cursor after running the prepared query (see `prepared`), and the query."""
-    key = (name, len(values), type(db.obj))
-    entry = _PREPARED.get(key)
-    if entry is None:
-        query = build(len(values))
-        sql, params = query.sql()
-        in_order = [p.index if isinstance(p, Arg) else None for p in params] == list(range(len(values)))
-        entry = _PREPARED[key] = (sql, None if in_order else params, query)  # None: the values as they come
-    sql, params, query = entry
-    return db.execute_sql(sql, values if params is None else
-                          [values[p.index] if isinstance(p, Arg) else p for p in params]), query
+    _, sql, bound, query = _bound(name, build, values)
+    return db.execute_sql(sql, bound), query
+
+
+def _prepare(key: tuple[str, int, type], build: Callable[[int], Any]) -> tuple[str, list[Any] | None, Any]:
+    query = build(key[1])
+    sql, params = query.sql()
+    in_order = [p.index if isinstance(p, Arg) else None for p in params] == list(range(key[1]))
+    entry = _PREPARED[key] = (sql, None if in_order else params, query)  # None: the values as they come
+    return entry
 
 
 _CONVERTERS: dict[tuple[str, int, type], list[tuple[int, Callable[[Any], Any]]]] = {}
@@ -515,9 +564,11 @@ def prepared_rows(name: str, build: Callable[[int], Any], *values: Any) -> list[
     whose values the driver does not give as the model does (dates, booleans, ...). peewee's
     conversion calls a function for every value of every row, which costs more than SQLite
     running the query when a read returns thousands of rows."""
-    key = (name, len(values), type(db.obj))
     cursor, query = _run_prepared(name, build, values)  # no peewee cursor wrapper: it is built per query
-    rows = cursor.fetchall()
+    return _converted((name, len(values), type(db.obj)), query, cursor.fetchall())
+
+
+def _converted(key: tuple[str, int, type], query: Any, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     converters = _CONVERTERS.get(key)
     if converters is None:
         converters = _CONVERTERS[key] = [(i, _converter(c)) for i, c in enumerate(query._returning)
@@ -532,6 +583,30 @@ def prepared_rows(name: str, build: Callable[[int], Any], *values: Any) -> list[
                 row[i] = convert(row[i])
         converted.append(tuple(row))
     return converted
+
+
+def reads_rows(name: str, build: Callable[[int], Any]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Mark a read made of one prepared SELECT and what follows from its rows: the store function
+    f(*values) is from_rows(prepared_rows(name, build, *values), *values), a @single_statement read.
+    On PostgreSQL Store.read sends the statement from the event loop itself (pg_async) and runs
+    from_rows there; from_rows may still call `snapshot` (then a reader thread runs f)."""
+    def mark(from_rows: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(from_rows)
+        def read(*values: Any) -> T:
+            return from_rows(prepared_rows(name, build, *values), *values)
+        read.single_statement = True  # type: ignore[attr-defined]
+        read.statement = (name, build)  # type: ignore[attr-defined]
+        read.from_rows = from_rows  # type: ignore[attr-defined]
+        return read
+    return mark
+
+
+def _bound(name: str, build: Callable[[int], Any], values: tuple[Any, ...]) -> tuple[Any, str, list[Any], Any]:
+    """A prepared query's key, SQL, values in the order its placeholders take them, and the query (see `prepared`)."""
+    key = (name, len(values), type(db.obj))
+    sql, params, query = _PREPARED.get(key) or _prepare(key, build)
+    return key, sql, list(values) if params is None else [values[p.index] if isinstance(p, Arg) else p
+                                                            for p in params], query
 
 
 def _as_driver_gives(field: pw.Field) -> bool:

@@ -25,8 +25,7 @@ from . import (
     padded,
     pieces,
     prepared,
-    prepared_rows,
-    single_statement,
+    reads_rows,
     snapshot,
     write_transaction,
 )
@@ -202,20 +201,6 @@ def derive_status(counts: dict[str, int]) -> JobStatus:
     return JobStatus.FAILED
 
 
-@single_statement
-def get_job(job_id: str) -> JobSummary:
-    """One job's summary. A single-device job without OnFailure (most jobs) takes one statement: the
-    job, its rollout and its one child joined; any other job's rows are read in one snapshot."""
-    rows = prepared_rows("job_row", _job_row, job_id)
-    if not rows:
-        raise JobNotFound(job_id)
-    job, rollout, child = as_models(rows[0], Job, Rollout, ChildJob)
-    if job.target_field != "DeviceId" or job.on_failure_command is not None:
-        return snapshot(_get_job, job_id)
-    times = [(child.start_time, child.end_time)] if child is not None else []
-    return _summary(job, {child.status: 1} if child is not None else {}, times, child, rollout, None)
-
-
 def _job_row(_: int) -> pw.Query:
     """A job, its rollout if it has one, and its one child if it targets a device (not its rollback child)."""
     single = (ChildJob.parent == Job.job_id) & (Job.target_field == "DeviceId") & ChildJob.on_failure_of.is_null()
@@ -223,6 +208,20 @@ def _job_row(_: int) -> pw.Query:
             .join_from(Job, Rollout, pw.JOIN.LEFT_OUTER, on=(Rollout.job == Job.job_id))
             .join_from(Job, ChildJob, pw.JOIN.LEFT_OUTER, on=single)
             .where(Job.job_id == arg(0)))
+
+
+@reads_rows("job_row", _job_row)
+def get_job(rows: list[tuple[Any, ...]], job_id: str) -> JobSummary:
+    """One job's summary (the store function is get_job(job_id)). A single-device job without
+    OnFailure (most jobs) takes one statement: the job, its rollout and its one child joined; any
+    other job's rows are read in one snapshot."""
+    if not rows:
+        raise JobNotFound(job_id)
+    job, rollout, child = as_models(rows[0], Job, Rollout, ChildJob)
+    if job.target_field != "DeviceId" or job.on_failure_command is not None:
+        return snapshot(_get_job, job_id)
+    times = [(child.start_time, child.end_time)] if child is not None else []
+    return _summary(job, {child.status: 1} if child is not None else {}, times, child, rollout, None)
 
 
 def _get_job(job_id: str) -> JobSummary:

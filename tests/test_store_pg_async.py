@@ -1,0 +1,140 @@
+"""PostgreSQL reads on the event loop (store/pg_async.py): the same answers as the store's thread,
+read-only connections, prepared statements, and recovery from lost connections and cancelled reads.
+
+Each test gets a PostgreSQL database of its own and ends only its own connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Iterator
+
+import peewee as pw
+import pytest
+
+from ota_bridge.errors import JobNotFound
+from ota_bridge.models import ChildJob, db
+from ota_bridge.store import Store, devices, jobs, pg_async, workflows
+from ota_bridge.store.pg_async import AsyncReads
+from tests.support.databases import fresh_postgres
+from tests.test_db_recovery import terminate_service_connections
+
+pytestmark = pytest.mark.postgres
+MISSING = "00000000-0000-4000-8000-000000000000"
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    with fresh_postgres() as url:
+        opened = Store(url)
+        try:
+            yield opened
+        finally:
+            opened.close()
+
+
+async def _jobs(store: Store) -> tuple[str, str]:
+    """A single-device job and a group job (its summary needs more than one statement)."""
+    workflow = await store.call(workflows.create_workflow, "w", "true", None, False)
+    for name in ("d1", "d2"):
+        await store.call(devices.register_device, name, "fleet", [])
+    single, _ = await store.call(jobs.submit_job, "one", workflow.workflow_id, "DeviceId", "d1", None)
+    group, _ = await store.call(jobs.submit_job, "all", workflow.workflow_id, "DeviceGroup", "fleet", None)
+    return single.job_id, group.job_id
+
+
+def _reads_on_loop(store: Store) -> list[Any]:
+    """Count the statements the event loop's own connections run."""
+    sent: list[Any] = []
+    reads = store._on_loop
+    assert isinstance(reads, AsyncReads), "PostgreSQL reads of one statement must not need a reader thread"
+    rows = reads.rows
+
+    async def counted(name: str, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        sent.append(name)
+        return await rows(name, sql, params)
+    reads.rows = counted  # type: ignore[method-assign]
+    return sent
+
+
+def test_a_job_read_on_the_loop_is_the_one_the_store_thread_reads(store: Store) -> None:
+    async def main() -> None:
+        single, group = await _jobs(store)
+        sent = _reads_on_loop(store)
+        for job_id in (single, group):
+            assert await store.read(jobs.get_job, job_id) == await store.call(jobs.get_job, job_id)
+        assert sent == ["job_row_1", "job_row_1"]  # the group job's summary then went to a reader thread
+        with pytest.raises(JobNotFound):
+            await store.read(jobs.get_job, MISSING)
+
+    asyncio.run(main())
+
+
+def test_a_read_sees_every_write_committed_before_it(store: Store) -> None:
+    async def main() -> None:
+        single, _ = await _jobs(store)
+        assert (await store.read(jobs.get_job, single)).status.value == "QUEUED"
+        await store.call(lambda: ChildJob.update(status="IN_PROGRESS").where(ChildJob.parent == single).execute())
+        assert (await store.read(jobs.get_job, single)).status.value == "IN_PROGRESS"
+
+    asyncio.run(main())
+
+
+def test_the_loop_connections_are_read_only_and_prepare_their_statements(store: Store) -> None:
+    async def main() -> None:
+        single, _ = await _jobs(store)
+        await store.read(jobs.get_job, single)
+        reads = store._on_loop
+        assert reads is not None
+        prepared = await reads.rows("probe", "SELECT name FROM pg_prepared_statements ORDER BY name", [])
+        assert ("ota_job_row_1",) in prepared
+        with pytest.raises(pw.InternalError, match="read-only transaction"):
+            await reads.rows("write", 'DELETE FROM "job"', [])
+        assert await store.call(jobs.get_job, single)  # still there
+
+    asyncio.run(main())
+
+
+def test_loop_connections_reconnect_by_themselves(store: Store) -> None:
+    async def main() -> None:
+        single, _ = await _jobs(store)
+        await asyncio.gather(*(store.read(jobs.get_job, single) for _ in range(16)))  # several connect
+        assert terminate_service_connections(store.url) >= 2
+        for _ in range(16):  # each stale connection is replaced, or the read runs again on a new one
+            assert (await store.read(jobs.get_job, single)).job.job_id == single
+        await asyncio.gather(*(store.read(jobs.get_job, single) for _ in range(16)))
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_read_closes_its_connection(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[Any] = []
+    open_connection = pg_async._Connection.open
+
+    async def recorded(*args: Any) -> Any:
+        opened.append(await open_connection(*args))
+        return opened[-1]
+    monkeypatch.setattr(pg_async._Connection, "open", recorded)
+
+    async def main() -> None:
+        single, _ = await _jobs(store)
+        reads = store._on_loop
+        assert reads is not None
+        slow = asyncio.ensure_future(reads.rows("slow", "SELECT pg_sleep(30)", []))
+        await asyncio.sleep(0.5)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert [c.raw.closed for c in opened] == [1], "the connection that ran it must be closed, not handed on"
+        for _ in range(4):
+            assert (await store.read(jobs.get_job, single)).job.job_id == single
+        assert len(opened) == 2
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_store_serves_reads_from_one_loop_after_another(store: Store) -> None:
+    single, _ = asyncio.run(_jobs(store))
+    for _ in range(2):  # a connection is registered with one loop: the next loop gets its own
+        assert asyncio.run(store.read(jobs.get_job, single)).job.job_id == single
+    assert db.obj is store.database
