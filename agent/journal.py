@@ -79,11 +79,13 @@ import stat
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 
 from . import protocol
 from .protocol import Key
-from .runner import ProcessGroup
+
+if TYPE_CHECKING:  # agent/runner.py is imported when an entry names a process group: see _process
+    from .runner import ProcessGroup
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +222,8 @@ def _process(raw: Any, job_id: str) -> ProcessGroup | None:
     fields = (raw.get(_PGID), raw.get(_BOOT_ID), raw.get(_START_TICKS)) if isinstance(raw, dict) else ()
     if len(fields) != 3 or not (_whole(fields[0]) and isinstance(fields[1], str) and _whole(fields[2])):
         raise _Unreadable(f"entry {job_id!r} has a bad {_PROCESS}")
+    from .runner import ProcessGroup  # noqa: PLC0415 - lazily, see the imports at the top
+
     return ProcessGroup(*fields)
 
 
