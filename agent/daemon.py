@@ -20,8 +20,8 @@ Threads: paho's network thread only turns callbacks into events on a bounded que
 one worker thread, started with the first job, waits for the current command (spawned held by the
 main thread, which journals the start with its process group, then lets it run and sends
 IN_PROGRESS while it starts: agent/runner.py; after a job that followed another (a queue
-draining), that thread starts the next job's shell, a runner.Standby, while the main thread journals
-and sends the result and the service handles it; it is dropped when the queue is empty). A job
+draining), the main thread starts the next job's shell, a runner.Standby, while the service handles
+the result, and drops it when the queue is empty). A job
 whose head names Artifacts first has them fetched and checked by a download thread
 (agent/download.py): the journal's "started" entry is written only once every file is in the
 cache and in the job's directory, so an agent restarted mid-download fetches on from the part
@@ -164,72 +164,32 @@ class _CommandThread:
     """The one worker thread that waits for the running command and hands its result to the main
     loop (JobDone). Started with the first job, it then waits for the next one: starting a thread per
     job kept the main thread waiting for it to come up (~0.2-0.8 ms a job, bench/profile_notes.md,
-    drain-mosquitto). One job at a time: the agent gives it the next only after the last one's JobDone.
+    drain-mosquitto). One job at a time: the agent gives it the next only after the last one's JobDone."""
 
-    After a job given with `then_standby`, it also starts the next job's shell (a runner.Standby), here
-    rather than on the main thread, which meanwhile journals and sends the result: the standby's
-    Popen no longer holds the GIL between the result's publish and paho's thread sending it.
-    """
-
-    def __init__(self, events: EventQueue, env: Mapping[str, str]) -> None:
+    def __init__(self, events: EventQueue) -> None:
         self._events = events
-        self._env = env  # the standby's environment: the commands' (Agent.command_env)
-        self._jobs = EventQueue(1)  # of (Runner, threading.Event set once its JobDone is queued, then_standby)
+        self._jobs = EventQueue(1)  # of (Runner, threading.Event set once its JobDone is queued)
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()  # guards the two below
-        self._standby: Standby | None = None  # the standby started after the last job, not yet taken
-        self._standby_wanted = False  # False once the queue is empty: a standby started then is discarded
 
-    def run(self, runner: Runner, then_standby: bool) -> Callable[[float], Any]:
+    def run(self, runner: Runner) -> Callable[[float], Any]:
         """Wait for `runner` on the thread; what waits (up to a timeout) until its JobDone is queued."""
         done = threading.Event()
-        with self._lock:
-            self._standby_wanted = then_standby
-        self._jobs.put_nowait((runner, done, then_standby))
+        self._jobs.put_nowait((runner, done))
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="command", daemon=True)
             self._thread.start()
         return done.wait
 
-    def take_standby(self) -> Standby | None:
-        """The standby started after the last job, if it is ready (then it is the caller's)."""
-        with self._lock:
-            standby, self._standby = self._standby, None
-        return standby
-
-    def drop_standby(self) -> None:
-        """The queue is empty: discard the standby, now or (still starting) once it is started."""
-        with self._lock:
-            self._standby_wanted = False
-            standby, self._standby = self._standby, None
-        if standby is not None:
-            standby.discard()
-
     def _loop(self) -> None:
         while True:
             try:
-                runner, done, then_standby = self._jobs.get(timeout=3600.0)
+                runner, done = self._jobs.get(timeout=3600.0)
             except QueueEmpty:
                 continue
             try:
                 self._events.put(JobDone(_outcome(runner)))
             finally:
                 done.set()
-            if then_standby:
-                self._start_standby()
-
-    def _start_standby(self) -> None:
-        from .runner import Standby  # noqa: PLC0415 - lazily, see the imports at the top
-
-        with self._lock:
-            if self._standby is not None or not self._standby_wanted:
-                return
-        standby = Standby.start(self._env, COMMAND_ENV_JOB_ID)
-        with self._lock:
-            if self._standby_wanted and self._standby is None:
-                self._standby, standby = standby, None
-        if standby is not None:
-            standby.discard()
 
 
 def _outcome(runner: Runner) -> RunResult:
@@ -258,8 +218,10 @@ class Agent:
         self._head_new = False  # a head arrived that the loop has not acted on yet
         self._ready_at: float | None = None  # when heads may be acted on (None: not subscribed)
         self._running: _Running | None = None
-        self._commands = _CommandThread(self.events, self.command_env)  # waits for each command
+        self._commands = _CommandThread(self.events)  # waits for each command on a thread of its own
+        self._standby: Standby | None = None  # the next job's shell, started after the last job (runner.py)
         self._after_idle = True  # no job ran since the last idle head (or the start): see _start
+        self._standby_after = False  # the running job followed another: start a standby after it
         self._unjournaled: set[tuple[str | None, int]] = set()  # (job, attempt)s the journal could not record
         self._connect_failures = 0
         self._checked: tuple[Head, str | None] | None = None  # the last head whose signature was checked
@@ -451,7 +413,7 @@ class Agent:
         """
         if head.is_idle:
             self._after_idle = True
-            self._commands.drop_standby()  # nothing queued: no shell waits for a job
+            self._drop_standby()  # nothing queued: no shell waits for a job
         if (head.job_id, head.attempt) in self._unjournaled:
             return
         entry = None if head.job_id is None else self.journal.get(head.job_id, head.attempt)
@@ -597,7 +559,7 @@ class Agent:
                            kill_grace=self.settings.kill_grace)
         env = {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id, **(artifact_env or {})}
         runner = Runner(head.job_id, head.command, limits, env)
-        standby = self._commands.take_standby()
+        standby, self._standby = self._standby, None
         group = runner.spawn(standby)  # held at its gate: the start and its group go to disk in one write first
         try:
             self.journal.record_started(head.job_id, head.seq, runner.start_time, head.attempt, process=group)
@@ -608,8 +570,8 @@ class Agent:
         runner.open_gate()  # the command runs now (its start is durable), while IN_PROGRESS is sent
         # A standby for the next job only when this one followed another without an idle head between
         # (a queue is draining): after a lone job the idle head comes next, and would only drop it.
-        then_standby, self._after_idle = not self._after_idle, False
-        self._running = _Running(head, runner, self._commands.run(runner, then_standby))
+        self._standby_after, self._after_idle = not self._after_idle, False
+        self._running = _Running(head, runner, self._commands.run(runner))
         if group is not None:
             log.info("job %s: its command runs as process group %d", head.job_id, group.pgid)
         if runner.took_standby:
@@ -644,6 +606,16 @@ class Agent:
         log.info("job %s: %s exit=%s%s%s", result.job_id, result.status.value, result.exit_code,
                  f" ({result.reason})" if result.reason else "", _about(head))
         self.link.publish_status(message)
+        if self._standby_after and self._standby is None:  # the next job's shell, while the service works
+            from .runner import Standby  # noqa: PLC0415 - lazily, see the imports at the top
+
+            self._standby = Standby.start(self.command_env, COMMAND_ENV_JOB_ID)
+        self._standby_after = False
+
+    def _drop_standby(self) -> None:
+        if self._standby is not None:
+            self._standby.discard()
+            self._standby = None
 
     def _record_result(self, head: Head, message: dict[str, Any]) -> None:
         """Journal a result; the head's Seq counts for a job that never started (its download failed)."""
@@ -734,7 +706,7 @@ class Agent:
             running.runner.cancel("the agent is stopping")
             limits = running.runner.limits
             running.join(limits.kill_grace + 2 * limits.pipe_grace + 5)
-        self._commands.drop_standby()
+        self._drop_standby()
         self.link.stop()
 
 
