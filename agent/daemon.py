@@ -17,11 +17,10 @@ payload is not a head and is ignored.
 
 Threads: paho's network thread only turns callbacks into events on a bounded queue
 (agent/link.py); the main thread reads that queue, decides, writes the journal and publishes;
-one worker thread, started with the first job, waits for the current command (spawned held by the
-main thread, which journals the start with its process group, then lets it run and sends
-IN_PROGRESS while it starts: agent/runner.py; after a job that followed another (a queue
-draining), the main thread starts the next job's shell, a runner.Standby, while the service handles
-the result, and drops it when the queue is empty). A job
+one worker thread runs the current command (spawned held by the main thread, which journals the
+start with its process group before the worker lets it run: agent/runner.py; after a job that
+followed another (a queue draining), the main thread starts the next job's shell, a
+runner.Standby, while the service handles the result, and drops it when the queue is empty). A job
 whose head names Artifacts first has them fetched and checked by a download thread
 (agent/download.py): the journal's "started" entry is written only once every file is in the
 cache and in the job's directory, so an agent restarted mid-download fetches on from the part
@@ -48,7 +47,7 @@ import time
 # first job, imports `signal`.
 from _signal import SIGINT, SIGTERM
 from _signal import signal as set_signal_handler
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from . import job_signature, jsonlog, protocol
 from .artifact_cache import ArtifactCache
@@ -147,61 +146,17 @@ Event = Union[LinkEvent, JobDone, DownloadProgress, DownloadDone]
 
 
 class _Running:
-    """The job in hand: its head, what runs it, how to wait for that; `canceling` once it was told to stop."""
+    """The job in hand: its head, what runs it, on which thread; `canceling` once it was told to stop."""
 
-    __slots__ = ("head", "runner", "join", "canceling", "downloading")
+    __slots__ = ("head", "runner", "thread", "canceling", "downloading")
 
-    def __init__(self, head: Head, runner: Runner | JobDownload, join: Callable[[float], Any],
+    def __init__(self, head: Head, runner: Runner | JobDownload, thread: threading.Thread,
                  canceling: bool = False, downloading: bool = False) -> None:
         self.head = head
         self.runner = runner  # the command, or before it (downloading) the download of its artifacts
-        self.join = join  # waits (up to a timeout) until the thread that runs it is done with it
+        self.thread = thread
         self.canceling = canceling
         self.downloading = downloading
-
-
-class _CommandThread:
-    """The one worker thread that waits for the running command and hands its result to the main
-    loop (JobDone). Started with the first job, it then waits for the next one: starting a thread per
-    job kept the main thread waiting for it to come up (~0.2-0.8 ms a job, bench/profile_notes.md,
-    drain-mosquitto). One job at a time: the agent gives it the next only after the last one's JobDone."""
-
-    def __init__(self, events: EventQueue) -> None:
-        self._events = events
-        self._jobs = EventQueue(1)  # of (Runner, threading.Event set once its JobDone is queued)
-        self._thread: threading.Thread | None = None
-
-    def run(self, runner: Runner) -> Callable[[float], Any]:
-        """Wait for `runner` on the thread; what waits (up to a timeout) until its JobDone is queued."""
-        done = threading.Event()
-        self._jobs.put_nowait((runner, done))
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="command", daemon=True)
-            self._thread.start()
-        return done.wait
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                runner, done = self._jobs.get(timeout=3600.0)
-            except QueueEmpty:
-                continue
-            try:
-                self._events.put(JobDone(_outcome(runner)))
-            finally:
-                done.set()
-
-
-def _outcome(runner: Runner) -> RunResult:
-    """Run (wait for) the command: its result, or FAILED when the runner itself failed."""
-    try:
-        return runner.run()
-    except Exception as e:  # a bug must not leave the job IN_PROGRESS forever
-        from .runner import RunResult  # noqa: PLC0415 - lazily, see the imports at the top
-
-        log.exception("job %s: the runner failed", runner.job_id)
-        return RunResult.without_output(
-            runner.job_id, JobStatus.FAILED, runner.start_time, f"the agent failed to run the command: {e}")
 
 
 class Agent:
@@ -218,7 +173,6 @@ class Agent:
         self._head_new = False  # a head arrived that the loop has not acted on yet
         self._ready_at: float | None = None  # when heads may be acted on (None: not subscribed)
         self._running: _Running | None = None
-        self._commands = _CommandThread(self.events)  # waits for each command on a thread of its own
         self._standby: Standby | None = None  # the next job's shell, started after the last job (runner.py)
         self._after_idle = True  # no job ran since the last idle head (or the start): see _start
         self._standby_after = False  # the running job followed another: start a standby after it
@@ -567,17 +521,19 @@ class Agent:
             runner.discard()
             self._refuse(head, str(e))
             return
-        runner.open_gate()  # the command runs now (its start is durable), while IN_PROGRESS is sent
-        # A standby for the next job only when this one followed another without an idle head between
-        # (a queue is draining): after a lone job the idle head comes next, and would only drop it.
-        self._standby_after, self._after_idle = not self._after_idle, False
-        self._running = _Running(head, runner, self._commands.run(runner))
         if group is not None:
             log.info("job %s: its command runs as process group %d", head.job_id, group.pgid)
         if runner.took_standby:
             log.debug("job %s: runs in the shell started ahead of it", head.job_id)
         log.info("job %s: %s%s", head.job_id, JobStatus.IN_PROGRESS.value, _about(head))
         self.link.publish_status(_stamped(in_progress_message(head.job_id, runner.start_time), head))
+        runner.open_gate()  # the command runs now; the worker thread, once started, waits for it
+        # A standby for the next job only when this one followed another without an idle head between
+        # (a queue is draining): after a lone job the idle head comes next, and would only drop it.
+        self._standby_after, self._after_idle = not self._after_idle, False
+        thread = threading.Thread(target=self._work, args=(runner,), name=f"job-{head.job_id}", daemon=True)
+        self._running = _Running(head, runner, thread)
+        thread.start()
 
     def _refuse(self, head: Head, reason: str) -> None:
         """The journal cannot record the job, so it must not run: report FAILED instead."""
@@ -589,6 +545,18 @@ class Agent:
         self.link.publish_status(_stamped(result.status_message(), head))
         if head.artifacts:
             self.cache.remove_job(head.job_id)
+
+    def _work(self, runner: Runner) -> None:
+        """The worker thread: run the command, hand the result to the main loop."""
+        try:
+            result = runner.run()
+        except Exception as e:  # a bug must not leave the job IN_PROGRESS forever
+            from .runner import RunResult  # noqa: PLC0415 - lazily, see the imports at the top
+
+            log.exception("job %s: the runner failed", runner.job_id)
+            result = RunResult.without_output(
+                runner.job_id, JobStatus.FAILED, runner.start_time, f"the agent failed to run the command: {e}")
+        self.events.put(JobDone(result))
 
     def _on_job_done(self, result: RunResult) -> None:
         if self._running is None or self._running.head.job_id != result.job_id:
@@ -636,7 +604,7 @@ class Agent:
                  len(head.artifacts), sum(a.size for a in head.artifacts), _about(head))
         thread = threading.Thread(target=self._download, args=(download,), name=f"download-{head.job_id}",
                                   daemon=True)
-        self._running = _Running(head, download, thread.join, downloading=True)
+        self._running = _Running(head, download, thread, downloading=True)
         thread.start()
 
     def _offer_progress(self, job_id: str, progress: Progress) -> None:
@@ -699,13 +667,13 @@ class Agent:
             log.info("job %s: stopping its download; after a restart it fetches on from what is on disk",
                      running.head.job_id)
             running.runner.cancel("the agent is stopping")
-            running.join(5)
+            running.thread.join(timeout=5)
         elif running is not None:
             log.info("job %s: killing it; after a restart it reports %s", running.head.job_id,
                      JobStatus.INTERRUPTED.value)
             running.runner.cancel("the agent is stopping")
             limits = running.runner.limits
-            running.join(limits.kill_grace + 2 * limits.pipe_grace + 5)
+            running.thread.join(timeout=limits.kill_grace + 2 * limits.pipe_grace + 5)
         self._drop_standby()
         self.link.stop()
 

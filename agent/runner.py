@@ -119,7 +119,7 @@ class RunResult(NamedTuple):
 
 
 def in_progress_message(job_id: str, start_time: datetime) -> dict[str, Any]:
-    """The first message for the status topic, sent once the start is journalled, as the command starts."""
+    """The first message for the status topic, sent before the command starts."""
     return {
         Key.JOB_ID: job_id,
         Key.STATUS: JobStatus.IN_PROGRESS.value,
