@@ -18,9 +18,9 @@ payload is not a head and is ignored.
 Threads: paho's network thread only turns callbacks into events on a bounded queue
 (agent/link.py); the main thread reads that queue, decides, writes the journal and publishes;
 one worker thread runs the current command (spawned held by the main thread, which journals the
-start with its process group before the worker lets it run: agent/runner.py; after each job the main
-thread starts the next job's shell, a runner.Standby, while the service handles the result, and
-drops it when the queue is empty). A job
+start with its process group before the worker lets it run: agent/runner.py; after a job that
+followed another (a queue draining), the main thread starts the next job's shell, a
+runner.Standby, while the service handles the result, and drops it when the queue is empty). A job
 whose head names Artifacts first has them fetched and checked by a download thread
 (agent/download.py): the journal's "started" entry is written only once every file is in the
 cache and in the job's directory, so an agent restarted mid-download fetches on from the part
@@ -37,15 +37,20 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Union
+
+# The C half of the signal module: `signal` itself builds its Signals, Handlers and Sigmasks enums
+# at import (~3.4 million instructions of every start, bench/profile_notes.md,
+# agent-exec-until-online), and the agent only sets two handlers; agent/runner.py, loaded by the
+# first job, imports `signal`.
+from _signal import SIGINT, SIGTERM
+from _signal import signal as set_signal_handler
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from . import job_signature, jsonlog, protocol
 from .artifact_cache import ArtifactCache
-from .head import Head, parse_head
 from .journal import Entry, Journal, JournalError, UnsafeDirectory, check_private_dir
 from .link import (
     BrokerLink,
@@ -60,12 +65,17 @@ from .link import (
     Subscribed,
 )
 from .protocol import JobStatus, Key, MessageError, Presence
-from .runner import ProcessGroup, RunLimits, Runner, RunResult, Standby, in_progress_message, stop_leftovers
 from .settings import ENV_PREFIX, Settings, SettingsError, TrustedKeys, agent_version, load_settings
 from .untrusted import shown
 
-if TYPE_CHECKING:  # agent/download.py is imported by the first job with Artifacts: an idle agent never needs it
+if TYPE_CHECKING:
+    # Imported where first needed, not at start: agent/head.py and agent/runner.py by the first head
+    # (or a command an earlier agent left running), agent/download.py by the first job with Artifacts.
+    # An agent that only connects and waits never loads them (bench/profile_notes.md,
+    # agent-exec-until-online).
     from .download import JobDownload, Progress
+    from .head import Head
+    from .runner import ProcessGroup, Runner, RunResult, Standby
 
 log = logging.getLogger("ota-agent")
 
@@ -90,33 +100,43 @@ KEY_FILE_CHECK_SECONDS = 1.0
 SUBSCRIBE_SETTLE_SECONDS = 0.5
 EVENT_QUEUE_SIZE = 1000
 _POLL_SECONDS = 0.1
+_STOP_SIGNALS = {SIGTERM: "SIGTERM", SIGINT: "SIGINT"}  # the agent stops cleanly on these
 # Set for every command, on top of the agent's environment (minus its own OTA_AGENT_* settings).
 COMMAND_ENV_DEVICE_ID = "OTA_DEVICE_ID"
 COMMAND_ENV_JOB_ID = "OTA_JOB_ID"
 
 
-# Events from the worker and download threads: immutable records, like agent/link.py's.
+# Events from the worker and download threads: records set once, like agent/link.py's.
 
 
-class JobDone(NamedTuple):
+class JobDone:
     """From the worker thread: the current command is done."""
 
-    result: RunResult
+    __slots__ = ("result",)
+
+    def __init__(self, result: RunResult) -> None:
+        self.result = result
 
 
-class DownloadProgress(NamedTuple):
+class DownloadProgress:
     """From the download thread: how far the job's artifacts are."""
 
-    job_id: str
-    progress: Progress
+    __slots__ = ("job_id", "progress")
+
+    def __init__(self, job_id: str, progress: Progress) -> None:
+        self.job_id = job_id
+        self.progress = progress
 
 
-class DownloadDone(NamedTuple):
+class DownloadDone:
     """From the download thread: the job's artifacts are in its directory (env), or cannot be (failure)."""
 
-    job_id: str
-    env: dict[str, str]
-    failure: tuple[JobStatus, str] | None = None
+    __slots__ = ("job_id", "env", "failure")
+
+    def __init__(self, job_id: str, env: dict[str, str], failure: tuple[JobStatus, str] | None = None) -> None:
+        self.job_id = job_id
+        self.env = env
+        self.failure = failure
 
 
 Event = Union[LinkEvent, JobDone, DownloadProgress, DownloadDone]
@@ -154,6 +174,8 @@ class Agent:
         self._ready_at: float | None = None  # when heads may be acted on (None: not subscribed)
         self._running: _Running | None = None
         self._standby: Standby | None = None  # the next job's shell, started after the last job (runner.py)
+        self._after_idle = True  # no job ran since the last idle head (or the start): see _start
+        self._standby_after = False  # the running job followed another: start a standby after it
         self._unjournaled: set[tuple[str | None, int]] = set()  # (job, attempt)s the journal could not record
         self._connect_failures = 0
         self._checked: tuple[Head, str | None] | None = None  # the last head whose signature was checked
@@ -194,6 +216,8 @@ class Agent:
                 self._stop_leftover(entry.job_id, entry.process, entry.attempt)
 
     def _stop_leftover(self, job_id: str, group: ProcessGroup, attempt: int) -> None:
+        from .runner import stop_leftovers  # noqa: PLC0415 - lazily, see the imports at the top
+
         log.info("job %s: checking whether its command (process group %d) outlived the last agent",
                  job_id, group.pgid)
         if not stop_leftovers(group, self.settings.kill_grace):
@@ -288,6 +312,8 @@ class Agent:
         if event.topic != self.link.job_topic:
             log.warning("ignored a message on unexpected topic %s", shown(event.topic))
             return
+        from .head import parse_head  # noqa: PLC0415 - lazily, see the imports at the top
+
         try:
             head = parse_head(event.payload, self.settings.default_timeout)
         except MessageError as e:
@@ -340,6 +366,7 @@ class Agent:
         the journal holds.
         """
         if head.is_idle:
+            self._after_idle = True
             self._drop_standby()  # nothing queued: no shell waits for a job
         if (head.job_id, head.attempt) in self._unjournaled:
             return
@@ -456,6 +483,8 @@ class Agent:
         reason holds again whenever the head comes back, and journalling heads a forger or a
         replayer chose would let them push real entries out of the journal.
         """
+        from .runner import RunResult  # noqa: PLC0415 - lazily, see the imports at the top
+
         log.warning("job %s: %s: %s%s", shown(head.job_id), JobStatus.REJECTED.value, reason, _about(head))
         message = _stamped(RunResult.without_output(head.job_id, JobStatus.REJECTED, protocol.utc_now(),
                                                     reason).status_message(), head)
@@ -467,6 +496,8 @@ class Agent:
         self.link.publish_status(message)
 
     def _resend(self, head: Head, entry: Entry) -> None:
+        from .runner import RunResult  # noqa: PLC0415 - lazily, see the imports at the top
+
         result = entry.result
         if result is None:
             result = _stamped(RunResult.interrupted(head.job_id, entry.start_datetime, head.success_on_restart,
@@ -476,6 +507,8 @@ class Agent:
         self.link.publish_status(result)
 
     def _start(self, head: Head, artifact_env: Mapping[str, str] | None = None) -> None:
+        from .runner import RunLimits, Runner, in_progress_message  # noqa: PLC0415 - lazily, see the imports at the top
+
         limits = RunLimits(timeout_seconds=head.timeout_seconds, output_cap=self.settings.output_cap,
                            kill_grace=self.settings.kill_grace)
         env = {**self.command_env, COMMAND_ENV_JOB_ID: head.job_id, **(artifact_env or {})}
@@ -490,15 +523,22 @@ class Agent:
             return
         if group is not None:
             log.info("job %s: its command runs as process group %d", head.job_id, group.pgid)
+        if runner.took_standby:
+            log.debug("job %s: runs in the shell started ahead of it", head.job_id)
         log.info("job %s: %s%s", head.job_id, JobStatus.IN_PROGRESS.value, _about(head))
         self.link.publish_status(_stamped(in_progress_message(head.job_id, runner.start_time), head))
         runner.open_gate()  # the command runs now; the worker thread, once started, waits for it
+        # A standby for the next job only when this one followed another without an idle head between
+        # (a queue is draining): after a lone job the idle head comes next, and would only drop it.
+        self._standby_after, self._after_idle = not self._after_idle, False
         thread = threading.Thread(target=self._work, args=(runner,), name=f"job-{head.job_id}", daemon=True)
         self._running = _Running(head, runner, thread)
         thread.start()
 
     def _refuse(self, head: Head, reason: str) -> None:
         """The journal cannot record the job, so it must not run: report FAILED instead."""
+        from .runner import RunResult  # noqa: PLC0415 - lazily, see the imports at the top
+
         log.error("job %s: not run: %s", head.job_id, reason)
         self._unjournaled.add((head.job_id, head.attempt))
         result = RunResult.without_output(head.job_id, JobStatus.FAILED, protocol.utc_now(), reason)
@@ -511,6 +551,8 @@ class Agent:
         try:
             result = runner.run()
         except Exception as e:  # a bug must not leave the job IN_PROGRESS forever
+            from .runner import RunResult  # noqa: PLC0415 - lazily, see the imports at the top
+
             log.exception("job %s: the runner failed", runner.job_id)
             result = RunResult.without_output(
                 runner.job_id, JobStatus.FAILED, runner.start_time, f"the agent failed to run the command: {e}")
@@ -532,8 +574,11 @@ class Agent:
         log.info("job %s: %s exit=%s%s%s", result.job_id, result.status.value, result.exit_code,
                  f" ({result.reason})" if result.reason else "", _about(head))
         self.link.publish_status(message)
-        if self._standby is None:  # the next job's shell, started while the service handles this result
+        if self._standby_after and self._standby is None:  # the next job's shell, while the service works
+            from .runner import Standby  # noqa: PLC0415 - lazily, see the imports at the top
+
             self._standby = Standby.start(self.command_env, COMMAND_ENV_JOB_ID)
+        self._standby_after = False
 
     def _drop_standby(self) -> None:
         if self._standby is not None:
@@ -606,6 +651,8 @@ class Agent:
         if failure is None:
             self._start(running.head, event.env)
             return
+        from .runner import RunResult  # noqa: PLC0415 - lazily, see the imports at the top
+
         result = RunResult.without_output(event.job_id, failure[0], running.runner.start_time, failure[1])
         self._finish(running.head, result)
 
@@ -614,7 +661,7 @@ class Agent:
     def _shutdown(self) -> None:
         """Kill a running command (its journal entry stays "started"), say offline, disconnect."""
         if self.stop_signal is not None:
-            log.info("stopping on %s", signal.Signals(self.stop_signal).name)
+            log.info("stopping on %s", _STOP_SIGNALS.get(self.stop_signal, self.stop_signal))
         running = self._running
         if running is not None and running.downloading:
             log.info("job %s: stopping its download; after a restart it fetches on from what is on disk",
@@ -673,6 +720,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, UnsafeDirectory) as e:
         log.error("cannot use the state directory %s: %s", settings.journal_dir, e)
         return 1
-    signal.signal(signal.SIGTERM, agent.request_stop)
-    signal.signal(signal.SIGINT, agent.request_stop)
+    for signum in _STOP_SIGNALS:
+        set_signal_handler(signum, agent.request_stop)
     return agent.run()

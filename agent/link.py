@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 from collections import deque
-from typing import Any, NamedTuple, Union
+from typing import Any, Union
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -43,32 +43,50 @@ _BAD_CREDENTIALS = frozenset({134, 135, 140})  # bad user name or password, not 
 
 
 # --- events from paho's thread --------------------------------------------------------------
-# Immutable records (NamedTuple, not dataclasses: cheaper at start-up, see bench/profile_notes.md,
-# agent-exec-until-online); the main loop tells them apart with isinstance, never by ==.
+# Records set once in __init__ and never changed. Plain classes with __slots__, not NamedTuples
+# (each typing.NamedTuple costs ~1-2 million instructions to define at every start, a plain class
+# ~0.1 million: bench/profile_notes.md, agent-exec-until-online); the main loop tells them apart
+# with isinstance, never by ==.
 
 
-class Connected(NamedTuple):
-    refused: str | None  # the broker's reason when it refused the connection
-    bad_credentials: bool = False  # refused: the user name or password is wrong, or not authorised
-    refusals: int = 0  # credential refusals in a row, this one included
-    retry_in: float | None = None  # seconds until the next attempt, after a credential refusal
+class Connected:
+    __slots__ = ("refused", "bad_credentials", "refusals", "retry_in")
+
+    def __init__(self, refused: str | None, bad_credentials: bool = False, refusals: int = 0,
+                 retry_in: float | None = None) -> None:
+        self.refused = refused  # the broker's reason when it refused the connection
+        self.bad_credentials = bad_credentials  # refused: the user name or password is wrong, or not authorised
+        self.refusals = refusals  # credential refusals in a row, this one included
+        self.retry_in = retry_in  # seconds until the next attempt, after a credential refusal
 
 
-class ConnectFailed(NamedTuple):
-    reason: str  # the network or TLS error, e.g. the broker's certificate did not verify
+class ConnectFailed:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason  # the network or TLS error, e.g. the broker's certificate did not verify
 
 
-class Disconnected(NamedTuple):
-    reason: str
+class Disconnected:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
-class Subscribed(NamedTuple):
-    refused: str | None
+class Subscribed:
+    __slots__ = ("refused",)
+
+    def __init__(self, refused: str | None) -> None:
+        self.refused = refused
 
 
-class JobMessage(NamedTuple):
-    topic: str
-    payload: bytes
+class JobMessage:
+    __slots__ = ("topic", "payload")
+
+    def __init__(self, topic: str, payload: bytes) -> None:
+        self.topic = topic
+        self.payload = payload
 
 
 LinkEvent = Union[Connected, ConnectFailed, Disconnected, Subscribed, JobMessage]

@@ -331,6 +331,7 @@ class Runner:
         self._gate_error: OSError | None = None  # opening the gate failed: the shell is gone
         self._spawn_error: str | None = None
         self.group: ProcessGroup | None = None
+        self.took_standby = False  # spawn() took the standby it was given
 
     def cancel(self, reason: str) -> None:
         """Kill the command's process group; the result becomes CANCELED with this reason."""
@@ -347,6 +348,7 @@ class Runner:
         if standby is not None:
             if standby.fits(self.job_id, self.command, self.env):
                 (self._process, self._gate), self.group = standby.take(), standby.group
+                self.took_standby = True
                 self._go = b"%s\n%s" % (self.job_id.encode(), self.command.encode())
                 return self.group
             standby.discard()

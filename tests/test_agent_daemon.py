@@ -593,6 +593,44 @@ def test_sigterm_kills_the_job_says_offline_exits_0_and_the_job_is_interrupted_a
     assert runs(ran) == ["j1"]
 
 
+def shells_waiting(agent: AgentProcess) -> int:
+    """The agent's child processes: between jobs, only a standby (the next job's shell) can be one."""
+    tasks = Path(f"/proc/{agent.process.pid}/task")
+    return sum(len((task / "children").read_text().split()) for task in tasks.iterdir())
+
+
+def wait_for_shells(agent: AgentProcess, count: int) -> None:
+    deadline = time.monotonic() + WAIT
+    while shells_waiting(agent) != count:
+        assert time.monotonic() < deadline, f"the agent never had {count} child process(es)"
+        time.sleep(0.02)
+
+
+@pytest.mark.mosquitto
+def test_while_a_queue_drains_the_next_jobs_shell_is_started_ahead_and_the_idle_head_drops_it(
+        start_agent, service, ran, groups_file):
+    """A job that followed another without an idle head between (a queue draining) has the next job's
+    shell started ahead (a Standby); a lone job does not, since the idle head would only drop it."""
+    agent = ready_agent(start_agent, service)
+    for name in ("j1", "j2"):  # j1 is the first since the start: as after an idle head
+        service.publish_head(name, job(ran, groups_file, name))
+        service.expect_status(name, JobStatus.IN_PROGRESS)
+        service.expect_status(name, JobStatus.SUCCEEDED)
+    wait_for_shells(agent, 1)  # started after j2, which followed j1
+    service.publish_head("j3", job(ran, groups_file, "j3"))
+    service.expect_status("j3", JobStatus.IN_PROGRESS)
+    service.expect_status("j3", JobStatus.SUCCEEDED)
+    service.clear_head()
+    wait_for_shells(agent, 0)  # the queue is empty: dropped
+    for name in ("j4", "j5"):  # j4 is lone (after the idle head): nothing is started ahead of j5
+        service.publish_head(name, job(ran, groups_file, name))
+        service.expect_status(name, JobStatus.IN_PROGRESS)
+        service.expect_status(name, JobStatus.SUCCEEDED)
+    assert runs(ran) == ["j1", "j2", "j3", "j4", "j5"]
+    ahead = [name for name in runs(ran) if f"job {name}: runs in the shell started ahead of it" in agent.log()]
+    assert ahead == ["j3"], agent.log()
+
+
 @pytest.mark.mosquitto
 def test_presence_is_online_on_connect_and_the_last_will_says_offline(start_agent, service):
     agent = start_agent()

@@ -63,6 +63,9 @@ def test_the_import_check_catches_a_third_party_import(tmp_path):
 LAZY_MODULES = {
     "agent.download": "the first job with Artifacts (agent/daemon.py, Agent._start_download)",
     "subprocess": "the first command (agent/runner.py, Runner.run)",
+    "agent.runner": "the first job head, or a command an earlier agent left running (agent/daemon.py)",
+    "agent.head": "the first message on the job topic (agent/daemon.py, Agent._on_job_message)",
+    "signal": "the first command (agent/runner.py); the agent sets its handlers with _signal",
     "argparse": "--help, --version or a command line only argparse reads (agent/settings.py, read_flags)",
     "queue": "nothing: the agent's events go through agent/link.py's EventQueue",
 }

@@ -113,15 +113,18 @@ def fd_path(fd):
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-def test_the_first_write_makes_the_file_through_a_synced_temp_file_then_each_change_is_one_synced_append(
+def test_the_first_write_makes_the_file_through_a_synced_temp_file_then_each_change_is_one_synced_write_into_its_room(
         tmp_path, monkeypatch):
     calls = []
     real_fsync, real_fdatasync, real_replace, real_write = os.fsync, os.fdatasync, os.replace, os.write
+    real_pwrite = os.pwrite
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", fd_path(fd))), real_fsync(fd)))
     monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(("fdatasync", fd_path(fd))), real_fdatasync(fd)))
     monkeypatch.setattr(os, "replace", lambda src, dst: (calls.append(("replace", str(src), str(dst))),
                                                          real_replace(src, dst)))
     monkeypatch.setattr(os, "write", lambda fd, data: (calls.append(("write", fd_path(fd))), real_write(fd, data))[1])
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: (calls.append(("write", fd_path(fd))),
+                                                                real_pwrite(fd, data, offset))[1])
     journal = Journal.open(tmp_path)
     journal.record_started("job-1", 1, START)
 
@@ -132,16 +135,33 @@ def test_the_first_write_makes_the_file_through_a_synced_temp_file_then_each_cha
     assert fsync_dir == ("fsync", str(tmp_path))
 
     calls.clear()
-    size = (tmp_path / JOURNAL_FILE).stat().st_size
+    size, records = (tmp_path / JOURNAL_FILE).stat().st_size, len(journal_lines(tmp_path / JOURNAL_FILE))
     journal.record_result("job-1", result_message("job-1"))
     assert calls == [("write", str(tmp_path / JOURNAL_FILE)), ("fdatasync", str(tmp_path / JOURNAL_FILE))]
-    assert (tmp_path / JOURNAL_FILE).stat().st_size > size
+    assert (tmp_path / JOURNAL_FILE).stat().st_size == size  # written into the room: no metadata changed
+    assert len(journal_lines(tmp_path / JOURNAL_FILE)) == records + 1
     assert Journal.open(tmp_path).get("job-1").result == result_message("job-1")
 
 
+def test_a_record_that_does_not_fit_the_room_extends_the_file_by_more_room(tmp_path):
+    journal = Journal.open(tmp_path)
+    journal.record_started("job-1", 1, START)
+    size = (tmp_path / JOURNAL_FILE).stat().st_size
+    big = {**result_message("job-1"), "Stdout": "x" * (size + 10)}  # more than the room left
+    journal.record_result("job-1", big)
+    grown = (tmp_path / JOURNAL_FILE).stat().st_size
+    assert grown >= len(big["Stdout"]) + journal_module.ROOM_BYTES
+    assert (tmp_path / JOURNAL_FILE).read_bytes().endswith(bytes(journal_module.ROOM_BYTES))
+    journal.record_started("job-2", 2, START)  # into the new room
+    assert (tmp_path / JOURNAL_FILE).stat().st_size == grown
+    reloaded = Journal.open(tmp_path)
+    assert reloaded.get("job-1").result == big and reloaded.get("job-2") is not None
+
+
 def journal_lines(path):
-    """The file's records, each checked: a length, a CRC-32 of the JSON, the JSON, a newline."""
-    data = path.read_bytes()
+    """The file's records, each checked: a length, a CRC-32 of the JSON, the JSON, a newline; then
+    only zeros (the room for the next records)."""
+    data = path.read_bytes().rstrip(b"\0")
     assert data.endswith(b"\n")
     records = []
     for line in data.split(b"\n")[:-1]:
@@ -154,16 +174,16 @@ def journal_lines(path):
 def test_a_failed_append_is_an_error_and_the_next_write_rewrites_the_file_whole(tmp_path, monkeypatch):
     journal = Journal.open(tmp_path)
     journal.record_started("job-1", 1, START)
-    real_write = os.write
+    real_pwrite = os.pwrite
 
-    def half_then_full_disk(fd, data):  # the disk fills up in the middle of the record
-        return real_write(fd, data[: len(data) // 2])
+    def half_then_full_disk(fd, data, offset):  # the disk fails in the middle of the record
+        return real_pwrite(fd, data[: len(data) // 2], offset)
 
-    monkeypatch.setattr(os, "write", half_then_full_disk)
+    monkeypatch.setattr(os, "pwrite", half_then_full_disk)
     with pytest.raises(JournalError, match="short write"):
         journal.record_result("job-1", result_message("job-1"))
-    monkeypatch.setattr(os, "write", real_write)
-    assert not (tmp_path / JOURNAL_FILE).read_bytes().endswith(b"\n")  # half a record at the end
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert not (tmp_path / JOURNAL_FILE).read_bytes().rstrip(b"\0").endswith(b"\n")  # half a record, then room
     assert read_entries(tmp_path)[0]["Result"] is None  # ignored: the start stands
 
     journal.record_started("job-2", 2, START)  # the next write rewrites the file, with what failed
@@ -414,7 +434,7 @@ def three_jobs(state):
     journal.raise_floor(2)
     journal.record_started("job-3", 3, START, process=GROUP)
     journal.close()
-    return (tmp := state / JOURNAL_FILE).read_bytes(), tmp
+    return (tmp := state / JOURNAL_FILE).read_bytes().rstrip(b"\0"), tmp  # the records, without the room
 
 
 def summary(journal):
@@ -425,13 +445,16 @@ def summary(journal):
 DONE = [("job-1", 1, True, None), ("job-2", 2, True, None)]
 
 
+@pytest.mark.parametrize("room", [True, False], ids=["in-the-room", "at-the-end"])
 @pytest.mark.parametrize("cut", [1, 2, 10, -20, -2, -1], ids=lambda cut: f"cut{cut}")
-def test_a_torn_last_record_is_ignored_and_the_file_rewritten_without_it(tmp_path, caplog, cut):
+def test_a_torn_last_record_is_ignored_and_the_file_rewritten_without_it(tmp_path, caplog, cut, room):
     """A power cut in the middle of an append leaves part of the record (never acted on: its
-    fdatasync had not returned); the records before it stand."""
+    fdatasync had not returned), followed by the room's zeros (or, in a file without room, at the
+    end); the records before it stand."""
     data, path = three_jobs(tmp_path)
     last = data.rindex(b"\n", 0, len(data) - 1) + 1
-    path.write_bytes(data[: last + cut] if cut > 0 else data[:cut])  # -1: all but the newline
+    torn = data[: last + cut] if cut > 0 else data[:cut]  # -1: all but the newline
+    path.write_bytes(torn + bytes(len(data) - len(torn) + 4096) if room else torn)
     with caplog.at_level(logging.WARNING, logger=journal_module.__name__):
         journal = Journal.open(tmp_path, seq_scope="key")
 
@@ -442,16 +465,32 @@ def test_a_torn_last_record_is_ignored_and_the_file_rewritten_without_it(tmp_pat
     assert summary(Journal.open(tmp_path, seq_scope="key"))[0] == [*DONE, ("job-3", 3, False, None)]
 
 
-@pytest.mark.parametrize("tail", [b"\0" * 300, b"\0" * 300 + b"\n", b"garbage\n", b"12 00000000 {}\n"],
-                         ids=["zeros", "zeros-line", "garbage", "bad-crc"])
-def test_a_tail_of_zeros_or_garbage_after_a_power_cut_is_ignored(tmp_path, caplog, tail):
+@pytest.mark.parametrize("tail", [b"\0" * 300 + b"\n", b"garbage\n", b"12 00000000 {}\n", b"garbage\n" + bytes(300)],
+                         ids=["zeros-line", "garbage", "bad-crc", "garbage-then-room"])
+def test_a_tail_of_garbage_after_a_power_cut_is_ignored(tmp_path, caplog, tail):
     data, path = three_jobs(tmp_path)
     path.write_bytes(data + tail)
     with caplog.at_level(logging.WARNING, logger=journal_module.__name__):
         journal = Journal.open(tmp_path, seq_scope="key")
     assert summary(journal) == ([*DONE, ("job-3", 3, False, GROUP)], (3, 1), 2)
     assert f"from byte {len(data)}" in caplog.text
-    assert path.read_bytes().count(b"\n") == 1 + 3 and b"\0" not in path.read_bytes()
+    assert len(journal_lines(path)) == 1 + 3 and b"garbage" not in path.read_bytes()
+
+
+@pytest.mark.parametrize("zeros", [300, 0], ids=["room", "none"])
+def test_zeros_after_the_last_record_are_room_not_a_torn_record(tmp_path, caplog, zeros):
+    """The room an agent writes ahead, or what a power cut leaves of a record whose fdatasync never
+    returned (zeros, never acted on): nothing is rewritten at start-up, the next record goes there."""
+    data, path = three_jobs(tmp_path)
+    path.write_bytes(data + bytes(zeros))
+    inode = path.stat().st_ino
+    with caplog.at_level(logging.WARNING, logger=journal_module.__name__):
+        journal = Journal.open(tmp_path, seq_scope="key")
+    assert summary(journal) == ([*DONE, ("job-3", 3, False, GROUP)], (3, 1), 2)
+    assert caplog.text == "" and path.stat().st_ino == inode and path.read_bytes() == data + bytes(zeros)
+    journal.record_result("job-3", result_message("job-3"))
+    assert path.read_bytes().startswith(data) and len(journal_lines(path)) == 1 + 6 + 1
+    assert summary(Journal.open(tmp_path, seq_scope="key"))[0] == [*DONE, ("job-3", 3, True, None)]
 
 
 def flip(data, record, needle):
@@ -498,11 +537,12 @@ def test_a_damaged_length_is_a_damaged_record(tmp_path, caplog):
 
 def test_a_sound_file_is_not_rewritten_at_start_up_and_appends_go_on_after_it(tmp_path):
     _, path = three_jobs(tmp_path)
-    inode, size = path.stat().st_ino, path.stat().st_size
+    inode, size, records = path.stat().st_ino, path.stat().st_size, len(journal_lines(path))
     journal = Journal.open(tmp_path, seq_scope="key")
     assert (path.stat().st_ino, path.stat().st_size) == (inode, size)
     journal.record_result("job-3", result_message("job-3"))
-    assert path.stat().st_ino == inode and path.stat().st_size > size
+    assert path.stat().st_ino == inode and path.stat().st_size == size  # into the room
+    assert len(journal_lines(path)) == records + 1
     assert summary(Journal.open(tmp_path, seq_scope="key"))[0] == [*DONE, ("job-3", 3, True, None)]
 
 
