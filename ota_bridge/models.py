@@ -147,7 +147,8 @@ class ChildJob(Outcome):
 
     seq = SeqField()
     job_id = pw.CharField(max_length=36, unique=True)
-    parent = pw.ForeignKeyField(Job, backref="children", on_delete="CASCADE", column_name="parent_id")
+    # No index of its own: (parent, status) below serves every lookup by parent (and the cascade).
+    parent = pw.ForeignKeyField(Job, backref="children", on_delete="CASCADE", column_name="parent_id", index=False)
     device_id = pw.CharField(max_length=128)  # no foreign key: history outlives the device
     status = pw.CharField(max_length=16, default=JobStatus.QUEUED.value)
     # SCHEDULED only: when the service releases it by itself (a retry's delay); None: only a
@@ -163,12 +164,15 @@ class ChildJob(Outcome):
     # A rollback child: the job_id of the child whose final failure releases it (OnFailure); else None.
     on_failure_of = pw.CharField(max_length=36, null=True)  # found through the device's queue index
 
+    # Every index costs each insert, and each update of a column it holds an entry (in PostgreSQL a
+    # new entry in every index whose predicate the row meets): a release (SCHEDULED -> QUEUED) changes
+    # status, so the fewer full indexes the cheaper. The jobs that ended since the webhooks' cursor:
+    # a partial index in ADDED_INDEXES, which a child not yet ended is not in.
     class Meta:
         indexes = (
             (("device_id", "status", "seq"), False),  # a device's pending queue, in order
-            (("parent", "status"), False),  # a parent's counts per state
-            (("status", "updated"), False),  # jobs IN_PROGRESS for too long
-            (("end_time", "seq"), False),  # the jobs that ended since the webhooks' cursor
+            (("parent", "status"), False),  # a parent's children and their counts per state
+            (("status", "updated"), False),  # jobs IN_PROGRESS for too long; the console's changes
         )
 
 
@@ -297,10 +301,18 @@ ADDED_COLUMNS = (
     ("child_job", "download_bytes", "BIGINT"),
     ("child_job", "download_total", "BIGINT"),
 )
-# Indexes over columns of ADDED_COLUMNS, made after them at open when missing: (table, index, DDL).
+# Indexes over columns of ADDED_COLUMNS, and partial indexes, made after them at open when missing:
+# (table, index, DDL).
 ADDED_INDEXES = (
     # the children held until a time (a retry's delay), for the release loop's scan each second
     ("child_job", "child_job_status_release_at", '("status", "release_at") WHERE "release_at" IS NOT NULL'),
+    # the children that ended since the webhooks' cursor (store/webhooks.py: its reads say end_time IS NOT NULL)
+    ("child_job", "child_job_ended", '("end_time", "seq") WHERE "end_time" IS NOT NULL'),
+)
+# Indexes of earlier versions, dropped at open (after ADDED_INDEXES): (table, index).
+DROPPED_INDEXES = (
+    ("child_job", "child_job_parent_id"),  # (parent_id, status) serves
+    ("child_job", "child_job_end_time_seq"),  # child_job_ended, without the children not yet ended
 )
 PRIVATE_MODE = 0o600  # the database files: job output, commands, credential hashes
 PRIVATE_DIR_MODE = 0o700
@@ -319,6 +331,7 @@ def open_database(url: str) -> GuardedDatabase:
         database.create_tables(TABLES, safe=True)
         _add_missing_columns(database)
         _add_missing_indexes(database)
+        _drop_old_indexes(database)
     except pw.ImproperlyConfigured as e:
         raise ConfigError(f"cannot open the {describe(url)}: {NO_POSTGRES_DRIVER}") from e
     except (pw.DatabaseError, pw.InterfaceError) as e:
@@ -348,6 +361,12 @@ def _add_missing_indexes(database: pw.Database) -> None:
         except pw.DatabaseError:  # another process may have made it meanwhile
             if name not in {i.name for i in database.get_indexes(table)}:
                 raise
+
+
+def _drop_old_indexes(database: pw.Database) -> None:
+    for table, name in DROPPED_INDEXES:
+        if name in {i.name for i in database.get_indexes(table)}:
+            database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')  # IF EXISTS: another process may drop it too
 
 
 def _has_column(database: pw.Database, table: str, column: str) -> bool:
