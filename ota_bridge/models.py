@@ -147,7 +147,8 @@ class ChildJob(Outcome):
 
     seq = SeqField()
     job_id = pw.CharField(max_length=36, unique=True)
-    parent = pw.ForeignKeyField(Job, backref="children", on_delete="CASCADE", column_name="parent_id")
+    # Its index, and the ended jobs', depend on the database: BY_DATABASE_INDEXES.
+    parent = pw.ForeignKeyField(Job, backref="children", on_delete="CASCADE", column_name="parent_id", index=False)
     device_id = pw.CharField(max_length=128)  # no foreign key: history outlives the device
     status = pw.CharField(max_length=16, default=JobStatus.QUEUED.value)
     # SCHEDULED only: when the service releases it by itself (a retry's delay); None: only a
@@ -166,9 +167,8 @@ class ChildJob(Outcome):
     class Meta:
         indexes = (
             (("device_id", "status", "seq"), False),  # a device's pending queue, in order
-            (("parent", "status"), False),  # a parent's counts per state
-            (("status", "updated"), False),  # jobs IN_PROGRESS for too long
-            (("end_time", "seq"), False),  # the jobs that ended since the webhooks' cursor
+            (("parent", "status"), False),  # a parent's children and their counts per state
+            (("status", "updated"), False),  # jobs IN_PROGRESS for too long; the console's changes
         )
 
 
@@ -302,6 +302,20 @@ ADDED_INDEXES = (
     # the children held until a time (a retry's delay), for the release loop's scan each second
     ("child_job", "child_job_status_release_at", '("status", "release_at") WHERE "release_at" IS NOT NULL'),
 )
+# Indexes one kind of database has and the other not, made at open when missing (after ADDED_INDEXES),
+# and those it drops at open: {kind: (made, dropped)}, made as in ADDED_INDEXES, dropped (table, index).
+# When an UPDATE changes an indexed column (a release: status), PostgreSQL writes the row's new
+# version into every index whose predicate it meets, SQLite only into the indexes of the columns that
+# changed. So on PostgreSQL the child jobs have no index on parent_id alone ((parent_id, status)
+# serves every lookup by parent, and the cascade) and the jobs that ended since the webhooks' cursor
+# have a partial index (store/webhooks.py's reads say end_time IS NOT NULL), which a child not yet
+# ended is not in; SQLite keeps both full indexes, which no release writes.
+BY_DATABASE_INDEXES: dict[str, tuple[tuple[tuple[str, str, str], ...], tuple[tuple[str, str], ...]]] = {
+    "sqlite": ((("child_job", "child_job_parent_id", '("parent_id")'),
+                ("child_job", "child_job_end_time_seq", '("end_time", "seq")')), ()),
+    "postgres": ((("child_job", "child_job_ended", '("end_time", "seq") WHERE "end_time" IS NOT NULL'),),
+                 (("child_job", "child_job_parent_id"), ("child_job", "child_job_end_time_seq"))),
+}
 PRIVATE_MODE = 0o600  # the database files: job output, commands, credential hashes
 PRIVATE_DIR_MODE = 0o700
 
@@ -318,7 +332,9 @@ def open_database(url: str) -> GuardedDatabase:
         database.connect(reuse_if_open=True)
         database.create_tables(TABLES, safe=True)
         _add_missing_columns(database)
-        _add_missing_indexes(database)
+        made, dropped = BY_DATABASE_INDEXES["sqlite" if isinstance(database, pw.SqliteDatabase) else "postgres"]
+        _add_missing_indexes(database, ADDED_INDEXES + made)
+        _drop_old_indexes(database, dropped)
     except pw.ImproperlyConfigured as e:
         raise ConfigError(f"cannot open the {describe(url)}: {NO_POSTGRES_DRIVER}") from e
     except (pw.DatabaseError, pw.InterfaceError) as e:
@@ -341,13 +357,19 @@ def _add_missing_columns(database: pw.Database) -> None:
                 raise
 
 
-def _add_missing_indexes(database: pw.Database) -> None:
-    for table, name, ddl in ADDED_INDEXES:
+def _add_missing_indexes(database: pw.Database, indexes: tuple[tuple[str, str, str], ...]) -> None:
+    for table, name, ddl in indexes:
         try:
             database.execute_sql(f'CREATE INDEX IF NOT EXISTS "{name}" ON "{table}" {ddl}')
         except pw.DatabaseError:  # another process may have made it meanwhile
             if name not in {i.name for i in database.get_indexes(table)}:
                 raise
+
+
+def _drop_old_indexes(database: pw.Database, indexes: tuple[tuple[str, str], ...]) -> None:
+    for table, name in indexes:
+        if name in {i.name for i in database.get_indexes(table)}:
+            database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')  # IF EXISTS: another process may drop it too
 
 
 def _has_column(database: pw.Database, table: str, column: str) -> bool:

@@ -6,6 +6,9 @@ import json
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 from agent.protocol import DEVICE_REPORTABLE, PENDING_STATUSES, SERVICE_ONLY, TRANSITIONS, JobStatus, Key
 from ota_bridge import models
@@ -16,6 +19,7 @@ from ota_bridge.store import Store, devices, jobs, queues, workflows, write_tran
 from ota_bridge.store import rollouts as held
 from ota_bridge.store.jobs import derive_status
 from ota_bridge.store.updates import Update, record_device_messages
+from tests.support.databases import database_url
 
 
 def test_scheduled_is_held_by_the_service_only() -> None:
@@ -127,6 +131,83 @@ def test_a_database_from_before_release_at_gets_the_column_and_its_index(tmp_pat
         assert store.call_sync(held.release_due, now()) == []
     finally:
         store.close()
+
+
+@pytest.fixture
+def postgres_url(tmp_path: Path) -> Iterator[str]:
+    with database_url("postgres", tmp_path) as found:
+        yield found
+
+
+def _child_indexes(store: Store) -> set[str]:
+    return store.call_sync(lambda: {i.name for i in models.db.get_indexes("child_job")})
+
+
+@pytest.mark.postgres
+def test_a_postgres_database_with_the_earlier_indexes_gets_those_a_release_costs_less_with(postgres_url: str) -> None:
+    """PostgreSQL writes a released child's new version into every index it meets the predicate of:
+    an older database's full (end_time, seq) index and the one on parent_id are replaced at open by
+    the partial child_job_ended (a child not yet ended is not in it) and (parent_id, status) alone;
+    jobs still run and end, and the webhooks' read of the jobs that ended can use the new index."""
+    store = Store(postgres_url)
+    try:
+        assert {"child_job_ended", "child_job_parent_id_status"} <= _child_indexes(store)
+        assert not {"child_job_parent_id", "child_job_end_time_seq"} & _child_indexes(store)
+
+        def as_before() -> None:  # the indexes as an earlier version made them
+            models.db.execute_sql('DROP INDEX "child_job_ended"')
+            models.db.execute_sql('CREATE INDEX "child_job_parent_id" ON "child_job" ("parent_id")')
+            models.db.execute_sql('CREATE INDEX "child_job_end_time_seq" ON "child_job" ("end_time", "seq")')
+        store.call_sync(as_before)
+    finally:
+        store.close()
+    store = Store(postgres_url)
+    try:
+        indexes = _child_indexes(store)
+        assert "child_job_ended" in indexes
+        assert not {"child_job_parent_id", "child_job_end_time_seq"} & indexes
+        store.call_sync(devices.register_device, "d1", None, [])
+        wf = store.call_sync(workflows.create_workflow, "wf", "echo hi", None, False)
+        job, _ = store.call_sync(jobs.submit_job, "one", wf.workflow_id, "DeviceId", "d1", None)
+        [head] = store.call_sync(queues.device_queues, ["d1"])
+        assert head.head is not None
+        store.call_sync(record_device_messages, [Update("d1", head.head.job_id, JobStatus.SUCCEEDED)], [])
+        assert store.call_sync(jobs.get_job, job.job_id).counts == {JobStatus.SUCCEEDED.value: 1}
+        assert "child_job_ended" in store.call_sync(_webhooks_plan)
+    finally:
+        store.close()
+
+
+def _webhooks_plan() -> str:
+    """PostgreSQL's plan of the webhooks' read of the jobs that ended (sequential scans off: the
+    table is small), as text."""
+    with models.db.atomic():
+        models.db.execute_sql("SET LOCAL enable_seqscan = off")
+        rows = models.db.execute_sql(
+            'EXPLAIN SELECT * FROM "child_job" WHERE "end_time" IS NOT NULL AND "end_time" <= %s AND '
+            '("end_time" > %s OR ("end_time" = %s AND "seq" > %s)) ORDER BY "end_time", "seq" LIMIT 100',
+            ("2026-01-02", "2026-01-01", "2026-01-01", 5)).fetchall()
+    return " ".join(row[0] for row in rows)
+
+
+def test_a_sqlite_database_keeps_the_full_indexes_no_release_writes(tmp_path: Path) -> None:
+    """SQLite writes into the indexes of the columns an UPDATE changes only: it keeps its index on
+    parent_id and the full (end_time, seq), made at open if missing, and the webhooks' read of the
+    jobs that ended is served by the latter without a sort."""
+    url = f"sqlite:///{tmp_path / 'plan.db'}"
+    store = Store(url)
+    try:
+        indexes = _child_indexes(store)
+        assert {"child_job_parent_id", "child_job_end_time_seq"} <= indexes and "child_job_ended" not in indexes
+    finally:
+        store.close()
+    with sqlite3.connect(tmp_path / "plan.db") as conn:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM child_job WHERE end_time IS NOT NULL AND end_time <= ? AND "
+            "(end_time > ? OR (end_time = ? AND seq > ?)) ORDER BY end_time, seq LIMIT 100",
+            ("2026-01-02", "2026-01-01", "2026-01-01", 5)).fetchall()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "child_job_end_time_seq" in details and "TEMP B-TREE" not in details, details
 
 
 def test_a_release_builds_the_queues_a_read_would_give(db: Store) -> None:
