@@ -148,10 +148,12 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def _shown_job(store: Store, job_id: str) -> dict[str, Any]:
+    """The job's answer: a single-device job's from its one row, another's from its summary; a child job's."""
     try:
-        return serialize.job(await store.read(jobs.get_job, job_id))
+        shown = await store.read(jobs.shown_job, job_id)
     except JobNotFound:
         return serialize.child(await store.read(jobs.child_shown, job_id))
+    return serialize.job_row(shown) if isinstance(shown, jobs.JobRow) else serialize.job(shown)
 
 
 @routes.get("/v1/job/{id}/childjobs")
