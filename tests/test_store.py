@@ -307,8 +307,9 @@ def test_get_jobs_answer_from_its_row_is_the_full_model_answer(db: Store) -> Non
     for name in ("q", "run", "ok", "bad", "retried", "gone", "nochild", "rolled", "rb"):
         db.call_sync(devices.register_device, name, None, [])
 
-    def submit(device: str, options: JobOptions = JobOptions(), workflow: str = wf) -> str:
-        return db.call_sync(jobs.submit_job, "n", workflow, "DeviceId", device, 30, options=options)[0].job_id
+    def submit(device: str, options: JobOptions | None = None, workflow: str = wf) -> str:
+        return db.call_sync(jobs.submit_job, "n", workflow, "DeviceId", device, 30,
+                            options=options or JobOptions())[0].job_id
 
     singles = {name: submit(name) for name in ("q", "run", "ok", "bad", "gone", "nochild")}
     singles["params"] = submit("q", JobOptions(parameters={"V": "x"}), with_v)
@@ -336,11 +337,11 @@ def test_get_jobs_answer_from_its_row_is_the_full_model_answer(db: Store) -> Non
     full = [serialize.job(db.call_sync(jobs.get_job, j)) for j in ids + others]
     assert [list(a.items()) for _, a in shown] == [list(a.items()) for a in full]
     assert [t for t, _ in shown] == [jobs.JobRow] * len(ids) + [jobs.JobSummary] * 2
-    statuses = dict(zip(singles, (a["Status"] for a in full)))
+    by_name = dict(zip(singles, full[:len(ids)], strict=True))
+    statuses = {name: a["Status"] for name, a in by_name.items()}
     assert statuses == {"q": "QUEUED", "run": "IN_PROGRESS", "ok": "SUCCEEDED", "bad": "FAILED", "gone": "CANCELED",
                         "nochild": "CANCELED", "params": "QUEUED", "retried": "QUEUED", "rolled": "QUEUED",
                         "waves": "QUEUED"}
-    by_name = dict(zip(singles, full))
     assert by_name["retried"]["Retries"]["Max"] == 2 and by_name["rolled"]["Rollout"]["Pending"] == 1
     assert by_name["ok"]["ExitCode"] == 0 and by_name["ok"]["EndTime"] and "Rollout" in by_name["waves"]
     assert by_name["nochild"]["Result"]["Total"] == 0 and by_name["params"]["Parameters"] == {"V": "x"}
