@@ -99,33 +99,8 @@ async def delete_workflow(request: web.Request) -> web.Response:
 # --- jobs -----------------------------------------------------------------------------------
 
 
-@routes.post("/v1/job")
-async def submit_job(request: web.Request) -> web.Response:
-    body = await read_model(request, JobIn)
-    field, value = body.target
-    plan = body.plan()
-    dispatcher = request.app[DISPATCHER]
-    if plan is None:  # the queues of a small target read in the submission (dispatcher.read_window)
-        job, device_ids, read = await _store(request).call(
-            jobs.submit_job_with_queues, body.Name, body.WorkflowId, field, value, body.TimeoutSeconds,
-            dispatcher.read_window, options=body.options)
-    else:
-        submitted = await _store(request).call(rollouts.submit_with_queues, body.Name, body.WorkflowId, field,
-                                               value, body.TimeoutSeconds, plan, body.options)
-        job, device_ids, read = submitted.job, submitted.device_ids, submitted.queues
-    known = {q.device_id for q in read}
-    dispatcher.mark(d for d in device_ids if d not in known)
-    dispatcher.mark_read(read)
-    return web.json_response({"JobId": job.job_id})
-
-
-@routes.get("/v1/job")
-async def list_jobs(request: web.Request) -> web.Response:
-    summaries, total = await _store(request).read(jobs.list_jobs, *page(request))
-    headers = {"X-Total-Count": str(total)}
-    return web.json_response([serialize.job(s) for s in summaries], headers=headers)
-
-
+# Registered before the other /v1/job routes: aiohttp tries the resources under /v1/job in the order they
+# were added, and this GET is the one most often called (a poll); first, it is matched at the first try.
 @routes.get("/v1/job/{id}")
 async def get_job(request: web.Request) -> web.Response:
     """The job (or child job) as it is; with WaitSeconds, once it is final or that many seconds passed.
@@ -154,6 +129,33 @@ async def _shown_job(store: Store, job_id: str) -> dict[str, Any]:
     except JobNotFound:
         return serialize.child(await store.read(jobs.child_shown, job_id))
     return serialize.job_row(shown) if isinstance(shown, jobs.JobRow) else serialize.job(shown)
+
+
+@routes.post("/v1/job")
+async def submit_job(request: web.Request) -> web.Response:
+    body = await read_model(request, JobIn)
+    field, value = body.target
+    plan = body.plan()
+    dispatcher = request.app[DISPATCHER]
+    if plan is None:  # the queues of a small target read in the submission (dispatcher.read_window)
+        job, device_ids, read = await _store(request).call(
+            jobs.submit_job_with_queues, body.Name, body.WorkflowId, field, value, body.TimeoutSeconds,
+            dispatcher.read_window, options=body.options)
+    else:
+        submitted = await _store(request).call(rollouts.submit_with_queues, body.Name, body.WorkflowId, field,
+                                               value, body.TimeoutSeconds, plan, body.options)
+        job, device_ids, read = submitted.job, submitted.device_ids, submitted.queues
+    known = {q.device_id for q in read}
+    dispatcher.mark(d for d in device_ids if d not in known)
+    dispatcher.mark_read(read)
+    return web.json_response({"JobId": job.job_id})
+
+
+@routes.get("/v1/job")
+async def list_jobs(request: web.Request) -> web.Response:
+    summaries, total = await _store(request).read(jobs.list_jobs, *page(request))
+    headers = {"X-Total-Count": str(total)}
+    return web.json_response([serialize.job(s) for s in summaries], headers=headers)
 
 
 @routes.get("/v1/job/{id}/childjobs")
