@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
 from ota_bridge import metrics
-from ota_bridge.api import TOKENS, api_middleware
+from ota_bridge.api import TOKENS, api_middleware, make_app
 from ota_bridge.api.tokens import TokenCache
 from ota_bridge.api.views import STORE
 from ota_bridge.roles import Role
@@ -80,3 +81,11 @@ def test_each_concern_of_the_one_middleware_in_its_order(tmp_path: Path, caplog:
     assert by_status[500].outcome == "Internal error" and by_status[500].token_name == "ops"
     assert by_status[500].target_id == JOB
     assert by_status[401].token_name is None and by_status[401].outcome == "Unauthorized"
+
+
+def test_the_job_poll_is_the_first_route_tried_under_v1_job() -> None:
+    """aiohttp tries the resources that share a path's static prefix in the order they were added:
+    GET /v1/job/{id}, the most frequent call, is tried first (no other resource's match before it)."""
+    app = make_app(SimpleNamespace(), SimpleNamespace(), SimpleNamespace())  # type: ignore[arg-type]
+    under_jobs = [r for r in app.router.resources() if r.canonical.startswith("/v1/job")]
+    assert under_jobs[0].canonical == "/v1/job/{id}" and "GET" in {route.method for route in under_jobs[0]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ota_bridge import metrics
@@ -105,3 +106,30 @@ def test_the_dispatcher_hooks_show_in_the_exposition() -> None:
     assert grew("ota_bridge_device_updates_total", (("outcome", "dropped"),)) == 1
     assert grew("ota_bridge_device_updates_total", (("outcome", "late"),)) == 0
     assert grew("ota_bridge_webhook_deliveries_total", (("outcome", "retry"),)) == 1
+
+
+def test_request_counts_expose_what_prometheus_clients_counter_and_histogram_would() -> None:
+    """metrics.HttpRequests counts in plain numbers; its exposition is the text a prometheus_client
+    Counter and Histogram of the same names, labels and buckets give for the same requests (the
+    _created times apart, which each takes from its own clock)."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    counted = metrics.HttpRequests()
+    ours.register(counted)
+    counter = Counter("http_requests", metrics.HTTP_REQUESTS_HELP, ["method", "route", "status"],
+                      namespace=metrics.NAMESPACE, registry=theirs)
+    histogram = Histogram("http_request_seconds", metrics.HTTP_SECONDS_HELP, ["method", "route"],
+                          namespace=metrics.NAMESPACE, registry=theirs, buckets=metrics.LATENCY_BUCKETS)
+    requests = [("GET", "/v1/job/{id}", 200, 0.0004), ("GET", "/v1/job/{id}", 200, 0.001),  # on a bound
+                ("GET", "/v1/job/{id}", 404, 0.0031), ("POST", "/v1/job", 200, 0.2), ("GET", "unmatched", 404, 31.0),
+                ("POST", "/v1/job", 500, 7.5), ("GET", "/v1/job/{id}", 200, 0.0)]
+    for method, route, status, seconds in requests:
+        counted.count(method, route, status, seconds)
+        counter.labels(method, route, str(status)).inc()
+        histogram.labels(method, route).observe(seconds)
+
+    def text(registry: CollectorRegistry) -> list[str]:
+        lines = generate_latest(registry).decode().splitlines()
+        return sorted(line.rsplit(" ", 1)[0] if "_created{" in line else line for line in lines)
+
+    assert text(ours) == text(theirs)
+    assert len([line for line in text(ours) if line.startswith("ota_bridge_http_request_seconds_bucket")]) == 45

@@ -11,7 +11,7 @@ import pytest
 
 from agent.protocol import JobStatus
 from ota_bridge import credentials
-from ota_bridge.api import serialize
+from ota_bridge.api import serialize, views
 from ota_bridge.errors import EmptyTarget, WorkflowNotFound
 from ota_bridge.models import ChildJob, Device, Job, Workflow, now
 from ota_bridge.rollout_plan import parse
@@ -286,6 +286,66 @@ def test_a_job_read_beside_the_writer_answers_as_on_the_stores_thread(db: Store)
     assert on_store_thread[1]["Retries"]["Max"] == 2 and on_store_thread[1]["StartTime"] is not None
     assert on_store_thread[2]["OnFailure"]["Result"]["SCHEDULED"] == 1
     assert on_store_thread[3]["Rollout"]["Released"] == 0 and on_store_thread[4]["Rollout"]["Waves"] == 2
+
+
+def _report(db: Store, device: str, job_id: str, *reports: Update) -> None:
+    """The device's reports on the job's one child (job_id is the parent's)."""
+    [child] = [c for c in db.call_sync(jobs.child_jobs, job_id) if c.on_failure_of is None]
+    sent = [Update(device, child.job_id, u.status, u.exit_code, u.stdout, start_time=u.start_time,
+                   end_time=u.end_time, attempt=u.attempt) for u in reports]
+    db.call_sync(updates.record_device_messages, sent, [])
+
+
+def test_get_jobs_answer_from_its_row_is_the_full_model_answer(db: Store) -> None:
+    """GET /v1/job/{id} builds a single-device job's answer from its one narrow row (no models):
+    key for key (and in the same order) what serialize.job of get_job's summary gives, for jobs in
+    every state; a group job, one with OnFailure and a child job id keep their own paths."""
+    group_id, _ = group_job(db, 2)
+    wf = db.call_sync(workflows.create_workflow, "wf2", "echo hi", None, False).workflow_id
+    with_v = db.call_sync(workflows.create_workflow, "wf3", "echo {{V}}", None, False).workflow_id
+    undo = db.call_sync(workflows.create_workflow, "undo", "true", None, False).workflow_id
+    for name in ("q", "run", "ok", "bad", "retried", "gone", "nochild", "rolled", "rb"):
+        db.call_sync(devices.register_device, name, None, [])
+
+    def submit(device: str, options: JobOptions | None = None, workflow: str = wf) -> str:
+        return db.call_sync(jobs.submit_job, "n", workflow, "DeviceId", device, 30,
+                            options=options or JobOptions())[0].job_id
+
+    singles = {name: submit(name) for name in ("q", "run", "ok", "bad", "gone", "nochild")}
+    singles["params"] = submit("q", JobOptions(parameters={"V": "x"}), with_v)
+    singles["retried"] = submit("retried", JobOptions(retries=Retries(2, 0)))
+    singles["rolled"] = db.call_sync(held.submit_job, None, wf, "DeviceId", "rolled", None,
+                                     parse({"Rollout": {"MaxPerMinute": 1}}, "DeviceId"))[0].job_id
+    singles["waves"] = db.call_sync(held.submit_job, None, wf, "DeviceId", "rolled", None,
+                                    parse({"Rollout": {"Waves": [100]}}, "DeviceId"))[0].job_id
+    _report(db, "run", singles["run"], Update("run", "", JobStatus.IN_PROGRESS, start_time=now()))
+    _report(db, "ok", singles["ok"], Update("ok", "", JobStatus.IN_PROGRESS, start_time=now()),
+            Update("ok", "", JobStatus.SUCCEEDED, 0, "done", end_time=now()))
+    _report(db, "bad", singles["bad"], Update("bad", "", JobStatus.FAILED, 3, "no", end_time=now()))
+    _report(db, "retried", singles["retried"], Update("retried", "", JobStatus.FAILED, 1, "try 1", end_time=now()))
+    db.call_sync(jobs.cancel_job, singles["gone"])
+    db.call_sync(ChildJob.delete().where(ChildJob.parent == singles["nochild"]).execute)
+    with_rollback = submit("rb", JobOptions(on_failure=undo))
+    child_id = db.call_sync(jobs.child_jobs, singles["ok"])[0].job_id
+    others = [group_id, with_rollback]
+
+    async def answers(ids: list[str]) -> list[tuple[type, dict]]:
+        return [(type(await db.read(jobs.shown_job, j)), await views._shown_job(db, j)) for j in ids]
+
+    ids = list(singles.values())
+    shown = asyncio.run(answers(ids + others))
+    full = [serialize.job(db.call_sync(jobs.get_job, j)) for j in ids + others]
+    assert [list(a.items()) for _, a in shown] == [list(a.items()) for a in full]
+    assert [t for t, _ in shown] == [jobs.JobRow] * len(ids) + [jobs.JobSummary] * 2
+    by_name = dict(zip(singles, full[:len(ids)], strict=True))
+    statuses = {name: a["Status"] for name, a in by_name.items()}
+    assert statuses == {"q": "QUEUED", "run": "IN_PROGRESS", "ok": "SUCCEEDED", "bad": "FAILED", "gone": "CANCELED",
+                        "nochild": "CANCELED", "params": "QUEUED", "retried": "QUEUED", "rolled": "QUEUED",
+                        "waves": "QUEUED"}
+    assert by_name["retried"]["Retries"]["Max"] == 2 and by_name["rolled"]["Rollout"]["Pending"] == 1
+    assert by_name["ok"]["ExitCode"] == 0 and by_name["ok"]["EndTime"] and "Rollout" in by_name["waves"]
+    assert by_name["nochild"]["Result"]["Total"] == 0 and by_name["params"]["Parameters"] == {"V": "x"}
+    assert asyncio.run(views._shown_job(db, child_id)) == serialize.child(db.call_sync(jobs.child_shown, child_id))
 
 
 def test_a_job_read_answers_while_a_write_is_open_and_sees_only_what_was_committed(db: Store) -> None:

@@ -87,7 +87,8 @@ async def _identify(request: web.Request) -> TokenIdentity | None:
     """The bearer token's owner; for the event stream, which EventSource opens without headers, its ticket's."""
     if request.path == EVENTS_PATH:
         return await redeem_ticket(request)
-    return await request.app[TOKENS].identify(bearer_token(request.headers.get("Authorization", "")))
+    cache, header = request.app[TOKENS], request.headers.get("Authorization", "")
+    return cache.remembered(header) or await cache.identify(bearer_token(header), header)
 
 
 def _check_role(request: web.Request, name: str, role: Role) -> None:

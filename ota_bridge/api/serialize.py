@@ -7,11 +7,11 @@ from typing import Any
 
 from agent.protocol import JobStatus, format_time
 
-from ..models import AttemptResult, ChildJob, Rollout
+from ..models import AttemptResult, ChildJob, Job, Rollout
 from ..rollout_plan import Plan
 from ..store.attempts import ChildView
 from ..store.devices import DeviceView
-from ..store.jobs import JobSummary
+from ..store.jobs import JobRow, JobSummary, derive_status
 from ..store.workflows import WorkflowView
 
 
@@ -49,7 +49,31 @@ def job(s: JobSummary) -> dict[str, Any]:
     }
 
 
-def rollout(r: Rollout, by_status: dict[str, int]) -> dict[str, Any]:
+def job_row(r: JobRow) -> dict[str, Any]:
+    """`job` of a single-device job without OnFailure, from its one row (store.jobs.shown_job):
+    the same answer, key for key, without the models and the summary."""
+    by_status = {r.status: 1} if r.status is not None else {}
+    status = derive_status(by_status)
+    return {
+        "JobId": r.job_id,
+        "JobName": r.name,
+        r.target_field: r.target_value,
+        "WorkflowId": r.workflow_id,
+        "Command": r.command,
+        **({"Parameters": json.loads(r.parameters)} if r.parameters is not None else {}),
+        "TimeoutSeconds": r.timeout_seconds,
+        "Status": status.value,
+        "CreatedTime": format_time(r.created),
+        "StartTime": format_time(r.start_time),
+        "EndTime": format_time(r.end_time if status.is_final else None),
+        "Result": r.stdout if r.status is not None else counts(by_status),
+        **({"ExitCode": r.exit_code} if r.status is not None else {}),
+        **retries(r),
+        **({"Rollout": rollout(r, by_status)} if r.rollout_job is not None else {}),
+    }
+
+
+def rollout(r: Rollout | JobRow, by_status: dict[str, int]) -> dict[str, Any]:
     """A job's rollout state: how far it got, and why it stopped if it did."""
     plan = Plan.from_json(r.plan)
     return {
@@ -70,13 +94,18 @@ def rollout(r: Rollout, by_status: dict[str, int]) -> dict[str, Any]:
 
 def job_options(s: JobSummary) -> dict[str, Any]:
     """What a job shows of its Retries and OnFailure, when it has them (Parameters come with Command)."""
-    j, shown = s.job, {}
-    if j.retry_max:
-        shown["Retries"] = {"Max": j.retry_max, "DelaySeconds": j.retry_delay_seconds, "On": j.retry_on.split(",")}
+    j, shown = s.job, retries(s.job)
     if j.on_failure_command is not None:
         shown["OnFailure"] = {"WorkflowId": j.on_failure_workflow_id, "Command": j.on_failure_command,
                               "Result": counts(s.rollbacks or {})}
     return shown
+
+
+def retries(j: Job | JobRow) -> dict[str, Any]:
+    """A job's Retries, when it has them."""
+    if not j.retry_max:
+        return {}
+    return {"Retries": {"Max": j.retry_max, "DelaySeconds": j.retry_delay_seconds, "On": j.retry_on.split(",")}}
 
 
 def counts(by_status: dict[str, int]) -> dict[str, int]:

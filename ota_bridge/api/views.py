@@ -99,6 +99,38 @@ async def delete_workflow(request: web.Request) -> web.Response:
 # --- jobs -----------------------------------------------------------------------------------
 
 
+# Registered before the other /v1/job routes: aiohttp tries the resources under /v1/job in the order they
+# were added, and this GET is the one most often called (a poll); first, it is matched at the first try.
+@routes.get("/v1/job/{id}")
+async def get_job(request: web.Request) -> web.Response:
+    """The job (or child job) as it is; with WaitSeconds, once it is final or that many seconds passed.
+
+    A waiting request reads the job again after each write this process commits, and at least every
+    WAIT_RECHECK_SECONDS (a write of another instance is not heard of), so it answers as soon as a
+    read can see the job final; the answer is the one a plain GET gives at that moment. When the
+    service stops, it answers at once."""
+    job_id = request.match_info["id"]
+    wait = params.whole_number(params.query(request, ("WaitSeconds",)), "WaitSeconds", 0, 0, MAX_WAIT_SECONDS)
+    store, held = _store(request), request.app[HELD]
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        seen = store.commits
+        shown = await _shown_job(store, job_id)
+        left = deadline - asyncio.get_running_loop().time()
+        if shown["Status"] in FINAL_VALUES or left <= 0 or held.stopping:
+            return web.json_response(shown)
+        await store.committed_since(seen, min(left, WAIT_RECHECK_SECONDS))
+
+
+async def _shown_job(store: Store, job_id: str) -> dict[str, Any]:
+    """The job's answer: a single-device job's from its one row, another's from its summary; a child job's."""
+    try:
+        shown = await store.read(jobs.shown_job, job_id)
+    except JobNotFound:
+        return serialize.child(await store.read(jobs.child_shown, job_id))
+    return serialize.job_row(shown) if isinstance(shown, jobs.JobRow) else serialize.job(shown)
+
+
 @routes.post("/v1/job")
 async def submit_job(request: web.Request) -> web.Response:
     body = await read_model(request, JobIn)
@@ -124,34 +156,6 @@ async def list_jobs(request: web.Request) -> web.Response:
     summaries, total = await _store(request).read(jobs.list_jobs, *page(request))
     headers = {"X-Total-Count": str(total)}
     return web.json_response([serialize.job(s) for s in summaries], headers=headers)
-
-
-@routes.get("/v1/job/{id}")
-async def get_job(request: web.Request) -> web.Response:
-    """The job (or child job) as it is; with WaitSeconds, once it is final or that many seconds passed.
-
-    A waiting request reads the job again after each write this process commits, and at least every
-    WAIT_RECHECK_SECONDS (a write of another instance is not heard of), so it answers as soon as a
-    read can see the job final; the answer is the one a plain GET gives at that moment. When the
-    service stops, it answers at once."""
-    job_id = request.match_info["id"]
-    wait = params.whole_number(params.query(request, ("WaitSeconds",)), "WaitSeconds", 0, 0, MAX_WAIT_SECONDS)
-    store, held = _store(request), request.app[HELD]
-    deadline = asyncio.get_running_loop().time() + wait
-    while True:
-        seen = store.commits
-        shown = await _shown_job(store, job_id)
-        left = deadline - asyncio.get_running_loop().time()
-        if shown["Status"] in FINAL_VALUES or left <= 0 or held.stopping:
-            return web.json_response(shown)
-        await store.committed_since(seen, min(left, WAIT_RECHECK_SECONDS))
-
-
-async def _shown_job(store: Store, job_id: str) -> dict[str, Any]:
-    try:
-        return serialize.job(await store.read(jobs.get_job, job_id))
-    except JobNotFound:
-        return serialize.child(await store.read(jobs.child_shown, job_id))
 
 
 @routes.get("/v1/job/{id}/childjobs")

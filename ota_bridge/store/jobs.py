@@ -6,7 +6,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import peewee as pw
 
@@ -222,6 +222,64 @@ def get_job(rows: list[tuple[Any, ...]], job_id: str) -> JobSummary:
         return snapshot(_get_job, job_id)
     times = [(child.start_time, child.end_time)] if child is not None else []
     return _summary(job, {child.status: 1} if child is not None else {}, times, child, rollout, None)
+
+
+class JobRow(NamedTuple):
+    """What GET /v1/job/{id} shows of a single-device job without OnFailure, as its one joined row
+    gives it (`shown_job`): the job's columns the answer names, its one child's, its rollout's."""
+    job_id: str
+    name: str
+    target_field: str
+    target_value: str
+    workflow_id: str
+    command: str
+    parameters: str | None
+    timeout_seconds: int
+    created: datetime
+    retry_max: int
+    retry_delay_seconds: int
+    retry_on: str
+    on_failure_command: str | None
+    status: str | None  # the child's; None: no child (the outer join found none)
+    start_time: datetime | None
+    end_time: datetime | None
+    stdout: str | None
+    exit_code: int | None
+    rollout_job: str | None  # None: no rollout; then the rollout's columns are None too
+    plan: str | None
+    wave: int | None
+    released: int | None
+    rate: float | None
+    paused: bool | None
+    aborted: bool | None
+    abort_reason: str | None
+    active: bool | None
+    continuous: bool | None
+    checked_at: datetime | None
+
+
+def _shown_row(_: int) -> pw.Query:
+    """_job_row with only the columns a single job's answer shows (JobRow's, in its order): 29 of 54."""
+    single = (ChildJob.parent == Job.job_id) & (Job.target_field == "DeviceId") & ChildJob.on_failure_of.is_null()
+    columns = [getattr(Job, f) for f in JobRow._fields[:13]] + [getattr(ChildJob, f) for f in JobRow._fields[13:18]]
+    columns += [Rollout.job] + [getattr(Rollout, f) for f in JobRow._fields[19:]]
+    return (Job.select(*columns)
+            .join_from(Job, Rollout, pw.JOIN.LEFT_OUTER, on=(Rollout.job == Job.job_id))
+            .join_from(Job, ChildJob, pw.JOIN.LEFT_OUTER, on=single)
+            .where(Job.job_id == arg(0)))
+
+
+@reads_rows("shown_job", _shown_row)
+def shown_job(rows: list[tuple[Any, ...]], job_id: str) -> JobRow | JobSummary:
+    """What GET /v1/job/{id} shows (the store function is shown_job(job_id)): a single-device job
+    without OnFailure as its one row, no models made (api.serialize.job_row); any other job as
+    get_job's summary, read in one snapshot."""
+    if not rows:
+        raise JobNotFound(job_id)
+    row = JobRow._make(rows[0])
+    if row.target_field != "DeviceId" or row.on_failure_command is not None:
+        return snapshot(_get_job, job_id)
+    return row
 
 
 def _get_job(job_id: str) -> JobSummary:
