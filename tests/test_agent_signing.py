@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import daemon, job_signature
+from agent import daemon, ed25519, ed25519_openssl, job_signature
 from agent.daemon import OUTSIDE_POLICY, STALE, Agent, _Running
 from agent.head import Head, parse_head
 from agent.journal import Journal, read_entries
@@ -165,6 +165,33 @@ def test_a_head_that_is_not_the_services_fails_with_its_reason(message, reason):
 
 def test_fields_outside_the_signature_do_not_matter():
     assert check(head("j1", "true", 1, **{Key.JOB_NAME: "renamed", Key.SUBMITTED_TIME: None})) is None
+
+
+def test_the_verifier_is_chosen_at_the_first_job_head_not_an_idle_one(monkeypatch, caplog):
+    """An idle agent loads neither ctypes nor libcrypto; the first job head picks OpenSSL (under CI=true
+    it must be found here) and says so once; idle heads then use it too."""
+    monkeypatch.setattr(job_signature, "_VERIFIER", [])
+    caplog.set_level("INFO", logger="ota-agent")
+    assert check(idle(3)) is None and check(idle(3, key=FORGER_KEY)) == job_signature.DOES_NOT_VERIFY
+    assert job_signature._VERIFIER == [] and "verifies job signatures" not in caplog.text
+    assert check(head("j1", "true", 4)) is None and check(head("j1", "true", 4, key=FORGER_KEY)) is not None
+    chosen = job_signature._VERIFIER[0]
+    openssl = getattr(chosen, "__self__", None)
+    if os.environ.get("CI") == "true":
+        assert isinstance(openssl, ed25519_openssl.OpenSSLVerifier), caplog.text
+    assert caplog.text.count("verifies job signatures") == 1
+    assert check(idle(4)) is None and check(idle(4, key=FORGER_KEY)) == job_signature.DOES_NOT_VERIFY
+    assert job_signature._VERIFIER == [chosen] and caplog.text.count("verifies job signatures") == 1
+
+
+def test_without_libcrypto_the_pure_python_verifier_checks_the_heads(monkeypatch, caplog):
+    monkeypatch.setattr(job_signature, "_VERIFIER", [])
+    monkeypatch.setattr(ed25519_openssl, "libcrypto_path", lambda: None)
+    caplog.set_level("INFO", logger="ota-agent")
+    assert check(head("j1", "true", 1)) is None
+    assert check(head("j1", "true", 1, key=FORGER_KEY)) == job_signature.DOES_NOT_VERIFY
+    assert job_signature._VERIFIER == [ed25519.verify]
+    assert "verifies job signatures in pure Python: no libcrypto is loaded in this process" in caplog.text
 
 
 # --- the agent's decisions (no broker: the link records what would be published) --------------
