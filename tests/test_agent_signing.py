@@ -167,20 +167,17 @@ def test_fields_outside_the_signature_do_not_matter():
     assert check(head("j1", "true", 1, **{Key.JOB_NAME: "renamed", Key.SUBMITTED_TIME: None})) is None
 
 
-def test_the_verifier_is_chosen_at_the_first_job_head_not_an_idle_one(monkeypatch, caplog):
-    """An idle agent loads neither ctypes nor libcrypto; the first job head picks OpenSSL (under CI=true
-    it must be found here) and says so once; idle heads then use it too."""
+def test_the_verifier_is_chosen_at_the_first_signed_head_and_said_once(monkeypatch, caplog):
+    """Nothing is loaded for an unsigned head; the first signed one, idle or not, picks OpenSSL (under
+    CI=true it must be found here) and says so once; every head after it uses the same."""
     monkeypatch.setattr(job_signature, "_VERIFIER", [])
     caplog.set_level("INFO", logger="ota-agent")
+    assert check(head("j1", "true", 4, key=None)) == job_signature.NOT_SIGNED and job_signature._VERIFIER == []
     assert check(idle(3)) is None and check(idle(3, key=FORGER_KEY)) == job_signature.DOES_NOT_VERIFY
-    assert job_signature._VERIFIER == [] and "verifies job signatures" not in caplog.text
-    assert check(head("j1", "true", 4)) is None and check(head("j1", "true", 4, key=FORGER_KEY)) is not None
     chosen = job_signature._VERIFIER[0]
-    openssl = getattr(chosen, "__self__", None)
     if os.environ.get("CI") == "true":
-        assert isinstance(openssl, ed25519_openssl.OpenSSLVerifier), caplog.text
-    assert caplog.text.count("verifies job signatures") == 1
-    assert check(idle(4)) is None and check(idle(4, key=FORGER_KEY)) == job_signature.DOES_NOT_VERIFY
+        assert isinstance(getattr(chosen, "__self__", None), ed25519_openssl.OpenSSLVerifier), caplog.text
+    assert check(head("j1", "true", 4)) is None and check(head("j1", "true", 4, key=FORGER_KEY)) is not None
     assert job_signature._VERIFIER == [chosen] and caplog.text.count("verifies job signatures") == 1
 
 
