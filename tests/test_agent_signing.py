@@ -447,6 +447,20 @@ def test_a_forged_job_from_the_services_own_identity_is_rejected_and_the_queue_g
 
 
 @pytest.mark.mosquitto
+def test_a_real_agent_verifies_with_openssl_and_says_so_once(mosquitto_fleet) -> None:
+    """The agent process finds the libcrypto its ssl module mapped (required under CI=true) and logs
+    its choice once, however many heads come."""
+    _, service, agent, _ = mosquitto_fleet
+    api = service.api
+    for _ in range(2):
+        assert api.wait_job(api.submit(api.workflow("true"), DeviceId=DEVICE))["Status"] == "SUCCEEDED"
+    lines = [line for line in agent.log().splitlines() if "verifies job signatures" in line]
+    assert len(lines) == 1, agent.log()
+    if os.environ.get("CI") == "true":
+        assert "verifies job signatures with the system's OpenSSL (" in lines[0] and "libcrypto.so" in lines[0]
+
+
+@pytest.mark.mosquitto
 def test_an_unsigned_job_is_rejected_and_runs_nothing(mosquitto_fleet, tmp_path: Path) -> None:
     broker, service, agent, wire = mosquitto_fleet
     marker = tmp_path / "unsigned-job-ran"
