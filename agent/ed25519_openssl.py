@@ -16,6 +16,7 @@ in OpenSSL. Loaded lazily (ctypes alone is ~0.57 MiB of RSS): see job_signature.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from . import ed25519
@@ -31,6 +32,7 @@ class OpenSSLVerifier:
     def __init__(self, lib: Any, path: str) -> None:
         self.lib, self.path = lib, path
         self._keys: dict[bytes, int | None] = {}  # raw public key -> its EVP_PKEY*, None when not a point
+        self._lock = threading.Lock()  # no EVP_PKEY is freed while another thread verifies with it
 
     def verify(self, public_key: bytes, message: bytes, signature: bytes) -> bool:
         """ed25519.verify(public_key, message, signature), the same answer for every input."""
@@ -45,6 +47,10 @@ class OpenSSLVerifier:
         public_key, message, signature = bytes(public_key), bytes(message), bytes(signature)
         if len(signature) != ed25519.SIGNATURE_BYTES or int.from_bytes(signature[32:], "little") >= ed25519.L:
             return False
+        with self._lock:
+            return self._libcrypto_verifies(public_key, message, signature)
+
+    def _libcrypto_verifies(self, public_key: bytes, message: bytes, signature: bytes) -> bool:
         pkey = self._pkey(public_key)
         if pkey is None:
             return False

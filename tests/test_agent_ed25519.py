@@ -8,6 +8,7 @@ import os
 import random
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -396,6 +397,22 @@ def test_the_openssl_verifier_keeps_a_bounded_number_of_keys():
         for key in keys:
             assert fast.openssl_accepts(raw_public(key), b"job", key.sign(b"job"))
     assert len(fast._keys) <= ed25519_openssl.MAX_KEYS
+
+
+def test_threads_verifying_with_more_keys_than_are_kept_all_get_the_right_answer():
+    """Keys are evicted (their EVP_PKEY freed) while other threads verify: none is freed in use."""
+    fast = openssl_verifier()
+    keys = [Ed25519PrivateKey.generate() for _ in range(ed25519_openssl.MAX_KEYS * 2)]
+    signed = [(raw_public(key), key.sign(b"job")) for key in keys]
+
+    def run(offset: int) -> bool:
+        order = signed[offset:] + signed[:offset]
+        accepts = fast.openssl_accepts
+        return all(accepts(public, b"job", signature) and not accepts(public, b"jab", signature)
+                   for _ in range(10) for public, signature in order)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(0, 16, 4)))
 
 
 # --- falling back to the pure-Python verifier ---------------------------------------------------
