@@ -1,7 +1,8 @@
 """Ed25519 signature verification (RFC 8032, section 5.1.7), in pure Python.
 
 The agent checks that every job it runs was signed by the ota-bridge service; it runs on small
-boards with only the standard library, so it cannot lean on a C library. Verification handles
+boards with only the standard library, so it cannot count on a C library (it uses the system's
+OpenSSL when there is one: agent/ed25519_openssl.py, which gives this module's answers). Verification handles
 public data only (keys, messages, signatures), so nothing here needs to run in constant time.
 
 Points live in extended twisted-Edwards coordinates (X, Y, Z, T) with x = X/Z, y = Y/Z and

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+import logging
+from typing import Any, Callable
 
 from . import ed25519, protocol
 from .protocol import Key
@@ -20,6 +21,10 @@ NOT_SIGNED = "the job is not signed"
 DOES_NOT_VERIFY = "the job's signature does not verify with any key this device trusts"
 WHERE_TO_GET_THE_KEY = ("copy the service's <data-dir>/job-signing.pub to the device, "
                         "or take PublicKey from the service's GET /v1/signing-key")
+
+log = logging.getLogger("ota-agent")
+Verify = Callable[[bytes, bytes, bytes], bool]
+_VERIFIER: list[Verify] = []  # chosen at the first head: OpenSSL's when it loads, else ed25519.verify
 
 
 def parse_public_key(text: str) -> bytes:
@@ -87,6 +92,26 @@ def signature_problem(signature: Any, content: bytes | None, public_keys: tuple[
         raw = base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError):
         return DOES_NOT_VERIFY
-    if any(ed25519.verify(key, content, raw) for key in public_keys):
+    verify = verifier()
+    if any(verify(key, content, raw) for key in public_keys):
         return None
     return DOES_NOT_VERIFY
+
+
+def verifier() -> Verify:
+    """The Ed25519 verifier: the system's OpenSSL (agent/ed25519_openssl.py) when it loads, else the
+    pure-Python one; both give the same answers. Chosen, and logged, at the first head with a
+    signature: an agent with no head yet imports no ctypes (~0.57 MiB). For the first head,
+    idle or not, loading OpenSSL costs less RSS (~0.55 MiB) than the pure-Python verifier's
+    tables (~0.66 MiB; bench/RESULTS.md, 2026-11-30 fastverify)."""
+    if not _VERIFIER:
+        from . import ed25519_openssl  # noqa: PLC0415 - lazily, see the docstring
+
+        fast, where = ed25519_openssl.load()
+        if fast is not None:
+            log.info("verifies job signatures with the system's OpenSSL (%s)", where)
+            _VERIFIER.append(fast.verify)
+        else:
+            log.info("verifies job signatures in pure Python: %s", where)
+            _VERIFIER.append(ed25519.verify)
+    return _VERIFIER[0]

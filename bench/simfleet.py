@@ -12,8 +12,8 @@ real agent does that costs the service and the broker something:
 - logs in with its own id and password (persistent session, client id = device id, a retained
   "offline" presence as its will), says "online" (retained, QoS 1), subscribes to its job topic;
 - for every head: parses it (agent/head.py), verifies its Ed25519 signature with the service's
-  key (agent/job_signature.py, the agent's pure-Python verifier), checks it is for this device
-  and above the Floor it has seen, keeps a small in-memory journal;
+  key (agent/job_signature.py, the agent's verifier: OpenSSL or pure Python), checks it is for
+  this device and above the Floor it has seen, keeps a small in-memory journal;
 - for a new job head: reports IN_PROGRESS, then SUCCEEDED with the result a `true` command gives
   (exit code 0, empty output), QoS 1 on its status topic, without starting any process; a head for
   a job it already ran gets the journal's result again, as the agent resends it.

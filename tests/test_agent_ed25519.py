@@ -1,17 +1,22 @@
-"""Ed25519 verification in pure Python: RFC 8032's vectors, the cryptography package, and forgeries."""
+"""Ed25519 verification, in pure Python and by the system's OpenSSL: RFC 8032's vectors, the cryptography
+package, forgeries, points of small order, and both verifiers compared on many random inputs."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from agent import ed25519
+from agent import ed25519, ed25519_openssl
 
 # RFC 8032, section 7.1: (secret key, public key, message, signature), all hex.
 TEST_1 = (
@@ -89,10 +94,31 @@ def flip_bit(data: bytes, bit: int) -> bytes:
     return bytes(changed)
 
 
+def openssl_verifier() -> ed25519_openssl.OpenSSLVerifier:
+    """The agent's OpenSSL verifier; the test is skipped without one, and fails under CI=true, whose
+    machines have the libcrypto Python's ssl module links."""
+    fast, why = ed25519_openssl.load()
+    if fast is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no OpenSSL verifier ({why}); under CI=true both verifiers must be tested")
+        pytest.skip(f"no OpenSSL verifier: {why}")
+    return fast
+
+
+@pytest.fixture(params=["pure Python", "OpenSSL alone", "the agent's OpenSSL then pure Python"])
+def verify(request):
+    """Each verifier the agent may use: ed25519.verify; libcrypto's answer with the key and S checks
+    (no fallback, so a broken OpenSSL path cannot hide behind the pure one); and what the agent calls."""
+    if request.param == "pure Python":
+        return ed25519.verify
+    fast = openssl_verifier()
+    return fast.openssl_accepts if request.param == "OpenSSL alone" else fast.verify
+
+
 @pytest.mark.parametrize("name", RFC_VECTORS)
-def test_the_rfc_8032_vectors_verify(name):
+def test_the_rfc_8032_vectors_verify(name, verify):
     _, public, message, signature = unhex(RFC_VECTORS[name])
-    assert ed25519.verify(public, message, signature)
+    assert verify(public, message, signature)
 
 
 @pytest.mark.parametrize("name", RFC_VECTORS)
@@ -105,11 +131,11 @@ def test_the_typed_vectors_are_the_rfcs(name):
 
 
 @pytest.mark.parametrize("name", RFC_VECTORS)
-def test_a_changed_rfc_vector_fails(name):
+def test_a_changed_rfc_vector_fails(name, verify):
     _, public, message, signature = unhex(RFC_VECTORS[name])
-    assert not ed25519.verify(public, message + b"\0", signature)
-    assert not ed25519.verify(public, message, flip_bit(signature, 3))
-    assert not ed25519.verify(flip_bit(public, 9), message, signature)
+    assert not verify(public, message + b"\0", signature)
+    assert not verify(public, message, flip_bit(signature, 3))
+    assert not verify(flip_bit(public, 9), message, signature)
 
 
 def test_the_base_point_encodes_as_the_rfc_says():
@@ -127,41 +153,41 @@ def test_the_written_out_constants_are_the_computed_ones():
     assert ed25519.BASE == (x, y, 1, (x * y) % p)
 
 
-def test_signatures_by_the_cryptography_package_verify():
+def test_signatures_by_the_cryptography_package_verify(verify):
     rng = random.Random(8032)
     for size in [0, 1, 31, 32, 33, 64, 200, 1000, 5000] + [rng.randrange(0, 3000) for _ in range(30)]:
         key = Ed25519PrivateKey.generate()
         message = os.urandom(size)
-        assert ed25519.verify(raw_public(key), message, key.sign(message)), size
+        assert verify(raw_public(key), message, key.sign(message)), size
 
 
-def test_tampered_messages_signatures_and_keys_fail():
+def test_tampered_messages_signatures_and_keys_fail(verify):
     rng = random.Random(25519)
     key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     message = os.urandom(100)
     public, signature = raw_public(key), key.sign(message)
     for _ in range(40):
-        assert not ed25519.verify(public, flip_bit(message, rng.randrange(800)), signature)
-        assert not ed25519.verify(public, message, flip_bit(signature, rng.randrange(512)))
-        assert not ed25519.verify(flip_bit(public, rng.randrange(256)), message, signature)
-    assert not ed25519.verify(raw_public(other), message, signature)
-    assert not ed25519.verify(public, message, other.sign(message))
-    assert not ed25519.verify(public, message + b"x", signature)
-    assert not ed25519.verify(public, message[:-1], signature)
+        assert not verify(public, flip_bit(message, rng.randrange(800)), signature)
+        assert not verify(public, message, flip_bit(signature, rng.randrange(512)))
+        assert not verify(flip_bit(public, rng.randrange(256)), message, signature)
+    assert not verify(raw_public(other), message, signature)
+    assert not verify(public, message, other.sign(message))
+    assert not verify(public, message + b"x", signature)
+    assert not verify(public, message[:-1], signature)
 
 
-def test_a_non_canonical_s_is_refused():
+def test_a_non_canonical_s_is_refused(verify):
     """S + L signs the same as S in the group; RFC 8032 requires S < L, so it must fail."""
     key = Ed25519PrivateKey.generate()
     message = b"pay 10"
     signature = key.sign(message)
     s = int.from_bytes(signature[32:], "little")
-    assert ed25519.verify(raw_public(key), message, signature)
-    assert not ed25519.verify(raw_public(key), message, signature[:32] + (s + ed25519.L).to_bytes(32, "little"))
-    assert not ed25519.verify(raw_public(key), message, signature[:32] + b"\xff" * 32)
+    assert verify(raw_public(key), message, signature)
+    assert not verify(raw_public(key), message, signature[:32] + (s + ed25519.L).to_bytes(32, "little"))
+    assert not verify(raw_public(key), message, signature[:32] + b"\xff" * 32)
 
 
-def test_bad_point_encodings_are_refused():
+def test_bad_point_encodings_are_refused(verify):
     non_canonical_y = (ed25519.P + 1).to_bytes(32, "little")  # y = 1 + p: the identity, encoded wrongly
     too_big = b"\xff" * 31 + b"\x7f"  # y = 2^255 - 1 >= p
     negative_zero = (1 | 1 << 255).to_bytes(32, "little")  # y = 1 (x = 0) with the sign bit set
@@ -169,14 +195,14 @@ def test_bad_point_encodings_are_refused():
         y.to_bytes(32, "little")) is None)
     for encoding in (non_canonical_y, too_big, negative_zero, not_on_curve):
         assert ed25519.decode_point(encoding) is None, encoding.hex()
-        assert not ed25519.verify(encoding, b"m", bytes(64))
+        assert not verify(encoding, b"m", bytes(64))
     assert ed25519.decode_point((1).to_bytes(32, "little")) == (0, 1, 1, 0)
 
 
-def test_a_signature_whose_r_is_not_a_point_fails():
+def test_a_signature_whose_r_is_not_a_point_fails(verify):
     key = Ed25519PrivateKey.generate()
     signature = key.sign(b"m")
-    assert not ed25519.verify(raw_public(key), b"m", b"\xff" * 31 + b"\x7f" + signature[32:])
+    assert not verify(raw_public(key), b"m", b"\xff" * 31 + b"\x7f" + signature[32:])
 
 
 def test_decoding_round_trips_valid_points():
@@ -197,13 +223,13 @@ def test_decoding_round_trips_valid_points():
     (bytes(32), b"m", bytes(65)),
     (12, 34, 56),
 ])
-def test_bad_input_gives_false_and_never_raises(public, message, signature):
-    assert ed25519.verify(public, message, signature) is False
+def test_bad_input_gives_false_and_never_raises(public, message, signature, verify):
+    assert verify(public, message, signature) is False
 
 
-def test_bytearray_and_memoryview_inputs_verify():
+def test_bytearray_and_memoryview_inputs_verify(verify):
     _, public, message, signature = unhex(TEST_2)
-    assert ed25519.verify(bytearray(public), memoryview(message), bytearray(signature))
+    assert verify(bytearray(public), memoryview(message), bytearray(signature))
 
 
 def test_a_verification_takes_well_under_50_ms():
@@ -256,3 +282,178 @@ def test_the_signed_digit_tables_multiply_as_double_and_add_does():
     assert _same_point(table.times(12345, start), ed25519._add(start, _double_and_add(point, 12345)))
     with pytest.raises(ValueError, match="too large"):
         table.times(2**260)
+
+
+# --- the OpenSSL verifier against the pure-Python one ------------------------------------------
+
+ORDER_8 = "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"  # a point of order 8
+SMALL_ORDER = ["01" + "00" * 31, "ec" + "ff" * 30 + "7f", "00" * 32, ORDER_8,
+               "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"]  # orders 1, 2, 4, 8, 8
+
+
+def _times(point, n):
+    return ed25519._FixedBase(point).times(n)
+
+
+def _secret_scalar(seed: bytes) -> int:
+    """a of RFC 8032, 5.1.5: the clamped first half of SHA-512(seed)."""
+    digest = bytearray(hashlib.sha512(seed).digest()[:32])
+    digest[0] &= 248
+    digest[31] = (digest[31] & 127) | 64
+    return int.from_bytes(digest, "little")
+
+
+def _signature_with_r_plus(point, seed: bytes, message: bytes) -> bytes:
+    """A signature whose R is [r]B + point: [S]B - [k]A - R = -point, so with a point of small order
+    it holds in the cofactored equation (RFC 8032's, ed25519.verify's) and not in the cofactorless one."""
+    a, r = _secret_scalar(seed), 123456789
+    public = ed25519.encode_point(_times(ed25519.BASE, a))
+    r_encoded = ed25519.encode_point(ed25519._add(_times(ed25519.BASE, r), point))
+    k = int.from_bytes(hashlib.sha512(r_encoded + public + message).digest(), "little") % ed25519.L
+    return r_encoded + ((r + k * a) % ed25519.L).to_bytes(32, "little")
+
+
+def test_the_small_order_points_are_of_small_order():
+    for encoded in SMALL_ORDER:
+        point = ed25519.decode_point(bytes.fromhex(encoded))
+        assert point is not None and ed25519._is_identity(_times(point, 8)), encoded
+    assert not ed25519._is_identity(_times(ed25519.decode_point(bytes.fromhex(ORDER_8)), 4))
+
+
+def test_a_signature_off_by_a_small_order_point_gets_the_pure_python_answer():
+    """OpenSSL checks the cofactorless equation and refuses it; the agent answers as ed25519.verify."""
+    fast, seed, message = openssl_verifier(), b"\x07" * 32, b"job"
+    public = raw_public(Ed25519PrivateKey.from_private_bytes(seed))
+    signature = _signature_with_r_plus(ed25519.decode_point(bytes.fromhex(ORDER_8)), seed, message)
+    assert ed25519.encode_point(_times(ed25519.BASE, _secret_scalar(seed))) == public
+    assert ed25519.verify(public, message, signature)
+    assert not fast.openssl_accepts(public, message, signature)
+    assert fast.verify(public, message, signature)
+    assert not fast.verify(public, message + b"!", signature)
+
+
+@pytest.mark.parametrize("key", SMALL_ORDER)
+@pytest.mark.parametrize("r", SMALL_ORDER)
+def test_small_order_keys_and_rs_get_the_pure_python_answer(key, r):
+    fast = openssl_verifier()
+    for s in (0, 1, ed25519.L - 1):
+        public, signature = bytes.fromhex(key), bytes.fromhex(r) + s.to_bytes(32, "little")
+        expected = ed25519.verify(public, b"m", signature)
+        assert fast.verify(public, b"m", signature) is expected
+        assert not fast.openssl_accepts(public, b"m", signature) or expected
+
+
+def test_a_non_canonical_key_libcrypto_would_take_is_refused():
+    """y = p + 1 names the identity; libcrypto decodes it, ed25519.verify refuses it: so must the agent."""
+    fast, public = openssl_verifier(), (ed25519.P + 1).to_bytes(32, "little")
+    signature = (1).to_bytes(32, "little") + bytes(32)  # R = identity, S = 0: [0]B - [k]I = R
+    pkey = fast.lib.EVP_PKEY_new_raw_public_key(ed25519_openssl.EVP_PKEY_ED25519, None, public, 32)
+    ctx = fast.lib.EVP_MD_CTX_new()
+    try:
+        assert fast.lib.EVP_DigestVerifyInit(ctx, None, None, None, pkey) == 1
+        assert fast.lib.EVP_DigestVerify(ctx, signature, 64, b"m", 1) == 1  # libcrypto alone takes it
+    finally:
+        fast.lib.EVP_MD_CTX_free(ctx)
+        fast.lib.EVP_PKEY_free(pkey)
+    assert not ed25519.verify(public, b"m", signature)
+    assert not fast.openssl_accepts(public, b"m", signature) and not fast.verify(public, b"m", signature)
+
+
+CORRUPTIONS = ["none", "signature bit", "key bit", "message bit", "S + L", "another key's", "random", "R + order 8"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.binary(min_size=32, max_size=32), message=st.binary(max_size=600),
+       corruption=st.sampled_from(CORRUPTIONS), where=st.integers(min_value=0, max_value=2**16))
+def test_openssl_and_pure_python_agree_on_random_keys_messages_and_corruptions(seed, message, corruption, where):
+    fast = openssl_verifier()
+    key = Ed25519PrivateKey.from_private_bytes(seed)
+    public, signature = raw_public(key), key.sign(message)
+    if corruption == "signature bit":
+        signature = flip_bit(signature, where % 512)
+    elif corruption == "key bit":
+        public = flip_bit(public, where % 256)
+    elif corruption == "message bit" and message:
+        message = flip_bit(message, where % (8 * len(message)))
+    elif corruption == "S + L":
+        s = int.from_bytes(signature[32:], "little") + ed25519.L
+        signature = signature[:32] + s.to_bytes(32, "little")
+    elif corruption == "another key's":
+        signature = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(seed).digest()).sign(message)
+    elif corruption == "random":
+        signature = random.Random(where).randbytes(64)
+    elif corruption == "R + order 8":
+        signature = _signature_with_r_plus(ed25519.decode_point(bytes.fromhex(ORDER_8)), seed, message)
+    expected = ed25519.verify(public, message, signature)
+    assert expected is (corruption in ("none", "R + order 8") or (corruption == "message bit" and not message))
+    assert fast.verify(public, message, signature) is expected
+    assert fast.openssl_accepts(public, message, signature) is (expected and corruption != "R + order 8")
+
+
+def test_the_openssl_verifier_keeps_a_bounded_number_of_keys():
+    fast = openssl_verifier()
+    keys = [Ed25519PrivateKey.generate() for _ in range(ed25519_openssl.MAX_KEYS + 3)]
+    for _ in range(2):
+        for key in keys:
+            assert fast.openssl_accepts(raw_public(key), b"job", key.sign(b"job"))
+    assert len(fast._keys) <= ed25519_openssl.MAX_KEYS
+
+
+def test_threads_verifying_with_more_keys_than_are_kept_all_get_the_right_answer():
+    """Keys are evicted (their EVP_PKEY freed) while other threads verify: none is freed in use."""
+    fast = openssl_verifier()
+    keys = [Ed25519PrivateKey.generate() for _ in range(ed25519_openssl.MAX_KEYS * 2)]
+    signed = [(raw_public(key), key.sign(b"job")) for key in keys]
+
+    def run(offset: int) -> bool:
+        order = signed[offset:] + signed[:offset]
+        accepts = fast.openssl_accepts
+        return all(accepts(public, b"job", signature) and not accepts(public, b"jab", signature)
+                   for _ in range(10) for public, signature in order)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(0, 16, 4)))
+
+
+# --- falling back to the pure-Python verifier ---------------------------------------------------
+
+
+def test_libcrypto_is_found_where_python_s_ssl_module_mapped_it():
+    path = ed25519_openssl.libcrypto_path()
+    if path is None and os.environ.get("CI") != "true":
+        pytest.skip("no libcrypto mapped in this Python")
+    assert path is not None and "libcrypto.so" in path and os.path.isfile(path)
+
+
+def test_without_libcrypto_there_is_no_openssl_verifier(monkeypatch):
+    monkeypatch.setattr(ed25519_openssl, "libcrypto_path", lambda: None)
+    assert ed25519_openssl.load() == (None, "no libcrypto is loaded in this process")
+
+
+def test_a_library_that_cannot_be_loaded_gives_no_openssl_verifier(monkeypatch, tmp_path):
+    monkeypatch.setattr(ed25519_openssl, "libcrypto_path", lambda: str(tmp_path / "libcrypto.so.3"))
+    fast, why = ed25519_openssl.load()
+    assert fast is None and "is not usable" in why
+
+
+class _FakeLibcrypto:
+    """A libcrypto of another version, or with a symbol missing."""
+
+    def __init__(self, version: int, missing: str = "") -> None:
+        for name in ("EVP_PKEY_new_raw_public_key", "EVP_PKEY_free", "EVP_MD_CTX_new", "EVP_MD_CTX_free",
+                     "EVP_DigestVerifyInit", "EVP_DigestVerify", "ERR_clear_error"):
+            if name != missing:
+                setattr(self, name, lambda *args: 0)
+        self.OpenSSL_version_num = lambda: version
+
+
+@pytest.mark.parametrize("lib, reason", [
+    (_FakeLibcrypto(0x10100000), "older than 1.1.1"),
+    (_FakeLibcrypto(0x30000000, missing="EVP_DigestVerify"), "EVP_DigestVerify"),
+])
+def test_an_old_or_incomplete_libcrypto_gives_no_openssl_verifier(monkeypatch, lib, reason):
+    import ctypes
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda path: lib)
+    fast, why = ed25519_openssl.load()
+    assert fast is None and reason in why

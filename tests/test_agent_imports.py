@@ -68,6 +68,8 @@ LAZY_MODULES = {
     "signal": "the first command (agent/runner.py); the agent sets its handlers with _signal",
     "argparse": "--help, --version or a command line only argparse reads (agent/settings.py, read_flags)",
     "queue": "nothing: the agent's events go through agent/link.py's EventQueue",
+    "ctypes": "the first signed head, to load OpenSSL's verifier (agent/job_signature.py, verifier): ~0.57 MiB",
+    "agent.ed25519_openssl": "the first signed head (agent/job_signature.py, verifier)",
 }
 # Runs the real agent (`python -m agent`'s main) and, as it exits, writes what it had loaded.
 IDLE_AGENT = """

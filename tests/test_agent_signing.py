@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import daemon, job_signature
+from agent import daemon, ed25519, ed25519_openssl, job_signature
 from agent.daemon import OUTSIDE_POLICY, STALE, Agent, _Running
 from agent.head import Head, parse_head
 from agent.journal import Journal, read_entries
@@ -165,6 +165,30 @@ def test_a_head_that_is_not_the_services_fails_with_its_reason(message, reason):
 
 def test_fields_outside_the_signature_do_not_matter():
     assert check(head("j1", "true", 1, **{Key.JOB_NAME: "renamed", Key.SUBMITTED_TIME: None})) is None
+
+
+def test_the_verifier_is_chosen_at_the_first_signed_head_and_said_once(monkeypatch, caplog):
+    """Nothing is loaded for an unsigned head; the first signed one, idle or not, picks OpenSSL (under
+    CI=true it must be found here) and says so once; every head after it uses the same."""
+    monkeypatch.setattr(job_signature, "_VERIFIER", [])
+    caplog.set_level("INFO", logger="ota-agent")
+    assert check(head("j1", "true", 4, key=None)) == job_signature.NOT_SIGNED and job_signature._VERIFIER == []
+    assert check(idle(3)) is None and check(idle(3, key=FORGER_KEY)) == job_signature.DOES_NOT_VERIFY
+    chosen = job_signature._VERIFIER[0]
+    if os.environ.get("CI") == "true":
+        assert isinstance(getattr(chosen, "__self__", None), ed25519_openssl.OpenSSLVerifier), caplog.text
+    assert check(head("j1", "true", 4)) is None and check(head("j1", "true", 4, key=FORGER_KEY)) is not None
+    assert job_signature._VERIFIER == [chosen] and caplog.text.count("verifies job signatures") == 1
+
+
+def test_without_libcrypto_the_pure_python_verifier_checks_the_heads(monkeypatch, caplog):
+    monkeypatch.setattr(job_signature, "_VERIFIER", [])
+    monkeypatch.setattr(ed25519_openssl, "libcrypto_path", lambda: None)
+    caplog.set_level("INFO", logger="ota-agent")
+    assert check(head("j1", "true", 1)) is None
+    assert check(head("j1", "true", 1, key=FORGER_KEY)) == job_signature.DOES_NOT_VERIFY
+    assert job_signature._VERIFIER == [ed25519.verify]
+    assert "verifies job signatures in pure Python: no libcrypto is loaded in this process" in caplog.text
 
 
 # --- the agent's decisions (no broker: the link records what would be published) --------------
@@ -420,6 +444,20 @@ def test_a_forged_job_from_the_services_own_identity_is_rejected_and_the_queue_g
     assert not marker.exists()
     assert "forged-1" not in journal_job_ids(agent)
     assert api.ok("GET", f"/v1/device/{DEVICE}")["PendingJobs"] == 0
+
+
+@pytest.mark.mosquitto
+def test_a_real_agent_verifies_with_openssl_and_says_so_once(mosquitto_fleet) -> None:
+    """The agent process finds the libcrypto its ssl module mapped (required under CI=true) and logs
+    its choice once, however many heads come."""
+    _, service, agent, _ = mosquitto_fleet
+    api = service.api
+    for _ in range(2):
+        assert api.wait_job(api.submit(api.workflow("true"), DeviceId=DEVICE))["Status"] == "SUCCEEDED"
+    lines = [line for line in agent.log().splitlines() if "verifies job signatures" in line]
+    assert len(lines) == 1, agent.log()
+    if os.environ.get("CI") == "true":
+        assert "verifies job signatures with the system's OpenSSL (" in lines[0] and "libcrypto.so" in lines[0]
 
 
 @pytest.mark.mosquitto
