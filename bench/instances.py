@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import psycopg2
-from fanout import MESSAGES_PER_CHILD, RAW_RUNS, Devices, raw_rate, wait_children  # first: puts the repo on sys.path
+from fanout import MESSAGES_PER_CHILD, RAW_RUNS, Devices, final_children, raw_rate  # first: puts the repo on sys.path
 from fleet import GROUP, register_fleet, result, timed
 
 from agent.protocol import Key
@@ -30,6 +30,8 @@ from ota_bridge.store.leases import BUCKETS
 from tests.support.databases import fresh_postgres
 from tests.support.mosquitto import start_mosquitto
 from tests.support.processes import Api, Service, wait_until
+
+POLL_SECONDS = 0.1  # how often the flow counts final children
 
 
 class Fleet(Devices):
@@ -108,7 +110,16 @@ def one_run(workdir: Path, count: int, devices: int, jobs: int,
 
 def _flow(apis: list[Api], workflow_id: str, jobs: int, children: int, timeout: float) -> int:
     job_ids = [apis[i % len(apis)].submit(workflow_id, f"bench-{i}", DeviceGroup=GROUP) for i in range(jobs)]
-    return wait_children(apis[-1], job_ids, children, timeout)
+    return _wait_children(apis[-1], job_ids, children, timeout)
+
+
+def _wait_children(api: Api, job_ids: list[str], expected: int, timeout: float) -> int:
+    """Poll until `expected` children are final or the timeout passes; returns how many are. (Polled, not a
+    held GET: one instance hears of the others' writes only every WAIT_RECHECK_SECONDS.)"""
+    deadline = time.monotonic() + timeout
+    while (done := final_children(api, job_ids)) < expected and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+    return done
 
 
 def main() -> None:
