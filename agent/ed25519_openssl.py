@@ -87,7 +87,7 @@ def load() -> tuple[OpenSSLVerifier | None, str]:
     if path is None:
         return None, "no libcrypto is loaded in this process"
     try:
-        import ctypes  # noqa: PLC0415 - ~0.57 MiB of RSS: only once a job head has come
+        import ctypes  # noqa: PLC0415 - ~0.57 MiB of RSS: only once a signed head has come
 
         lib = ctypes.CDLL(path)
         version = _declare(lib, ctypes)
