@@ -226,9 +226,7 @@ class Store:
         try:
             return _converted(key, query, await self._on_loop.rows(f"{key[0]}_{key[1]}", sql, bound))
         except UNAVAILABLE as e:
-            reason = explain(self.database, e)
-            log.error("%s failed on the %s: %s", fn.__name__, self.where, reason)
-            raise StoreUnavailable(f"the database is unavailable: {reason}") from e
+            raise self._unavailable(fn, e) from e
 
     def close(self) -> None:
         for _ in self._readers:
@@ -397,9 +395,15 @@ class Store:
             raise self._read_failed(fn, e) from e
 
     def _read_failed(self, fn: Callable[..., Any], error: Exception) -> StoreUnavailable:
-        reason = explain(self.database, error)
+        """_unavailable, after dropping this thread's connection if it was lost."""
+        unavailable = self._unavailable(fn, error)
         if connection_lost(self.database):
             _drop_connection(self.database)
+        return unavailable
+
+    def _unavailable(self, fn: Callable[..., Any], error: Exception) -> StoreUnavailable:
+        """The error a read that failed with a driver's error raises, logged once."""
+        reason = explain(self.database, error)
         log.error("%s failed on the %s: %s", fn.__name__, self.where, reason)
         return StoreUnavailable(f"the database is unavailable: {reason}")
 
