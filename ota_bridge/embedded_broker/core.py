@@ -183,6 +183,13 @@ class _IsolatingBroker(Broker):
             if local.wants(topic, self._matches) and self._policy.allows(local.username, topic, Action.RECEIVE):
                 local.hand_over(topic, bytes(data), False)
 
+    def add_local(self, local: LocalClient) -> None:
+        self._locals.append(local)
+
+    def remove_local(self, local: LocalClient) -> None:
+        if local in self._locals:
+            self._locals.remove(local)
+
     def publish_local(self, local: LocalClient, topic: str, data: bytes, retain: bool, qos: int) -> None:
         """A local client's publish, checked and routed as amqtt handles a client's PUBLISH, then retained."""
         if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
@@ -306,12 +313,11 @@ class AmqttCore:
             if not _valid_filter(topic_filter) or not self._policy.allows(username, topic_filter, Action.SUBSCRIBE):
                 raise ValueError(f"user {username!r} cannot subscribe to {topic_filter!r}")
         local = LocalClient(self._broker, username, filters, receive)
-        self._broker._locals.append(local)
+        self._broker.add_local(local)
         return local
 
     def detach(self, local: LocalClient) -> None:
-        if local in self._broker._locals:
-            self._broker._locals.remove(local)
+        self._broker.remove_local(local)
 
     def sessions(self) -> dict[str, SessionView]:
         """Every session amqtt keeps, connected or not, by client id."""
