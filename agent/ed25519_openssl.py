@@ -97,7 +97,15 @@ def load() -> tuple[OpenSSLVerifier | None, str]:
         return None, f"{path} is not usable ({e})"
     if version < MIN_VERSION:
         return None, f"{path} is OpenSSL {version:#x}, older than 1.1.1"
-    return OpenSSLVerifier(lib, path), path
+    return OpenSSLVerifier(lib, path), _described(path)
+
+
+def _described(path: str) -> str:
+    """The path, and for a /proc/self/map_files/ entry the file it maps, e.g. "... (deleted)"."""
+    try:
+        return f"{path}: {os.readlink(path)}" if path.startswith("/proc/self/map_files/") else path
+    except OSError:
+        return path
 
 
 def libcrypto_path() -> str | None:

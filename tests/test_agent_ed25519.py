@@ -506,4 +506,6 @@ def test_a_libcrypto_upgraded_on_disk_while_the_agent_runs_is_still_the_one_used
     accepted, where, mapped = done.stdout.splitlines()
     assert accepted == "True", done.stdout
     assert mapped == repr([f"{lib_dir / 'libcrypto.so.3'} (deleted)"]), done.stdout  # nothing new mapped
-    assert where == "libcrypto.so.3" if how == "no map_files" else where.startswith("/proc/self/map_files/")
+    deleted = f"{lib_dir / 'libcrypto.so.3'} (deleted)"
+    assert where == "libcrypto.so.3" if how == "no map_files" else (
+        where.startswith("/proc/self/map_files/") and where.endswith(f": {deleted}"))  # logged: what it is
