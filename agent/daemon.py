@@ -18,9 +18,12 @@ payload is not a head and is ignored.
 Threads: paho's network thread only turns callbacks into events on a bounded queue
 (agent/link.py); the main thread reads that queue, decides, writes the journal and publishes;
 one worker thread runs the current command (spawned held by the main thread, which journals the
-start with its process group before the worker lets it run: agent/runner.py; after a job that
-followed another (a queue draining), the main thread starts the next job's shell, a
-runner.Standby, while the service handles the result, and drops it when the queue is empty). A job
+start with its process group before the worker lets it run: agent/runner.py; after each job, the
+main thread starts the next job's shell, a runner.Standby, while the service handles the result,
+and keeps it while the agent waits: the next job, whether a queue drains or it comes alone hours
+later, finds its shell spawned, and its path from head to result holds no fork or exec of the
+held shell. An agent that has run no job since it started has none, and has not loaded the
+runner). A job
 whose head names Artifacts first has them fetched and checked by a download thread
 (agent/download.py): the journal's "started" entry is written only once every file is in the
 cache and in the job's directory, so an agent restarted mid-download fetches on from the part
@@ -174,8 +177,6 @@ class Agent:
         self._ready_at: float | None = None  # when heads may be acted on (None: not subscribed)
         self._running: _Running | None = None
         self._standby: Standby | None = None  # the next job's shell, started after the last job (runner.py)
-        self._after_idle = True  # no job ran since the last idle head (or the start): see _start
-        self._standby_after = False  # the running job followed another: start a standby after it
         self._unjournaled: set[tuple[str | None, int]] = set()  # (job, attempt)s the journal could not record
         self._connect_failures = 0
         self._checked: tuple[Head, str | None] | None = None  # the last head whose signature was checked
@@ -365,9 +366,6 @@ class Agent:
         below the Floor. A head that is not signed by the service never changes or resends what
         the journal holds.
         """
-        if head.is_idle:
-            self._after_idle = True
-            self._drop_standby()  # nothing queued: no shell waits for a job
         if (head.job_id, head.attempt) in self._unjournaled:
             return
         entry = None if head.job_id is None else self.journal.get(head.job_id, head.attempt)
@@ -528,9 +526,6 @@ class Agent:
         log.info("job %s: %s%s", head.job_id, JobStatus.IN_PROGRESS.value, _about(head))
         self.link.publish_status(_stamped(in_progress_message(head.job_id, runner.start_time), head))
         runner.open_gate()  # the command runs now; the worker thread, once started, waits for it
-        # A standby for the next job only when this one followed another without an idle head between
-        # (a queue is draining): after a lone job the idle head comes next, and would only drop it.
-        self._standby_after, self._after_idle = not self._after_idle, False
         thread = threading.Thread(target=self._work, args=(runner,), name=f"job-{head.job_id}", daemon=True)
         self._running = _Running(head, runner, thread)
         thread.start()
@@ -574,11 +569,10 @@ class Agent:
         log.info("job %s: %s exit=%s%s%s", result.job_id, result.status.value, result.exit_code,
                  f" ({result.reason})" if result.reason else "", _about(head))
         self.link.publish_status(message)
-        if self._standby_after and self._standby is None:  # the next job's shell, while the service works
+        if self._standby is None:  # the next job's shell, off the next job's path (see the module)
             from .runner import Standby  # noqa: PLC0415 - lazily, see the imports at the top
 
             self._standby = Standby.start(self.command_env, COMMAND_ENV_JOB_ID)
-        self._standby_after = False
 
     def _drop_standby(self) -> None:
         if self._standby is not None:

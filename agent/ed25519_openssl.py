@@ -2,7 +2,8 @@
 
 Python's ssl module (paho imports it) already links libcrypto, so the agent dlopens that same
 file, found in /proc/self/maps: nothing new is mapped, and no subprocess runs (as
-ctypes.util.find_library would). load() gives None, and the agent keeps its pure-Python verifier
+ctypes.util.find_library would); also when the library was upgraded on disk since the agent
+started (libcrypto_path). load() gives None, and the agent keeps its pure-Python verifier
 (agent/ed25519.py), when ctypes, the library or a symbol is missing, or OpenSSL is older than
 1.1.1 (no raw Ed25519 keys).
 
@@ -16,6 +17,7 @@ in OpenSSL. Loaded lazily (ctypes alone is ~0.57 MiB of RSS): see job_signature.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -95,11 +97,26 @@ def load() -> tuple[OpenSSLVerifier | None, str]:
         return None, f"{path} is not usable ({e})"
     if version < MIN_VERSION:
         return None, f"{path} is OpenSSL {version:#x}, older than 1.1.1"
-    return OpenSSLVerifier(lib, path), path
+    return OpenSSLVerifier(lib, path), _described(path)
+
+
+def _described(path: str) -> str:
+    """The path, and for a /proc/self/map_files/ entry the file it maps, e.g. "... (deleted)"."""
+    try:
+        return f"{path}: {os.readlink(path)}" if path.startswith("/proc/self/map_files/") else path
+    except OSError:
+        return path
 
 
 def libcrypto_path() -> str | None:
-    """The path of the libcrypto this process has mapped (the ssl module's), None when none is."""
+    """What to load for the libcrypto this process has mapped (the ssl module's), None when none is.
+
+    Its path, as /proc/self/maps gives it. When the library was upgraded (deleted or replaced on
+    disk) since the process mapped it, maps says "<path> (deleted)": then /proc/self/map_files/
+    names the very file mapped (dlopen finds it loaded already: nothing new is mapped); where that
+    cannot be read (Linux before 4.3 without CAP_SYS_ADMIN), its file name, which dlopen matches
+    against the loaded library's soname first (libcrypto.so.3 is its own soname).
+    """
     try:
         import _ssl  # noqa: F401, PLC0415 - paho has imported it already: this maps libcrypto in
     except ImportError:
@@ -107,12 +124,30 @@ def libcrypto_path() -> str | None:
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
-                path = line.rstrip("\n").partition("/")[2]
-                if path and path.rpartition("/")[2].startswith("libcrypto.so"):
-                    return "/" + path
+                fields = line.rstrip("\n").split(maxsplit=5)  # the path, the 6th, may hold spaces
+                path = fields[5] if len(fields) == 6 and fields[5].startswith("/") else ""
+                deleted = path.endswith(DELETED)
+                if deleted:
+                    path = path[: -len(DELETED)]
+                name = path.rpartition("/")[2]
+                if name.startswith("libcrypto.so"):
+                    return (_mapped_file(fields[0]) or name) if deleted else path
     except OSError:
         return None
     return None
+
+
+DELETED = " (deleted)"  # what /proc/self/maps adds to the path of a file deleted since it was mapped
+
+
+def _mapped_file(addresses: str) -> str | None:
+    """/proc/self/map_files/<addresses> (the file mapped there) if this process may open it."""
+    path = f"/proc/self/map_files/{addresses}"
+    try:
+        os.stat(path)
+    except OSError:
+        return None
+    return path
 
 
 def _declare(lib: Any, ctypes: Any) -> int:

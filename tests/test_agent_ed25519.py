@@ -9,6 +9,7 @@ import random
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -457,3 +458,54 @@ def test_an_old_or_incomplete_libcrypto_gives_no_openssl_verifier(monkeypatch, l
     monkeypatch.setattr(ctypes, "CDLL", lambda path: lib)
     fast, why = ed25519_openssl.load()
     assert fast is None and reason in why
+
+
+# An agent whose libcrypto was upgraded on disk while it ran: /proc/self/maps says "(deleted)".
+_UPGRADED = """
+import os, shutil, ssl, sys
+from agent import ed25519_openssl
+lib_dir, how = sys.argv[1], sys.argv[2]
+path = os.path.join(lib_dir, "libcrypto.so.3")
+os.remove(path)  # the package manager's upgrade: the old file is gone...
+if how == "replaced":  # ...and a new one is in its place
+    shutil.copy(sys.argv[3], path)
+if how == "no map_files":  # as for a user without CAP_SYS_ADMIN before Linux 4.3
+    ed25519_openssl._mapped_file = lambda addresses: None
+fast, where = ed25519_openssl.load()
+public, message, signature = (bytes.fromhex(h) for h in sys.argv[4:7])
+mapped = {line.split(maxsplit=5)[5].strip() for line in open("/proc/self/maps") if "/libcrypto.so" in line}
+print(fast is not None and fast.openssl_accepts(public, message, signature), where, sorted(mapped), sep="\\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced", "no map_files"])
+def test_a_libcrypto_upgraded_on_disk_while_the_agent_runs_is_still_the_one_used(tmp_path, how):
+    """The mapped libcrypto was deleted (or replaced) since the agent started: the agent still loads that
+    same mapped library, and maps no second one."""
+    import subprocess
+    import sys
+
+    system = ed25519_openssl.libcrypto_path()
+    if system is None and os.environ.get("CI") != "true":
+        pytest.skip("no libcrypto mapped in this Python")
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir()
+    import ssl  # noqa: F401 - maps libssl
+
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    ssl_lib = next(line.split(maxsplit=5)[5] for line in maps if "/libssl.so" in line)
+    for source in (system, ssl_lib):
+        (lib_dir / os.path.basename(source)).write_bytes(Path(source).read_bytes())
+    if os.path.basename(system) != "libcrypto.so.3":
+        pytest.skip(f"the test copies libcrypto.so.3, this Python maps {system}")
+    _, public, message, signature = TEST_2
+    done = subprocess.run([sys.executable, "-c", _UPGRADED, str(lib_dir), how, system, public, message, signature],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LD_LIBRARY_PATH": str(lib_dir)}, cwd=os.getcwd())
+    assert done.returncode == 0, done.stderr
+    accepted, where, mapped = done.stdout.splitlines()
+    assert accepted == "True", done.stdout
+    assert mapped == repr([f"{lib_dir / 'libcrypto.so.3'} (deleted)"]), done.stdout  # nothing new mapped
+    deleted = f"{lib_dir / 'libcrypto.so.3'} (deleted)"
+    assert where == "libcrypto.so.3" if how == "no map_files" else (
+        where.startswith("/proc/self/map_files/") and where.endswith(f": {deleted}"))  # logged: what it is

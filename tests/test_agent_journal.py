@@ -493,6 +493,35 @@ def test_zeros_after_the_last_record_are_room_not_a_torn_record(tmp_path, caplog
     assert summary(Journal.open(tmp_path, seq_scope="key"))[0] == [*DONE, ("job-3", 3, True, None)]
 
 
+class _WithoutRoom(bytes):
+    """The file as an agent from before the room (86b5c15) read it: its reader did not strip the zeros."""
+
+    def rstrip(self, chars=None):
+        return bytes(self)
+
+
+def test_a_downgraded_agent_reads_the_room_as_a_torn_tail_keeps_every_record_and_upgrades_back(
+        tmp_path, caplog, monkeypatch):
+    """docs/guarantees.md, 1.1: an older agent reading a journal with room loses nothing. Its reader
+    (the same but for the zeros, which it sees as a record cut short after the last newline) keeps
+    every entry, HighestSeq and Floor, warns and rewrites the file without the zeros; the newer agent
+    then reads what the older one appended."""
+    data, path = three_jobs(tmp_path)
+    whole = path.read_bytes()
+    assert data.endswith(b"\n") and b"\0" not in data and whole == data + bytes(len(whole) - len(data))  # then room
+    newer = summary(Journal.open(tmp_path, seq_scope="key"))
+    read_no_follow = journal_module._read_no_follow
+    with monkeypatch.context() as old, caplog.at_level(logging.WARNING, logger=journal_module.__name__):
+        old.setattr(journal_module, "_read_no_follow", lambda p: _WithoutRoom(read_no_follow(p)))
+        older = Journal.open(tmp_path, seq_scope="key")
+        assert summary(older) == newer == ([*DONE, ("job-3", 3, False, GROUP)], (3, 1), 2)
+        assert f"torn or corrupt record(s) at its end, from byte {len(data)}" in caplog.text
+        older.record_result("job-3", result_message("job-3"))
+        older.close()
+    upgraded = Journal.open(tmp_path, seq_scope="key")
+    assert summary(upgraded) == ([*DONE, ("job-3", 3, True, None)], (3, 1), 2)
+
+
 def flip(data, record, needle):
     """`data` with one byte changed inside the given record (0: the header) at `needle`."""
     start = 0
