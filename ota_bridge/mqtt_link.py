@@ -17,7 +17,7 @@ import ssl
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -110,6 +110,28 @@ class Incoming:
     retained: bool
     mid: int
     qos: int
+
+
+class Link(Protocol):
+    """What the dispatcher and the service use of a link to the broker: BrokerLink here (over TCP),
+    or embedded_broker.service_link.ServiceLink (the embedded broker, in-process)."""
+
+    host: str
+    port: int
+    connected: asyncio.Event
+
+    def start(self) -> None: ...
+
+    async def aclose(self, timeout: float = ...) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool, qos: int = 1) -> None: ...
+
+    @property
+    def outstanding(self) -> int: ...
+
+    async def room(self, limit: int | None = None) -> None: ...
+
+    def ack(self, message: Incoming) -> None: ...
 
 
 class BrokerLink:
