@@ -121,7 +121,10 @@ class BrokerLink:
         paho_log = log.getChild("paho")  # its errors, e.g. the broker refusing the service's TLS certificate
         paho_log.addFilter(_not_reconnect_noise)
         client.enable_logger(paho_log)
-        client.max_inflight_messages_set(1000)
+        # No window of paho's own: with one, every PUBACK scans paho's outstanding messages from the first
+        # (for queued ones to send, _update_inflight), ~1,000 of them while a fan-out's heads are out.
+        # room() bounds what is outstanding (MAX_OUTSTANDING), and publishes go out in the order made.
+        client.max_inflight_messages_set(0)
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_message = self._paho_message
