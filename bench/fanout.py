@@ -41,7 +41,7 @@ FINALS = {s.value for s in JobStatus if s.is_final}
 
 def new_client(client_id: str) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
-    client.max_inflight_messages_set(1000)  # as the service's own link does
+    client.max_inflight_messages_set(1000)  # the raw pump keeps at most RAW_WINDOW (1000) in flight
     return client
 
 

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/paho_mid_wrap.py [--messages 100000]
 
-A paho client (max_inflight 1000, as the service's link) publishes N retained QoS 1 messages
-as fast as it can, on a Mosquitto of its own; then a subscriber counts the retained messages
+A paho client (max_inflight 1000; the service's link sets no window, the same here) publishes N
+retained QoS 1 messages as fast as it can, on a Mosquitto of its own; then a subscriber counts the retained messages
 the broker holds. paho numbers messages 1..65535 and wraps around without checking whether a
 number is still in use, and keeps unacknowledged messages in a dict keyed by that number
 (`_out_messages[mid] = message`): past 65,535 outstanding, each new message replaces an older

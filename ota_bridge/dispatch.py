@@ -32,7 +32,7 @@ from .coordination import Coordinator
 from .device_messages import ArtifactUrl, head_message, parse_presence, parse_update, queue_message
 from .errors import StoreUnavailable
 from .models import now
-from .mqtt_link import BrokerLink, Incoming
+from .mqtt_link import Incoming, Link
 from .store import Store, devices, jobs, leases, queues
 from .store.updates import Update, UpdateOutcomes, record_device_messages
 
@@ -67,7 +67,7 @@ class Dispatcher:
         self.sign = sign
         self.timeout_grace = timeout_grace
         self.failpoints = failpoints
-        self.link: BrokerLink | None = None
+        self.link: Link | None = None  # BrokerLink over TCP, or the embedded broker's ServiceLink
         self._dirty: dict[str, None] = {}  # an ordered set of device ids to publish
         self._known: dict[str, queues.DeviceQueue] = {}  # dirty devices whose queue need not be read (mark_read)
         self._wake = asyncio.Event()
@@ -97,7 +97,7 @@ class Dispatcher:
         publisher would read); None in cluster mode, where each device's owner reads its queue."""
         return READ_WINDOW if self.cluster is None else None
 
-    def attach(self, link: BrokerLink) -> None:
+    def attach(self, link: Link) -> None:
         self.link = link
 
     # --- publishing ---------------------------------------------------------------------

@@ -53,7 +53,7 @@ from .errors import ConfigError
 from .files import write_atomically
 from .models import PRIVATE_DIR_MODE
 from .mosquitto_dynsec import ADMIN_USERNAME, DynsecClient, InstanceLogins
-from .mqtt_link import BrokerLink
+from .mqtt_link import BrokerLink, Link
 from .roles import Role
 from .rollouts import Releaser
 from .settings import OPTIONS_BY_NAME, SQLITE_FILE, HostPort, Settings, named
@@ -252,7 +252,7 @@ async def _join_cluster(settings: Settings, db: Store) -> Coordinator | None:
 
 
 async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
-                       stack: contextlib.AsyncExitStack) -> tuple[BrokerLink | ServiceLink, EmbeddedBroker | None]:
+                       stack: contextlib.AsyncExitStack) -> tuple[Link, EmbeddedBroker | None]:
     """The service's link to the broker, starting the embedded broker first unless --mqtt-url is set;
     to the embedded broker, in-process (no paho, no socket)."""
     url = settings.mqtt_url
