@@ -7,6 +7,7 @@ Each test gets a PostgreSQL database of its own and ends only its own connection
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any, Iterator
 
 import peewee as pw
@@ -125,7 +126,7 @@ def test_a_cancelled_read_closes_its_connection(store: Store, monkeypatch: pytes
         slow.cancel()
         with pytest.raises(asyncio.CancelledError):
             await slow
-        assert [c.raw.closed for c in opened] == [1], "the connection that ran it must be closed, not handed on"
+        assert [c.raw.is_closed() for c in opened] == [True], "the connection that ran it must be closed, not handed on"
         for _ in range(4):
             assert (await store.read(jobs.get_job, single)).job.job_id == single
         assert len(opened) == 2
@@ -138,3 +139,35 @@ def test_a_store_serves_reads_from_one_loop_after_another(store: Store) -> None:
     for _ in range(2):  # a connection is registered with one loop: the next loop gets its own
         assert asyncio.run(store.read(jobs.get_job, single)).job.job_id == single
     assert db.obj is store.database
+
+
+def test_the_loop_connections_are_named_and_kept_alive_as_the_stores(store: Store) -> None:
+    """asyncpg's connections take psycopg2's parameters: the application name, TCP keepalives, user timeout."""
+    async def main() -> None:
+        single, _ = await _jobs(store)
+        await asyncio.gather(*(store.read(jobs.get_job, single) for _ in range(4)))
+        reads = store._on_loop
+        assert reads is not None and reads._idle
+        for conn in reads._idle:
+            sock = conn.raw._transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30000
+        names = await reads.rows("names", "SELECT DISTINCT application_name FROM pg_stat_activity "
+                                          "WHERE datname = current_database() AND pid <> pg_backend_pid()", [])
+        assert names == [("ota-bridge",)]
+
+    asyncio.run(main())
+
+
+def test_without_asyncpg_the_reads_go_to_reader_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pg_async, "AVAILABLE", False)
+    with fresh_postgres() as url:
+        store = Store(url)
+        try:
+            assert store._on_loop is None
+            single, group = asyncio.run(_jobs(store))
+            for job_id in (single, group):
+                assert asyncio.run(store.read(jobs.get_job, job_id)) == store.call_sync(jobs.get_job, job_id)
+        finally:
+            store.close()

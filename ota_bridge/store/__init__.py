@@ -61,6 +61,7 @@ from ..models import (
     now,
     open_database,
 )
+from . import pg_async
 from .pg_async import AsyncReads
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ class Store:
         # than handing it to a reader thread and back (two wake-ups, the GIL passed twice).
         self._inline = isinstance(self.database, pw.SqliteDatabase)
         # PostgreSQL: a `reads_rows` read's statement goes out from the event loop on its own connections.
-        self._on_loop = None if self._inline else AsyncReads(self.database)
+        # (Without asyncpg installed, they go to the reader threads.)
+        self._on_loop = AsyncReads(self.database) if not self._inline and pg_async.AVAILABLE else None
+        self._rows_here = self._inline or self._on_loop is not None
         self._reads: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
         self._commits = 0  # calls that committed a write (or may have): counted on the store's thread
         self._commits_heard = 0  # the count the event loop last woke the waiters for
@@ -193,7 +196,8 @@ class Store:
         """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
         behind a write (on SQLite a @single_statement fn here, unless it needs a snapshot; on
         PostgreSQL a `reads_rows` fn's statement from here too). Raises StoreUnavailable as `call` does."""
-        if hasattr(fn, "statement") and not kwargs:  # @reads_rows: its rows read here, the answer made here
+        if hasattr(fn, "statement") and not kwargs and self._rows_here:  # @reads_rows: its rows read here,
+            # the answer made here
             try:
                 rows = self._inline_rows(fn, args) if self._inline else await self._rows_on_loop(fn, args)
                 return _on_loop(fn.from_rows, rows, *args)
