@@ -171,3 +171,66 @@ def test_without_asyncpg_the_reads_go_to_reader_threads(monkeypatch: pytest.Monk
                 assert asyncio.run(store.read(jobs.get_job, job_id)) == store.call_sync(jobs.get_job, job_id)
         finally:
             store.close()
+
+
+KEYED = "SELECT k, pg_sleep(%s) FROM unnest(%s::text[]) AS k"  # one row per key, after a while
+
+
+def _keyed(reads: AsyncReads, seconds: float, sent: list[list[str]]) -> Any:
+    """rows_of's arguments for KEYED, recording the keys of each statement sent."""
+    def params_of(keys: list[str]) -> list[Any]:
+        sent.append(keys)
+        return [seconds, keys]
+    return lambda key: reads.rows_of("keyed", KEYED, params_of, key)
+
+
+def test_reads_waiting_for_a_connection_go_in_one_statement(store: Store) -> None:
+    async def main() -> None:
+        reads = store._on_loop
+        assert reads is not None
+        sent: list[list[str]] = []
+        keyed = _keyed(reads, 0, sent)
+        busy = [asyncio.ensure_future(reads.rows("sleep", "SELECT pg_sleep(0.5)", [])) for _ in range(reads._size)]
+        await asyncio.sleep(0.2)  # every connection busy: the reads wait together
+        waiting = [asyncio.ensure_future(keyed(k)) for k in ("a", "b", "a", "c", "d")]
+        await asyncio.sleep(0)
+        waiting[3].cancel()  # a read whose request went away: the others are answered all the same
+        await asyncio.gather(*busy)
+        answers = await asyncio.gather(*waiting[:3], waiting[4])
+        assert answers == [[("a", None)], [("b", None)], [("a", None)], [("d", None)]]
+        assert sent == [["a", "b", "c", "d"]]  # each key once
+        assert await keyed("e") == [("e", None)] and sent[1:] == [["e"]]  # a free connection: at once, alone
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_read_never_joins_a_statement_sent_before_it_was_asked_for(store: Store) -> None:
+    """Each statement starts after every read it answers was asked for: it sees every write committed
+    before any of them (reads of other instances' writes included); nothing is kept for later reads."""
+    async def main() -> None:
+        reads = store._on_loop
+        assert reads is not None
+        sent: list[list[str]] = []
+        keyed = _keyed(reads, 0.3, sent)
+        first = asyncio.ensure_future(keyed("a"))
+        await asyncio.sleep(0.1)  # its statement is running
+        assert await asyncio.gather(first, keyed("a")) == [[("a", None)], [("a", None)]]
+        assert sent == [["a"], ["a"]]
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_concurrent_job_reads_answer_each_as_alone(store: Store) -> None:
+    """GET /v1/job/{id}'s read (shown_job) batched: each read gets its own job's answer, a missing
+    job JobNotFound, a group job its summary (read in a snapshot), as reads one at a time do."""
+    async def main() -> None:
+        single, group = await _jobs(store)
+        other, _ = await store.call(jobs.submit_job, "two", (await store.call(workflows.list_workflows))[0].workflow_id,
+                                    "DeviceId", "d2", None)
+        ids = [single, group, other.job_id, MISSING] * 12
+        alone = [await store.call(jobs.shown_job, j) if j != MISSING else None for j in ids]
+        together = await asyncio.gather(*(store.read(jobs.shown_job, j) for j in ids), return_exceptions=True)
+        assert [None if isinstance(t, JobNotFound) else t for t in together] == alone
+        assert isinstance(together[1], jobs.JobSummary) and isinstance(together[0], jobs.JobRow)
+
+    asyncio.run(asyncio.wait_for(main(), 20))

@@ -226,9 +226,16 @@ class Store:
 
     async def _rows_on_loop(self, fn: Any, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """PostgreSQL: a @reads_rows fn's rows, sent by the event loop on its own connections (pg_async)."""
-        key, sql, bound, query = _bound(*fn.statement, args)
         try:
-            return _converted(key, query, await self._on_loop.rows(f"{key[0]}_{key[1]}", sql, bound))
+            if fn.batched is not None and len(args) == 1:  # with the other reads of it waiting for a connection
+                name, build = fn.batched
+                key, sql, _, query = _bound(name, build, args)
+                rows = await self._on_loop.rows_of(f"{name}_1", sql, lambda keys: _bound(name, build, (keys,))[2],
+                                                   args[0])
+            else:
+                key, sql, bound, query = _bound(*fn.statement, args)
+                rows = await self._on_loop.rows(f"{key[0]}_{key[1]}", sql, bound)
+            return _converted(key, query, rows)
         except UNAVAILABLE as e:
             raise self._unavailable(fn, e) from e
 
@@ -593,17 +600,22 @@ def _converted(key: tuple[str, int, type], query: Any, rows: list[tuple[Any, ...
     return converted
 
 
-def reads_rows(name: str, build: Callable[[int], Any]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+def reads_rows(name: str, build: Callable[[int], Any],
+               batched: Callable[[int], Any] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Mark a read made of one prepared SELECT and what follows from its rows: the store function
     f(*values) is from_rows(prepared_rows(name, build, *values), *values), a @single_statement read.
     On PostgreSQL Store.read sends the statement from the event loop itself (pg_async) and runs
-    from_rows there; from_rows may still call `snapshot` (then a reader thread runs f)."""
+    from_rows there; from_rows may still call `snapshot` (then a reader thread runs f).
+    `batched` (PostgreSQL, a read of one value): the same SELECT for a list of values (arg(0) = ANY),
+    its first column the value, which the event loop sends for the reads that wait for a connection
+    together (pg_async.AsyncReads.rows_of)."""
     def mark(from_rows: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(from_rows)
         def read(*values: Any) -> T:
             return from_rows(prepared_rows(name, build, *values), *values)
         read.single_statement = True  # type: ignore[attr-defined]
         read.statement = (name, build)  # type: ignore[attr-defined]
+        read.batched = (f"{name}_any", batched) if batched is not None else None  # type: ignore[attr-defined]
         read.from_rows = from_rows  # type: ignore[attr-defined]
         return read
     return mark

@@ -24,7 +24,7 @@ import contextlib
 import os
 import re
 import socket
-from typing import Any
+from typing import Any, Callable
 
 import peewee as pw
 
@@ -34,7 +34,8 @@ except ImportError:  # SQLite only, or PostgreSQL without the event loop's reads
     asyncpg = None
 
 AVAILABLE = asyncpg is not None
-CONNECTIONS = 8  # at most this many reads in flight; more wait for a connection
+CONNECTIONS = 8  # at most this many statements in flight; more wait for a connection
+BATCH = 64  # keys one statement of `rows_of` reads at most
 STATEMENT_NAME = re.compile(r"[a-z][a-z0-9_]{0,50}")
 # psycopg2's connect parameters the TCP socket's options stand for (libpq sets them itself).
 _SOCKET_OPTIONS = (("keepalives_idle", "TCP_KEEPIDLE"), ("keepalives_interval", "TCP_KEEPINTVL"),
@@ -51,28 +52,79 @@ class AsyncReads:
         self._statements: dict[str, _Statement] = {}
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._batches: dict[str, _Batch] = {}  # by statement: the reads waiting for its next run
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def rows(self, name: str, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
         """The rows of one statement (peewee's SQL and parameters), prepared on the server under
         `name` the first time a connection runs it. Raises peewee's errors: OperationalError or
         InterfaceError when the database cannot be reached, after one more try on a new connection
         if the first was lost."""
-        statement = self._statements.get(name) or self._statements.setdefault(name, _Statement(name, sql))
         loop = asyncio.get_running_loop()
         async with self._slots_of(loop):
+            return await self._run(loop, name, sql, params)
+
+    async def rows_of(self, name: str, sql: str, params_of: Callable[[list[Any]], list[Any]],
+                      key: Any) -> list[tuple[Any, ...]]:
+        """The rows of `key` among those of a statement that reads many keys at once (its first column
+        is the key; params_of(keys) its parameters). Reads of one statement asked for while it waits
+        for a connection go with it, in one statement, once a connection is free (up to BATCH keys);
+        alone when a connection is free already. A statement is only ever sent after every read it
+        answers was asked for: it sees every write committed before each (nothing is kept for later)."""
+        loop = asyncio.get_running_loop()
+        batch = self._batches.get(name)
+        if batch is None or batch.loop is not loop or len(batch.keys) >= BATCH:
+            batch = self._batches[name] = _Batch(loop)
+            task = loop.create_task(self._send(batch, name, sql, params_of))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        waiter: asyncio.Future[list[tuple[Any, ...]]] = loop.create_future()
+        batch.keys[key] = None
+        batch.waiters.append((key, waiter))
+        return await waiter
+
+    async def _send(self, batch: _Batch, name: str, sql: str, params_of: Callable[[list[Any]], list[Any]]) -> None:
+        """Run a batch's statement once a connection is free, and answer each of its reads."""
+        try:
+            async with self._slots_of(batch.loop):
+                if self._batches.get(name) is batch:  # from now on, reads wait for the next statement
+                    del self._batches[name]
+                rows = await self._run(batch.loop, name, sql, params_of(list(batch.keys)))
+        except BaseException as e:
+            for _, waiter in batch.waiters:
+                if waiter.done():
+                    continue
+                if isinstance(e, asyncio.CancelledError):
+                    waiter.cancel()
+                else:  # an error of each read's own (peewee's, as `rows` raises them)
+                    waiter.set_exception(type(e)(*e.args) if isinstance(e, pw.PeeweeException) else e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        by_key: dict[Any, list[tuple[Any, ...]]] = {}
+        for row in rows:
+            by_key.setdefault(row[0], []).append(row)
+        for key, waiter in batch.waiters:
+            if not waiter.done():  # (a read whose request went away meanwhile)
+                waiter.set_result(by_key.get(key, []))
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, name: str, sql: str,
+                   params: list[Any]) -> list[tuple[Any, ...]]:
+        """rows, once a connection slot is taken."""
+        statement = self._statements.get(name) or self._statements.setdefault(name, _Statement(name, sql))
+        try:
+            conn = await self._checkout(loop)
             try:
-                conn = await self._checkout(loop)
-                try:
-                    rows = await conn.run(statement, params)
-                except _DRIVER_ERRORS:
-                    if not conn.lost:  # an error of the statement's own
-                        raise
-                    conn = await _Connection.open(self._database, loop)
-                    rows = await conn.run(statement, params)
-            except _DRIVER_ERRORS as e:
-                raise _as_peewee(e) from e
-            self._idle.append(conn)
-            return rows
+                rows = await conn.run(statement, params)
+            except _DRIVER_ERRORS:
+                if not conn.lost:  # an error of the statement's own
+                    raise
+                conn = await _Connection.open(self._database, loop)
+                rows = await conn.run(statement, params)
+        except _DRIVER_ERRORS as e:
+            raise _as_peewee(e) from e
+        self._idle.append(conn)
+        return rows
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -92,6 +144,17 @@ class AsyncReads:
                 return conn
             conn.close()
         return await _Connection.open(self._database, loop)
+
+
+class _Batch:
+    """The reads of one statement waiting for its next run: their keys (once each), and each read's future."""
+
+    __slots__ = ("loop", "keys", "waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.keys: dict[Any, None] = {}
+        self.waiters: list[tuple[Any, asyncio.Future[list[tuple[Any, ...]]]]] = []
 
 
 class _Statement:
@@ -168,14 +231,14 @@ class _Connection:
             self.raw.terminate()
             return
         # Its loop is closed (asyncio.run ended), and aborting the transport needs it to report the
-        # loss: close the socket asyncio's transport holds (its own attribute) as the transport would,
-        # then mark the connection closed (asyncpg's terminate does before it meets the closed loop).
+        # loss: asyncpg's terminate marks the connection closed and says goodbye before it meets the
+        # closed loop; then close the socket asyncio's transport holds (its own attribute) as it would.
         transport = self.raw._transport
+        with contextlib.suppress(RuntimeError):
+            self.raw.terminate()
         sock, transport._sock = transport._sock, None
         if sock is not None:
             sock.close()
-        with contextlib.suppress(RuntimeError):
-            self.raw.terminate()
 
 
 def _set_socket_options(raw: Any, params: dict[str, Any]) -> None:
