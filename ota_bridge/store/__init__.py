@@ -40,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import peewee as pw
 
@@ -61,8 +61,9 @@ from ..models import (
     now,
     open_database,
 )
-from . import pg_async
-from .pg_async import AsyncReads
+
+if TYPE_CHECKING:
+    from .pg_async import AsyncReads
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,11 @@ class Store:
         self._inline = isinstance(self.database, pw.SqliteDatabase)
         # PostgreSQL: a `reads_rows` read's statement goes out from the event loop on its own connections.
         # (Without asyncpg installed, they go to the reader threads.)
-        self._on_loop = AsyncReads(self.database) if not self._inline and pg_async.AVAILABLE else None
+        self._on_loop: AsyncReads | None = None
+        if not self._inline:
+            from . import pg_async  # here: asyncpg is imported for PostgreSQL only
+
+            self._on_loop = pg_async.AsyncReads(self.database) if pg_async.AVAILABLE else None
         self._rows_here = self._inline or self._on_loop is not None
         self._reads: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
         self._commits = 0  # calls that committed a write (or may have): counted on the store's thread

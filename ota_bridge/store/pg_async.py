@@ -7,6 +7,12 @@ reader thread, no hand-off to one and back, one wake-up per answer. The connecti
 read-only (default_transaction_read_only); each statement runs outside any BEGIN, so it is its own
 transaction and sees one moment by itself, every write committed before it began included.
 
+A read of many keys' statement (`rows_of`: GET /v1/job/{id}'s, `job_id = ANY($2)`) waits for a
+connection together with the other reads of it that arrive meanwhile, and goes as one statement for
+all their keys: under load one round trip, one wake-up and one execution serve many reads. A
+statement is only ever sent after each read it answers was asked for, so each sees every write
+committed before it was asked for (nothing is kept for later reads).
+
 The store's threads keep psycopg2 (peewee); asyncpg is only for these reads. Without asyncpg
 installed (`AVAILABLE` false) the store sends them to its reader threads instead.
 
