@@ -1,17 +1,19 @@
 """`GET /v1/job/{id}` under concurrent clients, against an aiohttp handler that returns a constant.
 
     .venv/bin/python bench/read_api.py [--clients 50] [--requests 4000] [--database sqlite|postgres] [--writes]
+                                       [--jobs 1]
 
-Starts the service (its embedded broker; SQLite, or a fresh PostgreSQL database), submits a
-job for one registered device, and starts a second process: a bare aiohttp server whose one
-handler returns the same job's JSON as a constant. One aiohttp client in this process then sends
-`--requests` GETs from `--clients` concurrent tasks (keep-alive, one connection each) to each
-server, after a warm-up, in five rounds that alternate between them (so a change in the
-machine's load hits both); the figure is each one's best requests per second and the ratio
-service / constant. With --writes, a thread submits jobs back to back meanwhile (the reads then
-share the database with a busy writer; the constant server's rounds share the machine with it).
-It also prints each server's CPU time per GET (from /proc), which the machine's load moves least,
-and on PostgreSQL that of the server processes serving the service's connections (same machine).
+Starts the service (its embedded broker; SQLite, or a fresh PostgreSQL database), submits a job
+for one registered device (--jobs N: N jobs, the GETs taking them in turn), and starts a second
+process: a bare aiohttp server whose one handler returns the (first) job's JSON as a constant.
+One aiohttp client in this process then sends `--requests` GETs from `--clients` concurrent
+tasks (keep-alive, one connection each) to each server, after a warm-up, in five rounds that
+alternate between them (so a change in the machine's load hits both); the figure is each one's
+best requests per second and the ratio service / constant. With --writes, a thread submits jobs
+back to back meanwhile (the reads then share the database with a busy writer; the constant
+server's rounds share the machine with it). It also prints each server's CPU time per GET (from
+/proc), which the machine's load moves least, and on PostgreSQL that of the server processes
+serving the service's connections (same machine).
 """
 
 from __future__ import annotations
@@ -49,23 +51,23 @@ WARM_UP = 300
 ROUNDS = 5
 
 
-async def _compare(targets: list[tuple[str, dict[str, str], int]], clients: int, requests: int,
+async def _compare(targets: list[tuple[list[str], dict[str, str], int]], clients: int, requests: int,
                    backends: Callable[[], list[int]]) -> tuple[list[float], list[float], float]:
-    """Best requests per second of each (url, headers, server pid): `requests` GETs from `clients`
+    """Best requests per second of each (urls, taken in turn; headers, server pid): `requests` GETs from `clients`
     concurrent tasks, the targets taking turns round after round, so a change in the machine's load
     hits both; each server's CPU time per GET over all its rounds (what load moves least); and the
     CPU time per GET of the first target's database server processes (`backends`, after the warm-up)."""
     sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), headers=headers)
                 for _, headers, _ in targets]
     try:
-        for session, (url, _, _) in zip(sessions, targets, strict=True):
-            await _round(session, url, clients, WARM_UP)
+        for session, (urls, _, _) in zip(sessions, targets, strict=True):
+            await _round(session, urls, clients, WARM_UP)
         database = backends()
         best, cpu, database_cpu = [0.0] * len(targets), [0.0] * len(targets), 0.0
         for _ in range(ROUNDS):
-            for i, (session, (url, _, pid)) in enumerate(zip(sessions, targets, strict=True)):
+            for i, (session, (urls, _, pid)) in enumerate(zip(sessions, targets, strict=True)):
                 before = _cpu_seconds([pid] + (database if i == 0 else []))
-                best[i] = max(best[i], await _round(session, url, clients, requests))
+                best[i] = max(best[i], await _round(session, urls, clients, requests))
                 after = _cpu_seconds([pid] + (database if i == 0 else []))
                 cpu[i] += after[0] - before[0]
                 database_cpu += after[1] - before[1]
@@ -75,12 +77,13 @@ async def _compare(targets: list[tuple[str, dict[str, str], int]], clients: int,
             await session.close()
 
 
-async def _round(session: aiohttp.ClientSession, url: str, clients: int, requests: int) -> float:
+async def _round(session: aiohttp.ClientSession, urls: list[str], clients: int, requests: int) -> float:
     left = [requests]
 
     async def client() -> None:
         while left[0] > 0:
             left[0] -= 1
+            url = urls[left[0] % len(urls)]
             async with session.get(url) as response:
                 await response.read()
                 if response.status != 200:
@@ -140,6 +143,7 @@ def main() -> None:
     parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite",
                         help="sqlite (a temporary file) or postgres (a fresh database on the test server)")
     parser.add_argument("--writes", action="store_true", help="submit jobs back to back meanwhile")
+    parser.add_argument("--jobs", type=int, default=1, help="jobs the GETs take in turn (default 1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ota-bench-") as workdir, \
             database_url(args.database, Path(workdir) / "db") as url:
@@ -150,7 +154,8 @@ def main() -> None:
             api = service.api
             api.device("reader-0")
             workflow_id = api.workflow("true", name="read")
-            job_id = api.submit(workflow_id, "read", DeviceId="reader-0")
+            job_ids = [api.submit(workflow_id, "read", DeviceId="reader-0") for _ in range(args.jobs)]
+            job_id = job_ids[0]
             body = json.dumps(api.ok("GET", f"/v1/job/{job_id}")).encode()
             port = free_port()
             constant = subprocess.Popen([sys.executable, "-c", CONSTANT_SERVER, str(port)], stdin=subprocess.PIPE,
@@ -165,8 +170,9 @@ def main() -> None:
             started = time.perf_counter()
             assert service.proc is not None
             (served, raw), (cpu, raw_cpu), database_cpu = asyncio.run(_compare(
-                [(f"{service.base_url}/v1/job/{job_id}", headers, service.proc.pid),
-                 (f"{base}/v1/job/{job_id}", {}, constant.pid)], args.clients, args.requests, _backends(url)))
+                [([f"{service.base_url}/v1/job/{j}" for j in job_ids], headers, service.proc.pid),
+                 ([f"{base}/v1/job/{j}" for j in job_ids], {}, constant.pid)],
+                args.clients, args.requests, _backends(url)))
             stop.set()
             write_rate = writes[0] / (time.perf_counter() - started)
         finally:
@@ -174,7 +180,8 @@ def main() -> None:
                 constant.terminate()
                 constant.wait(10)
             service.stop()
-    print(f"GET /v1/job/{{id}} ({args.database}, {args.clients} clients, best of {ROUNDS} x {args.requests}): "
+    print(f"GET /v1/job/{{id}} ({args.database}, {args.clients} clients, {args.jobs} job(s), "
+          f"best of {ROUNDS} x {args.requests}): "
           f"{served:.0f} req/s" + (f" with {write_rate:.0f} job submits/s meanwhile" if args.writes else ""))
     print(f"constant aiohttp handler, same client:  {raw:.0f} req/s")
     print(f"ratio service / constant: {served / raw:.2f}")
@@ -183,7 +190,7 @@ def main() -> None:
     if args.database == "postgres":
         print(f"CPU per GET of the PostgreSQL server processes serving the service: {database_cpu * 1e6:.0f} us")
     result(f"read-api-{args.database}" + ("-writes" if args.writes else ""), served, "req/s", raw, served / raw,
-           "ratio >= 0.5", clients=args.clients, submits_per_s=write_rate if args.writes else None,
+           "ratio >= 0.5", clients=args.clients, jobs=args.jobs, submits_per_s=write_rate if args.writes else None,
            cpu_us_per_get=round(cpu * 1e6), constant_cpu_us_per_get=round(raw_cpu * 1e6),
            database_cpu_us_per_get=round(database_cpu * 1e6) if args.database == "postgres" else None)
 

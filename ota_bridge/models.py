@@ -343,7 +343,7 @@ def open_database(url: str) -> GuardedDatabase:
 
 
 NO_POSTGRES_DRIVER = ("PostgreSQL support is not installed: pip install 'ota-bridge[postgres]' "
-                      "(in a checkout: .venv/bin/pip install '.[postgres]'), or pip install psycopg2-binary")
+                      "(in a checkout: .venv/bin/pip install '.[postgres]'), or pip install psycopg2-binary asyncpg")
 
 
 def _add_missing_columns(database: pw.Database) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 from datetime import timedelta
@@ -13,7 +14,7 @@ from agent.protocol import JobStatus
 from ota_bridge import credentials
 from ota_bridge.api import serialize, views
 from ota_bridge.errors import EmptyTarget, WorkflowNotFound
-from ota_bridge.models import ChildJob, Device, Job, Workflow, now
+from ota_bridge.models import ChildJob, Device, Job, Rollout, Workflow, now
 from ota_bridge.rollout_plan import parse
 from ota_bridge.store import (
     Store,
@@ -318,6 +319,8 @@ def test_get_jobs_answer_from_its_row_is_the_full_model_answer(db: Store) -> Non
                                      parse({"Rollout": {"MaxPerMinute": 1}}, "DeviceId"))[0].job_id
     singles["waves"] = db.call_sync(held.submit_job, None, wf, "DeviceId", "rolled", None,
                                     parse({"Rollout": {"Waves": [100]}}, "DeviceId"))[0].job_id
+    # A rate with no exact binary value (a REAL column on PostgreSQL: read as its text, 0.1, on every path)
+    db.call_sync(Rollout.update(rate=0.1, checked_at=now()).where(Rollout.job == singles["waves"]).execute)
     _report(db, "run", singles["run"], Update("run", "", JobStatus.IN_PROGRESS, start_time=now()))
     _report(db, "ok", singles["ok"], Update("ok", "", JobStatus.IN_PROGRESS, start_time=now()),
             Update("ok", "", JobStatus.SUCCEEDED, 0, "done", end_time=now()))
@@ -336,6 +339,7 @@ def test_get_jobs_answer_from_its_row_is_the_full_model_answer(db: Store) -> Non
     shown = asyncio.run(answers(ids + others))
     full = [serialize.job(db.call_sync(jobs.get_job, j)) for j in ids + others]
     assert [list(a.items()) for _, a in shown] == [list(a.items()) for a in full]
+    assert [json.dumps(a) for _, a in shown] == [json.dumps(a) for a in full]  # as web.json_response writes it
     assert [t for t, _ in shown] == [jobs.JobRow] * len(ids) + [jobs.JobSummary] * 2
     by_name = dict(zip(singles, full[:len(ids)], strict=True))
     statuses = {name: a["Status"] for name, a in by_name.items()}
@@ -343,7 +347,8 @@ def test_get_jobs_answer_from_its_row_is_the_full_model_answer(db: Store) -> Non
                         "nochild": "CANCELED", "params": "QUEUED", "retried": "QUEUED", "rolled": "QUEUED",
                         "waves": "QUEUED"}
     assert by_name["retried"]["Retries"]["Max"] == 2 and by_name["rolled"]["Rollout"]["Pending"] == 1
-    assert by_name["ok"]["ExitCode"] == 0 and by_name["ok"]["EndTime"] and "Rollout" in by_name["waves"]
+    assert by_name["ok"]["ExitCode"] == 0 and by_name["ok"]["EndTime"] and by_name["waves"]["Rollout"]["CheckedAt"]
+    assert '"RatePerMinute": 0.1,' in json.dumps(by_name["waves"])
     assert by_name["nochild"]["Result"]["Total"] == 0 and by_name["params"]["Parameters"] == {"V": "x"}
     assert asyncio.run(views._shown_job(db, child_id)) == serialize.child(db.call_sync(jobs.child_shown, child_id))
 

@@ -40,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import peewee as pw
 
@@ -61,7 +61,9 @@ from ..models import (
     now,
     open_database,
 )
-from .pg_async import AsyncReads
+
+if TYPE_CHECKING:
+    from .pg_async import AsyncReads
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,13 @@ class Store:
         # than handing it to a reader thread and back (two wake-ups, the GIL passed twice).
         self._inline = isinstance(self.database, pw.SqliteDatabase)
         # PostgreSQL: a `reads_rows` read's statement goes out from the event loop on its own connections.
-        self._on_loop = None if self._inline else AsyncReads(self.database)
+        # (Without asyncpg installed, they go to the reader threads.)
+        self._on_loop: AsyncReads | None = None
+        if not self._inline:
+            from . import pg_async  # here: asyncpg is imported for PostgreSQL only
+
+            self._on_loop = pg_async.AsyncReads(self.database) if pg_async.AVAILABLE else None
+        self._rows_here = self._inline or self._on_loop is not None
         self._reads: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
         self._commits = 0  # calls that committed a write (or may have): counted on the store's thread
         self._commits_heard = 0  # the count the event loop last woke the waiters for
@@ -193,7 +201,8 @@ class Store:
         """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
         behind a write (on SQLite a @single_statement fn here, unless it needs a snapshot; on
         PostgreSQL a `reads_rows` fn's statement from here too). Raises StoreUnavailable as `call` does."""
-        if hasattr(fn, "statement") and not kwargs:  # @reads_rows: its rows read here, the answer made here
+        if hasattr(fn, "statement") and not kwargs and self._rows_here:  # @reads_rows: its rows read here,
+            # the answer made here
             try:
                 rows = self._inline_rows(fn, args) if self._inline else await self._rows_on_loop(fn, args)
                 return _on_loop(fn.from_rows, rows, *args)
@@ -222,9 +231,16 @@ class Store:
 
     async def _rows_on_loop(self, fn: Any, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """PostgreSQL: a @reads_rows fn's rows, sent by the event loop on its own connections (pg_async)."""
-        key, sql, bound, query = _bound(*fn.statement, args)
         try:
-            return _converted(key, query, await self._on_loop.rows(f"{key[0]}_{key[1]}", sql, bound))
+            if fn.batched is not None and len(args) == 1:  # with the other reads of it waiting for a connection
+                name, build = fn.batched
+                key, sql, _, query = _bound(name, build, args)
+                rows = await self._on_loop.rows_of(f"{name}_1", sql, lambda keys: _bound(name, build, (keys,))[2],
+                                                   args[0])
+            else:
+                key, sql, bound, query = _bound(*fn.statement, args)
+                rows = await self._on_loop.rows(f"{key[0]}_{key[1]}", sql, bound)
+            return _converted(key, query, rows)
         except UNAVAILABLE as e:
             raise self._unavailable(fn, e) from e
 
@@ -589,17 +605,22 @@ def _converted(key: tuple[str, int, type], query: Any, rows: list[tuple[Any, ...
     return converted
 
 
-def reads_rows(name: str, build: Callable[[int], Any]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+def reads_rows(name: str, build: Callable[[int], Any],
+               batched: Callable[[int], Any] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Mark a read made of one prepared SELECT and what follows from its rows: the store function
     f(*values) is from_rows(prepared_rows(name, build, *values), *values), a @single_statement read.
     On PostgreSQL Store.read sends the statement from the event loop itself (pg_async) and runs
-    from_rows there; from_rows may still call `snapshot` (then a reader thread runs f)."""
+    from_rows there; from_rows may still call `snapshot` (then a reader thread runs f).
+    `batched` (PostgreSQL, a read of one value): the same SELECT for a list of values (arg(0) = ANY),
+    its first column the value, which the event loop sends for the reads that wait for a connection
+    together (pg_async.AsyncReads.rows_of)."""
     def mark(from_rows: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(from_rows)
         def read(*values: Any) -> T:
             return from_rows(prepared_rows(name, build, *values), *values)
         read.single_statement = True  # type: ignore[attr-defined]
         read.statement = (name, build)  # type: ignore[attr-defined]
+        read.batched = (f"{name}_any", batched) if batched is not None else None  # type: ignore[attr-defined]
         read.from_rows = from_rows  # type: ignore[attr-defined]
         return read
     return mark

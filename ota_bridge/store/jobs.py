@@ -258,7 +258,7 @@ class JobRow(NamedTuple):
     checked_at: datetime | None
 
 
-def _shown_row(_: int) -> pw.Query:
+def _shown_row(_: int, of: Callable[[pw.Node], pw.Expression] = lambda job_id: job_id == arg(0)) -> pw.Query:
     """_job_row with only the columns a single job's answer shows (JobRow's, in its order): 29 of 54."""
     single = (ChildJob.parent == Job.job_id) & (Job.target_field == "DeviceId") & ChildJob.on_failure_of.is_null()
     columns = [getattr(Job, f) for f in JobRow._fields[:13]] + [getattr(ChildJob, f) for f in JobRow._fields[13:18]]
@@ -266,10 +266,15 @@ def _shown_row(_: int) -> pw.Query:
     return (Job.select(*columns)
             .join_from(Job, Rollout, pw.JOIN.LEFT_OUTER, on=(Rollout.job == Job.job_id))
             .join_from(Job, ChildJob, pw.JOIN.LEFT_OUTER, on=single)
-            .where(Job.job_id == arg(0)))
+            .where(of(Job.job_id)))
 
 
-@reads_rows("shown_job", _shown_row)
+def _shown_rows(_: int) -> pw.Query:
+    """_shown_row of a list of jobs (PostgreSQL): its first column, job_id, tells whose a row is."""
+    return _shown_row(1, lambda job_id: job_id == pw.fn.ANY(arg(0)))
+
+
+@reads_rows("shown_job", _shown_row, batched=_shown_rows)
 def shown_job(rows: list[tuple[Any, ...]], job_id: str) -> JobRow | JobSummary:
     """What GET /v1/job/{id} shows (the store function is shown_job(job_id)): a single-device job
     without OnFailure as its one row, no models made (api.serialize.job_row); any other job as
