@@ -45,9 +45,9 @@ KEEP_ALIVE_FACTOR = 1.5  # a client silent this many times its keep-alive is dis
 
 
 class PacketReader:
-    """A client's stream, read a whole packet at a time (size checked first), handed out as asked,
-    and its keep-alive enforced: a client silent for one and a half times its keep-alive is
-    disconnected (MQTT-3.1.2-24), so its will is sent.
+    """A client's stream, read a whole packet at a time (size checked first), and its keep-alive
+    enforced: a client silent for one and a half times its keep-alive is disconnected
+    (MQTT-3.1.2-24), so its will is sent.
 
     amqtt is handed the CONNECT with a keep-alive of 0 (`Front._connection`). Its own keep-alive
     timer cost a task and a timer for every packet read and a timer for every packet sent, and
@@ -58,29 +58,27 @@ class PacketReader:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes, who: str,
                  keep_alive: int) -> None:
         self._reader, self._writer, self._who = reader, writer, who
-        self._packet, self._offset = first, 0
+        self._first: bytes | None = first
         self._loop = asyncio.get_running_loop()
         self._limit = keep_alive * KEEP_ALIVE_FACTOR
         self._last = self._loop.time()
         self._timer = self._loop.call_later(self._limit, self._check) if keep_alive > 0 else None
 
-    async def read(self, n: int = -1) -> bytes:
-        if self._offset >= len(self._packet):
-            self._packet, self._offset = await read_packet(self._reader, MAX_PACKET_BYTES) or b"", 0
-            self._last = self._loop.time()
-        end = len(self._packet) if n < 0 else min(self._offset + n, len(self._packet))
-        chunk, self._offset = self._packet[self._offset:end], end
-        return chunk
-
-    async def read_guarded(self, n: int = -1) -> bytes:
-        """read(), ending the stream ("" and the connection closed) when the client breaks the rules."""
+    async def packet(self) -> bytes:
+        """The next whole packet (the CONNECT first); b"" at the end of the stream, or with the
+        connection closed when the client breaks the rules."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
         try:
-            return await self.read(n)
+            packet = await read_packet(self._reader, MAX_PACKET_BYTES) or b""
         except (WireError, asyncio.IncompleteReadError, ConnectionError) as e:
             if isinstance(e, WireError):
                 log.warning("MQTT client %s disconnected: %s", self._who, e)
             self._writer.transport.abort()
             return b""
+        self._last = self._loop.time()
+        return packet
 
     def close(self) -> None:
         if self._timer is not None:
@@ -129,7 +127,7 @@ class Front:
         amqtts = dataclasses.replace(connect, keep_alive=0).encode()  # the keep-alive is the PacketReader's
         packets = PacketReader(reader, writer, amqtts, f"{connect.client_id!r} ({peer})", connect.keep_alive)
         try:
-            await self.core.serve(listener, packets.read_guarded, writer)
+            await self.core.serve(listener, connect.client_id, packets.packet, writer)
         finally:
             packets.close()
 

@@ -1,0 +1,133 @@
+"""The devices' own packets on the embedded broker's fast path (embedded_broker/core.py, _FastPath).
+
+A real embedded broker in this process, a device on a real TCP connection speaking raw MQTT, and
+the service attached in-process, as in test_embedded_service_link. The fast path takes a device's
+QoS 0 and 1 PUBLISH, its PUBACK and its PINGREQ before amqtt's reader loop would, and writes the
+messages routed to a device at once. The tests switch amqtt's own handling of those packets off:
+on plain amqtt, nothing would be routed, acknowledged or answered.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import pytest
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+from agent.protocol import OPERATOR_USERNAME
+from tests.support.processes import wait_until
+from tests.support.raw_mqtt import PUBACK, RawClient, publish_packet
+from tests.test_broker_hardening import QUIET, TOKEN, TOPICS
+from tests.test_embedded_service_link import Attached, Running
+
+
+@pytest.fixture
+def running(monkeypatch: pytest.MonkeyPatch) -> Iterator[Running]:
+    """A broker whose amqtt handles no PUBLISH, PUBACK or PINGREQ itself."""
+    handled: list[str] = []
+
+    def ignored(name: str) -> Any:
+        async def ignore(self: BrokerProtocolHandler, packet: object) -> None:
+            handled.append(name)
+
+        return ignore
+
+    for name in ("handle_publish", "handle_puback", "handle_pingreq"):
+        monkeypatch.setattr(BrokerProtocolHandler, name, ignored(name))
+    broker = Running()
+    try:
+        yield broker
+    finally:
+        broker.close()
+    assert handled == []
+
+
+def inflight(running: Running, client_id: str) -> int:
+    async def count() -> int:
+        session, _ = running.broker.core._broker._sessions[client_id]
+        return len(session.inflight_out)
+
+    return running.call(count())
+
+
+def test_a_devices_publishes_are_routed_and_acknowledged_without_amqtts_reader_loop(running: Running) -> None:
+    service = Attached(running)
+    try:
+        device = running.device("dev-a")
+        device.publish(TOPICS.status("dev-a"), b"qos1", qos=1)  # its PUBACK read, or the test fails here
+        device.publish(TOPICS.status("dev-a"), b"qos0")
+        device.publish(TOPICS.presence("dev-a"), b"online", qos=1, retain=True)
+        assert service.received(3) == [(TOPICS.status("dev-a"), b"qos1", False),
+                                       (TOPICS.status("dev-a"), b"qos0", False),
+                                       (TOPICS.presence("dev-a"), b"online", False)]
+        assert device.alive()  # PINGREQ answered
+        watcher = running.login("watcher", OPERATOR_USERNAME, TOKEN)
+        assert watcher.subscribe(TOPICS.presence("+")) == 1
+        assert watcher.messages(QUIET) == [(TOPICS.presence("dev-a"), b"online")]  # retained
+    finally:
+        service.close()
+
+
+def test_a_burst_of_publishes_arrives_in_order_each_acknowledged(running: Running) -> None:
+    service = Attached(running)
+    try:
+        device = running.device("dev-a")
+        payloads = [b"m%d" % n for n in range(200)]
+        device.send(b"".join(publish_packet(TOPICS.status("dev-a"), p, qos=1, packet_id=n + 1)
+                             for n, p in enumerate(payloads)))
+        acks = [device.read(PUBACK).body for _ in payloads]
+        assert acks == [(n + 1).to_bytes(2, "big") for n in range(200)]
+        assert [payload for _, payload, _ in service.received(200)] == payloads
+    finally:
+        service.close()
+
+
+def test_the_topic_policy_holds_on_the_fast_path(running: Running) -> None:
+    service = Attached(running)
+    try:
+        device = running.device("dev-a")
+        device.publish(TOPICS.status("dev-b"), b"for another", qos=1)  # acknowledged, as amqtt does, not routed
+        device.publish(TOPICS.job("dev-a"), b"a head of its own", qos=1)
+        device.publish(TOPICS.presence("dev-b"), b"offline", qos=1, retain=True)
+        device.publish(TOPICS.status("dev-a"), b"mine", qos=1)
+        assert service.received(1) == [(TOPICS.status("dev-a"), b"mine", False)]
+        watcher = running.login("watcher", OPERATOR_USERNAME, TOKEN)
+        assert watcher.subscribe(TOPICS.device("+", "#")) == 1
+        assert watcher.messages(QUIET) == []  # nothing was retained
+    finally:
+        service.close()
+
+
+def test_heads_are_written_to_the_device_at_once_and_released_by_its_puback(running: Running) -> None:
+    service = Attached(running)
+    try:
+        device = running.device("dev-a")
+        assert device.subscribe(TOPICS.job("dev-a")) == 1
+        heads = [(TOPICS.job("dev-a"), b"head %d" % n, True) for n in range(5)]
+        service.publish(*heads)
+        assert device.messages(QUIET) == [(topic, payload) for topic, payload, _ in heads]  # each acknowledged
+        wait_until(lambda: inflight(running, "dev-a") == 0, 2, "the PUBACKs to release the heads")
+    finally:
+        service.close()
+
+
+def test_an_unacknowledged_head_is_dropped_with_its_connection(running: Running) -> None:
+    """As amqtt: a QoS 1 message the device never acknowledged is forgotten when its connection ends
+    (amqtt#401; the retained head comes back at the next subscribe)."""
+    service = Attached(running)
+    try:
+        device = RawClient(running.port)
+        running.opened.append(device)
+        assert device.connect("dev-a", "dev-a", "pw-a", clean=False) == 0
+        assert device.subscribe(TOPICS.job("dev-a")) == 1
+        service.publish((TOPICS.job("dev-a"), b"the head", True))
+        time.sleep(QUIET / 2)  # read by nobody: no PUBACK
+        assert inflight(running, "dev-a") == 1
+        device.close()
+        wait_until(lambda: inflight(running, "dev-a") == 0, 5, "the connection's end to drop the head")
+        again = running.login("dev-a", "dev-a", "pw-a", clean=False)
+        assert again.subscribe(TOPICS.job("dev-a")) == 1
+        assert again.messages(QUIET) == [(TOPICS.job("dev-a"), b"the head")]
+    finally:
+        service.close()
