@@ -4,10 +4,11 @@ For each TCP (or TLS) connection the front reads the CONNECT packet itself, at m
 MAX_CONNECT_BYTES and within CONNECT_TIMEOUT_SECONDS, and checks it whole: MQTT 3.1.1, a
 client id, credentials through the service's Logins, the will's topic through TopicPolicy.
 A refused client gets its CONNACK return code and the connection is closed: no session, no
-state anywhere. Only then, and only for an admitted client, it makes room for the session
-(a session of the same client id held by another user is dropped, never merged into; a
-connected one is disconnected first, its will sent) and hands the connection to amqtt in the
-same process, replaying the CONNECT as it checked it.
+state anywhere. When the service is attached to the broker in-process (service_link.py), its
+username is refused over a connection whatever the password. Only then, and only for an
+admitted client, it makes room for the session (a session of the same client id held by another
+user is dropped, never merged into; a connected one is disconnected first, its will sent) and
+hands the connection to amqtt in the same process, replaying the CONNECT as it checked it.
 
 Every later packet is read whole by the front too, its size checked from the fixed header
 before the body is read: a client sending a packet over MAX_PACKET_BYTES is disconnected.
@@ -24,7 +25,7 @@ import socket
 from typing import Callable
 
 from .core import AmqttCore
-from .policy import Login, Logins, TopicPolicy
+from .policy import SERVICE_USERNAME, Login, Logins, TopicPolicy
 from .wire import (
     IDENTIFIER_REJECTED,
     MAX_CONNECT_BYTES,
@@ -97,8 +98,9 @@ class PacketReader:
 class Front:
     """Accepts connections on listeners and admits clients to the core."""
 
-    def __init__(self, core: AmqttCore, logins: Logins, policy: TopicPolicy) -> None:
+    def __init__(self, core: AmqttCore, logins: Logins, policy: TopicPolicy, service_in_process: bool = False) -> None:
         self.core, self.logins, self.policy = core, logins, policy
+        self.service_in_process = service_in_process  # then the service's name never logs in over a socket
 
     def handler(self, listener: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]:
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -135,6 +137,9 @@ class Front:
         """Raises Refused unless the client may connect; then makes room for its session."""
         if connect.username is None or connect.password is None:
             raise Refused(NOT_AUTHORIZED, f"no username or password (client id {connect.client_id!r})")
+        if self.service_in_process and connect.username == SERVICE_USERNAME:
+            raise Refused(NOT_AUTHORIZED, f"user {SERVICE_USERNAME!r} is attached in-process, never over a connection "
+                                          f"(client id {connect.client_id!r})")
         login = Login(connect.username, connect.password, connect.client_id)
         will_topic = connect.will.topic if connect.will else None
         if not self.policy.allows_will(login.username, will_topic):
