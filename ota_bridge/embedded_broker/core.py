@@ -23,6 +23,7 @@ listens to amqtt's per-packet or per-message events.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import struct
 import time
@@ -286,6 +287,9 @@ class _IsolatingBroker(Broker):
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._locals: list[LocalClient] = []
         self._fast = False  # set at start (fast_path)
+        # QoS 1 messages written by _send_now, oldest first: (when to give up, waiter, client id, packet id)
+        self._unacked: collections.deque[tuple[float, asyncio.Future[Any], str, int]] = collections.deque()
+        self._sweep: asyncio.TimerHandle | None = None
 
     def fast_path(self) -> bool:
         """Whether packets may skip amqtt's loop: no plugin listens to the events it would not fire."""
@@ -350,9 +354,25 @@ class _IsolatingBroker(Broker):
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[PubackPacket] = loop.create_future()
         handler._puback_waiters[packet_id] = waiter
-        timer = loop.call_later(PUBACK_TIMEOUT_SECONDS, _give_up, waiter, session.client_id, packet_id)
-        waiter.add_done_callback(lambda done: _released(done, handler, session, message, timer))
+        waiter.add_done_callback(lambda done: _released(done, handler, session, message))
+        self._unacked.append((loop.time() + PUBACK_TIMEOUT_SECONDS, waiter, session.client_id, packet_id))
+        if self._sweep is None:
+            self._sweep = loop.call_later(PUBACK_TIMEOUT_SECONDS, self._give_up)
         return True
+
+    def _give_up(self) -> None:
+        """As amqtt's QoS 1 flow when no PUBACK came in time: the message is dropped from the session.
+        One timer for all the messages sent, in the order sent (all wait as long)."""
+        self._sweep = None
+        unacked, now = self._unacked, asyncio.get_running_loop().time()
+        while unacked and (unacked[0][1].done() or unacked[0][0] <= now):
+            _, waiter, client_id, packet_id = unacked.popleft()
+            if not waiter.done():
+                log.error("an MQTT delivery to %r failed and is skipped: no PUBACK for packet ID %d in %d s",
+                          client_id, packet_id, PUBACK_TIMEOUT_SECONDS)
+                waiter.cancel()
+        if unacked:
+            self._sweep = asyncio.get_running_loop().call_later(max(unacked[0][0] - now, 0.1), self._give_up)
 
     def add_local(self, local: LocalClient) -> None:
         self._locals.append(local)
@@ -397,6 +417,8 @@ class _IsolatingBroker(Broker):
     async def shutdown(self) -> None:
         for task in list(self._deliveries):
             task.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
         await super().shutdown()
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
@@ -412,19 +434,10 @@ class _IsolatingBroker(Broker):
                 await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
 
 
-def _give_up(waiter: asyncio.Future[Any], client_id: str, packet_id: int) -> None:
-    """As amqtt's QoS 1 flow when no PUBACK came in time: the message is dropped from the session."""
-    if not waiter.done():
-        log.error("an MQTT delivery to %r failed and is skipped: no PUBACK for packet ID %d in %d s", client_id,
-                  packet_id, PUBACK_TIMEOUT_SECONDS)
-        waiter.cancel()
-
-
 def _released(waiter: asyncio.Future[Any], handler: BrokerProtocolHandler, session: Any,
-              message: OutgoingApplicationMessage, timer: asyncio.TimerHandle) -> None:
+              message: OutgoingApplicationMessage) -> None:
     """A QoS 1 message's flow ended (acknowledged, given up, or its connection stopped): forgotten, as
     amqtt forgets it then."""
-    timer.cancel()
     packet_id = message.packet_id
     if handler._puback_waiters.get(packet_id) is waiter:
         del handler._puback_waiters[packet_id]
@@ -457,8 +470,11 @@ class LocalClient:
 
     The topic policy applies to it as to any client: it publishes, and receives, as username."""
 
+    WANTS_REMEMBERED = 4096  # topics whose match against the filters is remembered, then forgotten at once
+
     def __init__(self, broker: _IsolatingBroker, username: str, filters: list[str], receive: Receive) -> None:
-        self._broker, self.username, self.filters, self.receive = broker, username, list(filters), receive
+        self._broker, self.username, self.filters, self.receive = broker, username, tuple(filters), receive
+        self._wanted: dict[str, bool] = {}
 
     def hand_over(self, topic: str, data: bytes, retained: bool) -> None:
         """receive(), its failure logged: it must not end the connection of the client that published."""
@@ -468,7 +484,12 @@ class LocalClient:
             log.exception("the local client %r failed to take a message on %r", self.username, topic)
 
     def wants(self, topic: str, matches: Callable[[str, str], bool]) -> bool:
-        return any(matches(topic, topic_filter) for topic_filter in self.filters)
+        wanted = self._wanted.get(topic)
+        if wanted is None:
+            if len(self._wanted) >= self.WANTS_REMEMBERED:
+                self._wanted.clear()
+            wanted = self._wanted[topic] = any(matches(topic, topic_filter) for topic_filter in self.filters)
+        return wanted
 
     def publish(self, topic: str, data: bytes, retain: bool, qos: int) -> None:
         """Route a message now, and retain it if asked. Raises ValueError for a topic no client may publish on."""
