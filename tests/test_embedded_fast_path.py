@@ -9,6 +9,7 @@ on plain amqtt, nothing would be routed, acknowledged or answered.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Iterator
 
@@ -153,3 +154,29 @@ def test_a_head_never_acknowledged_is_given_up_after_five_seconds_the_device_kep
         wait_until(lambda: inflight(running, "dev-a") == 0, 2, "the second head's PUBACK to release it")
     finally:
         service.close()
+
+
+def test_the_framer_cuts_whole_packets_from_chunks_and_checks_sizes_from_the_header() -> None:
+    from ota_bridge.embedded_broker.wire import PacketFramer, PacketTooLarge, WireError  # noqa: PLC0415
+
+    async def frames(chunks: list[bytes], limit: int = 1 << 20) -> list[bytes | None]:
+        reader = asyncio.StreamReader()
+        for chunk in chunks:
+            reader.feed_data(chunk)
+        reader.feed_eof()
+        framer, got = PacketFramer(reader, limit), []
+        while (packet := await framer.next()) is not None:
+            got.append(packet)
+        return got
+
+    packets = [publish_packet("t/a", b"x" * size, qos=1, packet_id=1) for size in (0, 1, 200, 70_000)]
+    stream = b"".join(packets) + b"\xc0\x00"
+    assert asyncio.run(frames([stream])) == [*packets, b"\xc0\x00"]
+    assert asyncio.run(frames([stream[i:i + 3] for i in range(0, len(stream), 3)])) == [*packets, b"\xc0\x00"]
+    assert asyncio.run(frames([b"\xc0", b"\x00"])) == [b"\xc0\x00"]
+    with pytest.raises(PacketTooLarge):
+        asyncio.run(frames([packets[3][:5]], limit=65_536))  # from its header alone
+    with pytest.raises(WireError):
+        asyncio.run(frames([b"\x30\xff\xff\xff\xff\x01"]))
+    with pytest.raises(asyncio.IncompleteReadError):
+        asyncio.run(frames([packets[2][:-1]]))

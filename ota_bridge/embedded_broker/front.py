@@ -32,6 +32,7 @@ from .wire import (
     MAX_PACKET_BYTES,
     NOT_AUTHORIZED,
     Connect,
+    PacketFramer,
     Refused,
     WireError,
     connack,
@@ -58,7 +59,7 @@ class PacketReader:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes, who: str,
                  keep_alive: int) -> None:
-        self._reader, self._writer, self._who = reader, writer, who
+        self._framer, self._writer, self._who = PacketFramer(reader, MAX_PACKET_BYTES), writer, who
         self._first: bytes | None = first
         self._loop = asyncio.get_running_loop()
         self._limit = keep_alive * KEEP_ALIVE_FACTOR
@@ -72,7 +73,7 @@ class PacketReader:
             first, self._first = self._first, None
             return first
         try:
-            packet = await read_packet(self._reader, MAX_PACKET_BYTES) or b""
+            packet = await self._framer.next() or b""
         except (WireError, asyncio.IncompleteReadError, ConnectionError) as e:
             if isinstance(e, WireError):
                 log.warning("MQTT client %s disconnected: %s", self._who, e)
