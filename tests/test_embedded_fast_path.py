@@ -10,6 +10,7 @@ on plain amqtt, nothing would be routed, acknowledged or answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, Iterator
 
@@ -45,6 +46,13 @@ def running(monkeypatch: pytest.MonkeyPatch) -> Iterator[Running]:
     assert handled == broker.to_amqtt  # type: ignore[attr-defined]
 
 
+@pytest.fixture
+def service(running: Running) -> Iterator[Attached]:
+    """The service attached in-process (this module's: not conftest's service process)."""
+    with contextlib.closing(Attached(running)) as attached:
+        yield attached
+
+
 def inflight(running: Running, client_id: str) -> int:
     async def count() -> int:
         session, _ = running.broker.core._broker._sessions[client_id]
@@ -53,107 +61,89 @@ def inflight(running: Running, client_id: str) -> int:
     return running.call(count())
 
 
-def test_a_devices_publishes_are_routed_and_acknowledged_without_amqtts_reader_loop(running: Running) -> None:
-    service = Attached(running)
-    try:
-        device = running.device("dev-a")
-        device.publish(TOPICS.status("dev-a"), b"qos1", qos=1)  # its PUBACK read, or the test fails here
-        device.publish(TOPICS.status("dev-a"), b"qos0")
-        device.publish(TOPICS.presence("dev-a"), b"online", qos=1, retain=True)
-        assert service.received(3) == [(TOPICS.status("dev-a"), b"qos1", False),
-                                       (TOPICS.status("dev-a"), b"qos0", False),
-                                       (TOPICS.presence("dev-a"), b"online", False)]
-        assert device.alive()  # PINGREQ answered
-        watcher = running.login("watcher", OPERATOR_USERNAME, TOKEN)
-        assert watcher.subscribe(TOPICS.presence("+")) == 1
-        assert watcher.messages(QUIET) == [(TOPICS.presence("dev-a"), b"online")]  # retained
-    finally:
-        service.close()
+def unacknowledged_head(running: Running, service: Attached, head: bytes, clean: bool) -> RawClient:
+    """dev-a subscribed to its heads, sent one it has not read (so not acknowledged)."""
+    device = RawClient(running.port)
+    running.opened.append(device)
+    assert device.connect("dev-a", "dev-a", "pw-a", clean=clean) == 0
+    assert device.subscribe(TOPICS.job("dev-a")) == 1
+    service.publish((TOPICS.job("dev-a"), head, True))
+    time.sleep(QUIET / 2)
+    assert inflight(running, "dev-a") == 1
+    return device
 
 
-def test_a_burst_of_publishes_arrives_in_order_each_acknowledged(running: Running) -> None:
-    service = Attached(running)
-    try:
-        device = running.device("dev-a")
-        payloads = [b"m%d" % n for n in range(200)]
-        device.send(b"".join(publish_packet(TOPICS.status("dev-a"), p, qos=1, packet_id=n + 1)
-                             for n, p in enumerate(payloads)))
-        acks = [device.read(PUBACK).body for _ in payloads]
-        assert acks == [(n + 1).to_bytes(2, "big") for n in range(200)]
-        assert [payload for _, payload, _ in service.received(200)] == payloads
-    finally:
-        service.close()
+def test_a_devices_publishes_are_routed_and_acknowledged_without_amqtts_reader_loop(
+        running: Running, service: Attached) -> None:
+    device = running.device("dev-a")
+    device.publish(TOPICS.status("dev-a"), b"qos1", qos=1)  # its PUBACK read, or the test fails here
+    device.publish(TOPICS.status("dev-a"), b"qos0")
+    device.publish(TOPICS.presence("dev-a"), b"online", qos=1, retain=True)
+    assert service.received(3) == [(TOPICS.status("dev-a"), b"qos1", False),
+                                   (TOPICS.status("dev-a"), b"qos0", False),
+                                   (TOPICS.presence("dev-a"), b"online", False)]
+    assert device.alive()  # PINGREQ answered
+    watcher = running.login("watcher", OPERATOR_USERNAME, TOKEN)
+    assert watcher.subscribe(TOPICS.presence("+")) == 1
+    assert watcher.messages(QUIET) == [(TOPICS.presence("dev-a"), b"online")]  # retained
 
 
-def test_the_topic_policy_holds_on_the_fast_path(running: Running) -> None:
-    service = Attached(running)
-    try:
-        device = running.device("dev-a")
-        device.publish(TOPICS.status("dev-b"), b"for another", qos=1)  # acknowledged, as amqtt does, not routed
-        device.publish(TOPICS.job("dev-a"), b"a head of its own", qos=1)
-        device.publish(TOPICS.presence("dev-b"), b"offline", qos=1, retain=True)
-        device.publish(TOPICS.status("dev-a"), b"mine", qos=1)
-        assert service.received(1) == [(TOPICS.status("dev-a"), b"mine", False)]
-        watcher = running.login("watcher", OPERATOR_USERNAME, TOKEN)
-        assert watcher.subscribe(TOPICS.device("+", "#")) == 1
-        assert watcher.messages(QUIET) == []  # nothing was retained
-    finally:
-        service.close()
+def test_a_burst_of_publishes_arrives_in_order_each_acknowledged(
+        running: Running, service: Attached) -> None:
+    device = running.device("dev-a")
+    payloads = [b"m%d" % n for n in range(200)]
+    device.send(b"".join(publish_packet(TOPICS.status("dev-a"), p, qos=1, packet_id=n + 1)
+                         for n, p in enumerate(payloads)))
+    acks = [device.read(PUBACK).body for _ in payloads]
+    assert acks == [(n + 1).to_bytes(2, "big") for n in range(200)]
+    assert [payload for _, payload, _ in service.received(200)] == payloads
 
 
-def test_heads_are_written_to_the_device_at_once_and_released_by_its_puback(running: Running) -> None:
-    service = Attached(running)
-    try:
-        device = running.device("dev-a")
-        assert device.subscribe(TOPICS.job("dev-a")) == 1
-        heads = [(TOPICS.job("dev-a"), b"head %d" % n, True) for n in range(5)]
-        service.publish(*heads)
-        assert device.messages(QUIET) == [(topic, payload) for topic, payload, _ in heads]  # each acknowledged
-        wait_until(lambda: inflight(running, "dev-a") == 0, 2, "the PUBACKs to release the heads")
-    finally:
-        service.close()
+def test_the_topic_policy_holds_on_the_fast_path(
+        running: Running, service: Attached) -> None:
+    device = running.device("dev-a")
+    device.publish(TOPICS.status("dev-b"), b"for another", qos=1)  # acknowledged, as amqtt does, not routed
+    device.publish(TOPICS.job("dev-a"), b"a head of its own", qos=1)
+    device.publish(TOPICS.presence("dev-b"), b"offline", qos=1, retain=True)
+    device.publish(TOPICS.status("dev-a"), b"mine", qos=1)
+    assert service.received(1) == [(TOPICS.status("dev-a"), b"mine", False)]
+    watcher = running.login("watcher", OPERATOR_USERNAME, TOKEN)
+    assert watcher.subscribe(TOPICS.device("+", "#")) == 1
+    assert watcher.messages(QUIET) == []  # nothing was retained
 
 
-def test_an_unacknowledged_head_is_dropped_with_its_connection(running: Running) -> None:
+def test_heads_are_written_to_the_device_at_once_and_released_by_its_puback(
+        running: Running, service: Attached) -> None:
+    device = running.device("dev-a")
+    assert device.subscribe(TOPICS.job("dev-a")) == 1
+    heads = [(TOPICS.job("dev-a"), b"head %d" % n, True) for n in range(5)]
+    service.publish(*heads)
+    assert device.messages(QUIET) == [(topic, payload) for topic, payload, _ in heads]  # each acknowledged
+    wait_until(lambda: inflight(running, "dev-a") == 0, 2, "the PUBACKs to release the heads")
+
+
+def test_an_unacknowledged_head_is_dropped_with_its_connection(
+        running: Running, service: Attached) -> None:
     """As amqtt: a QoS 1 message the device never acknowledged is forgotten when its connection ends
     (amqtt#401; the retained head comes back at the next subscribe)."""
-    service = Attached(running)
-    try:
-        device = RawClient(running.port)
-        running.opened.append(device)
-        assert device.connect("dev-a", "dev-a", "pw-a", clean=False) == 0
-        assert device.subscribe(TOPICS.job("dev-a")) == 1
-        service.publish((TOPICS.job("dev-a"), b"the head", True))
-        time.sleep(QUIET / 2)  # read by nobody: no PUBACK
-        assert inflight(running, "dev-a") == 1
-        device.close()
-        wait_until(lambda: inflight(running, "dev-a") == 0, 5, "the connection's end to drop the head")
-        again = running.login("dev-a", "dev-a", "pw-a", clean=False)
-        assert again.subscribe(TOPICS.job("dev-a")) == 1
-        assert again.messages(QUIET) == [(TOPICS.job("dev-a"), b"the head")]
-    finally:
-        service.close()
+    device = unacknowledged_head(running, service, b"the head", clean=False)
+    device.close()
+    wait_until(lambda: inflight(running, "dev-a") == 0, 5, "the connection's end to drop the head")
+    again = running.login("dev-a", "dev-a", "pw-a", clean=False)
+    assert again.subscribe(TOPICS.job("dev-a")) == 1
+    assert again.messages(QUIET) == [(TOPICS.job("dev-a"), b"the head")]
 
 
-def test_a_head_never_acknowledged_is_given_up_after_five_seconds_the_device_kept(running: Running) -> None:
+def test_a_head_never_acknowledged_is_given_up_after_five_seconds_the_device_kept(
+        running: Running, service: Attached) -> None:
     """As amqtt's QoS 1 flow: no PUBACK within 5 s and the message leaves the session (logged); the
     connection stays, and the next head still reaches the device."""
-    service = Attached(running)
-    try:
-        device = RawClient(running.port)
-        running.opened.append(device)
-        assert device.connect("dev-a", "dev-a", "pw-a") == 0
-        assert device.subscribe(TOPICS.job("dev-a")) == 1
-        service.publish((TOPICS.job("dev-a"), b"first", True))
-        time.sleep(QUIET / 2)  # read by nobody: no PUBACK
-        assert inflight(running, "dev-a") == 1
-        wait_until(lambda: inflight(running, "dev-a") == 0, 8, "the head to be given up")
-        service.publish((TOPICS.job("dev-a"), b"second", True))
-        running.to_amqtt = ["handle_puback"]  # type: ignore[attr-defined]  # the late one for "first": unknown
-        assert device.messages(QUIET) == [(TOPICS.job("dev-a"), b"first"), (TOPICS.job("dev-a"), b"second")]
-        wait_until(lambda: inflight(running, "dev-a") == 0, 2, "the second head's PUBACK to release it")
-    finally:
-        service.close()
+    device = unacknowledged_head(running, service, b"first", clean=True)
+    wait_until(lambda: inflight(running, "dev-a") == 0, 8, "the head to be given up")
+    service.publish((TOPICS.job("dev-a"), b"second", True))
+    running.to_amqtt = ["handle_puback"]  # type: ignore[attr-defined]  # the late one for "first": unknown
+    assert device.messages(QUIET) == [(TOPICS.job("dev-a"), b"first"), (TOPICS.job("dev-a"), b"second")]
+    wait_until(lambda: inflight(running, "dev-a") == 0, 2, "the second head's PUBACK to release it")
 
 
 def test_the_framer_cuts_whole_packets_from_chunks_and_checks_sizes_from_the_header() -> None:
