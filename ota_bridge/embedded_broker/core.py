@@ -290,6 +290,8 @@ class _IsolatingBroker(Broker):
         # QoS 1 messages written by _send_now, oldest first: (when to give up, waiter, client id, packet id)
         self._unacked: collections.deque[tuple[float, asyncio.Future[Any], str, int]] = collections.deque()
         self._sweep: asyncio.TimerHandle | None = None
+        # how many deliveries amqtt's own flow has yet to finish, by client handler: _send_now waits for them
+        self._queued: dict[BrokerProtocolHandler, int] = {}
 
     def fast_path(self) -> bool:
         """Whether packets may skip amqtt's loop: no plugin listens to the events it would not fire."""
@@ -326,7 +328,7 @@ class _IsolatingBroker(Broker):
                 continue
             handler = self._get_handler(target)
             if handler is not None and not self._send_now(handler, target, topic, data, qos):
-                self._deliver(handler.mqtt_publish(topic, data, qos, retain=False))
+                self._deliver(handler.mqtt_publish(topic, data, qos, retain=False), handler)
         for local in self._locals:
             if local.wants(topic, self._matches) and self._policy.allows(local.username, topic, Action.RECEIVE):
                 local.hand_over(topic, bytes(data), False)
@@ -338,8 +340,9 @@ class _IsolatingBroker(Broker):
         waiter where amqtt's own would be, until it comes, the connection ends or PUBACK_TIMEOUT_SECONDS
         pass. False: amqtt's own flow must send it (QoS 2, a handler not yet or no longer attached)."""
         writer = handler.writer
-        if qos not in (QOS_0, QOS_1) or writer is None or handler.session is not session or not self._fast:
-            return False
+        if (qos not in (QOS_0, QOS_1) or writer is None or handler.session is not session or not self._fast
+                or handler._write_lock.locked() or handler in self._queued):
+            return False  # amqtt's flow, and after what it is still to write to this client: the order holds
         if qos == QOS_0:
             writer.write(_publish_packet(topic.encode(), data, QOS_0, 0))
             return True
@@ -404,12 +407,18 @@ class _IsolatingBroker(Broker):
         return [(topic, bytes(retained.data)) for topic, retained in list(self._retained_messages.items())
                 if local.wants(topic, self._matches) and self._policy.allows(local.username, topic, Action.RECEIVE)]
 
-    def _deliver(self, delivery: Awaitable[Any]) -> None:
+    def _deliver(self, delivery: Awaitable[Any], handler: BrokerProtocolHandler) -> None:
         task = asyncio.ensure_future(delivery)
         self._deliveries.add(task)
-        task.add_done_callback(self._delivered)
+        self._queued[handler] = self._queued.get(handler, 0) + 1
+        task.add_done_callback(lambda done: self._delivered(done, handler))
 
-    def _delivered(self, task: asyncio.Task[Any]) -> None:
+    def _delivered(self, task: asyncio.Task[Any] | None, handler: BrokerProtocolHandler) -> None:
+        left = self._queued.pop(handler, 1) - 1
+        if left:
+            self._queued[handler] = left
+        if task is None:
+            return
         self._deliveries.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("an MQTT delivery failed and is skipped: %r", task.exception())
@@ -420,6 +429,19 @@ class _IsolatingBroker(Broker):
         if self._sweep is not None:
             self._sweep.cancel()
         await super().shutdown()
+
+    async def _publish_session_retained_messages(self, session: Any) -> None:
+        """amqtt's, sending what was kept for a persistent session while it was away (a task each, in
+        order); meanwhile a message routed to the client goes after them, through amqtt's flow."""
+        handler = self._get_handler(session)
+        if handler is None:
+            await super()._publish_session_retained_messages(session)
+            return
+        self._queued[handler] = self._queued.get(handler, 0) + 1
+        try:
+            await super()._publish_session_retained_messages(session)
+        finally:
+            self._delivered(None, handler)
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
         topic_filter, qos = subscription
