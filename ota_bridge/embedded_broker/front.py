@@ -10,8 +10,9 @@ admitted client, it makes room for the session (a session of the same client id 
 user is dropped, never merged into; a connected one is disconnected first, its will sent) and
 hands the connection to amqtt in the same process, replaying the CONNECT as it checked it.
 
-Every later packet is read whole by the front too, its size checked from the fixed header
-before the body is read: a client sending a packet over MAX_PACKET_BYTES is disconnected.
+Every later packet is read whole by the front too (wire.PacketFramer), its size checked from
+the fixed header before the rest of it is waited for: a client sending a packet over
+MAX_PACKET_BYTES is disconnected.
 """
 
 from __future__ import annotations
