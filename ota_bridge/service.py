@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import errno
 import hashlib
-import hmac
 import logging
 import shlex
 import signal
@@ -261,8 +260,7 @@ async def _broker_link(settings: Settings, db: Store, dispatcher: Dispatcher,
         if username is None and (settings.mosquitto_dir is not None or settings.mosquitto_dynsec):  # its own
             username, password = _service_login(settings)
         return _link(url.host, url.port, username, password, dispatcher, tls.broker_client_context(settings)), None
-    secret = credentials.new_secret()  # for a client in the service's name over TCP; the service itself is in-process
-    broker = await _start_embedded(settings, BrokerLogins(db, secret))
+    broker = await _start_embedded(settings, BrokerLogins(db))  # the service itself is in-process
     stack.push_async_callback(broker.shutdown)
     link = ServiceLink(broker.core, dispatcher.subscriptions, on_message=dispatcher.deliver,
                        on_connect=dispatcher.on_connected)
@@ -326,7 +324,7 @@ async def _start_embedded(settings: Settings, logins: BrokerLogins) -> EmbeddedB
         tls_listener = TlsListener(settings.mqtt_tls_listen, settings.tls_cert, settings.tls_key)
     try:
         return await start_broker(settings.mqtt_listen, logins, TopicPolicy(Topics(settings.prefix)),
-                                  tls_listener)
+                                  tls_listener, service_in_process=True)
     except ListenError as e:
         if e.listener == "tls" and tls_listener is not None:
             raise _port_error(e, tls_listener.listen, "mqtt_tls_listen") from e
@@ -345,15 +343,17 @@ def _link(host: str, port: int, username: str | None, password: str | None, disp
 
 
 class BrokerLogins:
-    """Who may log in to the embedded broker, asked of the database (embedded_broker.Logins)."""
+    """Who may log in to the embedded broker, asked of the database (embedded_broker.Logins). Never in
+    the service's name: the service is attached to its broker in-process (and the broker refuses that
+    name over a connection before asking)."""
 
-    def __init__(self, db: Store, service_secret: str) -> None:
-        self.db, self._service_secret = db, service_secret.encode()
+    def __init__(self, db: Store) -> None:
+        self.db = db
         self._verified: dict[str, tuple[str, bytes]] = {}  # device id -> (its stored hash, digest of a password)
 
     async def check(self, login: Login) -> bool:
         if login.username == SERVICE_USERNAME:
-            return self._is_service(login)
+            return False
         if login.username == OPERATOR_USERNAME:  # any client id but one that would take over a session
             return (login.client_id not in RESERVED_DEVICE_IDS
                     and await self.db.call(tokens.check_token, login.password)
@@ -371,7 +371,7 @@ class BrokerLogins:
 
     def _still_valid(self, login: Login, accounts: dict[str, str], hashes: set[str], device_ids: set[str]) -> bool:
         if login.username == SERVICE_USERNAME:
-            return self._is_service(login)
+            return False
         if login.username == OPERATOR_USERNAME:
             return (credentials.token_hash(login.password) in hashes and login.client_id not in device_ids
                     and login.client_id not in RESERVED_DEVICE_IDS)
@@ -386,10 +386,6 @@ class BrokerLogins:
             return False
         self._verified[login.username] = (stored, digest)
         return True
-
-    def _is_service(self, login: Login) -> bool:
-        return login.client_id == SERVICE_CLIENT_ID and hmac.compare_digest(login.password.encode(),
-                                                                            self._service_secret)
 
 
 @contextlib.asynccontextmanager

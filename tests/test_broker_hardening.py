@@ -49,13 +49,14 @@ class FixedLogins:
 class BrokerThread:
     """A real embedded broker on an ephemeral port, its event loop on a thread of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, service_in_process: bool = False) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.port = free_port()
         self.broker: EmbeddedBroker = self.call(
-            start_broker(HostPort("127.0.0.1", self.port), FixedLogins(), TopicPolicy(TOPICS)))
+            start_broker(HostPort("127.0.0.1", self.port), FixedLogins(), TopicPolicy(TOPICS),
+                         service_in_process=service_in_process))
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
@@ -130,6 +131,24 @@ def test_a_refused_connect_in_the_services_name_leaves_its_session_alone(
     assert service.alive()
     device(broker, clients, "dev-a").publish(TOPICS.status("dev-a"), b"result", qos=1)
     assert (TOPICS.status("dev-a"), b"result") in service.messages(QUIET)
+
+
+def test_the_services_own_login_is_refused_over_tcp_when_it_is_attached_in_process() -> None:
+    """The service talks to its embedded broker in-process (service_link.py): its name, even with
+    the right secret, is no login for a connection, which could otherwise read every device's messages."""
+    running = BrokerThread(service_in_process=True)
+    try:
+        before = running.session_count()
+        for clean in (True, False):
+            client = running.client()
+            try:
+                assert client.connect(SERVICE_ID, SERVICE_USERNAME, SERVICE_SECRET, clean=clean) == 5
+            finally:
+                client.close()
+        assert running.session_count() == before
+        running.login("dev-a", "dev-a", DEVICES["dev-a"]).close()  # devices still log in
+    finally:
+        running.close()
 
 
 def test_a_refused_clients_will_is_never_merged_into_a_session(broker: BrokerThread, clients: list[RawClient]) -> None:

@@ -4,8 +4,8 @@ A front of our own (front.py) owns the sockets and checks every CONNECT whole be
 (core.py, the only place amqtt's internals are reached into) sees the connection; it also
 caps every packet's size. Every client authenticates: devices with the credentials from their
 registration, operators watching topics with username "api" and an API token as the password
-(the service's own name takes a secret made at start-up that no client is given: the service is
-attached to the broker inside its process, service_link.py). Every few seconds the credentials of every
+(the service is attached to the broker inside its process, service_link.py: its own name is
+refused over a connection). Every few seconds the credentials of every
 session are checked again, and the sessions of a revoked token or a disabled, rotated or
 deleted device are dropped. Every subscribe, publish and delivery is checked against
 TopicPolicy: a device sees and writes only its own topics.
@@ -54,9 +54,9 @@ class ListenError(OSError):
 class EmbeddedBroker:
     """The running broker: its listeners, the amqtt core behind them, the re-check of logins."""
 
-    def __init__(self, logins: Logins, policy: TopicPolicy, core: AmqttCore) -> None:
+    def __init__(self, logins: Logins, policy: TopicPolicy, core: AmqttCore, service_in_process: bool = False) -> None:
         self.logins, self.core = logins, core
-        self.front = Front(core, logins, policy)
+        self.front = Front(core, logins, policy, service_in_process)
         self._servers: list[asyncio.Server] = []
         self._recheck: asyncio.Task[None] | None = None
 
@@ -121,14 +121,16 @@ def server_tls_context(tls: TlsListener) -> ssl.SSLContext:
 
 
 async def start_broker(listen: HostPort, logins: Logins, policy: TopicPolicy,
-                       tls: TlsListener | None = None) -> EmbeddedBroker:
-    """Start the broker on listen (and tls); the caller shuts it down.
+                       tls: TlsListener | None = None, *, service_in_process: bool = False) -> EmbeddedBroker:
+    """Start the broker on listen (and tls); the caller shuts it down. With service_in_process (the
+    service attaches with service_link.ServiceLink), a login in the service's name over a connection is
+    refused before the logins are asked.
 
     Raises ListenError, naming the listener, when one cannot bind or its certificate cannot be read.
     """
     core = AmqttCore(["default", "tls"], policy)
     await core.start()
-    broker = EmbeddedBroker(logins, policy, core)
+    broker = EmbeddedBroker(logins, policy, core, service_in_process)
     try:
         await broker.listen("default", listen, None)
         if tls is not None:

@@ -10,12 +10,22 @@ that passed the front.
 The service itself is a `LocalClient` (`AmqttCore.attach`): a client inside this process, with
 no socket and no packets, whose publishes are routed when made and to which device messages are
 handed as they are routed.
+
+The packets a device sends most, and those sent to it, skip amqtt's per-packet machinery
+(`_FastPath`): a QoS 0 or 1 PUBLISH is checked against the topic policy and routed as the front
+reads it, a PUBACK releases its message, a PINGREQ is answered, each without a task; a message
+routed to a connected client is written to it at once, its PUBACK awaited without a task or a
+timer of its own. Everything else (CONNECT, SUBSCRIBE, UNSUBSCRIBE, DISCONNECT, QoS 2, anything
+odd) still goes through amqtt's own reader loop, which also takes every packet while a plugin
+listens to amqtt's per-packet or per-message events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -23,8 +33,13 @@ from typing import Any, Awaitable, Callable
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action
-from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.errors import AMQTTError
+from amqtt.events import BrokerEvents, MQTTEvents
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import OutgoingApplicationMessage
 
 from .policy import Login, TopicPolicy
 
@@ -32,8 +47,8 @@ log = logging.getLogger(__name__)
 
 TAKEOVER_WAIT_SECONDS = 5.0  # how long a replaced connection gets to wind down (its will sent)
 
-# Reads up to n bytes of the client's stream ("" at its end), whole packets at a time.
-PacketSource = Callable[[int], Awaitable[bytes]]
+# The client's next whole packet, fixed header included (b"" at the end of its stream).
+PacketSource = Callable[[], Awaitable[bytes]]
 # What a LocalClient is handed for each message routed to it: topic, payload, retained.
 Receive = Callable[[str, bytes, bool], None]
 
@@ -67,15 +82,131 @@ class TopicPolicyPlugin(BaseTopicPlugin):
         return policy_allows(self.config.policy, session, topic, action)
 
 
+PUBACK_TIMEOUT_SECONDS = 5  # as amqtt's QoS 1 flow: then the message is given up and the failure logged
+# The events amqtt fires for the packets and messages the fast path handles: while a plugin listens
+# to one of them, every packet goes through amqtt's own loop so that it hears them all.
+FAST_PATH_EVENTS = (MQTTEvents.PACKET_RECEIVED, MQTTEvents.PACKET_SENT, BrokerEvents.MESSAGE_RECEIVED,
+                    BrokerEvents.MESSAGE_BROADCAST, BrokerEvents.RETAINED_MESSAGE)
+PINGREQ_PACKET, PINGRESP_PACKET = b"\xc0\x00", b"\xd0\x00"
+PUBLISH_TYPE, PUBACK_TYPE = 3, 4
+
+
 class _FrontReader(ReaderAdapter):
-    def __init__(self, source: PacketSource) -> None:
-        self._source = source
+    """The front's whole packets, handed to amqtt as it reads them (a few bytes at a time), less
+    those the fast path took."""
+
+    def __init__(self, source: PacketSource, fast: _FastPath | None) -> None:
+        self._source, self._fast = source, fast
+        self._packet, self._offset = b"", 0
 
     async def read(self, n: int = -1) -> bytes:
-        return await self._source(n)
+        if self._offset >= len(self._packet):
+            packet = await self._source()
+            while packet and self._fast is not None and self._fast.took(packet, self):
+                packet = await self._source()
+            self._packet, self._offset = packet, 0
+        end = len(self._packet) if n < 0 else min(self._offset + n, len(self._packet))
+        chunk, self._offset = self._packet[self._offset:end], end
+        return chunk
 
     def feed_eof(self) -> None:
         pass
+
+
+class _FastPath:
+    """One connection's PUBLISH (QoS 0 and 1), PUBACK and PINGREQ, handled as amqtt would without its
+    task per packet, its queue of delivered messages and its client loop's four waiters per message.
+
+    A PUBLISH is checked (a topic name, then TopicPolicy) and routed, retained if flagged, then
+    acknowledged: once a device has its PUBACK, the message is with every subscriber's connection or
+    session (the service's: handed over). A packet this path does not know how to take exactly as
+    amqtt would (a topic amqtt closes the connection for, QoS 2, a DUP QoS 0, a PUBACK nobody waits
+    for, a malformed packet) is handed to amqtt's reader loop unchanged.
+    """
+
+    def __init__(self, broker: _IsolatingBroker, client_id: str) -> None:
+        self._broker, self._client_id = broker, client_id
+
+    def took(self, packet: bytes, reader: _FrontReader) -> bool:
+        """Handle packet if it is one of the fast path's; False hands it to amqtt."""
+        kind = packet[0] >> 4
+        if kind == PUBLISH_TYPE:
+            taker = self._publish
+        elif kind == PUBACK_TYPE:
+            taker = self._puback
+        elif packet == PINGREQ_PACKET:
+            taker = self._pingreq
+        else:
+            return False
+        handler = self._broker.connected_handler(self._client_id, reader)
+        return handler is not None and taker(packet, handler)
+
+    def _publish(self, packet: bytes, handler: BrokerProtocolHandler) -> bool:
+        flags = packet[0] & 0x0F
+        qos = flags >> 1 & 3
+        if qos not in (QOS_0, QOS_1) or flags & 0x08:  # QoS 2 and 3, and DUP (amqtt drops a DUP QoS 0)
+            return False
+        start = _body_start(packet)
+        if start + 2 > len(packet):
+            return False
+        topic_end = start + 2 + (packet[start] << 8 | packet[start + 1])
+        body = topic_end + (2 if qos else 0)
+        if body > len(packet):
+            return False
+        try:
+            topic = packet[start + 2:topic_end].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
+            return False  # amqtt ends the connection
+        session, broker = handler.session, self._broker
+        if policy_allows(broker._policy, session, topic, Action.PUBLISH):
+            data = packet[body:]
+            broker._route(session, topic, data)
+            if flags & 0x01:
+                broker._retain(topic, data, qos, session)
+        if qos:
+            handler.writer.write(b"\x40\x02" + packet[topic_end:body])  # type: ignore[union-attr]
+        return True
+
+    @staticmethod
+    def _puback(packet: bytes, handler: BrokerProtocolHandler) -> bool:
+        if len(packet) != 4 or packet[:2] != b"\x40\x02":
+            return False
+        packet_id = packet[2] << 8 | packet[3]
+        waiter = handler._puback_waiters.get(packet_id)
+        if waiter is None or waiter.done():
+            return False  # amqtt says so in its log
+        waiter.set_result(PubackPacket.build(packet_id))
+        return True
+
+    @staticmethod
+    def _pingreq(packet: bytes, handler: BrokerProtocolHandler) -> bool:
+        handler.writer.write(PINGRESP_PACKET)  # type: ignore[union-attr]
+        return True
+
+
+def _body_start(packet: bytes) -> int:
+    """Where a whole packet's variable header starts, after its remaining length."""
+    index = 1
+    while packet[index] & 0x80:
+        index += 1
+    return index + 1
+
+
+def _remaining_length(length: int) -> bytes:
+    if length < 128:
+        return bytes((length,))
+    out = bytearray()
+    while length:
+        byte, length = length & 0x7F, length >> 7
+        out.append(byte | (0x80 if length else 0))
+    return bytes(out)
+
+
+def _publish_packet(topic: bytes, data: bytes | bytearray, qos: int, packet_id: int) -> bytes:
+    variable = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", packet_id) if qos else b"")
+    return bytes((0x30 | qos << 1,)) + _remaining_length(len(variable) + len(data)) + variable + bytes(data)
 
 
 class _Holders(list):  # type: ignore[type-arg]
@@ -155,6 +286,25 @@ class _IsolatingBroker(Broker):
         self._policy = policy
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._locals: list[LocalClient] = []
+        self._fast = False  # set at start (fast_path)
+        # QoS 1 messages written by _send_now, oldest first: (when to give up, waiter, client id, packet id)
+        self._unacked: collections.deque[tuple[float, asyncio.Future[Any], str, int]] = collections.deque()
+        self._sweep: asyncio.TimerHandle | None = None
+        # how many deliveries amqtt's own flow has yet to finish, by client handler: _send_now waits for them
+        self._queued: dict[BrokerProtocolHandler, int] = {}
+
+    def fast_path(self) -> bool:
+        """Whether packets may skip amqtt's loop: no plugin listens to the events it would not fire."""
+        listened = self.plugins_manager._event_plugin_callbacks
+        return not any(listened.get(event) for event in FAST_PATH_EVENTS)
+
+    def connected_handler(self, client_id: str, reader: ReaderAdapter) -> BrokerProtocolHandler | None:
+        """The handler amqtt runs for this connection (the one reading from reader), once it is connected."""
+        session, handler = self._sessions.get(client_id, (None, None))
+        if (handler is None or handler.reader is not reader or handler.writer is None or handler.session is not session
+                or session.transitions.state != "connected"):
+            return None
+        return handler
 
     async def _topic_filtering(self, session: Any, topic: str, action: Action) -> bool:
         return policy_allows(self._policy, session, topic, action)
@@ -177,11 +327,55 @@ class _IsolatingBroker(Broker):
                     target.retained_messages.put_nowait(kept)  # amqtt's queue is unbounded
                 continue
             handler = self._get_handler(target)
-            if handler is not None:
-                self._deliver(handler.mqtt_publish(topic, data, qos, retain=False))
+            if handler is not None and not self._send_now(handler, target, topic, data, qos):
+                self._deliver(handler.mqtt_publish(topic, data, qos, retain=False), handler)
         for local in self._locals:
             if local.wants(topic, self._matches) and self._policy.allows(local.username, topic, Action.RECEIVE):
                 local.hand_over(topic, bytes(data), False)
+
+    def _send_now(self, handler: BrokerProtocolHandler, session: Any, topic: str, data: bytes | bytearray,
+                  qos: int) -> bool:
+        """amqtt's mqtt_publish for QoS 0 and 1 without its task, lock and timed wait: the PUBLISH is
+        written now; a QoS 1 message stays in the session's inflight messages, its PUBACK awaited by a
+        waiter where amqtt's own would be, until it comes, the connection ends or PUBACK_TIMEOUT_SECONDS
+        pass. False: amqtt's own flow must send it (QoS 2, a handler not yet or no longer attached)."""
+        writer = handler.writer
+        if (qos not in (QOS_0, QOS_1) or writer is None or handler.session is not session or not self._fast
+                or handler._write_lock.locked() or handler in self._queued):
+            return False  # amqtt's flow, and after what it is still to write to this client: the order holds
+        if qos == QOS_0:
+            writer.write(_publish_packet(topic.encode(), data, QOS_0, 0))
+            return True
+        try:
+            packet_id = session.next_packet_id
+        except AMQTTError as e:  # 65535 messages unacknowledged
+            log.error("an MQTT delivery to %r failed and is skipped: %s", session.client_id, e)
+            return True
+        message = OutgoingApplicationMessage(packet_id, topic, QOS_1, data, False)
+        session.inflight_out[packet_id] = message
+        writer.write(_publish_packet(topic.encode(), data, QOS_1, packet_id))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[PubackPacket] = loop.create_future()
+        handler._puback_waiters[packet_id] = waiter
+        waiter.add_done_callback(lambda done: _released(done, handler, session, message))
+        self._unacked.append((loop.time() + PUBACK_TIMEOUT_SECONDS, waiter, session.client_id, packet_id))
+        if self._sweep is None:
+            self._sweep = loop.call_later(PUBACK_TIMEOUT_SECONDS, self._give_up)
+        return True
+
+    def _give_up(self) -> None:
+        """As amqtt's QoS 1 flow when no PUBACK came in time: the message is dropped from the session.
+        One timer for all the messages sent, in the order sent (all wait as long)."""
+        self._sweep = None
+        unacked, now = self._unacked, asyncio.get_running_loop().time()
+        while unacked and (unacked[0][1].done() or unacked[0][0] <= now):
+            _, waiter, client_id, packet_id = unacked.popleft()
+            if not waiter.done():
+                log.error("an MQTT delivery to %r failed and is skipped: no PUBACK for packet ID %d in %d s",
+                          client_id, packet_id, PUBACK_TIMEOUT_SECONDS)
+                waiter.cancel()
+        if unacked:
+            self._sweep = asyncio.get_running_loop().call_later(max(unacked[0][0] - now, 0.1), self._give_up)
 
     def add_local(self, local: LocalClient) -> None:
         self._locals.append(local)
@@ -201,10 +395,10 @@ class _IsolatingBroker(Broker):
         if retain:
             self._retain(topic, data, qos)
 
-    def _retain(self, topic: str, data: bytes, qos: int) -> None:
+    def _retain(self, topic: str, data: bytes | bytearray, qos: int, source: Any = None) -> None:
         """amqtt's retain_message without its event (no plugin here listens): an empty payload clears."""
         if data:
-            self._retained_messages[topic] = RetainedApplicationMessage(None, topic, data, qos)
+            self._retained_messages[topic] = RetainedApplicationMessage(source, topic, data, qos)
         else:
             self._retained_messages.pop(topic, None)
 
@@ -213,12 +407,18 @@ class _IsolatingBroker(Broker):
         return [(topic, bytes(retained.data)) for topic, retained in list(self._retained_messages.items())
                 if local.wants(topic, self._matches) and self._policy.allows(local.username, topic, Action.RECEIVE)]
 
-    def _deliver(self, delivery: Awaitable[Any]) -> None:
+    def _deliver(self, delivery: Awaitable[Any], handler: BrokerProtocolHandler) -> None:
         task = asyncio.ensure_future(delivery)
         self._deliveries.add(task)
-        task.add_done_callback(self._delivered)
+        self._queued[handler] = self._queued.get(handler, 0) + 1
+        task.add_done_callback(lambda done: self._delivered(done, handler))
 
-    def _delivered(self, task: asyncio.Task[Any]) -> None:
+    def _delivered(self, task: asyncio.Task[Any] | None, handler: BrokerProtocolHandler) -> None:
+        left = self._queued.pop(handler, 1) - 1
+        if left:
+            self._queued[handler] = left
+        if task is None:
+            return
         self._deliveries.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("an MQTT delivery failed and is skipped: %r", task.exception())
@@ -226,7 +426,22 @@ class _IsolatingBroker(Broker):
     async def shutdown(self) -> None:
         for task in list(self._deliveries):
             task.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
         await super().shutdown()
+
+    async def _publish_session_retained_messages(self, session: Any) -> None:
+        """amqtt's, sending what was kept for a persistent session while it was away (a task each, in
+        order); meanwhile a message routed to the client goes after them, through amqtt's flow."""
+        handler = self._get_handler(session)
+        if handler is None:
+            await super()._publish_session_retained_messages(session)
+            return
+        self._queued[handler] = self._queued.get(handler, 0) + 1
+        try:
+            await super()._publish_session_retained_messages(session)
+        finally:
+            self._delivered(None, handler)
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
         topic_filter, qos = subscription
@@ -239,6 +454,19 @@ class _IsolatingBroker(Broker):
         for topic, retained in list(self._retained_messages.items()):
             if self._matches(topic, topic_filter) and await self._topic_filtering(session, topic, Action.RECEIVE):
                 await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
+
+
+def _released(waiter: asyncio.Future[Any], handler: BrokerProtocolHandler, session: Any,
+              message: OutgoingApplicationMessage) -> None:
+    """A QoS 1 message's flow ended (acknowledged, given up, or its connection stopped): forgotten, as
+    amqtt forgets it then."""
+    packet_id = message.packet_id
+    if handler._puback_waiters.get(packet_id) is waiter:
+        del handler._puback_waiters[packet_id]
+    if session.inflight_out.get(packet_id) is message:
+        del session.inflight_out[packet_id]
+    if not waiter.cancelled():
+        message.puback_packet = waiter.result()
 
 
 def _valid_filter(topic_filter: str) -> bool:
@@ -264,8 +492,11 @@ class LocalClient:
 
     The topic policy applies to it as to any client: it publishes, and receives, as username."""
 
+    WANTS_REMEMBERED = 4096  # topics whose match against the filters is remembered, then forgotten at once
+
     def __init__(self, broker: _IsolatingBroker, username: str, filters: list[str], receive: Receive) -> None:
-        self._broker, self.username, self.filters, self.receive = broker, username, list(filters), receive
+        self._broker, self.username, self.filters, self.receive = broker, username, tuple(filters), receive
+        self._wanted: dict[str, bool] = {}
 
     def hand_over(self, topic: str, data: bytes, retained: bool) -> None:
         """receive(), its failure logged: it must not end the connection of the client that published."""
@@ -275,7 +506,12 @@ class LocalClient:
             log.exception("the local client %r failed to take a message on %r", self.username, topic)
 
     def wants(self, topic: str, matches: Callable[[str, str], bool]) -> bool:
-        return any(matches(topic, topic_filter) for topic_filter in self.filters)
+        wanted = self._wanted.get(topic)
+        if wanted is None:
+            if len(self._wanted) >= self.WANTS_REMEMBERED:
+                self._wanted.clear()
+            wanted = self._wanted[topic] = any(matches(topic, topic_filter) for topic_filter in self.filters)
+        return wanted
 
     def publish(self, topic: str, data: bytes, retain: bool, qos: int) -> None:
         """Route a message now, and retain it if asked. Raises ValueError for a topic no client may publish on."""
@@ -299,13 +535,15 @@ class AmqttCore:
 
     async def start(self) -> None:
         await self._broker.start()
+        self._broker._fast = self._broker.fast_path()
 
     async def shutdown(self) -> None:
         await self._broker.shutdown()
 
-    async def serve(self, listener: str, source: PacketSource, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, listener: str, client_id: str, source: PacketSource, writer: asyncio.StreamWriter) -> None:
         """Run an admitted client's connection to its end; source starts with its CONNECT."""
-        await self._broker.external_connected(_FrontReader(source), StreamWriterAdapter(writer), listener)
+        fast = _FastPath(self._broker, client_id) if self._broker._fast else None
+        await self._broker.external_connected(_FrontReader(source, fast), StreamWriterAdapter(writer), listener)
 
     def attach(self, username: str, filters: list[str], receive: Receive) -> LocalClient:
         """A local client subscribed to filters; messages routed from now on are handed to receive."""

@@ -4,13 +4,15 @@ For each TCP (or TLS) connection the front reads the CONNECT packet itself, at m
 MAX_CONNECT_BYTES and within CONNECT_TIMEOUT_SECONDS, and checks it whole: MQTT 3.1.1, a
 client id, credentials through the service's Logins, the will's topic through TopicPolicy.
 A refused client gets its CONNACK return code and the connection is closed: no session, no
-state anywhere. Only then, and only for an admitted client, it makes room for the session
-(a session of the same client id held by another user is dropped, never merged into; a
-connected one is disconnected first, its will sent) and hands the connection to amqtt in the
-same process, replaying the CONNECT as it checked it.
+state anywhere. When the service is attached to the broker in-process (service_link.py), its
+username is refused over a connection whatever the password. Only then, and only for an
+admitted client, it makes room for the session (a session of the same client id held by another
+user is dropped, never merged into; a connected one is disconnected first, its will sent) and
+hands the connection to amqtt in the same process, replaying the CONNECT as it checked it.
 
-Every later packet is read whole by the front too, its size checked from the fixed header
-before the body is read: a client sending a packet over MAX_PACKET_BYTES is disconnected.
+Every later packet is read whole by the front too (wire.PacketFramer), its size checked from
+the fixed header before the rest of it is waited for: a client sending a packet over
+MAX_PACKET_BYTES is disconnected.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import socket
 from typing import Callable
 
 from .core import AmqttCore
-from .policy import Login, Logins, TopicPolicy
+from .policy import SERVICE_USERNAME, Login, Logins, TopicPolicy
 from .wire import (
     IDENTIFIER_REJECTED,
     MAX_CONNECT_BYTES,
     MAX_PACKET_BYTES,
     NOT_AUTHORIZED,
     Connect,
+    PacketFramer,
     Refused,
     WireError,
     connack,
@@ -45,9 +48,9 @@ KEEP_ALIVE_FACTOR = 1.5  # a client silent this many times its keep-alive is dis
 
 
 class PacketReader:
-    """A client's stream, read a whole packet at a time (size checked first), handed out as asked,
-    and its keep-alive enforced: a client silent for one and a half times its keep-alive is
-    disconnected (MQTT-3.1.2-24), so its will is sent.
+    """A client's stream, read a whole packet at a time (size checked first), and its keep-alive
+    enforced: a client silent for one and a half times its keep-alive is disconnected
+    (MQTT-3.1.2-24), so its will is sent.
 
     amqtt is handed the CONNECT with a keep-alive of 0 (`Front._connection`). Its own keep-alive
     timer cost a task and a timer for every packet read and a timer for every packet sent, and
@@ -57,30 +60,28 @@ class PacketReader:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes, who: str,
                  keep_alive: int) -> None:
-        self._reader, self._writer, self._who = reader, writer, who
-        self._packet, self._offset = first, 0
+        self._framer, self._writer, self._who = PacketFramer(reader, MAX_PACKET_BYTES), writer, who
+        self._first: bytes | None = first
         self._loop = asyncio.get_running_loop()
         self._limit = keep_alive * KEEP_ALIVE_FACTOR
         self._last = self._loop.time()
         self._timer = self._loop.call_later(self._limit, self._check) if keep_alive > 0 else None
 
-    async def read(self, n: int = -1) -> bytes:
-        if self._offset >= len(self._packet):
-            self._packet, self._offset = await read_packet(self._reader, MAX_PACKET_BYTES) or b"", 0
-            self._last = self._loop.time()
-        end = len(self._packet) if n < 0 else min(self._offset + n, len(self._packet))
-        chunk, self._offset = self._packet[self._offset:end], end
-        return chunk
-
-    async def read_guarded(self, n: int = -1) -> bytes:
-        """read(), ending the stream ("" and the connection closed) when the client breaks the rules."""
+    async def packet(self) -> bytes:
+        """The next whole packet (the CONNECT first); b"" at the end of the stream, or with the
+        connection closed when the client breaks the rules."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
         try:
-            return await self.read(n)
+            packet = await self._framer.next() or b""
         except (WireError, asyncio.IncompleteReadError, ConnectionError) as e:
             if isinstance(e, WireError):
                 log.warning("MQTT client %s disconnected: %s", self._who, e)
             self._writer.transport.abort()
             return b""
+        self._last = self._loop.time()
+        return packet
 
     def close(self) -> None:
         if self._timer is not None:
@@ -99,8 +100,9 @@ class PacketReader:
 class Front:
     """Accepts connections on listeners and admits clients to the core."""
 
-    def __init__(self, core: AmqttCore, logins: Logins, policy: TopicPolicy) -> None:
+    def __init__(self, core: AmqttCore, logins: Logins, policy: TopicPolicy, service_in_process: bool = False) -> None:
         self.core, self.logins, self.policy = core, logins, policy
+        self.service_in_process = service_in_process  # then the service's name never logs in over a socket
 
     def handler(self, listener: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]:
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -129,7 +131,7 @@ class Front:
         amqtts = dataclasses.replace(connect, keep_alive=0).encode()  # the keep-alive is the PacketReader's
         packets = PacketReader(reader, writer, amqtts, f"{connect.client_id!r} ({peer})", connect.keep_alive)
         try:
-            await self.core.serve(listener, packets.read_guarded, writer)
+            await self.core.serve(listener, connect.client_id, packets.packet, writer)
         finally:
             packets.close()
 
@@ -137,6 +139,9 @@ class Front:
         """Raises Refused unless the client may connect; then makes room for its session."""
         if connect.username is None or connect.password is None:
             raise Refused(NOT_AUTHORIZED, f"no username or password (client id {connect.client_id!r})")
+        if self.service_in_process and connect.username == SERVICE_USERNAME:
+            raise Refused(NOT_AUTHORIZED, f"user {SERVICE_USERNAME!r} is attached in-process, never over a connection "
+                                          f"(client id {connect.client_id!r})")
         login = Login(connect.username, connect.password, connect.client_id)
         will_topic = connect.will.topic if connect.will else None
         if not self.policy.allows_will(login.username, will_topic):

@@ -65,6 +65,50 @@ async def read_packet(reader: asyncio.StreamReader, limit: int) -> bytes | None:
     return bytes(header) + await reader.readexactly(length)
 
 
+class PacketFramer:
+    """Whole packets cut from a stream read as it comes (up to CHUNK bytes at a time), each packet's
+    size checked from its fixed header before it is waited for: read_packet's rules with one read
+    for many small packets instead of three or four awaits for each."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
+        self._reader, self._limit = reader, limit
+        self._buffer = bytearray()
+
+    async def next(self) -> bytes | None:
+        """As read_packet: a whole packet; None at an end of stream between packets; raises
+        PacketTooLarge (or WireError) from the fixed header, asyncio.IncompleteReadError at an end
+        of stream inside a packet."""
+        buffer = self._buffer
+        while True:
+            size = self._size()
+            if size is not None and len(buffer) >= size:
+                packet = bytes(buffer[:size])
+                del buffer[:size]
+                return packet
+            chunk = await self._reader.read(self.CHUNK)
+            if not chunk:
+                if buffer:
+                    raise asyncio.IncompleteReadError(bytes(buffer), None)
+                return None
+            buffer += chunk
+
+    def _size(self) -> int | None:
+        """The size of the packet at the buffer's start, once its fixed header is there."""
+        buffer, length = self._buffer, 0
+        for index, shift in ((1, 0), (2, 7), (3, 14), (4, 21)):
+            if len(buffer) <= index:
+                return None
+            byte = buffer[index]
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                if index + 1 + length > self._limit:
+                    raise PacketTooLarge(index + 1 + length, self._limit)
+                return index + 1 + length
+        raise WireError("the remaining length runs over four bytes")
+
+
 def connack(code: int) -> bytes:
     return bytes((0x20, 2, 0, code))
 
