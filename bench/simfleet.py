@@ -65,7 +65,8 @@ PING_EVERY_SECONDS = 20
 CONNECTS_IN_FLIGHT = 100  # per process: connections being opened at once
 JOURNAL_ENTRIES = 20  # per device: the newest jobs it ran, as the agent's journal keeps them
 REPORT_SECONDS = 1.0  # how often a simulator process reports its counters
-REGISTER_THREADS = 8  # registration requests in flight (--register-threads)
+REGISTER_THREADS = 2  # bulk registration requests in flight (--register-threads): the service hashes
+# a request's passwords on one thread per core, so two keep it busy
 CONNACK = 2
 # Appended to the repo's mosquitto.conf for a large fleet (its max_queued_messages already covers the
 # service's session at 10,000 devices: see the comment there).
@@ -340,20 +341,26 @@ def wait_for(what: str, done: Any, workers: Workers, timeout: float, note: Any =
 
 def register(api: Any, count: int, online: int, threads: int) -> tuple[list[tuple[str, str]], float]:
     """(device id, password) of `count` new devices, the first `online` in GROUP, the rest in
-    OFFLINE_GROUP, and the seconds it took."""
+    OFFLINE_GROUP, and the seconds it took: `POST /v1/devices` with MAX_BULK_DEVICES a request,
+    `threads` requests at once."""
+    from ota_bridge.api.schemas import MAX_BULK_DEVICES  # here: the simulator processes need none of the service
+
     ids = [f"sim-{i:06d}" for i in range(count)]
+    batches = [ids[i:i + MAX_BULK_DEVICES] for i in range(0, count, MAX_BULK_DEVICES)]
     start = time.perf_counter()
     done = [0]
 
-    def one(device_id: str) -> tuple[str, str]:
-        password = api.device(device_id, GROUP if int(device_id[4:]) < online else OFFLINE_GROUP)
-        done[0] += 1
-        if done[0] % 2000 == 0:
+    def one(batch: list[str]) -> list[tuple[str, str]]:
+        body = {"Devices": [{"DeviceId": d, "DeviceGroup": GROUP if int(d[4:]) < online else OFFLINE_GROUP}
+                            for d in batch]}
+        answer = api.ok("POST", "/v1/devices", body)["Devices"]
+        done[0] += len(batch)
+        if done[0] % 10_000 < len(batch):
             print(f"  registered {done[0]}/{count} ({time.perf_counter() - start:.1f} s)", flush=True)
-        return device_id, password
+        return [(d["DeviceId"], d["MqttPassword"]) for d in answer]
 
     with ThreadPoolExecutor(threads) as pool:
-        devices = list(pool.map(one, ids))
+        devices = [device for batch in pool.map(one, batches) for device in batch]
     return devices, time.perf_counter() - start
 
 
