@@ -436,9 +436,12 @@ def group_job(figures: Figures, service: Any, workflow_id: str, n: int, workers:
 def restart(figures: Figures, service: Any, workers: Workers, args: argparse.Namespace, port: int | None) -> None:
     """Restart the service; time until every connected device verified a head it signed after the
     restart and (on an open broker, where a watcher may subscribe to every job topic) until the
-    broker carried a new head for every registered device."""
+    broker carried a new head for every registered device; then check that the broker holds, for
+    every registered device, a retained head signed after the restart (RuntimeError if not)."""
+    keys = job_signature.parse_public_keys(service.signing_key_file.read_text())
     heads = HeadCounter(port) if port is not None else None
-    workers.mark(time.time())
+    mark = time.time()
+    workers.mark(mark)
     service.stop()
     start = time.perf_counter()
     service.start(timeout=args.timeout)
@@ -447,26 +450,34 @@ def restart(figures: Figures, service: Any, workers: Workers, args: argparse.Nam
         wait_for("republish", lambda: workers.total("fresh") >= args.connect, workers, args.timeout)
         took = time.perf_counter() - start
         wait_for("republish to every registered device", lambda: heads is None or heads.count >= args.devices,
-                 workers, args.timeout, lambda: f"; new heads on the broker {heads.count if heads else '?'}")
+                 workers, args.timeout, lambda: f"; devices with a new head {heads.count if heads else '?'}")
         every = time.perf_counter() - start
     finally:
         if heads is not None:
             heads.stop()
     figures.add(f"service restart: up in {up:.1f} s, every connected device verified a republished head after "
-                f"{took:.1f} s" + (f", the broker carried all {args.devices} heads after {every:.1f} s"
+                f"{took:.1f} s" + (f", the broker carried a new head for all {args.devices} devices after {every:.1f} s"
                                    if heads else "") + f"; service RSS {rss_mib(service.proc.pid):.0f} MiB")
     fleet.result(f"simfleet-{args.devices}-restart", took, "s", devices=args.devices, connected=args.connect,
                  every_head_s=every if heads else None, service_rss_mib=rss_mib(service.proc.pid))
+    if port is not None:
+        fresh, problems = retained_heads(port, keys, mark, args.devices, args.timeout)
+        if fresh < args.devices:
+            raise RuntimeError(f"after the restart the broker holds a head signed since for {fresh} of "
+                               f"{args.devices} registered devices: {'; '.join(problems[:5])}")
+        figures.add(f"the broker holds a retained head, signed after the restart, verified and for its "
+                    f"device, for all {args.devices} registered devices")
 
 
 class HeadCounter:
-    """A paho client subscribed to every device's job topic: counts the heads published from now on."""
+    """A paho client subscribed to every device's job topic: counts the devices with a head
+    published from now on (each device once)."""
 
     def __init__(self, port: int) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        self.count = 0
+        self.topics: set[str] = set()
         subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="simfleet-head-counter")
         self.client.on_subscribe = lambda *_: subscribed.set()
@@ -477,13 +488,71 @@ class HeadCounter:
         if not subscribed.wait(30):
             raise RuntimeError("the head counter could not subscribe")
 
+    @property
+    def count(self) -> int:
+        return len(self.topics)
+
     def _on_message(self, _client: object, _userdata: object, message: Any) -> None:
         if not message.retain:  # the retained heads it gets on subscribing are the old ones
-            self.count += 1
+            self.topics.add(message.topic)
 
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def retained_heads(port: int, keys: tuple[bytes, ...], mark: float, expected: int,
+                   timeout: float) -> tuple[int, list[str]]:
+    """(the devices whose retained head on the broker verifies with `keys`, is for the device of
+    its topic and was issued at or after `mark`; what is wrong with the others, devices with no
+    retained head included). Reads the retained heads with a new subscriber, until it has
+    `expected` of them or none came for 5 s."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    held: dict[str, bytes] = {}
+    last = [time.monotonic()]
+
+    def on_message(_client: object, _userdata: object, message: Any) -> None:
+        if message.retain:
+            held[message.topic] = message.payload
+            last[0] = time.monotonic()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="simfleet-retained-heads")
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    topics = Topics()
+    try:
+        client.subscribe(topics.all_devices(Topics.JOB), qos=0)
+        deadline = time.monotonic() + timeout
+        while len(held) < expected and time.monotonic() - last[0] < 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    fresh, problems = 0, []
+    for i in range(expected):
+        device_id = f"sim-{i:06d}"
+        payload = held.get(topics.job(device_id))
+        if not payload:
+            problems.append(f"{device_id}: no retained head")
+            continue
+        try:
+            head = parse_head(payload, protocol.DEFAULT_TIMEOUT_SECONDS)
+        except MessageError as e:
+            problems.append(f"{device_id}: {e}")
+            continue
+        problem = job_signature.signature_problem(head.signature, head.signed_content, keys)
+        if problem is None and head.device_id != device_id:
+            problem = f"the head is for {head.device_id}"
+        if problem is None and (head.issued_at is None or head.issued_at.timestamp() < mark):
+            problem = f"issued at {head.issued_at}, before the restart"
+        if problem is None:
+            fresh += 1
+        else:
+            problems.append(f"{device_id}: {problem}")
+    return fresh, problems
 
 
 def main() -> int:
