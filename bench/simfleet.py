@@ -275,6 +275,15 @@ def rss_mib(pid: int | None) -> float:
     return 0.0
 
 
+def cpu_s(pid: int | None) -> float:
+    """The CPU time (user and system) a process has used so far: a figure other processes' load
+    moves far less than wall times on a shared machine."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Workers:
     """The simulator processes, and the sum of their latest counters."""
 
@@ -395,12 +404,14 @@ def run(args: argparse.Namespace, workdir: Path) -> Figures:
         service.start()
         figures.add(f"simfleet: {args.devices} devices, {args.processes} processes, Mosquitto "
                     f"{'with accounts' if args.accounts else 'open'}, open files limit {limit}")
+        cpu = cpu_s(service.proc.pid)
         devices, took = register(service.api, args.devices, args.connect, args.register_threads)
+        cpu = cpu_s(service.proc.pid) - cpu
         devices = devices[:args.connect]
-        figures.add(f"registered {args.devices} devices in {took:.1f} s ({args.devices / took:.0f}/s); "
-                    f"service RSS {rss_mib(service.proc.pid):.0f} MiB")
+        figures.add(f"registered {args.devices} devices in {took:.1f} s ({args.devices / took:.0f}/s), "
+                    f"service CPU {cpu:.1f} s; service RSS {rss_mib(service.proc.pid):.0f} MiB")
         fleet.result(f"simfleet-{args.devices}-register", took, "s", devices=args.devices,
-                     service_rss_mib=rss_mib(service.proc.pid))
+                     service_rss_mib=rss_mib(service.proc.pid), service_cpu_s=cpu)
         workers = Workers(workdir, broker.port, service.signing_key_file.read_text(), devices, args.processes)
         stack.callback(workers.stop)
         took = wait_for("connect", lambda: workers.total("subscribed") >= args.connect, workers, args.timeout)
@@ -421,16 +432,18 @@ def run(args: argparse.Namespace, workdir: Path) -> Figures:
 def group_job(figures: Figures, service: Any, workflow_id: str, n: int, workers: Workers,
               args: argparse.Namespace) -> None:
     """One group job (`true`) to every device: POST until every child is final."""
+    cpu = cpu_s(service.proc.pid)
     start = time.perf_counter()
     job_id = service.api.submit(workflow_id, f"simfleet-{n}", DeviceGroup=GROUP)
     posted = time.perf_counter() - start
     took = posted + wait_for(f"job {n + 1}", lambda: final_children(service.api, job_id) >= args.connect,
                              workers, args.timeout)
+    cpu = cpu_s(service.proc.pid) - cpu
     figures.add(f"group job {n + 1} (`true`): POST {posted:.2f} s, POST until all {args.connect} children final "
-                f"{took:.2f} s ({args.connect / took:.0f} children/s); service RSS "
+                f"{took:.2f} s ({args.connect / took:.0f} children/s), service CPU {cpu:.1f} s; service RSS "
                 f"{rss_mib(service.proc.pid):.0f} MiB")
     fleet.result(f"simfleet-{args.devices}-job-{n + 1}", took, "s", devices=args.devices, connected=args.connect,
-                 children_per_s=args.connect / took, service_rss_mib=rss_mib(service.proc.pid))
+                 children_per_s=args.connect / took, service_rss_mib=rss_mib(service.proc.pid), service_cpu_s=cpu)
 
 
 def restart(figures: Figures, service: Any, workers: Workers, args: argparse.Namespace, port: int | None) -> None:
@@ -452,14 +465,17 @@ def restart(figures: Figures, service: Any, workers: Workers, args: argparse.Nam
         wait_for("republish to every registered device", lambda: heads is None or heads.count >= args.devices,
                  workers, args.timeout, lambda: f"; devices with a new head {heads.count if heads else '?'}")
         every = time.perf_counter() - start
+        cpu = cpu_s(service.proc.pid)  # the new process: its start-up and the republish
     finally:
         if heads is not None:
             heads.stop()
     figures.add(f"service restart: up in {up:.1f} s, every connected device verified a republished head after "
                 f"{took:.1f} s" + (f", the broker carried a new head for all {args.devices} devices after {every:.1f} s"
-                                   if heads else "") + f"; service RSS {rss_mib(service.proc.pid):.0f} MiB")
+                                   if heads else "") + f"; the new service's CPU {cpu:.1f} s, "
+                f"RSS {rss_mib(service.proc.pid):.0f} MiB")
     fleet.result(f"simfleet-{args.devices}-restart", took, "s", devices=args.devices, connected=args.connect,
-                 every_head_s=every if heads else None, service_rss_mib=rss_mib(service.proc.pid))
+                 every_head_s=every if heads else None, service_rss_mib=rss_mib(service.proc.pid),
+                 service_cpu_s=cpu)
     if port is not None:
         fresh, problems = retained_heads(port, keys, mark, args.devices, args.timeout)
         if fresh < args.devices:
