@@ -67,6 +67,7 @@ JOURNAL_ENTRIES = 20  # per device: the newest jobs it ran, as the agent's journ
 REPORT_SECONDS = 1.0  # how often a simulator process reports its counters
 REGISTER_THREADS = 2  # bulk registration requests in flight (--register-threads): the service hashes
 # a request's passwords on one thread per core, so two keep it busy
+RETAINED_QUIET_SECONDS = 10  # reading the retained heads after a restart ends once none came for this long
 CONNACK = 2
 # Appended to the repo's mosquitto.conf for a large fleet (its max_queued_messages already covers the
 # service's session at 10,000 devices: see the comment there).
@@ -522,7 +523,7 @@ def retained_heads(port: int, keys: tuple[bytes, ...], mark: float, expected: in
     """(the devices whose retained head on the broker verifies with `keys`, is for the device of
     its topic and was issued at or after `mark`; what is wrong with the others, devices with no
     retained head included). Reads the retained heads with a new subscriber, until it has
-    `expected` of them or none came for 5 s."""
+    `expected` of them or none came for RETAINED_QUIET_SECONDS."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -542,7 +543,8 @@ def retained_heads(port: int, keys: tuple[bytes, ...], mark: float, expected: in
     try:
         client.subscribe(topics.all_devices(Topics.JOB), qos=0)
         deadline = time.monotonic() + timeout
-        while len(held) < expected and time.monotonic() - last[0] < 5 and time.monotonic() < deadline:
+        while (len(held) < expected and time.monotonic() - last[0] < RETAINED_QUIET_SECONDS
+               and time.monotonic() < deadline):
             time.sleep(0.2)
     finally:
         client.disconnect()
