@@ -65,7 +65,9 @@ PING_EVERY_SECONDS = 20
 CONNECTS_IN_FLIGHT = 100  # per process: connections being opened at once
 JOURNAL_ENTRIES = 20  # per device: the newest jobs it ran, as the agent's journal keeps them
 REPORT_SECONDS = 1.0  # how often a simulator process reports its counters
-REGISTER_THREADS = 8  # registration requests in flight (--register-threads)
+REGISTER_THREADS = 2  # bulk registration requests in flight (--register-threads): the service hashes
+# a request's passwords on one thread per core, so two keep it busy
+RETAINED_QUIET_SECONDS = 10  # reading the retained heads after a restart ends once none came for this long
 CONNACK = 2
 # Appended to the repo's mosquitto.conf for a large fleet (its max_queued_messages already covers the
 # service's session at 10,000 devices: see the comment there).
@@ -274,6 +276,15 @@ def rss_mib(pid: int | None) -> float:
     return 0.0
 
 
+def cpu_s(pid: int | None) -> float:
+    """The CPU time (user and system) a process has used so far: a figure other processes' load
+    moves far less than wall times on a shared machine."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Workers:
     """The simulator processes, and the sum of their latest counters."""
 
@@ -340,20 +351,26 @@ def wait_for(what: str, done: Any, workers: Workers, timeout: float, note: Any =
 
 def register(api: Any, count: int, online: int, threads: int) -> tuple[list[tuple[str, str]], float]:
     """(device id, password) of `count` new devices, the first `online` in GROUP, the rest in
-    OFFLINE_GROUP, and the seconds it took."""
+    OFFLINE_GROUP, and the seconds it took: `POST /v1/devices` with MAX_BULK_DEVICES a request,
+    `threads` requests at once."""
+    from ota_bridge.api.schemas import MAX_BULK_DEVICES  # here: the simulator processes need none of the service
+
     ids = [f"sim-{i:06d}" for i in range(count)]
+    batches = [ids[i:i + MAX_BULK_DEVICES] for i in range(0, count, MAX_BULK_DEVICES)]
     start = time.perf_counter()
     done = [0]
 
-    def one(device_id: str) -> tuple[str, str]:
-        password = api.device(device_id, GROUP if int(device_id[4:]) < online else OFFLINE_GROUP)
-        done[0] += 1
-        if done[0] % 2000 == 0:
+    def one(batch: list[str]) -> list[tuple[str, str]]:
+        body = {"Devices": [{"DeviceId": d, "DeviceGroup": GROUP if int(d[4:]) < online else OFFLINE_GROUP}
+                            for d in batch]}
+        answer = api.ok("POST", "/v1/devices", body)["Devices"]
+        done[0] += len(batch)
+        if done[0] % 10_000 < len(batch):
             print(f"  registered {done[0]}/{count} ({time.perf_counter() - start:.1f} s)", flush=True)
-        return device_id, password
+        return [(d["DeviceId"], d["MqttPassword"]) for d in answer]
 
     with ThreadPoolExecutor(threads) as pool:
-        devices = list(pool.map(one, ids))
+        devices = [device for batch in pool.map(one, batches) for device in batch]
     return devices, time.perf_counter() - start
 
 
@@ -388,12 +405,14 @@ def run(args: argparse.Namespace, workdir: Path) -> Figures:
         service.start()
         figures.add(f"simfleet: {args.devices} devices, {args.processes} processes, Mosquitto "
                     f"{'with accounts' if args.accounts else 'open'}, open files limit {limit}")
+        cpu = cpu_s(service.proc.pid)
         devices, took = register(service.api, args.devices, args.connect, args.register_threads)
+        cpu = cpu_s(service.proc.pid) - cpu
         devices = devices[:args.connect]
-        figures.add(f"registered {args.devices} devices in {took:.1f} s ({args.devices / took:.0f}/s); "
-                    f"service RSS {rss_mib(service.proc.pid):.0f} MiB")
+        figures.add(f"registered {args.devices} devices in {took:.1f} s ({args.devices / took:.0f}/s), "
+                    f"service CPU {cpu:.1f} s; service RSS {rss_mib(service.proc.pid):.0f} MiB")
         fleet.result(f"simfleet-{args.devices}-register", took, "s", devices=args.devices,
-                     service_rss_mib=rss_mib(service.proc.pid))
+                     service_rss_mib=rss_mib(service.proc.pid), service_cpu_s=cpu)
         workers = Workers(workdir, broker.port, service.signing_key_file.read_text(), devices, args.processes)
         stack.callback(workers.stop)
         took = wait_for("connect", lambda: workers.total("subscribed") >= args.connect, workers, args.timeout)
@@ -414,24 +433,29 @@ def run(args: argparse.Namespace, workdir: Path) -> Figures:
 def group_job(figures: Figures, service: Any, workflow_id: str, n: int, workers: Workers,
               args: argparse.Namespace) -> None:
     """One group job (`true`) to every device: POST until every child is final."""
+    cpu = cpu_s(service.proc.pid)
     start = time.perf_counter()
     job_id = service.api.submit(workflow_id, f"simfleet-{n}", DeviceGroup=GROUP)
     posted = time.perf_counter() - start
     took = posted + wait_for(f"job {n + 1}", lambda: final_children(service.api, job_id) >= args.connect,
                              workers, args.timeout)
+    cpu = cpu_s(service.proc.pid) - cpu
     figures.add(f"group job {n + 1} (`true`): POST {posted:.2f} s, POST until all {args.connect} children final "
-                f"{took:.2f} s ({args.connect / took:.0f} children/s); service RSS "
+                f"{took:.2f} s ({args.connect / took:.0f} children/s), service CPU {cpu:.1f} s; service RSS "
                 f"{rss_mib(service.proc.pid):.0f} MiB")
     fleet.result(f"simfleet-{args.devices}-job-{n + 1}", took, "s", devices=args.devices, connected=args.connect,
-                 children_per_s=args.connect / took, service_rss_mib=rss_mib(service.proc.pid))
+                 children_per_s=args.connect / took, service_rss_mib=rss_mib(service.proc.pid), service_cpu_s=cpu)
 
 
 def restart(figures: Figures, service: Any, workers: Workers, args: argparse.Namespace, port: int | None) -> None:
     """Restart the service; time until every connected device verified a head it signed after the
     restart and (on an open broker, where a watcher may subscribe to every job topic) until the
-    broker carried a new head for every registered device."""
+    broker carried a new head for every registered device; then check that the broker holds, for
+    every registered device, a retained head signed after the restart (RuntimeError if not)."""
+    keys = job_signature.parse_public_keys(service.signing_key_file.read_text())
     heads = HeadCounter(port) if port is not None else None
-    workers.mark(time.time())
+    mark = time.time()
+    workers.mark(mark)
     service.stop()
     start = time.perf_counter()
     service.start(timeout=args.timeout)
@@ -440,26 +464,37 @@ def restart(figures: Figures, service: Any, workers: Workers, args: argparse.Nam
         wait_for("republish", lambda: workers.total("fresh") >= args.connect, workers, args.timeout)
         took = time.perf_counter() - start
         wait_for("republish to every registered device", lambda: heads is None or heads.count >= args.devices,
-                 workers, args.timeout, lambda: f"; new heads on the broker {heads.count if heads else '?'}")
+                 workers, args.timeout, lambda: f"; devices with a new head {heads.count if heads else '?'}")
         every = time.perf_counter() - start
+        cpu = cpu_s(service.proc.pid)  # the new process: its start-up and the republish
     finally:
         if heads is not None:
             heads.stop()
     figures.add(f"service restart: up in {up:.1f} s, every connected device verified a republished head after "
-                f"{took:.1f} s" + (f", the broker carried all {args.devices} heads after {every:.1f} s"
-                                   if heads else "") + f"; service RSS {rss_mib(service.proc.pid):.0f} MiB")
+                f"{took:.1f} s" + (f", the broker carried a new head for all {args.devices} devices after {every:.1f} s"
+                                   if heads else "") + f"; the new service's CPU {cpu:.1f} s, "
+                f"RSS {rss_mib(service.proc.pid):.0f} MiB")
     fleet.result(f"simfleet-{args.devices}-restart", took, "s", devices=args.devices, connected=args.connect,
-                 every_head_s=every if heads else None, service_rss_mib=rss_mib(service.proc.pid))
+                 every_head_s=every if heads else None, service_rss_mib=rss_mib(service.proc.pid),
+                 service_cpu_s=cpu)
+    if port is not None:
+        fresh, problems = retained_heads(port, keys, mark, args.devices, args.timeout)
+        if fresh < args.devices:
+            raise RuntimeError(f"after the restart the broker holds a head signed since for {fresh} of "
+                               f"{args.devices} registered devices: {'; '.join(problems[:5])}")
+        figures.add(f"the broker holds a retained head, signed after the restart, verified and for its "
+                    f"device, for all {args.devices} registered devices")
 
 
 class HeadCounter:
-    """A paho client subscribed to every device's job topic: counts the heads published from now on."""
+    """A paho client subscribed to every device's job topic: counts the devices with a head
+    published from now on (each device once)."""
 
     def __init__(self, port: int) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        self.count = 0
+        self.topics: set[str] = set()
         subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="simfleet-head-counter")
         self.client.on_subscribe = lambda *_: subscribed.set()
@@ -470,13 +505,72 @@ class HeadCounter:
         if not subscribed.wait(30):
             raise RuntimeError("the head counter could not subscribe")
 
+    @property
+    def count(self) -> int:
+        return len(self.topics)
+
     def _on_message(self, _client: object, _userdata: object, message: Any) -> None:
         if not message.retain:  # the retained heads it gets on subscribing are the old ones
-            self.count += 1
+            self.topics.add(message.topic)
 
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def retained_heads(port: int, keys: tuple[bytes, ...], mark: float, expected: int,
+                   timeout: float) -> tuple[int, list[str]]:
+    """(the devices whose retained head on the broker verifies with `keys`, is for the device of
+    its topic and was issued at or after `mark`; what is wrong with the others, devices with no
+    retained head included). Reads the retained heads with a new subscriber, until it has
+    `expected` of them or none came for RETAINED_QUIET_SECONDS."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    held: dict[str, bytes] = {}
+    last = [time.monotonic()]
+
+    def on_message(_client: object, _userdata: object, message: Any) -> None:
+        if message.retain:
+            held[message.topic] = message.payload
+            last[0] = time.monotonic()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="simfleet-retained-heads")
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    topics = Topics()
+    try:
+        client.subscribe(topics.all_devices(Topics.JOB), qos=0)
+        deadline = time.monotonic() + timeout
+        while (len(held) < expected and time.monotonic() - last[0] < RETAINED_QUIET_SECONDS
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    fresh, problems = 0, []
+    for i in range(expected):
+        device_id = f"sim-{i:06d}"
+        payload = held.get(topics.job(device_id))
+        if not payload:
+            problems.append(f"{device_id}: no retained head")
+            continue
+        try:
+            head = parse_head(payload, protocol.DEFAULT_TIMEOUT_SECONDS)
+        except MessageError as e:
+            problems.append(f"{device_id}: {e}")
+            continue
+        problem = job_signature.signature_problem(head.signature, head.signed_content, keys)
+        if problem is None and head.device_id != device_id:
+            problem = f"the head is for {head.device_id}"
+        if problem is None and (head.issued_at is None or head.issued_at.timestamp() < mark):
+            problem = f"issued at {head.issued_at}, before the restart"
+        if problem is None:
+            fresh += 1
+        else:
+            problems.append(f"{device_id}: {problem}")
+    return fresh, problems
 
 
 def main() -> int:
