@@ -217,6 +217,9 @@ class Store:
                 return _on_loop(self._loop_snapshot, self._read, fn, args, kwargs)
             except _NeedsSnapshot:
                 pass
+            except sqlite3.OperationalError as e:  # a row fetched outside peewee's wrapper met a lock
+                if _sqlite_error(e) not in (SQLITE_BUSY, SQLITE_LOCKED):
+                    raise
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         self._reads.put((loop, done, partial(self._read, fn, args, kwargs)))
@@ -664,7 +667,8 @@ def reads_rows(name: str, build: Callable[[int], Any]) -> Callable[[Callable[...
     """Mark a read made of one prepared SELECT and what follows from its rows: the store function
     f(*values) is from_rows(prepared_rows(name, build, *values), *values), a @single_statement read.
     On PostgreSQL Store.read sends the statement from the event loop itself (pg_async) and runs
-    from_rows there; from_rows may still call `snapshot` (then a reader thread runs f)."""
+    from_rows there; from_rows may still call `snapshot` (then a reader thread runs f; on SQLite the
+    loop reads that snapshot too, unless it is too big: Store._loop_snapshot)."""
     def mark(from_rows: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(from_rows)
         def read(*values: Any) -> T:
