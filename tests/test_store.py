@@ -513,5 +513,17 @@ def test_a_group_jobs_read_on_sqlite_needs_no_reader_thread(tmp_path) -> None:
         shown, big = asyncio.run(scenario())
         assert shown == serialize.job(db.call_sync(jobs.get_job, group_id))
         assert big == serialize.job(db.call_sync(jobs.get_job, big_id)) and big["Result"]["Total"] == 3000
+        db.call_sync(jobs.cancel_job, group_id)  # after the loop's interrupted read: its connection reads afresh
+        release.clear()
+
+        async def after() -> dict:
+            busy = [asyncio.ensure_future(db.read(release.wait, 10)) for _ in range(READERS)]
+            try:
+                return serialize.job(await asyncio.wait_for(db.read(jobs.shown_job, group_id), 5))
+            finally:
+                release.set()
+                await asyncio.gather(*busy)
+
+        assert asyncio.run(after())["Status"] == "CANCELED"
     finally:
         db.close()

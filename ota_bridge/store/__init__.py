@@ -250,14 +250,7 @@ class Store:
         try:
             with pw.__exception_wrapper__:
                 conn = _read_only_connection(database, on_loop=True)
-            # SQLite counts a statement's steps over all its runs (a cached statement's too), so the
-            # handler is called every STEPS_PER_CHECK and this read's calls are counted here.
-            self._checks_left = LOOP_READ_STEPS // STEPS_PER_CHECK
-            conn.set_progress_handler(self._progress, STEPS_PER_CHECK)
-            try:
-                return _in_transaction(database, conn, fn, args, {})
-            finally:
-                conn.set_progress_handler(None, 0)
+            return _in_transaction(database, conn, self._bounded, (conn, fn, args), {})
         except (*UNAVAILABLE, sqlite3.Error) as e:  # sqlite3's own: a row fetched outside peewee's wrapper
             if _sqlite_error(e) == SQLITE_INTERRUPT:
                 self._big[key] = None
@@ -274,6 +267,17 @@ class Store:
             return _converted(key, query, await self._on_loop.rows(f"{key[0]}_{key[1]}", sql, bound))
         except UNAVAILABLE as e:
             raise self._unavailable(fn, e) from e
+
+    def _bounded(self, conn: Any, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """fn(*args), interrupted past LOOP_READ_STEPS (BEGIN and ROLLBACK around it never are). SQLite
+        counts a statement's steps over all its runs (a cached statement's too), so the handler is
+        called every STEPS_PER_CHECK steps and this read's calls are counted here."""
+        self._checks_left = LOOP_READ_STEPS // STEPS_PER_CHECK
+        conn.set_progress_handler(self._progress, STEPS_PER_CHECK)
+        try:
+            return fn(*args)
+        finally:
+            conn.set_progress_handler(None, 0)
 
     def _progress(self) -> int:
         """SQLite's progress handler during a snapshot read on the loop: non-zero (interrupt) past its budget."""
