@@ -17,6 +17,7 @@ from ota_bridge.errors import EmptyTarget, WorkflowNotFound
 from ota_bridge.models import ChildJob, Device, Job, Rollout, Workflow, now
 from ota_bridge.rollout_plan import parse
 from ota_bridge.store import (
+    READERS,
     Store,
     devices,
     jobs,
@@ -456,3 +457,78 @@ def test_a_submission_reads_no_queues_for_a_large_target_or_without_a_window(db:
                                          200)
     assert device_ids == ["d0", "d1"] and read == []
     assert [len(q.entries) for q in db.call_sync(queues.device_queues, device_ids, 200)] == [2, 2]
+
+
+def test_a_group_jobs_read_is_one_snapshot_while_its_children_finish(db: Store) -> None:
+    """A group job's summary is read in several statements (its counts, its rollout): they see one
+    moment, here while every write finishes a child and counts it on the rollout's row in one
+    transaction (on SQLite the read is made on the event loop itself)."""
+    for i in range(40):
+        db.call_sync(devices.register_device, f"d{i}", "g", [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "true", None, False).workflow_id
+    job_id = db.call_sync(held.submit_job, None, wf, "DeviceGroup", "g", None,
+                          parse({"Rollout": {"Waves": [50, 100]}}, "DeviceGroup"))[0].job_id
+    seqs = [c.seq for c in db.call_sync(jobs.child_jobs, job_id)]
+    db.call_sync(lambda: Rollout.update(released=0).where(Rollout.job == job_id).execute())
+
+    def finish(seq: int) -> None:
+        with write_transaction():
+            ChildJob.update(status=JobStatus.SUCCEEDED.value).where(ChildJob.seq == seq).execute()
+            Rollout.update(released=Rollout.released + 1).where(Rollout.job == job_id).execute()
+
+    async def scenario() -> list[tuple[int, int, int]]:
+        seen: list[tuple[int, int, int]] = []
+        writing = asyncio.ensure_future(asyncio.gather(*(db.call(finish, seq) for seq in seqs)))
+        while not writing.done() or not seen:
+            summary = await db.read(jobs.get_job, job_id)
+            seen.append((summary.counts.get("SUCCEEDED", 0), summary.rollout.released, sum(summary.counts.values())))
+            await asyncio.sleep(0)
+        await writing
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [s for s in seen if s[0] != s[1] or s[2] != 40] == []
+    assert db.call_sync(jobs.get_job, job_id).counts == {"SUCCEEDED": 40}
+
+
+def test_a_group_jobs_read_on_sqlite_needs_no_reader_thread(tmp_path) -> None:
+    """On SQLite a group job's GET reads its snapshot on the event loop: it answers while every
+    reader thread is busy; a group too big for the loop (LOOP_READ_STEPS) goes to a reader thread."""
+    db = Store(f"sqlite:///{tmp_path}/loop.db")
+    try:
+        group_id, _ = group_job(db, 3)
+        db.call_sync(devices.register_devices, [devices.NewDevice(f"b{i}", "big", (), "x") for i in range(3000)])
+        big_id = db.call_sync(jobs.submit_job, None, db.call_sync(workflows.list_workflows)[0].workflow_id,
+                              "DeviceGroup", "big", None)[0].job_id
+        release = threading.Event()
+
+        async def scenario() -> tuple[dict, dict]:
+            busy = [asyncio.ensure_future(db.read(release.wait, 10)) for _ in range(READERS)]
+            try:
+                for _ in range(1000):  # the loop's budget is each read's own, however often one runs
+                    shown = serialize.job(await asyncio.wait_for(db.read(jobs.shown_job, group_id), 5))
+                big = asyncio.ensure_future(db.read(jobs.shown_job, big_id))
+                await asyncio.sleep(0.2)
+                assert not big.done()  # behind the busy readers
+            finally:
+                release.set()
+                await asyncio.gather(*busy)
+            return shown, serialize.job(await big)
+
+        shown, big = asyncio.run(scenario())
+        assert shown == serialize.job(db.call_sync(jobs.get_job, group_id))
+        assert big == serialize.job(db.call_sync(jobs.get_job, big_id)) and big["Result"]["Total"] == 3000
+        db.call_sync(jobs.cancel_job, group_id)  # after the loop's interrupted read: its connection reads afresh
+        release.clear()
+
+        async def after() -> dict:
+            busy = [asyncio.ensure_future(db.read(release.wait, 10)) for _ in range(READERS)]
+            try:
+                return serialize.job(await asyncio.wait_for(db.read(jobs.shown_job, group_id), 5))
+            finally:
+                release.set()
+                await asyncio.gather(*busy)
+
+        assert asyncio.run(after())["Status"] == "CANCELED"
+    finally:
+        db.close()

@@ -18,8 +18,10 @@ snapshot (a read-only transaction, SQLite's WAL lets it run beside the writer) t
 write committed before it began. A reader whose connection was lost opens a new one and reads again.
 A function marked `@single_statement` makes one statement, which sees one moment by itself, so it
 runs without BEGIN and ROLLBACK (it opens a snapshot with `snapshot` if it needs more); on SQLite
-it runs on the event loop itself, which WAL never makes wait for the writer, and goes on to a
-reader thread only if it needs a snapshot after all (`GET /v1/job/{id}` of a group job). On
+it runs on the event loop itself, which WAL never makes wait for the writer. If it needs a snapshot
+after all (`GET /v1/job/{id}` of a group job) the loop reads that too, in one read-only transaction
+on its own connection, unless the read outgrows LOOP_READ_STEPS (a group of thousands of devices) or
+meets a lock (the loop's connection never waits for one): then a reader thread reads it. On
 PostgreSQL a `@reads_rows` function's one statement is sent by the event loop itself on
 connections of its own (`pg_async`), prepared on the server, and its rows are turned into the
 answer there: no reader thread, no hand-off to one and back.
@@ -35,6 +37,7 @@ import contextlib
 import functools
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +80,13 @@ PROBE_SECONDS = 3.0  # how long the health check waits for the database's answer
 WRITE_FAILURE_SECONDS = 30.0  # a failed write (a full disk) counts as unavailable this long, unless a write succeeds
 UNAVAILABLE = (pw.OperationalError, pw.InterfaceError)
 READERS = 4  # threads answering Store.read, each with its own connection
+# SQLite: the most virtual-machine steps a snapshot read on the event loop may take, counted by
+# STEPS_PER_CHECK (a group job's counts take ~21 per child: ~2,400 children; 10,000 took 3 ms at load 10).
+# A read that would take more is interrupted and made by a reader thread (and that job's reads after it).
+LOOP_READ_STEPS = 50_000
+STEPS_PER_CHECK = 1_000
+BIG_READS_KEPT = 1024  # the reads remembered as too big for the loop (the oldest forgotten first)
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_INTERRUPT = 5, 6, 9
 # A read for a reader thread: the caller's loop, the future it awaits there, the work. The answer goes
 # back with one call_soon_threadsafe (no concurrent.futures.Future, its lock and its chaining).
 Read = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any]]
@@ -143,6 +153,8 @@ class Store:
             self._on_loop = pg_async.AsyncReads(self.database) if pg_async.AVAILABLE else None
         self._rows_here = self._inline or self._on_loop is not None
         self._reads: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
+        self._big: dict[tuple[Any, ...], None] = {}  # SQLite: snapshot reads too big for the loop (in order)
+        self._checks_left = 0  # SQLite: progress checks the loop's snapshot read now may still pass
         self._commits = 0  # calls that committed a write (or may have): counted on the store's thread
         self._commits_heard = 0  # the count the event loop last woke the waiters for
         self._commit_waiters: set[asyncio.Future[None]] = set()
@@ -204,15 +216,19 @@ class Store:
         if hasattr(fn, "statement") and not kwargs and self._rows_here:  # @reads_rows: its rows read here,
             # the answer made here
             try:
-                rows = self._inline_rows(fn, args) if self._inline else await self._rows_on_loop(fn, args)
-                return _on_loop(fn.from_rows, rows, *args)
+                if self._inline:
+                    return _on_loop(self._loop_snapshot, fn.from_rows, self._inline_rows(fn, args), *args)
+                return _on_loop(True, fn.from_rows, await self._rows_on_loop(fn, args), *args)
             except _NeedsSnapshot:
-                pass  # more than one statement (a group job's counts): not on the event loop
+                pass  # PostgreSQL: more than one statement (a group job's counts); SQLite: too big, or locked
         elif self._inline and getattr(fn, "single_statement", False):
             try:
-                return _on_loop(self._read, fn, args, kwargs)
+                return _on_loop(self._loop_snapshot, self._read, fn, args, kwargs)
             except _NeedsSnapshot:
                 pass
+            except sqlite3.OperationalError as e:  # a row fetched outside peewee's wrapper met a lock
+                if _sqlite_error(e) not in (SQLITE_BUSY, SQLITE_LOCKED):
+                    raise
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         self._reads.put((loop, done, partial(self._read, fn, args, kwargs)))
@@ -224,10 +240,34 @@ class Store:
         key, sql, bound, query = _bound(*fn.statement, args)
         try:
             with pw.__exception_wrapper__:
-                rows = _read_only_connection(self.database).execute(sql, bound).fetchall()
+                rows = _read_only_connection(self.database, on_loop=True).execute(sql, bound).fetchall()
         except UNAVAILABLE as e:
+            if _sqlite_error(e) in (SQLITE_BUSY, SQLITE_LOCKED):
+                raise _NeedsSnapshot from None  # a reader thread waits for the lock (busy_timeout), not the loop
             raise self._read_failed(fn, e) from e
         return _converted(key, query, rows)
+
+    def _loop_snapshot(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """SQLite: `snapshot(fn, *args)` on the event loop: fn in one read-only transaction on the
+        loop's own connection (WAL: never behind the writer), each statement bounded by
+        LOOP_READ_STEPS. Raises _NeedsSnapshot, for a reader thread to read it, if it would take
+        more (a big group) or meets a lock or any other failure (the reader's errors are the answer)."""
+        key = (fn, *args)
+        if key in self._big:
+            raise _NeedsSnapshot
+        database = self.database
+        try:
+            with pw.__exception_wrapper__:
+                conn = _read_only_connection(database, on_loop=True)
+            return _in_transaction(database, conn, self._bounded, (conn, fn, args), {})
+        except (*UNAVAILABLE, sqlite3.Error) as e:  # sqlite3's own: a row fetched outside peewee's wrapper
+            if _sqlite_error(e) == SQLITE_INTERRUPT:
+                self._big[key] = None
+                if len(self._big) > BIG_READS_KEPT:
+                    del self._big[next(iter(self._big))]
+            if connection_lost(database):
+                _drop_connection(database)
+            raise _NeedsSnapshot from None
 
     async def _rows_on_loop(self, fn: Any, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """PostgreSQL: a @reads_rows fn's rows, sent by the event loop on its own connections (pg_async)."""
@@ -243,6 +283,22 @@ class Store:
             return _converted(key, query, rows)
         except UNAVAILABLE as e:
             raise self._unavailable(fn, e) from e
+
+    def _bounded(self, conn: Any, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """fn(*args), interrupted past LOOP_READ_STEPS (BEGIN and ROLLBACK around it never are). SQLite
+        counts a statement's steps over all its runs (a cached statement's too), so the handler is
+        called every STEPS_PER_CHECK steps and this read's calls are counted here."""
+        self._checks_left = LOOP_READ_STEPS // STEPS_PER_CHECK
+        conn.set_progress_handler(self._progress, STEPS_PER_CHECK)
+        try:
+            return fn(*args)
+        finally:
+            conn.set_progress_handler(None, 0)
+
+    def _progress(self) -> int:
+        """SQLite's progress handler during a snapshot read on the loop: non-zero (interrupt) past its budget."""
+        self._checks_left -= 1
+        return self._checks_left < 0
 
     def close(self) -> None:
         for _ in self._readers:
@@ -400,6 +456,8 @@ class Store:
         try:
             return _snapshot(database, fn, args, kwargs)
         except UNAVAILABLE as e:
+            if getattr(_READ_ONLY, "on_loop", False) and _sqlite_error(e) in (SQLITE_BUSY, SQLITE_LOCKED):
+                raise _NeedsSnapshot from None  # on the event loop: a reader thread waits for the lock
             if not connection_lost(database):
                 raise self._read_failed(fn, e) from e
             _drop_connection(database)
@@ -424,13 +482,22 @@ class Store:
         return StoreUnavailable(f"the database is unavailable: {reason}")
 
 
-def _on_loop(fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) on the event loop, where `snapshot` raises _NeedsSnapshot instead of blocking."""
-    _READ_ONLY.on_loop = True
+def _on_loop(snapshots: Callable[[Callable[..., Any], tuple[Any, ...]], Any] | bool, fn: Callable[..., T],
+             *args: Any) -> T:
+    """fn(*args) on the event loop, where `snapshot(f, *a)` is snapshots(f, a) (SQLite: Store._loop_snapshot),
+    or with True raises _NeedsSnapshot (PostgreSQL: it would block)."""
+    _READ_ONLY.on_loop = snapshots
     try:
         return fn(*args)
     finally:
         _READ_ONLY.on_loop = False
+
+
+def _sqlite_error(error: Exception) -> int | None:
+    """The primary SQLite result code of a driver's error peewee wrapped, if it is SQLite's."""
+    driver = error.args[0] if error.args and isinstance(error.args[0], Exception) else error
+    code = getattr(driver, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
 
 
 def _resolve(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -450,7 +517,7 @@ def _snapshot(database: GuardedDatabase, fn: Callable[..., T], args: tuple[Any, 
     """fn in one read-only transaction on this thread's connection; a @single_statement fn without
     one (it opens one itself, with `snapshot`, if it needs more than one statement)."""
     with pw.__exception_wrapper__:
-        conn = _read_only_connection(database)
+        conn = _read_only_connection(database, on_loop=bool(getattr(_READ_ONLY, "on_loop", False)))
     if not getattr(fn, "single_statement", False):
         return _in_transaction(database, conn, fn, args, kwargs)
     _READ_ONLY.lazy = True
@@ -460,12 +527,15 @@ def _snapshot(database: GuardedDatabase, fn: Callable[..., T], args: tuple[Any, 
         _READ_ONLY.lazy = False
 
 
-def _read_only_connection(database: GuardedDatabase) -> Any:
-    """This thread's driver connection, made read-only the first time it is used for reads."""
+def _read_only_connection(database: GuardedDatabase, on_loop: bool = False) -> Any:
+    """This thread's driver connection, made read-only the first time it is used for reads; on the
+    event loop's (SQLite) also made never to wait for a lock: SQLITE_BUSY at once, no busy_timeout sleep."""
     conn = database.connection()
     if getattr(_READ_ONLY, "conn", None) is not conn:
         sqlite = isinstance(database, pw.SqliteDatabase)
         _raw(conn, "PRAGMA query_only = 1" if sqlite else "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        if sqlite and on_loop:
+            _raw(conn, "PRAGMA busy_timeout = 0")
         _READ_ONLY.conn = conn
     return conn
 
@@ -498,14 +568,22 @@ def single_statement(fn: F) -> F:
 
 
 class _NeedsSnapshot(Exception):
-    """A @single_statement read on the event loop needs more than one statement: a reader thread makes it."""
+    """A read on the event loop cannot be made there (PostgreSQL: it needs a snapshot; SQLite: its
+    snapshot is too big for the loop, or it met a lock): a reader thread makes it."""
 
 
 def snapshot(fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) in one read-only transaction, from a @single_statement function that Store.read
     runs; anywhere else (the store's thread, a read already in one) fn(*args) as it is."""
-    if getattr(_READ_ONLY, "on_loop", False):
+    snapshots = getattr(_READ_ONLY, "on_loop", False)
+    if snapshots is True:
         raise _NeedsSnapshot
+    if snapshots:
+        _READ_ONLY.on_loop = False  # inside it, fn(*args) as it is
+        try:
+            return snapshots(fn, args)
+        finally:
+            _READ_ONLY.on_loop = snapshots
     if not getattr(_READ_ONLY, "lazy", False):
         return fn(*args)
     database = db.obj
@@ -610,7 +688,8 @@ def reads_rows(name: str, build: Callable[[int], Any],
     """Mark a read made of one prepared SELECT and what follows from its rows: the store function
     f(*values) is from_rows(prepared_rows(name, build, *values), *values), a @single_statement read.
     On PostgreSQL Store.read sends the statement from the event loop itself (pg_async) and runs
-    from_rows there; from_rows may still call `snapshot` (then a reader thread runs f).
+    from_rows there; from_rows may still call `snapshot` (then a reader thread runs f; on SQLite the
+    loop reads that snapshot too, unless it is too big: Store._loop_snapshot).
     `batched` (PostgreSQL, a read of one value): the same SELECT for a list of values (arg(0) = ANY),
     its first column the value, which the event loop sends for the reads that wait for a connection
     together (pg_async.AsyncReads.rows_of)."""
