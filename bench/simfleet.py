@@ -425,6 +425,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Figures:
             figures.add(f"  CPU for job {n + 1}: {cpu.since()}")
         if args.restart:
             restart(figures, service, workers, args, broker.port if broker and not args.accounts else None)
+        time.sleep(2 * REPORT_SECONDS)  # the simulators report their counters once a second: the summary has their last
         if broker:
             dropped = f"Mosquitto logged {broker.log_text().count(DROPPED)} times that it dropped messages for a client"
         else:
