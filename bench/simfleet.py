@@ -380,7 +380,6 @@ class Figures:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> Figures:
-    from stack import cpu_seconds
     from tests.support.mosquitto import secure_mosquitto, start_mosquitto
     from tests.support.processes import Service
 
@@ -406,7 +405,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Figures:
                     f"service RSS {rss_mib(service.proc.pid):.0f} MiB")
         fleet.result(f"simfleet-{args.devices}-register", took, "s", devices=args.devices,
                      service_rss_mib=rss_mib(service.proc.pid))
-        cpu = Cpu(service.proc.pid, broker_pid, cpu_seconds)
+        cpu = Cpu(service.proc.pid, broker_pid)
         workers = Workers(workdir, port, service.signing_key_file.read_text(), devices, args.processes)
         stack.callback(workers.stop)
         took = wait_for("connect", lambda: workers.total("subscribed") >= args.connect, workers, args.timeout)
@@ -437,13 +436,15 @@ def run(args: argparse.Namespace, workdir: Path) -> Figures:
 class Cpu:
     """The CPU seconds the service and Mosquitto (if any) used since the last look."""
 
-    def __init__(self, service_pid: int, broker_pid: int | None, cpu_seconds: Any) -> None:
+    def __init__(self, service_pid: int, broker_pid: int | None) -> None:
+        from stack import cpu_seconds
+
         self.pids, self.cpu_seconds = (service_pid, broker_pid), cpu_seconds
         self.last = [cpu_seconds(pid) for pid in self.pids]
 
     def since(self, seconds: float | None = None) -> str:
         now = [self.cpu_seconds(pid) for pid in self.pids]
-        used, self.last = [b - a for a, b in zip(self.last, now)], now
+        used, self.last = [b - a for a, b in zip(self.last, now, strict=True)], now
         share = (lambda s: f" ({s / seconds:.0%} of a core)") if seconds else (lambda s: "")
         text = f"service {used[0]:.1f} s{share(used[0])}"
         return text + (f", Mosquitto {used[1]:.1f} s{share(used[1])}" if self.pids[1] else "")
