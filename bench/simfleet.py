@@ -1,6 +1,6 @@
 """A fleet simulator: N devices with the agent's load-bearing logic, one event loop per process.
 
-    .venv/bin/python bench/simfleet.py --devices 10000 --processes 2 [--jobs 1] [--restart]
+    .venv/bin/python bench/simfleet.py --devices 10000 --processes 2 [--jobs 1] [--restart] [--broker embedded]
 
 Starts Mosquitto (the repo's config, open to anonymous clients, `max_connections -1`, the open
 file limit raised to its hard limit) and the service on it (`--mqtt-url`), registers N devices in
@@ -25,6 +25,13 @@ start-up). Progress is printed every few seconds; the summary gives each phase's
 throughput, and the RSS of the service, Mosquitto and the simulator processes. With an open
 broker the device passwords are sent but not checked; `--accounts` runs Mosquitto as shipped
 (logins and ACLs from the service's `--mosquitto-dir`), which makes registration much slower.
+
+`--broker embedded` runs the same fleet against the service's own broker instead (the service
+started without `--mqtt-url`, the devices on its `--mqtt-listen` port, logins and ACLs checked
+there): the broker runs in the service's process, so the service's CPU and RSS include it
+(no `--restart` there: it would restart the broker too, and the simulated devices do not reconnect).
+`--idle S` holds the connected fleet for S seconds (keep-alive pings only) and gives the CPU the
+service (and Mosquitto) used meanwhile.
 
 Exits 1 if any phase did not finish within `--timeout` seconds.
 """
@@ -73,6 +80,7 @@ CONNACK = 2
 # service's session at 10,000 devices: see the comment there).
 BROKER_LINES = ["max_connections -1"]
 DROPPED = "Outgoing messages are being dropped"
+SILENT = "1.5 times its keep-alive"  # the embedded broker's log line for a client it disconnected as silent
 PINGREQ = b"\xc0\x00"
 FINALS = {s.value for s in JobStatus if s.is_final}
 
@@ -393,18 +401,21 @@ def run(args: argparse.Namespace, workdir: Path) -> Figures:
     from tests.support.processes import Service
 
     figures = Figures()
-    limit = raise_file_limit()
+    limit = raise_file_limit()  # the service inherits it too: the embedded broker holds a socket per device
     extra = BROKER_LINES
     with ExitStack() as stack:
-        if args.accounts:
-            broker, flags = stack.enter_context(secure_mosquitto(workdir, extra))
+        if args.broker == "embedded":  # in the service's process: no broker pid, its port is --mqtt-listen's
+            broker, flags, name = None, (), "the embedded broker"
+        elif args.accounts:
+            (broker, flags), name = stack.enter_context(secure_mosquitto(workdir, extra)), "Mosquitto with accounts"
         else:
-            broker, flags = stack.enter_context(start_mosquitto(workdir, extra)), ()
-        service = Service(workdir, mqtt_url=broker.url, extra=tuple(flags))
+            broker, flags, name = stack.enter_context(start_mosquitto(workdir, extra)), (), "Mosquitto open"
+        service = Service(workdir, mqtt_url=broker.url if broker else None, extra=tuple(flags))
         stack.callback(service.stop)
         service.start()
-        figures.add(f"simfleet: {args.devices} devices, {args.processes} processes, Mosquitto "
-                    f"{'with accounts' if args.accounts else 'open'}, open files limit {limit}")
+        port, broker_pid = (broker.port, broker.process.pid) if broker else (service.mqtt_port, None)
+        figures.add(f"simfleet: {args.devices} devices, {args.processes} processes, {name}, "
+                    f"open files limit {limit}")
         cpu = cpu_s(service.proc.pid)
         devices, took = register(service.api, args.devices, args.connect, args.register_threads)
         cpu = cpu_s(service.proc.pid) - cpu
@@ -413,21 +424,49 @@ def run(args: argparse.Namespace, workdir: Path) -> Figures:
                     f"service CPU {cpu:.1f} s; service RSS {rss_mib(service.proc.pid):.0f} MiB")
         fleet.result(f"simfleet-{args.devices}-register", took, "s", devices=args.devices,
                      service_rss_mib=rss_mib(service.proc.pid), service_cpu_s=cpu)
-        workers = Workers(workdir, broker.port, service.signing_key_file.read_text(), devices, args.processes)
+        cpu = Cpu(service.proc.pid, broker_pid)
+        workers = Workers(workdir, port, service.signing_key_file.read_text(), devices, args.processes)
         stack.callback(workers.stop)
         took = wait_for("connect", lambda: workers.total("subscribed") >= args.connect, workers, args.timeout)
         figures.add(f"connected and subscribed: {workers.total('connected')} devices in {took:.1f} s "
                     f"({args.connect / took:.0f}/s); service RSS {rss_mib(service.proc.pid):.0f} MiB, "
-                    f"Mosquitto {rss_mib(broker.process.pid):.0f} MiB, simulators {workers.rss_mib():.0f} MiB")
+                    + (f"Mosquitto {rss_mib(broker_pid):.0f} MiB, " if broker_pid else "")
+                    + f"simulators {workers.rss_mib():.0f} MiB; "
+                    f"CPU {cpu.since()}")
+        if args.idle:
+            time.sleep(args.idle)
+            figures.add(f"idle {args.idle:g} s, {workers.total('connected') - workers.total('lost')} devices "
+                        f"connected: CPU {cpu.since(args.idle)}; service RSS {rss_mib(service.proc.pid):.0f} MiB")
         workflow_id = service.api.workflow("true", name="simfleet")
         for n in range(args.jobs):
             group_job(figures, service, workflow_id, n, workers, args)
+            figures.add(f"  CPU for job {n + 1}: {cpu.since()}")
         if args.restart:
-            restart(figures, service, workers, args, None if args.accounts else broker.port)
-        dropped = broker.log_text().count(DROPPED)
-        figures.add(f"summary: {workers.line()}; simulators {workers.rss_mib():.0f} MiB; "
-                    f"Mosquitto logged {dropped} times that it dropped messages for a client")
+            restart(figures, service, workers, args, broker.port if broker and not args.accounts else None)
+        time.sleep(2 * REPORT_SECONDS)  # the simulators report their counters once a second: the summary has their last
+        if broker:
+            dropped = f"Mosquitto logged {broker.log_text().count(DROPPED)} times that it dropped messages for a client"
+        else:
+            dropped = f"the embedded broker disconnected {service.log().count(SILENT)} clients as silent"
+        figures.add(f"summary: {workers.line()}; simulators {workers.rss_mib():.0f} MiB; {dropped}")
     return figures
+
+
+class Cpu:
+    """The CPU seconds the service and Mosquitto (if any) used since the last look."""
+
+    def __init__(self, service_pid: int, broker_pid: int | None) -> None:
+        from stack import cpu_seconds
+
+        self.pids, self.cpu_seconds = (service_pid, broker_pid), cpu_seconds
+        self.last = [cpu_seconds(pid) for pid in self.pids]
+
+    def since(self, seconds: float | None = None) -> str:
+        now = [self.cpu_seconds(pid) for pid in self.pids]
+        used, self.last = [b - a for a, b in zip(self.last, now, strict=True)], now
+        share = (lambda s: f" ({s / seconds:.0%} of a core)") if seconds else (lambda s: "")
+        text = f"service {used[0]:.1f} s{share(used[0])}"
+        return text + (f", Mosquitto {used[1]:.1f} s{share(used[1])}" if self.pids[1] else "")
 
 
 def group_job(figures: Figures, service: Any, workflow_id: str, n: int, workers: Workers,
@@ -583,12 +622,20 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2, help="simulator processes (one event loop each)")
     parser.add_argument("--jobs", type=int, default=1, help="group jobs (`true`) submitted one after another")
     parser.add_argument("--restart", action="store_true", help="then restart the service and time the republish")
+    parser.add_argument("--broker", choices=("mosquitto", "embedded"), default="mosquitto",
+                        help="the service's own broker (embedded) or a Mosquitto it starts (the default)")
+    parser.add_argument("--idle", type=float, default=0,
+                        help="after connecting, hold the fleet idle this many seconds and give the CPU used")
     parser.add_argument("--accounts", action="store_true", help="Mosquitto as shipped, accounts via --mosquitto-dir")
     parser.add_argument("--register-threads", type=int, default=REGISTER_THREADS,
                         help="registrations in flight (1 with --accounts while parallel ones may fail there)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds each phase may take")
     args = parser.parse_args()
     args.connect = min(args.connect or args.devices, args.devices)
+    if args.accounts and args.broker == "embedded":
+        parser.error("--accounts is for Mosquitto (the embedded broker always checks logins)")
+    if args.restart and args.broker == "embedded":  # the broker restarts with the service
+        parser.error("--restart is for Mosquitto: the simulated devices do not reconnect")
     with tempfile.TemporaryDirectory(prefix="ota-simfleet-") as workdir:
         try:
             run(args, Path(workdir))
