@@ -82,24 +82,27 @@ class EmbeddedBroker:
 
     def session_count(self) -> int:
         """How many sessions the broker keeps, connected or not."""
-        return len(self.core.sessions())
+        return self.core.session_count()
 
     async def disconnect_client(self, client_id: str) -> bool:
         """Drop a client's connection and session (a disabled device); returns whether it was connected."""
         return await self.core.drop(client_id)
 
     async def recheck(self) -> int:
-        """Check every session's credentials again; drop those that fail. Returns how many were dropped."""
-        sessions = self.core.sessions()
-        if not sessions:
+        """Check every session's credentials again; drop those that fail. Returns how many were dropped.
+
+        A session whose credentials changed while they were checked (its client connected again, the
+        new ones checked at the front) is left to the next round, which checks the new ones."""
+        held = self.core.logins()
+        if not held:
             return 0
-        verdicts = await self.logins.still_valid([view.login for view in sessions.values()])
+        verdicts = await self.logins.still_valid([login for login, _ in held])
         dropped = 0
-        for (client_id, view), valid in zip(sessions.items(), verdicts, strict=True):
-            if not valid:
+        for (login, ref), valid in zip(held, verdicts, strict=True):
+            if not valid and self.core.still_holds(login, ref):
                 log.info("dropping MQTT session %r of user %r: its credentials no longer pass",
-                         client_id, view.login.username)
-                await self.core.drop(client_id, view.ref)
+                         login.client_id, login.username)
+                await self.core.drop(login.client_id, ref)
                 dropped += 1
         return dropped
 

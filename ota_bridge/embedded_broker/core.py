@@ -229,6 +229,20 @@ class _Subscriptions(dict):  # type: ignore[type-arg]
     def __init__(self) -> None:
         super().__init__()
         self.wildcards: dict[str, None] = {}  # the filters holding + or #, in the order they came
+        self.owned: dict[str, dict[str, None]] = {}  # client id -> the filters it holds, in the order it subscribed
+        self._next_iteration: list[str] | None = None  # what the next iteration yields instead of every filter
+
+    def __repr__(self) -> str:
+        """A count: amqtt logs repr(subscriptions) after every SUBSCRIBE, debug logging on or not."""
+        return f"<{len(self)} subscription filters>"
+
+    def own(self, client_id: str) -> list[str]:
+        """The filters client_id holds."""
+        return list(self.owned.get(client_id, ()))
+
+    def iterate_once(self, filters: list[str]) -> None:
+        """The next iteration over the table yields only filters (see _IsolatingBroker)."""
+        self._next_iteration = filters
 
     def __setitem__(self, key: str, value: list[Any]) -> None:
         super().__setitem__(key, _Holders(value))
@@ -242,6 +256,7 @@ class _Subscriptions(dict):  # type: ignore[type-arg]
     def clear(self) -> None:
         super().clear()
         self.wildcards.clear()
+        self.owned.clear()
 
     def routes(self, topic: str, matches: Callable[[str, str], bool]) -> list[tuple[Any, int]]:
         """(session, qos) of every subscription matching topic: once per matching filter, as amqtt."""
@@ -252,6 +267,9 @@ class _Subscriptions(dict):  # type: ignore[type-arg]
         return found
 
     def __iter__(self) -> Any:
+        only, self._next_iteration = self._next_iteration, None
+        if only is not None:
+            return iter([topic_filter for topic_filter in only if dict.__contains__(self, topic_filter)])
         return iter(list(super().keys()))
 
     def keys(self) -> Any:
@@ -262,6 +280,63 @@ class _Subscriptions(dict):  # type: ignore[type-arg]
 
     def items(self) -> Any:
         return list(super().items())
+
+
+class _Sessions(dict):  # type: ignore[type-arg]
+    """amqtt's client id -> (session, handler) map, the credentials of each session kept as it is stored.
+
+    amqtt stores a session again whenever a client connects to it (after merging the CONNECT's
+    credentials into a persistent one), so `logins` is up to date without a pass over the sessions;
+    a session whose credentials changed since (a CONNECT being handled) is told apart by `current`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logins: dict[str, tuple[Login, Any]] = {}  # client id -> (its session's login, the session)
+
+    def __setitem__(self, client_id: str, value: tuple[Any, Any]) -> None:
+        super().__setitem__(client_id, value)
+        self.learn(client_id)
+
+    def learn(self, client_id: str) -> None:
+        """Note client_id's session's credentials as they are now."""
+        session = dict.get(self, client_id, (None, None))[0]
+        if session is None:
+            self.logins.pop(client_id, None)
+        else:
+            self.logins[client_id] = (Login(session.username or "", session.password or "", client_id), session)
+
+    def current(self, client_id: str, login: Login, ref: object) -> bool:
+        """Whether client_id's session is still ref, with login's credentials."""
+        session = dict.get(self, client_id, (None, None))[0]
+        return (session is ref and session is not None and (session.username or "") == login.username
+                and (session.password or "") == login.password)
+
+    def __delitem__(self, client_id: str) -> None:
+        super().__delitem__(client_id)
+        self.logins.pop(client_id, None)
+
+    def pop(self, client_id: str, *default: Any) -> Any:
+        self.logins.pop(client_id, None)
+        return super().pop(client_id, *default)
+
+    def popitem(self) -> Any:
+        client_id, value = super().popitem()
+        self.logins.pop(client_id, None)
+        return client_id, value
+
+    def setdefault(self, client_id: str, default: Any = None) -> Any:
+        if client_id not in self:
+            self[client_id] = default
+        return dict.__getitem__(self, client_id)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for client_id, value in dict(*args, **kwargs).items():
+            self[client_id] = value
+
+    def clear(self) -> None:
+        super().clear()
+        self.logins.clear()
 
 
 class _IsolatingBroker(Broker):
@@ -283,6 +358,7 @@ class _IsolatingBroker(Broker):
     def __init__(self, *args: Any, policy: TopicPolicy, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._subscriptions = _Subscriptions()
+        self._sessions = _Sessions()
         self._policy = policy
         self._deliveries: set[asyncio.Task[Any]] = set()
         self._locals: list[LocalClient] = []
@@ -432,16 +508,54 @@ class _IsolatingBroker(Broker):
 
     async def _publish_session_retained_messages(self, session: Any) -> None:
         """amqtt's, sending what was kept for a persistent session while it was away (a task each, in
-        order); meanwhile a message routed to the client goes after them, through amqtt's flow."""
+        order); meanwhile a message routed to the client goes after them, through amqtt's flow.
+
+        amqtt 0.12 calls it only at a connect, and its next step there, with no await between, is a
+        pass over every filter in the broker to send the retained messages of those the session holds
+        (`_publish_retained_messages_for_subscription`, each): that pass is handed the session's own."""
         handler = self._get_handler(session)
         if handler is None:
             await super()._publish_session_retained_messages(session)
-            return
-        self._queued[handler] = self._queued.get(handler, 0) + 1
-        try:
-            await super()._publish_session_retained_messages(session)
-        finally:
-            self._delivered(None, handler)
+        else:
+            self._queued[handler] = self._queued.get(handler, 0) + 1
+            try:
+                await super()._publish_session_retained_messages(session)
+            finally:
+                self._delivered(None, handler)
+        self._subscriptions.iterate_once(self._subscriptions.own(session.client_id))
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Any) -> int:
+        code = await super().add_subscription(subscription, session)
+        if code != 0x80:
+            self._subscriptions.owned.setdefault(session.client_id, {})[subscription[0]] = None
+        return code
+
+    def _del_subscription(self, a_filter: str, session: Any) -> int:
+        deleted = super()._del_subscription(a_filter, session)
+        owned = self._subscriptions.owned.get(session.client_id)
+        if owned is not None and not any(s.client_id == session.client_id
+                                         for s, _ in dict.get(self._subscriptions, a_filter, ())):
+            owned.pop(a_filter, None)
+            if not owned:
+                del self._subscriptions.owned[session.client_id]
+        return deleted
+
+    async def _del_all_subscriptions(self, session: Any) -> None:
+        """amqtt's, over the session's own filters rather than every filter in the broker."""
+        emptied = [topic_filter for topic_filter in self._subscriptions.own(session.client_id)
+                   if self._del_subscription(topic_filter, session)]
+        for topic_filter in emptied:
+            if topic_filter in self._subscriptions and not self._subscriptions[topic_filter]:
+                del self._subscriptions[topic_filter]
+
+    def retained_matching(self, topic_filter: str) -> list[tuple[str, RetainedApplicationMessage]]:
+        """The retained messages whose topic topic_filter matches: one lookup for a filter without
+        wildcards (a device's), a pass over them all only for a wildcard filter."""
+        if "+" not in topic_filter and "#" not in topic_filter:
+            retained = self._retained_messages.get(topic_filter)
+            return [] if retained is None else [(topic_filter, retained)]
+        return [(topic, retained) for topic, retained in list(self._retained_messages.items())
+                if self._matches(topic, topic_filter)]
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
         topic_filter, qos = subscription
@@ -451,8 +565,8 @@ class _IsolatingBroker(Broker):
         handler = self._get_handler(session)
         if handler is None:
             return
-        for topic, retained in list(self._retained_messages.items()):
-            if self._matches(topic, topic_filter) and await self._topic_filtering(session, topic, Action.RECEIVE):
+        for topic, retained in self.retained_matching(topic_filter):
+            if await self._topic_filtering(session, topic, Action.RECEIVE):
                 await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
 
 
@@ -557,11 +671,31 @@ class AmqttCore:
     def detach(self, local: LocalClient) -> None:
         self._broker.remove_local(local)
 
-    def sessions(self) -> dict[str, SessionView]:
-        """Every session amqtt keeps, connected or not, by client id."""
-        return {client_id: SessionView(Login(s.username or "", s.password or "", client_id),
-                                       s.transitions.state == "connected", s)
-                for client_id, (s, _) in list(self._broker._sessions.items())}
+    def session(self, client_id: str) -> SessionView | None:
+        """The session amqtt keeps for client_id, connected or not."""
+        session = self._broker._sessions.get(client_id, (None, None))[0]
+        if session is None:
+            return None
+        return SessionView(Login(session.username or "", session.password or "", client_id),
+                           session.transitions.state == "connected", session)
+
+    def session_count(self) -> int:
+        """How many sessions amqtt keeps, connected or not."""
+        return len(self._broker._sessions)
+
+    def logins(self) -> list[tuple[Login, object]]:
+        """Every session's login, connected or not, and the session (as SessionView.ref): kept as the
+        sessions are stored, not built here."""
+        return list(self._broker._sessions.logins.values())
+
+    def still_holds(self, login: Login, ref: object) -> bool:
+        """Whether login.client_id's session is still ref, logged in with login; if not, what is noted
+        of that session's credentials is brought up to date (a CONNECT merged new ones into it)."""
+        sessions = self._broker._sessions
+        if sessions.current(login.client_id, login, ref):
+            return True
+        sessions.learn(login.client_id)
+        return False
 
     async def disconnect(self, client_id: str) -> bool:
         """Close a client's connection (its will is sent) and wait for amqtt to see it gone."""

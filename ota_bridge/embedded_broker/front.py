@@ -152,7 +152,7 @@ class Front:
         await self._make_room(login)
 
     async def _make_room(self, login: Login) -> None:
-        held = self.core.sessions().get(login.client_id)
+        held = self.core.session(login.client_id)
         if held is None:
             return
         if held.login.username != login.username:
