@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -42,6 +41,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import OutgoingApplicationMessage
 
 from .policy import Login, TopicPolicy
+from .wire import header_length, publish_packet
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class _FastPath:
         qos = flags >> 1 & 3
         if qos not in (QOS_0, QOS_1) or flags & 0x08:  # QoS 2 and 3, and DUP (amqtt drops a DUP QoS 0)
             return False
-        start = _body_start(packet)
+        start = header_length(packet)
         if start + 2 > len(packet):
             return False
         topic_end = start + 2 + (packet[start] << 8 | packet[start + 1])
@@ -157,7 +157,7 @@ class _FastPath:
             topic = packet[start + 2:topic_end].decode("utf-8")
         except UnicodeDecodeError:
             return False
-        if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
+        if not _topic_name(topic):
             return False  # amqtt ends the connection
         session, broker = handler.session, self._broker
         if policy_allows(broker._policy, session, topic, Action.PUBLISH):
@@ -184,29 +184,6 @@ class _FastPath:
     def _pingreq(packet: bytes, handler: BrokerProtocolHandler) -> bool:
         handler.writer.write(PINGRESP_PACKET)  # type: ignore[union-attr]
         return True
-
-
-def _body_start(packet: bytes) -> int:
-    """Where a whole packet's variable header starts, after its remaining length."""
-    index = 1
-    while packet[index] & 0x80:
-        index += 1
-    return index + 1
-
-
-def _remaining_length(length: int) -> bytes:
-    if length < 128:
-        return bytes((length,))
-    out = bytearray()
-    while length:
-        byte, length = length & 0x7F, length >> 7
-        out.append(byte | (0x80 if length else 0))
-    return bytes(out)
-
-
-def _publish_packet(topic: bytes, data: bytes | bytearray, qos: int, packet_id: int) -> bytes:
-    variable = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", packet_id) if qos else b"")
-    return bytes((0x30 | qos << 1,)) + _remaining_length(len(variable) + len(data)) + variable + bytes(data)
 
 
 class _Holders(list):  # type: ignore[type-arg]
@@ -304,13 +281,12 @@ class _Sessions(dict):  # type: ignore[type-arg]
         if session is None:
             self.logins.pop(client_id, None)
         else:
-            self.logins[client_id] = (Login(session.username or "", session.password or "", client_id), session)
+            self.logins[client_id] = (_login(session, client_id), session)
 
     def current(self, client_id: str, login: Login, ref: object) -> bool:
         """Whether client_id's session is still ref, with login's credentials."""
         session = dict.get(self, client_id, (None, None))[0]
-        return (session is ref and session is not None and (session.username or "") == login.username
-                and (session.password or "") == login.password)
+        return session is ref and session is not None and _login(session, client_id) == login
 
     def __delitem__(self, client_id: str) -> None:
         super().__delitem__(client_id)
@@ -420,7 +396,7 @@ class _IsolatingBroker(Broker):
                 or handler._write_lock.locked() or handler in self._queued):
             return False  # amqtt's flow, and after what it is still to write to this client: the order holds
         if qos == QOS_0:
-            writer.write(_publish_packet(topic.encode(), data, QOS_0, 0))
+            writer.write(publish_packet(topic.encode(), data, QOS_0, 0))
             return True
         try:
             packet_id = session.next_packet_id
@@ -429,7 +405,7 @@ class _IsolatingBroker(Broker):
             return True
         message = OutgoingApplicationMessage(packet_id, topic, QOS_1, data, False)
         session.inflight_out[packet_id] = message
-        writer.write(_publish_packet(topic.encode(), data, QOS_1, packet_id))
+        writer.write(publish_packet(topic.encode(), data, QOS_1, packet_id))
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[PubackPacket] = loop.create_future()
         handler._puback_waiters[packet_id] = waiter
@@ -462,7 +438,7 @@ class _IsolatingBroker(Broker):
 
     def publish_local(self, local: LocalClient, topic: str, data: bytes, retain: bool, qos: int) -> None:
         """A local client's publish, checked and routed as amqtt handles a client's PUBLISH, then retained."""
-        if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
+        if not _topic_name(topic):
             raise ValueError(f"cannot publish on {topic!r}: not a topic name")
         if not self._policy.allows(local.username, topic, Action.PUBLISH):
             log.warning("MQTT publish on %r refused for local user %r", topic, local.username)
@@ -583,6 +559,16 @@ def _released(waiter: asyncio.Future[Any], handler: BrokerProtocolHandler, sessi
         message.puback_packet = waiter.result()
 
 
+def _topic_name(topic: str) -> bool:
+    """Whether a client may publish on topic as amqtt takes it: no wildcard, not empty, not a $ topic."""
+    return bool(topic) and "#" not in topic and "+" not in topic and not topic.startswith("$")
+
+
+def _login(session: Any, client_id: str) -> Login:
+    """The credentials amqtt keeps in a session (merged in at each CONNECT), as a Login."""
+    return Login(session.username or "", session.password or "", client_id)
+
+
 def _valid_filter(topic_filter: str) -> bool:
     """As amqtt's add_subscription: '#' only as the whole last level, '+' only as a whole level."""
     levels = topic_filter.split("/")
@@ -676,8 +662,7 @@ class AmqttCore:
         session = self._broker._sessions.get(client_id, (None, None))[0]
         if session is None:
             return None
-        return SessionView(Login(session.username or "", session.password or "", client_id),
-                           session.transitions.state == "connected", session)
+        return SessionView(_login(session, client_id), session.transitions.state == "connected", session)
 
     def session_count(self) -> int:
         """How many sessions amqtt keeps, connected or not."""

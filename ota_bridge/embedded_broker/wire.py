@@ -1,4 +1,5 @@
-"""MQTT 3.1.1 on the wire, as the broker's front reads it: packet framing and the CONNECT packet.
+"""MQTT 3.1.1 on the wire, as the broker's front reads it: packet framing and the CONNECT packet;
+and the PUBLISH packet the core writes to a device itself (core._FastPath).
 
 Plain stdlib; the front validates a client with these before amqtt sees a single byte of it.
 """
@@ -144,14 +145,14 @@ class Connect:
         if self.password is not None:
             payload += _text(self.password)
         body = _text("MQTT") + bytes((PROTOCOL_LEVEL, flags)) + struct.pack("!H", self.keep_alive) + payload
-        return bytes((CONNECT_TYPE << 4,)) + _remaining_length(len(body)) + body
+        return bytes((CONNECT_TYPE << 4,)) + remaining_length(len(body)) + body
 
 
 def parse_connect(packet: bytes) -> Connect:
     """Read and check a CONNECT packet. Raises WireError, or Refused for a wrong protocol level."""
     if packet[0] != CONNECT_TYPE << 4:
         raise WireError(f"the first packet is of type {packet[0] >> 4} with flags {packet[0] & 15}, not a CONNECT")
-    cursor = _Cursor(packet, _header_length(packet))
+    cursor = _Cursor(packet, header_length(packet))
     name, level, flags = cursor.text(), cursor.byte(), cursor.byte()
     if name != "MQTT" or level != PROTOCOL_LEVEL:
         if name in ("MQTT", "MQIsdp"):
@@ -168,7 +169,8 @@ def parse_connect(packet: bytes) -> Connect:
     return Connect(client_id, bool(flags & 0x02), keep_alive, username, password, will)
 
 
-def _header_length(packet: bytes) -> int:
+def header_length(packet: bytes) -> int:
+    """A whole packet's fixed header's length: where its variable header starts."""
     index = 1
     while packet[index] & 0x80:
         index += 1
@@ -222,10 +224,17 @@ def _binary(value: bytes) -> bytes:
     return struct.pack("!H", len(value)) + value
 
 
-def _remaining_length(length: int) -> bytes:
+def remaining_length(length: int) -> bytes:
+    """A fixed header's remaining length field for length."""
     out = bytearray()
     while True:
         byte, length = length & 0x7F, length >> 7
         out.append(byte | (0x80 if length else 0))
         if not length:
             return bytes(out)
+
+
+def publish_packet(topic: bytes, data: bytes | bytearray, qos: int, packet_id: int) -> bytes:
+    """A PUBLISH (QoS 0 or 1, not retained, not DUP) of data on topic; packet_id only with QoS 1."""
+    variable = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", packet_id) if qos else b"")
+    return bytes((0x30 | qos << 1,)) + remaining_length(len(variable) + len(data)) + variable + bytes(data)
