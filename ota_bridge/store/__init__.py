@@ -227,7 +227,7 @@ class Store:
             except _NeedsSnapshot:
                 pass
             except sqlite3.OperationalError as e:  # a row fetched outside peewee's wrapper met a lock
-                if _sqlite_error(e) not in (SQLITE_BUSY, SQLITE_LOCKED):
+                if not _locked(e):
                     raise
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
@@ -242,7 +242,7 @@ class Store:
             with pw.__exception_wrapper__:
                 rows = _read_only_connection(self.database, on_loop=True).execute(sql, bound).fetchall()
         except UNAVAILABLE as e:
-            if _sqlite_error(e) in (SQLITE_BUSY, SQLITE_LOCKED):
+            if _locked(e):
                 raise _NeedsSnapshot from None  # a reader thread waits for the lock (busy_timeout), not the loop
             raise self._read_failed(fn, e) from e
         return _converted(key, query, rows)
@@ -456,7 +456,7 @@ class Store:
         try:
             return _snapshot(database, fn, args, kwargs)
         except UNAVAILABLE as e:
-            if getattr(_READ_ONLY, "on_loop", False) and _sqlite_error(e) in (SQLITE_BUSY, SQLITE_LOCKED):
+            if getattr(_READ_ONLY, "on_loop", False) and _locked(e):
                 raise _NeedsSnapshot from None  # on the event loop: a reader thread waits for the lock
             if not connection_lost(database):
                 raise self._read_failed(fn, e) from e
@@ -498,6 +498,12 @@ def _sqlite_error(error: Exception) -> int | None:
     driver = error.args[0] if error.args and isinstance(error.args[0], Exception) else error
     code = getattr(driver, "sqlite_errorcode", None)
     return None if code is None else code & 0xFF
+
+
+def _locked(error: Exception) -> bool:
+    """Whether a driver's error is SQLite's "database is locked" (BUSY or LOCKED): on the event loop a
+    reader thread makes such a read, waiting for the lock there (busy_timeout), never the loop."""
+    return _sqlite_error(error) in (SQLITE_BUSY, SQLITE_LOCKED)
 
 
 def _resolve(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
