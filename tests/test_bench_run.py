@@ -105,3 +105,25 @@ def test_notes_are_the_text_under_each_heading(tmp_path: Path, bench_run) -> Non
     notes = tmp_path / "notes.md"
     notes.write_text("# Title\n\nintro, no note\n\n## drain-mosquitto\n\npy-spy: the\njournal\n\n## other\nx\n")
     assert bench_run.load_notes(notes) == {"drain-mosquitto": "py-spy: the journal", "other": "x"}
+
+
+def test_a_figure_s_parts_render_by_name(bench_run) -> None:
+    """A dict among a figure's details (the CPU by part) reads as names and numbers, not Python."""
+    details = bench_run._details({"name": "x", "figure": 1, "unit": "ms", "cpu_ms": {"service": 15.33, "agents": 32.0}})
+    assert details == "cpu ms (service 15.3, agents 32.0)"
+
+
+def test_settle_waits_for_a_quiet_machine_and_gives_up(bench_run, monkeypatch, capsys) -> None:
+    """It goes on once a second was quiet enough, and after SETTLE_MAX_SECONDS of a busy machine."""
+    busy = iter([0.9, 0.5, 0.1])
+    monkeypatch.setattr(bench_run, "_cpu_busy_over", lambda seconds: next(busy))
+    bench_run.settle()
+    assert "CPU 10% busy" in capsys.readouterr().out
+    monkeypatch.setattr(bench_run, "_cpu_busy_over", lambda seconds: 1.0)
+    monkeypatch.setattr(bench_run, "SETTLE_MAX_SECONDS", 0)
+    bench_run.settle()
+    assert "CPU 100% busy" in capsys.readouterr().out
+
+
+def test_cpu_busy_is_a_share(bench_run) -> None:
+    assert 0.0 <= bench_run._cpu_busy_over(0.05) <= 1.0
