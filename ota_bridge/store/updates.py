@@ -18,6 +18,7 @@ from . import (
     chunks,
     epoch,
     idempotent,
+    only_these_may_end,
     padded,
     prepared,
     prepared_rows,
@@ -84,7 +85,21 @@ def record_device_messages(updates: list[Update], presence: list[tuple[str, bool
         outcomes.first_seen = set_presence(presence, {u.device_id for u in updates})
         if any(u.status.is_final for u in outcomes.applied):
             outcomes.highest_seq = highest_seq_ever()
+        _tell_what_may_have_ended(outcomes, view)
     return outcomes
+
+
+def _tell_what_may_have_ended(outcomes: UpdateOutcomes, view: _BatchView) -> None:
+    """Tell the Store which jobs this batch may have made final, so that a held GET of another job
+    is not woken for it: the children that went final and those of their parents left with no child
+    pending (rollback children apart, as the API counts). A batch that retried a job or touched a
+    rollback (reshaped) says nothing: any job may have ended."""
+    if outcomes.reshaped:
+        return
+    ended = [view.children[u.job_id] for u in outcomes.applied if u.status.is_final]
+    parents = sorted({child.parent_id for child in ended})
+    busy = {p for chunk in chunks(parents) for (p,) in prepared_rows("busy_parents", _busy, *padded(chunk))}
+    only_these_may_end([*(child.job_id for child in ended), *(p for p in parents if p not in busy)])
 
 
 class _BatchView:
@@ -95,7 +110,7 @@ class _BatchView:
         job_ids = sorted({u.job_id for u in updates})
         devices = sorted({u.device_id for u in updates})
         self.children = {c.job_id: c for chunk in chunks(job_ids)
-                         for c in prepared("batch_children", _children, *padded(chunk))}
+                         for c in _child_models(prepared_rows("batch_children", _children, *padded(chunk)))}
         self.enabled = {d for chunk in chunks(devices)
                         for (d,) in prepared_rows("batch_enabled", _enabled, *padded(chunk))}
         self.attempts = Attempts()  # retries and rollbacks, with the jobs' policies read once per batch
@@ -122,8 +137,23 @@ _CHILD_READ = (ChildJob.seq, ChildJob.job_id, ChildJob.parent, ChildJob.device_i
                ChildJob.finalized_by_service, ChildJob.on_failure_of, ChildJob.start_time, ChildJob.reason)
 
 
+_CHILD_NAMES = tuple(f.name for f in _CHILD_READ)
+
+
 def _children(count: int) -> pw.Query:
     return ChildJob.select(*_CHILD_READ).where(ChildJob.job_id.in_(args(count)))
+
+
+def _child_models(rows: list[tuple[Any, ...]]) -> list[ChildJob]:
+    """The converted rows of _children as ChildJob instances holding those fields: what peewee's
+    cursor wrapper makes, without matching the columns to fields again and setting each through
+    its accessor for every row (that cost more than the batch's queries)."""
+    children = []
+    for row in rows:
+        child = ChildJob.__new__(ChildJob)
+        child.__data__, child._dirty, child.__rel__ = dict(zip(_CHILD_NAMES, row, strict=True)), set(), {}
+        children.append(child)
+    return children
 
 
 def _enabled(count: int) -> pw.Query:
@@ -135,6 +165,13 @@ def _heads(count: int) -> pw.Query:
     return (ChildJob.select(ChildJob.device_id, pw.fn.MIN(ChildJob.seq))
             .where(ChildJob.device_id.in_(args(count)), ChildJob.status.in_(PENDING))
             .group_by(ChildJob.device_id).tuples())
+
+
+def _busy(count: int) -> pw.Query:
+    """Those of the parents with a child not yet final (rollback children apart)."""
+    return (ChildJob.select(ChildJob.parent).distinct()
+            .where(ChildJob.parent.in_(args(count)), ChildJob.status.in_(PENDING), ChildJob.on_failure_of.is_null())
+            .tuples())
 
 
 def _apply_one(update: Update, view: _BatchView) -> str | None:
