@@ -29,7 +29,7 @@ from agent.protocol import QUEUE_LIST_LIMIT, MessageError, Topics
 
 from . import metrics
 from .coordination import Coordinator
-from .device_messages import ArtifactUrl, head_message, parse_presence, parse_update, queue_message
+from .device_messages import ArtifactUrl, head_message, is_progress_report, parse_presence, parse_update, queue_message
 from .errors import StoreUnavailable
 from .models import now
 from .mqtt_link import Incoming, Link
@@ -54,6 +54,11 @@ REMEMBER_ENTRIES = 50_000
 # queue it remembers can lose its head to a final this many times over before it runs short.
 READ_WINDOW = 2 * QUEUE_LIST_LIMIT
 PUBLISH_SLICE = 100  # queues published between two turns of the event loop (API requests meanwhile)
+# A batch of device messages that are all progress reports (IN_PROGRESS, DOWNLOADING) waits this long
+# for more before it is stored: nothing waits on progress, and the devices of a group job report it
+# within milliseconds of each other. One transaction (and one hand-over to the store's thread) for
+# them instead of one each was a tenth of the service's CPU per group job. A final is never held.
+PROGRESS_LINGER_SECONDS = 0.003
 
 
 class Dispatcher:
@@ -368,9 +373,7 @@ class Dispatcher:
 
     async def run_inbox(self) -> None:
         while True:
-            batch = [await self._inbox.get()]
-            while len(batch) < BATCH and not self._inbox.empty():
-                batch.append(self._inbox.get_nowait())
+            batch = await self._take_batch()
             started = time.perf_counter()
             try:
                 await self._handle(batch)
@@ -381,6 +384,24 @@ class Dispatcher:
             if self.link is not None:
                 for message in batch:
                     self.link.ack(message)
+
+    async def _take_batch(self) -> list[Incoming]:
+        """The messages waiting, at least one; if they are all progress reports, with those that come
+        within PROGRESS_LINGER_SECONDS (a final coming meanwhile is taken along, not held longer)."""
+        batch = [await self._inbox.get()]
+        self._take_waiting(batch)
+        if len(batch) < BATCH and all(self._progress(message) for message in batch):
+            await asyncio.sleep(PROGRESS_LINGER_SECONDS)
+            self._take_waiting(batch)
+        return batch
+
+    def _take_waiting(self, batch: list[Incoming]) -> None:
+        while len(batch) < BATCH and not self._inbox.empty():
+            batch.append(self._inbox.get_nowait())
+
+    def _progress(self, message: Incoming) -> bool:
+        parsed = self.topics.parse(message.topic)
+        return parsed is not None and parsed[1] == Topics.STATUS and is_progress_report(message.payload)
 
     async def _handle(self, batch: list[Incoming]) -> None:
         updates, presence = self._parse(batch)
