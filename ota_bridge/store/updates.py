@@ -107,17 +107,17 @@ class _BatchView:
 
     def __init__(self, updates: list[Update], reshaped: set[str]) -> None:
         self.reshaped = reshaped  # devices whose queue changed more than their head's status
-        job_ids = sorted({u.job_id for u in updates})
-        devices = sorted({u.device_id for u in updates})
-        self.children = {c.job_id: c for chunk in chunks(job_ids)
-                         for c in _child_models(prepared_rows("batch_children", _children, *padded(chunk)))}
-        self.enabled = {d for chunk in chunks(devices)
-                        for (d,) in prepared_rows("batch_enabled", _enabled, *padded(chunk))}
+        self.children: dict[str, ChildJob] = {}
+        self.enabled: set[str] = set()  # of the children's devices, those enabled
+        self._heads: dict[str, int | None] = {}  # of the children's devices, each one's head as read
+        for chunk in chunks(sorted({u.job_id for u in updates})):
+            for row in prepared_rows("batch_children", _children, *padded(chunk)):
+                child = _child_model(row)
+                self.children[child.job_id] = child
+                if row[_ENABLED]:
+                    self.enabled.add(child.device_id)
+                self._heads[child.device_id] = row[_HEAD]
         self.attempts = Attempts()  # retries and rollbacks, with the jobs' policies read once per batch
-        self._heads: dict[str, int | None] = {}
-        for chunk in chunks(devices):
-            self._heads.update(dict.fromkeys(chunk))
-            self._heads.update(prepared_rows("batch_heads", _heads, *padded(chunk)))
 
     def head(self, device_id: str) -> int | None:
         """The seq of the device's current job: its first job not yet final."""
@@ -138,26 +138,28 @@ _CHILD_READ = (ChildJob.seq, ChildJob.job_id, ChildJob.parent, ChildJob.device_i
 
 
 _CHILD_NAMES = tuple(f.name for f in _CHILD_READ)
+_ENABLED, _HEAD = len(_CHILD_READ), len(_CHILD_READ) + 1  # the columns _children adds after the child's
+_OTHER = ChildJob.alias()
 
 
 def _children(count: int) -> pw.Query:
-    return ChildJob.select(*_CHILD_READ).where(ChildJob.job_id.in_(args(count)))
+    """The children the batch names, each with whether its device is enabled and its device's head
+    (the Seq of its first job not yet final): one statement for what took three (an update is
+    about its child's own device, or it is dropped before either is asked)."""
+    enabled = Device.select(Device.device_id).where(Device.device_id == ChildJob.device_id,
+                                                    Device.enabled == True)  # noqa: E712
+    head = _OTHER.select(pw.fn.MIN(_OTHER.seq)).where(_OTHER.device_id == ChildJob.device_id,
+                                                     _OTHER.status.in_(PENDING))
+    return ChildJob.select(*_CHILD_READ, pw.fn.EXISTS(enabled), head).where(ChildJob.job_id.in_(args(count)))
 
 
-def _child_models(rows: list[tuple[Any, ...]]) -> list[ChildJob]:
-    """The converted rows of _children as ChildJob instances holding those fields: what peewee's
-    cursor wrapper makes, without matching the columns to fields again and setting each through
-    its accessor for every row (that cost more than the batch's queries)."""
-    children = []
-    for row in rows:
-        child = ChildJob.__new__(ChildJob)
-        child.__data__, child._dirty, child.__rel__ = dict(zip(_CHILD_NAMES, row, strict=True)), set(), {}
-        children.append(child)
-    return children
-
-
-def _enabled(count: int) -> pw.Query:
-    return Device.select(Device.device_id).where(Device.device_id.in_(args(count)), Device.enabled == True).tuples()  # noqa: E712
+def _child_model(row: tuple[Any, ...]) -> ChildJob:
+    """A converted row of _children as a ChildJob holding those fields: what peewee's cursor wrapper
+    makes, without matching the columns to fields again and setting each through its accessor (for a
+    batch, that cost more than its queries)."""
+    child = ChildJob.__new__(ChildJob)
+    child.__data__, child._dirty, child.__rel__ = dict(zip(_CHILD_NAMES, row[:_ENABLED], strict=True)), set(), {}
+    return child
 
 
 def _heads(count: int) -> pw.Query:
