@@ -57,7 +57,8 @@ PUBLISH_SLICE = 100  # queues published between two turns of the event loop (API
 # A batch of device messages that are all progress reports (IN_PROGRESS, DOWNLOADING) waits this long
 # for more before it is stored: nothing waits on progress, and the devices of a group job report it
 # within milliseconds of each other. One transaction (and one hand-over to the store's thread) for
-# them instead of one each was a tenth of the service's CPU per group job. A final is never held.
+# them instead of one each was a tenth of the service's CPU per group job. A final, or a presence
+# message, that comes meanwhile ends the wait: it is stored at once, with the progress before it.
 PROGRESS_LINGER_SECONDS = 0.003
 
 
@@ -82,6 +83,7 @@ class Dispatcher:
         self._remembered_entries = 0
         self._gone: set[str] = set()  # devices deleted since the publisher took its batch
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=INBOX_LIMIT)
+        self._lingering: asyncio.Future[None] | None = None  # a batch of progress reports waiting for more
         self._in_sync = False
         self._resync_task: asyncio.Task[None] | None = None
         if cluster is not None:
@@ -370,6 +372,10 @@ class Dispatcher:
         except asyncio.QueueFull:
             # Not acknowledged: the broker delivers it again after the next reconnect.
             log.error("inbox full (%d messages); dropped a message on %s", INBOX_LIMIT, message.topic)
+        lingering = self._lingering
+        if lingering is not None and not lingering.done() and (
+                self._inbox.qsize() + 1 >= BATCH or not self._progress(message)):
+            lingering.set_result(None)  # a final (or a full batch) is not held
 
     async def run_inbox(self) -> None:
         while True:
@@ -387,11 +393,18 @@ class Dispatcher:
 
     async def _take_batch(self) -> list[Incoming]:
         """The messages waiting, at least one; if they are all progress reports, with those that come
-        within PROGRESS_LINGER_SECONDS (a final coming meanwhile is taken along, not held longer)."""
+        within PROGRESS_LINGER_SECONDS, or until a final comes (it is taken along at once: deliver)."""
         batch = [await self._inbox.get()]
         self._take_waiting(batch)
         if len(batch) < BATCH and all(self._progress(message) for message in batch):
-            await asyncio.sleep(PROGRESS_LINGER_SECONDS)
+            loop = asyncio.get_running_loop()
+            self._lingering = lingering = loop.create_future()
+            timer = loop.call_later(PROGRESS_LINGER_SECONDS, _resolve, lingering)
+            try:
+                await lingering
+            finally:
+                timer.cancel()
+                self._lingering = None
             self._take_waiting(batch)
         return batch
 
@@ -475,6 +488,11 @@ class Dispatcher:
                 log.warning("ignored a bad message from device %s on %s: %s", device_id, leaf, e)
         latest = {entry[0]: entry for entry in presence}  # one presence write per device and batch: the last
         return updates, list(latest.values())
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _log_applied(applied: list[Update]) -> None:

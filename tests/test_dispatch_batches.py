@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from agent.protocol import JobStatus, Key, Topics, encode
+from ota_bridge import dispatch
 from ota_bridge.device_messages import is_progress_report
 from ota_bridge.dispatch import Dispatcher
 from ota_bridge.mqtt_link import Incoming
@@ -31,6 +34,21 @@ def _taken(first: Incoming, later: Incoming) -> list[Incoming]:
 def test_a_batch_of_progress_reports_waits_for_the_reports_that_follow() -> None:
     first, later = _status("d0", JobStatus.IN_PROGRESS), _status("d1", JobStatus.SUCCEEDED)
     assert _taken(first, later) == [first, later]  # one transaction for both; the final is taken along
+
+
+def test_a_final_ends_the_wait_of_the_progress_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device's final is never held behind the wait: with a wait far longer than the test may
+    take, the batch is taken as soon as the final comes, the progress before it along."""
+    monkeypatch.setattr(dispatch, "PROGRESS_LINGER_SECONDS", 3600)
+    first, later = _status("d0", JobStatus.IN_PROGRESS), _status("d0", JobStatus.SUCCEEDED)
+
+    async def scenario() -> list[Incoming]:
+        dispatcher = Dispatcher(None, TOPICS)  # type: ignore[arg-type]
+        dispatcher.deliver(first)
+        asyncio.get_running_loop().call_soon(dispatcher.deliver, _status("d1", JobStatus.IN_PROGRESS))
+        asyncio.get_running_loop().call_soon(dispatcher.deliver, later)
+        return await asyncio.wait_for(dispatcher._take_batch(), 30)
+    assert asyncio.run(scenario()) == [first, _status("d1", JobStatus.IN_PROGRESS), later]
 
 
 def test_a_final_or_a_presence_message_is_stored_without_waiting() -> None:
