@@ -454,15 +454,7 @@ class Store:
     def _reader(self) -> None:
         try:
             while (work := self._reads.get()) is not None:
-                loop, done, run = work
-                if done.cancelled():  # its caller went away before it began (a benign race: it may still run)
-                    continue
-                try:
-                    answer = partial(_resolve, done, run(), None)
-                except BaseException as e:
-                    answer = partial(_resolve, done, None, e)
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-                    loop.call_soon_threadsafe(answer)
+                _answer_on_loop(*work)
         finally:
             _drop_connection(self.database)
 
@@ -535,15 +527,22 @@ class _StoreThread:
             loop, done, work = item
             if loop is None:
                 _run_blocking(done, work)
-                continue
-            if done.cancelled():
-                continue
-            try:
-                answer = partial(_resolve, done, work(), None)
-            except BaseException as e:
-                answer = partial(_resolve, done, None, e)
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-                loop.call_soon_threadsafe(answer)
+            else:
+                _answer_on_loop(loop, done, work)
+
+
+def _answer_on_loop(loop: asyncio.AbstractEventLoop, done: asyncio.Future[Any], work: Callable[[], Any]) -> None:
+    """On a store or reader thread: work(), its answer or error handed to the caller's loop with one
+    call_soon_threadsafe; nothing if the caller went away before it began (a benign race: it may
+    still run)."""
+    if done.cancelled():
+        return
+    try:
+        answer = partial(_resolve, done, work(), None)
+    except BaseException as e:
+        answer = partial(_resolve, done, None, e)
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(answer)
 
 
 def _run_blocking(done: Future[Any], work: Callable[[], Any]) -> None:
