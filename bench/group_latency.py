@@ -24,8 +24,17 @@ import time
 from pathlib import Path
 
 from fleet import median_seconds, result  # first: puts the repo on sys.path
-from stack import (BROKERS, agents, cpu_seconds, for_each_broker, job_final, median_ms, raw_round_trips, service_on,
-                   wait_subscribed)
+from stack import (
+    BROKERS,
+    agents,
+    cpu_seconds,
+    for_each_broker,
+    job_final,
+    median_ms,
+    raw_round_trips,
+    service_on,
+    wait_subscribed,
+)
 
 GROUP = "latency"
 RAW_DEVICE = "latency-raw"
