@@ -144,6 +144,18 @@ def parse_presence(device_id: str, payload: bytes) -> PresenceReport:
     return PresenceReport(device_id, value == Presence.ONLINE.value)
 
 
+_PROGRESS = frozenset({JobStatus.IN_PROGRESS.value, JobStatus.DOWNLOADING.value})
+
+
+def is_progress_report(payload: bytes) -> bool:
+    """Whether a status message reports a job's progress (IN_PROGRESS, DOWNLOADING), not its end;
+    False for anything else, a malformed message included (parse_update says what is wrong)."""
+    try:
+        return decode(payload, MAX_STATUS_MESSAGE_BYTES).get(Key.STATUS) in _PROGRESS
+    except MessageError:
+        return False
+
+
 def parse_update(device_id: str, payload: bytes) -> Update:
     """Validate a device's job update; raises MessageError naming the bad field."""
     message = decode(payload, MAX_STATUS_MESSAGE_BYTES)

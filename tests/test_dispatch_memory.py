@@ -14,7 +14,8 @@ from ota_bridge.device_messages import head_message, queue_message
 from ota_bridge.dispatch import Dispatcher
 from ota_bridge.models import now
 from ota_bridge.mqtt_link import Incoming
-from ota_bridge.store import Store, devices, jobs, queues, workflows
+from ota_bridge.store import Store, audit, devices, jobs, queues, webhooks, workflows
+from ota_bridge.store.audit import AuditRecord
 from ota_bridge.store.job_options import NO_OPTIONS, JobOptions, Retries
 
 TOPICS = Topics()
@@ -104,6 +105,26 @@ def test_a_final_moves_the_head_along_the_remembered_queue_as_a_read_would(db: S
                 head_message("d0", read.head, read.floor, now()))
             assert link.last(TOPICS.queue("d0")) == queue_message(read)
         assert [h[Key.JOB_ID] for h in link.heads("d0")] == children[:4]
+
+    _run(db, steps)
+
+
+def test_an_audit_row_or_a_webhook_write_leaves_the_remembered_queue_current(db: Store) -> None:
+    """Every POST writes an audit row after its submission read the queues, and the webhook sender
+    writes its cursor: neither touches a queue, so a final after them still moves along from memory."""
+    children = [c for _, c in _queued(db, 3)]
+    entry = AuditRecord("admin", "admin", "127.0.0.1", "POST", "/v1/job", None, 200, "ok")
+
+    async def steps(dispatcher: Dispatcher, link: FakeLink) -> None:
+        await dispatcher._handle([_report(children[0], JobStatus.IN_PROGRESS)])
+        await db.call(audit.record, entry)
+        await db.call(webhooks.enqueue_ended, 0)
+        await dispatcher._handle([_report(children[0], JobStatus.SUCCEEDED)])
+        assert "d0" not in dispatcher._dirty  # published from memory, no read needed
+        assert link.heads("d0")[-1][Key.JOB_ID] == children[1]
+        (read,) = await db.call(queues.device_queues, ["d0"])
+        assert link.last(TOPICS.queue("d0")) == queue_message(read)
+        assert db.call_sync(audit.list_entries, 10, 0)[0][0].record == entry
 
     _run(db, steps)
 

@@ -532,3 +532,19 @@ def test_a_group_jobs_read_on_sqlite_needs_no_reader_thread(tmp_path) -> None:
         assert asyncio.run(after())["Status"] == "CANCELED"
     finally:
         db.close()
+
+
+def test_a_submitted_job_is_stored_as_it_is_returned_with_its_own_defaults(db: Store) -> None:
+    """new_job's prepared INSERT writes every column, the defaults made per row (not when it was prepared)."""
+    db.call_sync(devices.register_device, "d0", None, [])
+    wf = db.call_sync(workflows.create_workflow, "wf", "echo {{V}}", 30, True)
+    first = db.call_sync(jobs.submit_job, None, wf.workflow_id, "DeviceId", "d0", None,
+                         options=JobOptions(parameters={"V": "x"}, retries=Retries(2, 5)))[0]
+    second = db.call_sync(jobs.submit_job, "named", wf.workflow_id, "DeviceId", "d0", 7,
+                          options=JobOptions(parameters={"V": "y"}))[0]
+    for job in (first, second):
+        assert db.call_sync(lambda job=job: Job.get_by_id(job.job_id).__data__) == job.__data__
+    assert (first.name, first.command, first.timeout_seconds, first.success_on_restart) == ("wf", "echo x", 30, True)
+    assert (first.retry_max, first.retry_delay_seconds, first.parameters) == (2, 5, '{"V": "x"}')
+    assert (second.name, second.timeout_seconds, second.retry_max, second.retry_on) == ("named", 7, 0, "")
+    assert second.created > first.created  # made for each row, not once when the INSERT was prepared

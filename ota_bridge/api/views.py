@@ -44,7 +44,7 @@ class HeldGets:
 
     async def release(self, app: web.Application) -> None:
         self.stopping = True
-        app[STORE].release_commit_waiters()
+        app[STORE].release_ending_waiters()
 
 
 HELD = web.AppKey("held_gets", HeldGets)
@@ -105,21 +105,21 @@ async def delete_workflow(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     """The job (or child job) as it is; with WaitSeconds, once it is final or that many seconds passed.
 
-    A waiting request reads the job again after each write this process commits, and at least every
-    WAIT_RECHECK_SECONDS (a write of another instance is not heard of), so it answers as soon as a
-    read can see the job final; the answer is the one a plain GET gives at that moment. When the
-    service stops, it answers at once."""
+    A waiting request reads the job again after each write this process commits that may make a job
+    final (not after a batch of progress reports), and at least every WAIT_RECHECK_SECONDS (a write
+    of another instance is not heard of), so it answers as soon as a read can see the job final; the
+    answer is the one a plain GET gives at that moment. When the service stops, it answers at once."""
     job_id = request.match_info["id"]
     wait = params.whole_number(params.query(request, ("WaitSeconds",)), "WaitSeconds", 0, 0, MAX_WAIT_SECONDS)
     store, held = _store(request), request.app[HELD]
     deadline = asyncio.get_running_loop().time() + wait
     while True:
-        seen = store.commits
+        seen = store.endings
         shown = await _shown_job(store, job_id)
         left = deadline - asyncio.get_running_loop().time()
         if shown["Status"] in FINAL_VALUES or left <= 0 or held.stopping:
             return web.json_response(shown)
-        await store.committed_since(seen, min(left, WAIT_RECHECK_SECONDS))
+        await store.ended_since(job_id, seen, min(left, WAIT_RECHECK_SECONDS))
 
 
 async def _shown_job(store: Store, job_id: str) -> dict[str, Any]:

@@ -40,7 +40,7 @@ import queue
 import sqlite3
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
@@ -64,6 +64,7 @@ from ..models import (
     now,
     open_database,
 )
+from .endings import Endings
 
 if TYPE_CHECKING:
     from .pg_async import AsyncReads
@@ -105,6 +106,17 @@ def reports_queue_changes(fn: F) -> F:
     return fn
 
 
+def writes_no_jobs(fn: F) -> F:
+    """Mark a store function that writes no job and no device's queue (the audit log, the webhooks'
+    outbox): it leaves the epoch as it is, so the dispatcher still moves the queues it remembers
+    along without reading them again, and it wakes no held GET (it can make no job final). Every
+    POST writes an audit row after its submission's queues were read: unmarked, that made every
+    final of the job read its device's queue again, a store call each."""
+    fn.reports_queue_changes = True
+    fn.writes_no_jobs = True
+    return fn
+
+
 # Store calls that may change device queues in ways the dispatcher does not see: every call but
 # those marked @reports_queue_changes. Each gets an id; the epoch is the id of the last one that
 # changed rows (on SQLite: the connection's count of changed rows moved; elsewhere: any such call).
@@ -122,6 +134,20 @@ def epoch() -> int:
     return _epoch if _running is None else _running
 
 
+# What the call running on the store's thread says its writes may have made final: None, any job
+# (what a call that says nothing may have done); else only these job ids (see endings.py).
+_may_have_ended: frozenset[str] | None = None
+_NOTHING: frozenset[str] = frozenset()
+
+
+def only_these_may_end(job_ids: Iterable[str]) -> None:
+    """Called by a store function on the store's thread: its writes can have made final only these
+    jobs (parent or child job ids; none, say, for a batch of progress reports), so a held GET of
+    another job need not read it again."""
+    global _may_have_ended
+    _may_have_ended = frozenset(job_ids)
+
+
 def ping() -> None:
     db.execute_sql("SELECT 1")
 
@@ -132,8 +158,8 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.where = describe(url)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ota-store")
-        self.database: GuardedDatabase = self._executor.submit(open_database, url).result()
+        self._thread = _StoreThread("ota-store_0")
+        self.database: GuardedDatabase = self._thread.run_sync(partial(open_database, url))
         # Called on the store's thread when a COMMIT's outcome was lost: what it changed may be stored
         # although its caller heard of a failure (the service republishes every queue).
         self.on_doubt: Callable[[], None] | None = None
@@ -155,9 +181,8 @@ class Store:
         self._reads: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
         self._big: dict[tuple[Any, ...], None] = {}  # SQLite: snapshot reads too big for the loop (in order)
         self._checks_left = 0  # SQLite: progress checks the loop's snapshot read now may still pass
-        self._commits = 0  # calls that committed a write (or may have): counted on the store's thread
-        self._commits_heard = 0  # the count the event loop last woke the waiters for
-        self._commit_waiters: set[asyncio.Future[None]] = set()
+        # The calls that committed a write (or may have), with what they may have made final.
+        self._endings = Endings()
         self._readers = [threading.Thread(target=self._reader, name=f"ota-store-read_{i}", daemon=True)
                          for i in range(READERS)]
         for reader in self._readers:
@@ -168,46 +193,36 @@ class Store:
 
         Raises StoreUnavailable when the database cannot be reached or stays locked.
         """
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, partial(self._counted, fn, args, kwargs))
+            return await self._thread.run(partial(self._counted, fn, args, kwargs))
         finally:
-            self._wake_commit_waiters()
+            self._endings.hear()
 
     def call_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn on the store's thread from code that is not on the event loop (the CLI)."""
-        return self._executor.submit(partial(self._counted, fn, args, kwargs)).result()
+        return self._thread.run_sync(partial(self._counted, fn, args, kwargs))
 
     @property
-    def commits(self) -> int:
-        """How many store calls have committed a write so far (read it before a read; see committed_since)."""
-        return self._commits
+    def endings(self) -> int:
+        """How many store calls have committed a write that may have made some job final so far (read
+        it before a read of the job; see ended_since)."""
+        self._endings.hear()
+        return self._endings.generation
 
-    async def committed_since(self, seen: int, timeout: float) -> None:
-        """Return once a store call of this process commits a write after `commits` was `seen`, or after
-        timeout seconds (writes of other processes, such as other instances, are not heard of)."""
-        if self._commits != seen:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._commit_waiters.add(waiter)
-        try:
-            await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            self._commit_waiters.discard(waiter)
+    async def ended_since(self, job_id: str, seen: int, timeout: float) -> None:
+        """Return once a store call of this process that may have made job_id final commits after
+        `endings` was `seen`, or after timeout seconds (writes of other processes, such as other
+        instances, are not heard of). A write whose call said which jobs it may have ended
+        (`only_these_may_end`: a batch of device reports) wakes only the waits for those."""
+        await self._endings.wait(job_id, seen, timeout)
 
-    def release_commit_waiters(self) -> None:
-        """End every committed_since now (the service is stopping)."""
-        waiters, self._commit_waiters = self._commit_waiters, set()
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    def may_have_ended(self, job_id: str, seen: int) -> bool:
+        """Whether a store call that committed after `endings` was `seen` may have made job_id final."""
+        return self._endings.may_have_ended(job_id, seen)
 
-    def _wake_commit_waiters(self) -> None:
-        if self._commits != self._commits_heard:
-            self._commits_heard = self._commits
-            self.release_commit_waiters()
+    def release_ending_waiters(self) -> None:
+        """End every ended_since now (the service is stopping)."""
+        self._endings.release()
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(*args, **kwargs), which must only read, on a reader thread: one snapshot, never
@@ -308,8 +323,8 @@ class Store:
         _drop_connection(self.database)  # this thread's, if reads ran on it (SQLite, @single_statement)
         if self._on_loop is not None:
             self._on_loop.close()
-        self._executor.submit(discard_connection, self.database).result()
-        self._executor.shutdown(wait=True)
+        self._thread.run_sync(partial(discard_connection, self.database))
+        self._thread.stop()
 
     async def unavailable(self) -> str | None:
         """Why the database cannot be used now, or None: a SELECT 1 within PROBE_SECONDS, and no recent failed write.
@@ -337,8 +352,8 @@ class Store:
         try:
             return self._run(fn, args, kwargs)
         finally:
-            if self.database.wrote:
-                self._commits += 1
+            if self.database.wrote and _may_have_ended != _NOTHING and not getattr(fn, "writes_no_jobs", False):
+                self._endings.tell(_may_have_ended)
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         if getattr(fn, "reports_queue_changes", False):
@@ -386,8 +401,10 @@ class Store:
             raise self._failed(fn, e) from e
 
     def _attempt(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        global _may_have_ended
         database = self.database
         database.wrote = database.began = False
+        _may_have_ended = None
         try:
             result = fn(*args, **kwargs)
         except UNAVAILABLE:
@@ -437,15 +454,7 @@ class Store:
     def _reader(self) -> None:
         try:
             while (work := self._reads.get()) is not None:
-                loop, done, run = work
-                if done.cancelled():  # its caller went away before it began (a benign race: it may still run)
-                    continue
-                try:
-                    answer = partial(_resolve, done, run(), None)
-                except BaseException as e:
-                    answer = partial(_resolve, done, None, e)
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-                    loop.call_soon_threadsafe(answer)
+                _answer_on_loop(*work)
         finally:
             _drop_connection(self.database)
 
@@ -480,6 +489,70 @@ class Store:
         reason = explain(self.database, error)
         log.error("%s failed on the %s: %s", fn.__name__, self.where, reason)
         return StoreUnavailable(f"the database is unavailable: {reason}")
+
+
+class _StoreThread:
+    """The store's one thread: runs what it is handed one at a time, in the order handed. An awaited
+    call's answer goes back with one call_soon_threadsafe, as a reader thread's does: no
+    concurrent.futures.Future with its lock and condition, chained to an asyncio one by callbacks on
+    both threads (run_in_executor), which cost the service more per device-report batch than the
+    batch's own queries. A call whose caller was cancelled before it began does not run (as with
+    run_in_executor)."""
+
+    def __init__(self, name: str) -> None:
+        self._work: queue.SimpleQueue[Read | tuple[None, Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, work: Callable[[], T]) -> T:
+        """work() on the store's thread, awaited on the caller's loop."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._work.put((loop, done, work))
+        return await done
+
+    def run_sync(self, work: Callable[[], T]) -> T:
+        """work() on the store's thread, from a thread that may block (not the event loop)."""
+        done: Future[T] = Future()
+        self._work.put((None, done, work))
+        return done.result()
+
+    def stop(self) -> None:
+        """Run what was handed so far, then end the thread."""
+        self._work.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            loop, done, work = item
+            if loop is None:
+                _run_blocking(done, work)
+            else:
+                _answer_on_loop(loop, done, work)
+
+
+def _answer_on_loop(loop: asyncio.AbstractEventLoop, done: asyncio.Future[Any], work: Callable[[], Any]) -> None:
+    """On a store or reader thread: work(), its answer or error handed to the caller's loop with one
+    call_soon_threadsafe; nothing if the caller went away before it began (a benign race: it may
+    still run)."""
+    if done.cancelled():
+        return
+    try:
+        answer = partial(_resolve, done, work(), None)
+    except BaseException as e:
+        answer = partial(_resolve, done, None, e)
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(answer)
+
+
+def _run_blocking(done: Future[Any], work: Callable[[], Any]) -> None:
+    """work() for a blocking caller (run_sync): its answer or error into done."""
+    if not done.set_running_or_notify_cancel():
+        return
+    try:
+        done.set_result(work())
+    except BaseException as e:
+        done.set_exception(e)
 
 
 def _on_loop(snapshots: Callable[[Callable[..., Any], tuple[Any, ...]], Any] | bool, fn: Callable[..., T],

@@ -18,6 +18,7 @@ from . import (
     chunks,
     epoch,
     idempotent,
+    only_these_may_end,
     padded,
     prepared,
     prepared_rows,
@@ -84,7 +85,21 @@ def record_device_messages(updates: list[Update], presence: list[tuple[str, bool
         outcomes.first_seen = set_presence(presence, {u.device_id for u in updates})
         if any(u.status.is_final for u in outcomes.applied):
             outcomes.highest_seq = highest_seq_ever()
+        _tell_what_may_have_ended(outcomes, view)
     return outcomes
+
+
+def _tell_what_may_have_ended(outcomes: UpdateOutcomes, view: _BatchView) -> None:
+    """Tell the Store which jobs this batch may have made final, so that a held GET of another job
+    is not woken for it: the children that went final and those of their parents left with no child
+    pending (rollback children apart, as the API counts). A batch that retried a job or touched a
+    rollback (reshaped) says nothing: any job may have ended."""
+    if outcomes.reshaped:
+        return
+    ended = [view.children[u.job_id] for u in outcomes.applied if u.status.is_final]
+    parents = sorted({child.parent_id for child in ended})
+    busy = {p for chunk in chunks(parents) for (p,) in prepared_rows("busy_parents", _busy, *padded(chunk))}
+    only_these_may_end([*(child.job_id for child in ended), *(p for p in parents if p not in busy)])
 
 
 class _BatchView:
@@ -92,17 +107,17 @@ class _BatchView:
 
     def __init__(self, updates: list[Update], reshaped: set[str]) -> None:
         self.reshaped = reshaped  # devices whose queue changed more than their head's status
-        job_ids = sorted({u.job_id for u in updates})
-        devices = sorted({u.device_id for u in updates})
-        self.children = {c.job_id: c for chunk in chunks(job_ids)
-                         for c in prepared("batch_children", _children, *padded(chunk))}
-        self.enabled = {d for chunk in chunks(devices)
-                        for (d,) in prepared_rows("batch_enabled", _enabled, *padded(chunk))}
+        self.children: dict[str, ChildJob] = {}
+        self.enabled: set[str] = set()  # of the children's devices, those enabled
+        self._heads: dict[str, int | None] = {}  # of the children's devices, each one's head as read
+        for chunk in chunks(sorted({u.job_id for u in updates})):
+            for row in prepared_rows("batch_children", _children, *padded(chunk)):
+                child = _child_model(row)
+                self.children[child.job_id] = child
+                if row[_ENABLED]:
+                    self.enabled.add(child.device_id)
+                self._heads[child.device_id] = row[_HEAD]
         self.attempts = Attempts()  # retries and rollbacks, with the jobs' policies read once per batch
-        self._heads: dict[str, int | None] = {}
-        for chunk in chunks(devices):
-            self._heads.update(dict.fromkeys(chunk))
-            self._heads.update(prepared_rows("batch_heads", _heads, *padded(chunk)))
 
     def head(self, device_id: str) -> int | None:
         """The seq of the device's current job: its first job not yet final."""
@@ -122,12 +137,29 @@ _CHILD_READ = (ChildJob.seq, ChildJob.job_id, ChildJob.parent, ChildJob.device_i
                ChildJob.finalized_by_service, ChildJob.on_failure_of, ChildJob.start_time, ChildJob.reason)
 
 
+_CHILD_NAMES = tuple(f.name for f in _CHILD_READ)
+_ENABLED, _HEAD = len(_CHILD_READ), len(_CHILD_READ) + 1  # the columns _children adds after the child's
+_OTHER = ChildJob.alias()
+
+
 def _children(count: int) -> pw.Query:
-    return ChildJob.select(*_CHILD_READ).where(ChildJob.job_id.in_(args(count)))
+    """The children the batch names, each with whether its device is enabled and its device's head
+    (the Seq of its first job not yet final): one statement for what took three (an update is
+    about its child's own device, or it is dropped before either is asked)."""
+    enabled = Device.select(Device.device_id).where(Device.device_id == ChildJob.device_id,
+                                                    Device.enabled == True)  # noqa: E712
+    head = _OTHER.select(pw.fn.MIN(_OTHER.seq)).where(_OTHER.device_id == ChildJob.device_id,
+                                                     _OTHER.status.in_(PENDING))
+    return ChildJob.select(*_CHILD_READ, pw.fn.EXISTS(enabled), head).where(ChildJob.job_id.in_(args(count)))
 
 
-def _enabled(count: int) -> pw.Query:
-    return Device.select(Device.device_id).where(Device.device_id.in_(args(count)), Device.enabled == True).tuples()  # noqa: E712
+def _child_model(row: tuple[Any, ...]) -> ChildJob:
+    """A converted row of _children as a ChildJob holding those fields: what peewee's cursor wrapper
+    makes, without matching the columns to fields again and setting each through its accessor (for a
+    batch, that cost more than its queries)."""
+    child = ChildJob.__new__(ChildJob)
+    child.__data__, child._dirty, child.__rel__ = dict(zip(_CHILD_NAMES, row[:_ENABLED], strict=True)), set(), {}
+    return child
 
 
 def _heads(count: int) -> pw.Query:
@@ -135,6 +167,13 @@ def _heads(count: int) -> pw.Query:
     return (ChildJob.select(ChildJob.device_id, pw.fn.MIN(ChildJob.seq))
             .where(ChildJob.device_id.in_(args(count)), ChildJob.status.in_(PENDING))
             .group_by(ChildJob.device_id).tuples())
+
+
+def _busy(count: int) -> pw.Query:
+    """Those of the parents with a child not yet final (rollback children apart)."""
+    return (ChildJob.select(ChildJob.parent).distinct()
+            .where(ChildJob.parent.in_(args(count)), ChildJob.status.in_(PENDING), ChildJob.on_failure_of.is_null())
+            .tuples())
 
 
 def _apply_one(update: Update, view: _BatchView) -> str | None:

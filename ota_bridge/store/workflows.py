@@ -5,9 +5,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+import peewee as pw
+
 from ..errors import WorkflowNotFound
 from ..models import Workflow
-from . import write_transaction
+from . import arg, prepared, write_transaction
 from .artifacts import set_workflow_artifacts, workflow_artifact_ids
 
 
@@ -31,10 +33,15 @@ def create_workflow(name: str, command: str, timeout_seconds: int | None, succes
 
 
 def get_workflow(workflow_id: str) -> Workflow:
-    workflow = Workflow.get_or_none(Workflow.workflow_id == workflow_id)
+    """The workflow, read with a prepared SELECT: every job submission reads one."""
+    workflow = next(iter(prepared("get_workflow", _one_workflow, workflow_id)), None)
     if workflow is None:
         raise WorkflowNotFound(workflow_id)
     return workflow
+
+
+def _one_workflow(_: int) -> pw.Query:
+    return Workflow.select().where(Workflow.workflow_id == arg(0))
 
 
 def list_workflows() -> list[Workflow]:
