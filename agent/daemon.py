@@ -430,11 +430,19 @@ class Agent:
         to make durable before the head is acted on); False when that cannot be written."""
         try:
             if self.journal.raise_floor(head.floor, durable):
-                log.info("%s: the floor is now %d: no job at or below it ever runs here", head.name, head.floor)
+                log.log(self._floor_log_level(head.floor), "%s: the floor is now %d: no job at or below it ever "
+                        "runs here", head.name, head.floor)
         except JournalError as e:
             log.error("%s: %s; not acted on", head.name, e)
             return False
         return True
+
+    def _floor_log_level(self, floor: int) -> int:
+        """INFO for a Floor that covers a job this agent never ran (the service canceled, deleted or
+        ended it) or the first one; DEBUG for one that only follows the jobs it ran (after every job:
+        its lines are a part of the agent's CPU per job, bench/profile_notes.md)."""
+        highest = self.journal.highest_seq
+        return logging.INFO if highest is None or floor > highest else logging.DEBUG
 
     def _flush_floor(self, head: Head) -> bool:
         """Write the Floor raised in memory; False (the head not acted on) when that fails."""
@@ -522,11 +530,11 @@ class Agent:
             runner.discard()
             self._refuse(head, str(e))
             return
-        if group is not None:
-            log.info("job %s: its command runs as process group %d", head.job_id, group.pgid)
         if runner.took_standby:
             log.debug("job %s: runs in the shell started ahead of it", head.job_id)
-        log.info("job %s: %s%s", head.job_id, JobStatus.IN_PROGRESS.value, _about(head))
+        # One line, not two: a job's few log lines are a tenth of the agent's CPU per job (bench/profile_notes.md).
+        log.info("job %s: %s%s%s", head.job_id, JobStatus.IN_PROGRESS.value,
+                 "" if group is None else f"; its command runs as process group {group.pgid}", _about(head))
         self.link.publish_status(_stamped(in_progress_message(head.job_id, runner.start_time), head))
         runner.open_gate()  # the command runs now; the worker thread waits for it
         self._running = _Running(head, runner, self._worker.wait_idle)
