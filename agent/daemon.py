@@ -71,7 +71,6 @@ from .link import (
 from .protocol import JobStatus, Key, MessageError, Presence
 from .settings import ENV_PREFIX, Settings, SettingsError, TrustedKeys, agent_version, load_settings
 from .untrusted import shown
-from .worker import Worker
 
 if TYPE_CHECKING:
     # Imported where first needed, not at start: agent/head.py and agent/runner.py by the first head
@@ -81,6 +80,7 @@ if TYPE_CHECKING:
     from .download import JobDownload, Progress
     from .head import Head
     from .runner import ProcessGroup, Runner, RunResult, Standby
+    from .worker import Worker
 
 log = logging.getLogger("ota-agent")
 
@@ -179,7 +179,7 @@ class Agent:
         self._ready_at: float | None = None  # when heads may be acted on (None: not subscribed)
         self._running: _Running | None = None
         self._standby: Standby | None = None  # the next job's shell, started after the last job (runner.py)
-        self._worker = Worker(self._work, self.events.put, "commands")  # runs each command (agent/worker.py)
+        self._worker: Worker | None = None  # the thread that runs each command, from the first job on (agent/worker.py)
         self._unjournaled: set[tuple[str | None, int]] = set()  # (job, attempt)s the journal could not record
         self._connect_failures = 0
         self._checked: tuple[Head, str | None] | None = None  # the last head whose signature was checked
@@ -537,8 +537,15 @@ class Agent:
                  "" if group is None else f"; its command runs as process group {group.pgid}", _about(head))
         self.link.publish_status(_stamped(in_progress_message(head.job_id, runner.start_time), head))
         runner.open_gate()  # the command runs now; the worker thread waits for it
-        self._running = _Running(head, runner, self._worker.wait_idle)
-        self._worker.submit(runner)
+        worker = self._worker or self._start_worker()
+        self._running = _Running(head, runner, worker.wait_idle)
+        worker.submit(runner)
+
+    def _start_worker(self) -> Worker:
+        from .worker import Worker  # noqa: PLC0415 - lazily, see the imports at the top
+
+        self._worker = Worker(self._work, self.events.put, "commands")
+        return self._worker
 
     def _refuse(self, head: Head, reason: str) -> None:
         """The journal cannot record the job, so it must not run: report FAILED instead."""
