@@ -17,8 +17,9 @@ payload is not a head and is ignored.
 
 Threads: paho's network thread only turns callbacks into events on a bounded queue
 (agent/link.py); the main thread reads that queue, decides, writes the journal and publishes;
-one worker thread runs the current command (spawned held by the main thread, which journals the
-start with its process group before the worker lets it run: agent/runner.py; after each job, the
+one worker thread, started by the first job and kept (agent/worker.py), runs each command in turn
+(spawned held by the main thread, which journals the start with its process group before the
+worker lets it run: agent/runner.py; after each job, the
 main thread starts the next job's shell, a runner.Standby, while the service handles the result,
 and keeps it while the agent waits: the next job, whether a queue drains or it comes alone hours
 later, finds its shell spawned, and its path from head to result holds no fork or exec of the
@@ -50,7 +51,7 @@ import time
 # first job, imports `signal`.
 from _signal import SIGINT, SIGTERM
 from _signal import signal as set_signal_handler
-from typing import TYPE_CHECKING, Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
 from . import job_signature, jsonlog, protocol
 from .artifact_cache import ArtifactCache
@@ -79,6 +80,7 @@ if TYPE_CHECKING:
     from .download import JobDownload, Progress
     from .head import Head
     from .runner import ProcessGroup, Runner, RunResult, Standby
+    from .worker import Worker
 
 log = logging.getLogger("ota-agent")
 
@@ -149,15 +151,15 @@ Event = Union[LinkEvent, JobDone, DownloadProgress, DownloadDone]
 
 
 class _Running:
-    """The job in hand: its head, what runs it, on which thread; `canceling` once it was told to stop."""
+    """The job in hand: its head, what runs it, how to wait for that; `canceling` once it was told to stop."""
 
-    __slots__ = ("head", "runner", "thread", "canceling", "downloading")
+    __slots__ = ("head", "runner", "wait", "canceling", "downloading")
 
-    def __init__(self, head: Head, runner: Runner | JobDownload, thread: threading.Thread,
+    def __init__(self, head: Head, runner: Runner | JobDownload, wait: Callable[[float], object],
                  canceling: bool = False, downloading: bool = False) -> None:
         self.head = head
         self.runner = runner  # the command, or before it (downloading) the download of its artifacts
-        self.thread = thread
+        self.wait = wait  # waits up to that many seconds for the runner's thread to be done with it
         self.canceling = canceling
         self.downloading = downloading
 
@@ -177,6 +179,7 @@ class Agent:
         self._ready_at: float | None = None  # when heads may be acted on (None: not subscribed)
         self._running: _Running | None = None
         self._standby: Standby | None = None  # the next job's shell, started after the last job (runner.py)
+        self._worker: Worker | None = None  # the thread that runs each command, from the first job on (agent/worker.py)
         self._unjournaled: set[tuple[str | None, int]] = set()  # (job, attempt)s the journal could not record
         self._connect_failures = 0
         self._checked: tuple[Head, str | None] | None = None  # the last head whose signature was checked
@@ -427,11 +430,19 @@ class Agent:
         to make durable before the head is acted on); False when that cannot be written."""
         try:
             if self.journal.raise_floor(head.floor, durable):
-                log.info("%s: the floor is now %d: no job at or below it ever runs here", head.name, head.floor)
+                log.log(self._floor_log_level(head.floor), "%s: the floor is now %d: no job at or below it ever "
+                        "runs here", head.name, head.floor)
         except JournalError as e:
             log.error("%s: %s; not acted on", head.name, e)
             return False
         return True
+
+    def _floor_log_level(self, floor: int) -> int:
+        """INFO for a Floor that covers a job this agent never ran (the service canceled, deleted or
+        ended it) or the first one; DEBUG for one that only follows the jobs it ran (after every job:
+        its lines are a part of the agent's CPU per job, bench/profile_notes.md)."""
+        highest = self.journal.highest_seq
+        return logging.INFO if highest is None or floor > highest else logging.DEBUG
 
     def _flush_floor(self, head: Head) -> bool:
         """Write the Floor raised in memory; False (the head not acted on) when that fails."""
@@ -519,16 +530,22 @@ class Agent:
             runner.discard()
             self._refuse(head, str(e))
             return
-        if group is not None:
-            log.info("job %s: its command runs as process group %d", head.job_id, group.pgid)
         if runner.took_standby:
             log.debug("job %s: runs in the shell started ahead of it", head.job_id)
-        log.info("job %s: %s%s", head.job_id, JobStatus.IN_PROGRESS.value, _about(head))
+        # One line, not two: a job's few log lines are a tenth of the agent's CPU per job (bench/profile_notes.md).
+        log.info("job %s: %s%s%s", head.job_id, JobStatus.IN_PROGRESS.value,
+                 "" if group is None else f"; its command runs as process group {group.pgid}", _about(head))
         self.link.publish_status(_stamped(in_progress_message(head.job_id, runner.start_time), head))
-        runner.open_gate()  # the command runs now; the worker thread, once started, waits for it
-        thread = threading.Thread(target=self._work, args=(runner,), name=f"job-{head.job_id}", daemon=True)
-        self._running = _Running(head, runner, thread)
-        thread.start()
+        runner.open_gate()  # the command runs now; the worker thread waits for it
+        worker = self._worker or self._start_worker()
+        self._running = _Running(head, runner, worker.wait_idle)
+        worker.submit(runner)
+
+    def _start_worker(self) -> Worker:
+        from .worker import Worker  # noqa: PLC0415 - lazily, see the imports at the top
+
+        self._worker = Worker(self._work, self.events.put, "commands")
+        return self._worker
 
     def _refuse(self, head: Head, reason: str) -> None:
         """The journal cannot record the job, so it must not run: report FAILED instead."""
@@ -541,8 +558,8 @@ class Agent:
         if head.artifacts:
             self.cache.remove_job(head.job_id)
 
-    def _work(self, runner: Runner) -> None:
-        """The worker thread: run the command, hand the result to the main loop."""
+    def _work(self, runner: Runner) -> JobDone:
+        """The worker thread: run the command; the Worker hands the result to the main loop."""
         try:
             result = runner.run()
         except Exception as e:  # a bug must not leave the job IN_PROGRESS forever
@@ -551,7 +568,7 @@ class Agent:
             log.exception("job %s: the runner failed", runner.job_id)
             result = RunResult.without_output(
                 runner.job_id, JobStatus.FAILED, runner.start_time, f"the agent failed to run the command: {e}")
-        self.events.put(JobDone(result))
+        return JobDone(result)
 
     def _on_job_done(self, result: RunResult) -> None:
         if self._running is None or self._running.head.job_id != result.job_id:
@@ -598,7 +615,7 @@ class Agent:
                  len(head.artifacts), sum(a.size for a in head.artifacts), _about(head))
         thread = threading.Thread(target=self._download, args=(download,), name=f"download-{head.job_id}",
                                   daemon=True)
-        self._running = _Running(head, download, thread, downloading=True)
+        self._running = _Running(head, download, thread.join, downloading=True)
         thread.start()
 
     def _offer_progress(self, job_id: str, progress: Progress) -> None:
@@ -661,13 +678,13 @@ class Agent:
             log.info("job %s: stopping its download; after a restart it fetches on from what is on disk",
                      running.head.job_id)
             running.runner.cancel("the agent is stopping")
-            running.thread.join(timeout=5)
+            running.wait(5)
         elif running is not None:
             log.info("job %s: killing it; after a restart it reports %s", running.head.job_id,
                      JobStatus.INTERRUPTED.value)
             running.runner.cancel("the agent is stopping")
             limits = running.runner.limits
-            running.thread.join(timeout=limits.kill_grace + 2 * limits.pipe_grace + 5)
+            running.wait(limits.kill_grace + 2 * limits.pipe_grace + 5)
         self._drop_standby()
         self.link.stop()
 
@@ -705,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ota-agent: error: {e}", file=sys.stderr)
         return 2
     jsonlog.configure(settings.log_level, settings.log_format, sys.stderr, settings.device_id)
+    jsonlog.skip_unused_fields()
     try:
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_private_dir(settings.state_dir)

@@ -13,7 +13,8 @@ import logging
 import socket
 import sys
 import threading
-from collections import deque
+import time
+from _queue import Empty, SimpleQueue
 from typing import Any, Union
 
 import paho.mqtt.client as mqtt
@@ -31,6 +32,7 @@ log = logging.getLogger("ota-agent")
 # agent-idle-rss).
 
 _SHUTDOWN_PUBLISH_SECONDS = 3.0
+_FULL_RETRY_SECONDS = 0.01  # how often EventQueue.put looks again at a full queue
 # Seconds between connection attempts: paho doubles them from the first to the last, and starts
 # again from the first after a successful connection.
 RECONNECT_DELAYS = (1, 30)
@@ -101,52 +103,50 @@ class QueueEmpty(Exception):
 
 
 class EventQueue:
-    """A bounded first-in, first-out queue of events between threads: the part of queue.Queue the
-    agent uses, here so that an agent does not load the queue module and heapq for it (~70 KiB
-    resident and ~1% of its start-up: bench/profile_notes.md, agent-idle-rss)."""
+    """A bounded first-in, first-out queue of events between threads, for one reader (the main loop).
+
+    The events lie in the C SimpleQueue (_queue, not the queue module: that loads queue.py and heapq,
+    ~70 KiB resident and ~1% of the agent's start-up: bench/profile_notes.md, agent-idle-rss). Its
+    get waits on one lock and its put wakes the reader only when it waits, where a Condition takes a
+    new lock and a Python-level waiter list per wait (bench/profile_notes.md, group-latency-embedded).
+    Writers check the bound under a lock of their own: the reader only takes events out, so a
+    writer never sees the queue grow between its check and its put.
+    """
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self._events: deque[Any] = deque()
-        self._lock = threading.Lock()
-        self._not_empty = threading.Condition(self._lock)
-        self._not_full = threading.Condition(self._lock)
+        self._events = SimpleQueue()
+        self._writing = threading.Lock()
 
     def put(self, event: Any) -> None:
-        """Add an event, waiting while the queue is full."""
-        with self._not_full:
-            self._not_full.wait_for(lambda: len(self._events) < self.maxsize)
-            self._append(event)
+        """Add an event, waiting while the queue is full (never, unless the main loop is stuck)."""
+        while True:
+            with self._writing:
+                if self._events.qsize() < self.maxsize:
+                    self._events.put(event)
+                    return
+            time.sleep(_FULL_RETRY_SECONDS)
 
     def put_nowait(self, event: Any) -> None:
         """Add an event; raises QueueFull when the queue is full."""
-        with self._lock:
-            if len(self._events) >= self.maxsize:
+        with self._writing:
+            if self._events.qsize() >= self.maxsize:
                 raise QueueFull
-            self._append(event)
+            self._events.put(event)
 
     def get(self, timeout: float) -> Any:
         """The oldest event, waiting up to `timeout` seconds for one; raises QueueEmpty if none came."""
-        with self._not_empty:
-            if not self._not_empty.wait_for(lambda: self._events, timeout):
-                raise QueueEmpty
-            return self._popleft()
+        try:
+            return self._events.get(timeout=timeout)
+        except Empty:
+            raise QueueEmpty from None
 
     def get_nowait(self) -> Any:
         """The oldest event; raises QueueEmpty when there is none."""
-        with self._lock:
-            if not self._events:
-                raise QueueEmpty
-            return self._popleft()
-
-    def _append(self, event: Any) -> None:  # holding the lock
-        self._events.append(event)
-        self._not_empty.notify()
-
-    def _popleft(self) -> Any:  # holding the lock
-        event = self._events.popleft()
-        self._not_full.notify()
-        return event
+        try:
+            return self._events.get_nowait()
+        except Empty:
+            raise QueueEmpty from None
 
 
 # --- the broker -----------------------------------------------------------------------------

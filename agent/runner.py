@@ -41,13 +41,16 @@ import signal
 import threading
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Union
 
 from . import protocol
 from .protocol import JobStatus, Key
+from .spawn import Shell, spawn
 
-if TYPE_CHECKING:  # subprocess is imported when the first command starts: an idle agent never needs it
+if TYPE_CHECKING:  # subprocess is imported only where posix_spawn cannot start the shells (agent/spawn.py)
     import subprocess
+
+Process = Union[Shell, "subprocess.Popen[bytes]"]  # a held shell, however it was started
 
 # How long to wait between checks of the command, the clock and the cancel flag.
 _SIGKILL_SETTLE_SECONDS = 2.0
@@ -254,7 +257,7 @@ class Standby:
     without a job (`discard`, or the agent's death): it exits 125 without running anything.
     """
 
-    def __init__(self, env: Mapping[str, str], job_id_variable: str, process: subprocess.Popen[bytes],
+    def __init__(self, env: Mapping[str, str], job_id_variable: str, process: Process,
                  gate: int) -> None:
         self.env = dict(env)
         self.job_id_variable = job_id_variable
@@ -284,7 +287,7 @@ class Standby:
                 and len(job_id.encode()) + 1 + len(command.encode()) <= STANDBY_MAX_BYTES
                 and "\n" not in job_id and env == {**self.env, self.job_id_variable: job_id})
 
-    def take(self) -> tuple[subprocess.Popen[bytes], int]:
+    def take(self) -> tuple[Process, int]:
         """Its process and gate, now the caller's."""
         gate, self.gate = self.gate, None
         assert gate is not None
@@ -324,7 +327,7 @@ class Runner:
         self.start_time = protocol.utc_now()
         self._cancel = threading.Event()
         self._cancel_reason: str | None = None
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: Process | None = None
         self._gate: int | None = None  # the write end of the gate pipe, until opened or discarded
         self._go = b"go\n"  # what opens the gate (a standby reads the job from it)
         self._opened = False  # the gate was opened: the command runs
@@ -422,14 +425,14 @@ class Runner:
             self._gate = None
 
     @staticmethod
-    def _close_pipes(process: subprocess.Popen[bytes]) -> None:
+    def _close_pipes(process: Process) -> None:
         process.stdout.close()
         process.stderr.close()
 
-    def _start(self, gate_read: int) -> subprocess.Popen[bytes]:
+    def _start(self, gate_read: int) -> Process:
         return _popen([_SHELL, "-c", _GATE_SCRIPT, _SHELL, self.command], gate_read, self.env)
 
-    def _collect(self, process: subprocess.Popen[bytes], tails: list[_Tail]) -> tuple[JobStatus, str] | None:
+    def _collect(self, process: Process, tails: list[_Tail]) -> tuple[JobStatus, str] | None:
         """Read both outputs and wait for the command; on timeout or cancel kill its group and say why.
 
         Output still open after the command ended (background children holding the pipes) is read
@@ -457,7 +460,7 @@ class Runner:
             if exit_fd is not None:
                 os.close(exit_fd)
 
-    def _drain(self, process: subprocess.Popen[bytes], open_tails: dict[int, _Tail]) -> None:
+    def _drain(self, process: Process, open_tails: dict[int, _Tail]) -> None:
         """Read the output to its end; background children still holding the pipes get killed."""
         _read_until(open_tails, self.limits.pipe_grace)
         if open_tails:
@@ -472,13 +475,13 @@ class Runner:
             return JobStatus.TIMED_OUT, f"the command ran past its timeout of {timeout} s and was killed"
         return None
 
-    def _kill_group(self, process: subprocess.Popen[bytes]) -> None:
+    def _kill_group(self, process: Process) -> None:
         """SIGTERM the whole group, wait for it to empty, SIGKILL what is left; reap the leader."""
         end_group(process.pid, self.limits.kill_grace, lambda: process.poll() is not None)
         process.wait()
 
     def _result(
-        self, process: subprocess.Popen[bytes], tails: list[_Tail], stopped: tuple[JobStatus, str] | None
+        self, process: Process, tails: list[_Tail], stopped: tuple[JobStatus, str] | None
     ) -> RunResult:
         exit_code: int | None = process.returncode
         if stopped is not None:
@@ -492,8 +495,12 @@ class Runner:
         )
 
 
-def _popen(argv: list[str], gate_read: int, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
-    """Start a held shell: its own session, the gate as its input, its outputs to pipes."""
+def _popen(argv: list[str], gate_read: int, env: dict[str, str] | None) -> Process:
+    """Start a held shell: its own session, the gate as its input, its outputs to pipes. With
+    posix_spawn (agent/spawn.py: the same in C); where it cannot, with subprocess.Popen."""
+    shell = spawn(argv, gate_read, env)
+    if shell is not None:
+        return shell
     import subprocess  # noqa: PLC0415 - lazily, see the top of the module
 
     return subprocess.Popen(argv, start_new_session=True, stdin=gate_read, stdout=subprocess.PIPE,
@@ -519,7 +526,7 @@ def _read_until(open_tails: dict[int, _Tail], timeout: float) -> None:
         _read_ready(open_tails, min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
 
-def _reaped(process: subprocess.Popen[bytes], timeout: float, exit_fd: int | None = None) -> bool:
+def _reaped(process: Process, timeout: float, exit_fd: int | None = None) -> bool:
     """Whether the command's shell has exited (and is reaped), waiting up to `timeout` for it."""
     if exit_fd is not None:
         select.select([exit_fd], [], [], timeout)

@@ -535,7 +535,7 @@ def test_a_command_left_running_by_a_killed_agent_is_stopped_before_the_next_job
     service.expect_status("j1", JobStatus.IN_PROGRESS)
     wait_until_running(ran, "j1")
     pgid = int(groups_file.read_text())
-    agent.wait_for_log(f"job j1: its command runs as process group {pgid}")
+    agent.wait_for_log(f"job j1: IN_PROGRESS; its command runs as process group {pgid}")
     agent.stop(signal.SIGKILL)
     assert pgid in live_group_members(pgid)  # the crash left the command running
 
@@ -562,7 +562,7 @@ def test_a_leftover_command_is_stopped_even_when_the_head_moved_while_the_agent_
     service.expect_status("j1", JobStatus.IN_PROGRESS)
     wait_until_running(ran, "j1")
     pgid = int(groups_file.read_text())
-    agent.wait_for_log(f"job j1: its command runs as process group {pgid}")
+    agent.wait_for_log(f"job j1: IN_PROGRESS; its command runs as process group {pgid}")
     agent.stop(signal.SIGKILL)
     service.expect_presence(Presence.OFFLINE)
     service.publish_head("j2", job(ran, groups_file, "j2"))  # e.g. the service timed j1 out meanwhile
@@ -608,6 +608,25 @@ def wait_for_shells(agent: AgentProcess, count: int) -> None:
     while shells_waiting(agent) != count:
         assert time.monotonic() < deadline, f"the agent never had {count} child process(es)"
         time.sleep(0.02)
+
+
+@pytest.mark.mosquitto
+def test_a_floor_that_only_follows_the_jobs_run_is_logged_at_debug_one_past_them_at_info(
+        start_agent, service, ran, groups_file):
+    """Every head after a job raises the Floor to that job: at INFO only a Floor that covers a job this
+    agent never ran (canceled, deleted or ended by the service) says so, and the first one."""
+    agent = start_agent("--log-level", "INFO")
+    service.expect_presence(Presence.ONLINE)
+    agent.wait_for_log("subscribed to")
+    for name in ("j1", "j2"):  # j2's head carries Floor 1: j1, which this agent ran
+        service.publish_head(name, job(ran, groups_file, name))
+        service.expect_status(name, JobStatus.IN_PROGRESS)
+        service.expect_status(name, JobStatus.SUCCEEDED)
+    service.publish_signed({Key.DEVICE_ID: DEVICE, Key.FLOOR: 9, Key.ISSUED_AT: format_time(utc_now())})
+    agent.wait_for_log("the idle head: the floor is now 9: no job at or below it ever runs here")
+    assert "job 'j1': the floor is now 0" in agent.log()
+    assert "the floor is now 1" not in agent.log()
+    assert runs(ran) == ["j1", "j2"]
 
 
 @pytest.mark.mosquitto
@@ -789,7 +808,8 @@ def test_each_job_is_logged_with_its_parent_name_and_first_command_line(start_ag
     service.expect_status("job-1", JobStatus.SUCCEEDED)
     lines = [line for line in agent.log().splitlines() if "job job-1:" in line or "job 'job-1'" in line]
     about = "parent job 'parent', name 'test' (unsigned labels); command 'echo $$"
-    assert any("IN_PROGRESS; " + about in line and "(+1 more lines)" in line for line in lines), lines
+    assert any("IN_PROGRESS; its command runs as process group " in line and "; " + about in line
+               and "(+1 more lines)" in line for line in lines), lines
     assert any("SUCCEEDED exit=0; " + about in line for line in lines), lines
     assert "no head signed" not in agent.log()  # the signed head came before the wait was over
 

@@ -62,7 +62,9 @@ def test_the_import_check_catches_a_third_party_import(tmp_path):
 # Imported where first needed, never by an agent that only connects and waits for a head.
 LAZY_MODULES = {
     "agent.download": "the first job with Artifacts (agent/daemon.py, Agent._start_download)",
-    "subprocess": "the first command (agent/runner.py, Runner.run)",
+    "subprocess": "a held shell posix_spawn cannot start (agent/runner.py, _popen; agent/spawn.py)",
+    "agent.spawn": "the first command, or the first standby shell (agent/runner.py)",
+    "agent.worker": "the first command: the thread that runs the commands (agent/daemon.py, Agent._start_worker)",
     "agent.runner": "the first job head, or a command an earlier agent left running (agent/daemon.py)",
     "agent.head": "the first message on the job topic (agent/daemon.py, Agent._on_job_message)",
     "signal": "the first command (agent/runner.py); the agent sets its handlers with _signal",
