@@ -27,7 +27,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Collection
 
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
@@ -265,11 +265,15 @@ class _Sessions(dict):  # type: ignore[type-arg]
     amqtt stores a session again whenever a client connects to it (after merging the CONNECT's
     credentials into a persistent one), so `logins` is up to date without a pass over the sessions;
     a session whose credentials changed since (a CONNECT being handled) is told apart by `current`.
+    The login re-check finds a user's sessions in `users`, and those stored since its last round in
+    `fresh`, without a pass either.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.logins: dict[str, tuple[Login, Any]] = {}  # client id -> (its session's login, the session)
+        self.users: dict[str, dict[str, None]] = {}  # username -> the client ids of its sessions
+        self.fresh: dict[str, None] = {}  # client ids whose login was noted since the re-check took them
 
     def __setitem__(self, client_id: str, value: tuple[Any, Any]) -> None:
         super().__setitem__(client_id, value)
@@ -277,11 +281,33 @@ class _Sessions(dict):  # type: ignore[type-arg]
 
     def learn(self, client_id: str) -> None:
         """Note client_id's session's credentials as they are now."""
+        self._forget(client_id)
         session = dict.get(self, client_id, (None, None))[0]
-        if session is None:
-            self.logins.pop(client_id, None)
-        else:
-            self.logins[client_id] = (_login(session, client_id), session)
+        if session is not None:
+            login = _login(session, client_id)
+            self.logins[client_id] = (login, session)
+            self.users.setdefault(login.username, {})[client_id] = None
+            self.fresh[client_id] = None
+
+    def _forget(self, client_id: str) -> None:
+        """What is noted of client_id's login, gone."""
+        noted = self.logins.pop(client_id, None)
+        self.fresh.pop(client_id, None)
+        if noted is not None:
+            ids = self.users.get(noted[0].username)
+            if ids is not None:
+                ids.pop(client_id, None)
+                if not ids:
+                    del self.users[noted[0].username]
+
+    def take_fresh(self) -> list[tuple[Login, Any]]:
+        """The logins noted since the last call."""
+        fresh, self.fresh = self.fresh, {}
+        return [self.logins[client_id] for client_id in fresh]
+
+    def of_users(self, usernames: Any) -> list[tuple[Login, Any]]:
+        """The logins of these users' sessions."""
+        return [self.logins[client_id] for username in usernames for client_id in self.users.get(username, ())]
 
     def current(self, client_id: str, login: Login, ref: object) -> bool:
         """Whether client_id's session is still ref, with login's credentials."""
@@ -290,15 +316,15 @@ class _Sessions(dict):  # type: ignore[type-arg]
 
     def __delitem__(self, client_id: str) -> None:
         super().__delitem__(client_id)
-        self.logins.pop(client_id, None)
+        self._forget(client_id)
 
     def pop(self, client_id: str, *default: Any) -> Any:
-        self.logins.pop(client_id, None)
+        self._forget(client_id)
         return super().pop(client_id, *default)
 
     def popitem(self) -> Any:
         client_id, value = super().popitem()
-        self.logins.pop(client_id, None)
+        self._forget(client_id)
         return client_id, value
 
     def setdefault(self, client_id: str, default: Any = None) -> Any:
@@ -313,6 +339,8 @@ class _Sessions(dict):  # type: ignore[type-arg]
     def clear(self) -> None:
         super().clear()
         self.logins.clear()
+        self.users.clear()
+        self.fresh.clear()
 
 
 class _IsolatingBroker(Broker):
@@ -672,6 +700,14 @@ class AmqttCore:
         """Every session's login, connected or not, and the session (as SessionView.ref): kept as the
         sessions are stored, not built here."""
         return list(self._broker._sessions.logins.values())
+
+    def fresh_logins(self) -> list[tuple[Login, object]]:
+        """As logins(), those of the sessions stored, or whose credentials changed, since the last call."""
+        return self._broker._sessions.take_fresh()
+
+    def logins_of(self, usernames: Collection[str]) -> list[tuple[Login, object]]:
+        """As logins(), those of these users' sessions."""
+        return self._broker._sessions.of_users(usernames)
 
     def still_holds(self, login: Login, ref: object) -> bool:
         """Whether login.client_id's session is still ref, logged in with login; if not, what is noted

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Collection, Protocol, Sequence
 
 from amqtt.contexts import Action
 
@@ -29,6 +29,9 @@ class Logins(Protocol):
 
     async def still_valid(self, logins: Sequence[Login]) -> list[bool]:
         """The same question for many logins at once, cheaply (no password hashing for known ones)."""
+
+    async def changed(self) -> Collection[str] | None:
+        """The usernames whose logins may have stopped passing since the last call; None: any may have."""
 
 
 @dataclass(frozen=True)
