@@ -7,6 +7,7 @@ The broker's own re-check task is stopped: each test runs a round when it means 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -78,11 +79,8 @@ class Fleet:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    running = Fleet(tmp_path)
-    try:
+    with contextlib.closing(Fleet(tmp_path)) as running:
         yield running
-    finally:
-        running.close()
 
 
 def test_a_round_asks_only_about_the_logins_that_came_or_changed_since_the_last(fleet: Fleet) -> None:

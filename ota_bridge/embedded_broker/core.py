@@ -323,7 +323,7 @@ class _Sessions(dict):  # type: ignore[type-arg]
         fresh, self.fresh = self.fresh, {}
         return [self.logins[client_id] for client_id in fresh]
 
-    def of_users(self, usernames: Any) -> list[tuple[Login, Any]]:
+    def of_users(self, usernames: Collection[str]) -> list[tuple[Login, Any]]:
         """The logins of these users' sessions."""
         return [self.logins[client_id] for username in usernames for client_id in self.users.get(username, ())]
 

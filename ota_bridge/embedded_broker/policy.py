@@ -22,7 +22,8 @@ class Login:
 
 
 class Logins(Protocol):
-    """The service's say on credentials: at each CONNECT, and again for every session every few seconds."""
+    """The service's say on credentials: at each CONNECT, and again every few seconds for the sessions
+    whose login may have stopped passing (`changed` names their users)."""
 
     async def check(self, login: Login) -> bool:
         """May this client connect now?"""
