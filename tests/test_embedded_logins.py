@@ -14,11 +14,13 @@ from typing import Any, Iterator, Sequence
 
 import pytest
 
+from agent.protocol import OPERATOR_USERNAME
 from ota_bridge import credentials
 from ota_bridge.embedded_broker import Login
 from ota_bridge.models import Device
+from ota_bridge.roles import Role
 from ota_bridge.service import BrokerLogins
-from ota_bridge.store import Store, devices
+from ota_bridge.store import Store, devices, tokens
 from tests.support.raw_mqtt import RawClient
 from tests.test_broker_hardening import BrokerThread
 
@@ -156,3 +158,20 @@ def test_a_device_that_logs_in_again_with_new_credentials_during_a_round_is_not_
     assert fleet.recheck() == 0  # the next round checks the new ones
     assert fleet.logins.asked[-1] == ["d0"]
     assert new.alive()
+
+
+def test_an_operators_session_is_asked_about_every_round(fleet: Fleet) -> None:
+    token = fleet.db.call_sync(tokens.create_token, "watcher", Role.VIEWER)
+    watcher = fleet.running.login("d9", OPERATOR_USERNAME, token)  # no device d9 yet
+    fleet.opened.append(watcher)
+    other = fleet.running.login("watcher-2", OPERATOR_USERNAME, token)
+    fleet.opened.append(other)
+    assert fleet.recheck() == 0
+    assert fleet.recheck() == 0
+    assert fleet.logins.asked[-1] == ["d9", "watcher-2"]
+    fleet.db.call_sync(devices.register_device, "d9", None, [])  # its id is now a device's
+    assert fleet.recheck() == 1
+    assert watcher.closed_by_broker(timeout=5)
+    fleet.db.call_sync(tokens.revoke_token, "watcher")
+    assert fleet.recheck() == 1
+    assert other.closed_by_broker(timeout=5)
