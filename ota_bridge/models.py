@@ -84,6 +84,16 @@ class Device(BaseModel):
     created = pw.DateTimeField(default=now)
 
 
+class CredentialChange(BaseModel):
+    """A device whose broker login stopped being what it was (disabled, re-keyed or deleted), one row
+    per change: the embedded broker's login re-check reads the rows after the last it saw instead of
+    every device's credentials (store/devices.py, note_credential_changes)."""
+
+    id = pw.BigAutoField()
+    device_id = pw.CharField(max_length=128)
+    at = pw.DateTimeField(default=now, index=True)
+
+
 class DeviceTag(BaseModel):
     device = pw.ForeignKeyField(Device, backref="tag_rows", on_delete="CASCADE", column_name="device_id")
     tag = pw.CharField(max_length=200, index=True)
@@ -279,7 +289,7 @@ class WebhookCursor(BaseModel):
 
 
 TABLES = (ApiToken, Workflow, Device, DeviceTag, Job, ChildJob, AuditEntry, Webhook, WebhookDelivery, WebhookCursor,
-          AttemptResult, Rollout, Artifact, WorkflowArtifact, JobArtifact)
+          AttemptResult, Rollout, Artifact, WorkflowArtifact, JobArtifact, CredentialChange)
 # Columns added after a table was first released: (table, column, DDL), added at open when missing.
 ADDED_COLUMNS = (
     ("api_token", "role", f"VARCHAR(16) NOT NULL DEFAULT '{Role.ADMIN.value}'"),  # every older token was admin

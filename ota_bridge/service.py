@@ -15,6 +15,7 @@ import signal
 import ssl
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import AsyncIterator, Sequence
 
@@ -342,14 +343,23 @@ def _link(host: str, port: int, username: str | None, password: str | None, disp
                       client_id=client_id, clean_session=cluster is not None)
 
 
+RECHECK_ALL_SECONDS = 300.0  # how often the re-check looks at every login, whatever the changes say
+
+
 class BrokerLogins:
     """Who may log in to the embedded broker, asked of the database (embedded_broker.Logins). Never in
     the service's name: the service is attached to its broker in-process (and the broker refuses that
-    name over a connection before asking)."""
+    name over a connection before asking).
+
+    The re-check asks `changed` first: the devices disabled, re-keyed or deleted since it last asked
+    (the store notes each, store/devices.py's note_credential_changes), and the operators, whose few
+    tokens are read every time. Every RECHECK_ALL_SECONDS it is told to check every login anyway."""
 
     def __init__(self, db: Store) -> None:
         self.db = db
         self._verified: dict[str, tuple[str, bytes]] = {}  # device id -> (its stored hash, digest of a password)
+        self._seen: int | None = None  # the last credential change read; None: read none yet
+        self._all_at = 0.0  # when `changed` last answered "every login" (time.monotonic)
 
     async def check(self, login: Login) -> bool:
         if login.username == SERVICE_USERNAME:
@@ -358,34 +368,60 @@ class BrokerLogins:
             return (login.client_id not in RESERVED_DEVICE_IDS
                     and await self.db.call(tokens.check_token, login.password)
                     and not await self.db.call(devices.device_exists, login.client_id))
-        return login.client_id == login.username and await self.db.call(
-            devices.check_device_password, login.username, login.password)
+        if login.client_id != login.username:
+            return False
+        stored = await self.db.call(devices.checked_password_hash, login.username, login.password)
+        if stored is None:
+            return False
+        self._verified[login.username] = (stored, _digest(login.password))  # the re-check needs no PBKDF2
+        return True
+
+    async def changed(self) -> set[str] | None:
+        """The usernames whose logins may have stopped passing since the last call: the devices whose
+        credentials changed and the operators' (tokens are not noted). None: every login, at the first
+        call and every RECHECK_ALL_SECONDS (read before the logins are, so no change falls between)."""
+        now = time.monotonic()
+        if self._seen is None or now - self._all_at >= RECHECK_ALL_SECONDS:
+            self._seen, self._all_at = await self.db.call(devices.last_credential_change), now
+            return None
+        rows = await self.db.call(devices.credential_changes, self._seen)
+        if rows:
+            self._seen = rows[-1][0]
+        return {device_id for _, device_id in rows} | {OPERATOR_USERNAME}
 
     async def still_valid(self, logins: Sequence[Login]) -> list[bool]:
-        """Three queries for all the logins; a device's password is hashed again only when its hash changed."""
-        accounts = dict(await self.db.call(devices.broker_accounts))
-        operators = any(login.username == OPERATOR_USERNAME for login in logins)
-        hashes = {t.token_hash for t in await self.db.call(tokens.token_identities)} if operators else set()
-        device_ids = set(await self.db.call(devices.all_device_ids)) if operators else set()
-        return [self._still_valid(login, accounts, hashes, device_ids) for login in logins]
+        """A query for the devices' hashes, two more when an operator is among the logins; a device's
+        password is hashed again only when its stored hash changed."""
+        device_ids = list({login.username for login in logins
+                           if login.username not in (OPERATOR_USERNAME, SERVICE_USERNAME)})
+        accounts = await self.db.call(devices.device_password_hashes, device_ids) if device_ids else {}
+        watching = [login.client_id for login in logins if login.username == OPERATOR_USERNAME]
+        hashes = {t.token_hash for t in await self.db.call(tokens.token_identities)} if watching else set()
+        taken = set(await self.db.call(devices.existing_device_ids, watching)) if watching else set()
+        return [self._still_valid(login, accounts, hashes, taken) for login in logins]
 
-    def _still_valid(self, login: Login, accounts: dict[str, str], hashes: set[str], device_ids: set[str]) -> bool:
+    def _still_valid(self, login: Login, accounts: dict[str, str], hashes: set[str], taken: set[str]) -> bool:
         if login.username == SERVICE_USERNAME:
             return False
         if login.username == OPERATOR_USERNAME:
-            return (credentials.token_hash(login.password) in hashes and login.client_id not in device_ids
+            return (credentials.token_hash(login.password) in hashes and login.client_id not in taken
                     and login.client_id not in RESERVED_DEVICE_IDS)
         stored = accounts.get(login.username)
         return login.client_id == login.username and stored is not None and self._device_ok(login, stored)
 
     def _device_ok(self, login: Login, stored: str) -> bool:
-        digest = hashlib.sha256(login.password.encode()).digest()
+        digest = _digest(login.password)
         if self._verified.get(login.username) == (stored, digest):
             return True
         if not credentials.verify_password(login.password, stored):
             return False
         self._verified[login.username] = (stored, digest)
         return True
+
+
+def _digest(password: str) -> bytes:
+    """What BrokerLogins remembers of a password it verified: never the password itself."""
+    return hashlib.sha256(password.encode()).digest()
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,7 @@ from typing import Any, Coroutine, Iterator, Sequence, TypeVar
 import pytest
 
 from agent.protocol import OPERATOR_USERNAME, Topics
-from ota_bridge.embedded_broker import SERVICE_USERNAME, EmbeddedBroker, Login, TopicPolicy, start_broker
+from ota_bridge.embedded_broker import SERVICE_USERNAME, EmbeddedBroker, Login, Logins, TopicPolicy, start_broker
 from ota_bridge.settings import HostPort
 from tests.support.mosquitto import free_port
 from tests.support.processes import Service, wait_until
@@ -45,17 +45,20 @@ class FixedLogins:
     async def still_valid(self, logins: Sequence[Login]) -> list[bool]:
         return [await self.check(login) for login in logins]
 
+    async def changed(self) -> None:
+        return None  # the table tells no changes: the re-check looks at every session
+
 
 class BrokerThread:
     """A real embedded broker on an ephemeral port, its event loop on a thread of its own."""
 
-    def __init__(self, service_in_process: bool = False) -> None:
+    def __init__(self, service_in_process: bool = False, logins: Logins | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.port = free_port()
         self.broker: EmbeddedBroker = self.call(
-            start_broker(HostPort("127.0.0.1", self.port), FixedLogins(), TopicPolicy(TOPICS),
+            start_broker(HostPort("127.0.0.1", self.port), logins or FixedLogins(), TopicPolicy(TOPICS),
                          service_in_process=service_in_process))
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:

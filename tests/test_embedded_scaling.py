@@ -9,11 +9,13 @@ monitor, not what is measured here) is stopped.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Iterator
 
 import pytest
 
 from agent.protocol import OPERATOR_USERNAME
+from ota_bridge.embedded_broker.core import _Subscriptions
 from tests.support.processes import wait_until
 from tests.support.raw_mqtt import RawClient
 from tests.test_broker_hardening import QUIET, SERVICE_ID, SERVICE_SECRET, SERVICE_USERNAME, TOKEN, TOPICS, BrokerThread
@@ -141,3 +143,41 @@ def test_the_recheck_drops_a_revoked_device_without_a_pass_over_the_sessions(fle
     assert revoked.closed_by_broker()
     assert rotated.alive()
     assert fleet.running.session_count() == FLEET  # the service's and the devices', less the revoked one's
+
+
+def test_the_session_monitor_forgets_a_clean_session_gone_without_a_pass_over_the_sessions(fleet: Fleet) -> None:
+    amqtt = fleet.running.broker.core._broker
+
+    async def monitor() -> None:  # the fixture stopped it: it runs again, over the counted table
+        amqtt._session_monitor_task = asyncio.ensure_future(amqtt._session_monitor())
+
+    fleet.running.call(monitor())
+    before = fleet.visits()
+    fleet.opened[1].close()  # fleet-0, persistent: its session stays, as amqtt keeps it
+    fleet.device("passer-by").close()  # a clean session: forgotten once it is gone
+    wait_until(lambda: fleet.running.session_count() == FLEET + 1, 10, "the clean session forgotten")
+    wait_until(lambda: "fleet-0" not in fleet.connected(), 10, "fleet-0 seen gone")
+    fleet.device("passer-by-2").close()  # a later round, after fleet-0's disconnect was seen
+    wait_until(lambda: fleet.running.session_count() == FLEET + 1, 10, "the second clean session forgotten")
+    assert fleet.visits()[0] == before[0]  # amqtt's monitor walked every session each second
+    assert fleet.device("fleet-0", clean=False).session_present
+
+
+def test_only_amqtts_connect_pass_in_the_same_task_is_narrowed_to_the_sessions_own_filters() -> None:
+    table = _Subscriptions()
+    for topic_filter in ("a", "b", "c/#"):
+        table[topic_filter] = []
+
+    async def narrowed_then_passed_over(by: Any) -> list[str]:
+        table.iterate_once(["b"])
+        return await by()
+
+    async def other_code() -> list[str]:
+        return list(table)
+
+    async def another_task() -> list[str]:
+        return await asyncio.ensure_future(other_code())
+
+    for by in (other_code, another_task):
+        assert asyncio.run(narrowed_then_passed_over(by)) == ["a", "b", "c/#"]
+    assert list(table) == ["a", "b", "c/#"]

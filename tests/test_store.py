@@ -14,7 +14,7 @@ from agent.protocol import JobStatus
 from ota_bridge import credentials
 from ota_bridge.api import serialize, views
 from ota_bridge.errors import EmptyTarget, WorkflowNotFound
-from ota_bridge.models import ChildJob, Device, Job, Rollout, Workflow, now
+from ota_bridge.models import ChildJob, CredentialChange, Device, Job, Rollout, Workflow, now
 from ota_bridge.rollout_plan import parse
 from ota_bridge.store import (
     READERS,
@@ -123,6 +123,39 @@ def test_device_passwords_are_hashed_in_mosquitto_format(db: Store) -> None:
     assert db.call_sync(devices.check_device_password, "d0", password)
     assert not db.call_sync(devices.check_device_password, "d0", password + "x")
     assert not db.call_sync(devices.check_device_password, "ghost", password)
+
+
+def test_a_disabled_rekeyed_or_deleted_device_is_noted_for_the_brokers_recheck(db: Store) -> None:
+    for i in range(4):
+        db.call_sync(devices.register_device, f"d{i}", None, ["t"])
+    start = db.call_sync(devices.last_credential_change)
+    db.call_sync(devices.update_device, "d0", "g", ["u"], True, None)  # nothing a login depends on
+    assert db.call_sync(devices.credential_changes, start) == []
+    db.call_sync(devices.update_device, "d0", None, None, False, None)
+    db.call_sync(devices.set_password_hash, "d1", credentials.hash_password("new"))
+    db.call_sync(devices.delete_device, "d2")
+    db.call_sync(devices.delete_devices, ["d3"])
+    changes = db.call_sync(devices.credential_changes, start)
+    assert [d for _, d in changes] == ["d0", "d1", "d2", "d3"]
+    assert [i for i, _ in changes] == sorted({i for i, _ in changes}) and changes[0][0] > start
+    assert db.call_sync(devices.last_credential_change) == changes[-1][0]
+    assert db.call_sync(devices.credential_changes, changes[1][0]) == changes[2:]
+    assert db.call_sync(devices.device_password_hashes, ["d0", "d1", "d2", "ghost"]) == {
+        "d1": db.call_sync(devices.password_hash, "d1")}  # d0 disabled, d2 gone
+
+
+def test_old_credential_changes_go_but_the_newest_stays(db: Store) -> None:
+    db.call_sync(devices.register_device, "d0", None, [])
+    db.call_sync(devices.set_password_hash, "d0", "x")
+    db.call_sync(devices.set_password_hash, "d0", "y")
+    newest = db.call_sync(devices.last_credential_change)
+    old = now() - devices.CREDENTIAL_CHANGES_KEPT - timedelta(minutes=1)
+    db.call_sync(lambda: CredentialChange.update(at=old).execute())
+    db.call_sync(devices.set_password_hash, "d0", "z")  # the next note prunes: only itself is left
+    assert [i for i, _ in db.call_sync(devices.credential_changes, 0)] == [newest + 1]
+    db.call_sync(lambda: CredentialChange.update(at=old).execute())
+    db.call_sync(devices.note_credential_changes, [])  # nothing noted: the newest is kept all the same
+    assert db.call_sync(devices.last_credential_change) == newest + 1
 
 
 def test_deleting_a_device_cancels_its_pending_jobs(db: Store) -> None:

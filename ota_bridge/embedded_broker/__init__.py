@@ -5,9 +5,10 @@ A front of our own (front.py) owns the sockets and checks every CONNECT whole be
 caps every packet's size. Every client authenticates: devices with the credentials from their
 registration, operators watching topics with username "api" and an API token as the password
 (the service is attached to the broker inside its process, service_link.py: its own name is
-refused over a connection). Every few seconds the credentials of every
-session are checked again, and the sessions of a revoked token or a disabled, rotated or
-deleted device are dropped. Every subscribe, publish and delivery is checked against
+refused over a connection). Every few seconds the credentials of the sessions
+whose login may have changed are checked again (those the logins name, and those that came since
+the last round), and the sessions of a revoked token or a disabled, rotated or deleted device are
+dropped. Every subscribe, publish and delivery is checked against
 TopicPolicy: a device sees and writes only its own topics.
 """
 
@@ -31,7 +32,7 @@ __all__ = ["SERVICE_USERNAME", "MAX_PACKET_BYTES", "EmbeddedBroker", "ListenErro
 
 log = logging.getLogger(__name__)
 
-RECHECK_SECONDS = 2.0  # how often every session's credentials are checked again
+RECHECK_SECONDS = 2.0  # how often the sessions' credentials are checked again
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class EmbeddedBroker:
         self.front = Front(core, logins, policy, service_in_process)
         self._servers: list[asyncio.Server] = []
         self._recheck: asyncio.Task[None] | None = None
+        self._everything_next = True  # the next re-check looks at every session (the first, or after a failure)
 
     async def listen(self, name: str, listen: HostPort, context: ssl.SSLContext | None) -> None:
         try:
@@ -89,14 +91,22 @@ class EmbeddedBroker:
         return await self.core.drop(client_id)
 
     async def recheck(self) -> int:
-        """Check every session's credentials again; drop those that fail. Returns how many were dropped.
+        """Check again the credentials of the sessions whose login may have stopped passing: those of
+        the users the logins say changed (every session when they cannot tell), and those stored or
+        changed since the last round (a login checked at the front, meanwhile, against what the
+        database held then). Drop those that fail. Returns how many were dropped.
 
         A session whose credentials changed while they were checked (its client connected again, the
         new ones checked at the front) is left to the next round, which checks the new ones."""
-        held = self.core.logins()
-        if not held:
-            return 0
-        verdicts = await self.logins.still_valid([login for login, _ in held])
+        fresh = self.core.fresh_logins()  # before the changes are read: a change after it is read next round
+        everything, self._everything_next = self._everything_next, True  # until this round is through
+        changed = await self.logins.changed()
+        if changed is None or everything:
+            held = self.core.logins()
+        else:
+            held = list({login.client_id: (login, ref) for login, ref in [*fresh, *self.core.logins_of(changed)]}
+                        .values())
+        verdicts = await self.logins.still_valid([login for login, _ in held]) if held else []
         dropped = 0
         for (login, ref), valid in zip(held, verdicts, strict=True):
             if not valid and self.core.still_holds(login, ref):
@@ -104,6 +114,7 @@ class EmbeddedBroker:
                          login.client_id, login.username)
                 await self.core.drop(login.client_id, ref)
                 dropped += 1
+        self._everything_next = False
         return dropped
 
     async def _recheck_forever(self) -> None:

@@ -25,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Collection
 
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
@@ -45,6 +46,8 @@ from .wire import header_length, publish_packet
 
 log = logging.getLogger(__name__)
 
+CONNECT_PASS = Broker._handle_client_session.__code__  # the one pass over the filters _Subscriptions narrows
+WATCHED = "ota_bridge.disconnect_noted"  # a session's attribute: its state machine notes its disconnects
 TAKEOVER_WAIT_SECONDS = 5.0  # how long a replaced connection gets to wind down (its will sent)
 
 # The client's next whole packet, fixed header included (b"" at the end of its stream).
@@ -207,7 +210,8 @@ class _Subscriptions(dict):  # type: ignore[type-arg]
         super().__init__()
         self.wildcards: dict[str, None] = {}  # the filters holding + or #, in the order they came
         self.owned: dict[str, dict[str, None]] = {}  # client id -> the filters it holds, in the order it subscribed
-        self._next_iteration: list[str] | None = None  # what the next iteration yields instead of every filter
+        # (task, filters): what amqtt's connect pass in that task yields instead of every filter
+        self._next_iteration: tuple[asyncio.Task[Any] | None, list[str]] | None = None
 
     def __repr__(self) -> str:
         """A count: amqtt logs repr(subscriptions) after every SUBSCRIBE, debug logging on or not."""
@@ -218,8 +222,10 @@ class _Subscriptions(dict):  # type: ignore[type-arg]
         return list(self.owned.get(client_id, ()))
 
     def iterate_once(self, filters: list[str]) -> None:
-        """The next iteration over the table yields only filters (see _IsolatingBroker)."""
-        self._next_iteration = filters
+        """The next pass over the table that amqtt's connect (`Broker._handle_client_session`) makes in
+        this task yields only filters (see _IsolatingBroker). Any other pass, by other code or in another
+        task, sees every filter: if amqtt's order changed, a connect would cost more, never miss a filter."""
+        self._next_iteration = (asyncio.current_task(), filters)
 
     def __setitem__(self, key: str, value: list[Any]) -> None:
         super().__setitem__(key, _Holders(value))
@@ -244,9 +250,10 @@ class _Subscriptions(dict):  # type: ignore[type-arg]
         return found
 
     def __iter__(self) -> Any:
-        only, self._next_iteration = self._next_iteration, None
-        if only is not None:
-            return iter([topic_filter for topic_filter in only if dict.__contains__(self, topic_filter)])
+        narrowed = self._next_iteration
+        if narrowed is not None and _called_from(CONNECT_PASS) and narrowed[0] is asyncio.current_task():
+            self._next_iteration = None
+            return iter([topic_filter for topic_filter in narrowed[1] if dict.__contains__(self, topic_filter)])
         return iter(list(super().keys()))
 
     def keys(self) -> Any:
@@ -265,11 +272,17 @@ class _Sessions(dict):  # type: ignore[type-arg]
     amqtt stores a session again whenever a client connects to it (after merging the CONNECT's
     credentials into a persistent one), so `logins` is up to date without a pass over the sessions;
     a session whose credentials changed since (a CONNECT being handled) is told apart by `current`.
+    The login re-check finds a user's sessions in `users`, and those stored since its last round in
+    `fresh`, without a pass either; the session monitor finds those disconnected since its last look
+    in `disconnected` (each session's state machine notes it there as it enters that state).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.logins: dict[str, tuple[Login, Any]] = {}  # client id -> (its session's login, the session)
+        self.users: dict[str, dict[str, None]] = {}  # username -> the client ids of its sessions
+        self.fresh: dict[str, None] = {}  # client ids whose login was noted since the re-check took them
+        self.disconnected: dict[str, Any] = {}  # client id -> its session, disconnected since the monitor looked
 
     def __setitem__(self, client_id: str, value: tuple[Any, Any]) -> None:
         super().__setitem__(client_id, value)
@@ -277,11 +290,42 @@ class _Sessions(dict):  # type: ignore[type-arg]
 
     def learn(self, client_id: str) -> None:
         """Note client_id's session's credentials as they are now."""
+        self._forget(client_id)
         session = dict.get(self, client_id, (None, None))[0]
-        if session is None:
-            self.logins.pop(client_id, None)
-        else:
-            self.logins[client_id] = (_login(session, client_id), session)
+        if session is not None:
+            login = _login(session, client_id)
+            self.logins[client_id] = (login, session)
+            self.users.setdefault(login.username, {})[client_id] = None
+            self.fresh[client_id] = None
+            self._watch(client_id, session)
+
+    def _watch(self, client_id: str, session: Any) -> None:
+        """Have session noted in `disconnected` whenever it enters that state (now, if it is in it)."""
+        if not session.attributes.get(WATCHED):  # once per session (a Session is not hashable)
+            session.attributes[WATCHED] = True
+            session.transitions.on_enter_disconnected(lambda: self.disconnected.__setitem__(client_id, session))
+        if session.transitions.state == "disconnected":
+            self.disconnected[client_id] = session
+
+    def _forget(self, client_id: str) -> None:
+        """What is noted of client_id's login, gone."""
+        noted = self.logins.pop(client_id, None)
+        self.fresh.pop(client_id, None)
+        if noted is not None:
+            ids = self.users.get(noted[0].username)
+            if ids is not None:
+                ids.pop(client_id, None)
+                if not ids:
+                    del self.users[noted[0].username]
+
+    def take_fresh(self) -> list[tuple[Login, Any]]:
+        """The logins noted since the last call."""
+        fresh, self.fresh = self.fresh, {}
+        return [self.logins[client_id] for client_id in fresh]
+
+    def of_users(self, usernames: Collection[str]) -> list[tuple[Login, Any]]:
+        """The logins of these users' sessions."""
+        return [self.logins[client_id] for username in usernames for client_id in self.users.get(username, ())]
 
     def current(self, client_id: str, login: Login, ref: object) -> bool:
         """Whether client_id's session is still ref, with login's credentials."""
@@ -290,15 +334,15 @@ class _Sessions(dict):  # type: ignore[type-arg]
 
     def __delitem__(self, client_id: str) -> None:
         super().__delitem__(client_id)
-        self.logins.pop(client_id, None)
+        self._forget(client_id)
 
     def pop(self, client_id: str, *default: Any) -> Any:
-        self.logins.pop(client_id, None)
+        self._forget(client_id)
         return super().pop(client_id, *default)
 
     def popitem(self) -> Any:
         client_id, value = super().popitem()
-        self.logins.pop(client_id, None)
+        self._forget(client_id)
         return client_id, value
 
     def setdefault(self, client_id: str, default: Any = None) -> Any:
@@ -313,6 +357,9 @@ class _Sessions(dict):  # type: ignore[type-arg]
     def clear(self) -> None:
         super().clear()
         self.logins.clear()
+        self.users.clear()
+        self.fresh.clear()
+        self.disconnected.clear()
 
 
 class _IsolatingBroker(Broker):
@@ -482,13 +529,32 @@ class _IsolatingBroker(Broker):
             self._sweep.cancel()
         await super().shutdown()
 
+    async def _session_monitor(self) -> None:
+        """amqtt's session expiry monitor, looking each second only at the sessions disconnected since
+        its last look (amqtt's passes over every session): a clean or anonymous one still stored is
+        forgotten, as amqtt does. With a session expiry interval (this broker sets none), amqtt's own."""
+        if self.config.session_expiry_interval is not None:
+            await super()._session_monitor()
+            return
+        while True:
+            gone, self._sessions.disconnected = self._sessions.disconnected, {}
+            for client_id, session in gone.items():
+                if (self._sessions.get(client_id, (None, None))[0] is session
+                        and session.transitions.state == "disconnected"
+                        and (session.is_anonymous or session.clean_session)):
+                    await self._cleanup_session(client_id)
+            await asyncio.sleep(1)
+
     async def _publish_session_retained_messages(self, session: Any) -> None:
         """amqtt's, sending what was kept for a persistent session while it was away (a task each, in
         order); meanwhile a message routed to the client goes after them, through amqtt's flow.
 
         amqtt 0.12 calls it only at a connect, and its next step there, with no await between, is a
         pass over every filter in the broker to send the retained messages of those the session holds
-        (`_publish_retained_messages_for_subscription`, each): that pass is handed the session's own."""
+        (`_publish_retained_messages_for_subscription`, each): that pass is handed the session's own.
+        Only that pass: one made by other code, or by another connection's task, sees every filter
+        (`_Subscriptions.iterate_once`), so a change of amqtt's order would cost time, not messages;
+        tests/test_embedded_scaling.py counts the filters a reconnect visits, so it would show."""
         handler = self._get_handler(session)
         if handler is None:
             await super()._publish_session_retained_messages(session)
@@ -557,6 +623,14 @@ def _released(waiter: asyncio.Future[Any], handler: BrokerProtocolHandler, sessi
         del session.inflight_out[packet_id]
     if not waiter.cancelled():
         message.puback_packet = waiter.result()
+
+
+def _called_from(code: Any) -> bool:
+    """Whether the function calling the caller is code's, past any __iter__ (a subclass's) between."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name == "__iter__":
+        frame = frame.f_back
+    return frame is not None and frame.f_code is code
 
 
 def _topic_name(topic: str) -> bool:
@@ -672,6 +746,14 @@ class AmqttCore:
         """Every session's login, connected or not, and the session (as SessionView.ref): kept as the
         sessions are stored, not built here."""
         return list(self._broker._sessions.logins.values())
+
+    def fresh_logins(self) -> list[tuple[Login, object]]:
+        """As logins(), those of the sessions stored, or whose credentials changed, since the last call."""
+        return self._broker._sessions.take_fresh()
+
+    def logins_of(self, usernames: Collection[str]) -> list[tuple[Login, object]]:
+        """As logins(), those of these users' sessions."""
+        return self._broker._sessions.of_users(usernames)
 
     def still_holds(self, login: Login, ref: object) -> bool:
         """Whether login.client_id's session is still ref, logged in with login; if not, what is noted

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Collection, Protocol, Sequence
 
 from amqtt.contexts import Action
 
@@ -22,13 +22,17 @@ class Login:
 
 
 class Logins(Protocol):
-    """The service's say on credentials: at each CONNECT, and again for every session every few seconds."""
+    """The service's say on credentials: at each CONNECT, and again every few seconds for the sessions
+    whose login may have stopped passing (`changed` names their users)."""
 
     async def check(self, login: Login) -> bool:
         """May this client connect now?"""
 
     async def still_valid(self, logins: Sequence[Login]) -> list[bool]:
         """The same question for many logins at once, cheaply (no password hashing for known ones)."""
+
+    async def changed(self) -> Collection[str] | None:
+        """The usernames whose logins may have stopped passing since the last call; None: any may have."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Collection, Iterable, Sequence
 
 import peewee as pw
@@ -13,7 +13,7 @@ from agent.protocol import JobStatus
 
 from .. import credentials
 from ..errors import DeviceNotFound, DevicesExist
-from ..models import ChildJob, Device, DeviceTag, now
+from ..models import ChildJob, CredentialChange, Device, DeviceTag, db, now
 from . import PENDING, arg, chunks, finalize, idempotent, prepared, write_transaction
 
 
@@ -122,6 +122,8 @@ def update_device(device_id: str, group: Any, tags: Iterable[str] | None, enable
             _set_tags(device_id, tags)
         if enabled is not None:
             Device.update(enabled=enabled).where(Device.device_id == device_id).execute()
+        if enabled is False:
+            note_credential_changes([device_id])
     return get_device(device_id)
 
 
@@ -130,6 +132,7 @@ def set_password_hash(device_id: str, password_hash: str) -> None:
     with write_transaction():
         if not Device.update(password_hash=password_hash).where(Device.device_id == device_id).execute():
             raise DeviceNotFound(device_id)
+        note_credential_changes([device_id])
 
 
 def broker_accounts() -> list[tuple[str, str]]:
@@ -143,8 +146,51 @@ def delete_device(device_id: str) -> None:
     with write_transaction():
         if not Device.delete().where(Device.device_id == device_id).execute():
             raise DeviceNotFound(device_id)
+        note_credential_changes([device_id])
         finalize(JobStatus.CANCELED, "the device was deleted",
                   ChildJob.device_id == device_id, ChildJob.status.in_(PENDING))
+
+
+CREDENTIAL_CHANGES_KEPT = timedelta(hours=1)  # the re-check reads them every few seconds
+CREDENTIALS_LOCK_KEY = 0x07A_C4ED  # PostgreSQL: held by the transaction that notes a change, until it ends
+
+
+def note_credential_changes(device_ids: Sequence[str]) -> None:
+    """Inside the write transaction that disabled, re-keyed or deleted these devices: a row each for
+    the embedded broker's re-check (credential_changes).
+
+    On PostgreSQL the rows are written under a transaction lock, so their ids rise in the order their
+    transactions commit: a reader that saw id n will never see a row below n appear later (SQLite has
+    one writer at a time anyway). Rows older than CREDENTIAL_CHANGES_KEPT go, but never the newest:
+    SQLite would hand its id out again."""
+    if not isinstance(db.obj, pw.SqliteDatabase):
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (CREDENTIALS_LOCK_KEY,))
+    for chunk in chunks([{"device_id": d} for d in device_ids]):
+        CredentialChange.insert_many(chunk).execute()
+    newest = CredentialChange.select(pw.fn.MAX(CredentialChange.id)).scalar()
+    CredentialChange.delete().where(CredentialChange.at < now() - CREDENTIAL_CHANGES_KEPT,
+                                    CredentialChange.id < newest).execute()
+
+
+def last_credential_change() -> int:
+    """The id of the newest credential change (0: none): where a reader starts."""
+    return CredentialChange.select(pw.fn.MAX(CredentialChange.id)).scalar() or 0
+
+
+def credential_changes(after: int) -> list[tuple[int, str]]:
+    """(id, device id) of the credential changes after id `after`, oldest first."""
+    query = (CredentialChange.select(CredentialChange.id, CredentialChange.device_id)
+             .where(CredentialChange.id > after).order_by(CredentialChange.id))
+    return list(query.tuples())
+
+
+def device_password_hashes(device_ids: Sequence[str]) -> dict[str, str]:
+    """The password hash of each of these devices that is registered and enabled."""
+    found: dict[str, str] = {}
+    for chunk in chunks(list(device_ids)):
+        found.update(Device.select(Device.device_id, Device.password_hash)
+                     .where(Device.device_id.in_(chunk), Device.enabled == True).tuples())  # noqa: E712
+    return found
 
 
 def dynsec_accounts() -> list[tuple[str, str, bool]]:
@@ -160,6 +206,7 @@ def delete_devices(device_ids: list[str]) -> None:
             Device.delete().where(Device.device_id.in_(chunk)).execute()
             finalize(JobStatus.CANCELED, "the device was deleted",
                      ChildJob.device_id.in_(chunk), ChildJob.status.in_(PENDING))
+        note_credential_changes(device_ids)
 
 
 def password_hash(device_id: str) -> str | None:
@@ -179,8 +226,15 @@ def device_exists(device_id: str) -> bool:
 
 
 def check_device_password(device_id: str, password: str) -> bool:
+    return checked_password_hash(device_id, password) is not None
+
+
+def checked_password_hash(device_id: str, password: str) -> str | None:
+    """The device's stored password hash if it is enabled and password matches it; else None."""
     device = Device.get_or_none(Device.device_id == device_id)
-    return bool(device and device.enabled and credentials.verify_password(password, device.password_hash))
+    if device and device.enabled and credentials.verify_password(password, device.password_hash):
+        return str(device.password_hash)
+    return None
 
 
 def set_presence(updates: list[tuple[str, bool, datetime | None]], reporting: Collection[str] = ()) -> list[str]:
