@@ -13,6 +13,7 @@ exactly these and several apps in one test process do not clash.
 from __future__ import annotations
 
 import bisect
+import gc
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -23,6 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from .gc_pauses import GcStats
 from .store.stats import FleetStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -196,6 +198,48 @@ def watch(readings: Readings) -> None:
     collector = FleetCollector(readings)
     REGISTRY.register(collector)
     _watched.append(collector)
+
+
+class GcCollector(Collector):
+    """What Python's garbage collector cost this process (gc_pauses.Collector counts it): a long
+    collection stalls the event loop, the broker and the API with it."""
+
+    def __init__(self, stats: GcStats) -> None:
+        self.stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.stats
+        seconds = CounterMetricFamily(f"{NAMESPACE}_gc_seconds", "Time in garbage collections by generation "
+                                      "(the event loop stands still meanwhile)", labels=["generation"])
+        collections = CounterMetricFamily(f"{NAMESPACE}_gc_collections", "Garbage collections by generation",
+                                          labels=["generation"])
+        for generation, (n, took) in enumerate(zip(s.collections, s.seconds, strict=True)):
+            seconds.add_metric([str(generation)], took)
+            collections.add_metric([str(generation)], n)
+        yield seconds
+        yield collections
+        yield gauge("gc_longest_seconds", "The longest single garbage collection since start-up", s.longest)
+        yield gauge("gc_frozen_objects", "Objects frozen out of the collector's generations (gc.freeze)",
+                    gc.get_freeze_count())
+        yield CounterMetricFamily(f"{NAMESPACE}_gc_thaws", "Times the frozen heap was collected once (it had "
+                                  "doubled)", value=s.thaws)
+        yield CounterMetricFamily(f"{NAMESPACE}_gc_thawed_garbage_objects", "Objects those collections freed: "
+                                  "garbage that waited while frozen", value=s.thawed_garbage)
+
+
+_gc_watched: list[GcCollector] = []
+
+
+def watch_gc(stats: GcStats) -> None:
+    """Report the garbage collector's figures at scrape time (replacing an earlier service's in this process)."""
+    while _gc_watched:
+        REGISTRY.unregister(_gc_watched.pop())
+    collector = GcCollector(stats)
+    REGISTRY.register(collector)
+    _gc_watched.append(collector)
 
 
 def exposition() -> bytes:

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from agent.protocol import OPERATOR_USERNAME, RESERVED_DEVICE_IDS, SERVICE_CLIENT_ID, Topics
 
-from . import clock, credentials, signing, tls
+from . import clock, credentials, metrics, signing, tls
 from .api import make_app
 from .api.artifacts import ARTIFACT_FILES, ARTIFACT_LINKS
 from .api.views import ACCOUNTS
@@ -51,6 +51,7 @@ from .embedded_broker import (
 from .embedded_broker.service_link import ServiceLink
 from .errors import ConfigError
 from .files import write_atomically
+from .gc_pauses import Collector
 from .models import PRIVATE_DIR_MODE
 from .mosquitto_dynsec import ADMIN_USERNAME, DynsecClient, InstanceLogins
 from .mqtt_link import BrokerLink, Link
@@ -237,7 +238,17 @@ async def _running(settings: Settings, db: Store) -> AsyncIterator[None]:
         app[ACCOUNTS] = accounts
         app[ARTIFACT_FILES], app[ARTIFACT_LINKS] = files, links
         await stack.enter_async_context(_http(app, settings.http, https))
+        _freeze_long_lived(loop, stack)
         yield
+
+
+def _freeze_long_lived(loop: asyncio.AbstractEventLoop, stack: contextlib.AsyncExitStack) -> None:
+    """Start-up's objects out of the collector's way, and later a connect storm's (gc_pauses: full
+    collections at fleet size would stall the loop for seconds); their cost served at /metrics."""
+    collector = Collector(loop)
+    collector.start()
+    stack.callback(collector.stop)
+    metrics.watch_gc(collector.stats)
 
 
 async def _join_cluster(settings: Settings, db: Store) -> Coordinator | None:

@@ -1,0 +1,109 @@
+"""Keep Python's full garbage collections short at fleet size, and count what the collector costs.
+
+A full (generation 2) collection walks every container object the process holds. With 10,000
+devices on the embedded broker that is millions of objects (sessions, their streams, tasks and
+timers) and 2-2.5 s of CPU, during which the one event loop (API, heads, the broker) stands
+still; CPython starts one whenever the long-lived objects grew by a quarter, so they keep coming
+at a steady fleet size. The objects that live as long as the service (imports, settings, the
+sessions of connected devices) need not be walked again and again: `gc.freeze()` moves every
+object the collector tracks into a permanent generation it never walks.
+
+When: once at start-up (after a full collection, so no garbage is frozen), and after a full
+collection that left at least FREEZE_ABOVE objects in the collected generation (the survivors
+of a connect storm: freezing right after a full collection freezes next to no garbage). So a full
+collection walks only what became long-lived since the last freeze: tens of milliseconds.
+
+Frozen objects are still freed by reference counting; only garbage held in reference cycles
+among them waits. To keep that bounded, once the frozen heap has doubled since the last thaw the
+collector thaws it (`gc.unfreeze()`, one full collection, freeze again): frozen garbage is at
+most the size of the live heap, and that one long collection comes only when the heap doubled,
+i.e. while the fleet grows, never at a steady fleet size. Every collection's time and each thaw's
+objects freed are counted (`Collector.stats`, served at /metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FREEZE_ABOVE = 50_000  # objects left in generation 2 by a full collection: at least this many are frozen
+THAW_GROWTH = 2.0  # the frozen heap this many times its size after the last thaw: collect it once
+
+
+@dataclass
+class GcStats:
+    """What the collector cost since start-up (the gauges read the gc module itself)."""
+
+    collections: list[int] = field(default_factory=lambda: [0, 0, 0])  # per generation
+    seconds: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # wall time, per generation
+    longest: float = 0.0  # the longest single collection, seconds
+    freezes: int = 0
+    thaws: int = 0
+    thawed_garbage: int = 0  # objects the thaws' collections freed: garbage that waited while frozen
+
+
+class Collector:
+    """Times every collection (gc.callbacks) and freezes the long-lived heap (see the module's doc)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, freeze_above: int = FREEZE_ABOVE,
+                 thaw_growth: float = THAW_GROWTH) -> None:
+        self.loop, self.freeze_above, self.thaw_growth = loop, freeze_above, thaw_growth
+        self.stats = GcStats()
+        self._started = 0.0
+        self._thawed_at = 0  # frozen objects right after the last thaw (or the start-up freeze)
+
+    def start(self) -> None:
+        """Collect once (start-up's garbage), freeze what is left, and start timing collections."""
+        gc.collect()
+        self._freeze()
+        self._thawed_at = gc.get_freeze_count()
+        gc.callbacks.append(self._on_gc)
+
+    def stop(self) -> None:
+        """Stop timing and unfreeze: the frozen objects are the collector's again (no garbage left behind)."""
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+        gc.unfreeze()
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        """Time each collection; after a full one, look whether to freeze (on the loop: not inside gc)."""
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took, generation = time.perf_counter() - self._started, info["generation"]
+        self.stats.collections[generation] += 1
+        self.stats.seconds[generation] += took
+        self.stats.longest = max(self.stats.longest, took)
+        if generation == 2 and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.after_full_collection)
+
+    def after_full_collection(self) -> None:
+        """Freeze the survivors of a full collection once there are many; thaw once the frozen heap doubled."""
+        survivors = len(gc.get_objects(generation=2))
+        if survivors < self.freeze_above:
+            return
+        if gc.get_freeze_count() + survivors >= self.thaw_growth * self._thawed_at:
+            self._thaw()
+        else:
+            self._freeze()
+
+    def _freeze(self) -> None:
+        gc.freeze()
+        self.stats.freezes += 1
+
+    def _thaw(self) -> None:
+        """One full collection over everything, the frozen heap included, then freeze the survivors."""
+        gc.unfreeze()
+        freed = gc.collect()  # timed by _on_gc like any other (its after_full_collection finds little left)
+        self.stats.thaws += 1
+        self.stats.thawed_garbage += freed
+        self._freeze()
+        self._thawed_at = gc.get_freeze_count()
+        log.info("garbage collector: thawed the frozen heap, %d objects freed, %d frozen", freed, self._thawed_at)
+
