@@ -80,6 +80,18 @@ def test_the_running_dispatcher_feeds_its_publish_and_dispatch_figures(service: 
     assert found[("ota_bridge_device_updates_total", (("outcome", "applied"),))] >= 1
 
 
+def test_the_service_froze_its_start_up_objects_and_counts_its_collections(service: Service) -> None:
+    def collected() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        found = scrape(service.api)  # a young collection comes within a few hundred allocations
+        return found if found.get(("ota_bridge_gc_collections_total", (("generation", "0"),)), 0) > 0 else None
+
+    found = wait_until(collected, 10, "a generation-0 collection counted in /metrics")
+    assert found[("ota_bridge_gc_frozen_objects", ())] > 10_000  # imports, settings, the app: frozen at start-up
+    assert found[("ota_bridge_gc_seconds_total", (("generation", "0"),))] > 0
+    assert found[("ota_bridge_gc_longest_seconds", ())] > 0
+    assert ("ota_bridge_gc_thaws_total", ()) in found
+
+
 def test_a_request_for_no_route_is_counted_under_one_label(service: Service) -> None:
     api = service.api
     assert api.request("GET", f"/no/such/{uuid.uuid4().hex}").status == 404
