@@ -188,18 +188,6 @@ def labelled(name: str, documentation: str, label: str, values: dict[str, int]) 
     return family
 
 
-_watched: list[FleetCollector] = []
-
-
-def watch(readings: Readings) -> None:
-    """Report these readings at scrape time (replacing those of an earlier app in this process)."""
-    while _watched:
-        REGISTRY.unregister(_watched.pop())
-    collector = FleetCollector(readings)
-    REGISTRY.register(collector)
-    _watched.append(collector)
-
-
 class GcCollector(Collector):
     """What Python's garbage collector cost this process (gc_pauses.Collector counts it): a long
     collection stalls the event loop, the broker and the API with it."""
@@ -230,16 +218,26 @@ class GcCollector(Collector):
                                   "garbage that waited while frozen", value=s.thawed_garbage)
 
 
-_gc_watched: list[GcCollector] = []
+_watched: list[Collector] = []
+_gc_watched: list[Collector] = []
+
+
+def _watch_only(watched: list[Collector], collector: Collector) -> None:
+    """Register `collector` in place of the one an earlier app (or service) of this process registered."""
+    while watched:
+        REGISTRY.unregister(watched.pop())
+    REGISTRY.register(collector)
+    watched.append(collector)
+
+
+def watch(readings: Readings) -> None:
+    """Report these readings at scrape time (replacing those of an earlier app in this process)."""
+    _watch_only(_watched, FleetCollector(readings))
 
 
 def watch_gc(stats: GcStats) -> None:
     """Report the garbage collector's figures at scrape time (replacing an earlier service's in this process)."""
-    while _gc_watched:
-        REGISTRY.unregister(_gc_watched.pop())
-    collector = GcCollector(stats)
-    REGISTRY.register(collector)
-    _gc_watched.append(collector)
+    _watch_only(_gc_watched, GcCollector(stats))
 
 
 def exposition() -> bytes:

@@ -4,6 +4,7 @@ and that it counts collections. Each test unfreezes (Collector.stop) whatever it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import weakref
 from typing import Any, Iterator
@@ -27,39 +28,40 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+@contextlib.contextmanager
+def started(loop: asyncio.AbstractEventLoop, **limits: Any) -> Iterator[Collector]:
+    """A started Collector, stopped (everything unfrozen) whatever the test did."""
+    collector = Collector(loop, **limits)
+    collector.start()
+    try:
+        yield collector
+    finally:
+        collector.stop()
+
+
 def run_pending(loop: asyncio.AbstractEventLoop) -> None:
     """Run the callbacks gc_pauses scheduled from its gc hook (after_full_collection)."""
     loop.run_until_complete(asyncio.sleep(0))
 
 
 def test_start_freezes_what_lives_and_stop_gives_it_back(loop: asyncio.AbstractEventLoop) -> None:
-    collector = Collector(loop)
-    collector.start()
-    try:
+    with started(loop) as collector:
         assert gc.get_freeze_count() > 10_000  # this process's modules, functions, classes
         assert collector.stats.freezes == 1
-    finally:
-        collector.stop()
     assert gc.get_freeze_count() == 0
 
 
 def test_collections_are_counted_and_timed(loop: asyncio.AbstractEventLoop) -> None:
-    collector = Collector(loop)
-    collector.start()
-    try:
+    with started(loop) as collector:
         gc.collect(0)
         gc.collect()
         run_pending(loop)
         assert collector.stats.collections[0] >= 1 and collector.stats.collections[2] >= 1
         assert collector.stats.seconds[2] > 0 and collector.stats.longest > 0
-    finally:
-        collector.stop()
 
 
 def test_a_full_collection_with_many_survivors_freezes_them(loop: asyncio.AbstractEventLoop) -> None:
-    collector = Collector(loop, freeze_above=5_000, thaw_growth=100)
-    collector.start()
-    try:
+    with started(loop, freeze_above=5_000, thaw_growth=100) as collector:
         frozen = gc.get_freeze_count()
         kept = [Node() for _ in range(10_000)]
         gc.collect()
@@ -67,14 +69,10 @@ def test_a_full_collection_with_many_survivors_freezes_them(loop: asyncio.Abstra
         assert collector.stats.freezes == 2 and collector.stats.thaws == 0
         assert gc.get_freeze_count() >= frozen + len(kept)
         assert len(gc.get_objects(generation=2)) < 5_000  # the rest left the collected generation
-    finally:
-        collector.stop()
 
 
 def test_cycles_that_died_frozen_are_freed_when_the_frozen_heap_doubled(loop: asyncio.AbstractEventLoop) -> None:
-    collector = Collector(loop, freeze_above=5_000, thaw_growth=2)
-    collector.start()
-    try:
+    with started(loop, freeze_above=5_000, thaw_growth=2) as collector:
         start = gc.get_freeze_count()
         doomed = [Node() for _ in range(10_000)]
         gc.collect()
@@ -91,5 +89,3 @@ def test_cycles_that_died_frozen_are_freed_when_the_frozen_heap_doubled(loop: as
         assert canary() is None
         assert collector.stats.thawed_garbage >= 10_000
         assert gc.get_freeze_count() >= len(grown)  # the survivors frozen again
-    finally:
-        collector.stop()
