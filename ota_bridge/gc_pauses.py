@@ -43,6 +43,7 @@ class GcStats:
     collections: list[int] = field(default_factory=lambda: [0, 0, 0])  # per generation
     seconds: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # wall time, per generation
     longest: float = 0.0  # the longest single collection, seconds
+    frozen: int = 0  # objects frozen now, counted as they are frozen (gc.get_freeze_count walks them all)
     freezes: int = 0
     thaws: int = 0
     thawed_garbage: int = 0  # objects the thaws' collections freed: garbage that waited while frozen
@@ -62,7 +63,7 @@ class Collector:
         """Collect once (start-up's garbage), freeze what is left, and start timing collections."""
         gc.collect()
         self._freeze()
-        self._thawed_at = gc.get_freeze_count()
+        self._thawed_at = self.stats.frozen
         gc.callbacks.append(self._on_gc)
 
     def stop(self) -> None:
@@ -70,6 +71,7 @@ class Collector:
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
         gc.unfreeze()
+        self.stats.frozen = 0
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         """Time each collection; after a full one, look whether to freeze (on the loop: not inside gc)."""
@@ -88,22 +90,30 @@ class Collector:
         survivors = len(gc.get_objects(generation=2))
         if survivors < self.freeze_above:
             return
-        if gc.get_freeze_count() + survivors >= self.thaw_growth * self._thawed_at:
+        if self.stats.frozen + survivors >= self.thaw_growth * self._thawed_at:
             self._thaw()
         else:
             self._freeze()
 
     def _freeze(self) -> None:
+        """Freeze every generation (O(1): the lists are spliced); count what moved, generation by generation."""
+        self.stats.frozen += _unfrozen()
         gc.freeze()
         self.stats.freezes += 1
 
     def _thaw(self) -> None:
         """One full collection over everything, the frozen heap included, then freeze the survivors."""
         gc.unfreeze()
+        self.stats.frozen = 0
         freed = gc.collect()  # timed by _on_gc like any other (its after_full_collection finds little left)
         self.stats.thaws += 1
         self.stats.thawed_garbage += freed
         self._freeze()
-        self._thawed_at = gc.get_freeze_count()
+        self._thawed_at = self.stats.frozen
         log.info("garbage collector: thawed the frozen heap, %d objects freed, %d frozen", freed, self._thawed_at)
 
+
+
+def _unfrozen() -> int:
+    """The objects the collector tracks outside the frozen heap (each generation's list: short once frozen)."""
+    return sum(len(gc.get_objects(generation=g)) for g in range(3))

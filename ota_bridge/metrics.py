@@ -13,7 +13,6 @@ exactly these and several apps in one test process do not clash.
 from __future__ import annotations
 
 import bisect
-import gc
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -211,7 +210,7 @@ class GcCollector(Collector):
         yield collections
         yield gauge("gc_longest_seconds", "The longest single garbage collection since start-up", s.longest)
         yield gauge("gc_frozen_objects", "Objects frozen out of the collector's generations (gc.freeze)",
-                    gc.get_freeze_count())
+                    s.frozen)
         yield CounterMetricFamily(f"{NAMESPACE}_gc_thaws", "Times the frozen heap was collected once (it had "
                                   "doubled)", value=s.thaws)
         yield CounterMetricFamily(f"{NAMESPACE}_gc_thawed_garbage_objects", "Objects those collections freed: "

@@ -48,6 +48,7 @@ def test_start_freezes_what_lives_and_stop_gives_it_back(loop: asyncio.AbstractE
     with started(loop) as collector:
         assert gc.get_freeze_count() > 10_000  # this process's modules, functions, classes
         assert collector.stats.freezes == 1
+        assert abs(collector.stats.frozen - gc.get_freeze_count()) < 100  # counted as frozen, not walked
     assert gc.get_freeze_count() == 0
 
 
@@ -89,3 +90,4 @@ def test_cycles_that_died_frozen_are_freed_when_the_frozen_heap_doubled(loop: as
         assert canary() is None
         assert collector.stats.thawed_garbage >= 10_000
         assert gc.get_freeze_count() >= len(grown)  # the survivors frozen again
+        assert abs(collector.stats.frozen - gc.get_freeze_count()) < 100  # counted without walking them
