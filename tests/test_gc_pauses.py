@@ -73,7 +73,7 @@ def test_a_full_collection_with_many_survivors_freezes_them(loop: asyncio.Abstra
 
 
 def test_cycles_that_died_frozen_are_freed_when_the_frozen_heap_doubled(loop: asyncio.AbstractEventLoop) -> None:
-    with started(loop, freeze_above=5_000, thaw_growth=2) as collector:
+    with started(loop, freeze_above=5_000, thaw_growth=2, thaw_seconds=0) as collector:
         start = gc.get_freeze_count()
         doomed = [Node() for _ in range(10_000)]
         gc.collect()
@@ -91,3 +91,12 @@ def test_cycles_that_died_frozen_are_freed_when_the_frozen_heap_doubled(loop: as
         assert collector.stats.thawed_garbage >= 10_000
         assert gc.get_freeze_count() >= len(grown)  # the survivors frozen again
         assert abs(collector.stats.frozen - gc.get_freeze_count()) < 100  # counted without walking them
+
+
+def test_no_thaw_within_the_hour_of_the_last_one(loop: asyncio.AbstractEventLoop) -> None:
+    with started(loop, freeze_above=5_000, thaw_growth=2) as collector:
+        kept = [Node() for _ in range(gc.get_freeze_count() * 2)]  # the frozen heap more than doubles
+        gc.collect()
+        run_pending(loop)
+        assert collector.stats.thaws == 0 and collector.stats.freezes == 2
+        assert gc.get_freeze_count() > len(kept)  # frozen instead: no full collection over the whole heap
