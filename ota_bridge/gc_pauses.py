@@ -41,12 +41,13 @@ THAW_SECONDS = 3600.0  # but at most this often: a connect storm's doublings are
 
 @dataclass
 class GcStats:
-    """What the collector cost since start-up (the gauges read the gc module itself)."""
+    """What the collector cost since start-up, and what was frozen (served at /metrics)."""
 
     collections: list[int] = field(default_factory=lambda: [0, 0, 0])  # per generation
     seconds: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # wall time, per generation
     longest: float = 0.0  # the longest single collection, seconds
-    frozen: int = 0  # objects frozen now, counted as they are frozen (gc.get_freeze_count walks them all)
+    frozen: int = 0  # objects frozen, counted as they were (gc.get_freeze_count walks them all); those freed since
+    # by reference counting are not subtracted, so it runs high and a thaw comes early, not late
     freezes: int = 0
     thaws: int = 0
     thawed_garbage: int = 0  # objects the thaws' collections freed: garbage that waited while frozen

@@ -209,7 +209,8 @@ class GcCollector(Collector):
         yield seconds
         yield collections
         yield gauge("gc_longest_seconds", "The longest single garbage collection since start-up", s.longest)
-        yield gauge("gc_frozen_objects", "Objects frozen out of the collector's generations (gc.freeze)",
+        yield gauge("gc_frozen_objects", "Objects frozen out of the collector's generations (gc.freeze), "
+                    "counted as they were frozen (those freed since not subtracted)",
                     s.frozen)
         yield CounterMetricFamily(f"{NAMESPACE}_gc_thaws", "Times the frozen heap was collected once (it had "
                                   "doubled)", value=s.thaws)
