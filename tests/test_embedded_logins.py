@@ -18,10 +18,10 @@ from typing import Any, Iterator, Sequence
 import pytest
 
 from agent.protocol import OPERATOR_USERNAME
-from ota_bridge import credentials
+from ota_bridge import credentials, service
 from ota_bridge.embedded_broker import Login
 from ota_bridge.errors import StoreUnavailable
-from ota_bridge.models import Device
+from ota_bridge.models import CredentialChange, Device
 from ota_bridge.roles import Role
 from ota_bridge.service import BrokerLogins
 from ota_bridge.store import Store, devices, tokens
@@ -227,6 +227,38 @@ def test_a_rekeyed_device_logging_in_with_its_old_password_during_the_round_is_r
     assert fleet.running.session_count() == 0
 
 
+def test_changes_pruned_before_a_round_read_them_make_it_ask_about_every_login(
+        fleet_on: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    clients = {d: fleet_on.device(d) for d in fleet_on.passwords}
+    assert fleet_on.recheck() == 0
+    fleet_on.db.call_sync(devices.update_device, "d1", None, None, False, None)  # disabled
+    # The next change is noted by a clock more than the hour kept ahead (another process's, this
+    # one's after a step forward, or the same clock with this round's loop stalled past the hour):
+    # it prunes d1's change before any round read it.
+    later = devices.now() + devices.CREDENTIAL_CHANGES_KEPT * 2
+    monkeypatch.setattr(devices, "now", lambda: later)
+    fleet_on.rotate("d2")
+    monkeypatch.undo()
+    assert [d for _, d in fleet_on.db.call_sync(devices.credential_changes, 0)] == ["d2"]
+    assert fleet_on.recheck() == 2
+    assert fleet_on.logins.asked[-1] == sorted(fleet_on.passwords)
+    assert [d for d, client in clients.items() if client.closed_by_broker(timeout=5)] == ["d1", "d2"]
+
+
+def test_a_change_noted_after_the_changes_were_emptied_is_not_missed(fleet_on: Fleet) -> None:
+    fleet_on.rotate("d3")
+    fleet_on.rotate("d3")
+    clients = {d: fleet_on.device(d) for d in ("d0", "d1")}
+    assert fleet_on.recheck() == 0  # every login; the changes read up to d3's second
+    # The table emptied (a database restored from a copy taken before them, a hand-made clean-up):
+    # SQLite hands out ids again from below the last one read.
+    fleet_on.db.call_sync(lambda: CredentialChange.delete().execute())
+    fleet_on.db.call_sync(devices.update_device, "d1", None, None, False, None)  # disabled
+    assert fleet_on.recheck() == 1
+    assert clients["d1"].closed_by_broker(timeout=5)
+    assert clients["d0"].alive()
+
+
 class Writer:
     """tests/support/credential_writer.py: another process changing a device's credentials."""
 
@@ -298,3 +330,15 @@ def test_a_change_committed_after_a_later_one_was_read_is_not_missed(fleet_on: F
     dropped += fleet_on.recheck()
     assert dropped == 2
     assert all(client.closed_by_broker(timeout=5) for client in clients.values())
+
+
+def test_a_device_changed_by_hand_is_dropped_at_the_round_that_asks_about_every_login(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    clients = {d: fleet.device(d) for d in ("d0", "d1")}
+    assert fleet.recheck() == 0
+    fleet.db.call_sync(lambda: Device.update(enabled=False).where(Device.device_id == "d1").execute())
+    assert fleet.recheck() == 0  # not noted: a round asks about none but what came or was noted
+    monkeypatch.setattr(service, "RECHECK_ALL_SECONDS", 0.0)  # the 5 minutes are up
+    assert fleet.recheck() == 1
+    assert fleet.logins.asked[-1] == ["d0", "d1"]
+    assert clients["d1"].closed_by_broker(timeout=5)
