@@ -342,3 +342,17 @@ def test_a_device_changed_by_hand_is_dropped_at_the_round_that_asks_about_every_
     assert fleet.recheck() == 1
     assert fleet.logins.asked[-1] == ["d0", "d1"]
     assert clients["d1"].closed_by_broker(timeout=5)
+
+
+def test_a_token_revoked_by_the_cli_drops_its_operators_at_the_next_round(fleet_on: Fleet, tmp_path: Path) -> None:
+    token = fleet_on.db.call_sync(tokens.create_token, "watcher", Role.VIEWER)
+    watcher = fleet_on.running.login("watcher-1", OPERATOR_USERNAME, token)
+    fleet_on.opened.append(watcher)
+    assert fleet_on.recheck() == 0
+    assert fleet_on.recheck() == 0
+    revoked = subprocess.run(
+        [sys.executable, "-m", "ota_bridge", "token", "revoke", "--name", "watcher", "--database", fleet_on.url,
+         "--data-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert revoked.returncode == 0, revoked.stderr
+    assert fleet_on.recheck() == 1
+    assert watcher.closed_by_broker(timeout=5)
