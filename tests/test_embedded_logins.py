@@ -250,8 +250,8 @@ def test_a_change_noted_after_the_changes_were_emptied_is_not_missed(fleet_on: F
     fleet_on.rotate("d3")
     clients = {d: fleet_on.device(d) for d in ("d0", "d1")}
     assert fleet_on.recheck() == 0  # every login; the changes read up to d3's second
-    # The table emptied (a database restored from a copy taken before them, a hand-made clean-up):
-    # SQLite hands out ids again from below the last one read.
+    # The table emptied by hand: SQLite hands out ids again from below the last one read. (Once they
+    # pass it again, such a change waits for the round that asks about every login, as any by hand.)
     fleet_on.db.call_sync(lambda: CredentialChange.delete().execute())
     fleet_on.db.call_sync(devices.update_device, "d1", None, None, False, None)  # disabled
     assert fleet_on.recheck() == 1
