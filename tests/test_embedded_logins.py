@@ -26,7 +26,7 @@ from ota_bridge.roles import Role
 from ota_bridge.service import BrokerLogins
 from ota_bridge.store import Store, devices, tokens
 from tests.support.databases import database_url
-from tests.support.processes import REPO, wait_until
+from tests.support.processes import REPO, Service, wait_until
 from tests.support.raw_mqtt import RawClient
 from tests.test_broker_hardening import BrokerThread
 
@@ -356,3 +356,33 @@ def test_a_token_revoked_by_the_cli_drops_its_operators_at_the_next_round(fleet_
     assert revoked.returncode == 0, revoked.stderr
     assert fleet_on.recheck() == 1
     assert watcher.closed_by_broker(timeout=5)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_service_drops_devices_another_process_changed_in_its_database(kind: str, tmp_path: Path) -> None:
+    """The service's own re-check loop, its database changed by another process (not its API)."""
+    with database_url(kind, tmp_path) as url:
+        service = Service(tmp_path, database=url)
+        service.start()
+        clients: dict[str, RawClient] = {}
+        try:
+            passwords = {d: service.api.device(d) for d in ("d0", "d1", "d2", "d3")}
+            for device_id, password in passwords.items():
+                clients[device_id] = client = RawClient(service.mqtt_port)
+                assert client.connect(device_id, device_id, password) == 0
+            for device_id, what in (("d0", "disable"), ("d1", "rotate"), ("d2", "delete")):
+                writer = Writer(url, device_id, what)
+                try:
+                    writer.start()
+                    writer.finish()
+                finally:
+                    writer.kill()
+            assert [d for d, client in clients.items() if client.closed_by_broker(timeout=15)] == ["d0", "d1", "d2"]
+            assert clients["d3"].alive()
+            refused = RawClient(service.mqtt_port)
+            clients["again"] = refused
+            assert refused.connect("d1", "d1", passwords["d1"]) == 5
+        finally:
+            for client in clients.values():
+                client.close()
+            service.stop()
