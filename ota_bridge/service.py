@@ -424,8 +424,9 @@ class BrokerLogins:
 
 def _follows(rows: Sequence[tuple[int, str]], seen: int) -> bool:
     """Whether the credential changes read from id `seen` on (devices.credential_changes) surely hold
-    every change after it: they start with it or the one after it, or there are none and none was
-    seen (a table restored or emptied holds none after the newest it had)."""
+    every change after it: they start with it or the one after it (pruning takes the oldest first),
+    or there are none and none had been noted (seen 0). None, the one seen gone too, means the table
+    was emptied (the newest is never pruned)."""
     return (bool(rows) and rows[0][0] in (seen, seen + 1)) or (not rows and seen == 0)
 
 
