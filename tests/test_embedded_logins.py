@@ -24,7 +24,7 @@ from ota_bridge.errors import StoreUnavailable
 from ota_bridge.models import CredentialChange, Device
 from ota_bridge.roles import Role
 from ota_bridge.service import BrokerLogins
-from ota_bridge.store import Store, devices, tokens
+from ota_bridge.store import Store, devices, tokens, write_transaction
 from tests.support.databases import database_url
 from tests.support.processes import REPO, Service, wait_until
 from tests.support.raw_mqtt import RawClient
@@ -386,3 +386,25 @@ def test_the_service_drops_devices_another_process_changed_in_its_database(kind:
             for client in clients.values():
                 client.close()
             service.stop()
+
+
+def test_after_a_rolled_back_change_the_rounds_ask_about_what_changed_again(fleet_on: Fleet) -> None:
+    clients = {d: fleet_on.device(d) for d in fleet_on.passwords}
+    assert fleet_on.recheck() == 0
+
+    def rolled_back() -> None:
+        with contextlib.suppress(RuntimeError), write_transaction():
+            devices.update_device("d0", None, None, False, None)
+            raise RuntimeError("the rest of the transaction failed")
+
+    fleet_on.db.call_sync(rolled_back)  # PostgreSQL: its id is skipped; SQLite hands it out again
+    fleet_on.db.call_sync(devices.update_device, "d1", None, None, False, None)
+    assert fleet_on.recheck() == 1  # on PostgreSQL the gap makes it ask about every login
+    assert clients["d1"].closed_by_broker(timeout=5)
+    asked = len(fleet_on.logins.asked)
+    assert fleet_on.recheck() == 0
+    assert len(fleet_on.logins.asked) == asked  # nothing since: nothing asked
+    fleet_on.rotate("d2")
+    assert fleet_on.recheck() == 1
+    assert fleet_on.logins.asked[-1] == ["d2"]
+    assert clients["d0"].alive() and clients["d3"].alive()
