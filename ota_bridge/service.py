@@ -390,15 +390,18 @@ class BrokerLogins:
     async def changed(self) -> set[str] | None:
         """The usernames whose logins may have stopped passing since the last call: the devices whose
         credentials changed and the operators' (tokens are not noted). None: every login, at the first
-        call and every RECHECK_ALL_SECONDS (read before the logins are, so no change falls between)."""
+        call, every RECHECK_ALL_SECONDS, and when the changes read may not be all of them (a gap in their
+        ids): read before the logins are, so no change falls between."""
         now = time.monotonic()
-        if self._seen is None or now - self._all_at >= RECHECK_ALL_SECONDS:
-            self._seen, self._all_at = await self.db.call(devices.last_credential_change), now
-            return None
-        rows = await self.db.call(devices.credential_changes, self._seen)
-        if rows:
-            self._seen = rows[-1][0]
-        return {device_id for _, device_id in rows} | {OPERATOR_USERNAME}
+        if self._seen is not None and now - self._all_at < RECHECK_ALL_SECONDS:
+            rows = await self.db.call(devices.credential_changes, self._seen)
+            if _follows(rows, self._seen):
+                since = [(i, device_id) for i, device_id in rows if i > self._seen]
+                self._seen = since[-1][0] if since else self._seen
+                return {device_id for _, device_id in since} | {OPERATOR_USERNAME}
+            # A gap: changes pruned unread (this loop stalled, a clock stepped), or the table emptied
+        self._seen, self._all_at = await self.db.call(devices.last_credential_change), now
+        return None
 
     async def still_valid(self, logins: Sequence[Login]) -> list[bool]:
         """A query for the devices' hashes, two more when an operator is among the logins; a device's
@@ -428,6 +431,14 @@ class BrokerLogins:
             return False
         self._verified[login.username] = (stored, digest)
         return True
+
+
+def _follows(rows: Sequence[tuple[int, str]], seen: int) -> bool:
+    """Whether the credential changes read from id `seen` on (devices.credential_changes) surely hold
+    every change after it: they start with it or the one after it (pruning takes the oldest first),
+    or there are none and none had been noted (seen 0). None, the one seen gone too, means the table
+    was emptied (the newest is never pruned)."""
+    return (bool(rows) and rows[0][0] in (seen, seen + 1)) or (not rows and seen == 0)
 
 
 def _digest(password: str) -> bytes:

@@ -139,7 +139,7 @@ def test_a_disabled_rekeyed_or_deleted_device_is_noted_for_the_brokers_recheck(d
     assert [d for _, d in changes] == ["d0", "d1", "d2", "d3"]
     assert [i for i, _ in changes] == sorted({i for i, _ in changes}) and changes[0][0] > start
     assert db.call_sync(devices.last_credential_change) == changes[-1][0]
-    assert db.call_sync(devices.credential_changes, changes[1][0]) == changes[2:]
+    assert db.call_sync(devices.credential_changes, changes[1][0]) == changes[1:]  # from the one seen on
     assert db.call_sync(devices.device_password_hashes, ["d0", "d1", "d2", "ghost"]) == {
         "d1": db.call_sync(devices.password_hash, "d1")}  # d0 disabled, d2 gone
 
@@ -156,6 +156,18 @@ def test_old_credential_changes_go_but_the_newest_stays(db: Store) -> None:
     db.call_sync(lambda: CredentialChange.update(at=old).execute())
     db.call_sync(devices.note_credential_changes, [])  # nothing noted: the newest is kept all the same
     assert db.call_sync(devices.last_credential_change) == newest + 1
+
+
+def test_credential_changes_go_oldest_first_whatever_the_clocks_that_noted_them(db: Store) -> None:
+    """A reader that finds the row after the last it saw tells that nothing it missed went."""
+    db.call_sync(devices.register_device, "d0", None, [])
+    for password_hash in ("a", "b", "c", "d"):
+        db.call_sync(devices.set_password_hash, "d0", password_hash)
+    ids = [i for i, _ in db.call_sync(devices.credential_changes, 0)]
+    old = now() - devices.CREDENTIAL_CHANGES_KEPT - timedelta(minutes=1)
+    db.call_sync(lambda: CredentialChange.update(at=old).where(CredentialChange.id == ids[1]).execute())
+    db.call_sync(devices.set_password_hash, "d0", "e")  # ids[1]'s clock was behind: ids[0] goes with it
+    assert [i for i, _ in db.call_sync(devices.credential_changes, 0)] == [*ids[2:], ids[-1] + 1]
 
 
 def test_deleting_a_device_cancels_its_pending_jobs(db: Store) -> None:

@@ -161,15 +161,19 @@ def note_credential_changes(device_ids: Sequence[str]) -> None:
 
     On PostgreSQL the rows are written under a transaction lock, so their ids rise in the order their
     transactions commit: a reader that saw id n will never see a row below n appear later (SQLite has
-    one writer at a time anyway). Rows older than CREDENTIAL_CHANGES_KEPT go, but never the newest:
-    SQLite would hand its id out again."""
+    one writer at a time anyway). The rows up to the newest one noted over CREDENTIAL_CHANGES_KEPT ago
+    (by the clock of whoever notes: clocks step and differ) go, but never the newest, which SQLite
+    would hand out again: always the oldest ones, so a reader that finds the row after the last it
+    saw gone knows it may have missed some (credential_changes)."""
     if not isinstance(db.obj, pw.SqliteDatabase):
         db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (CREDENTIALS_LOCK_KEY,))
     for chunk in chunks([{"device_id": d} for d in device_ids]):
         CredentialChange.insert_many(chunk).execute()
-    newest = CredentialChange.select(pw.fn.MAX(CredentialChange.id)).scalar()
-    CredentialChange.delete().where(CredentialChange.at < now() - CREDENTIAL_CHANGES_KEPT,
-                                    CredentialChange.id < newest).execute()
+    old = (CredentialChange.select(pw.fn.MAX(CredentialChange.id))
+           .where(CredentialChange.at < now() - CREDENTIAL_CHANGES_KEPT).scalar())
+    if old is not None:
+        newest = CredentialChange.select(pw.fn.MAX(CredentialChange.id)).scalar()
+        CredentialChange.delete().where(CredentialChange.id <= old, CredentialChange.id < newest).execute()
 
 
 def last_credential_change() -> int:
@@ -177,10 +181,13 @@ def last_credential_change() -> int:
     return CredentialChange.select(pw.fn.MAX(CredentialChange.id)).scalar() or 0
 
 
-def credential_changes(after: int) -> list[tuple[int, str]]:
-    """(id, device id) of the credential changes after id `after`, oldest first."""
+def credential_changes(seen: int) -> list[tuple[int, str]]:
+    """(id, device id) of the credential changes from id `seen` on, oldest first: the one a reader
+    saw last too, while it is kept. When neither it nor the one after it is among them (a gap), older
+    rows were pruned before the reader read them, or ids were skipped (PostgreSQL: a rolled-back
+    change): the reader cannot tell which devices changed."""
     query = (CredentialChange.select(CredentialChange.id, CredentialChange.device_id)
-             .where(CredentialChange.id > after).order_by(CredentialChange.id))
+             .where(CredentialChange.id >= seen).order_by(CredentialChange.id))
     return list(query.tuples())
 
 
