@@ -92,7 +92,8 @@ class TextFormatter(logging.Formatter):
 def skip_unused_fields() -> None:
     """Make log records without what neither format shows: the caller's file and line (a walk up the
     stack on every line) and the thread's and process's names (the logging HOWTO's "Optimization").
-    For the agent, whose few CPU milliseconds per job include several log lines."""
+    For the agent, whose few CPU milliseconds per job include several log lines, and the service,
+    which logs a line per job result (ten of them cost as much as storing the ten results)."""
     logging._srcfile = None  # noqa: SLF001 - the documented switch
     logging.logThreads = False
     logging.logProcesses = False
