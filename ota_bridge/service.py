@@ -398,7 +398,10 @@ class BrokerLogins:
             if _follows(rows, self._seen):
                 since = [(i, device_id) for i, device_id in rows if i > self._seen]
                 self._seen = since[-1][0] if since else self._seen
-                return {device_id for _, device_id in since} | {OPERATOR_USERNAME}
+                changed = {device_id for _, device_id in since}
+                for device_id in changed:  # its hash changed or it is gone: a deleted device's entry must not stay
+                    self._verified.pop(device_id, None)
+                return changed | {OPERATOR_USERNAME}
             # A gap: changes pruned unread (this loop stalled, a clock stepped), or the table emptied
         self._seen, self._all_at = await self.db.call(devices.last_credential_change), now
         return None

@@ -408,3 +408,17 @@ def test_after_a_rolled_back_change_the_rounds_ask_about_what_changed_again(flee
     assert fleet_on.recheck() == 1
     assert fleet_on.logins.asked[-1] == ["d2"]
     assert clients["d0"].alive() and clients["d3"].alive()
+
+
+def test_a_deleted_or_rekeyed_device_leaves_the_rechecks_password_cache(fleet: Fleet) -> None:
+    """The cache of checked passwords holds no entry for a device deleted or re-keyed since: a fleet
+    whose devices come and go does not grow it for good."""
+    for device_id in ("d0", "d1", "d2"):
+        fleet.device(device_id)
+    assert fleet.recheck() == 0
+    assert {"d0", "d1", "d2"} <= set(fleet.logins._verified)
+    fleet.db.call_sync(devices.delete_device, "d0")
+    fleet.rotate("d1")
+    assert fleet.recheck() == 2
+    assert "d0" not in fleet.logins._verified and "d1" not in fleet.logins._verified
+    assert "d2" in fleet.logins._verified  # unchanged: its re-check still needs no PBKDF2
